@@ -1,0 +1,37 @@
+"""peftify: rewrite a PyTorch model's dense linear maps like a compiler.
+
+    model = peftify.peftify(model, spec)   # capture → plan → rewrite, in place
+    print(peftify.plan(model, spec))       # the same, as a dry run
+    peftify.merge(model)                   # back to dense weights and the original modules
+
+Subpackages: `rewrite` (the engine: capture, sites, roles, spec, select, plan, apply),
+`passes` (one file per method family, registered by name), `codegen` (the ops methods compute
+through). Importing peftify never imports transformers, peft or triton.
+"""
+
+from peftify.api import Report, capture, merge, param_groups, peftify, plan, report
+from peftify.errors import SpecError
+from peftify.passes import METHODS, LoRA
+from peftify.rewrite.plan import Plan
+from peftify.rewrite.sites import Capture, Site
+from peftify.rewrite.spec import Rule, Spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Capture",
+    "LoRA",
+    "Plan",
+    "Report",
+    "Rule",
+    "Site",
+    "Spec",
+    "SpecError",
+    "capture",
+    "merge",
+    "param_groups",
+    "peftify",
+    "plan",
+    "report",
+]

@@ -1,0 +1,123 @@
+"""LoRA and its init/training variants (rsLoRA, PiSSA, LoRA+, asymmetric LoRA)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftify.codegen.reference import lora_linear
+from peftify.passes.base import Method, SiteModule, dense_flops, invalid, register, tag
+from peftify.rewrite.sites import Site
+
+INITS = ("default", "gaussian", "pissa")
+
+
+@register("lora")
+@dataclass(frozen=True)
+class LoRA(Method):
+    """Low-rank adaptation: W' = W + s·B·A, with W frozen and A (r×in), B (out×r) trained.
+
+    s = alpha / r, or alpha / √r with ``rslora`` ("A Rank Stabilization Scaling Factor for
+    Fine-Tuning with LoRA"). Paper: "LoRA: Low-Rank Adaptation of Large Language Models".
+
+    - r: rank of the update.
+    - alpha: scale numerator.
+    - dropout: dropout on the input of the LoRA branch only.
+    - rslora: use alpha/√r.
+    - init: "default" (A Kaiming-uniform, B = 0: output unchanged), "gaussian" (A ~ N(0, 1/r²),
+      B = 0), or "pissa" (A, B from the top-r SVD of W and W replaced by the residual, "PiSSA:
+      Principal Singular Values and Singular Vectors Adaptation"; output unchanged up to rounding).
+    - bias: also train the site's existing bias.
+    - train_a: False freezes a random A and trains only B ("Asymmetry in Low-Rank Adapters").
+    - lr_ratio: B's learning rate = lr_ratio × A's in `peftify.param_groups` ("LoRA+").
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "default"
+    bias: bool = False
+    train_a: bool = True
+    lr_ratio: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            invalid("r", f"rank must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            invalid("alpha", f"must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            invalid("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            invalid("init", f"must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.lr_ratio, (int, float)) or self.lr_ratio <= 0:
+            invalid("lr_ratio", f"must be a positive number, got {self.lr_ratio!r}")
+        for flag in ("rslora", "bias", "train_a"):
+            if not isinstance(getattr(self, flag), bool):
+                invalid(flag, f"must be true or false, got {getattr(self, flag)!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def check(self, site: Site) -> None:
+        if self.r > min(site.in_features, site.out_features):
+            invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        if self.init == "pissa" and site.kind != "module":
+            invalid("init", f"'pissa' rewrites the base weight, which needs a module site; {site.fqn} is functional")
+        if self.bias and site.bias is None:
+            invalid("bias", f"{site.fqn} has no bias to train")
+
+    def trains_base_bias(self) -> bool:
+        return self.bias
+
+    def trainable_params(self, site: Site) -> int:
+        n = self.r * site.out_features + (self.r * site.in_features if self.train_a else 0)
+        return n + (site.out_features if self.bias else 0)
+
+    def flops(self, site: Site) -> int:
+        return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features)
+
+
+class LoRAModule(SiteModule):
+    def __init__(self, method: LoRA, site: Site, base: nn.Module | None, weight: torch.Tensor):
+        super().__init__(method, site, base)
+        r, (out_f, in_f) = method.r, weight.shape
+        self.scaling = method.scale
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        a, b = torch.empty(r, in_f, **factory), torch.zeros(out_f, r, **factory)
+        if weight.device.type != "meta":
+            if method.init == "pissa":
+                a, b, residual = _pissa(weight, r, self.scaling)
+                self.base_layer = self.with_weight(base, residual, site.transposed)
+            elif method.init == "gaussian":
+                nn.init.normal_(a, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = tag(nn.Parameter(a, requires_grad=method.train_a), lr_mult=1.0)
+        self.lora_B = tag(nn.Parameter(b), lr_mult=method.lr_ratio)
+        self.lora_dropout = nn.Dropout(method.dropout) if method.dropout else None
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_d = self.lora_dropout(x) if self.lora_dropout is not None else None
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_d)
+
+
+LoRA.module = LoRAModule
+
+
+def _pissa(weight: torch.Tensor, r: int, scale: float):
+    """Top-r SVD split W = s·B·A + W_res, computed in float32 (or float64 for float64 weights)."""
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = (s[:r] / scale).sqrt()
+    b = u[:, :r] * root
+    a = root[:, None] * vh[:r]
+    residual = w - scale * (b @ a)
+    return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)

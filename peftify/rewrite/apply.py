@@ -1,0 +1,146 @@
+"""Apply a plan to the live model, transactionally; merge it back.
+
+Apply has two phases. *Build* constructs every replacement module from the current weights
+without touching the model (a failure here changes nothing). *Commit* swaps them in and sets
+trainability, keeping an undo log; any exception during commit replays the log, so the model
+is left with the same module objects, parameters and ``requires_grad`` flags it had.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from peftify.errors import SpecError
+from peftify.passes.base import SiteModule, WeightParametrization
+from peftify.rewrite.plan import Entry, Plan
+
+
+@dataclass
+class Installed:
+    entry: Entry
+    others: list[nn.Module] = field(default_factory=list)  # original modules of tied co-owners
+
+
+@dataclass
+class RewriteState:
+    """Kept on the model as ``model._peftify``: what was installed and how to undo it."""
+
+    plan: Plan
+    installed: list[Installed]
+    flags: dict[str, bool]  # requires_grad of every parameter before the rewrite
+
+
+def _split(path: str):
+    parent, _, name = path.rpartition(".")
+    return parent, name
+
+
+def site_module(model: nn.Module, entry: Entry) -> SiteModule:
+    """The live module computing `entry`'s site."""
+    site = entry.site
+    if site.kind == "module":
+        return model.get_submodule(site.owners[0])
+    owner, name = _split(site.weight)
+    return model.get_submodule(owner).parametrizations[name][0].site_module
+
+
+def _progress(items, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=(None if progress is None else not progress) if len(items) > 16 else True, leave=False)
+
+
+def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None) -> nn.Module:
+    if getattr(model, "_peftify", None) is not None:
+        raise SpecError("this model is already rewritten by peftify; call peftify.merge(model) first")
+
+    built = []
+    for entry in _progress(plan.entries, "peftify: building", progress):
+        site = entry.site
+        if site.kind == "module":
+            base = model.get_submodule(site.owners[0])
+            weight = base.weight
+        else:
+            owner, name = _split(site.weight)
+            base, weight = None, getattr(model.get_submodule(owner), name)
+        weight = (weight.t() if site.transposed else weight).detach()
+        built.append(entry.method.build(site, base, weight))
+
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    undo = []
+    try:
+        for p, _ in before:
+            p.requires_grad_(False)
+        installed = []
+        for entry, mod in zip(plan.entries, built):
+            installed.append(_install(model, entry, mod, undo))
+            if entry.method.trains_base_bias():
+                model.get_parameter(entry.site.bias).requires_grad_(True)
+        for name in plan.train:
+            model.get_parameter(name).requires_grad_(True)
+        model._peftify = RewriteState(plan, installed, flags)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        for p, flag in before:
+            p.requires_grad_(flag)
+        model.__dict__.pop("_peftify", None)
+        raise
+    return model
+
+
+def _install(model: nn.Module, entry: Entry, mod: SiteModule, undo: list) -> Installed:
+    site = entry.site
+    if site.kind == "module":
+        others = []
+        for i, path in enumerate(site.owners):
+            parent_path, name = _split(path)
+            parent = model.get_submodule(parent_path)
+            old = getattr(parent, name)
+            if i:
+                others.append(old)
+            setattr(parent, name, mod)
+            undo.append(lambda parent=parent, name=name, old=old: setattr(parent, name, old))
+        return Installed(entry, others)
+    owner_path, name = _split(site.weight)
+    owner = model.get_submodule(owner_path)
+    parametrize.register_parametrization(owner, name, WeightParametrization(mod), unsafe=True)
+    undo.append(lambda: parametrize.remove_parametrizations(owner, name, leave_parametrized=False))
+    return Installed(entry)
+
+
+def merge_model(model: nn.Module) -> nn.Module:
+    """Fold every rewritten site back into a dense weight; restore module types, keys and flags."""
+    state: RewriteState | None = getattr(model, "_peftify", None)
+    if state is None:
+        raise SpecError("this model has no peftify rewrite to merge")
+    with torch.no_grad():
+        merged = [site_module(model, inst.entry).dense_weight() for inst in state.installed]
+        for inst, weight in zip(state.installed, merged):
+            site = inst.entry.site
+            stored = weight.t() if site.transposed else weight
+            if site.kind == "functional":
+                owner, name = _split(site.weight)
+                parametrize.remove_parametrizations(model.get_submodule(owner), name, leave_parametrized=True)
+                continue
+            base = site_module(model, inst.entry).base_layer
+            own_names = {o + ".weight" for o in site.owners}
+            if set(site.aliases) - own_names:  # tied to something we did not rewrite: untie
+                warnings.warn(f"peftify: {site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it", stacklevel=2)
+                base.weight = nn.Parameter(stored.to(base.weight.dtype).contiguous(), requires_grad=base.weight.requires_grad)
+            else:
+                base.weight.copy_(stored)
+            for path, original in zip(site.owners, [base, *inst.others]):
+                parent, name = _split(path)
+                setattr(model.get_submodule(parent), name, original)
+                original.weight = base.weight
+    for name, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(state.flags.get(name, p.requires_grad))
+    del model._peftify
+    return model

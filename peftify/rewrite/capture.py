@@ -1,0 +1,175 @@
+"""Capture: trace a model into an FX graph on fake tensors and find its sites.
+
+`torch.export.export(strict=False)` traces on fake tensors, so weights are never read and a
+model on the meta device is analysed with no weight memory. Repeated blocks (a ModuleList
+whose entries have identical structure) are traced once: the list is temporarily cut to its
+first entry and the sites found there are replicated to the others. This keeps capture of a
+32-layer model as cheap as capture of a 1-layer one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from peftify.errors import SpecError
+from peftify.rewrite.roles import infer_roles
+from peftify.rewrite.sites import Capture, find_uses, sites_from_modules, sites_from_uses
+
+
+def capture(model: nn.Module, example_inputs=None) -> Capture:
+    """Trace `model` and return its sites (dense linear maps) with shapes, owners and roles.
+
+    `example_inputs` is a tensor, a tuple of positional arguments, a dict of keyword
+    arguments, or ``(args, kwargs)``. When omitted, one is built from the model's config
+    (Hugging Face models) or from its first layer's shape; if that is impossible or the trace
+    fails, `SpecError` asks for example inputs. With example inputs given and a failing trace,
+    capture falls back to walking `named_modules()` and says so in `Capture.note`.
+    """
+    if getattr(model, "_peftify", None) is not None:
+        raise SpecError("this model is already rewritten by peftify; call peftify.merge(model) first")
+    given = example_inputs is not None
+    args, kwargs = _normalize(example_inputs) if given else build_example_inputs(model)
+    kwargs = _decoder_kwargs(model, kwargs)
+    try:
+        try:
+            sites, collapsed = _trace(model, args, kwargs, collapse=True)
+        except Exception:  # noqa: BLE001 - some models depend on their block count; trace them whole
+            sites, collapsed = _trace(model, args, kwargs, collapse=False)
+    except Exception as e:  # noqa: BLE001 - any tracing failure has the same remedy
+        if not given:
+            raise SpecError(
+                f"could not trace {type(model).__name__} with an example input built from its signature "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass example_inputs=..."
+            ) from e
+        warnings.warn(f"peftify: tracing failed ({type(e).__name__}: {e}); falling back to module walk", stacklevel=2)
+        sites = sites_from_modules(model)
+        return _finish(model, Capture(sites, "modules", note=f"trace failed: {type(e).__name__}; functional sites and roles unknown"))
+    for prefix, n in collapsed.items():
+        first = prefix + ".0."
+        sites = [s for s in sites if not s.fqn.startswith(first)] + [
+            s.with_prefix(first, f"{prefix}.{i}.") for i in range(n) for s in sites if s.fqn.startswith(first)
+        ]
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
+    sites.sort(key=lambda s: order.get(s.weight, len(order)))
+    return _finish(model, Capture(sites, "export", collapsed=collapsed))
+
+
+def _trace(model, args, kwargs, collapse: bool):
+    with _collapsed_repeats(model, collapse) as collapsed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(model, args, kwargs, strict=False)
+        params = dict(exported.graph_signature.inputs_to_parameters)
+        sites, site_uses = sites_from_uses(model, find_uses(exported.graph, params))
+        return infer_roles(exported.graph, sites, site_uses, params), collapsed
+
+
+def _finish(model: nn.Module, cap: Capture) -> Capture:
+    layers = {s.layer for s in cap.sites if s.layer is not None}
+    cap.depth = len(layers)
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if width is None and cap.sites:
+        width = Counter(s.in_features for s in cap.sites).most_common(1)[0][0]
+    cap.width = int(width or 0)
+    return cap
+
+
+def _normalize(example_inputs):
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple)
+        and isinstance(example_inputs[1], dict)
+    ):
+        return example_inputs[0], dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise SpecError(f"example_inputs must be a tensor, tuple, dict or (args, kwargs), not {type(example_inputs).__name__}")
+
+
+def _device_dtype(model):
+    p = next(iter(model.parameters()), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def build_example_inputs(model: nn.Module):
+    """A small input from the model's config (HF) or its first linear/embedding layer."""
+    device, dtype = _device_dtype(model)
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is not None and main == "input_ids":
+        return (), {"input_ids": torch.zeros((1, 8), dtype=torch.long, device=device)}
+    if config is not None and main == "pixel_values":
+        size = getattr(config, "image_size", 32)
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        return (), {"pixel_values": torch.zeros((1, getattr(config, "num_channels", 3), *size), dtype=dtype, device=device)}
+    params = [
+        p for p in inspect.signature(model.forward).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) == 1:
+        for mod in model.modules():
+            if isinstance(mod, nn.Embedding):
+                return (torch.zeros((2, 8), dtype=torch.long, device=device),), {}
+            if isinstance(mod, nn.Linear):
+                return (torch.zeros((2, mod.in_features), dtype=dtype, device=device),), {}
+    raise SpecError(
+        f"cannot build an example input for {type(model).__name__}.forward{inspect.signature(model.forward)}; "
+        "pass example_inputs=... (a tensor, a tuple of arguments or a dict of keyword arguments)"
+    )
+
+
+def _decoder_kwargs(model, kwargs):
+    """HF decoders trace only without a KV cache."""
+    try:
+        accepts = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts and "use_cache" not in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def _signature(mod: nn.Module):
+    return (
+        type(mod),
+        tuple((n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()),
+        tuple((n, type(m)) for n, m in mod.named_modules()),
+    )
+
+
+@contextmanager
+def _collapsed_repeats(model: nn.Module, enabled: bool = True):
+    """Temporarily cut every ModuleList of identical, independent blocks to its first block."""
+    lists = []
+    for path, mod in model.named_modules() if enabled else ():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or any(path.startswith(p + ".") for p, _, _ in lists):
+            continue
+        blocks = list(mod)
+        if len({id(b) for b in blocks}) != len(blocks):
+            continue
+        sig = _signature(blocks[0])
+        if not sig[1] or any(_signature(b) != sig for b in blocks[1:]):
+            continue
+        ids = [{id(p) for p in b.parameters()} for b in blocks]
+        if len(set().union(*ids)) != sum(len(i) for i in ids):  # blocks share weights
+            continue
+        lists.append((path, mod, blocks))
+    try:
+        for _, mod, blocks in lists:
+            mod._modules = {"0": blocks[0]}
+        yield {path: len(blocks) for path, _, blocks in lists}
+    finally:
+        for _, mod, blocks in lists:
+            mod._modules = {str(i): b for i, b in enumerate(blocks)}

@@ -1,0 +1,131 @@
+"""Plans: the resolved (site, method) list, printable and checked before anything changes."""
+
+from __future__ import annotations
+
+from difflib import SequenceMatcher
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from peftify.errors import SpecError
+from peftify.passes.base import Method, dense_flops
+from peftify.rewrite.select import Context
+from peftify.rewrite.sites import Capture, Site
+from peftify.rewrite.spec import Spec, _bare
+from peftify.table import human, table
+
+
+@dataclass(frozen=True)
+class Entry:
+    site: Site
+    method: Method
+    rule: int
+
+
+@dataclass
+class Plan:
+    """What `peftify.peftify` will do: one entry per rewritten site, plus parameters to train."""
+
+    entries: list[Entry]
+    capture: Capture
+    spec: Spec
+    train: list[str] = field(default_factory=list)  # existing parameters made trainable
+    total_params: int = 0
+
+    @property
+    def trainable_params(self) -> int:
+        per_site = sum(e.method.trainable_params(e.site) for e in self.entries)
+        return per_site + self._train_numel
+
+    def rows(self):
+        for e in self.entries:
+            s = e.site
+            yield (
+                s.fqn,
+                ",".join(sorted(s.roles)) or "-",
+                f"{s.in_features}→{s.out_features}",
+                e.method.name + (" (materializes W)" if s.kind == "functional" else ""),
+                s.in_features * s.out_features,
+                e.method.trainable_params(s),
+                dense_flops(s),
+                e.method.flops(s),
+            )
+
+    def __str__(self) -> str:
+        header = ("site", "roles", "shape", "method", "params", "trainable", "flops/tok", "flops/tok after")
+        out = [table(header, list(self.rows()))]
+        if self.train:
+            out.append(f"also trainable: {len(self.train)} existing parameters ({human(self._train_numel)}): " + ", ".join(self.train[:6]) + (" ..." if len(self.train) > 6 else ""))
+        pct = 100 * self.trainable_params / max(self.total_params, 1)
+        out.append(
+            f"{len(self.entries)} of {len(self.capture.sites)} sites rewritten; trainable {human(self.trainable_params)} "
+            f"of {human(self.total_params)} parameters ({pct:.3f}%); capture: {self.capture.method}"
+            + (f" ({self.capture.note})" if self.capture.note else "")
+        )
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+
+def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -> Plan:
+    """Resolve `spec` against the captured sites: later rules override, None excludes."""
+    ctx = Context(depth=cap.depth, width=cap.width)
+    chosen: dict[str, tuple[int, Method | None]] = {}
+    hits = [0] * len(spec.rules)
+    for site in cap.sites:
+        for i, (rule, matches) in enumerate(zip(spec.rules, spec.matchers)):
+            if matches(site, ctx):
+                hits[i] += 1
+                chosen[site.fqn] = (i, rule.apply)
+    for i, n in enumerate(hits):
+        if n == 0:
+            _unmatched(spec.rules[i].describe(i), spec.rules[i].match, cap.sites, strict)
+
+    entries = []
+    for site in cap.sites:
+        if site.fqn not in chosen or chosen[site.fqn][1] is None:
+            continue
+        i, method = chosen[site.fqn]
+        try:
+            method.check(site)
+        except SpecError as e:
+            raise SpecError(_bare(e), rule=spec.rules[i].describe(i), field=e.field) from e
+        entries.append(Entry(site, method, i))
+
+    names = [n for n, _ in model.named_parameters()]
+    train = []
+    for pattern in spec.train:
+        found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not found:
+            _unmatched(f"train glob {pattern!r}", pattern, names, strict)
+        train += [n for n in found if n not in train]
+    plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
+    plan._train_numel = sum(model.get_parameter(n).numel() for n in train)
+    return plan
+
+
+def _unmatched(where: str, match, candidates: list, strict: bool) -> None:
+    """Report a rule or glob that selects nothing, with the nearest names (or the roles present)."""
+    probe = match.get("name", match.get("role", "")) if isinstance(match, dict) else match
+    if isinstance(probe, str) and probe.startswith("role:") or isinstance(match, dict) and "role" in match and "name" not in match:
+        roles = sorted({r for s in candidates for r in s.roles})
+        msg = f"matches nothing; roles present: {', '.join(roles) or 'none'}"
+    else:
+        names = [c.fqn if isinstance(c, Site) else c for c in candidates]
+        msg = f"matches nothing; nearest: {', '.join(nearest(str(probe), names))}"
+    if strict:
+        raise SpecError(msg, rule=where)
+    warnings.warn(f"peftify: {where} {msg}", stacklevel=3)
+
+
+def nearest(probe: str, names: list[str], n: int = 3) -> list[str]:
+    """The `n` names most like `probe`, comparing with the whole name and with its last parts."""
+    probe = probe.removeprefix("re:").strip("*.")
+
+    def score(name):
+        tails = [name] + [".".join(name.split(".")[-k:]) for k in (1, 2)]
+        return max(SequenceMatcher(None, probe, t).ratio() for t in tails)
+
+    return sorted(names, key=score, reverse=True)[:n]

@@ -1,0 +1,163 @@
+"""Roles of sites, inferred from the dataflow graph — never from names.
+
+The captured FX graph becomes a `networkx.DiGraph`; sites are located by their use nodes.
+- attention: each ``scaled_dot_product_attention`` (or eager ``matmul → softmax → matmul``)
+  names its q, k, v operands; the nearest sites upstream of each get ``attn.q/k/v`` (one site
+  feeding all three is ``attn.qkv``); the first sites downstream of its output get ``attn.o``.
+- MLP: a site whose input is reached from another site through a nonlinearity is ``mlp.down``;
+  the producers reached through it are ``mlp.gate`` when a second, linear producer exists
+  (that one is ``mlp.up``), else ``mlp.up``.
+- ``readout``: any other site whose output reaches the graph output with no site in between;
+  ``embedding``: the site's weight is also an embedding table (tied).
+Sites fed by the same activation form a ``shared_input`` group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from peftify.rewrite.sites import Site, Use
+
+_SDPA = {
+    "aten.scaled_dot_product_attention.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+}
+_SOFTMAX = {"aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default"}
+_MATMUL = {"aten.matmul.default", "aten.bmm.default"}
+_ACTIVATIONS = {
+    f"aten.{op}.default"
+    for op in ("silu", "silu_", "gelu", "gelu_", "relu", "relu_", "tanh", "sigmoid", "hardswish", "mish", "elu", "softplus", "leaky_relu", "hardtanh", "relu6")
+}
+
+
+def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, list[Use]], params: dict[str, str]) -> list[Site]:
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+
+    site_of = {u.node: fqn for fqn, us in site_uses.items() for u in us}  # use node -> site
+    roles: dict[str, set[str]] = {s.fqn: set() for s in sites}
+    attention: dict[str, str] = {}
+
+    def producers(node):
+        """Nearest sites upstream of `node`: {site: True if some path to it crosses an activation}."""
+        found: dict[str, bool] = {}
+        seen, stack = set(), [(node, False)]
+        while stack:
+            n, act = stack.pop()
+            if (n, act) in seen:
+                continue
+            seen.add((n, act))
+            if n in site_of:
+                found[site_of[n]] = found.get(site_of[n], False) or act
+                continue
+            if n.op == "placeholder" and n.name in params:
+                continue
+            act = act or str(n.target) in _ACTIVATIONS
+            stack.extend((p, act) for p in g.predecessors(n))
+        return found
+
+    def consumers(node):
+        """Nearest sites downstream of `node` that take it (transformed) as their input activation."""
+        found, seen, stack = [], set(), [node]
+        while stack:
+            n = stack.pop()
+            for s in g.successors(n):
+                if s in site_of:  # entered through its activation: weights never flow from here
+                    found.append(site_of[s])
+                    continue
+                if s not in seen:
+                    seen.add(s)
+                    stack.append(s)
+        return found
+
+    def nearest(node, targets, forward):
+        step = g.successors if forward else g.predecessors
+        frontier, seen = [node], {node}
+        while frontier:
+            nxt = []
+            for n in frontier:
+                for m in step(n):
+                    if str(m.target) in targets and m not in site_of:
+                        return m
+                    if m not in seen and m not in site_of:
+                        seen.add(m)
+                        nxt.append(m)
+            frontier = nxt
+        return None
+
+    # attention: (q operand, k operand, v operand, output node)
+    attentions = []
+    for node in graph.nodes:
+        target = str(node.target)
+        if target in _SDPA:
+            attentions.append((node.args[0], node.args[1], node.args[2], node))
+        elif target in _SOFTMAX:
+            scores, mix = nearest(node, _MATMUL, forward=False), nearest(node, _MATMUL, forward=True)
+            if scores is not None and mix is not None:
+                attentions.append((scores.args[0], scores.args[1], mix.args[1], mix))
+    for i, (q, k, v, out) in enumerate(attentions):
+        stack = out.meta.get("nn_module_stack") or {}
+        attn_id = list(stack.values())[-1][0] if stack else f"attention{i}"
+        qs, ks, vs = set(producers(q)), set(producers(k)), set(producers(v))
+        for fqn in qs | ks | vs:
+            which = "".join(r for r, group in (("q", qs), ("k", ks), ("v", vs)) if fqn in group)
+            roles[fqn].add("attn." + which)
+            attention[fqn] = attn_id
+        for fqn in consumers(out):
+            roles[fqn].add("attn.o")
+            attention[fqn] = attn_id
+
+    # MLP
+    for fqn, us in site_uses.items():
+        if roles[fqn]:
+            continue
+        prods = {p: act for p, act in producers(us[0].x).items() if not any(r.startswith("attn") for r in roles[p])}
+        if not any(prods.values()):
+            continue
+        roles[fqn].add("mlp.down")
+        gated = not all(prods.values())
+        for p, act in prods.items():
+            roles[p].add("mlp.gate" if act and gated else "mlp.up")
+
+    # readout, tied embeddings
+    output = next(n for n in graph.nodes if n.op == "output")
+    embedded = {params[n.args[0].name] for n in graph.nodes if str(n.target) == "aten.embedding.default" and n.args[0].name in params}
+    for fqn, us in site_uses.items():
+        if not roles[fqn] and any(_feeds(g, u.node, output, site_of) for u in us):
+            roles[fqn].add("readout")
+    for s in sites:
+        if embedded & {s.weight, *s.aliases}:
+            roles[s.fqn].add("embedding")
+
+    # shared-input groups
+    by_input: dict[torch.fx.Node, list[str]] = {}
+    for fqn, us in site_uses.items():
+        for u in us:
+            by_input.setdefault(u.x, []).append(fqn)
+    shared = {f: tuple(sorted(set(g_))) for g_ in by_input.values() if len(set(g_)) > 1 for f in g_}
+
+    return [replace(s, roles=frozenset(roles[s.fqn]), attention=attention.get(s.fqn), shared_input=shared.get(s.fqn, ())) for s in sites]
+
+
+def _feeds(g, node, output, site_of) -> bool:
+    """True if `node` reaches the graph output without passing through another site."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for s in g.successors(n):
+            if s is output:
+                return True
+            if s not in site_of and s not in seen:
+                seen.add(s)
+                stack.append(s)
+    return False

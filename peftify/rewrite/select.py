@@ -1,0 +1,160 @@
+"""Selectors: which sites a rule's ``match`` names.
+
+A match is a glob on the site FQN (``*.q_proj``), ``re:<regex>`` (full match), ``role:<glob>``
+(``role:mlp.*``), or a dict of any of ``name``, ``role``, ``type``, ``layers`` and ``where``
+(a predicate over ``in_features``, ``out_features``, ``layer``, ``depth``, ``width``, parsed
+into a sympy expression). All given keys must hold.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from peftify.errors import SpecError
+from peftify.rewrite.sites import Site
+
+SYMBOLS = ("in_features", "out_features", "layer", "depth", "width")
+MATCH_KEYS = ("name", "role", "type", "layers", "where")
+
+
+@dataclass(frozen=True)
+class Context:
+    depth: int
+    width: int
+
+
+Predicate = Callable[[Site, Context], bool]
+
+
+def compile_match(match: Any) -> Predicate:
+    """Turn a rule's ``match`` value into a predicate; raise SpecError (field 'match') if malformed."""
+    if isinstance(match, str):
+        if match.startswith("role:"):
+            return _role(match[5:])
+        return _name(match)
+    if isinstance(match, dict):
+        unknown = set(match) - set(MATCH_KEYS)
+        if unknown:
+            raise SpecError(f"unknown match key(s) {sorted(unknown)}; use {list(MATCH_KEYS)}", field="match")
+        if not match:
+            raise SpecError("an empty match dict would select every site; use '*' to mean that", field="match")
+        parts = []
+        if "name" in match:
+            parts.append(_name(_string(match["name"], "name")))
+        if "role" in match:
+            parts.append(_role(_string(match["role"], "role")))
+        if "type" in match:
+            pattern = _string(match["type"], "type")
+            parts.append(lambda s, c: fnmatch.fnmatchcase(s.module_type, pattern))
+        if "layers" in match:
+            parts.append(_layers(match["layers"]))
+        if "where" in match:
+            parts.append(compile_where(match["where"]))
+        return lambda s, c: all(p(s, c) for p in parts)
+    raise SpecError(f"match must be a string or a dict, not {type(match).__name__}", field="match")
+
+
+def _string(value, field):
+    if not isinstance(value, str):
+        raise SpecError(f"must be a string, got {value!r}", field=field)
+    return value
+
+
+def _name(pattern: str) -> Predicate:
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as e:
+            raise SpecError(f"bad regex {pattern[3:]!r}: {e}", field="match") from e
+        return lambda s, c: rx.fullmatch(s.fqn) is not None
+    return lambda s, c: fnmatch.fnmatchcase(s.fqn, pattern)
+
+
+def _role(pattern: str) -> Predicate:
+    return lambda s, c: any(fnmatch.fnmatchcase(r, pattern) for r in s.roles)
+
+
+def _layers(value) -> Predicate:
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple, str)):
+        raise SpecError(f"layers must be an int, a list of ints or a range 'a-b', got {value!r}", field="layers")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+        if not m:
+            raise SpecError(f"layers range must look like '2-5', got {value!r}", field="layers")
+        wanted = set(range(int(m.group(1)), int(m.group(2)) + 1))
+    else:
+        wanted = {value} if isinstance(value, int) else set(value)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in wanted):
+            raise SpecError(f"layers must be integers, got {value!r}", field="layers")
+    return lambda s, c: s.layer in wanted
+
+
+_COMPARE = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
+_ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Mod: None, ast.FloorDiv: None, ast.Div: operator.truediv, ast.Pow: operator.pow}
+
+
+def compile_where(text: Any) -> Predicate:
+    """Parse a predicate such as ``"in_features >= 512 and in_features % 64 == 0"`` into sympy.
+
+    Only the names in `SYMBOLS`, numbers, arithmetic, comparisons and ``and``/``or``/``not``
+    are allowed; nothing is ``eval``-ed. A site without a layer index fails any predicate
+    that mentions ``layer``.
+    """
+    import sympy
+
+    text = _string(text, "where")
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError as e:
+        raise SpecError(f"cannot parse {text!r}: {e.msg}", field="where") from e
+    symbols = {n: sympy.Symbol(n, integer=True) for n in SYMBOLS}
+
+    def conv(node):
+        if isinstance(node, ast.BoolOp):
+            args = [conv(v) for v in node.values]
+            return sympy.And(*args) if isinstance(node.op, ast.And) else sympy.Or(*args)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return sympy.Not(conv(node.operand))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -conv(node.operand)
+        if isinstance(node, ast.Compare):
+            parts, left = [], conv(node.left)
+            for op, right in zip(node.ops, node.comparators):
+                if type(op) not in _COMPARE:
+                    raise SpecError(f"unsupported comparison in {text!r}", field="where")
+                r = conv(right)
+                parts.append(sympy.Rel(left, r, _COMPARE[type(op)]))
+                left = r
+            return sympy.And(*parts)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+            a, b = conv(node.left), conv(node.right)
+            if isinstance(node.op, ast.Mod):
+                return sympy.Mod(a, b)
+            if isinstance(node.op, ast.FloorDiv):
+                return sympy.floor(a / b)
+            return _ARITH[type(node.op)](a, b)
+        if isinstance(node, ast.Name):
+            if node.id not in symbols:
+                raise SpecError(f"unknown name {node.id!r} in {text!r}; use {list(SYMBOLS)}", field="where")
+            return symbols[node.id]
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return sympy.sympify(node.value)
+        raise SpecError(f"unsupported expression {ast.unparse(node)!r} in {text!r}", field="where")
+
+    expr = conv(tree)
+    if not isinstance(expr, (sympy.logic.boolalg.Boolean, sympy.core.relational.Relational)):
+        raise SpecError(f"{text!r} is not a true/false predicate", field="where")
+    used = {str(s) for s in expr.free_symbols}
+
+    def predicate(site: Site, ctx: Context) -> bool:
+        values = {"in_features": site.in_features, "out_features": site.out_features, "layer": site.layer, "depth": ctx.depth, "width": ctx.width}
+        if any(values[n] is None for n in used):
+            return False
+        return bool(expr.subs({symbols[n]: values[n] for n in used}))
+
+    return predicate

@@ -1,0 +1,301 @@
+"""Sites: the dense linear maps found in a captured graph.
+
+A site is one weight parameter applied as a linear map (``aten.linear``, ``addmm``, ``mm``,
+``matmul`` or a two-operand ``einsum``). A parameter used several times is one site with
+several uses, so tied weights are reported once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+LINEAR_LIKE = ("Linear", "Conv1D")  # modules whose own `weight` is applied as a linear map
+
+# Ops that only move or relabel a weight's elements; `True` where they swap its two axes.
+_WEIGHT_VIEWS = {
+    "aten.t.default": True,
+    "aten.transpose.int": True,
+    "aten.permute.default": True,
+    "aten.numpy_T.default": True,
+    "aten.view.default": False,
+    "aten.reshape.default": False,
+    "aten.to.dtype": False,
+    "aten.to.dtype_layout": False,
+    "aten._to_copy.default": False,
+    "aten.detach.default": False,
+    "aten.alias.default": False,
+    "aten.contiguous.default": False,
+    "aten.clone.default": False,
+}
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One dense linear map y = x Wᵀ (+ b) applied in the forward pass.
+
+    ``fqn`` is the owning module's path for a module site (``model.layers.0.self_attn.q_proj``)
+    and the parameter's path for a functional one. ``weight``/``bias`` are parameter FQNs;
+    ``transposed`` says the parameter is stored (in, out), as in GPT-2's ``Conv1D``.
+    ``owners`` are the linear-like modules that apply the weight (several when tied);
+    ``aliases`` every other name of the weight parameter; ``shared_input`` the sites fed by the
+    same activation (q/k/v, gate/up); ``attention`` an id shared by one attention's sites.
+    """
+
+    fqn: str
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    module_type: str
+    kind: str  # "module" | "functional"
+    transposed: bool = False
+    roles: frozenset[str] = frozenset()
+    layer: int | None = None
+    owners: tuple[str, ...] = ()
+    uses: int = 1
+    aliases: tuple[str, ...] = ()
+    shared_input: tuple[str, ...] = ()
+    attention: str | None = None
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.aliases) or len(self.owners) > 1
+
+    def with_prefix(self, old: str, new: str) -> Site:
+        """The same site in a structurally identical block (``layers.0.`` → ``layers.7.``)."""
+
+        def sub(name):
+            return new + name[len(old) :] if name and name.startswith(old) else name
+
+        return replace(
+            self,
+            fqn=sub(self.fqn),
+            weight=sub(self.weight),
+            bias=sub(self.bias),
+            layer=layer_index(sub(self.fqn)),
+            owners=tuple(sub(o) for o in self.owners),
+            aliases=tuple(sub(a) for a in self.aliases),
+            shared_input=tuple(sub(s) for s in self.shared_input),
+            attention=sub(self.attention),
+        )
+
+
+def layer_index(fqn: str) -> int | None:
+    """The first integer path component (``model.layers.3.mlp`` → 3), or None."""
+    m = _LAYER_INDEX.search(fqn)
+    return int(m.group(1)) if m else None
+
+
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, keyed by the parameter's identity (tied weights share one)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+@dataclass
+class Use:
+    """One application of a weight in the graph: the op node, its input activation, orientation."""
+
+    node: torch.fx.Node
+    x: torch.fx.Node
+    weight: str
+    bias: str | None
+    transposed: bool
+    owner: str  # innermost module on the call stack
+
+
+def _param_behind(node, params: dict[str, str]):
+    """Follow view-like ops back to a parameter placeholder; return (fqn, axes_swapped) or None."""
+    swapped = False
+    while isinstance(node, torch.fx.Node):
+        if node.op == "placeholder":
+            return (params[node.name], swapped) if node.name in params else None
+        swaps = _WEIGHT_VIEWS.get(str(node.target)) if node.op == "call_function" else None
+        if swaps is None:
+            return None
+        if swaps and str(node.target) == "aten.permute.default" and list(node.args[1]) != [1, 0]:
+            return None
+        swapped ^= swaps
+        node = node.args[0]
+    return None
+
+
+def _einsum_orientation(equation: str, weight_pos: int):
+    """For a two-operand einsum with a 2-D weight: True if the weight is stored (in, out)."""
+    lhs, out = equation.replace(" ", "").split("->")
+    operands = lhs.split(",")
+    if len(operands) != 2 or len(operands[weight_pos]) != 2:
+        return None
+    w, x = operands[weight_pos], operands[1 - weight_pos]
+    contracted = [c for c in w if c in x and c not in out]
+    if len(contracted) != 1:
+        return None
+    return w.index(contracted[0]) == 0
+
+
+def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
+    """Every node of `graph` that applies a parameter as a linear map."""
+    uses = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = str(node.target)
+        found = None
+        if target == "aten.linear.default":
+            w = _param_behind(node.args[1], params)
+            b = _param_behind(node.args[2], params) if len(node.args) > 2 else None
+            if w:
+                found = (node.args[0], w[0], b and b[0], w[1])
+        elif target == "aten.addmm.default":
+            w = _param_behind(node.args[2], params)
+            b = _param_behind(node.args[0], params)
+            if w:
+                found = (node.args[1], w[0], b and b[0], not w[1])
+        elif target in ("aten.mm.default", "aten.matmul.default"):
+            w = _param_behind(node.args[1], params)
+            if w:
+                found = (node.args[0], w[0], None, not w[1])
+        elif target == "aten.einsum.default" and len(node.args[1]) == 2:
+            for pos in (0, 1):
+                w = _param_behind(node.args[1][pos], params)
+                transposed = w and _einsum_orientation(node.args[0], pos)
+                if w and transposed is not None:
+                    found = (node.args[1][1 - pos], w[0], None, transposed ^ w[1])
+                    break
+        if found is not None:
+            x, weight, bias, transposed = found
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = list(stack.values())[-1][0] if stack else ""
+            uses.append(Use(node, x, weight, bias, transposed, owner))
+    return uses
+
+
+def sites_from_uses(model: nn.Module, uses: list[Use]) -> tuple[list[Site], dict[str, list[Use]]]:
+    """Group uses by weight parameter into sites; decide module vs functional ownership."""
+    names = parameter_names(model)
+    canonical = {n: ns[0] for ns in names.values() for n in ns}
+    alias_of = {n: ns for ns in names.values() for n in ns}
+    by_weight: dict[str, list[Use]] = {}
+    for u in uses:
+        by_weight.setdefault(canonical.get(u.weight, u.weight), []).append(u)
+
+    sites, site_uses = [], {}
+    for weight, group in by_weight.items():
+        param = model.get_parameter(weight)
+        first = group[0]
+        if param.dim() != 2:
+            continue
+        out_f, in_f = param.shape[::-1] if first.transposed else param.shape
+        owners = []
+        for u in group:
+            mod = _linear_like(model, u.owner)
+            if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
+                owners.append(u.owner)
+        module_site = len(owners) > 0 and all(u.owner in owners for u in group)
+        if module_site:
+            fqn = owners[0]
+            wname = fqn + ".weight"
+            mod = model.get_submodule(fqn)
+            bias = fqn + ".bias" if getattr(mod, "bias", None) is not None else None
+            module_type = type(mod).__name__
+        else:
+            fqn = wname = weight
+            bias = first.bias
+            owner_path = weight.rpartition(".")[0]
+            module_type = type(model.get_submodule(owner_path)).__name__
+        sites.append(
+            Site(
+                fqn=fqn,
+                weight=wname,
+                bias=bias,
+                in_features=int(in_f),
+                out_features=int(out_f),
+                module_type=module_type,
+                kind="module" if module_site else "functional",
+                transposed=first.transposed,
+                layer=layer_index(fqn),
+                owners=tuple(owners) if module_site else (),
+                uses=len(group),
+                aliases=tuple(n for n in alias_of[weight] if n != wname),
+            )
+        )
+        site_uses[fqn] = group
+    return sites, site_uses
+
+
+def _linear_like(model: nn.Module, path: str):
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    if type(mod).__name__ in LINEAR_LIKE and isinstance(getattr(mod, "weight", None), nn.Parameter):
+        return mod
+    return None
+
+
+def sites_from_modules(model: nn.Module) -> list[Site]:
+    """The fallback when tracing is impossible: every linear-like module, no roles, no functional sites."""
+    names = parameter_names(model)
+    sites = []
+    for path, mod in model.named_modules():
+        if _linear_like(model, path) is None:
+            continue
+        transposed = type(mod).__name__ == "Conv1D"
+        out_f, in_f = mod.weight.shape[::-1] if transposed else mod.weight.shape
+        wname = path + ".weight"
+        sites.append(
+            Site(
+                fqn=path,
+                weight=wname,
+                bias=path + ".bias" if getattr(mod, "bias", None) is not None else None,
+                in_features=int(in_f),
+                out_features=int(out_f),
+                module_type=type(mod).__name__,
+                kind="module",
+                transposed=transposed,
+                layer=layer_index(path),
+                owners=(path,),
+                aliases=tuple(n for n in names[id(mod.weight)] if n != wname),
+            )
+        )
+    return sites
+
+
+@dataclass
+class Capture:
+    """What `peftify.capture` found: the sites, and how they were found."""
+
+    sites: list[Site]
+    method: str  # "export" or "modules"
+    note: str = ""
+    depth: int = 0
+    width: int = 0
+    collapsed: dict[str, int] = field(default_factory=dict)  # ModuleList path -> length traced once
+
+    def __getitem__(self, fqn: str) -> Site:
+        for s in self.sites:
+            if s.fqn == fqn:
+                return s
+        raise KeyError(fqn)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __str__(self) -> str:
+        from peftify.table import table
+
+        rows = [
+            (s.fqn, s.kind, s.module_type, f"{s.in_features}→{s.out_features}", ",".join(sorted(s.roles)), "" if s.layer is None else s.layer)
+            for s in self.sites
+        ]
+        head = f"{len(self.sites)} sites captured by {self.method}" + (f" ({self.note})" if self.note else "")
+        return head + "\n" + table(("site", "kind", "type", "shape", "roles", "layer"), rows)
+
+    __repr__ = __str__

@@ -1,0 +1,130 @@
+"""Specs: a list of rules, each ``match`` → ``apply``, in any of three equivalent forms.
+
+    Spec([Rule(match="*.q_proj", apply=LoRA(r=8, alpha=16))], train=["classifier.*"])
+    {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 8, "alpha": 16}}], "train": [...]}
+    "spec.yaml" / "spec.json"  (a file holding that dict)
+
+Later rules override earlier ones; ``apply: None`` excludes. Method names resolve only through
+the registry in `peftify.passes` — nothing is imported or evaluated from a spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftify.errors import SpecError
+from peftify.passes.base import Method
+from peftify.rewrite.select import Predicate, compile_match
+
+SPEC_KEYS = ("rules", "train")
+RULE_KEYS = ("match", "apply")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: every site that `match` selects gets `apply` (a method, or None to exclude)."""
+
+    match: Any
+    apply: Method | None
+
+    def describe(self, index: int) -> str:
+        return f"rule {index} ({self.match!r})"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An ordered list of rules plus ``train``: globs of existing parameters to make trainable."""
+
+    rules: list[Rule] = field(default_factory=list)
+    train: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.rules, (list, tuple)):
+            raise SpecError(f"rules must be a list, not {type(self.rules).__name__}", field="rules")
+        if isinstance(self.train, str) or not all(isinstance(t, str) for t in self.train):
+            raise SpecError(f"train must be a list of globs, got {self.train!r}", field="train")
+        for i, rule in enumerate(self.rules):
+            if not isinstance(rule, Rule):
+                raise SpecError(f"expected a Rule, got {type(rule).__name__}", rule=f"rule {i}")
+            if rule.apply is not None and not isinstance(rule.apply, Method):
+                raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {rule.apply!r}", rule=rule.describe(i), field="apply")
+        object.__setattr__(self, "matchers", [_compile(r, i) for i, r in enumerate(self.rules)])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Spec:
+        if not isinstance(d, dict):
+            raise SpecError(f"a spec must be a dict with 'rules', got {type(d).__name__}")
+        unknown = set(d) - set(SPEC_KEYS)
+        if unknown:
+            raise SpecError(f"unknown spec key(s) {sorted(unknown)}; use {list(SPEC_KEYS)}", field=sorted(unknown)[0])
+        raw_rules = d.get("rules", [])
+        if not isinstance(raw_rules, list):
+            raise SpecError("rules must be a list", field="rules")
+        rules = []
+        for i, r in enumerate(raw_rules):
+            where = f"rule {i}" + (f" ({r.get('match')!r})" if isinstance(r, dict) else "")
+            if not isinstance(r, dict):
+                raise SpecError(f"a rule must be a dict with 'match' and 'apply', got {r!r}", rule=where)
+            unknown = set(r) - set(RULE_KEYS)
+            if unknown or "match" not in r or "apply" not in r:
+                raise SpecError(f"a rule needs exactly 'match' and 'apply', got keys {sorted(r)}", rule=where, field=(sorted(unknown) or ["match" if "match" not in r else "apply"])[0])
+            apply = r["apply"]
+            if apply is not None and not isinstance(apply, dict):
+                raise SpecError(f"apply must be a dict with 'method' or null, got {apply!r}", rule=where, field="apply")
+            try:
+                method = None if apply is None else Method.from_dict(apply)
+            except SpecError as e:
+                raise SpecError(_bare(e), rule=where, field=e.field) from e
+            rules.append(Rule(r["match"], method))
+        return cls(rules, list(d.get("train", [])))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Spec:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"spec file {str(path)!r} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error is a spec error
+            raise SpecError(f"cannot parse {str(path)!r}: {e}") from e
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return {"rules": [{"match": r.match, "apply": r.apply and r.apply.to_dict()} for r in self.rules], "train": list(self.train)}
+
+
+def as_spec(spec: Spec | dict | str | os.PathLike) -> Spec:
+    """Accept every spec form."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, dict):
+        return Spec.from_dict(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        return Spec.load(spec)
+    if isinstance(spec, Rule):
+        return Spec([spec])
+    raise SpecError(f"a spec is a peftify.Spec, a dict or a path to a YAML/JSON file, not {type(spec).__name__}")
+
+
+def _compile(rule: Rule, index: int) -> Predicate:
+    try:
+        return compile_match(rule.match)
+    except SpecError as e:
+        raise SpecError(_bare(e), rule=rule.describe(index), field=e.field) from e
+
+
+def _bare(e: SpecError) -> str:
+    """The message of `e` without its location prefix (so it can be re-raised with a rule)."""
+    msg = str(e)
+    prefix = f"field {e.field!r}: " if e.field else ""
+    return msg[len(prefix) :] if prefix and msg.startswith(prefix) else msg
