@@ -19,7 +19,10 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, x_d, weight, bias, lora_a, lora_b, scale):
-        x2, xd2 = x.reshape(-1, x.shape[-1]), x_d.reshape(-1, x_d.shape[-1])
+        # x_d is None when the LoRA branch sees x itself (no dropout): dynamo rejects the same
+        # tensor passed twice to an autograd.Function.
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if x_d is None else x_d.reshape(-1, x_d.shape[-1])
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         xa = xd2 @ lora_a.t()
         y.addmm_(xa, lora_b.t(), alpha=scale)
@@ -28,30 +31,32 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, x_d, weight, bias, lora_a, lora_b, scale = inputs
-        ctx.save_for_backward(x_d, weight, lora_a, lora_b, output[1])
+        ctx.save_for_backward(x, x_d, weight, lora_a, lora_b, output[1])
         ctx.scale = scale
-        ctx.same_input = x_d is x
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_y, _grad_xa):
-        x_d, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        x, x_d, weight, lora_a, lora_b, xa = ctx.saved_tensors
         s, need = ctx.scale, ctx.needs_input_grad
+        same = x_d is None
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if same else x_d.reshape(-1, x_d.shape[-1])
         g = grad_y.reshape(-1, grad_y.shape[-1])
         gb = g @ lora_b if (need[0] or need[1] or need[4]) else None  # (tokens, r)
         grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bl = None
-        if need[0] or need[1]:
-            if ctx.same_input:
-                grad_x = (g @ weight).addmm_(gb, lora_a, alpha=s).view(x_d.shape)
-            else:
-                grad_x = (g @ weight).view(x_d.shape) if need[0] else None
-                grad_xd = (gb @ lora_a).mul_(s).view(x_d.shape) if need[1] else None
+        if need[0] and same:
+            grad_x = (g @ weight).addmm_(gb, lora_a, alpha=s).view(x.shape)
+        elif need[0]:
+            grad_x = (g @ weight).view(x.shape)
+        if need[1]:
+            grad_xd = (gb @ lora_a).mul_(s).view(x_d.shape)
         if need[2]:
-            grad_w = g.t() @ x_d.reshape(-1, x_d.shape[-1])
+            grad_w = g.t() @ x2
         if need[3]:
             grad_b = g.sum(0)
         if need[4]:
-            grad_a = (gb.t() @ x_d.reshape(-1, x_d.shape[-1])).mul_(s)
+            grad_a = (gb.t() @ xd2).mul_(s)
         if need[5]:
             grad_bl = (g.t() @ xa).mul_(s)
         return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bl, None
@@ -70,5 +75,5 @@ def lora_linear(
 
     `weight` is (out, in), `lora_a` (r, in), `lora_b` (out, r).
     """
-    y, _ = _LoRALinear.apply(x, x if x_dropped is None else x_dropped, weight, bias, lora_a, lora_b, scale)
+    y, _ = _LoRALinear.apply(x, x_dropped, weight, bias, lora_a, lora_b, scale)
     return y

@@ -24,6 +24,7 @@ from peftify.rewrite.plan import Entry, Plan
 class Installed:
     entry: Entry
     others: list[nn.Module] = field(default_factory=list)  # original modules of tied co-owners
+    order: list[str] = field(default_factory=list)  # a functional owner's parameter order
 
 
 @dataclass
@@ -110,9 +111,16 @@ def _install(model: nn.Module, entry: Entry, mod: SiteModule, undo: list) -> Ins
         return Installed(entry, others)
     owner_path, name = _split(site.weight)
     owner = model.get_submodule(owner_path)
+    order = list(owner._parameters)
     parametrize.register_parametrization(owner, name, WeightParametrization(mod), unsafe=True)
-    undo.append(lambda: parametrize.remove_parametrizations(owner, name, leave_parametrized=False))
-    return Installed(entry)
+    undo.append(lambda: _unparametrize(owner, name, order, leave_parametrized=False))
+    return Installed(entry, order=order)
+
+
+def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametrized: bool) -> None:
+    """Remove a parametrization and put the parameter back in its original state-dict position."""
+    parametrize.remove_parametrizations(owner, name, leave_parametrized=leave_parametrized)
+    owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
 
 
 def merge_model(model: nn.Module) -> nn.Module:
@@ -121,14 +129,14 @@ def merge_model(model: nn.Module) -> nn.Module:
     if state is None:
         raise SpecError("this model has no peftify rewrite to merge")
     with torch.no_grad():
-        merged = [site_module(model, inst.entry).dense_weight() for inst in state.installed]
+        merged = [site_module(model, inst.entry).dense_weight() if inst.entry.site.kind == "module" else None for inst in state.installed]
         for inst, weight in zip(state.installed, merged):
             site = inst.entry.site
-            stored = weight.t() if site.transposed else weight
             if site.kind == "functional":
                 owner, name = _split(site.weight)
-                parametrize.remove_parametrizations(model.get_submodule(owner), name, leave_parametrized=True)
+                _unparametrize(model.get_submodule(owner), name, inst.order, leave_parametrized=True)
                 continue
+            stored = weight.t() if site.transposed else weight
             base = site_module(model, inst.entry).base_layer
             own_names = {o + ".weight" for o in site.owners}
             if set(site.aliases) - own_names:  # tied to something we did not rewrite: untie

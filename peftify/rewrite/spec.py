@@ -45,7 +45,7 @@ class Spec:
     def __post_init__(self):
         if not isinstance(self.rules, (list, tuple)):
             raise SpecError(f"rules must be a list, not {type(self.rules).__name__}", field="rules")
-        if isinstance(self.train, str) or not all(isinstance(t, str) for t in self.train):
+        if not isinstance(self.train, (list, tuple)) or not all(isinstance(t, str) for t in self.train):
             raise SpecError(f"train must be a list of globs, got {self.train!r}", field="train")
         for i, rule in enumerate(self.rules):
             if not isinstance(rule, Rule):
@@ -80,7 +80,7 @@ class Spec:
             except SpecError as e:
                 raise SpecError(_bare(e), rule=where, field=e.field) from e
             rules.append(Rule(r["match"], method))
-        return cls(rules, list(d.get("train", [])))
+        return cls(rules, d.get("train", []))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Spec:

@@ -1,0 +1,49 @@
+"""PEFT parity for LoRA: same config and weights → same outputs and gradients as PEFT itself."""
+
+import copy
+
+import pytest
+import torch
+from conftest import output, tiny_bert, tiny_gpt2, tiny_llama
+
+import peftify
+
+CASES = {
+    # name: (model factory, inputs, PEFT target_modules, peftify match, extra PEFT kwargs)
+    "llama": (tiny_llama, lambda: {"input_ids": torch.randint(0, 101, (2, 7))}, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "*_proj", {}),
+    "gpt2": (tiny_gpt2, lambda: {"input_ids": torch.randint(0, 101, (2, 7))}, ["c_attn", "c_proj", "c_fc"], {"type": "Conv1D"}, {"fan_in_fan_out": True}),
+    "bert": (tiny_bert, lambda: {"input_ids": torch.randint(0, 101, (2, 7))}, ["query", "value"], "re:.*\\.(query|value)", {}),
+}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_outputs_and_gradients_equal_peft(case, rslora):
+    from peft import LoraConfig, get_peft_model
+
+    make, inputs, targets, match, extra = CASES[case]
+    torch.manual_seed(0)
+    base = make()
+    x = inputs()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora, **extra))
+    ours = peftify.peftify(base, {"rules": [{"match": match, "apply": {"method": "lora", "r": 4, "alpha": 8, "rslora": rslora}}]})
+
+    peft_mods = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    our_mods = {n: m for n, m in ours.named_modules() if type(m).__name__ == "LoRAModule"}
+    assert set(peft_mods) == set(our_mods)
+    with torch.no_grad():
+        for n, m in our_mods.items():
+            pm = peft_mods[n]
+            pm.lora_B["default"].weight.normal_(std=0.1)
+            m.lora_A.copy_(pm.lora_A["default"].weight)
+            m.lora_B.copy_(pm.lora_B["default"].weight)
+            assert m.scaling == pm.scaling["default"]
+
+    a, b = output(ours, x), output(theirs, x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for n, m in our_mods.items():
+        torch.testing.assert_close(m.lora_A.grad, peft_mods[n].lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(m.lora_B.grad, peft_mods[n].lora_B["default"].weight.grad, atol=1e-6, rtol=1e-4)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(p.numel() for p in theirs.parameters() if p.requires_grad)

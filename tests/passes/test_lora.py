@@ -1,0 +1,223 @@
+"""LoRA numerics against plain-torch float64 references, on every tiny model."""
+
+import math
+
+import pytest
+import torch
+from conftest import MODELS, output, scalar_loss, tiny_gpt2, tiny_llama
+
+import peftify
+from peftify import LoRA
+from peftify.codegen.reference import lora_linear
+
+ALL = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "alpha": 4}}]}
+
+
+def test_function_preserved_counts_and_gradients(model_and_inputs):
+    model, x = model_and_inputs
+    ref = output(model, x).detach()
+    plan = peftify.plan(model, ALL)
+    peftify.peftify(model, ALL)
+    torch.testing.assert_close(output(model, x), ref, atol=1e-6, rtol=1e-6)
+    expected = sum(2 * (e.site.in_features + e.site.out_features) for e in plan.entries)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == expected == plan.trainable_params
+    assert all("lora_" in n for n in trainable)
+    scalar_loss(model, x).backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+    assert any(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+
+
+def test_merge_equivalence(model_and_inputs):
+    model, x = model_and_inputs
+    keys = list(model.state_dict())
+    peftify.peftify(model, ALL)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    adapted = output(model, x).detach()
+    peftify.merge(model)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(output(model, x), adapted, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_dense_weight_equals_formula_in_float64(rslora):
+    torch.manual_seed(0)
+    model = tiny_llama().double()
+    peftify.peftify(model, {"rules": [{"match": "*.up_proj", "apply": {"method": "lora", "r": 4, "alpha": 6, "rslora": rslora}}]})
+    mod = model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        mod.lora_B.normal_()
+    s = 6 / (math.sqrt(4) if rslora else 4)
+    expected = mod.base_layer.weight + s * mod.lora_B @ mod.lora_A
+    torch.testing.assert_close(mod.dense_weight(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropped", [False, True])
+def test_lora_linear_matches_autograd_reference_float64(bias, dropped):
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    x = torch.randn(3, 5, 7, **f64)
+    xd = torch.randn(3, 5, 7, **f64) if dropped else None
+    w, b = torch.randn(6, 7, **f64), torch.randn(6, **f64) if bias else None
+    a, bl = torch.randn(2, 7, **f64), torch.randn(6, 2, **f64)
+    inputs = [t for t in (x, xd, w, b, a, bl) if t is not None]
+    y = lora_linear(x, w, b, a, bl, 0.7, xd)
+    xr = x if xd is None else xd
+    ref = x @ w.T + (b if b is not None else 0) + 0.7 * (xr @ a.T) @ bl.T
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    got, want = torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=0, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(t[0], w, b, t[1], t[2], 0.7), (x, a, bl))
+
+
+def test_gradients_equal_a_plain_float64_model():
+    """Gradients of the rewritten model equal those of a hand-written W + sBA forward."""
+    torch.manual_seed(0)
+    model = tiny_llama().double()
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 3, "alpha": 5}}]})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    output(model, x).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    mods = {n: m for n, m in model.named_modules() if type(m).__name__ == "LoRAModule"}
+    import torch.nn.functional as F
+
+    def plain(self, inp):
+        return F.linear(inp, self.base_layer.weight + self.scaling * self.lora_B @ self.lora_A, self.bias)
+
+    for m in mods.values():
+        m.zero_grad()
+        m.forward = plain.__get__(m)
+    output(model, x).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[n], p.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_gaussian_and_default_inits():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=4)
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 8, "init": "gaussian"}}]})
+    a = torch.cat([m.lora_A.flatten() for m in model.modules() if hasattr(m, "lora_A")])
+    assert abs(a.std().item() - 1 / 8) < 0.01
+    assert all(torch.all(m.lora_B == 0) for m in model.modules() if hasattr(m, "lora_B"))
+
+
+def test_pissa_splits_the_top_singular_part():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    w = model.model.layers[0].mlp.down_proj.weight.detach().double().clone()
+    ref = output(model, x).detach()
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4, "alpha": 8, "init": "pissa"}}]})
+    torch.testing.assert_close(output(model, x), ref, atol=1e-4, rtol=1e-4)
+    mod = model.model.layers[0].mlp.down_proj
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    top = (u[:, :4] * s[:4]) @ vh[:4]
+    torch.testing.assert_close((mod.scaling * mod.lora_B @ mod.lora_A).double(), top, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mod.base_layer.weight.double(), w - top, atol=1e-4, rtol=1e-4)
+    peftify.merge(model)
+    torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight.double(), w, atol=1e-5, rtol=1e-5)
+
+
+def test_asymmetric_lora_trains_only_b():
+    model = tiny_llama()
+    plan = peftify.plan(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 4, "train_a": False}}]})
+    peftify.peftify(model, plan.spec)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["model.layers.0.self_attn.q_proj.lora_B", "model.layers.1.self_attn.q_proj.lora_B"]
+    assert plan.trainable_params == 2 * 4 * 64
+    assert model.model.layers[0].self_attn.q_proj.lora_A.abs().sum() > 0  # a random, frozen A
+
+
+def test_lora_plus_learning_rates_and_bias_training():
+    model = tiny_gpt2()
+    peftify.peftify(model, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2, "lr_ratio": 16, "bias": True}}]})
+    groups = peftify.param_groups(model, lr=1e-3, weight_decay=0.1)
+    by_lr = {g["lr"]: g["params"] for g in groups}
+    assert set(by_lr) == {1e-3, 16e-3} and all(g["weight_decay"] == 0.1 for g in groups)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    attn = [m for m in model.modules() if hasattr(m, "lora_B")]
+    assert ids(by_lr[16e-3]) == ids(m.lora_B for m in attn)
+    assert ids(by_lr[1e-3]) == ids([m.lora_A for m in attn] + [m.base_layer.bias for m in attn])
+    torch.optim.AdamW(groups)  # accepted as is
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "dropout": 0.5}}]})
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_()
+    model.eval()
+    torch.testing.assert_close(output(model, x), output(model, x))
+    model.train()
+    assert not torch.allclose(output(model, x), output(model, x))
+
+
+def test_a_few_steps_lower_a_regression_loss():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(0, 101, (4, 8))}
+    target = torch.randn(4, 8, 101)
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4, "alpha": 8}}]})
+    opt = torch.optim.Adam(peftify.param_groups(model, lr=1e-2))
+    losses = []
+    for _ in range(15):
+        loss = (output(model, x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=1)
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    peftify.peftify(model, ALL)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_(std=0.1)
+
+    def step(m):
+        m.zero_grad()
+        loss = output(m, x).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = step(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss, grads = step(compiled)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(grads[n.removeprefix("_orig_mod.")] if n in grads else grads["_orig_mod." + n], g, atol=1e-5, rtol=1e-4)
+
+
+def test_conformance_every_registered_method_has_defaults_and_round_trips():
+    for name, cls in peftify.METHODS.items():
+        method = cls()
+        assert method.to_dict()["method"] == name
+        assert type(method).from_dict(method.to_dict()) == method
+        assert cls.__doc__ and "Paper" in cls.__doc__ or '"' in cls.__doc__
+
+
+def test_lora_is_exported_as_a_dataclass():
+    assert LoRA(r=4) == LoRA(r=4, alpha=8.0)
+    assert MODELS  # the model zoo the suite runs on

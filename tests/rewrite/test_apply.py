@@ -1,0 +1,134 @@
+"""Transactional apply, merge and report: nothing lost on failure."""
+
+import pytest
+import torch
+from conftest import FunctionalNet, output, tiny_gpt2, tiny_llama
+
+import peftify
+from peftify import SpecError
+from peftify.passes import lora as lora_mod
+from peftify.rewrite import apply as apply_mod
+
+ALL = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}
+
+
+def snapshot(model):
+    return (
+        [(n, id(m), type(m)) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: (id(p), p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)},
+    )
+
+
+def assert_unchanged(model, snap):
+    mods, state, params = snapshot(model)
+    assert mods == snap[0]
+    assert list(state) == list(snap[1]) and all(torch.equal(state[k], snap[1][k]) for k in state)
+    assert params == snap[2]
+    assert getattr(model, "_peftify", None) is None
+
+
+@pytest.mark.parametrize("make", [tiny_llama, FunctionalNet], ids=["llama", "functional"])
+def test_failure_while_building_changes_nothing(make, monkeypatch):
+    model = make()
+    model.get_parameter(next(n for n, _ in model.named_parameters())).requires_grad_(False)  # a non-default flag
+    snap = snapshot(model)
+    calls = {"n": 0}
+    real = lora_mod.LoRAModule.__init__
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected build failure")
+        real(self, *a, **k)
+
+    monkeypatch.setattr(lora_mod.LoRAModule, "__init__", flaky)
+    with pytest.raises(RuntimeError, match="injected build failure"):
+        peftify.peftify(model, ALL)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, FunctionalNet], ids=["llama", "functional"])
+def test_failure_while_installing_rolls_back(make, monkeypatch):
+    model = make()
+    snap = snapshot(model)
+    calls = {"n": 0}
+    real = apply_mod._install
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("injected install failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(apply_mod, "_install", flaky)
+    with pytest.raises(RuntimeError, match="injected install failure"):
+        peftify.peftify(model, ALL)
+    assert calls["n"] == 4
+    assert_unchanged(model, snap)
+    peftify.peftify(model, ALL)  # and the model is still good to rewrite
+    assert getattr(model, "_peftify", None) is not None
+
+
+def test_spec_error_changes_nothing():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(SpecError):
+        peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 40}}]})
+    assert_unchanged(model, snap)
+
+
+def test_merge_restores_types_keys_flags_and_output():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model.model.norm.weight.requires_grad_(False)
+    keys, types = list(model.state_dict()), {n: type(m) for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, ALL)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+        adapted = output(model, x)
+    assert peftify.merge(model) is model
+    assert list(model.state_dict()) == keys and {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_unties_a_tied_head():
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    emb = model.transformer.wte.weight.detach().clone()
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2}}]})
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()
+        adapted = output(model, x)
+    with pytest.warns(UserWarning, match="unties"):
+        peftify.merge(model)
+    assert torch.equal(model.transformer.wte.weight, emb)  # the embedding did not absorb the update
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_rewriting_twice_merging_or_reporting_nothing_are_errors():
+    model = tiny_llama()
+    with pytest.raises(SpecError, match="no peftify rewrite to merge"):
+        peftify.merge(model)
+    with pytest.raises(SpecError, match="no peftify rewrite to report"):
+        peftify.report(model)
+    peftify.peftify(model, ALL)
+    with pytest.raises(SpecError, match="already rewritten"):
+        peftify.peftify(model, ALL)
+
+
+def test_report_counts_match_the_plan():
+    model = tiny_llama()
+    plan = peftify.plan(model, ALL)
+    peftify.peftify(model, ALL)
+    rep = peftify.report(model)
+    assert [r[3] for r in rep.rows] == [e.method.trainable_params(e.site) for e in plan.entries]
+    assert rep.trainable == plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert "model.layers.1.mlp.down_proj" in str(rep) and "trainable" in str(rep)

@@ -1,0 +1,194 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FunctionalNet, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from torch import nn
+
+import peftify
+from peftify import SpecError
+
+
+def roles_by_fqn(cap):
+    return {s.fqn: set(s.roles) for s in cap.sites}
+
+
+def test_llama_sites_and_roles():
+    cap = peftify.capture(tiny_llama(layers=3))
+    roles = roles_by_fqn(cap)
+    for i in range(3):
+        p = f"model.layers.{i}."
+        assert roles[p + "self_attn.q_proj"] == {"attn.q"}
+        assert roles[p + "self_attn.k_proj"] == {"attn.k"}
+        assert roles[p + "self_attn.v_proj"] == {"attn.v"}
+        assert roles[p + "self_attn.o_proj"] == {"attn.o"}
+        assert roles[p + "mlp.gate_proj"] == {"mlp.gate"}
+        assert roles[p + "mlp.up_proj"] == {"mlp.up"}
+        assert roles[p + "mlp.down_proj"] == {"mlp.down"}
+        assert cap[p + "mlp.down_proj"].layer == i
+    assert roles["lm_head"] == {"readout"}
+    k = cap["model.layers.1.self_attn.k_proj"]
+    assert (k.in_features, k.out_features, k.kind, k.module_type) == (64, 32, "module", "Linear")
+    assert set(k.shared_input) == {f"model.layers.1.self_attn.{n}_proj" for n in "qkv"}
+    assert cap["model.layers.2.self_attn.q_proj"].attention == cap["model.layers.2.self_attn.o_proj"].attention == "model.layers.2.self_attn"
+    assert cap.collapsed == {"model.layers": 3} and cap.depth == 3 and cap.width == 64
+
+
+def test_collapsed_capture_equals_full_trace():
+    model = tiny_llama(layers=3)
+    fast = peftify.capture(model)
+    from peftify.rewrite import capture as cap_mod
+
+    args, kwargs = cap_mod.build_example_inputs(model)
+    full, _ = cap_mod._trace(model, args, cap_mod._decoder_kwargs(model, kwargs), collapse=False)
+    key = lambda s: s.fqn  # noqa: E731
+    assert sorted(fast.sites, key=key) == sorted(full, key=key)
+
+
+def test_gpt2_conv1d_fused_qkv_and_tied_head():
+    cap = peftify.capture(tiny_gpt2())
+    c_attn = cap["transformer.h.0.attn.c_attn"]
+    assert c_attn.module_type == "Conv1D" and c_attn.transposed
+    assert (c_attn.in_features, c_attn.out_features) == (32, 96)
+    assert c_attn.roles == {"attn.qkv"}
+    assert cap["transformer.h.1.attn.c_proj"].roles == {"attn.o"}
+    assert cap["transformer.h.1.mlp.c_fc"].roles == {"mlp.up"}
+    assert cap["transformer.h.1.mlp.c_proj"].roles == {"mlp.down"}
+    head = cap["lm_head"]
+    assert head.roles == {"readout", "embedding"} and head.aliases == ("transformer.wte.weight",)
+    assert [s.fqn for s in cap.sites].count("lm_head") == 1 and len(cap.sites) == 9  # tied weight reported once
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bert_roles_with_either_attention(attn):
+    roles = roles_by_fqn(peftify.capture(tiny_bert(attn=attn)))
+    p = "encoder.layer.1."
+    assert roles[p + "attention.self.query"] == {"attn.q"}
+    assert roles[p + "attention.self.key"] == {"attn.k"}
+    assert roles[p + "attention.self.value"] == {"attn.v"}
+    assert roles[p + "attention.output.dense"] == {"attn.o"}
+    assert roles[p + "intermediate.dense"] == {"mlp.up"}
+    assert roles[p + "output.dense"] == {"mlp.down"}
+    assert roles["pooler.dense"] == {"readout"}
+
+
+def test_vit_roles():
+    roles = roles_by_fqn(peftify.capture(tiny_vit()))
+    assert roles["vit.layers.0.attention.q_proj"] == {"attn.q"}
+    assert roles["vit.layers.1.mlp.fc1"] == {"mlp.up"} and roles["vit.layers.1.mlp.fc2"] == {"mlp.down"}
+    assert roles["classifier"] == {"readout"}
+
+
+def test_functional_sites_orientation_and_tied_uses():
+    cap = peftify.capture(FunctionalNet())
+    by = {s.fqn: s for s in cap.sites}
+    assert set(by) == {"w_in", "w_mid", "w_shared", "w_out", "head"}
+    assert by["w_in"].kind == "functional" and by["w_in"].bias == "b_in" and not by["w_in"].transposed
+    assert by["w_mid"].transposed and (by["w_mid"].in_features, by["w_mid"].out_features) == (24, 24)
+    assert (by["w_out"].in_features, by["w_out"].out_features, by["w_out"].transposed) == (24, 16, False)
+    assert by["w_shared"].uses == 2
+    assert by["head"].kind == "module" and by["head"].roles == {"readout"}
+
+
+def test_role_glob_selects_mlp():
+    plan = peftify.plan(tiny_llama(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 2}}]})
+    assert {e.site.fqn.rsplit(".", 1)[1] for e in plan.entries} == {"gate_proj", "up_proj", "down_proj"}
+    assert len(plan.entries) == 6
+
+
+def test_7b_llama_on_meta_captured_and_planned_without_memory():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    plan = peftify.plan(model, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 16}}, {"match": "role:mlp.*", "apply": {"method": "lora", "r": 16}}]})
+    assert len(plan.entries) == 32 * 7 and plan.capture.depth == 32
+    assert plan.trainable_params == 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    peftify.peftify(model, plan.spec)
+    assert all(p.is_meta for p in model.parameters())
+    assert type(model.model.layers[31].mlp.down_proj).__name__ == "LoRAModule"
+
+
+class CountsItsLayers(nn.Module):
+    """Depends on how many blocks it has, so capture must not cut its ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        torch._check(len(self.blocks) == 3)
+        if len(self.blocks) != 3:
+            raise RuntimeError("wrong depth")
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_collapse_falls_back_to_full_trace():
+    cap = peftify.capture(CountsItsLayers())
+    assert [s.fqn for s in cap.sites] == ["blocks.0", "blocks.1", "blocks.2"] and cap.collapsed == {}
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else self.b(x)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        return self.lin(x) + y
+
+
+def test_untraceable_without_example_inputs_is_a_spec_error():
+    with pytest.raises(SpecError, match="could not trace DataDependent.*example_inputs"):
+        peftify.capture(DataDependent())
+    with pytest.raises(SpecError, match="cannot build an example input for TwoInputs"):
+        peftify.capture(TwoInputs())
+    with pytest.raises(SpecError, match="example_inputs must be"):
+        peftify.capture(TwoInputs(), example_inputs="x")
+
+
+def test_untraceable_with_example_inputs_falls_back_to_modules():
+    with pytest.warns(UserWarning, match="falling back to module walk"):
+        cap = peftify.capture(DataDependent(), example_inputs=torch.ones(2, 4))
+    assert cap.method == "modules" and [s.fqn for s in cap.sites] == ["a", "b"] and "trace failed" in cap.note
+    cap = peftify.capture(TwoInputs(), example_inputs=(torch.ones(2, 4), torch.ones(2, 4)))
+    assert cap.method == "export" and [s.fqn for s in cap.sites] == ["lin"]
+
+
+def test_example_inputs_forms():
+    net = FunctionalNet()
+    x = torch.randn(3, 16)
+    for form in (x, (x,), {"x": x}, ((x,), {})):
+        assert len(peftify.capture(net, example_inputs=form).sites) == 5
+
+
+def test_capture_is_read_only():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mods = dict(model.named_modules())
+    peftify.capture(model)
+    assert dict(model.named_modules()) == mods
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_functional_linear_with_transposed_view():
+    class T(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))  # stored (in, out)
+
+        def forward(self, x):
+            return F.linear(x, self.w.t())
+
+    s = peftify.capture(T(), example_inputs=torch.randn(2, 6)).sites[0]
+    assert (s.in_features, s.out_features, s.transposed) == (6, 4, True)

@@ -1,0 +1,197 @@
+import json
+import warnings
+
+import pytest
+import yaml
+from conftest import FunctionalNet, tiny_gpt2, tiny_llama
+
+import peftify
+from peftify import LoRA, Rule, Spec, SpecError
+
+DICT = {
+    "rules": [
+        {"match": "*", "apply": {"method": "lora", "r": 4, "alpha": 16}},
+        {"match": "role:mlp.down", "apply": {"method": "lora", "r": 2, "rslora": True}},
+        {"match": "lm_head", "apply": None},
+    ],
+    "train": ["model.norm.*"],
+}
+OBJ = Spec([Rule("*", LoRA(r=4, alpha=16)), Rule("role:mlp.down", LoRA(r=2, rslora=True)), Rule("lm_head", None)], train=["model.norm.*"])
+
+
+def summary(plan):
+    return [(e.site.fqn, e.method) for e in plan.entries], plan.train
+
+
+def test_all_spec_forms_are_equivalent(tmp_path):
+    model = tiny_llama()
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(DICT))
+    (tmp_path / "s.json").write_text(json.dumps(DICT))
+    plans = [peftify.plan(model, s) for s in (OBJ, DICT, tmp_path / "s.yaml", str(tmp_path / "s.json"))]
+    assert all(summary(p) == summary(plans[0]) for p in plans)
+    entries, train = summary(plans[0])
+    assert len(entries) == 14 and "lm_head" not in dict(entries)  # null excludes
+    assert dict(entries)["model.layers.1.mlp.down_proj"] == LoRA(r=2, rslora=True)  # later rule overrides
+    assert dict(entries)["model.layers.1.mlp.up_proj"] == LoRA(r=4, alpha=16)
+    assert train == ["model.norm.weight"]
+    assert Spec.from_dict(OBJ.to_dict()) == OBJ
+
+
+def test_train_globs_make_existing_parameters_trainable():
+    model = peftify.peftify(tiny_llama(), DICT)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.norm.weight" in trainable and "model.embed_tokens.weight" not in trainable
+    assert all("lora_" in n for n in trainable - {"model.norm.weight"})
+
+
+@pytest.mark.parametrize(
+    "match, expected",
+    [
+        ("*.q_proj", {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}),
+        (r"re:model\.layers\.1\.self_attn\.[qk]_proj", {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"}),
+        ("role:attn.v", {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}),
+        ({"role": "mlp.*", "layers": 1}, {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}),
+        ({"name": "*.mlp.*", "where": "in_features > out_features"}, {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}),
+        ({"where": "out_features % 100 == 1"}, {"lm_head"}),
+        ({"where": "layer == depth - 1 and not out_features < 96", "type": "Linear"}, {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}),
+        ({"layers": "0-0", "role": "attn.o"}, {"model.layers.0.self_attn.o_proj"}),
+        ({"layers": [0, 1], "name": "*k_proj"}, {"model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"}),
+        ({"where": "width == 64 and in_features * 2 >= 2 * width and in_features // 32 == 3"}, {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}),
+    ],
+)
+def test_selectors(match, expected):
+    plan = peftify.plan(tiny_llama(), {"rules": [{"match": match, "apply": {"method": "lora", "r": 2}}]})
+    assert {e.site.fqn for e in plan.entries} == expected
+
+
+def test_type_selector_on_gpt2():
+    plan = peftify.plan(tiny_gpt2(), {"rules": [{"match": {"type": "Conv1D"}, "apply": {"method": "lora", "r": 2}}]})
+    assert len(plan.entries) == 8 and all(e.site.module_type == "Conv1D" for e in plan.entries)
+
+
+def test_functional_site_matched_by_parameter_path():
+    plan = peftify.plan(FunctionalNet(), {"rules": [{"match": "w_*", "apply": {"method": "lora", "r": 2}}]})
+    assert {e.site.fqn for e in plan.entries} == {"w_in", "w_mid", "w_shared", "w_out"}
+    assert "materializes W" in str(plan)
+
+
+def spec_error(spec, model=None, **kw):
+    with pytest.raises(SpecError) as e:
+        peftify.plan(model or tiny_llama(), spec, **kw)
+    return e.value
+
+
+def rule(match="*", **apply):
+    return {"rules": [{"match": match, "apply": {"method": "lora", **apply}}]}
+
+
+def test_unknown_method_names_the_rule_and_suggests():
+    e = spec_error({"rules": [{"match": "*.q_proj", "apply": {"method": "lroa"}}]})
+    assert e.field == "method" and e.rule == "rule 0 ('*.q_proj')" and "did you mean 'lora'" in str(e)
+
+
+def test_unknown_hyperparameter():
+    e = spec_error(rule(rank=4))
+    assert e.field == "rank" and "rule 0" in str(e) and "'r'" in str(e)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("r", 0), ("r", 2.5), ("r", True), ("alpha", -1), ("dropout", 1.0), ("init", "xavier"), ("lr_ratio", 0), ("rslora", "yes"), ("train_a", 1)],
+)
+def test_bad_hyperparameter_values(field, value):
+    e = spec_error(rule(**{field: value}))
+    assert e.field == field and e.rule.startswith("rule 0")
+    with pytest.raises(SpecError):
+        LoRA(**{field: value})
+
+
+def test_rule_matching_nothing_lists_nearest_fqns():
+    e = spec_error({"rules": [{"match": "*.q_prj", "apply": {"method": "lora"}}]})
+    assert e.rule == "rule 0 ('*.q_prj')" and "matches nothing" in str(e) and "self_attn.q_proj" in str(e)
+    e = spec_error({"rules": [{"match": "role:attn.qq", "apply": {"method": "lora"}}]})
+    assert "roles present" in str(e) and "attn.q" in str(e)
+
+
+def test_strict_false_warns_and_goes_on():
+    with pytest.warns(UserWarning, match="matches nothing"):
+        plan = peftify.plan(tiny_llama(), {"rules": [{"match": "*.nope", "apply": {"method": "lora"}}, {"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}, strict=False)
+    assert len(plan.entries) == 2
+    with pytest.warns(UserWarning, match="train glob"):
+        peftify.plan(tiny_llama(), {"rules": [], "train": ["nothing.*"]}, strict=False)
+
+
+def test_rank_larger_than_the_layer():
+    e = spec_error(rule("*.k_proj", r=33))
+    assert e.field == "r" and "exceeds the layer model.layers.0.self_attn.k_proj (64→32)" in str(e) and e.rule == "rule 0 ('*.k_proj')"
+
+
+def test_pissa_on_functional_site_and_bias_without_bias():
+    e = spec_error(rule("w_mid", init="pissa"), FunctionalNet())
+    assert e.field == "init" and "functional" in str(e)
+    e = spec_error(rule("*.q_proj", bias=True))
+    assert e.field == "bias" and "no bias" in str(e)
+
+
+@pytest.mark.parametrize(
+    "spec, field, text",
+    [
+        ({"rules": [], "extra": 1}, "extra", "unknown spec key"),
+        ({"rules": {"a": 1}}, "rules", "must be a list"),
+        ({"rules": ["*"]}, None, "must be a dict"),
+        ({"rules": [{"match": "*"}]}, "apply", "needs exactly"),
+        ({"rules": [{"match": "*", "apply": {"method": "lora"}, "when": 1}]}, "when", "needs exactly"),
+        ({"rules": [{"match": "*", "apply": "lora"}]}, "apply", "must be a dict"),
+        ({"rules": [{"match": "*", "apply": {"r": 4}}]}, "method", "needs a 'method'"),
+        ({"rules": [{"match": 3, "apply": None}]}, "match", "string or a dict"),
+        ({"rules": [{"match": {"nam": "*"}, "apply": None}]}, "match", "unknown match key"),
+        ({"rules": [{"match": {}, "apply": None}]}, "match", "empty match"),
+        ({"rules": [{"match": "re:(", "apply": None}]}, "match", "bad regex"),
+        ({"rules": [{"match": {"where": "fan_in > 3"}, "apply": None}]}, "where", "unknown name 'fan_in'"),
+        ({"rules": [{"match": {"where": "in_features >"}, "apply": None}]}, "where", "cannot parse"),
+        ({"rules": [{"match": {"where": "in_features + 1"}, "apply": None}]}, "where", "not a true/false"),
+        ({"rules": [{"match": {"where": "__import__('os')"}, "apply": None}]}, "where", "unsupported expression"),
+        ({"rules": [{"match": {"layers": "one"}, "apply": None}]}, "layers", "range"),
+        ({"rules": [{"match": {"layers": [0.5]}, "apply": None}]}, "layers", "integers"),
+        ({"rules": [{"match": {"layers": None}, "apply": None}]}, "layers", "must be an int"),
+        ({"rules": [{"match": {"role": 3}, "apply": None}]}, "role", "must be a string"),
+        ({"rules": [], "train": "model.norm.weight"}, "train", "list of globs"),
+        ({"rules": [], "train": ["nothing.*"]}, None, "matches nothing"),
+    ],
+)
+def test_malformed_specs(spec, field, text):
+    e = spec_error(spec)
+    assert e.field == field and text in str(e)
+
+
+def test_spec_object_errors():
+    with pytest.raises(SpecError, match="apply must be a method"):
+        Spec([Rule("*", {"method": "lora"})])
+    with pytest.raises(SpecError, match="expected a Rule"):
+        Spec(["*"])
+    with pytest.raises(SpecError, match="a spec is a peftify.Spec"):
+        peftify.plan(tiny_llama(), 42)
+
+
+def test_spec_files_missing_or_unparsable(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        peftify.plan(tiny_llama(), tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("rules: [\n")
+    with pytest.raises(SpecError, match="cannot parse"):
+        peftify.plan(tiny_llama(), tmp_path / "bad.yaml")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SpecError, match="must be a dict"):
+        peftify.plan(tiny_llama(), tmp_path / "list.json")
+
+
+def test_plan_prints_a_table_and_changes_nothing():
+    model = tiny_llama()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    plan = peftify.plan(model, DICT)
+    text = str(plan)
+    assert "model.layers.0.mlp.down_proj" in text and "flops/tok" in text and "14 of 15 sites rewritten" in text
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    assert all(p.requires_grad for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peftify.plan(model, DICT)
