@@ -130,7 +130,8 @@ def merge_model(model: nn.Module) -> nn.Module:
         raise SpecError("this model has no peftify rewrite to merge")
     with torch.no_grad():
         merged = [site_module(model, inst.entry).dense_weight() if inst.entry.site.kind == "module" else None for inst in state.installed]
-        for inst, weight in zip(state.installed, merged):
+        # reversed: each step then restores exactly the state its install started from
+        for inst, weight in reversed(list(zip(state.installed, merged))):
             site = inst.entry.site
             if site.kind == "functional":
                 owner, name = _split(site.weight)
