@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import SpecError
 from peftify.rewrite.roles import infer_roles
@@ -62,12 +63,55 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
 
 def _trace(model, args, kwargs, collapse: bool):
     with _collapsed_repeats(model, collapse) as collapsed:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exported = torch.export.export(model, args, kwargs, strict=False)
-        params = dict(exported.graph_signature.inputs_to_parameters)
-        sites, site_uses = sites_from_uses(model, find_uses(exported.graph, params))
-        return infer_roles(exported.graph, sites, site_uses, params), collapsed
+        try:
+            graph, params = _trace_make_fx(model, args, kwargs)
+        except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
+            graph, params = _trace_export(model, args, kwargs)
+        sites, site_uses = sites_from_uses(model, find_uses(graph, params))
+        return infer_roles(graph, sites, site_uses, params), collapsed
+
+
+class _Traced:
+    """What make_fx traces: `functional_call` of the model on fake parameters. ``_orig_mod``
+    makes make_fx record each node's module stack relative to the model."""
+
+    def __init__(self, model, args, kwargs):
+        self._orig_mod = model
+        self.leaves, self.tree = tree_flatten((args, kwargs))
+        self.slots = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+
+    def __call__(self, state, *tensors):
+        leaves = list(self.leaves)
+        for i, t in zip(self.slots, tensors):
+            leaves[i] = t
+        args, kwargs = tree_unflatten(leaves, self.tree)
+        return torch.func.functional_call(self._orig_mod, state, args, kwargs)
+
+
+def _trace_make_fx(model, args, kwargs):
+    """Pre-dispatch make_fx on fake tensors: the tracer torch.export uses underneath, without
+    export's signature and verification passes, which cost 2-3x the trace itself."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    fn = _Traced(model, args, kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True, record_module_stack=True)(state, *[fn.leaves[i] for i in fn.slots])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = list(state)
+    n_params = len(dict(model.named_parameters()))
+    params = {ph.name: names[i] for i, ph in enumerate(placeholders[:n_params])}
+    if not any(n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.op == "call_function"):
+        raise RuntimeError("make_fx recorded no module stacks")
+    return gm.graph, params
+
+
+def _trace_export(model, args, kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(model, args, kwargs, strict=False)
+    return exported.graph, dict(exported.graph_signature.inputs_to_parameters)
 
 
 def _finish(model: nn.Module, cap: Capture) -> Capture:

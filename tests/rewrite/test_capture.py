@@ -192,3 +192,21 @@ def test_functional_linear_with_transposed_view():
 
     s = peftify.capture(T(), example_inputs=torch.randn(2, 6)).sites[0]
     assert (s.in_features, s.out_features, s.transposed) == (6, 4, True)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "vit", "functional"])
+def test_fast_tracer_and_torch_export_find_the_same_sites(name, monkeypatch):
+    from conftest import MODELS
+
+    from peftify.rewrite import capture as cap_mod
+
+    model = MODELS[name][0]()
+    args, kwargs = cap_mod.build_example_inputs(model)
+    cap_mod._trace_make_fx(model, args, cap_mod._decoder_kwargs(model, kwargs))  # the fast path works here
+    fast = peftify.capture(model).sites
+
+    def broken(*a, **k):
+        raise RuntimeError("no make_fx")
+
+    monkeypatch.setattr(cap_mod, "_trace_make_fx", broken)
+    assert peftify.capture(model).sites == fast
