@@ -10,16 +10,15 @@ back-propagates through every layer (it computes no weight gradients). Eager and
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved  # noqa: E402
+from _timing import interleaved
 
-import peftify  # noqa: E402
+import peftify
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -30,7 +30,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, x_d, weight, bias, lora_a, lora_b, scale = inputs
+        x, x_d, weight, _bias, lora_a, lora_b, scale = inputs
         ctx.save_for_backward(x, x_d, weight, lora_a, lora_b, output[1])
         ctx.scale = scale
         ctx.mark_non_differentiable(output[1])

@@ -10,6 +10,7 @@ first entry and the sites found there are replicated to the others. This keeps c
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -39,10 +40,10 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     kwargs = _decoder_kwargs(model, kwargs)
     try:
         try:
-            sites, collapsed = _trace(model, args, kwargs, collapse=True)
+            sites, collapsed, tracer = _trace(model, args, kwargs, collapse=True)
         except Exception:  # noqa: BLE001 - some models depend on their block count; trace them whole
-            sites, collapsed = _trace(model, args, kwargs, collapse=False)
-    except Exception as e:  # noqa: BLE001 - any tracing failure has the same remedy
+            sites, collapsed, tracer = _trace(model, args, kwargs, collapse=False)
+    except Exception as e:
         if not given:
             raise SpecError(
                 f"could not trace {type(model).__name__} with an example input built from its signature "
@@ -58,17 +59,32 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
         ]
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     sites.sort(key=lambda s: order.get(s.weight, len(order)))
-    return _finish(model, Capture(sites, "export", collapsed=collapsed))
+    return _finish(model, Capture(sites, tracer, collapsed=collapsed))
 
 
 def _trace(model, args, kwargs, collapse: bool):
     with _collapsed_repeats(model, collapse) as collapsed:
         try:
-            graph, params = _trace_make_fx(model, args, kwargs)
+            with _quiet("torch._subclasses.fake_tensor"):
+                graph, params = _trace_make_fx(model, args, kwargs)
+            tracer = "make_fx"
         except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
             graph, params = _trace_export(model, args, kwargs)
+            tracer = "export"
         sites, site_uses = sites_from_uses(model, find_uses(graph, params))
-        return infer_roles(graph, sites, site_uses, params), collapsed
+        return infer_roles(graph, sites, site_uses, params), collapsed, tracer
+
+
+@contextmanager
+def _quiet(logger: str):
+    """Silence a torch logger that reports, at ERROR level, failures we recover from."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class _Traced:
@@ -152,12 +168,20 @@ def build_example_inputs(model: nn.Module):
     device, dtype = _device_dtype(model)
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
-    if config is not None and main == "input_ids":
-        return (), {"input_ids": torch.zeros((1, 8), dtype=torch.long, device=device)}
-    if config is not None and main == "pixel_values":
-        size = getattr(config, "image_size", 32)
-        size = size if isinstance(size, (tuple, list)) else (size, size)
-        return (), {"pixel_values": torch.zeros((1, getattr(config, "num_channels", 3), *size), dtype=dtype, device=device)}
+    if config is not None and main in ("input_ids", "pixel_values", "input_features"):
+        kwargs = {}
+        if main == "input_ids":
+            kwargs["input_ids"] = torch.zeros((1, 8), dtype=torch.long, device=device)
+        elif main == "pixel_values":
+            size = getattr(config, "image_size", 32)
+            size = size if isinstance(size, (tuple, list)) else (size, size)
+            kwargs["pixel_values"] = torch.zeros((1, getattr(config, "num_channels", 3), *size), dtype=dtype, device=device)
+        else:  # audio encoders (Whisper): mel features of the full source length
+            frames = 2 * getattr(config, "max_source_positions", 1500)
+            kwargs["input_features"] = torch.zeros((1, getattr(config, "num_mel_bins", 80), frames), dtype=dtype, device=device)
+        if getattr(config, "is_encoder_decoder", False):
+            kwargs["decoder_input_ids"] = torch.zeros((1, 4), dtype=torch.long, device=device)
+        return (), kwargs
     params = [
         p for p in inspect.signature(model.forward).parameters.values()
         if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from difflib import SequenceMatcher
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 from torch import nn
 
@@ -88,6 +88,12 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         if site.fqn not in chosen or chosen[site.fqn][1] is None:
             continue
         i, method = chosen[site.fqn]
+        biases = {id(getattr(model.get_submodule(o), "bias", None)) for o in site.owners}
+        if len(biases) > 1:
+            raise SpecError(
+                f"{site.fqn}'s weight is shared by {', '.join(site.owners)}, which have different biases; one rewritten module cannot stand for all of them",
+                rule=spec.rules[i].describe(i),
+            )
         try:
             method.check(site)
         except SpecError as e:

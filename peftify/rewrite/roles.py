@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from peftify.rewrite.sites import Site, Use
+from peftify.rewrite.sites import WEIGHT_VIEWS, Site, Use
 
 _SDPA = {
     "aten.scaled_dot_product_attention.default",
@@ -29,6 +29,9 @@ _SDPA = {
 }
 _SOFTMAX = {"aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default"}
 _MATMUL = {"aten.matmul.default", "aten.bmm.default"}
+# Other products (attention, matmuls of activations) end a search for a site's producers, as
+# does any op reading a matrix parameter (MoE experts through custom grouped-GEMM ops).
+_BARRIERS = {f"aten.{op}.default" for op in ("mm", "bmm", "matmul", "linear", "addmm", "baddbmm", "einsum")} | _SDPA
 _ACTIVATIONS = {
     f"aten.{op}.default"
     for op in ("silu", "silu_", "gelu", "gelu_", "relu", "relu_", "tanh", "sigmoid", "hardswish", "mish", "elu", "softplus", "leaky_relu", "hardtanh", "relu6")
@@ -45,6 +48,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
             g.add_edge(inp, node)
 
     site_of = {u.node: fqn for fqn, us in site_uses.items() for u in us}  # use node -> site
+    barriers = {n for n in graph.nodes if str(n.target) in _BARRIERS or _reads_matrix(n, params)}
     roles: dict[str, set[str]] = {s.fqn: set() for s in sites}
     attention: dict[str, str] = {}
 
@@ -60,7 +64,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
             if n in site_of:
                 found[site_of[n]] = found.get(site_of[n], False) or act
                 continue
-            if n.op == "placeholder" and n.name in params:
+            if n.op == "placeholder" and n.name in params or n in barriers:
                 continue
             act = act or str(n.target) in _ACTIVATIONS
             stack.extend((p, act) for p in g.predecessors(n))
@@ -147,6 +151,17 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     shared = {f: tuple(sorted(set(g_))) for g_ in by_input.values() if len(set(g_)) > 1 for f in g_}
 
     return [replace(s, roles=frozenset(roles[s.fqn]), attention=attention.get(s.fqn), shared_input=shared.get(s.fqn, ())) for s in sites]
+
+
+def _reads_matrix(node, params) -> bool:
+    """True if `node` takes a parameter of two or more dimensions, directly or through views."""
+    for inp in node.all_input_nodes:
+        while inp.op == "call_function" and str(inp.target) in WEIGHT_VIEWS:
+            inp = inp.args[0]
+        val = inp.meta.get("val")
+        if inp.op == "placeholder" and inp.name in params and isinstance(val, torch.Tensor) and val.dim() >= 2:
+            return True
+    return False
 
 
 def _feeds(g, node, output, site_of) -> bool:

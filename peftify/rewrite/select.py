@@ -12,8 +12,9 @@ import ast
 import fnmatch
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from peftify.errors import SpecError
 from peftify.rewrite.sites import Site

@@ -16,7 +16,7 @@ from torch import nn
 LINEAR_LIKE = ("Linear", "Conv1D")  # modules whose own `weight` is applied as a linear map
 
 # Ops that only move or relabel a weight's elements; `True` where they swap its two axes.
-_WEIGHT_VIEWS = {
+WEIGHT_VIEWS = {
     "aten.t.default": True,
     "aten.transpose.int": True,
     "aten.permute.default": True,
@@ -117,7 +117,7 @@ def _param_behind(node, params: dict[str, str]):
     while isinstance(node, torch.fx.Node):
         if node.op == "placeholder":
             return (params[node.name], swapped) if node.name in params else None
-        swaps = _WEIGHT_VIEWS.get(str(node.target)) if node.op == "call_function" else None
+        swaps = WEIGHT_VIEWS.get(str(node.target)) if node.op == "call_function" else None
         if swaps is None:
             return None
         if swaps and str(node.target) == "aten.permute.default" and list(node.args[1]) != [1, 0]:
@@ -273,7 +273,7 @@ class Capture:
     """What `peftify.capture` found: the sites, and how they were found."""
 
     sites: list[Site]
-    method: str  # "export" or "modules"
+    method: str  # the tracer ("make_fx" or "export"), or "modules" when tracing failed
     note: str = ""
     depth: int = 0
     width: int = 0

@@ -60,7 +60,7 @@ class Spec:
             raise SpecError(f"a spec must be a dict with 'rules', got {type(d).__name__}")
         unknown = set(d) - set(SPEC_KEYS)
         if unknown:
-            raise SpecError(f"unknown spec key(s) {sorted(unknown)}; use {list(SPEC_KEYS)}", field=sorted(unknown)[0])
+            raise SpecError(f"unknown spec key(s) {sorted(unknown)}; use {list(SPEC_KEYS)}", field=min(unknown))
         raw_rules = d.get("rules", [])
         if not isinstance(raw_rules, list):
             raise SpecError("rules must be a list", field="rules")
@@ -95,7 +95,7 @@ class Spec:
                 data = yaml.safe_load(text)
             else:
                 data = json.loads(text)
-        except Exception as e:  # noqa: BLE001 - any parse error is a spec error
+        except Exception as e:
             raise SpecError(f"cannot parse {str(path)!r}: {e}") from e
         return cls.from_dict(data)
 

@@ -146,7 +146,7 @@ def test_lora_plus_learning_rates_and_bias_training():
     groups = peftify.param_groups(model, lr=1e-3, weight_decay=0.1)
     by_lr = {g["lr"]: g["params"] for g in groups}
     assert set(by_lr) == {1e-3, 16e-3} and all(g["weight_decay"] == 0.1 for g in groups)
-    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    ids = lambda ps: {id(p) for p in ps}
     attn = [m for m in model.modules() if hasattr(m, "lora_B")]
     assert ids(by_lr[16e-3]) == ids(m.lora_B for m in attn)
     assert ids(by_lr[1e-3]) == ids([m.lora_A for m in attn] + [m.base_layer.bias for m in attn])

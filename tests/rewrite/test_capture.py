@@ -39,8 +39,8 @@ def test_collapsed_capture_equals_full_trace():
     from peftify.rewrite import capture as cap_mod
 
     args, kwargs = cap_mod.build_example_inputs(model)
-    full, _ = cap_mod._trace(model, args, cap_mod._decoder_kwargs(model, kwargs), collapse=False)
-    key = lambda s: s.fqn  # noqa: E731
+    full, _, _ = cap_mod._trace(model, args, cap_mod._decoder_kwargs(model, kwargs), collapse=False)
+    key = lambda s: s.fqn
     assert sorted(fast.sites, key=key) == sorted(full, key=key)
 
 
@@ -162,7 +162,7 @@ def test_untraceable_with_example_inputs_falls_back_to_modules():
         cap = peftify.capture(DataDependent(), example_inputs=torch.ones(2, 4))
     assert cap.method == "modules" and [s.fqn for s in cap.sites] == ["a", "b"] and "trace failed" in cap.note
     cap = peftify.capture(TwoInputs(), example_inputs=(torch.ones(2, 4), torch.ones(2, 4)))
-    assert cap.method == "export" and [s.fqn for s in cap.sites] == ["lin"]
+    assert cap.method == "make_fx" and [s.fqn for s in cap.sites] == ["lin"]
 
 
 def test_example_inputs_forms():

@@ -1,0 +1,121 @@
+"""Capture and roles on more architectures than the core four, and on weights shared by modules."""
+
+import pytest
+import torch
+from conftest import output
+from torch import nn
+
+import peftify
+
+SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48, "vocab_size": 101}
+
+
+def build(name):
+    import transformers as T
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    cases = {
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, {"num_key_value_heads": 1}),
+        "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"num_key_value_heads": 2, "pad_token_id": 0}),
+        "opt": (T.OPTConfig, T.OPTForCausalLM, {"ffn_dim": 48, "word_embed_proj_dim": 32, "max_position_embeddings": 64}),
+        "t5": (T.T5Config, T.T5ForConditionalGeneration, {"d_model": 32, "d_kv": 16, "d_ff": 48, "num_layers": 2, "num_heads": 2}),
+        "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, {"num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}),
+        "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
+    }
+    config, model, extra = cases[name]
+    return model(config(**{**SMALL, **extra})).eval()
+
+
+def roles(cap):
+    return {s.fqn: set(s.roles) for s in cap.sites}
+
+
+def test_mistral_gqa():
+    r = roles(peftify.capture(build("mistral")))
+    assert r["model.layers.1.self_attn.k_proj"] == {"attn.k"} and r["model.layers.1.mlp.gate_proj"] == {"mlp.gate"}
+
+
+def test_phi3_fused_projections():
+    r = roles(peftify.capture(build("phi3")))
+    assert r["model.layers.0.self_attn.qkv_proj"] == {"attn.qkv"} and r["model.layers.0.mlp.down_proj"] == {"mlp.down"}
+
+
+def test_t5_encoder_decoder_with_cross_attention():
+    cap = peftify.capture(build("t5"))
+    r = roles(cap)
+    assert r["decoder.block.1.layer.1.EncDecAttention.q"] == {"attn.q"}
+    assert r["decoder.block.1.layer.1.EncDecAttention.k"] == {"attn.k"}
+    assert r["encoder.block.0.layer.1.DenseReluDense.wo"] == {"mlp.down"}
+    assert len(cap.sites) == 33
+
+
+def test_whisper_audio_input_is_built():
+    r = roles(peftify.capture(build("whisper")))
+    assert r["model.encoder.layers.0.fc1"] == {"mlp.up"} and r["model.decoder.layers.0.encoder_attn.v_proj"] == {"attn.v"}
+
+
+def test_mixtral_router_is_not_an_mlp():
+    cap = peftify.capture(build("mixtral"))
+    r = roles(cap)
+    assert r["lm_head"] == {"readout"}
+    router = next(s for s in cap.sites if "mlp.gate" in s.fqn)
+    assert router.kind == "functional" and not router.roles  # expert GEMMs are 3-D parameters, not sites
+
+
+@pytest.mark.parametrize("name", ["opt", "t5"])
+def test_lora_everywhere_preserves_and_merges(name):
+    torch.manual_seed(0)
+    model = build(name)
+    x = {"input_ids": torch.randint(1, 101, (2, 6))}
+    if name == "t5":
+        x["decoder_input_ids"] = torch.randint(1, 101, (2, 4))
+    ref = output(model, x).detach()
+    peftify.peftify(model, {"rules": [{"match": "role:*", "apply": {"method": "lora", "r": 2}}]})
+    torch.testing.assert_close(output(model, x), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_(std=0.1)
+    adapted = output(model, x).detach()
+    with pytest.warns(UserWarning, match="unties"):
+        peftify.merge(model)
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-4, rtol=1e-4)
+
+
+class SharedLinears(nn.Module):
+    """Two Linear modules holding one weight, e.g. a tied encoder/decoder pair."""
+
+    def __init__(self, bias=False):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8, bias=bias), nn.Linear(8, 8, bias=bias)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_weight_shared_by_two_linears_is_one_site_with_one_adapter():
+    torch.manual_seed(0)
+    model = SharedLinears()
+    a, b = model.a, model.b
+    cap = peftify.capture(model)
+    assert len(cap.sites) == 1 and cap.sites[0].owners == ("a", "b") and cap.sites[0].uses == 2
+    x = torch.randn(3, 8)
+    ref = model(x).detach()
+    peftify.peftify(model, {"rules": [{"match": "a", "apply": {"method": "lora", "r": 2}}]})
+    assert model.a is model.b  # one adapter for the one weight
+    torch.testing.assert_close(model(x), ref)
+    with torch.no_grad():
+        model.a.lora_B.normal_()
+    adapted = model(x).detach()
+    peftify.merge(model)
+    assert model.a is a and model.b is b and model.a.weight is model.b.weight  # originals back, still tied
+    torch.testing.assert_close(model(x), adapted)
+
+
+def test_weight_shared_by_linears_with_different_biases_is_refused():
+    model = SharedLinears(bias=True)
+    with pytest.raises(peftify.SpecError, match="shared by a, b, which have different biases"):
+        peftify.peftify(model, {"rules": [{"match": "a", "apply": {"method": "lora", "r": 2}}]})
+    assert type(model.a) is nn.Linear and getattr(model, "_peftify", None) is None
