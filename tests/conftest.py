@@ -77,6 +77,7 @@ MODELS = {
     "bert": (tiny_bert, lambda: {"input_ids": torch.randint(0, 101, (2, 9))}),
     "vit": (tiny_vit, lambda: {"pixel_values": torch.randn(2, 3, 16, 16)}),
     "functional": (FunctionalNet, lambda: {"x": torch.randn(4, 16)}),
+    "minilm": (minilm, lambda: {"input_ids": torch.randint(1000, 2000, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}),
 }
 
 
