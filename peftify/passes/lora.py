@@ -30,7 +30,7 @@ class LoRA(Method):
     - init: "default" (A Kaiming-uniform, B = 0: output unchanged), "gaussian" (A ~ N(0, 1/r²),
       B = 0), or "pissa" (A, B from the top-r SVD of W and W replaced by the residual, "PiSSA:
       Principal Singular Values and Singular Vectors Adaptation"; output unchanged up to rounding).
-    - bias: also train the site's existing bias.
+    - bias: also train the site's existing bias, where it has one (PEFT's bias="lora_only").
     - train_a: False freezes a random A and trains only B ("Asymmetry in Low-Rank Adapters").
     - lr_ratio: B's learning rate = lr_ratio × A's in `peftify.param_groups` ("LoRA+").
     """
@@ -68,15 +68,13 @@ class LoRA(Method):
             invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
         if self.init == "pissa" and site.kind != "module":
             invalid("init", f"'pissa' rewrites the base weight, which needs a module site; {site.fqn} is functional")
-        if self.bias and site.bias is None:
-            invalid("bias", f"{site.fqn} has no bias to train")
 
     def trains_base_bias(self) -> bool:
         return self.bias
 
     def trainable_params(self, site: Site) -> int:
         n = self.r * site.out_features + (self.r * site.in_features if self.train_a else 0)
-        return n + (site.out_features if self.bias else 0)
+        return n + (site.out_features if self.bias and site.bias else 0)
 
     def flops(self, site: Site) -> int:
         return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features)

@@ -81,7 +81,7 @@ def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None) -> nn
         installed = []
         for entry, mod in zip(plan.entries, built):
             installed.append(_install(model, entry, mod, undo))
-            if entry.method.trains_base_bias():
+            if entry.method.trains_base_bias() and entry.site.bias:
                 model.get_parameter(entry.site.bias).requires_grad_(True)
         for name in plan.train:
             model.get_parameter(name).requires_grad_(True)

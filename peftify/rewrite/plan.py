@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 import warnings
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -80,7 +81,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
                 hits[i] += 1
                 chosen[site.fqn] = (i, rule.apply)
     for i, n in enumerate(hits):
-        if n == 0:
+        if n == 0 and not spec.rules[i].optional:
             _unmatched(spec.rules[i].describe(i), spec.rules[i].match, cap.sites, strict)
 
     entries = []
@@ -103,7 +104,11 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     names = [n for n, _ in model.named_parameters()]
     train = []
     for pattern in spec.train:
-        found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if pattern.startswith("re:"):
+            rx = re.compile(pattern[3:])
+            found = [n for n in names if rx.fullmatch(n)]
+        else:
+            found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not found:
             _unmatched(f"train glob {pattern!r}", pattern, names, strict)
         train += [n for n in found if n not in train]

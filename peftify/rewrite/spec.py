@@ -21,15 +21,19 @@ from peftify.passes.base import Method
 from peftify.rewrite.select import Predicate, compile_match
 
 SPEC_KEYS = ("rules", "train")
-RULE_KEYS = ("match", "apply")
+RULE_KEYS = ("match", "apply", "optional")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One rule: every site that `match` selects gets `apply` (a method, or None to exclude)."""
+    """One rule: every site that `match` selects gets `apply` (a method, or None to exclude).
+
+    An ``optional`` rule may match nothing without an error (PEFT's rank_pattern keys behave so).
+    """
 
     match: Any
     apply: Method | None
+    optional: bool = False
 
     def describe(self, index: int) -> str:
         return f"rule {index} ({self.match!r})"
@@ -37,7 +41,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Spec:
-    """An ordered list of rules plus ``train``: globs of existing parameters to make trainable."""
+    """An ordered list of rules plus ``train``: globs (or ``re:`` regexes, full match) of existing
+    parameters to make trainable."""
 
     rules: list[Rule] = field(default_factory=list)
     train: list[str] = field(default_factory=list)
@@ -71,7 +76,7 @@ class Spec:
                 raise SpecError(f"a rule must be a dict with 'match' and 'apply', got {r!r}", rule=where)
             unknown = set(r) - set(RULE_KEYS)
             if unknown or "match" not in r or "apply" not in r:
-                raise SpecError(f"a rule needs exactly 'match' and 'apply', got keys {sorted(r)}", rule=where, field=(sorted(unknown) or ["match" if "match" not in r else "apply"])[0])
+                raise SpecError(f"a rule needs 'match' and 'apply' (and may have 'optional'), got keys {sorted(r)}", rule=where, field=(sorted(unknown) or ["match" if "match" not in r else "apply"])[0])
             apply = r["apply"]
             if apply is not None and not isinstance(apply, dict):
                 raise SpecError(f"apply must be a dict with 'method' or null, got {apply!r}", rule=where, field="apply")
@@ -79,7 +84,9 @@ class Spec:
                 method = None if apply is None else Method.from_dict(apply)
             except SpecError as e:
                 raise SpecError(_bare(e), rule=where, field=e.field) from e
-            rules.append(Rule(r["match"], method))
+            if not isinstance(r.get("optional", False), bool):
+                raise SpecError(f"optional must be true or false, got {r['optional']!r}", rule=where, field="optional")
+            rules.append(Rule(r["match"], method, r.get("optional", False)))
         return cls(rules, d.get("train", []))
 
     @classmethod
@@ -100,7 +107,8 @@ class Spec:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
-        return {"rules": [{"match": r.match, "apply": r.apply and r.apply.to_dict()} for r in self.rules], "train": list(self.train)}
+        rules = [{"match": r.match, "apply": r.apply and r.apply.to_dict(), **({"optional": True} if r.optional else {})} for r in self.rules]
+        return {"rules": rules, "train": list(self.train)}
 
 
 def as_spec(spec: Spec | dict | str | os.PathLike) -> Spec:

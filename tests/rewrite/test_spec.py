@@ -126,11 +126,16 @@ def test_rank_larger_than_the_layer():
     assert e.field == "r" and "exceeds the layer model.layers.0.self_attn.k_proj (64→32)" in str(e) and e.rule == "rule 0 ('*.k_proj')"
 
 
-def test_pissa_on_functional_site_and_bias_without_bias():
+def test_pissa_on_functional_site():
     e = spec_error(rule("w_mid", init="pissa"), FunctionalNet())
     assert e.field == "init" and "functional" in str(e)
-    e = spec_error(rule("*.q_proj", bias=True))
-    assert e.field == "bias" and "no bias" in str(e)
+
+
+def test_optional_rules_and_regex_train_patterns():
+    plan = peftify.plan(tiny_llama(), {"rules": [{"match": "*.nothing", "apply": {"method": "lora"}, "optional": True}, {"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": [r"re:model\.layers\.\d+\.input_layernorm\.weight"]})
+    assert len(plan.entries) == 2 and plan.train == ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"]
+    e = spec_error({"rules": [{"match": "*", "apply": None, "optional": "yes"}]})
+    assert e.field == "optional"
 
 
 @pytest.mark.parametrize(
@@ -139,8 +144,8 @@ def test_pissa_on_functional_site_and_bias_without_bias():
         ({"rules": [], "extra": 1}, "extra", "unknown spec key"),
         ({"rules": {"a": 1}}, "rules", "must be a list"),
         ({"rules": ["*"]}, None, "must be a dict"),
-        ({"rules": [{"match": "*"}]}, "apply", "needs exactly"),
-        ({"rules": [{"match": "*", "apply": {"method": "lora"}, "when": 1}]}, "when", "needs exactly"),
+        ({"rules": [{"match": "*"}]}, "apply", "needs 'match' and 'apply'"),
+        ({"rules": [{"match": "*", "apply": {"method": "lora"}, "when": 1}]}, "when", "needs 'match' and 'apply'"),
         ({"rules": [{"match": "*", "apply": "lora"}]}, "apply", "must be a dict"),
         ({"rules": [{"match": "*", "apply": {"r": 4}}]}, "method", "needs a 'method'"),
         ({"rules": [{"match": 3, "apply": None}]}, "match", "string or a dict"),
