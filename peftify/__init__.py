@@ -6,11 +6,12 @@
 
 Subpackages: `rewrite` (the engine: capture, sites, roles, spec, select, plan, apply),
 `passes` (one file per method family, registered by name), `codegen` (the ops methods compute
-through). Importing peftify never imports transformers, peft or triton.
+through), `io` (PEFT configs and adapter files). Importing peftify never imports transformers, peft or triton.
 """
 
 from peftify.api import Report, capture, merge, param_groups, peftify, plan, report
 from peftify.errors import SpecError
+from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
 from peftify.passes import METHODS, LoRA
 from peftify.rewrite.plan import Plan
 from peftify.rewrite.sites import Capture, Site
@@ -29,9 +30,12 @@ __all__ = [
     "Spec",
     "SpecError",
     "capture",
+    "from_pretrained",
+    "load_adapter",
     "merge",
     "param_groups",
     "peftify",
     "plan",
     "report",
+    "save_adapter",
 ]

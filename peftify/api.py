@@ -15,7 +15,7 @@ from peftify.rewrite.plan import Plan, make_plan
 from peftify.rewrite.spec import Spec, as_spec
 from peftify.table import human, table
 
-SpecLike = Spec | dict | str | os.PathLike
+SpecLike = Spec | dict | str | os.PathLike  # or a peft.LoraConfig
 
 
 def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True) -> Plan:
@@ -25,7 +25,7 @@ def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = T
     FLOPs per token before and after. A rule matching nothing raises `SpecError` naming the
     nearest site names (a warning instead with ``strict=False``).
     """
-    spec = as_spec(spec)
+    spec = as_spec(spec, model)
     return make_plan(model, capture(model, example_inputs), spec, strict=strict)
 
 

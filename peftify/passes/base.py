@@ -108,6 +108,8 @@ class SiteModule(nn.Module):
     base at all for a functional site, where it acts as a parametrization of the weight.
     """
 
+    peft_names: ClassVar[dict[str, str]] = {}  # own parameter → its key in PEFT's files, if PEFT has the method
+
     def __init__(self, method: Method, site: Site, base: nn.Module | None):
         super().__init__()
         self.method = method

@@ -81,6 +81,8 @@ class LoRA(Method):
 
 
 class LoRAModule(SiteModule):
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
     def __init__(self, method: LoRA, site: Site, base: nn.Module | None, weight: torch.Tensor):
         super().__init__(method, site, base)
         r, (out_f, in_f) = method.r, weight.shape

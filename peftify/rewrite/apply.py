@@ -41,6 +41,51 @@ def _split(path: str):
     return parent, name
 
 
+def module_prefix(site) -> str:
+    """Where a site's rewritten module lives, as a state-dict prefix."""
+    if site.kind == "module":
+        return site.owners[0]
+    owner, name = _split(site.weight)
+    return f"{owner}.parametrizations.{name}.0.site_module" if owner else f"parametrizations.{name}.0.site_module"
+
+
+def adapter_params(entry: Entry, mod: SiteModule) -> dict[str, nn.Parameter]:
+    """The parameters a rewrite adds or trains at one site, by full name: the module's own
+    parameters (frozen ones too, e.g. a random A) and the base bias when the method trains it."""
+    prefix = module_prefix(entry.site)
+    base = {id(p) for p in (mod.base_layer.parameters() if mod.base_layer is not None else ())}
+    out = {f"{prefix}.{n}": p for n, p in mod.named_parameters() if id(p) not in base}
+    if entry.method.trains_base_bias() and entry.site.bias and mod.base_layer is not None:
+        out[f"{prefix}.base_layer.bias"] = mod.base_layer.bias
+    return out
+
+
+def base_params(entry: Entry, mod: SiteModule) -> dict[str, nn.Parameter]:
+    """The frozen base parameters of a rewritten module site, by full name (PEFT files may carry them)."""
+    if mod.base_layer is None:
+        return {}
+    return {f"{module_prefix(entry.site)}.base_layer.{n}": p for n, p in mod.base_layer.named_parameters()}
+
+
+def live_name(plan: Plan, name: str) -> str:
+    """A parameter's name once `plan` is applied (a rewritten site's bias moves under base_layer)."""
+    owner, _, leaf = name.rpartition(".")
+    sites = {e.site.fqn for e in plan.entries if e.site.kind == "module"}
+    return f"{owner}.base_layer.{leaf}" if owner in sites else name
+
+
+def check_state(expected: dict, given: dict, source: str, optional: dict | None = None) -> None:
+    """Raise SpecError listing every missing, unexpected or wrongly shaped tensor."""
+    optional = {k: v for k, v in (optional or {}).items() if k in given}
+    expected = {**optional, **expected}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = sorted(f"{k}: file {tuple(given[k].shape)}, model {tuple(expected[k].shape)}" for k in set(expected) & set(given) if given[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
+        raise SpecError(f"{source} does not fit this model; " + "; ".join(parts))
+
+
 def site_module(model: nn.Module, entry: Entry) -> SiteModule:
     """The live module computing `entry`'s site."""
     site = entry.site
@@ -56,7 +101,9 @@ def _progress(items, desc: str, progress: bool | None):
     return tqdm(items, desc=desc, disable=(None if progress is None else not progress) if len(items) > 16 else True, leave=False)
 
 
-def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None, state: dict[str, torch.Tensor] | None = None, source: str = "") -> nn.Module:
+    """Build, then commit. With `state` (full names → tensors, e.g. a saved adapter), the tensors
+    are checked against what the plan builds before anything changes, then loaded."""
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("this model is already rewritten by peftify; call peftify.merge(model) first")
 
@@ -72,6 +119,25 @@ def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None) -> nn
         weight = (weight.t() if site.transposed else weight).detach()
         built.append(entry.method.build(site, base, weight))
 
+    existing = {}  # tensors of `state` bound for parameters the model already has
+    if state is not None:
+        targets, optional = {}, {}
+        for entry, mod in zip(plan.entries, built):
+            targets.update(adapter_params(entry, mod))
+            optional.update(base_params(entry, mod))
+        for name in plan.train:
+            targets[live_name(plan, name)] = model.get_parameter(name)
+        check_state(targets, state, source or "the adapter", optional)
+        new = {id(p) for mod in built for p in mod.parameters()} - {id(p) for p in model.parameters()}
+        with torch.no_grad():  # the built modules are not in the model yet: loading them is safe
+            for name, p in {**optional, **targets}.items():
+                if name not in state:
+                    continue
+                if id(p) in new:
+                    p.copy_(state[name])
+                else:
+                    existing[name] = (p, state[name])
+
     before = [(p, p.requires_grad) for p in model.parameters()]
     flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     undo = []
@@ -85,6 +151,11 @@ def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None) -> nn
                 model.get_parameter(entry.site.bias).requires_grad_(True)
         for name in plan.train:
             model.get_parameter(name).requires_grad_(True)
+        with torch.no_grad():  # parameters the model had (biases, `train`, base weights): undoable
+            for p, value in existing.values():
+                old = p.detach().clone()
+                undo.append(lambda p=p, old=old: p.data.copy_(old))
+                p.copy_(value)
         model._peftify = RewriteState(plan, installed, flags)
     except BaseException:
         for step in reversed(undo):

@@ -1,7 +1,8 @@
 """Selectors: which sites a rule's ``match`` names.
 
 A match is a glob on the site FQN (``*.q_proj``), ``re:<regex>`` (full match), ``role:<glob>``
-(``role:mlp.*``), or a dict of any of ``name``, ``role``, ``type``, ``layers`` and ``where``
+(``role:mlp.*``), or a dict of any of ``name``, ``role``, ``type`` (a glob or a list of them),
+``layers`` and ``where``
 (a predicate over ``in_features``, ``out_features``, ``layer``, ``depth``, ``width``, parsed
 into a sympy expression). All given keys must hold.
 """
@@ -50,8 +51,9 @@ def compile_match(match: Any) -> Predicate:
         if "role" in match:
             parts.append(_role(_string(match["role"], "role")))
         if "type" in match:
-            pattern = _string(match["type"], "type")
-            parts.append(lambda s, c: fnmatch.fnmatchcase(s.module_type, pattern))
+            types = match["type"] if isinstance(match["type"], list) else [match["type"]]
+            types = [_string(t, "type") for t in types]
+            parts.append(lambda s, c: any(fnmatch.fnmatchcase(s.module_type, t) for t in types))
         if "layers" in match:
             parts.append(_layers(match["layers"]))
         if "where" in match:

@@ -90,6 +90,13 @@ class Spec:
         return cls(rules, d.get("train", []))
 
     @classmethod
+    def from_peft(cls, config, model=None) -> Spec:
+        """The spec equivalent to a `peft.LoraConfig` (or its dict); see `peftify.io.peft_config`."""
+        from peftify.io.peft_config import from_peft
+
+        return from_peft(config, model)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> Spec:
         path = Path(path)
         if not path.is_file():
@@ -111,10 +118,12 @@ class Spec:
         return {"rules": rules, "train": list(self.train)}
 
 
-def as_spec(spec: Spec | dict | str | os.PathLike) -> Spec:
-    """Accept every spec form."""
+def as_spec(spec, model=None) -> Spec:
+    """Accept every spec form, PEFT configs included."""
     if isinstance(spec, Spec):
         return spec
+    if type(spec).__name__.endswith("Config") and hasattr(spec, "peft_type"):
+        return Spec.from_peft(spec, model)
     if isinstance(spec, dict):
         return Spec.from_dict(spec)
     if isinstance(spec, (str, os.PathLike)):

@@ -1,0 +1,158 @@
+"""Adapter files: peftify's own format and PEFT's, written atomically, checked before loading.
+
+native: ``adapter.safetensors`` (every parameter the rewrite adds or trains, by its name in the
+        rewritten model) + ``peftify.json`` (format version, peftify version, the spec).
+peft:   ``adapter_model.safetensors`` with PEFT's keys (``base_model.model.<fqn>.lora_A.weight``,
+        ``…base_layer.bias``, ``base_model.model.<module>.<param>`` for modules_to_save) +
+        ``adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftify.errors import SpecError
+from peftify.io.peft_config import from_peft, to_peft
+from peftify.rewrite.apply import RewriteState, adapter_params, apply_plan, base_params, check_state, live_name, site_module
+from peftify.rewrite.capture import capture
+from peftify.rewrite.plan import make_plan
+from peftify.rewrite.spec import Spec
+
+NATIVE = ("adapter.safetensors", "peftify.json")
+PEFT = ("adapter_model.safetensors", "adapter_config.json")
+PEFT_PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+def adapter_state(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter a rewrite added or trains, by its name in the rewritten model."""
+    state: RewriteState | None = getattr(model, "_peftify", None)
+    if state is None:
+        raise SpecError("this model has no peftify rewrite; nothing to save")
+    out = {}
+    for inst in state.installed:
+        out.update(adapter_params(inst.entry, site_module(model, inst.entry)))
+    out.update({live_name(state.plan, n): model.get_parameter(n) for n in state.plan.train})
+    return out
+
+
+def peft_names(entries) -> dict[str, str]:
+    """Our parameter names → PEFT's file keys, from each method module's declared PEFT names.
+    Everything else (trained biases, modules_to_save) keeps its name under PEFT's prefix."""
+    names = {}
+    for entry in entries:
+        for ours, theirs in entry.method.module.peft_names.items():
+            names[f"{entry.site.fqn}.{ours}"] = f"{PEFT_PREFIX}{entry.site.fqn}.{theirs}"
+    return names
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "native") -> Path:
+    """Write the rewrite's trainable state to the directory `path` ("native" or "peft" format).
+
+    Each file is written to a temporary name and renamed into place, so an interrupted save
+    leaves any previous adapter at `path` whole.
+    """
+    from safetensors.torch import save_file
+
+    import peftify
+
+    if format not in ("native", "peft"):
+        raise SpecError(f"format must be 'native' or 'peft', not {format!r}", field="format")
+    state = adapter_state(model)
+    rewrite: RewriteState = model._peftify
+    tensors = {n: p.detach().contiguous().cpu() for n, p in state.items()}
+    if format == "peft":
+        config = to_peft(rewrite.plan, model)
+        rename = peft_names(rewrite.plan.entries)
+        tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()}
+        files = PEFT
+    else:
+        config = {"format": "peftify", "format_version": FORMAT_VERSION, "peftify_version": peftify.__version__, "spec": rewrite.plan.spec.to_dict()}
+        files = NATIVE
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path / files[0], lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    _atomic_write(path / files[1], lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def detect_format(path: Path) -> str:
+    if (path / NATIVE[1]).is_file() and (path / NATIVE[0]).is_file():
+        return "native"
+    if (path / PEFT[1]).is_file() and (path / PEFT[0]).is_file():
+        return "peft"
+    raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({', '.join(PEFT)})")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs=None, strict: bool = True) -> nn.Module:
+    """Load an adapter directory saved by peftify or by PEFT (the format is detected).
+
+    On a model not yet rewritten, the rewrite is rebuilt from the file's spec (or PEFT config)
+    first. Every tensor is checked against the model before anything changes: missing,
+    unexpected or wrongly shaped tensors raise `SpecError` listing them, and the model is left
+    as it was.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    fmt = detect_format(path)
+    files = NATIVE if fmt == "native" else PEFT
+    config = json.loads((path / files[1]).read_text())
+    tensors = load_file(str(path / files[0]))
+    source = f"the {fmt} adapter at {str(path)!r}"
+    state: RewriteState | None = getattr(model, "_peftify", None)
+    if state is None:
+        spec = Spec.from_dict(config["spec"]) if fmt == "native" else from_peft(config, model)
+        plan = make_plan(model, capture(model, example_inputs), spec, strict=strict)
+        if fmt == "peft":
+            tensors = _from_peft_keys(tensors, plan)
+        return apply_plan(model, plan, state=tensors, source=source)
+    targets = adapter_state(model)
+    optional = {}
+    for inst in state.installed:
+        optional.update(base_params(inst.entry, site_module(model, inst.entry)))
+    if fmt == "peft":
+        tensors = _from_peft_keys(tensors, state.plan)
+    check_state(targets, tensors, source, optional)
+    with torch.no_grad():
+        for name, p in {**optional, **targets}.items():
+            if name in tensors:
+                p.copy_(tensors[name])
+    return model
+
+
+def _from_peft_keys(tensors: dict, plan) -> dict:
+    """PEFT's keys → ours. PEFT's bias="all" files also hold its modules_to_save wrappers'
+    internals: the trained copy (``.modules_to_save.``) is the module's own, the frozen
+    ``.original_module.`` copy is dropped."""
+    theirs = {v: k for k, v in peft_names(plan.entries).items()}
+    out = {}
+    for key, t in tensors.items():
+        if ".original_module." in key:
+            continue
+        out[theirs.get(key, key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", "."))] = t
+    return out
+
+
+def from_pretrained(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> nn.Module:
+    """Rewrite a fresh copy of the base model as the saved adapter says and load its weights."""
+    if getattr(model, "_peftify", None) is not None:
+        raise SpecError("from_pretrained takes the base model, not one already rewritten; use load_adapter")
+    return load_adapter(model, path, example_inputs)

@@ -1,0 +1,181 @@
+"""PEFT configs ↔ peftify specs, field by field, without importing peft.
+
+`from_peft` turns a `peft.LoraConfig` (or its dict, as in ``adapter_config.json``) into an
+equivalent `Spec`; `to_peft` writes the ``adapter_config.json`` dict for a rewritten model. A
+field peftify cannot honour raises `SpecError` naming it; fields at PEFT's defaults need nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from peftify.errors import SpecError
+from peftify.passes.lora import LoRA
+from peftify.rewrite.spec import Rule, Spec
+
+HANDLED = {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "bias", "fan_in_fan_out",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "modules_to_save",
+}  # fmt: skip
+METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
+# PEFT's defaults for the fields peftify does not implement, used when peft is not installed.
+UNSUPPORTED_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16, "loftq_config": {}, "lora_bias": False}
+INITS = {True: "default", "gaussian": "gaussian", "pissa": "pissa"}
+
+
+def _as_dict(config) -> dict[str, Any]:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: getattr(v, "value", v) for k, v in d.items()}  # enums (PeftType.LORA) → "LORA"
+
+
+def _peft_defaults() -> dict[str, Any]:
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return dict(UNSUPPORTED_DEFAULTS)
+    return _as_dict(LoraConfig())
+
+
+def _names_regex(names) -> str:
+    """PEFT's list semantics, exact name or dotted suffix, as one full-match regex."""
+    return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _pattern_regex(key: str) -> str:
+    """PEFT's rank_pattern/alpha_pattern key semantics: `re.match(rf"(.*\\.)?({key})$", name)`."""
+    return rf"(?:.*\.)?(?:{key})"
+
+
+def from_peft(config, model=None) -> Spec:
+    """An equivalent spec for a `peft.LoraConfig` (or its dict).
+
+    target_modules: a string is a full-match regex, a list matches exact names or dotted
+    suffixes, "all-linear" is every Linear/Conv1D but the output layer (``model``'s output
+    embeddings when given, else every ``readout`` site), None is PEFT's usual default of the
+    attention q and v projections (by role). exclude_modules, layers_to_transform (with
+    layers_pattern), rank_pattern/alpha_pattern, modules_to_save, bias and the LoRA fields map
+    one to one.
+    """
+    d = _as_dict(config)
+    if d.get("peft_type", "LORA") != "LORA":
+        raise SpecError(f"only LoRA configs are supported so far, not {d['peft_type']}", field="peft_type")
+    defaults = _peft_defaults()
+    for key, value in d.items():
+        if key in HANDLED or key in METADATA:
+            continue
+        if key in defaults and value == defaults[key] or key not in defaults and value in (None, False, {}, [], ""):
+            continue
+        raise SpecError(f"peftify cannot honour PEFT's {key}={value!r}", field=key)
+    if d.get("use_dora"):
+        raise SpecError("DoRA is not implemented in peftify yet", field="use_dora")
+    init = d.get("init_lora_weights", True)
+    if init not in INITS:
+        raise SpecError(f"peftify supports init_lora_weights True, 'gaussian' or 'pissa', not {init!r}", field="init_lora_weights")
+    bias = d.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise SpecError(f"unknown bias mode {bias!r}", field="bias")
+
+    def lora(r, alpha):
+        return LoRA(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
+
+    target = _target_match(d.get("target_modules"), model)
+    layers = d.get("layers_to_transform")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        pattern = d.get("layers_pattern")
+        if pattern:
+            patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+            idx = "|".join(str(i) for i in layers)
+            target = _and(target, {"name": rf"re:.*\.(?:{'|'.join(patterns)})\.(?:{idx})\..*"})
+        else:
+            target = _and(target, {"layers": layers})
+    r, alpha = d.get("r", 8), d.get("lora_alpha", 8)
+    rules = [Rule(target, lora(r, alpha))]
+    # rank and alpha patterns resolve independently (first matching key wins in PEFT): one rule per
+    # combination, the most specific last so it overrides.
+    rank_keys = [None, *reversed(list(d.get("rank_pattern") or {}))]
+    alpha_keys = [None, *reversed(list(d.get("alpha_pattern") or {}))]
+    for rk in rank_keys:
+        for ak in alpha_keys:
+            if rk is None and ak is None:
+                continue
+            looks = "".join(f"(?={_pattern_regex(k)}$)" for k in (rk, ak) if k is not None)
+            rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha), optional=True))
+    exclude = d.get("exclude_modules")
+    if exclude:
+        rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
+    train = [rf"re:{_names_regex(d['modules_to_save'])}\..+"] if d.get("modules_to_save") else []
+    if bias == "all":
+        train.append(r"re:.*\.bias")
+    return Spec(rules, train)
+
+
+def _target_match(target, model):
+    if target is None:
+        return {"role": "attn.[qv]*"}
+    if target == "all-linear":
+        match = {"type": ["Linear", "Conv1D"]}
+        out = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+        if out is not None:
+            name = next(n for n, m in model.named_modules() if m is out)
+            return {**match, "name": rf"re:(?!{re.escape(name)}$).*"}
+        return {**match, "role": "[am]*"}  # everything but readout sites
+    if isinstance(target, str):
+        return f"re:{target}"
+    return f"re:{_names_regex(target)}"
+
+
+def _and(match, extra: dict) -> dict:
+    """Conjunction of a match (string or dict) with more keys; two name regexes become one."""
+    base = {"name": match} if isinstance(match, str) and not match.startswith("role:") else {"role": match[5:]} if isinstance(match, str) else dict(match)
+    for key, value in extra.items():
+        if key == "name" and "name" in base:
+            a, b = (v[3:] if v.startswith("re:") else re.escape(v).replace(r"\*", ".*") for v in (base["name"], value))
+            base["name"] = f"re:(?=(?:{a})$)(?:{b})"
+        else:
+            base[key] = value
+    return base
+
+
+def to_peft(plan, model) -> dict[str, Any]:
+    """The ``adapter_config.json`` dict that makes PEFT rebuild `plan`'s rewrite of `model`."""
+    methods = [e.method for e in plan.entries]
+    if not methods or not all(isinstance(m, LoRA) for m in methods):
+        raise SpecError("PEFT's format holds one LoRA config; this rewrite uses " + ", ".join(sorted({m.name for m in methods}) or ["nothing"]), field="format")
+    functional = [e.site.fqn for e in plan.entries if e.site.kind != "module"]
+    if functional:
+        raise SpecError(f"PEFT cannot target parameters used functionally: {', '.join(functional)}; save with format='native'", field="format")
+    for field in ("dropout", "rslora", "init", "bias"):
+        if len({getattr(m, field) for m in methods}) > 1:
+            raise SpecError(f"PEFT's format needs one {field} for all sites; this rewrite mixes them", field=field)
+    first = methods[0]
+    r, alpha = max((m.r for m in methods), key=[m.r for m in methods].count), max((m.alpha for m in methods), key=[m.alpha for m in methods].count)
+    from peftify.rewrite.apply import live_name
+
+    train = {live_name(plan, n) for n in plan.train}  # names in the rewritten model, as are these:
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias") or n == "bias"}
+    all_biases = bool(biases) and biases <= train
+    modules_to_save = sorted({n.rpartition(".")[0] for n in train - (biases if all_biases else set())})
+    targeted = {e.site.fqn for e in plan.entries} & set(modules_to_save)
+    if targeted:
+        raise SpecError(f"PEFT cannot both adapt and fully train {', '.join(sorted(targeted))}; save with format='native'", field="format")
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": first.dropout,
+        "use_rslora": first.rslora,
+        "init_lora_weights": {v: k for k, v in INITS.items()}[first.init],
+        "bias": "all" if all_biases else "lora_only" if first.bias else "none",
+        "target_modules": [e.site.fqn for e in plan.entries],
+        "rank_pattern": {re.escape(e.site.fqn): e.method.r for e in plan.entries if e.method.r != r},
+        "alpha_pattern": {re.escape(e.site.fqn): e.method.alpha for e in plan.entries if e.method.alpha != alpha},
+        "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": any(e.site.transposed for e in plan.entries),
+        "use_dora": False,
+    }

@@ -1,0 +1,247 @@
+"""PEFT parity through configs and files: the same LoraConfig gives the same adapted modules,
+and adapters cross between the libraries in both directions with equal outputs and gradients."""
+
+import copy
+import re
+
+import pytest
+import torch
+from conftest import FunctionalNet, output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
+
+import peftify
+from peftify import SpecError
+
+LLAMA_IN = lambda: {"input_ids": torch.randint(0, 101, (2, 7))}
+
+
+def bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=101, num_labels=3)).eval()
+
+
+CASES = {
+    "list": (tiny_llama, LLAMA_IN, dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    "regex": (tiny_llama, LLAMA_IN, dict(target_modules=r".*\.layers\.1\..*_proj")),
+    "all-linear": (tiny_llama, LLAMA_IN, dict(target_modules="all-linear", use_rslora=True)),
+    "exclude": (tiny_llama, LLAMA_IN, dict(target_modules="all-linear", exclude_modules=["o_proj", "model.layers.0.mlp.up_proj"])),
+    "exclude-regex": (tiny_llama, LLAMA_IN, dict(target_modules=["q_proj", "k_proj"], exclude_modules=r".*layers\.0.*")),
+    "layers": (tiny_llama, LLAMA_IN, dict(target_modules=["q_proj", "gate_proj"], layers_to_transform=[1], layers_pattern="layers")),
+    "layers-plain": (tiny_llama, LLAMA_IN, dict(target_modules=["k_proj"], layers_to_transform=0)),
+    "patterns": (tiny_llama, LLAMA_IN, dict(target_modules="all-linear", rank_pattern={"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, alpha_pattern={"q_proj": 3, "mlp.*": 5})),
+    "default-targets": (tiny_llama, LLAMA_IN, dict()),
+    "modules-to-save": (tiny_llama, LLAMA_IN, dict(target_modules=["v_proj"], modules_to_save=["lm_head", "model.norm"])),
+    "tied-head": (lambda: tiny_llama(tie=True), LLAMA_IN, dict(target_modules=["lm_head", "q_proj"])),
+    "gpt2": (tiny_gpt2, LLAMA_IN, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, lora_dropout=0.1)),
+    "gpt2-default": (tiny_gpt2, LLAMA_IN, dict()),
+    "bert-bias": (tiny_bert, LLAMA_IN, dict(target_modules=["query", "value", "dense"], bias="lora_only")),
+    "bert-cls": (bert_cls, LLAMA_IN, dict(target_modules=["query", "value"], modules_to_save=["classifier"], bias="all")),
+}
+
+
+def peft_lora(model):
+    """{fqn: (r, scaling)} of PEFT's LoRA layers."""
+    return {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"]) for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+
+
+def our_lora(model):
+    return {n: (m.method.r, m.scaling) for n, m in model.named_modules() if type(m).__name__ == "LoRAModule"}
+
+
+def peft_param_name(name: str) -> str:
+    """PEFT's live parameter name → ours."""
+    name = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(".original_module", "")
+    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1", name)
+
+
+def make(case):
+    from peft import LoraConfig, get_peft_model
+
+    factory, inputs, kwargs = CASES[case]
+    torch.manual_seed(0)
+    base = factory()
+    cfg = LoraConfig(r=4, lora_alpha=8, **kwargs)
+    theirs = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # trained-looking adapters: B, saved modules and biases all moved
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return base, cfg, theirs, inputs()
+
+
+def assert_same_outputs_and_grads(ours, theirs, x):
+    torch.testing.assert_close(output(ours, x), output(theirs, x), atol=1e-5, rtol=1e-5)
+    scalar_loss(ours, x).backward()
+    scalar_loss(theirs, x).backward()
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    other = {peft_param_name(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert mine.keys() == other.keys()
+    for n in mine:
+        torch.testing.assert_close(mine[n], other[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_gives_the_same_adapted_modules(case):
+    base, cfg, theirs, _ = make(case)
+    ours = peftify.peftify(copy.deepcopy(base), cfg)
+    assert our_lora(ours) == peft_lora(theirs)
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {peft_param_name(n) for n, p in theirs.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_files_cross_both_ways_with_equal_outputs_and_gradients(case, tmp_path):
+    from peft import PeftModel
+
+    base, cfg, theirs, x = make(case)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftify.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert_same_outputs_and_grads(ours, theirs, x)
+
+    peftify.save_adapter(ours, tmp_path / "ours", format="peft")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(output(back, x), output(theirs, x), atol=1e-5, rtol=1e-5)
+
+    peftify.save_adapter(ours, tmp_path / "native")
+    again = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "native").eval()
+    torch.testing.assert_close(output(again, x), output(theirs, x), atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_init_matches_peft():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    x = LLAMA_IN()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "o_proj"], init_lora_weights="pissa")
+    theirs = get_peft_model(copy.deepcopy(base), cfg)
+    ours = peftify.peftify(copy.deepcopy(base), cfg)
+    torch.testing.assert_close(output(ours, x), output(theirs, x), atol=1e-4, rtol=1e-4)
+    for name, mod in our_lora(ours).items():
+        mine = ours.get_submodule(name)
+        other = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(mine.base_layer.weight, other.base_layer.weight, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine.dense_weight(), other.get_delta_weight("default") + other.base_layer.weight, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(use_dora=True), "use_dora"),
+        (dict(init_lora_weights=False), "init_lora_weights"),
+        (dict(init_lora_weights="olora"), "init_lora_weights"),
+        (dict(lora_bias=True), "lora_bias"),
+        (dict(layer_replication=[[0, 1]]), "layer_replication"),
+        (dict(target_parameters=["mlp.gate_proj.weight"]), "target_parameters"),
+    ],
+)
+def test_fields_peftify_cannot_honour_are_named(kwargs, field):
+    from peft import LoraConfig
+
+    cfg = LoraConfig(target_modules=["q_proj"], **kwargs)
+    with pytest.raises(SpecError) as e:
+        peftify.Spec.from_peft(cfg)
+    assert e.value.field == field
+    with pytest.raises(SpecError):
+        peftify.Spec.from_peft(cfg.to_dict())
+
+
+def test_from_peft_without_peft_config_objects():
+    spec = peftify.Spec.from_peft({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    plan = peftify.plan(tiny_llama(), spec)
+    assert {e.site.fqn for e in plan.entries} == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    with pytest.raises(SpecError, match="only LoRA"):
+        peftify.Spec.from_peft({"peft_type": "IA3"})
+
+
+def test_load_mismatches_are_listed_and_change_nothing(tmp_path):
+    torch.manual_seed(0)
+    llama = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 4}}]})
+    peftify.save_adapter(llama, tmp_path / "a")
+
+    gpt2 = tiny_gpt2()
+    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    with pytest.raises(SpecError, match="matches nothing"):
+        peftify.load_adapter(gpt2, tmp_path / "a")  # a different base model: its names are not there
+    assert getattr(gpt2, "_peftify", None) is None and all(torch.equal(v, before[k]) for k, v in gpt2.state_dict().items())
+
+    other = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    snapshot = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(SpecError, match=r"wrong shape \(4\).*lora_A: file \(4, 64\), model \(2, 64\)"):
+        peftify.load_adapter(other, tmp_path / "a")
+    assert all(torch.equal(v, snapshot[k]) for k, v in other.state_dict().items())
+
+    fewer = peftify.peftify(tiny_llama(), {"rules": [{"match": "role:attn.q", "apply": {"method": "lora", "r": 4}}, {"match": "*.k_proj", "apply": {"method": "lora", "r": 4}}]})
+    with pytest.raises(SpecError, match=r"missing \(4\): model\.layers\.0\.self_attn\.k_proj\.lora_A"):
+        peftify.load_adapter(fewer, tmp_path / "a")
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.lora_C"] = torch.zeros(1)
+    save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
+    fresh = tiny_llama()
+    keys = list(fresh.state_dict())
+    with pytest.raises(SpecError, match=r"unexpected \(1\): model\.layers\.0\.self_attn\.q_proj\.lora_C"):
+        peftify.load_adapter(fresh, tmp_path / "a")
+    assert list(fresh.state_dict()) == keys and getattr(fresh, "_peftify", None) is None
+
+
+def test_load_into_a_rewritten_model_and_not_a_directory(tmp_path):
+    torch.manual_seed(0)
+    spec = {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 2}}], "train": ["model.norm.weight"]}
+    a = peftify.peftify(tiny_llama(), spec)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    peftify.save_adapter(a, tmp_path / "a")
+    b = peftify.peftify(copy.deepcopy(tiny_llama()), spec)
+    b.load_state_dict(a.state_dict(), strict=False)  # same base weights...
+    with torch.no_grad():
+        for p in b.parameters():
+            if p.requires_grad:
+                p.zero_()  # ...but fresh adapters
+    peftify.load_adapter(b, tmp_path / "a")
+    x = LLAMA_IN()
+    torch.testing.assert_close(output(b, x), output(a, x))
+    with pytest.raises(SpecError, match="neither a peftify adapter"):
+        peftify.load_adapter(tiny_llama(), tmp_path)
+    with pytest.raises(SpecError, match="takes the base model"):
+        peftify.from_pretrained(b, tmp_path / "a")
+
+
+def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    peftify.save_adapter(model, tmp_path / "a")
+    good = {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()}
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.add_(1)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        peftify.save_adapter(model, tmp_path / "a")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == good  # no temp files left either
+
+
+def test_peft_format_refuses_what_peft_cannot_hold(tmp_path):
+    model = peftify.peftify(FunctionalNet(), {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2}}]})
+    with pytest.raises(SpecError, match="functionally"):
+        peftify.save_adapter(model, tmp_path / "x", format="peft")
+    peftify.save_adapter(model, tmp_path / "x")  # native holds it
+    again = peftify.from_pretrained(FunctionalNet(), tmp_path / "x", example_inputs=torch.randn(2, 16))
+    assert type(again).__name__.startswith("Parametrized") or hasattr(again, "parametrizations")
+    mixed = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2, "rslora": True}}, {"match": "*.v_proj", "apply": {"method": "lora", "r": 2}}]})
+    with pytest.raises(SpecError, match="one rslora"):
+        peftify.save_adapter(mixed, tmp_path / "y", format="peft")
+    with pytest.raises(SpecError, match="format must be"):
+        peftify.save_adapter(mixed, tmp_path / "y", format="onnx")
+    with pytest.raises(SpecError, match="nothing to save"):
+        peftify.save_adapter(tiny_llama(), tmp_path / "z")
