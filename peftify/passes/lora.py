@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ class LoRA(Method):
 
 
 class LoRAModule(SiteModule):
-    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    peft_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     def __init__(self, method: LoRA, site: Site, base: nn.Module | None, weight: torch.Tensor):
         super().__init__(method, site, base)

@@ -21,21 +21,21 @@ def bert_cls():
 
 
 CASES = {
-    "list": (tiny_llama, LLAMA_IN, dict(target_modules=["q_proj", "v_proj", "down_proj"])),
-    "regex": (tiny_llama, LLAMA_IN, dict(target_modules=r".*\.layers\.1\..*_proj")),
-    "all-linear": (tiny_llama, LLAMA_IN, dict(target_modules="all-linear", use_rslora=True)),
-    "exclude": (tiny_llama, LLAMA_IN, dict(target_modules="all-linear", exclude_modules=["o_proj", "model.layers.0.mlp.up_proj"])),
-    "exclude-regex": (tiny_llama, LLAMA_IN, dict(target_modules=["q_proj", "k_proj"], exclude_modules=r".*layers\.0.*")),
-    "layers": (tiny_llama, LLAMA_IN, dict(target_modules=["q_proj", "gate_proj"], layers_to_transform=[1], layers_pattern="layers")),
-    "layers-plain": (tiny_llama, LLAMA_IN, dict(target_modules=["k_proj"], layers_to_transform=0)),
-    "patterns": (tiny_llama, LLAMA_IN, dict(target_modules="all-linear", rank_pattern={"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, alpha_pattern={"q_proj": 3, "mlp.*": 5})),
-    "default-targets": (tiny_llama, LLAMA_IN, dict()),
-    "modules-to-save": (tiny_llama, LLAMA_IN, dict(target_modules=["v_proj"], modules_to_save=["lm_head", "model.norm"])),
-    "tied-head": (lambda: tiny_llama(tie=True), LLAMA_IN, dict(target_modules=["lm_head", "q_proj"])),
-    "gpt2": (tiny_gpt2, LLAMA_IN, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, lora_dropout=0.1)),
-    "gpt2-default": (tiny_gpt2, LLAMA_IN, dict()),
-    "bert-bias": (tiny_bert, LLAMA_IN, dict(target_modules=["query", "value", "dense"], bias="lora_only")),
-    "bert-cls": (bert_cls, LLAMA_IN, dict(target_modules=["query", "value"], modules_to_save=["classifier"], bias="all")),
+    "list": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "regex": (tiny_llama, LLAMA_IN, {"target_modules": r".*\.layers\.1\..*_proj"}),
+    "all-linear": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "use_rslora": True}),
+    "exclude": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "exclude_modules": ["o_proj", "model.layers.0.mlp.up_proj"]}),
+    "exclude-regex": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "k_proj"], "exclude_modules": r".*layers\.0.*"}),
+    "layers": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "gate_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}),
+    "layers-plain": (tiny_llama, LLAMA_IN, {"target_modules": ["k_proj"], "layers_to_transform": 0}),
+    "patterns": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "rank_pattern": {"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "mlp.*": 5}}),
+    "default-targets": (tiny_llama, LLAMA_IN, {}),
+    "modules-to-save": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj"], "modules_to_save": ["lm_head", "model.norm"]}),
+    "tied-head": (lambda: tiny_llama(tie=True), LLAMA_IN, {"target_modules": ["lm_head", "q_proj"]}),
+    "gpt2": (tiny_gpt2, LLAMA_IN, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True, "lora_dropout": 0.1}),
+    "gpt2-default": (tiny_gpt2, LLAMA_IN, {}),
+    "bert-bias": (tiny_bert, LLAMA_IN, {"target_modules": ["query", "value", "dense"], "bias": "lora_only"}),
+    "bert-cls": (bert_cls, LLAMA_IN, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "bias": "all"}),
 }
 
 
@@ -76,8 +76,8 @@ def assert_same_outputs_and_grads(ours, theirs, x):
     mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     other = {peft_param_name(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     assert mine.keys() == other.keys()
-    for n in mine:
-        torch.testing.assert_close(mine[n], other[n], atol=1e-6, rtol=1e-4, msg=n)
+    for n, grad in mine.items():
+        torch.testing.assert_close(grad, other[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -92,7 +92,7 @@ def test_config_gives_the_same_adapted_modules(case):
 def test_files_cross_both_ways_with_equal_outputs_and_gradients(case, tmp_path):
     from peft import PeftModel
 
-    base, cfg, theirs, x = make(case)
+    base, _cfg, theirs, x = make(case)
     theirs.eval()
     theirs.save_pretrained(tmp_path / "peft")
     ours = peftify.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
@@ -117,7 +117,7 @@ def test_pissa_init_matches_peft():
     theirs = get_peft_model(copy.deepcopy(base), cfg)
     ours = peftify.peftify(copy.deepcopy(base), cfg)
     torch.testing.assert_close(output(ours, x), output(theirs, x), atol=1e-4, rtol=1e-4)
-    for name, mod in our_lora(ours).items():
+    for name in our_lora(ours):
         mine = ours.get_submodule(name)
         other = theirs.base_model.model.get_submodule(name)
         torch.testing.assert_close(mine.base_layer.weight, other.base_layer.weight, atol=1e-5, rtol=1e-4)
@@ -127,12 +127,12 @@ def test_pissa_init_matches_peft():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(use_dora=True), "use_dora"),
-        (dict(init_lora_weights=False), "init_lora_weights"),
-        (dict(init_lora_weights="olora"), "init_lora_weights"),
-        (dict(lora_bias=True), "lora_bias"),
-        (dict(layer_replication=[[0, 1]]), "layer_replication"),
-        (dict(target_parameters=["mlp.gate_proj.weight"]), "target_parameters"),
+        ({"use_dora": True}, "use_dora"),
+        ({"init_lora_weights": False}, "init_lora_weights"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights"),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),
+        ({"target_parameters": ["mlp.gate_proj.weight"]}, "target_parameters"),
     ],
 )
 def test_fields_peftify_cannot_honour_are_named(kwargs, field):
