@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from peftify.errors import SpecError
 from peftify.io.peft_config import from_peft, to_peft
 from peftify.rewrite.apply import RewriteState, adapter_params, apply_plan, base_params, check_state, live_name, site_module
 from peftify.rewrite.capture import capture
+from peftify.passes.base import Method
 from peftify.rewrite.plan import make_plan
-from peftify.rewrite.spec import Spec
+from peftify.rewrite.sites import Capture, sites_from_modules
+from peftify.rewrite.spec import Rule, Spec
 
 NATIVE = ("adapter.safetensors", "peftify.json")
 PEFT = ("adapter_model.safetensors", "adapter_config.json")
@@ -73,7 +76,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
         tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()}
         files = PEFT
     else:
-        config = {"format": "peftify", "format_version": FORMAT_VERSION, "peftify_version": peftify.__version__, "spec": rewrite.plan.spec.to_dict()}
+        config = {
+            "format": "peftify",
+            "format_version": FORMAT_VERSION,
+            "peftify_version": peftify.__version__,
+            "spec": rewrite.plan.spec.to_dict(),  # as written, for the record
+            # as resolved: what loading rebuilds, whatever later versions infer about roles
+            "sites": [{"fqn": e.site.fqn, "kind": e.site.kind, "method": e.method.to_dict()} for e in rewrite.plan.entries],
+            "train": list(rewrite.plan.train),
+        }
         files = NATIVE
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -119,8 +130,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs=None,
     source = f"the {fmt} adapter at {str(path)!r}"
     state: RewriteState | None = getattr(model, "_peftify", None)
     if state is None:
-        spec = Spec.from_dict(config["spec"]) if fmt == "native" else from_peft(config, model)
-        plan = make_plan(model, capture(model, example_inputs), spec, strict=strict)
+        if fmt == "native":
+            spec = _resolved_spec(config)
+            needs_trace = any(s["kind"] != "module" for s in config["sites"])
+        else:
+            spec = from_peft(config, model)
+            needs_trace = any(_uses_roles(r.match) for r in spec.rules)
+        # Names alone pick module sites: a walk of named_modules() finds them without tracing.
+        cap = capture(model, example_inputs) if needs_trace else Capture(sites_from_modules(model), "modules", note="loading by name")
+        plan = make_plan(model, cap, spec, strict=strict)
         if fmt == "peft":
             tensors = _from_peft_keys(tensors, plan)
         return apply_plan(model, plan, state=tensors, source=source)
@@ -136,6 +154,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs=None,
             if name in tensors:
                 p.copy_(tensors[name])
     return model
+
+
+def _resolved_spec(config: dict) -> Spec:
+    """Exact-name rules for the sites a native adapter was saved from."""
+    rules = [Rule(f"re:{re.escape(s['fqn'])}", Method.from_dict(s["method"])) for s in config["sites"]]
+    return Spec(rules, [f"re:{re.escape(n)}" for n in config.get("train", [])])
+
+
+def _uses_roles(match) -> bool:
+    return (isinstance(match, str) and match.startswith("role:")) or (isinstance(match, dict) and "role" in match)
 
 
 def _from_peft_keys(tensors: dict, plan) -> dict:
