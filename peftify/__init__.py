@@ -9,7 +9,7 @@ Subpackages: `rewrite` (the engine: capture, sites, roles, spec, select, plan, a
 through), `io` (PEFT configs and adapter files). Importing peftify never imports transformers, peft or triton.
 """
 
-from peftify.api import Report, capture, merge, param_groups, peftify, plan, report
+from peftify.api import Report, adapters, capture, delete_adapter, disable_adapters, merge, param_groups, peftify, plan, report, set_adapter
 from peftify.errors import SpecError
 from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
 from peftify.passes import METHODS, LoRA
@@ -29,7 +29,10 @@ __all__ = [
     "Site",
     "Spec",
     "SpecError",
+    "adapters",
     "capture",
+    "delete_adapter",
+    "disable_adapters",
     "from_pretrained",
     "load_adapter",
     "merge",
@@ -38,4 +41,5 @@ __all__ = [
     "plan",
     "report",
     "save_adapter",
+    "set_adapter",
 ]

@@ -9,7 +9,9 @@ from torch import nn
 
 from peftify.errors import SpecError
 from peftify.passes.base import dense_flops
-from peftify.rewrite.apply import RewriteState, apply_plan, merge_model, site_module
+from contextlib import contextmanager
+
+from peftify.rewrite.apply import adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
 from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import Plan, make_plan
 from peftify.rewrite.spec import Spec, as_spec
@@ -26,22 +28,54 @@ def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = T
     nearest site names (a warning instead with ``strict=False``).
     """
     spec = as_spec(spec, model)
-    return make_plan(model, capture(model, example_inputs), spec, strict=strict)
+    rewrite = getattr(model, "_peftify", None)  # adding an adapter: the original model's capture
+    return make_plan(model, rewrite.capture if rewrite else capture(model, example_inputs), spec, strict=strict)
 
 
-def peftify(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True, progress: bool | None = None) -> nn.Module:
+def peftify(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True, adapter: str = "default", progress: bool | None = None) -> nn.Module:
     """Rewrite `model` in place according to `spec` and return it (the same object).
 
-    Every parameter of the model is frozen except the methods' own trainable parameters and
-    those named by the spec's ``train`` globs. If anything fails, the model is left exactly as
-    it was (same module objects, state dict and ``requires_grad`` flags).
+    The rewrite is a named adapter; calling again with another `adapter` name adds one more
+    (its sites may differ) and makes it active. Every parameter of the model is frozen except
+    the active adapter's trainable parameters and those named by its spec's ``train`` globs.
+    If anything fails, the model is left exactly as it was (same module objects, state dict and
+    ``requires_grad`` flags).
     """
-    return apply_plan(model, plan(model, spec, example_inputs, strict), progress=progress)
+    return apply_plan(model, plan(model, spec, example_inputs, strict), adapter=adapter, progress=progress)
+
+
+def set_adapter(model: nn.Module, adapter: str) -> None:
+    """Make `adapter` the one that computes and trains. A compiled model compiles once per adapter."""
+    set_active(model, adapter)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model alone inside the block; the active adapter comes back after it."""
+    rewrite = rewrite_state(model, "disable")
+    active = rewrite.active
+    set_active(model, None)
+    try:
+        yield model
+    finally:
+        set_active(model, active)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove an adapter; sites no other adapter uses get their original modules back."""
+    delete(model, adapter)
+
+
+def adapters(model: nn.Module) -> dict[str, bool]:
+    """The model's adapters by name, True for the active one."""
+    rewrite = rewrite_state(model, "list")
+    return {name: name == rewrite.active for name in rewrite.adapters}
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every rewrite into dense weights, in place: the original module types, state-dict
-    keys and ``requires_grad`` flags come back; the output is unchanged within float tolerance.
+    """Fold the active adapter into dense weights, in place (other adapters are dropped): the
+    original module types, state-dict keys and ``requires_grad`` flags come back; the output is
+    unchanged within float tolerance.
     """
     return merge_model(model)
 
@@ -76,14 +110,10 @@ class Report:
 
 def report(model: nn.Module) -> Report:
     """Table of the rewritten sites: method, parameters and FLOPs per token before and after."""
-    state: RewriteState | None = getattr(model, "_peftify", None)
-    if state is None:
-        raise SpecError("this model has no peftify rewrite to report")
+    state = rewrite_state(model, "report")
     rows = []
-    for inst in state.installed:
-        e, mod = inst.entry, site_module(model, inst.entry)
-        base = {id(p) for p in (mod.base_layer.parameters() if mod.base_layer is not None else ())}
-        own = [p for p in mod.parameters() if id(p) not in base]
+    for e in state.plan.entries:
+        own = list(adapted_site(model, e.site).adapters[state.current].parameters())
         dense = e.site.in_features * e.site.out_features
         rows.append((
             e.site.fqn,
@@ -94,9 +124,9 @@ def report(model: nn.Module) -> Report:
             dense_flops(e.site),
             e.method.flops(e.site),
         ))
-    cap = state.plan.capture
-    note = f"; capture: {cap.method}" + (f" ({cap.note})" if cap.note else "")
+    cap = state.capture
+    note = f"; capture: {cap.method}" + (f" ({cap.note})" if cap.note else "") + f"; adapters: {', '.join(f'{n} (active)' if n == state.active else n for n in state.adapters)}"
     return Report(rows, sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()), note)
 
 
-__all__ = ["capture", "merge", "param_groups", "peftify", "plan", "report"]
+__all__ = ["adapters", "capture", "delete_adapter", "disable_adapters", "merge", "param_groups", "peftify", "plan", "report", "set_adapter"]

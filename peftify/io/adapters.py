@@ -20,7 +20,7 @@ from torch import nn
 
 from peftify.errors import SpecError
 from peftify.io.peft_config import from_peft, to_peft
-from peftify.rewrite.apply import RewriteState, adapter_params, apply_plan, base_params, check_state, live_name, site_module
+from peftify.rewrite.apply import adapted_site, adapter_params, apply_plan, base_params, check_state, live_name, module_prefix, rewrite_state
 from peftify.rewrite.capture import capture
 from peftify.passes.base import Method
 from peftify.rewrite.plan import make_plan
@@ -33,30 +33,30 @@ PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 
 
-def adapter_state(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every parameter a rewrite added or trains, by its name in the rewritten model."""
-    state: RewriteState | None = getattr(model, "_peftify", None)
-    if state is None:
-        raise SpecError("this model has no peftify rewrite; nothing to save")
+def adapter_state(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """Every parameter an adapter added or trains, by its name in the rewritten model."""
+    rewrite = rewrite_state(model, "save")
+    plan = rewrite.adapters[adapter]
     out = {}
-    for inst in state.installed:
-        out.update(adapter_params(inst.entry, site_module(model, inst.entry)))
-    out.update({live_name(state.plan, n): model.get_parameter(n) for n in state.plan.train})
+    for entry in plan.entries:
+        adapted = adapted_site(model, entry.site)
+        out.update(adapter_params(entry, adapter, adapted.adapters[adapter], adapted.base_layer))
+    out.update({live_name(plan, n): model.get_parameter(n) for n in plan.train})
     return out
 
 
-def peft_names(entries) -> dict[str, str]:
+def peft_names(entries, adapter: str) -> dict[str, str]:
     """Our parameter names → PEFT's file keys, from each method module's declared PEFT names.
     Everything else (trained biases, modules_to_save) keeps its name under PEFT's prefix."""
     names = {}
     for entry in entries:
         for ours, theirs in entry.method.module.peft_names.items():
-            names[f"{entry.site.fqn}.{ours}"] = f"{PEFT_PREFIX}{entry.site.fqn}.{theirs}"
+            names[f"{entry.site.fqn}.adapters.{adapter}.{ours}"] = f"{PEFT_PREFIX}{entry.site.fqn}.{theirs}"
     return names
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "native") -> Path:
-    """Write the rewrite's trainable state to the directory `path` ("native" or "peft" format).
+def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "native", adapter: str | None = None) -> Path:
+    """Write an adapter (the active one by default) to the directory `path` ("native" or "peft").
 
     Each file is written to a temporary name and renamed into place, so an interrupted save
     leaves any previous adapter at `path` whole.
@@ -67,12 +67,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
 
     if format not in ("native", "peft"):
         raise SpecError(f"format must be 'native' or 'peft', not {format!r}", field="format")
-    state = adapter_state(model)
-    rewrite: RewriteState = model._peftify
-    tensors = {n: p.detach().contiguous().cpu() for n, p in state.items()}
+    rewrite = rewrite_state(model, "save")
+    adapter = rewrite.current if adapter is None else adapter
+    if adapter not in rewrite.adapters:
+        raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
+    plan = rewrite.adapters[adapter]
+    tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_state(model, adapter).items()}
     if format == "peft":
-        config = to_peft(rewrite.plan, model)
-        rename = peft_names(rewrite.plan.entries)
+        config = to_peft(plan, model)
+        rename = peft_names(plan.entries, adapter)
         tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()}
         files = PEFT
     else:
@@ -80,11 +83,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
             "format": "peftify",
             "format_version": FORMAT_VERSION,
             "peftify_version": peftify.__version__,
-            "spec": rewrite.plan.spec.to_dict(),  # as written, for the record
+            "spec": plan.spec.to_dict(),  # as written, for the record
             # as resolved: what loading rebuilds, whatever later versions infer about roles
-            "sites": [{"fqn": e.site.fqn, "kind": e.site.kind, "method": e.method.to_dict()} for e in rewrite.plan.entries],
-            "train": list(rewrite.plan.train),
+            "sites": [{"fqn": e.site.fqn, "kind": e.site.kind, "method": e.method.to_dict()} for e in plan.entries],
+            "train": list(plan.train),
         }
+        # without the adapter's name in the keys, a file loads under any name
+        tensors = {n.replace(f".adapters.{adapter}.", "."): t for n, t in tensors.items()}
         files = NATIVE
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -112,13 +117,14 @@ def detect_format(path: Path) -> str:
     raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({', '.join(PEFT)})")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs=None, strict: bool = True) -> nn.Module:
-    """Load an adapter directory saved by peftify or by PEFT (the format is detected).
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, strict: bool = True) -> nn.Module:
+    """Load an adapter directory saved by peftify or by PEFT (the format is detected) as the
+    adapter named `adapter`, and make it active.
 
-    On a model not yet rewritten, the rewrite is rebuilt from the file's spec (or PEFT config)
-    first. Every tensor is checked against the model before anything changes: missing,
-    unexpected or wrongly shaped tensors raise `SpecError` listing them, and the model is left
-    as it was.
+    A new name is built from the file's spec (or PEFT config) first — on a model not rewritten
+    yet, or beside the adapters it has; an existing name gets the file's weights. Every tensor
+    is checked against the model before anything changes: missing, unexpected or wrongly shaped
+    tensors raise `SpecError` listing them, and the model is left as it was.
     """
     from safetensors.torch import load_file
 
@@ -128,8 +134,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs=None,
     config = json.loads((path / files[1]).read_text())
     tensors = load_file(str(path / files[0]))
     source = f"the {fmt} adapter at {str(path)!r}"
-    state: RewriteState | None = getattr(model, "_peftify", None)
-    if state is None:
+    rewrite = getattr(model, "_peftify", None)
+    if rewrite is None or adapter not in rewrite.adapters:
         if fmt == "native":
             spec = _resolved_spec(config)
             needs_trace = any(s["kind"] != "module" for s in config["sites"])
@@ -137,17 +143,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs=None,
             spec = from_peft(config, model)
             needs_trace = any(_uses_roles(r.match) for r in spec.rules)
         # Names alone pick module sites: a walk of named_modules() finds them without tracing.
-        cap = capture(model, example_inputs) if needs_trace else Capture(sites_from_modules(model), "modules", note="loading by name")
+        if rewrite is not None:
+            cap = rewrite.capture
+        else:
+            cap = capture(model, example_inputs) if needs_trace else Capture(sites_from_modules(model), "modules", note="loading by name")
         plan = make_plan(model, cap, spec, strict=strict)
-        if fmt == "peft":
-            tensors = _from_peft_keys(tensors, plan)
-        return apply_plan(model, plan, state=tensors, source=source)
-    targets = adapter_state(model)
+        tensors = _from_peft_keys(tensors, plan, adapter) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
+        return apply_plan(model, plan, adapter=adapter, state=tensors, source=source)
+    plan = rewrite.adapters[adapter]
+    targets = adapter_state(model, adapter)
     optional = {}
-    for inst in state.installed:
-        optional.update(base_params(inst.entry, site_module(model, inst.entry)))
-    if fmt == "peft":
-        tensors = _from_peft_keys(tensors, state.plan)
+    for entry in plan.entries:
+        optional.update(base_params(entry.site, adapted_site(model, entry.site).base_layer))
+    tensors = _from_peft_keys(tensors, plan, adapter) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
     check_state(targets, tensors, source, optional)
     with torch.no_grad():
         for name, p in {**optional, **targets}.items():
@@ -166,11 +174,23 @@ def _uses_roles(match) -> bool:
     return (isinstance(match, str) and match.startswith("role:")) or (isinstance(match, dict) and "role" in match)
 
 
-def _from_peft_keys(tensors: dict, plan) -> dict:
+def _from_native_keys(tensors: dict, plan, adapter: str) -> dict:
+    """A native file's keys → live names: a site's own parameters go under its adapter."""
+    prefixes = sorted((module_prefix(e.site) + "." for e in plan.entries), key=len, reverse=True)
+    out = {}
+    for key, t in tensors.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is not None and not key[len(prefix) :].startswith("base_layer."):
+            key = f"{prefix}adapters.{adapter}.{key[len(prefix):]}"
+        out[key] = t
+    return out
+
+
+def _from_peft_keys(tensors: dict, plan, adapter: str) -> dict:
     """PEFT's keys → ours. PEFT's bias="all" files also hold its modules_to_save wrappers'
     internals: the trained copy (``.modules_to_save.``) is the module's own, the frozen
     ``.original_module.`` copy is dropped."""
-    theirs = {v: k for k, v in peft_names(plan.entries).items()}
+    theirs = {v: k for k, v in peft_names(plan.entries, adapter).items()}
     out = {}
     for key, t in tensors.items():
         if ".original_module." in key:
@@ -179,8 +199,8 @@ def _from_peft_keys(tensors: dict, plan) -> dict:
     return out
 
 
-def from_pretrained(model: nn.Module, path: str | os.PathLike, example_inputs=None) -> nn.Module:
+def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None) -> nn.Module:
     """Rewrite a fresh copy of the base model as the saved adapter says and load its weights."""
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("from_pretrained takes the base model, not one already rewritten; use load_adapter")
-    return load_adapter(model, path, example_inputs)
+    return load_adapter(model, path, adapter, example_inputs)

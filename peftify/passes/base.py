@@ -49,6 +49,8 @@ class Method:
     module: ClassVar[type[SiteModule]]
     materializes: ClassVar[bool] = False  # forward builds the dense weight every call
 
+    rewrites_base: ClassVar[bool] = False  # its init replaces the base weight (it must come first at a site)
+
     def check(self, site: Site) -> None:
         """Raise SpecError (via `invalid`) if this method cannot apply to `site`."""
 
@@ -63,9 +65,9 @@ class Method:
         """Forward FLOPs per token (one row of x) of the rewritten site."""
         raise NotImplementedError
 
-    def build(self, site: Site, base: nn.Module | None, weight: torch.Tensor) -> SiteModule:
-        """The module replacing `site`; `weight` is the dense weight as (out, in). Must not mutate `base`."""
-        return self.module(self, site, base, weight)
+    def build(self, site: Site, weight: torch.Tensor) -> SiteModule:
+        """This method's module for `site`, from the dense weight as (out, in), which it must not mutate."""
+        return self.module(self, site, weight)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
@@ -103,18 +105,47 @@ def dense_flops(site: Site) -> int:
 
 
 class SiteModule(nn.Module):
-    """What replaces a site. Holds the original linear-like module as ``base_layer`` (so its
-    frozen weight stays at ``<fqn>.base_layer.weight`` and merge can hand it back) — or no
-    base at all for a functional site, where it acts as a parametrization of the weight.
+    """A method's part of a rewritten site: its own parameters and its math, given the frozen
+    base weight (as (out, in)) and bias. The engine holds the base; several SiteModules (named
+    adapters) can share one base in an `AdaptedSite`.
+
+    A method that rewrites the base weight itself (PiSSA) sets ``self.residual`` in ``__init__``;
+    the engine installs it as the base weight.
     """
 
     peft_names: ClassVar[dict[str, str]] = {}  # own parameter → its key in PEFT's files, if PEFT has the method
 
-    def __init__(self, method: Method, site: Site, base: nn.Module | None):
+    def __init__(self, method: Method, site: Site):
         super().__init__()
         self.method = method
         self.site = site
+        self.residual: torch.Tensor | None = None
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The dense (out, in) weight this adapter computes, given the base weight."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.merged_weight(weight), bias)
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.method).items())
+        return f"{self.method.name}({fields})"
+
+
+class AdaptedSite(nn.Module):
+    """What a rewritten module site becomes: the original module as ``base_layer`` (its frozen
+    weight stays at ``<fqn>.base_layer.weight``) and the adapters by name. ``active`` names the
+    adapter that computes; None runs the base alone. For a functional site there is no base
+    module: the container is a parametrization of the weight (see `WeightParametrization`).
+    """
+
+    def __init__(self, site: Site, base: nn.Module | None):
+        super().__init__()
+        self.site = site
         self.base_layer = base
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -127,18 +158,20 @@ class SiteModule(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The dense (out, in) weight this module computes, given the base weight."""
-        raise NotImplementedError
+        if self.active is None or self.active not in self.adapters:
+            return weight
+        return self.adapters[self.active].merged_weight(weight)
 
     def dense_weight(self) -> torch.Tensor:
         return self.merged_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
+        if self.active is None or self.active not in self.adapters:
+            return self.base_layer(x)
+        return self.adapters[self.active](x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.method).items())
-        return f"{self.method.name}({fields})"
+        return f"active={self.active!r}"
 
     @staticmethod
     def with_weight(base: nn.Module, weight: torch.Tensor, transposed: bool) -> nn.Module:
@@ -147,21 +180,20 @@ class SiteModule(nn.Module):
         new._parameters = dict(base._parameters)
         new._buffers = dict(base._buffers)
         new._modules = dict(base._modules)
-        old = base.weight
-        new.weight = nn.Parameter((weight.t() if transposed else weight).to(old.dtype).contiguous(), requires_grad=False)
+        new.weight = nn.Parameter((weight.t() if transposed else weight).to(base.weight.dtype).contiguous(), requires_grad=False)
         return new
 
 
 class WeightParametrization(nn.Module):
-    """Applies a SiteModule to a functionally used parameter (`torch.nn.utils.parametrize`):
+    """Applies an `AdaptedSite` to a functionally used parameter (`torch.nn.utils.parametrize`):
     the owner's code keeps calling ``F.linear(x, self.w)`` and gets the merged weight.
     """
 
-    def __init__(self, site_module: SiteModule):
+    def __init__(self, adapted: AdaptedSite):
         super().__init__()
-        self.site_module = site_module
+        self.adapted = adapted
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        t = self.site_module.site.transposed
-        w = self.site_module.merged_weight(stored.t() if t else stored)
+        t = self.adapted.site.transposed
+        w = self.adapted.merged_weight(stored.t() if t else stored)
         return w.t() if t else w

@@ -64,6 +64,10 @@ class LoRA(Method):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    @property
+    def rewrites_base(self) -> bool:
+        return self.init == "pissa"
+
     def check(self, site: Site) -> None:
         if self.r > min(site.in_features, site.out_features):
             invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
@@ -84,16 +88,15 @@ class LoRA(Method):
 class LoRAModule(SiteModule):
     peft_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
-    def __init__(self, method: LoRA, site: Site, base: nn.Module | None, weight: torch.Tensor):
-        super().__init__(method, site, base)
+    def __init__(self, method: LoRA, site: Site, weight: torch.Tensor):
+        super().__init__(method, site)
         r, (out_f, in_f) = method.r, weight.shape
         self.scaling = method.scale
         factory = {"device": weight.device, "dtype": weight.dtype}
         a, b = torch.empty(r, in_f, **factory), torch.zeros(out_f, r, **factory)
         if weight.device.type != "meta":
             if method.init == "pissa":
-                a, b, residual = _pissa(weight, r, self.scaling)
-                self.base_layer = self.with_weight(base, residual, site.transposed)
+                a, b, self.residual = _pissa(weight, r, self.scaling)
             elif method.init == "gaussian":
                 nn.init.normal_(a, std=1 / r)
             else:
@@ -105,9 +108,9 @@ class LoRAModule(SiteModule):
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x_d = self.lora_dropout(x) if self.lora_dropout is not None else None
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_d)
+        return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, x_d)
 
 
 LoRA.module = LoRAModule

@@ -1,9 +1,10 @@
-"""Apply a plan to the live model, transactionally; merge it back.
+"""Apply a plan to the live model as a named adapter, transactionally; switch, delete, merge.
 
-Apply has two phases. *Build* constructs every replacement module from the current weights
-without touching the model (a failure here changes nothing). *Commit* swaps them in and sets
-trainability, keeping an undo log; any exception during commit replays the log, so the model
-is left with the same module objects, parameters and ``requires_grad`` flags it had.
+Apply has two phases. *Build* constructs every method module from the current weights without
+touching the model (a failure here changes nothing). *Commit* installs them — an `AdaptedSite`
+container at each site the first time it is rewritten, the module under the adapter's name —
+and sets trainability, keeping an undo log; any exception during commit replays the log, so the
+model is left with the same module objects, parameters and ``requires_grad`` flags it had.
 """
 
 from __future__ import annotations
@@ -16,24 +17,44 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftify.errors import SpecError
-from peftify.passes.base import SiteModule, WeightParametrization
+from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization
 from peftify.rewrite.plan import Entry, Plan
+from peftify.rewrite.sites import Capture, Site
 
 
 @dataclass
 class Installed:
-    entry: Entry
+    site: Site
     others: list[nn.Module] = field(default_factory=list)  # original modules of tied co-owners
     order: list[str] = field(default_factory=list)  # a functional owner's parameter order
+    original: nn.Module | None = None  # the base module, when an init replaced its weight (PiSSA)
 
 
 @dataclass
 class RewriteState:
-    """Kept on the model as ``model._peftify``: what was installed and how to undo it."""
+    """Kept on the model as ``model._peftify``: the adapters, the sites they use, how to undo."""
 
-    plan: Plan
-    installed: list[Installed]
-    flags: dict[str, bool]  # requires_grad of every parameter before the rewrite
+    capture: Capture
+    adapters: dict[str, Plan]
+    active: str | None
+    installed: dict[str, Installed]  # site fqn → its container's install record
+    flags: dict[str, bool]  # requires_grad of every parameter before the first rewrite
+
+    @property
+    def current(self) -> str:
+        """The active adapter's name (the first adapter's while adapters are disabled)."""
+        return self.active if self.active is not None else next(iter(self.adapters))
+
+    @property
+    def plan(self) -> Plan:
+        return self.adapters[self.current]
+
+
+def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
+    state = getattr(model, "_peftify", None)
+    if state is None:
+        raise SpecError(f"this model has no peftify rewrite to {doing}")
+    return state
 
 
 def _split(path: str):
@@ -41,30 +62,37 @@ def _split(path: str):
     return parent, name
 
 
-def module_prefix(site) -> str:
-    """Where a site's rewritten module lives, as a state-dict prefix."""
+def module_prefix(site: Site) -> str:
+    """Where a site's `AdaptedSite` lives, as a state-dict prefix."""
     if site.kind == "module":
         return site.owners[0]
     owner, name = _split(site.weight)
-    return f"{owner}.parametrizations.{name}.0.site_module" if owner else f"parametrizations.{name}.0.site_module"
+    return f"{owner}.parametrizations.{name}.0.adapted" if owner else f"parametrizations.{name}.0.adapted"
 
 
-def adapter_params(entry: Entry, mod: SiteModule) -> dict[str, nn.Parameter]:
-    """The parameters a rewrite adds or trains at one site, by full name: the module's own
-    parameters (frozen ones too, e.g. a random A) and the base bias when the method trains it."""
+def adapted_site(model: nn.Module, site: Site) -> AdaptedSite:
+    """The live container of a rewritten site."""
+    if site.kind == "module":
+        return model.get_submodule(site.owners[0])
+    owner, name = _split(site.weight)
+    return model.get_submodule(owner).parametrizations[name][0].adapted
+
+
+def adapter_params(entry: Entry, adapter: str, mod: SiteModule, base: nn.Module | None) -> dict[str, nn.Parameter]:
+    """The parameters an adapter adds or trains at one site, by full name: the method module's
+    own (frozen ones too, e.g. a random A) and the base bias when the method trains it."""
     prefix = module_prefix(entry.site)
-    base = {id(p) for p in (mod.base_layer.parameters() if mod.base_layer is not None else ())}
-    out = {f"{prefix}.{n}": p for n, p in mod.named_parameters() if id(p) not in base}
-    if entry.method.trains_base_bias() and entry.site.bias and mod.base_layer is not None:
-        out[f"{prefix}.base_layer.bias"] = mod.base_layer.bias
+    out = {f"{prefix}.adapters.{adapter}.{n}": p for n, p in mod.named_parameters()}
+    if entry.method.trains_base_bias() and entry.site.bias and base is not None:
+        out[f"{prefix}.base_layer.bias"] = base.bias
     return out
 
 
-def base_params(entry: Entry, mod: SiteModule) -> dict[str, nn.Parameter]:
-    """The frozen base parameters of a rewritten module site, by full name (PEFT files may carry them)."""
-    if mod.base_layer is None:
+def base_params(site: Site, base: nn.Module | None) -> dict[str, nn.Parameter]:
+    """The frozen base parameters of a module site, by full name (PEFT files may carry them)."""
+    if base is None:
         return {}
-    return {f"{module_prefix(entry.site)}.base_layer.{n}": p for n, p in mod.base_layer.named_parameters()}
+    return {f"{module_prefix(site)}.base_layer.{n}": p for n, p in base.named_parameters()}
 
 
 def live_name(plan: Plan, name: str) -> str:
@@ -86,49 +114,58 @@ def check_state(expected: dict, given: dict, source: str, optional: dict | None 
         raise SpecError(f"{source} does not fit this model; " + "; ".join(parts))
 
 
-def site_module(model: nn.Module, entry: Entry) -> SiteModule:
-    """The live module computing `entry`'s site."""
-    site = entry.site
-    if site.kind == "module":
-        return model.get_submodule(site.owners[0])
-    owner, name = _split(site.weight)
-    return model.get_submodule(owner).parametrizations[name][0].site_module
-
-
 def _progress(items, desc: str, progress: bool | None):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, disable=(None if progress is None else not progress) if len(items) > 16 else True, leave=False)
 
 
-def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None, state: dict[str, torch.Tensor] | None = None, source: str = "") -> nn.Module:
-    """Build, then commit. With `state` (full names → tensors, e.g. a saved adapter), the tensors
-    are checked against what the plan builds before anything changes, then loaded."""
-    if getattr(model, "_peftify", None) is not None:
-        raise SpecError("this model is already rewritten by peftify; call peftify.merge(model) first")
+def _base_of(model: nn.Module, site: Site, state: RewriteState | None):
+    """The site's base module (None for functional) and its dense weight as (out, in)."""
+    if state is not None and site.fqn in state.installed:
+        adapted = adapted_site(model, site)
+        base = adapted.base_layer
+        if base is not None:
+            return base, adapted.weight
+    if site.kind == "module":
+        base = model.get_submodule(site.owners[0])
+        return base, base.weight.t() if site.transposed else base.weight
+    owner, name = _split(site.weight)
+    w = getattr(model.get_submodule(owner), name)
+    return None, w.t() if site.transposed else w
 
-    built = []
+
+def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress: bool | None = None, state: dict[str, torch.Tensor] | None = None, source: str = "") -> nn.Module:
+    """Install `plan` as adapter `adapter` and make it the active one.
+
+    With `state` (full names → tensors, e.g. a saved adapter), the tensors are checked against
+    what the plan builds before anything changes, then loaded.
+    """
+    rewrite: RewriteState | None = getattr(model, "_peftify", None)
+    if not isinstance(adapter, str) or not adapter.isidentifier():
+        raise SpecError(f"an adapter name must be a Python identifier, not {adapter!r}", field="adapter")
+    if rewrite is not None and adapter in rewrite.adapters:
+        raise SpecError(f"this model already has an adapter named {adapter!r}; delete it first or pick another name", field="adapter")
+    for e in plan.entries:
+        if rewrite is not None and e.site.fqn in rewrite.installed and e.method.rewrites_base:
+            raise SpecError(f"{e.method.name} with this init rewrites the base weight of {e.site.fqn}, which other adapters share", field="init")
+
+    built, bases = [], []
     for entry in _progress(plan.entries, "peftify: building", progress):
-        site = entry.site
-        if site.kind == "module":
-            base = model.get_submodule(site.owners[0])
-            weight = base.weight
-        else:
-            owner, name = _split(site.weight)
-            base, weight = None, getattr(model.get_submodule(owner), name)
-        weight = (weight.t() if site.transposed else weight).detach()
-        built.append(entry.method.build(site, base, weight))
+        base, weight = _base_of(model, entry.site, rewrite)
+        built.append(entry.method.build(entry.site, weight.detach()))
+        bases.append(base)
 
     existing = {}  # tensors of `state` bound for parameters the model already has
     if state is not None:
         targets, optional = {}, {}
-        for entry, mod in zip(plan.entries, built):
-            targets.update(adapter_params(entry, mod))
-            optional.update(base_params(entry, mod))
+        for entry, mod, base in zip(plan.entries, built, bases):
+            targets.update(adapter_params(entry, adapter, mod, base))
+            optional.update(base_params(entry.site, base))
         for name in plan.train:
             targets[live_name(plan, name)] = model.get_parameter(name)
         check_state(targets, state, source or "the adapter", optional)
-        new = {id(p) for mod in built for p in mod.parameters()} - {id(p) for p in model.parameters()}
+        new = {id(p) for mod in built for p in mod.parameters()}
         with torch.no_grad():  # the built modules are not in the model yet: loading them is safe
             for name, p in {**optional, **targets}.items():
                 if name not in state:
@@ -139,53 +176,66 @@ def apply_plan(model: nn.Module, plan: Plan, progress: bool | None = None, state
                     existing[name] = (p, state[name])
 
     before = [(p, p.requires_grad) for p in model.parameters()]
-    flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     undo = []
     try:
-        for p, _ in before:
-            p.requires_grad_(False)
-        installed = []
+        if rewrite is None:
+            flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+            rewrite = RewriteState(plan.capture, {}, None, {}, flags)
+            model._peftify = rewrite
+            undo.append(lambda: model.__dict__.pop("_peftify", None))
         for entry, mod in zip(plan.entries, built):
-            installed.append(_install(model, entry, mod, undo))
-            if entry.method.trains_base_bias() and entry.site.bias:
-                model.get_parameter(entry.site.bias).requires_grad_(True)
-        for name in plan.train:
-            model.get_parameter(name).requires_grad_(True)
+            _install(model, rewrite, entry, adapter, mod, undo)
+        rewrite.adapters[adapter] = plan
+        undo.append(lambda: rewrite.adapters.pop(adapter, None))
         with torch.no_grad():  # parameters the model had (biases, `train`, base weights): undoable
             for p, value in existing.values():
                 old = p.detach().clone()
                 undo.append(lambda p=p, old=old: p.data.copy_(old))
                 p.copy_(value)
-        model._peftify = RewriteState(plan, installed, flags)
+        previous = rewrite.active
+        undo.append(lambda: _activate(model, rewrite, previous))
+        _activate(model, rewrite, adapter)
     except BaseException:
         for step in reversed(undo):
             step()
         for p, flag in before:
             p.requires_grad_(flag)
-        model.__dict__.pop("_peftify", None)
         raise
     return model
 
 
-def _install(model: nn.Module, entry: Entry, mod: SiteModule, undo: list) -> Installed:
+def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str, mod: SiteModule, undo: list) -> None:
     site = entry.site
-    if site.kind == "module":
-        others = []
-        for i, path in enumerate(site.owners):
-            parent_path, name = _split(path)
-            parent = model.get_submodule(parent_path)
-            old = getattr(parent, name)
-            if i:
-                others.append(old)
-            setattr(parent, name, mod)
-            undo.append(lambda parent=parent, name=name, old=old: setattr(parent, name, old))
-        return Installed(entry, others)
-    owner_path, name = _split(site.weight)
-    owner = model.get_submodule(owner_path)
-    order = list(owner._parameters)
-    parametrize.register_parametrization(owner, name, WeightParametrization(mod), unsafe=True)
-    undo.append(lambda: _unparametrize(owner, name, order, leave_parametrized=False))
-    return Installed(entry, order=order)
+    if site.fqn not in rewrite.installed:
+        base, _ = _base_of(model, site, None)
+        record = Installed(site)
+        if mod.residual is not None:
+            record.original = base
+            base = AdaptedSite.with_weight(base, mod.residual, site.transposed)
+        mod.residual = None
+        adapted = AdaptedSite(site, base)
+        if site.kind == "module":
+            for i, path in enumerate(site.owners):
+                parent_path, name = _split(path)
+                parent = model.get_submodule(parent_path)
+                old = getattr(parent, name)
+                if i:
+                    record.others.append(old)
+                setattr(parent, name, adapted)
+                undo.append(lambda parent=parent, name=name, old=old: setattr(parent, name, old))
+        else:
+            owner_path, name = _split(site.weight)
+            owner = model.get_submodule(owner_path)
+            record.order = list(owner._parameters)
+            parametrize.register_parametrization(owner, name, WeightParametrization(adapted), unsafe=True)
+            undo.append(lambda owner=owner, name=name, order=record.order: _unparametrize(owner, name, order, leave_parametrized=False))
+        rewrite.installed[site.fqn] = record
+        undo.append(lambda: rewrite.installed.pop(site.fqn, None))
+    adapted = adapted_site(model, site)
+    for p in mod.parameters():  # remember what the method wants trainable; activation applies it
+        p._peftify = {**getattr(p, "_peftify", {}), "trainable": p.requires_grad}
+    adapted.adapters[adapter] = mod
+    undo.append(lambda: adapted.adapters.pop(adapter))
 
 
 def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametrized: bool) -> None:
@@ -194,33 +244,89 @@ def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametr
     owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
 
 
+def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None) -> None:
+    """Make `adapter` (or none) compute at every site; only its parameters (and its plan's
+    trained biases and `train` parameters) are trainable. Everything else is frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for record in rewrite.installed.values():
+        adapted_site(model, record.site).active = adapter
+    rewrite.active = adapter
+    if adapter is None:
+        return
+    plan = rewrite.adapters[adapter]
+    for entry in plan.entries:
+        adapted = adapted_site(model, entry.site)
+        for p in adapted.adapters[adapter].parameters():
+            p.requires_grad_(p._peftify.get("trainable", True))
+        if entry.method.trains_base_bias() and entry.site.bias and adapted.base_layer is not None:
+            adapted.base_layer.bias.requires_grad_(True)
+    for name in plan.train:
+        model.get_parameter(name).requires_grad_(True)
+
+
+def set_active(model: nn.Module, adapter: str | None) -> None:
+    rewrite = rewrite_state(model, "switch")
+    if adapter is not None and adapter not in rewrite.adapters:
+        raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
+    _activate(model, rewrite, adapter)
+
+
+def delete(model: nn.Module, adapter: str) -> None:
+    """Remove an adapter's modules; a site no adapter uses any more gets its original module back."""
+    rewrite = rewrite_state(model, "delete from")
+    if adapter not in rewrite.adapters:
+        raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
+    if len(rewrite.adapters) == 1:
+        raise SpecError(f"{adapter!r} is the only adapter; peftify.merge(model) folds it in, or reload the base model to drop it", field="adapter")
+    plan = rewrite.adapters.pop(adapter)
+    for entry in plan.entries:
+        adapted = adapted_site(model, entry.site)
+        del adapted.adapters[adapter]
+        if not len(adapted.adapters):
+            _restore(model, rewrite.installed.pop(entry.site.fqn), adapted, None)
+    if rewrite.active == adapter:
+        _activate(model, rewrite, next(iter(rewrite.adapters)))
+
+
+def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, weight: torch.Tensor | None) -> None:
+    """Put a site's original module(s) back, with `weight` (out, in) folded in when given."""
+    site = record.site
+    if site.kind == "functional":
+        owner, name = _split(site.weight)
+        _unparametrize(model.get_submodule(owner), name, record.order, leave_parametrized=weight is not None)
+        return
+    base = adapted.base_layer
+    if weight is None and record.original is not None:
+        base = record.original  # dropping an adapter that rewrote the base weight: the original comes back
+    if weight is not None:
+        stored = weight.t() if site.transposed else weight
+        own_names = {o + ".weight" for o in site.owners}
+        if set(site.aliases) - own_names:  # tied to something not rewritten: untie
+            warnings.warn(f"peftify: {site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it", stacklevel=3)
+            base.weight = nn.Parameter(stored.to(base.weight.dtype).contiguous(), requires_grad=base.weight.requires_grad)
+        else:
+            base.weight.copy_(stored)
+    for path, original in zip(site.owners, [base, *record.others]):
+        parent, name = _split(path)
+        setattr(model.get_submodule(parent), name, original)
+        original.weight = base.weight
+
+
 def merge_model(model: nn.Module) -> nn.Module:
-    """Fold every rewritten site back into a dense weight; restore module types, keys and flags."""
-    state: RewriteState | None = getattr(model, "_peftify", None)
-    if state is None:
-        raise SpecError("this model has no peftify rewrite to merge")
+    """Fold the active adapter into dense weights, drop the others, and restore module types,
+    state-dict keys and ``requires_grad`` flags."""
+    rewrite = rewrite_state(model, "merge")
+    if len(rewrite.adapters) > 1:
+        warnings.warn(f"peftify: merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped", stacklevel=3)
+    records = list(rewrite.installed.values())
     with torch.no_grad():
-        merged = [site_module(model, inst.entry).dense_weight() if inst.entry.site.kind == "module" else None for inst in state.installed]
+        merged = [adapted_site(model, r.site).dense_weight() if r.site.kind == "module" else None for r in records]
         # reversed: each step then restores exactly the state its install started from
-        for inst, weight in reversed(list(zip(state.installed, merged))):
-            site = inst.entry.site
-            if site.kind == "functional":
-                owner, name = _split(site.weight)
-                _unparametrize(model.get_submodule(owner), name, inst.order, leave_parametrized=True)
-                continue
-            stored = weight.t() if site.transposed else weight
-            base = site_module(model, inst.entry).base_layer
-            own_names = {o + ".weight" for o in site.owners}
-            if set(site.aliases) - own_names:  # tied to something we did not rewrite: untie
-                warnings.warn(f"peftify: {site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it", stacklevel=2)
-                base.weight = nn.Parameter(stored.to(base.weight.dtype).contiguous(), requires_grad=base.weight.requires_grad)
-            else:
-                base.weight.copy_(stored)
-            for path, original in zip(site.owners, [base, *inst.others]):
-                parent, name = _split(path)
-                setattr(model.get_submodule(parent), name, original)
-                original.weight = base.weight
+        for record, weight in reversed(list(zip(records, merged))):
+            adapted = adapted_site(model, record.site)
+            _restore(model, record, adapted, weight if record.site.kind == "module" else True)
     for name, p in model.named_parameters(remove_duplicate=False):
-        p.requires_grad_(state.flags.get(name, p.requires_grad))
+        p.requires_grad_(rewrite.flags.get(name, p.requires_grad))
     del model._peftify
     return model

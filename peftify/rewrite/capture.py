@@ -34,7 +34,7 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     capture falls back to walking `named_modules()` and says so in `Capture.note`.
     """
     if getattr(model, "_peftify", None) is not None:
-        raise SpecError("this model is already rewritten by peftify; call peftify.merge(model) first")
+        raise SpecError("this model is already rewritten by peftify; its original capture is kept with the rewrite (peftify.plan and peftify.peftify(..., adapter=...) use it)")
     given = example_inputs is not None
     args, kwargs = _normalize(example_inputs) if given else build_example_inputs(model)
     kwargs = _decoder_kwargs(model, kwargs)

@@ -45,13 +45,13 @@ def peft_lora(model):
 
 
 def our_lora(model):
-    return {n: (m.method.r, m.scaling) for n, m in model.named_modules() if type(m).__name__ == "LoRAModule"}
+    return {n: (m.adapters["default"].method.r, m.adapters["default"].scaling) for n, m in model.named_modules() if type(m).__name__ == "AdaptedSite"}
 
 
 def peft_param_name(name: str) -> str:
     """PEFT's live parameter name → ours."""
     name = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(".original_module", "")
-    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1", name)
+    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".adapters.default.\1", name)
 
 
 def make(case):
@@ -167,12 +167,12 @@ def test_load_mismatches_are_listed_and_change_nothing(tmp_path):
 
     other = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
     snapshot = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(SpecError, match=r"wrong shape \(4\).*lora_A: file \(4, 64\), model \(2, 64\)"):
+    with pytest.raises(SpecError, match=r"wrong shape \(4\).*adapters\.default\.lora_A: file \(4, 64\), model \(2, 64\)"):
         peftify.load_adapter(other, tmp_path / "a")
     assert all(torch.equal(v, snapshot[k]) for k, v in other.state_dict().items())
 
     fewer = peftify.peftify(tiny_llama(), {"rules": [{"match": "role:attn.q", "apply": {"method": "lora", "r": 4}}, {"match": "*.k_proj", "apply": {"method": "lora", "r": 4}}]})
-    with pytest.raises(SpecError, match=r"missing \(4\): model\.layers\.0\.self_attn\.k_proj\.lora_A"):
+    with pytest.raises(SpecError, match=r"missing \(4\): model\.layers\.0\.self_attn\.k_proj\.adapters\.default\.lora_A"):
         peftify.load_adapter(fewer, tmp_path / "a")
 
     from safetensors.torch import load_file, save_file
@@ -182,7 +182,7 @@ def test_load_mismatches_are_listed_and_change_nothing(tmp_path):
     save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
     fresh = tiny_llama()
     keys = list(fresh.state_dict())
-    with pytest.raises(SpecError, match=r"unexpected \(1\): model\.layers\.0\.self_attn\.q_proj\.lora_C"):
+    with pytest.raises(SpecError, match=r"unexpected \(1\): model\.layers\.0\.self_attn\.q_proj\.adapters\.default\.lora_C"):
         peftify.load_adapter(fresh, tmp_path / "a")
     assert list(fresh.state_dict()) == keys and getattr(fresh, "_peftify", None) is None
 
@@ -218,7 +218,7 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     peftify.save_adapter(model, tmp_path / "a")
     good = {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()}
     with torch.no_grad():
-        model.model.layers[0].self_attn.q_proj.lora_B.add_(1)
+        model.model.layers[0].self_attn.q_proj.adapters["default"].lora_B.add_(1)
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -243,5 +243,5 @@ def test_peft_format_refuses_what_peft_cannot_hold(tmp_path):
         peftify.save_adapter(mixed, tmp_path / "y", format="peft")
     with pytest.raises(SpecError, match="format must be"):
         peftify.save_adapter(mixed, tmp_path / "y", format="onnx")
-    with pytest.raises(SpecError, match="nothing to save"):
+    with pytest.raises(SpecError, match="no peftify rewrite to save"):
         peftify.save_adapter(tiny_llama(), tmp_path / "z")

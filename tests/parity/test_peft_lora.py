@@ -29,7 +29,7 @@ def test_outputs_and_gradients_equal_peft(case, rslora):
     ours = peftify.peftify(base, {"rules": [{"match": match, "apply": {"method": "lora", "r": 4, "alpha": 8, "rslora": rslora}}]})
 
     peft_mods = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
-    our_mods = {n: m for n, m in ours.named_modules() if type(m).__name__ == "LoRAModule"}
+    our_mods = {n: m.adapters["default"] for n, m in ours.named_modules() if type(m).__name__ == "AdaptedSite"}
     assert set(peft_mods) == set(our_mods)
     with torch.no_grad():
         for n, m in our_mods.items():

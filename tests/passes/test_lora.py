@@ -9,6 +9,7 @@ from conftest import MODELS, output, scalar_loss, tiny_gpt2, tiny_llama
 import peftify
 from peftify import LoRA
 from peftify.codegen.reference import lora_linear
+from peftify.passes.base import AdaptedSite
 
 ALL = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "alpha": 4}}]}
 
@@ -49,10 +50,11 @@ def test_dense_weight_equals_formula_in_float64(rslora):
     model = tiny_llama().double()
     peftify.peftify(model, {"rules": [{"match": "*.up_proj", "apply": {"method": "lora", "r": 4, "alpha": 6, "rslora": rslora}}]})
     mod = model.model.layers[1].mlp.up_proj
+    lora = mod.adapters["default"]
     with torch.no_grad():
-        mod.lora_B.normal_()
+        lora.lora_B.normal_()
     s = 6 / (math.sqrt(4) if rslora else 4)
-    expected = mod.base_layer.weight + s * mod.lora_B @ mod.lora_A
+    expected = mod.base_layer.weight + s * lora.lora_B @ lora.lora_A
     torch.testing.assert_close(mod.dense_weight(), expected, rtol=0, atol=1e-12)
 
 
@@ -92,8 +94,8 @@ def test_gradients_equal_a_plain_float64_model():
     mods = {n: m for n, m in model.named_modules() if type(m).__name__ == "LoRAModule"}
     import torch.nn.functional as F
 
-    def plain(self, inp):
-        return F.linear(inp, self.base_layer.weight + self.scaling * self.lora_B @ self.lora_A, self.bias)
+    def plain(self, inp, weight, bias):
+        return F.linear(inp, weight + self.scaling * self.lora_B @ self.lora_A, bias)
 
     for m in mods.values():
         m.zero_grad()
@@ -122,9 +124,10 @@ def test_pissa_splits_the_top_singular_part():
     peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4, "alpha": 8, "init": "pissa"}}]})
     torch.testing.assert_close(output(model, x), ref, atol=1e-4, rtol=1e-4)
     mod = model.model.layers[0].mlp.down_proj
+    lora = mod.adapters["default"]
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     top = (u[:, :4] * s[:4]) @ vh[:4]
-    torch.testing.assert_close((mod.scaling * mod.lora_B @ mod.lora_A).double(), top, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((lora.scaling * lora.lora_B @ lora.lora_A).double(), top, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mod.base_layer.weight.double(), w - top, atol=1e-4, rtol=1e-4)
     peftify.merge(model)
     torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight.double(), w, atol=1e-5, rtol=1e-5)
@@ -135,9 +138,9 @@ def test_asymmetric_lora_trains_only_b():
     plan = peftify.plan(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 4, "train_a": False}}]})
     peftify.peftify(model, plan.spec)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["model.layers.0.self_attn.q_proj.lora_B", "model.layers.1.self_attn.q_proj.lora_B"]
+    assert trainable == ["model.layers.0.self_attn.q_proj.adapters.default.lora_B", "model.layers.1.self_attn.q_proj.adapters.default.lora_B"]
     assert plan.trainable_params == 2 * 4 * 64
-    assert model.model.layers[0].self_attn.q_proj.lora_A.abs().sum() > 0  # a random, frozen A
+    assert model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.abs().sum() > 0  # a random, frozen A
 
 
 def test_lora_plus_learning_rates_and_bias_training():
@@ -147,9 +150,9 @@ def test_lora_plus_learning_rates_and_bias_training():
     by_lr = {g["lr"]: g["params"] for g in groups}
     assert set(by_lr) == {1e-3, 16e-3} and all(g["weight_decay"] == 0.1 for g in groups)
     ids = lambda ps: {id(p) for p in ps}
-    attn = [m for m in model.modules() if hasattr(m, "lora_B")]
-    assert ids(by_lr[16e-3]) == ids(m.lora_B for m in attn)
-    assert ids(by_lr[1e-3]) == ids([m.lora_A for m in attn] + [m.base_layer.bias for m in attn])
+    attn = [m for m in model.modules() if isinstance(m, AdaptedSite)]
+    assert ids(by_lr[16e-3]) == ids(m.adapters["default"].lora_B for m in attn)
+    assert ids(by_lr[1e-3]) == ids([m.adapters["default"].lora_A for m in attn] + [m.base_layer.bias for m in attn])
     torch.optim.AdamW(groups)  # accepted as is
 
 

@@ -104,7 +104,7 @@ def test_merge_unties_a_tied_head():
     x = {"input_ids": torch.randint(0, 101, (2, 7))}
     peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2}}]})
     with torch.no_grad():
-        model.lm_head.lora_B.normal_()
+        model.lm_head.adapters["default"].lora_B.normal_()
         adapted = output(model, x)
     with pytest.warns(UserWarning, match="unties"):
         peftify.merge(model)
@@ -120,7 +120,7 @@ def test_rewriting_twice_merging_or_reporting_nothing_are_errors():
     with pytest.raises(SpecError, match="no peftify rewrite to report"):
         peftify.report(model)
     peftify.peftify(model, ALL)
-    with pytest.raises(SpecError, match="already rewritten"):
+    with pytest.raises(SpecError, match="already has an adapter named 'default'"):
         peftify.peftify(model, ALL)
 
 

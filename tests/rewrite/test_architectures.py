@@ -107,7 +107,7 @@ def test_weight_shared_by_two_linears_is_one_site_with_one_adapter():
     assert model.a is model.b  # one adapter for the one weight
     torch.testing.assert_close(model(x), ref)
     with torch.no_grad():
-        model.a.lora_B.normal_()
+        model.a.adapters["default"].lora_B.normal_()
     adapted = model(x).detach()
     peftify.merge(model)
     assert model.a is a and model.b is b and model.a.weight is model.b.weight  # originals back, still tied

@@ -106,7 +106,7 @@ def test_7b_llama_on_meta_captured_and_planned_without_memory():
     assert plan.trainable_params == 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
     peftify.peftify(model, plan.spec)
     assert all(p.is_meta for p in model.parameters())
-    assert type(model.model.layers[31].mlp.down_proj).__name__ == "LoRAModule"
+    assert type(model.model.layers[31].mlp.down_proj.adapters["default"]).__name__ == "LoRAModule"
 
 
 class CountsItsLayers(nn.Module):
