@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lora_step import TARGETS, build  # noqa: E402
+from lora_step import TARGETS, build
 
-import peftify  # noqa: E402
+import peftify
 
 
 def timed(fn):
@@ -60,7 +60,7 @@ def main():
     times = {k: [] for k in [*saves, *loads]}
     for i in range(args.repeats + 1):
         for k, fn in saves.items():
-            t = timed(lambda: fn(i))
+            t = timed(lambda fn=fn, i=i: fn(i))
             if i:
                 times[k].append(t)
         for k, fn in loads.items():
@@ -79,7 +79,7 @@ def main():
 
     def tensors(f):
         with safe_open(str(f), "pt") as h:
-            return {k: h.get_tensor(k) for k in h.keys()}
+            return {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 - safe_open is not a dict
 
     a, b = tensors(sizes["peft"]), tensors(sizes["peftify (peft format)"])
     same = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)

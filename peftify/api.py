@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
 
-from peftify.errors import SpecError
 from peftify.passes.base import dense_flops
-from contextlib import contextmanager
-
 from peftify.rewrite.apply import adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
 from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import Plan, make_plan

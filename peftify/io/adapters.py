@@ -20,9 +20,18 @@ from torch import nn
 
 from peftify.errors import SpecError
 from peftify.io.peft_config import from_peft, to_peft
-from peftify.rewrite.apply import adapted_site, adapter_params, apply_plan, base_params, check_state, live_name, module_prefix, rewrite_state
-from peftify.rewrite.capture import capture
 from peftify.passes.base import Method
+from peftify.rewrite.apply import (
+    adapted_site,
+    adapter_params,
+    apply_plan,
+    base_params,
+    check_state,
+    live_name,
+    module_prefix,
+    rewrite_state,
+)
+from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import make_plan
 from peftify.rewrite.sites import Capture, sites_from_modules
 from peftify.rewrite.spec import Rule, Spec
