@@ -1,0 +1,186 @@
+"""Named adapters: several on one model, switched, disabled, deleted, saved one by one."""
+
+import copy
+
+import pytest
+import torch
+from conftest import output, tiny_llama
+from torch import nn
+
+import peftify
+from peftify import SpecError
+from peftify.rewrite import apply as apply_mod
+
+A = {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2}}]}
+B = {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 3, "train_a": False}}, {"match": "*.q_proj", "apply": {"method": "lora", "r": 4}}]}
+X = {"input_ids": torch.arange(14).view(2, 7)}
+
+
+def randomize(model, adapter):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".adapters.{adapter}.lora_B" in n:
+                p.normal_(std=0.2)
+
+
+@pytest.fixture
+def two():
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), A, adapter="a")
+    randomize(model, "a")
+    peftify.peftify(model, B, adapter="b")
+    randomize(model, "b")
+    return base, model
+
+
+def test_switching_runs_each_adapter_as_if_alone(two, tmp_path):
+    base, model = two
+    assert peftify.adapters(model) == {"a": False, "b": True}  # the newest is active
+    out_b = output(model, X).detach()
+    peftify.save_adapter(model, tmp_path / "b")
+    peftify.set_adapter(model, "a")
+    out_a = output(model, X).detach()
+    peftify.save_adapter(model, tmp_path / "a")
+    alone_a = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    alone_b = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "b", adapter="other_name")
+    torch.testing.assert_close(out_a, output(alone_a, X), rtol=0, atol=0)
+    torch.testing.assert_close(out_b, output(alone_b, X), rtol=0, atol=0)
+    assert (out_a - out_b).abs().max() > 1e-3
+    with peftify.disable_adapters(model):
+        torch.testing.assert_close(output(model, X), output(base, X), rtol=0, atol=0)
+        assert peftify.adapters(model) == {"a": False, "b": False}
+    torch.testing.assert_close(output(model, X), out_a, rtol=0, atol=0)
+
+
+def test_only_the_active_adapter_trains(two):
+    _, model = two
+    trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable() and all(".adapters.b." in n for n in trainable())
+    assert not any(n.endswith("mlp.gate_proj.adapters.b.lora_A") for n in trainable())  # train_a=False holds
+    peftify.set_adapter(model, "a")
+    assert trainable() and all(".adapters.a." in n for n in trainable())
+    peftify.set_adapter(model, "b")
+    assert "model.layers.0.mlp.gate_proj.adapters.b.lora_B" in trainable() and "model.layers.0.mlp.gate_proj.adapters.b.lora_A" not in trainable()
+    groups = peftify.param_groups(model)
+    assert sum(len(g["params"]) for g in groups) == len(trainable())
+
+
+def test_disable_adapters_restores_after_an_error(two):
+    _, model = two
+    with pytest.raises(RuntimeError, match="inside"), peftify.disable_adapters(model):
+        raise RuntimeError("inside")
+    assert peftify.adapters(model) == {"a": False, "b": True}
+
+
+def test_delete_adapter(two):
+    base, model = two
+    peftify.set_adapter(model, "a")
+    out_a = output(model, X).detach()
+    peftify.delete_adapter(model, "b")
+    assert peftify.adapters(model) == {"a": True}
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear  # only b used it: the original is back
+    assert "adapters.b" not in str(list(model.state_dict()))
+    torch.testing.assert_close(output(model, X), out_a, rtol=0, atol=0)
+    with pytest.raises(SpecError, match="only adapter"):
+        peftify.delete_adapter(model, "a")
+    with pytest.raises(SpecError, match="no adapter named 'b'"):
+        peftify.delete_adapter(model, "b")
+    with pytest.raises(SpecError, match="no adapter named 'c'"):
+        peftify.set_adapter(model, "c")
+
+
+def test_deleting_the_active_adapter_activates_another(two):
+    _, model = two
+    peftify.delete_adapter(model, "b")
+    assert peftify.adapters(model) == {"a": True}
+
+
+def test_bad_names_and_duplicates(two):
+    _, model = two
+    with pytest.raises(SpecError, match="already has an adapter named 'a'"):
+        peftify.peftify(model, A, adapter="a")
+    with pytest.raises(SpecError, match="Python identifier"):
+        peftify.peftify(model, A, adapter="my adapter")
+    with pytest.raises(SpecError, match="rewrites the base weight of model.layers.0.self_attn.q_proj"):
+        peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "init": "pissa"}}]}, adapter="p")
+
+
+def test_failed_add_leaves_the_first_adapter_untouched(monkeypatch):
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(), A, adapter="a")
+    randomize(model, "a")
+    before_mods = [(n, id(m)) for n, m in model.named_modules()]
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    calls = {"n": 0}
+    real = apply_mod._install
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(apply_mod, "_install", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        peftify.peftify(model, B, adapter="b")
+    assert [(n, id(m)) for n, m in model.named_modules()] == before_mods
+    assert list(model.state_dict()) == list(before_state) and all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert peftify.adapters(model) == {"a": True}
+
+
+def test_merge_folds_the_active_adapter(two):
+    _, model = two
+    peftify.set_adapter(model, "a")
+    out_a = output(model, X).detach()
+    with pytest.warns(UserWarning, match=r"other adapters \['b'\] are dropped"):
+        peftify.merge(model)
+    assert all(type(m).__name__ != "AdaptedSite" for m in model.modules())
+    torch.testing.assert_close(output(model, X), out_a, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_file_loads_as_a_second_adapter(two, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base, model = two
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    peftify.load_adapter(model, tmp_path / "peft", adapter="from_peft")
+    assert peftify.adapters(model) == {"a": False, "b": False, "from_peft": True}
+    torch.testing.assert_close(output(model, X), output(theirs, X), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SpecError, match="does not fit"):
+        peftify.load_adapter(model, tmp_path / "peft", adapter="a")  # a's sites differ from the file's
+    assert "from_peft (active)" in str(peftify.report(model))
+
+
+def test_compiled_model_compiles_once_per_adapter(two):
+    from torch._dynamo.testing import CompileCounter
+
+    _, model = two
+    model.eval()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        expect = {}
+        for name in ("a", "b"):
+            peftify.set_adapter(model, name)
+            expect[name] = output(model, X)
+        with peftify.disable_adapters(model):
+            expect[None] = output(model, X)
+        counts = []
+        for name in ("a", "b", "a", "b", None, "a", None):
+            if name is None:
+                with peftify.disable_adapters(model):
+                    torch.testing.assert_close(output(compiled, X), expect[None])
+            else:
+                peftify.set_adapter(model, name)
+                torch.testing.assert_close(output(compiled, X), expect[name])
+            counts.append(counter.frame_count)
+    assert counts == [1, 2, 2, 2, 3, 3, 3]
