@@ -74,7 +74,7 @@ def test_disable_adapters_restores_after_an_error(two):
 
 
 def test_delete_adapter(two):
-    base, model = two
+    _, model = two
     peftify.set_adapter(model, "a")
     out_a = output(model, X).detach()
     peftify.delete_adapter(model, "b")
