@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import FunctionalNet, output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
 
+from torch import nn
+
 import peftify
 from peftify import SpecError
 
@@ -20,7 +22,19 @@ def bert_cls():
     return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=101, num_labels=3)).eval()
 
 
+class MLP(nn.Module):
+    """A custom model with plain Linear layers (PEFT targets them by name too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(12, 24), nn.Linear(24, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
 CASES = {
+    "custom-mlp": (MLP, lambda: {"x": torch.randn(5, 12)}, {"target_modules": ["fc1", "fc2"], "modules_to_save": ["head"], "bias": "lora_only"}),
     "list": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
     "regex": (tiny_llama, LLAMA_IN, {"target_modules": r".*\.layers\.1\..*_proj"}),
     "all-linear": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "use_rslora": True}),
