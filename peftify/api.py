@@ -56,7 +56,8 @@ def disable_adapters(model: nn.Module):
     try:
         yield model
     finally:
-        set_active(model, active)
+        if getattr(model, "_peftify", None) is not None:  # unless merged inside the block
+            set_active(model, active)
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:

@@ -47,7 +47,6 @@ class Method:
 
     name: ClassVar[str]
     module: ClassVar[type[SiteModule]]
-    materializes: ClassVar[bool] = False  # forward builds the dense weight every call
 
     rewrites_base: ClassVar[bool] = False  # its init replaces the base weight (it must come first at a site)
 
@@ -125,6 +124,10 @@ class SiteModule(nn.Module):
         """The dense (out, in) weight this adapter computes, given the base weight."""
         raise NotImplementedError
 
+    def original_weight(self, residual: torch.Tensor) -> torch.Tensor:
+        """For a method that set ``residual``: the weight before it was rewritten."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.merged_weight(weight), bias)
 
@@ -146,6 +149,7 @@ class AdaptedSite(nn.Module):
         self.base_layer = base
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
+        self.rewritten_by: str | None = None  # the adapter whose init replaced the base weight
 
     @property
     def weight(self) -> torch.Tensor:
@@ -158,17 +162,21 @@ class AdaptedSite(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.active is None or self.active not in self.adapters:
-            return weight
-        return self.adapters[self.active].merged_weight(weight)
+        if self.active is not None and self.active in self.adapters:
+            return self.adapters[self.active].merged_weight(weight)
+        if self.rewritten_by is not None:  # inactive: the weight as it was before the rewrite
+            return self.adapters[self.rewritten_by].original_weight(weight)
+        return weight
 
     def dense_weight(self) -> torch.Tensor:
         return self.merged_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.active is None or self.active not in self.adapters:
-            return self.base_layer(x)
-        return self.adapters[self.active](x, self.weight, self.bias)
+        if self.active is not None and self.active in self.adapters:
+            return self.adapters[self.active](x, self.weight, self.bias)
+        if self.rewritten_by is not None:
+            return F.linear(x, self.dense_weight(), self.bias)
+        return self.base_layer(x)
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}"

@@ -97,6 +97,9 @@ class LoRAModule(SiteModule):
         if weight.device.type != "meta":
             if method.init == "pissa":
                 a, b, self.residual = _pissa(weight, r, self.scaling)
+                # the top-r part taken out of W, to compute W itself while this adapter is inactive
+                self.register_buffer("pissa_a", a.clone(), persistent=False)
+                self.register_buffer("pissa_b", b.clone(), persistent=False)
             elif method.init == "gaussian":
                 nn.init.normal_(a, std=1 / r)
             else:
@@ -107,6 +110,9 @@ class LoRAModule(SiteModule):
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
+
+    def original_weight(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual + (self.scaling * (self.pissa_b @ self.pissa_a)).to(residual.dtype)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x_d = self.lora_dropout(x) if self.lora_dropout is not None else None

@@ -147,8 +147,13 @@ def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress:
     if rewrite is not None and adapter in rewrite.adapters:
         raise SpecError(f"this model already has an adapter named {adapter!r}; delete it first or pick another name", field="adapter")
     for e in plan.entries:
-        if rewrite is not None and e.site.fqn in rewrite.installed and e.method.rewrites_base:
+        if rewrite is None or e.site.fqn not in rewrite.installed:
+            continue
+        if e.method.rewrites_base:
             raise SpecError(f"{e.method.name} with this init rewrites the base weight of {e.site.fqn}, which other adapters share", field="init")
+        owner = adapted_site(model, e.site).rewritten_by
+        if owner is not None:
+            raise SpecError(f"adapter {owner!r} rewrote the base weight of {e.site.fqn} (PiSSA); no other adapter can share that site", field="adapter")
 
     built, bases = [], []
     for entry in _progress(plan.entries, "peftify: building", progress):
@@ -214,6 +219,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             base = AdaptedSite.with_weight(base, mod.residual, site.transposed)
         mod.residual = None
         adapted = AdaptedSite(site, base)
+        adapted.rewritten_by = adapter if record.original is not None else None
         if site.kind == "module":
             for i, path in enumerate(site.owners):
                 parent_path, name = _split(path)
@@ -284,22 +290,23 @@ def delete(model: nn.Module, adapter: str) -> None:
         adapted = adapted_site(model, entry.site)
         del adapted.adapters[adapter]
         if not len(adapted.adapters):
-            _restore(model, rewrite.installed.pop(entry.site.fqn), adapted, None)
+            _restore(model, rewrite.installed.pop(entry.site.fqn), adapted, fold=False)
     if rewrite.active == adapter:
         _activate(model, rewrite, next(iter(rewrite.adapters)))
 
 
-def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, weight: torch.Tensor | None) -> None:
-    """Put a site's original module(s) back, with `weight` (out, in) folded in when given."""
+def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bool) -> None:
+    """Put a site's original module(s) back; with `fold`, the active adapter's dense weight in them."""
     site = record.site
     if site.kind == "functional":
         owner, name = _split(site.weight)
-        _unparametrize(model.get_submodule(owner), name, record.order, leave_parametrized=weight is not None)
+        _unparametrize(model.get_submodule(owner), name, record.order, leave_parametrized=fold)
         return
     base = adapted.base_layer
-    if weight is None and record.original is not None:
+    if not fold and record.original is not None:
         base = record.original  # dropping an adapter that rewrote the base weight: the original comes back
-    if weight is not None:
+    if fold:
+        weight = adapted.dense_weight()
         stored = weight.t() if site.transposed else weight
         own_names = {o + ".weight" for o in site.owners}
         if set(site.aliases) - own_names:  # tied to something not rewritten: untie
@@ -314,18 +321,16 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, weight: 
 
 
 def merge_model(model: nn.Module) -> nn.Module:
-    """Fold the active adapter into dense weights, drop the others, and restore module types,
-    state-dict keys and ``requires_grad`` flags."""
+    """Fold the active adapter into dense weights (none while adapters are disabled), drop the
+    others, and restore module types, state-dict keys and ``requires_grad`` flags."""
     rewrite = rewrite_state(model, "merge")
     if len(rewrite.adapters) > 1:
         warnings.warn(f"peftify: merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped", stacklevel=3)
-    records = list(rewrite.installed.values())
     with torch.no_grad():
-        merged = [adapted_site(model, r.site).dense_weight() if r.site.kind == "module" else None for r in records]
         # reversed: each step then restores exactly the state its install started from
-        for record, weight in reversed(list(zip(records, merged))):
-            adapted = adapted_site(model, record.site)
-            _restore(model, record, adapted, weight if record.site.kind == "module" else True)
+        for record in reversed(list(rewrite.installed.values())):
+            adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
+            _restore(model, record, adapted, fold=rewrite.active in adapted.adapters)
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(rewrite.flags.get(name, p.requires_grad))
     del model._peftify

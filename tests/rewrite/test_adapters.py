@@ -184,3 +184,35 @@ def test_compiled_model_compiles_once_per_adapter(two):
                 torch.testing.assert_close(output(compiled, X), expect[name])
             counts.append(counter.frame_count)
     assert counts == [1, 2, 2, 2, 3, 3, 3]
+
+
+def test_merge_with_adapters_disabled_or_elsewhere_restores_the_original_weights():
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "*.up_proj", "apply": {"method": "lora", "r": 4, "init": "pissa"}}]}, adapter="p")
+    randomize(model, "p")
+    peftify.peftify(model, A, adapter="a")
+    peftify.set_adapter(model, "a")
+    out_a = output(model, X).detach()
+    with pytest.warns(UserWarning, match="dropped"):
+        peftify.merge(model)  # up_proj had only the PiSSA adapter: its original weight, not the residual, comes back
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(output(model, X), out_a, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
+
+    model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "*.up_proj", "apply": {"method": "lora", "r": 4, "init": "pissa"}}]})
+    randomize(model, "default")
+    with peftify.disable_adapters(model):
+        peftify.merge(model)
+    torch.testing.assert_close(output(model, X), output(base, X), rtol=0, atol=0)
+
+
+def test_pissa_site_is_not_shared_and_runs_the_original_weight_when_inactive():
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "*.up_proj", "apply": {"method": "lora", "r": 4, "init": "pissa"}}]}, adapter="p")
+    randomize(model, "p")
+    with peftify.disable_adapters(model):
+        torch.testing.assert_close(output(model, X), output(base, X), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SpecError, match="adapter 'p' rewrote the base weight of model.layers.0.mlp.up_proj"):
+        peftify.peftify(model, {"rules": [{"match": "*.up_proj", "apply": {"method": "lora"}}]}, adapter="q")
