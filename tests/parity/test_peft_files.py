@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 from conftest import FunctionalNet, output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
-
 from torch import nn
 
 import peftify
