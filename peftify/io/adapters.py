@@ -156,6 +156,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             cap = rewrite.capture
         else:
             cap = capture(model, example_inputs) if needs_trace else Capture(sites_from_modules(model), "modules", note="loading by name")
+        if fmt == "native":
+            present = {site.fqn for site in cap.sites}
+            missing = [site["fqn"] for site in config["sites"] if site["fqn"] not in present]
+            if missing:
+                raise SpecError(f"{source} does not fit this model; sites missing from this model ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         plan = make_plan(model, cap, spec, strict=strict)
         tensors = _from_peft_keys(tensors, plan, adapter) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source)

@@ -35,6 +35,7 @@ class MLP(nn.Module):
 CASES = {
     "custom-mlp": (MLP, lambda: {"x": torch.randn(5, 12)}, {"target_modules": ["fc1", "fc2"], "modules_to_save": ["head"], "bias": "lora_only"}),
     "list": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "pissa": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "down_proj"], "init_lora_weights": "pissa"}),
     "regex": (tiny_llama, LLAMA_IN, {"target_modules": r".*\.layers\.1\..*_proj"}),
     "all-linear": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "use_rslora": True}),
     "exclude": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "exclude_modules": ["o_proj", "model.layers.0.mlp.up_proj"]}),
@@ -174,7 +175,7 @@ def test_load_mismatches_are_listed_and_change_nothing(tmp_path):
 
     gpt2 = tiny_gpt2()
     before = {k: v.clone() for k, v in gpt2.state_dict().items()}
-    with pytest.raises(SpecError, match="matches nothing"):
+    with pytest.raises(SpecError, match=r"sites missing from this model \(2\): model\.layers\.0\.self_attn\.q_proj, model\.layers\.1"):
         peftify.load_adapter(gpt2, tmp_path / "a")  # a different base model: its names are not there
     assert getattr(gpt2, "_peftify", None) is None and all(torch.equal(v, before[k]) for k, v in gpt2.state_dict().items())
 
