@@ -1,10 +1,11 @@
-"""Forward+backward of a small Llama with LoRA r=16 on all linears: peftify vs the frozen base vs PEFT.
+"""Forward+backward of a small Llama with LoRA (or DoRA) r=16 on all linears: peftify vs the
+frozen base vs PEFT.
 
 Llama hidden 512, intermediate 1376, 4 layers, vocab 1000; batch 4 x 128 tokens; fp32; CPU.
 Every variant gets the same `inputs_embeds` with requires_grad=True, so the frozen base also
 back-propagates through every layer (it computes no weight gradients). Eager and compiled.
 
-    .venv/bin/python benchmarks/lora_step.py [--compiled/--no-compiled] [--repeats 15]
+    .venv/bin/python benchmarks/lora_step.py [--method lora|dora] [--compiled/--no-compiled] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ def build():
     return LlamaForCausalLM(cfg).train()
 
 
-def variants():
+def variants(method: str = "lora"):
     from peft import LoraConfig, get_peft_model
 
     base = build()
     for p in base.parameters():
         p.requires_grad_(False)
-    ours = peftify.peftify(build(), {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 16, "alpha": 32}}, {"match": "role:mlp.*", "apply": {"method": "lora", "r": 16, "alpha": 32}}]})
-    theirs = get_peft_model(build(), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    hp = {"method": method, "r": 16, "alpha": 32}
+    ours = peftify.peftify(build(), {"rules": [{"match": "role:attn.*", "apply": hp}, {"match": "role:mlp.*", "apply": hp}]})
+    theirs = get_peft_model(build(), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=method == "dora"))
     for m in (ours, theirs):  # non-zero B so no branch is trivially zero
         with torch.no_grad():
             for n, p in m.named_parameters():
@@ -63,13 +65,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--method", choices=["lora", "dora"], default="lora")
     args = ap.parse_args()
     torch.manual_seed(0)
-    models = variants()
+    models = variants(args.method)
     embeds = torch.randn(4, 128, 512, requires_grad=True)
     labels = torch.randint(0, 1000, (4, 128))
     modes = [("eager", lambda m: m)] + ([("compiled", torch.compile)] if args.compiled else [])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    print(f"{args.method}; torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     for mode, wrap in modes:
         fns = {k: step_fn(wrap(m), embeds, labels) for k, m in models.items()}
         t = interleaved(fns, repeats=args.repeats)

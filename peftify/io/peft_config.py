@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from peftify.errors import SpecError
+from peftify.passes.dora import DoRA
 from peftify.passes.lora import LoRA
 from peftify.rewrite.spec import Rule, Spec
 
@@ -68,9 +69,9 @@ def from_peft(config, model=None) -> Spec:
         if key in defaults and value == defaults[key] or key not in defaults and value in (None, False, {}, [], ""):
             continue
         raise SpecError(f"peftify cannot honour PEFT's {key}={value!r}", field=key)
-    if d.get("use_dora"):
-        raise SpecError("DoRA is not implemented in peftify yet", field="use_dora")
     init = d.get("init_lora_weights", True)
+    if d.get("use_dora") and init == "pissa":
+        raise SpecError("peftify's DoRA takes init_lora_weights True or 'gaussian'", field="init_lora_weights")
     if init not in INITS:
         raise SpecError(f"peftify supports init_lora_weights True, 'gaussian' or 'pissa', not {init!r}", field="init_lora_weights")
     bias = d.get("bias", "none")
@@ -78,7 +79,7 @@ def from_peft(config, model=None) -> Spec:
         raise SpecError(f"unknown bias mode {bias!r}", field="bias")
 
     def lora(r, alpha):
-        return LoRA(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
+        return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
 
     target = _target_match(d.get("target_modules"), model)
     layers = d.get("layers_to_transform")
@@ -142,8 +143,9 @@ def _and(match, extra: dict) -> dict:
 def to_peft(plan, model) -> dict[str, Any]:
     """The ``adapter_config.json`` dict that makes PEFT rebuild `plan`'s rewrite of `model`."""
     methods = [e.method for e in plan.entries]
-    if not methods or not all(isinstance(m, LoRA) for m in methods):
-        raise SpecError("PEFT's format holds one LoRA config; this rewrite uses " + ", ".join(sorted({m.name for m in methods}) or ["nothing"]), field="format")
+    kinds = {type(m) for m in methods}
+    if kinds not in ({LoRA}, {DoRA}):
+        raise SpecError("PEFT's format holds one LoRA or DoRA config; this rewrite uses " + ", ".join(sorted({m.name for m in methods}) or ["nothing"]), field="format")
     functional = [e.site.fqn for e in plan.entries if e.site.kind != "module"]
     if functional:
         raise SpecError(f"PEFT cannot target parameters used functionally: {', '.join(functional)}; save with format='native'", field="format")
@@ -177,5 +179,5 @@ def to_peft(plan, model) -> dict[str, Any]:
         "alpha_pattern": {re.escape(e.site.fqn): e.method.alpha for e in plan.entries if e.method.alpha != alpha},
         "modules_to_save": modules_to_save or None,
         "fan_in_fan_out": any(e.site.transposed for e in plan.entries),
-        "use_dora": False,
+        "use_dora": kinds == {DoRA},
     }

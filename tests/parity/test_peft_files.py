@@ -35,6 +35,9 @@ class MLP(nn.Module):
 CASES = {
     "custom-mlp": (MLP, lambda: {"x": torch.randn(5, 12)}, {"target_modules": ["fc1", "fc2"], "modules_to_save": ["head"], "bias": "lora_only"}),
     "list": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "dora": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True, "rank_pattern": {"down_proj": 2}}),
+    "dora-gpt2": (tiny_gpt2, LLAMA_IN, {"target_modules": ["c_attn", "c_fc"], "use_dora": True, "fan_in_fan_out": True}),
+    "dora-bert": (tiny_bert, LLAMA_IN, {"target_modules": ["query", "value"], "use_dora": True, "bias": "lora_only", "use_rslora": True}),
     "pissa": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "down_proj"], "init_lora_weights": "pissa"}),
     "regex": (tiny_llama, LLAMA_IN, {"target_modules": r".*\.layers\.1\..*_proj"}),
     "all-linear": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "use_rslora": True}),
@@ -65,6 +68,7 @@ def our_lora(model):
 def peft_param_name(name: str) -> str:
     """PEFT's live parameter name → ours."""
     name = name.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(".original_module", "")
+    name = re.sub(r"\.lora_magnitude_vector\.default\.weight$", ".adapters.default.magnitude", name)
     return re.sub(r"\.(lora_[AB])\.default\.weight$", r".adapters.default.\1", name)
 
 
@@ -141,7 +145,7 @@ def test_pissa_init_matches_peft():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"use_dora": True}, "use_dora"),
+        ({"use_dora": True, "init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"init_lora_weights": False}, "init_lora_weights"),
         ({"init_lora_weights": "olora"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),

@@ -1,0 +1,74 @@
+"""DoRA: weight-decomposed low-rank adaptation (a magnitude vector on top of LoRA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftify.passes.base import invalid, register
+from peftify.passes.lora import LoRA, LoRAModule
+from peftify.rewrite.sites import Site
+
+
+@register("dora")
+@dataclass(frozen=True)
+class DoRA(LoRA):
+    """W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm taken over each output row (PEFT's layout:
+    one magnitude per output feature); m (out), A and B train, W is frozen.
+
+    At init m = ‖W‖ and B = 0, so the output is unchanged. As in the paper (and PEFT), the norm
+    is treated as a constant in the backward pass. Paper: "DoRA: Weight-Decomposed Low-Rank
+    Adaptation". Hyperparameters are LoRA's (`peftify.LoRA`), except that ``init`` is "default"
+    or "gaussian".
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init == "pissa":
+            invalid("init", "DoRA takes init 'default' or 'gaussian'")
+
+    def trainable_params(self, site: Site) -> int:
+        return super().trainable_params(site) + site.out_features
+
+    def flops(self, site: Site) -> int:
+        return super().flops(site) + 2 * site.out_features
+
+
+class DoRAModule(LoRAModule):
+    peft_names: ClassVar[dict[str, str]] = {**LoRAModule.peft_names, "magnitude": "lora_magnitude_vector"}
+
+    def __init__(self, method: DoRA, site: Site, weight: torch.Tensor):
+        super().__init__(method, site, weight)
+        with torch.no_grad():
+            m = self.row_norms(weight) if weight.device.type != "meta" else torch.empty(weight.shape[0], device="meta")
+        self.magnitude = nn.Parameter(m.to(weight.dtype))
+
+    def row_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row, without forming W + s·B·A:
+        ‖W‖² + 2s·⟨B, W Aᵀ⟩_row + s²·⟨B (A Aᵀ), B⟩_row, in float32 or wider."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        w, a, b, s = weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
+        squared = w.square().sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+        return squared.clamp_min(0).sqrt().to(weight.dtype)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        scale = self.magnitude / self.row_norms(weight)
+        return scale[:, None] * super().merged_weight(weight)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        scale = self.magnitude / self.row_norms(weight).detach()
+        x_d = self.lora_dropout(x) if self.lora_dropout is not None and self.training else x
+        update = self.scaling * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
+        base = F.linear(x, weight)
+        if x_d is x:
+            y = scale * (base + update)
+        else:  # PEFT's form: the magnitude rescales the dropped input's path only
+            y = base + (scale - 1) * F.linear(x_d, weight) + scale * update
+        return y if bias is None else y + bias
+
+
+DoRA.module = DoRAModule

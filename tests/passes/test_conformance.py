@@ -1,0 +1,122 @@
+"""One conformance suite over the method registry: a new method is covered by registering it.
+
+Each method needs an entry in REFERENCE: its dense weight written directly in plain torch from
+the module's parameters, the independent formula `dense_weight()` is checked against.
+"""
+
+import pytest
+import torch
+from conftest import output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
+
+import peftify
+from peftify.passes.base import METHODS, AdaptedSite
+
+
+def lora_ref(w, mod):
+    return w + mod.scaling * mod.lora_B @ mod.lora_A
+
+
+def dora_ref(w, mod):
+    v = lora_ref(w, mod)
+    return mod.magnitude[:, None] * v / v.norm(dim=1, keepdim=True)
+
+
+REFERENCE = {"lora": lora_ref, "dora": dora_ref}
+NAMES = sorted(METHODS)
+MODELS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
+X = {"input_ids": torch.arange(18).view(2, 9) % 101}
+
+
+def spec(name, **hp):
+    return {"rules": [{"match": "role:*", "apply": {"method": name, **hp}}]}
+
+
+def perturb(model, std=0.1):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters." in n:
+                p.add_(torch.randn_like(p) * std)
+
+
+def sites(model):
+    return [m for m in model.modules() if isinstance(m, AdaptedSite)]
+
+
+def test_every_method_has_a_reference():
+    assert set(REFERENCE) == set(METHODS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dense_weight_equals_the_formula_in_float64(name):
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama().double(), spec(name))
+    perturb(model)
+    for site in sites(model):
+        mod = site.adapters["default"]
+        torch.testing.assert_close(site.dense_weight(), REFERENCE[name](site.weight, mod), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("name", NAMES)
+def test_identity_at_init_counts_gradients_and_merge(name, model_name):
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    ref = output(model, X).detach()
+    plan = peftify.plan(model, spec(name))
+    peftify.peftify(model, spec(name))
+    torch.testing.assert_close(output(model, X), ref, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.trainable_params == sum(e.method.trainable_params(e.site) for e in plan.entries)
+    perturb(model)
+    scalar_loss(model, X).backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+    adapted = output(model, X).detach()
+    peftify.merge(model)
+    keys = list(model.state_dict())
+    assert keys == list(MODELS[model_name]().state_dict())
+    torch.testing.assert_close(output(model, X), adapted, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_few_steps_lower_a_regression_loss(name):
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(), spec(name, r=4))
+    target = torch.randn(2, 9, 101)
+    opt = torch.optim.Adam(peftify.param_groups(model, lr=1e-2))
+    losses = []
+    for _ in range(12):
+        loss = (output(model, X) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_round_trip_and_docstring(name):
+    method = METHODS[name]()
+    assert type(method).from_dict(method.to_dict()) == method
+    assert peftify.Spec.from_dict(peftify.Spec([peftify.Rule("*", method)]).to_dict()).rules[0].apply == method
+    doc = type(method).__doc__
+    assert "=" in doc and "Paper" in doc  # the equation and the paper's title
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_training_step_has_no_graph_break_and_matches_eager(name):
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(layers=1), spec(name))
+    perturb(model)
+
+    def step(m):
+        m.zero_grad()
+        loss = output(m, X).square().mean()
+        loss.backward()
+        return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = step(model)
+    torch._dynamo.reset()
+    loss, grads = step(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4)
