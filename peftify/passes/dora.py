@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftify.codegen.reference import lora_linear
 from peftify.passes.base import invalid, register
 from peftify.passes.lora import LoRA, LoRAModule
 from peftify.rewrite.sites import Site
@@ -62,12 +63,11 @@ class DoRAModule(LoRAModule):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         scale = self.magnitude / self.row_norms(weight).detach()
         x_d = self.lora_dropout(x) if self.lora_dropout is not None and self.training else x
-        update = self.scaling * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
-        base = F.linear(x, weight)
-        if x_d is x:
-            y = scale * (base + update)
+        if x_d is x:  # m/‖·‖ ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ), the sum by the fused LoRA op
+            y = scale * lora_linear(x, weight, None, self.lora_A, self.lora_B, self.scaling)
         else:  # PEFT's form: the magnitude rescales the dropped input's path only
-            y = base + (scale - 1) * F.linear(x_d, weight) + scale * update
+            update = self.scaling * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
+            y = F.linear(x, weight) + (scale - 1) * F.linear(x_d, weight) + scale * update
         return y if bias is None else y + bias
 
 
