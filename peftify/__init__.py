@@ -12,7 +12,7 @@ through), `io` (PEFT configs and adapter files). Importing peftify never imports
 from peftify.api import Report, adapters, capture, delete_adapter, disable_adapters, merge, param_groups, peftify, plan, report, set_adapter
 from peftify.errors import SpecError
 from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
-from peftify.passes import METHODS, DoRA, LoRA
+from peftify.passes import METHODS, DoRA, LoLDU, LoRA, LoRAXS, SVFit
 from peftify.rewrite.plan import Plan
 from peftify.rewrite.sites import Capture, Site
 from peftify.rewrite.spec import Rule, Spec
@@ -23,10 +23,13 @@ __all__ = [
     "METHODS",
     "Capture",
     "DoRA",
+    "LoLDU",
     "LoRA",
+    "LoRAXS",
     "Plan",
     "Report",
     "Rule",
+    "SVFit",
     "Site",
     "Spec",
     "SpecError",

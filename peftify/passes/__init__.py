@@ -4,6 +4,9 @@ builds (see `base` for the protocol). Importing this package registers them all.
 
 from peftify.passes.base import METHODS, Method, SiteModule, register
 from peftify.passes.dora import DoRA
+from peftify.passes.loldu import LoLDU
 from peftify.passes.lora import LoRA
+from peftify.passes.lora_xs import LoRAXS
+from peftify.passes.svfit import SVFit
 
-__all__ = ["METHODS", "DoRA", "LoRA", "Method", "SiteModule", "register"]
+__all__ = ["METHODS", "DoRA", "LoLDU", "LoRA", "LoRAXS", "Method", "SVFit", "SiteModule", "register"]

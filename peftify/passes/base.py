@@ -136,6 +136,42 @@ class SiteModule(nn.Module):
         return f"{self.method.name}({fields})"
 
 
+class LowRankDelta(SiteModule):
+    """Shared by methods whose update is W' = W + s·B·A with A, B built from frozen factors of W
+    and a small trainable core (LoRA-XS, SVFit, LoLDU): subclasses define `factors`, and the
+    forward runs the fused LoRA op, so no (out × in) update is ever formed."""
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A (r × in), B (out × r), s) for this step."""
+        raise NotImplementedError
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        a, b, s = self.factors()
+        return weight + (s * (b @ a)).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from peftify.codegen.reference import lora_linear
+
+        a, b, s = self.factors()
+        return lora_linear(x, weight, bias, a, b, s)
+
+
+def frozen(t: torch.Tensor) -> nn.Parameter:
+    """A factor that is saved with the adapter but never trained."""
+    return nn.Parameter(t.contiguous(), requires_grad=False)
+
+
+def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (out × r), σ (r), Vᴴ (r × in) of the top r singular triplets, in float32 (float64 for
+    float64 weights). Randomized (`torch.svd_lowrank`) when r is small against the layer."""
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    if 4 * (r + 8) < min(w.shape):
+        u, s, v = torch.svd_lowrank(w, q=r + 8, niter=4)
+        return u[:, :r], s[:r], v[:, :r].t()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :r], s[:r], vh[:r]
+
+
 class AdaptedSite(nn.Module):
     """What a rewritten module site becomes: the original module as ``base_layer`` (its frozen
     weight stays at ``<fqn>.base_layer.weight``) and the adapters by name. ``active`` names the

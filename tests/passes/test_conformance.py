@@ -4,6 +4,8 @@ Each method needs an entry in REFERENCE: its dense weight written directly in pl
 the module's parameters, the independent formula `dense_weight()` is checked against.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
@@ -21,7 +23,19 @@ def dora_ref(w, mod):
     return mod.magnitude[:, None] * v / v.norm(dim=1, keepdim=True)
 
 
-REFERENCE = {"lora": lora_ref, "dora": dora_ref}
+def lora_xs_ref(w, mod):
+    return w + mod.scaling * mod.us @ mod.core @ mod.vh
+
+
+def svfit_ref(w, mod):
+    return w + mod.u @ torch.diag(mod.sigma - mod.sigma0) @ mod.vh
+
+
+def loldu_ref(w, mod):
+    return w + mod.pl @ torch.diag(mod.d * (mod.z - 1)) @ mod.u
+
+
+REFERENCE = {"lora": lora_ref, "dora": dora_ref, "lora_xs": lora_xs_ref, "svfit": svfit_ref, "loldu": loldu_ref}
 NAMES = sorted(METHODS)
 MODELS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 X = {"input_ids": torch.arange(18).view(2, 9) % 101}
@@ -78,19 +92,25 @@ def test_identity_at_init_counts_gradients_and_merge(name, model_name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_few_steps_lower_a_regression_loss(name):
+def test_a_few_steps_fit_a_teacher_of_the_same_family(name):
+    """The target is a copy whose own adapter parameters were moved: reachable by every method."""
     torch.manual_seed(0)
     model = peftify.peftify(tiny_llama(), spec(name, r=4))
-    target = torch.randn(2, 9, 101)
-    opt = torch.optim.Adam(peftify.param_groups(model, lr=1e-2))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+        target = output(teacher, X)
+    opt = torch.optim.Adam(peftify.param_groups(model, lr=2e-2))
     losses = []
-    for _ in range(12):
+    for _ in range(25):
         loss = (output(model, X) - target).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0]
+    assert losses[-1] < 0.5 * losses[0], losses[::6]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,63 @@
+"""LoLDU: train the diagonal of a Lower-Diag-Upper decomposition of W, its triangular factors fixed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
+from peftify.rewrite.sites import Site
+
+
+@register("loldu")
+@dataclass(frozen=True)
+class LoLDU(Method):
+    """W = P L D U (pivoted LU, L unit lower, U unit upper, D diagonal). The leading r pivots
+    give frozen factors P L_r (out × r) and U_r (r × in) with diagonal d_r; r scales z train:
+    W' = W + P L_r diag(d_r ⊙ (z − 1)) U_r, so z = 1 (identity) at init leaves the output
+    unchanged. The fewest trainable parameters of any method here: r per layer.
+    Paper: "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning".
+
+    - r: how many leading pivots' scales train.
+    """
+
+    r: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            invalid("r", f"must be a positive integer, got {self.r!r}")
+
+    def check(self, site: Site) -> None:
+        if self.r > min(site.in_features, site.out_features):
+            invalid("r", f"{self.r} pivots exceed the layer {site.fqn} ({site.in_features}→{site.out_features})")
+
+    def trainable_params(self, site: Site) -> int:
+        return self.r
+
+    def flops(self, site: Site) -> int:
+        return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features)
+
+
+class LoLDUModule(LowRankDelta):
+    def __init__(self, method: LoLDU, site: Site, weight: torch.Tensor):
+        super().__init__(method, site)
+        r, (out_f, in_f) = method.r, weight.shape
+        if weight.device.type == "meta":
+            pl, d, u = torch.empty(out_f, r, device="meta"), torch.empty(r, device="meta"), torch.empty(r, in_f, device="meta")
+        else:
+            w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+            p, lower, upper = torch.linalg.lu(w)  # w = p @ lower @ upper; lower out × k, upper k × in
+            d = upper.diagonal()[:r]
+            pl = (p @ lower)[:, :r]
+            u = upper[:r] / d[:, None].masked_fill(d[:, None] == 0, 1)
+        self.pl, self.u = frozen(pl.to(weight.dtype)), frozen(u.to(weight.dtype))
+        self.d = frozen(d.to(weight.dtype))
+        self.z = nn.Parameter(torch.ones(r, dtype=weight.dtype, device=weight.device))
+
+    def factors(self):
+        return (self.d * (self.z - 1))[:, None] * self.u, self.pl, 1.0
+
+
+LoLDU.module = LoLDUModule

@@ -1,0 +1,63 @@
+"""LoRA-XS: a trainable r × r matrix between frozen singular-vector factors of W."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register, top_svd
+from peftify.rewrite.sites import Site
+
+
+@register("lora_xs")
+@dataclass(frozen=True)
+class LoRAXS(Method):
+    """W' = W + s·(U_r Σ_r) R V_rᵀ, with U_r Σ_r and V_r from the truncated SVD of W (frozen) and
+    only R (r × r) trained; s = alpha / r. R = 0 at init: the output is unchanged.
+    Paper: "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters".
+
+    - r: rank (R is r × r).
+    - alpha: scale numerator.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            invalid("r", f"rank must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            invalid("alpha", f"must be a positive number, got {self.alpha!r}")
+
+    def check(self, site: Site) -> None:
+        if self.r > min(site.in_features, site.out_features):
+            invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
+
+    def trainable_params(self, site: Site) -> int:
+        return self.r * self.r
+
+    def flops(self, site: Site) -> int:
+        return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features + self.r)
+
+
+class LoRAXSModule(LowRankDelta):
+    def __init__(self, method: LoRAXS, site: Site, weight: torch.Tensor):
+        super().__init__(method, site)
+        r, (out_f, in_f) = method.r, weight.shape
+        self.scaling = method.alpha / r
+        if weight.device.type == "meta":
+            us, vh = torch.empty(out_f, r, device="meta"), torch.empty(r, in_f, device="meta")
+        else:
+            u, s, vh = top_svd(weight, r)
+            us = u * s
+        self.us = frozen(us.to(weight.dtype))
+        self.vh = frozen(vh.to(weight.dtype))
+        self.core = nn.Parameter(torch.zeros(r, r, dtype=weight.dtype, device=weight.device))
+
+    def factors(self):
+        return self.core @ self.vh, self.us, self.scaling
+
+
+LoRAXS.module = LoRAXSModule
