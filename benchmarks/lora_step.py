@@ -1,4 +1,4 @@
-"""Forward+backward of a small Llama with LoRA (or DoRA) r=16 on all linears: peftify vs the
+"""Forward+backward of a small Llama with LoRA (or any registered method) r=16 on all linears: peftify vs the
 frozen base vs PEFT.
 
 Llama hidden 512, intermediate 1376, 4 layers, vocab 1000; batch 4 x 128 tokens; fp32; CPU.
@@ -38,15 +38,17 @@ def variants(method: str = "lora"):
     base = build()
     for p in base.parameters():
         p.requires_grad_(False)
-    hp = {"method": method, "r": 16, "alpha": 32}
+    hp = {"method": method, "r": 16, **({"alpha": 32} if method in ("lora", "dora", "lora_xs") else {})}
     ours = peftify.peftify(build(), {"rules": [{"match": "role:attn.*", "apply": hp}, {"match": "role:mlp.*", "apply": hp}]})
-    theirs = get_peft_model(build(), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=method == "dora"))
-    for m in (ours, theirs):  # non-zero B so no branch is trivially zero
+    models = {"frozen base": base, "peftify": ours}
+    if method in ("lora", "dora"):
+        models["peft"] = get_peft_model(build(), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=method == "dora"))
+    for m in list(models.values())[1:]:  # move every trainable parameter so no branch is trivially zero
         with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(std=0.01)
-    return {"frozen base": base, "peftify": ours, "peft": theirs}
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.01)
+    return models
 
 
 def step_fn(model, embeds, labels):
@@ -65,7 +67,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--method", choices=["lora", "dora"], default="lora")
+    ap.add_argument("--method", choices=sorted(peftify.METHODS), default="lora")
     args = ap.parse_args()
     torch.manual_seed(0)
     models = variants(args.method)
