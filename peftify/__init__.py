@@ -12,7 +12,7 @@ through), `io` (PEFT configs and adapter files). Importing peftify never imports
 from peftify.api import Report, adapters, capture, delete_adapter, disable_adapters, merge, param_groups, peftify, plan, report, set_adapter
 from peftify.errors import SpecError
 from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
-from peftify.passes import METHODS, DoRA, LoLDU, LoRA, LoRAXS, SVFit
+from peftify.passes import CLOVER, MAP, METHODS, SVFT, AdaptiveFreezing, BoRA, DoRA, LoLDU, LoRA, LoRAXS, SVFit, VectorFit
 from peftify.rewrite.plan import Plan
 from peftify.rewrite.sites import Capture, Site
 from peftify.rewrite.spec import Rule, Spec
@@ -20,7 +20,12 @@ from peftify.rewrite.spec import Rule, Spec
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLOVER",
+    "MAP",
     "METHODS",
+    "SVFT",
+    "AdaptiveFreezing",
+    "BoRA",
     "Capture",
     "DoRA",
     "LoLDU",
@@ -33,6 +38,7 @@ __all__ = [
     "Site",
     "Spec",
     "SpecError",
+    "VectorFit",
     "adapters",
     "capture",
     "delete_adapter",

@@ -100,7 +100,7 @@ class Report:
     note: str
 
     def __str__(self) -> str:
-        header = ("site", "method", "params before", "trainable", "params after", "flops/tok before", "flops/tok after")
+        header = ("site", "method", "params before", "trainable", "params after", "flops/tok before", "flops/tok after", "note")
         pct = 100 * self.trainable / max(self.total, 1)
         return "\n".join([table(header, self.rows), f"trainable {human(self.trainable)} of {human(self.total)} parameters ({pct:.3f}%){self.note}"])
 
@@ -112,7 +112,8 @@ def report(model: nn.Module) -> Report:
     state = rewrite_state(model, "report")
     rows = []
     for e in state.plan.entries:
-        own = list(adapted_site(model, e.site).adapters[state.current].parameters())
+        mod = adapted_site(model, e.site).adapters[state.current]
+        own = list(mod.parameters())
         dense = e.site.in_features * e.site.out_features
         rows.append((
             e.site.fqn,
@@ -122,6 +123,7 @@ def report(model: nn.Module) -> Report:
             dense + sum(p.numel() for p in own),
             dense_flops(e.site),
             e.method.flops(e.site),
+            mod.summary(),
         ))
     cap = state.capture
     note = f"; capture: {cap.method}" + (f" ({cap.note})" if cap.note else "") + f"; adapters: {', '.join(f'{n} (active)' if n == state.active else n for n in state.adapters)}"

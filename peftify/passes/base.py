@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -64,9 +65,26 @@ class Method:
         """Forward FLOPs per token (one row of x) of the rewritten site."""
         raise NotImplementedError
 
-    def build(self, site: Site, weight: torch.Tensor) -> SiteModule:
-        """This method's module for `site`, from the dense weight as (out, in), which it must not mutate."""
-        return self.module(self, site, weight)
+    def resolve(self, model: nn.Module) -> Method:
+        """This method with any model-dependent setting ("auto") fixed, before planning."""
+        return self
+
+    def svd_rank(self, site: Site) -> int | None:
+        """How many leading singular triplets of W its init needs (0: all of them; None: no SVD).
+        The engine computes them for all sites at once, batched where shapes repeat."""
+        return None
+
+    def build(self, site: Site, weight: torch.Tensor, svd: tuple | None = None) -> SiteModule:
+        """This method's module for `site`, from the dense weight as (out, in), which it must not
+        mutate; `svd` is (U, σ, Vᴴ) when `svd_rank` asked for it."""
+        return self.module(self, site, weight) if svd is None else self.module(self, site, weight, svd)
+
+    def build_many(self, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
+        """Modules for every site this method rewrites in one plan. A method whose sites depend
+        on each other (pairs of projections) overrides this."""
+        ranks = [self.svd_rank(site) for site, _ in items]
+        svds = batched_svd([w for _, w in items], ranks, progress)
+        return [self.build(site, w, svd) for (site, w), svd in progress_bar(list(zip(items, svds)), f"peftify: building {self.name}", progress)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
@@ -131,6 +149,10 @@ class SiteModule(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.merged_weight(weight), bias)
 
+    def summary(self) -> str:
+        """A note for `peftify.report` (e.g. what an init pruned)."""
+        return ""
+
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.method).items())
         return f"{self.method.name}({fields})"
@@ -162,14 +184,55 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (out × r), σ (r), Vᴴ (r × in) of the top r singular triplets, in float32 (float64 for
-    float64 weights). Randomized (`torch.svd_lowrank`) when r is small against the layer."""
+    """U (… × out × r), σ (… × r), Vᴴ (… × r × in) of the top r singular triplets (r = 0: all),
+    in float32 (float64 for float64 weights); batched over leading dimensions. Randomized
+    (`torch.svd_lowrank`, "Finding Structure with Randomness", Halko et al.) when r is small
+    against the layer."""
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    if 4 * (r + 8) < min(w.shape):
+    k = min(w.shape[-2:])
+    r = r or k
+    if weight.device.type == "meta":
+        e = partial(torch.empty, device="meta", dtype=weight.dtype)
+        return e(*w.shape[:-1], r), e(*w.shape[:-2], r), e(*w.shape[:-2], r, w.shape[-1])
+    if 4 * (r + 8) < k:
         u, s, v = torch.svd_lowrank(w, q=r + 8, niter=4)
-        return u[:, :r], s[:r], v[:, :r].t()
+        return u[..., :r], s[..., :r], v[..., :r].mT
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    return u[:, :r], s[:r], vh[:r]
+    return u[..., :r], s[..., :r], vh[..., :r, :]
+
+
+def progress_bar(items: list, desc: str, progress: bool | None):
+    """A tqdm over `items`: shown for long lists unless `progress` is False, always if True."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=(len(items) <= 16) if progress is None else not progress, leave=False)
+
+
+SVD_BATCH_BYTES = 1 << 30  # how much stacked weight one batched SVD call may take
+
+
+def batched_svd(weights: list[torch.Tensor], ranks: list[int | None], progress: bool | None = None) -> list[tuple | None]:
+    """`top_svd` of many weights: equal shapes (and ranks) stacked into batched calls, with a
+    progress bar over the weights. None where the rank is None."""
+    from tqdm.auto import tqdm
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (w, r) in enumerate(zip(weights, ranks)):
+        if r is not None:
+            groups.setdefault((tuple(w.shape), w.dtype, w.device, r), []).append(i)
+    out: list[tuple | None] = [None] * len(weights)
+    total = sum(map(len, groups.values()))
+    disable = total < 8 if progress is None else not progress
+    with tqdm(total=total, desc="peftify: SVD", unit="weight", disable=disable, leave=False) as bar:
+        for (shape, _, _, r), idx in groups.items():
+            per_call = max(1, SVD_BATCH_BYTES // (4 * shape[0] * shape[1]))
+            for start in range(0, len(idx), per_call):
+                chunk = idx[start : start + per_call]
+                u, s, vh = top_svd(torch.stack([weights[i] for i in chunk]), r)
+                for k, i in enumerate(chunk):
+                    out[i] = (u[k], s[k], vh[k])
+                bar.update(len(chunk))
+    return out
 
 
 class AdaptedSite(nn.Module):

@@ -77,6 +77,9 @@ class LoRA(Method):
     def trains_base_bias(self) -> bool:
         return self.bias
 
+    def svd_rank(self, site: Site) -> int | None:
+        return 0 if self.init == "pissa" else None  # the exact (full) SVD, as PEFT's "pissa"
+
     def trainable_params(self, site: Site) -> int:
         n = self.r * site.out_features + (self.r * site.in_features if self.train_a else 0)
         return n + (site.out_features if self.bias and site.bias else 0)
@@ -88,7 +91,7 @@ class LoRA(Method):
 class LoRAModule(SiteModule):
     peft_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
-    def __init__(self, method: LoRA, site: Site, weight: torch.Tensor):
+    def __init__(self, method: LoRA, site: Site, weight: torch.Tensor, svd: tuple | None = None):
         super().__init__(method, site)
         r, (out_f, in_f) = method.r, weight.shape
         self.scaling = method.scale
@@ -96,7 +99,7 @@ class LoRAModule(SiteModule):
         a, b = torch.empty(r, in_f, **factory), torch.zeros(out_f, r, **factory)
         if weight.device.type != "meta":
             if method.init == "pissa":
-                a, b, self.residual = _pissa(weight, r, self.scaling)
+                a, b, self.residual = _pissa(weight, svd, r, self.scaling)
                 # the top-r part taken out of W, to compute W itself while this adapter is inactive
                 self.register_buffer("pissa_a", a.clone(), persistent=False)
                 self.register_buffer("pissa_b", b.clone(), persistent=False)
@@ -122,12 +125,11 @@ class LoRAModule(SiteModule):
 LoRA.module = LoRAModule
 
 
-def _pissa(weight: torch.Tensor, r: int, scale: float):
-    """Top-r SVD split W = s·B·A + W_res, computed in float32 (or float64 for float64 weights)."""
-    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    root = (s[:r] / scale).sqrt()
-    b = u[:, :r] * root
-    a = root[:, None] * vh[:r]
-    residual = w - scale * (b @ a)
+def _pissa(weight: torch.Tensor, svd: tuple, r: int, scale: float):
+    """The top-r split W = s·B·A + W_res from W's top-r SVD, the residual in float32 (or float64)."""
+    u, sigma, vh = svd[0][:, :r], svd[1][:r], svd[2][:r]
+    root = (sigma / scale).sqrt()
+    b = u * root
+    a = root[:, None] * vh
+    residual = weight.to(u.dtype) - scale * (b @ a)
     return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register, top_svd
+from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
 from peftify.rewrite.sites import Site
 
 
@@ -35,6 +35,9 @@ class LoRAXS(Method):
         if self.r > min(site.in_features, site.out_features):
             invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
 
+    def svd_rank(self, site: Site) -> int:
+        return self.r
+
     def trainable_params(self, site: Site) -> int:
         return self.r * self.r
 
@@ -43,15 +46,12 @@ class LoRAXS(Method):
 
 
 class LoRAXSModule(LowRankDelta):
-    def __init__(self, method: LoRAXS, site: Site, weight: torch.Tensor):
+    def __init__(self, method: LoRAXS, site: Site, weight: torch.Tensor, svd: tuple):
         super().__init__(method, site)
-        r, (out_f, in_f) = method.r, weight.shape
+        r = method.r
         self.scaling = method.alpha / r
-        if weight.device.type == "meta":
-            us, vh = torch.empty(out_f, r, device="meta"), torch.empty(r, in_f, device="meta")
-        else:
-            u, s, vh = top_svd(weight, r)
-            us = u * s
+        u, s, vh = svd
+        us = u * s
         self.us = frozen(us.to(weight.dtype))
         self.vh = frozen(vh.to(weight.dtype))
         self.core = nn.Parameter(torch.zeros(r, r, dtype=weight.dtype, device=weight.device))

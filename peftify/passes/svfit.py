@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register, top_svd
+from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
 from peftify.rewrite.sites import Site
 
 
@@ -20,33 +20,51 @@ class SVFit(Method):
     Paper: "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values".
 
     - r: how many of the largest singular values train.
+    - energy: instead of a fixed r, per layer the fewest leading singular values whose squares
+      hold this fraction of ‖W‖²_F (e.g. 0.99); needs the full SVD. The plan then counts the
+      bound min(in, out); `peftify.report` counts what was built.
     """
 
     r: int = 8
+    energy: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             invalid("r", f"must be a positive integer, got {self.r!r}")
+        if self.energy is not None and (not isinstance(self.energy, (int, float)) or not 0 < self.energy <= 1):
+            invalid("energy", f"must be a fraction in (0, 1], got {self.energy!r}")
+
+    def rank(self, site: Site) -> int:
+        """The trained count, or its bound under an energy threshold."""
+        return min(site.in_features, site.out_features) if self.energy is not None else self.r
 
     def check(self, site: Site) -> None:
-        if self.r > min(site.in_features, site.out_features):
+        if self.energy is None and self.r > min(site.in_features, site.out_features):
             invalid("r", f"{self.r} singular values exceed the layer {site.fqn} ({site.in_features}→{site.out_features})")
 
+    def svd_rank(self, site: Site) -> int:
+        return 0 if self.energy is not None else self.r
+
     def trainable_params(self, site: Site) -> int:
-        return self.r
+        return self.rank(site)
 
     def flops(self, site: Site) -> int:
-        return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features)
+        return dense_flops(site) + 2 * self.rank(site) * (site.in_features + site.out_features)
+
+
+def energy_rank(sigma: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular values whose squares hold `energy` of the total."""
+    cumulative = sigma.double().square().cumsum(0)
+    return int(torch.searchsorted(cumulative, energy * cumulative[-1] * (1 - 1e-12)).item()) + 1
 
 
 class SVFitModule(LowRankDelta):
-    def __init__(self, method: SVFit, site: Site, weight: torch.Tensor):
+    def __init__(self, method: SVFit, site: Site, weight: torch.Tensor, svd: tuple):
         super().__init__(method, site)
-        r, (out_f, in_f) = method.r, weight.shape
-        if weight.device.type == "meta":
-            u, s, vh = torch.empty(out_f, r, device="meta"), torch.empty(r, device="meta"), torch.empty(r, in_f, device="meta")
-        else:
-            u, s, vh = top_svd(weight, r)
+        u, s, vh = svd
+        if method.energy is not None and weight.device.type != "meta":
+            r = min(energy_rank(s, method.energy), len(s))
+            u, s, vh = u[:, :r], s[:r], vh[:r]
         self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
         self.sigma0 = frozen(s.to(weight.dtype).clone())
         self.sigma = nn.Parameter(s.to(weight.dtype).clone())

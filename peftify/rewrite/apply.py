@@ -114,12 +114,6 @@ def check_state(expected: dict, given: dict, source: str, optional: dict | None 
         raise SpecError(f"{source} does not fit this model; " + "; ".join(parts))
 
 
-def _progress(items, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, disable=(None if progress is None else not progress) if len(items) > 16 else True, leave=False)
-
-
 def _base_of(model: nn.Module, site: Site, state: RewriteState | None):
     """The site's base module (None for functional) and its dense weight as (out, in)."""
     if state is not None and site.fqn in state.installed:
@@ -155,11 +149,17 @@ def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress:
         if owner is not None:
             raise SpecError(f"adapter {owner!r} rewrote the base weight of {e.site.fqn} (PiSSA); no other adapter can share that site", field="adapter")
 
-    built, bases = [], []
-    for entry in _progress(plan.entries, "peftify: building", progress):
+    bases, weights, by_method = [], [], {}
+    for i, entry in enumerate(plan.entries):
         base, weight = _base_of(model, entry.site, rewrite)
-        built.append(entry.method.build(entry.site, weight.detach()))
         bases.append(base)
+        weights.append(weight.detach())
+        by_method.setdefault(entry.method, []).append(i)
+    built: list[SiteModule | None] = [None] * len(plan.entries)
+    for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
+        mods = method.build_many([(plan.entries[i].site, weights[i]) for i in idx], progress)
+        for i, mod in zip(idx, mods):
+            built[i] = mod
 
     existing = {}  # tensors of `state` bound for parameters the model already has
     if state is not None:

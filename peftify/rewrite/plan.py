@@ -84,6 +84,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         if n == 0 and not spec.rules[i].optional:
             _unmatched(spec.rules[i].describe(i), spec.rules[i].match, cap.sites, strict)
 
+    resolved: dict[int, Method] = {}  # per rule: its method with "auto" settings fixed for this model
     entries = []
     for site in cap.sites:
         if site.fqn not in chosen or chosen[site.fqn][1] is None:
@@ -96,6 +97,9 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
                 rule=spec.rules[i].describe(i),
             )
         try:
+            if i not in resolved:
+                resolved[i] = method.resolve(model)
+            method = resolved[i]
             method.check(site)
         except SpecError as e:
             raise SpecError(_bare(e), rule=spec.rules[i].describe(i), field=e.field) from e

@@ -1,0 +1,107 @@
+"""SVFT: a sparse, trained combination of W's own singular-vector outer products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
+from peftify.rewrite.sites import Site
+
+PATTERNS = ("plain", "banded", "random", "top_k")
+
+
+@register("svft")
+@dataclass(frozen=True)
+class SVFT(Method):
+    """W' = W + U M Vᵀ = W + Σ_(i,j)∈Ω M_ij u_i v_jᵀ, with U, V the top-p singular vectors of W
+    (frozen) and only the nonzeros of M (p × p, support Ω) trained. M = 0 at init: the output is
+    unchanged. Computed as W + (U M)·Vᵀ through the fused LoRA op, U M by a sparse gather.
+    Paper: "SVFT: Parameter-Efficient Fine-Tuning with Singular Vectors".
+
+    - pattern: the support Ω — "plain" (the diagonal), "banded" (|i − j| ≤ k), "random" (the
+      diagonal plus k random off-diagonal entries per row, from `seed`), "top_k" (the diagonal
+      plus, per row i, the k off-diagonal j with the largest alignment |u_iᵀ v_j|; square layers).
+    - k: band half-width or entries per row.
+    - r: how many leading singular vectors take part (p = r); None uses all, min(in, out), as in
+      the paper — whose cost is that of two more dense layers.
+    - seed: of the random support, so a saved adapter rebuilds the same Ω.
+    """
+
+    pattern: str = "plain"
+    k: int = 2
+    r: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS:
+            invalid("pattern", f"must be one of {PATTERNS}, got {self.pattern!r}")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
+            invalid("k", f"must be a non-negative integer, got {self.k!r}")
+        if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1):
+            invalid("r", f"must be a positive integer or None (all), got {self.r!r}")
+
+    def rank(self, site: Site) -> int:
+        return self.r or min(site.in_features, site.out_features)
+
+    def check(self, site: Site) -> None:
+        if self.r is not None and self.r > min(site.in_features, site.out_features):
+            invalid("r", f"{self.r} singular vectors exceed the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        if self.pattern == "top_k" and site.in_features != site.out_features:
+            invalid("pattern", f"'top_k' aligns left and right singular vectors, which needs a square layer; {site.fqn} is {site.in_features}→{site.out_features}")
+        if self.pattern != "plain" and self.k >= self.rank(site):
+            invalid("k", f"{self.k} exceeds the {self.rank(site)} singular vectors of {site.fqn}")
+
+    def svd_rank(self, site: Site) -> int:
+        return self.rank(site)
+
+    def trainable_params(self, site: Site) -> int:
+        p, k = self.rank(site), self.k
+        if self.pattern == "plain":
+            return p
+        if self.pattern == "banded":
+            return p + 2 * sum(p - d for d in range(1, k + 1))
+        return p * (k + 1)
+
+    def flops(self, site: Site) -> int:
+        return dense_flops(site) + 2 * self.rank(site) * (site.in_features + site.out_features)
+
+
+def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of M's nonzeros, diagonal first."""
+    p, k = vh.shape[0], method.k
+    diag = torch.arange(p)
+    if method.pattern == "plain":
+        return diag, diag
+    if method.pattern == "banded":
+        rows = [diag] + [torch.arange(p - d) + (d if s > 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
+        cols = [diag] + [torch.arange(p - d) + (d if s < 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
+        return torch.cat(rows), torch.cat(cols)
+    if method.pattern == "random":
+        g = torch.Generator().manual_seed(method.seed)
+        scores = torch.rand(p, p, generator=g)
+    else:  # top_k: the alignment of left and right singular vectors
+        scores = (u.t().float() @ vh.t().float()).abs().cpu()
+    scores.fill_diagonal_(-1.0)
+    off = scores.topk(k, dim=1).indices
+    return torch.cat([diag, diag.repeat_interleave(k)]), torch.cat([diag, off.reshape(-1)])
+
+
+class SVFTModule(LowRankDelta):
+    def __init__(self, method: SVFT, site: Site, weight: torch.Tensor, svd: tuple):
+        super().__init__(method, site)
+        u, _, vh = svd
+        rows, cols = support(method, u, vh) if weight.device.type != "meta" else (torch.arange(1), torch.arange(1))
+        self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
+        self.register_buffer("rows", rows.to(weight.device), persistent=False)
+        self.register_buffer("cols", cols.to(weight.device), persistent=False)
+        self.m = nn.Parameter(torch.zeros(method.trainable_params(site), dtype=weight.dtype, device=weight.device))
+
+    def factors(self):
+        um = torch.zeros_like(self.u).index_add(1, self.cols, self.u[:, self.rows] * self.m)  # U·M, M sparse
+        return self.vh, um, 1.0
+
+
+SVFT.module = SVFTModule

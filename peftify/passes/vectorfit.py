@@ -1,0 +1,126 @@
+"""VectorFit: train W's singular values and bias, freezing the weakest vectors as training goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
+from peftify.rewrite.sites import Site
+
+
+@register("vectorfit")
+@dataclass(frozen=True)
+class VectorFit(Method):
+    """W = U diag(σ) Vᵀ (+ the residual beyond the top p) with U, V frozen; σ and the layer's
+    bias b train, computed as W' = W + U diag(σ − σ₀) Vᵀ. σ = σ₀ at init: unchanged.
+    `peftify.AdaptiveFreezing` (stepped by the training loop) freezes the vectors that change
+    least. Paper: "VectorFit: Adaptive Singular & Bias Vector Fine-Tuning of Pre-trained
+    Foundation Models".
+
+    - r: how many leading singular values train; None: all of them, min(in, out), as in the
+      paper — whose cost is that of two more dense layers.
+    - bias: also train the layer's existing bias (where it has one).
+    """
+
+    r: int | None = None
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1):
+            invalid("r", f"must be a positive integer or None (all), got {self.r!r}")
+        if not isinstance(self.bias, bool):
+            invalid("bias", f"must be true or false, got {self.bias!r}")
+
+    def rank(self, site: Site) -> int:
+        return self.r or min(site.in_features, site.out_features)
+
+    def check(self, site: Site) -> None:
+        if self.r is not None and self.r > min(site.in_features, site.out_features):
+            invalid("r", f"{self.r} singular values exceed the layer {site.fqn} ({site.in_features}→{site.out_features})")
+
+    def svd_rank(self, site: Site) -> int:
+        return self.rank(site)
+
+    def trains_base_bias(self) -> bool:
+        return self.bias
+
+    def trainable_params(self, site: Site) -> int:
+        return self.rank(site) + (site.out_features if self.bias and site.bias else 0)
+
+    def flops(self, site: Site) -> int:
+        return dense_flops(site) + 2 * self.rank(site) * (site.in_features + site.out_features)
+
+
+class VectorFitModule(LowRankDelta):
+    def __init__(self, method: VectorFit, site: Site, weight: torch.Tensor, svd: tuple):
+        super().__init__(method, site)
+        u, s, vh = svd
+        self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
+        self.sigma0 = frozen(s.to(weight.dtype).clone())
+        self.sigma = nn.Parameter(s.to(weight.dtype).clone())
+
+    def factors(self):
+        return (self.sigma - self.sigma0)[:, None] * self.vh, self.u, 1.0
+
+
+VectorFit.module = VectorFitModule
+
+
+class AdaptiveFreezing:
+    """VectorFit's adaptive vector freezing: call `step()` once per optimizer step; every `every`
+    steps, the trainable vectors (each site's σ and each trained bias) whose training strength
+    ‖v − v₀‖ / ‖v₀‖ is smallest are frozen, `fraction` of all vectors at a time, until
+    `max_frozen` of them are. Frozen vectors keep their values and get no more gradients.
+
+    ``schedule = peftify.AdaptiveFreezing(model, every=100, fraction=0.1, max_frozen=0.5)``
+    """
+
+    def __init__(self, model: nn.Module, every: int = 100, fraction: float = 0.1, max_frozen: float = 0.5):
+        from peftify.rewrite.apply import adapted_site, rewrite_state
+
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        if not 0 < fraction <= 1 or not 0 <= max_frozen <= 1:
+            raise ValueError(f"fraction must be in (0, 1] and max_frozen in [0, 1], got {fraction!r}, {max_frozen!r}")
+        state = rewrite_state(model, "freeze")
+        self.vectors: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+        for entry in state.plan.entries:
+            if not isinstance(entry.method, VectorFit):
+                continue
+            site = adapted_site(model, entry.site)
+            mod = site.adapters[state.current]
+            self.vectors[f"{entry.site.fqn}.sigma"] = (mod.sigma, mod.sigma0)
+            if entry.method.bias and site.bias is not None:
+                self.vectors[f"{entry.site.fqn}.bias"] = (site.bias, site.bias.detach().clone())
+        if not self.vectors:
+            raise ValueError("the model's active adapter has no vectorfit sites")
+        self.every, self.fraction, self.max_frozen = every, fraction, max_frozen
+        self.steps = 0
+        self.frozen: list[str] = []
+
+    def strength(self) -> dict[str, float]:
+        """‖v − v₀‖ / ‖v₀‖ of every vector."""
+        with torch.no_grad():
+            return {n: ((p - p0).norm() / p0.norm().clamp_min(1e-12)).item() for n, (p, p0) in self.vectors.items()}
+
+    def step(self) -> list[str]:
+        """Count one optimizer step; returns the names of the vectors frozen now (usually none)."""
+        self.steps += 1
+        if self.steps % self.every:
+            return []
+        budget = int(self.max_frozen * len(self.vectors)) - len(self.frozen)
+        n = min(max(1, int(self.fraction * len(self.vectors))), budget)
+        if n <= 0:
+            return []
+        strengths = self.strength()
+        candidates = sorted((s, name) for name, s in strengths.items() if name not in self.frozen)
+        now = [name for _, name in candidates[:n]]
+        for name in now:
+            param = self.vectors[name][0]
+            param.requires_grad_(False)
+            param.grad = None
+        self.frozen += now
+        return now

@@ -1,0 +1,231 @@
+"""What the conformance suite cannot say per method: CLOVER's pair invariants and pruning, SVFT's
+supports, SVFit's energy threshold, VectorFit's adaptive freezing, the batched SVD, and the
+hyperparameter errors of each."""
+
+import copy
+
+import pytest
+import torch
+from conftest import output, tiny_bert, tiny_llama
+
+import peftify
+from peftify.passes.base import AdaptedSite, batched_svd, top_svd
+from peftify.passes.svfit import energy_rank
+
+X = {"input_ids": torch.arange(18).view(2, 9) % 101}
+
+
+def attn_spec(**hp):
+    return {"rules": [{"match": "role:attn.*", "apply": {"method": "clover", **hp}}]}
+
+
+def logits(attn, h, rope):
+    """Attention logits of one HF Llama attention block in float64: (batch, heads, t, t)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, t, _ = h.shape
+    n, g = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    d = attn.head_dim
+    q = attn.q_proj(h).view(b, t, n, d).transpose(1, 2)
+    k = attn.k_proj(h).view(b, t, g, d).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rotary_pos_emb(q, k, *rope)
+    k = k.repeat_interleave(n // g, dim=1)
+    return q @ k.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("rope", ["half", "none"])
+def test_clover_leaves_attention_logits_and_outputs_unchanged(rope):
+    torch.manual_seed(0)
+    model = tiny_llama().double()
+    h = torch.randn(2, 7, 64, dtype=torch.float64)
+    positions = torch.arange(7)[None].expand(2, -1)
+    cos_sin = model.model.rotary_emb(h, positions) if rope == "half" else None
+    attn = model.model.layers[1].self_attn
+    before = logits(attn, h, cos_sin)
+    ref = output(model, X)
+    peftify.peftify(model, attn_spec(rope=rope))
+    torch.testing.assert_close(logits(attn, h, cos_sin), before, rtol=1e-9, atol=1e-9)
+    if rope == "half":  # the model itself: exact only where the rotation is respected
+        torch.testing.assert_close(output(model, X), ref, rtol=1e-9, atol=1e-9)
+
+    n, g, d = 4, 2, 16
+    q = attn.q_proj.weight.view(g, n // g, d, 64)
+    if rope == "none":  # the group's stacked Q rows are orthonormal; so are K's rows before σ
+        stacked = q.transpose(1, 2).reshape(g, d, -1)
+        torch.testing.assert_close(stacked @ stacked.mT, torch.eye(d, dtype=torch.float64).expand(g, d, d), atol=1e-9, rtol=0)
+    k = attn.k_proj.base_layer.weight.view(g, d, 64)
+    if rope == "half":  # per rotary frequency: K's pair of rows orthogonal
+        torch.testing.assert_close((k[:, : d // 2] * k[:, d // 2 :]).sum(-1), torch.zeros(g, d // 2, dtype=torch.float64), atol=1e-9, rtol=0)
+    else:
+        torch.testing.assert_close(k @ k.mT, torch.eye(d, dtype=torch.float64).expand(g, d, d), atol=1e-9, rtol=0)
+    v = attn.v_proj.base_layer.weight.view(g, d, 64)
+    torch.testing.assert_close(v @ v.mT, torch.eye(d, dtype=torch.float64).expand(g, d, d), atol=1e-9, rtol=0)
+    # only the singular values train: K's (one per frequency with rope) and V's
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {f"model.layers.{i}.self_attn.{p}_proj.adapters.default.sigma" for i in (0, 1) for p in "kv"}
+    assert trainable["model.layers.0.self_attn.k_proj.adapters.default.sigma"] == (16 if rope == "half" else 32)
+
+
+def test_clover_pruning_reports_parameters_removed_and_error():
+    torch.manual_seed(0)
+    base = tiny_llama().double()
+    with torch.no_grad():  # a redundant value space: half of each V head nearly unused
+        for layer in base.model.layers:
+            layer.self_attn.v_proj.weight.view(2, 16, 64)[:, 8:] *= 1e-3
+    ref = output(base, X)
+    errors, removed = {}, {}
+    for eps in (0.0, 0.01, 0.6):
+        model = peftify.peftify(copy.deepcopy(base), attn_spec(prune=eps))
+        errors[eps] = ((output(model, X) - ref).norm() / ref.norm()).item()
+        mods = [m.adapters["default"] for m in model.modules() if isinstance(m, AdaptedSite)]
+        removed[eps] = sum(m.removed for m in mods)
+        for m in mods:
+            if eps and m.sigma is not None:
+                dropped = (m.keep == 0).sum().item()
+                per = 2 * 64 * 3 if "attn.k" in m.site.roles else 64 + 2 * 64  # per frequency 2 K rows + 2x2 Q rows; V row + 2 O columns
+                assert m.removed == dropped * (per + 1)
+                assert (m.sigma[m.keep == 0] == 0).all()
+        rows = {r[0]: r for r in peftify.report(model).rows}
+        v_note = rows["model.layers.0.self_attn.v_proj"][-1]
+        assert (v_note == "") == (eps == 0.0) and (not eps or f"pruned {mods[2].removed:,} params" in v_note), v_note
+    assert removed[0.0] == 0 < removed[0.01] < removed[0.6]
+    assert errors[0.0] < 1e-9 < errors[0.01] < errors[0.6] / 10, errors  # the 1e-3 directions cost little; cutting into real ones costs more
+
+
+def test_clover_pair_error_is_the_relative_error_of_the_products():
+    torch.manual_seed(0)
+    model = tiny_llama(layers=1).double()
+    attn = model.model.layers[0].self_attn
+    q, k = attn.q_proj.weight.detach().clone(), attn.k_proj.weight.detach().clone()
+    peftify.peftify(model, attn_spec(rope="none", prune=0.5))
+    kmod = attn.k_proj.adapters["default"]
+    new_q, new_k = attn.q_proj.base_layer.weight, (kmod.sigma * kmod.keep)[:, None] * attn.k_proj.base_layer.weight
+    before = torch.stack([q.view(2, 2, 16, 64)[i // 2, i % 2].t() @ k.view(2, 16, 64)[i // 2] for i in range(4)])
+    after = torch.stack([new_q.view(2, 2, 16, 64)[i // 2, i % 2].t() @ new_k.view(2, 16, 64)[i // 2] for i in range(4)])
+    assert kmod.removed > 0
+    assert abs((after - before).norm() / before.norm() - kmod.error) < 1e-9
+
+
+def test_clover_errors():
+    with pytest.raises(peftify.SpecError, match="rewrites separate attention projections"):
+        peftify.peftify(tiny_llama(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "clover"}}]})
+    with pytest.raises(peftify.SpecError, match="pairs attn.q with attn.k"):
+        peftify.peftify(tiny_llama(), {"rules": [{"match": "role:attn.q", "apply": {"method": "clover"}}]})
+    with pytest.raises(peftify.SpecError, match="has a bias"):
+        peftify.peftify(tiny_bert(), attn_spec())
+    with pytest.raises(peftify.SpecError, match="do not divide"):
+        peftify.peftify(tiny_llama(), attn_spec(heads=4, kv_heads=3))
+    for bad in ({"rope": "interleaved"}, {"prune": 1.5}, {"heads": 0}):
+        with pytest.raises(peftify.SpecError, match=next(iter(bad))):
+            peftify.CLOVER(**bad)
+    model = tiny_llama()
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(peftify.SpecError):  # fails in build: the model is untouched
+        peftify.peftify(model, {"rules": [{"match": "role:attn.[qkv]", "apply": {"method": "clover"}}]})
+    assert not hasattr(model, "_peftify") and all(torch.equal(state[n], t) for n, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("pattern,count", [("plain", 16), ("banded", 16 + 2 * (15 + 14)), ("random", 16 * 3), ("top_k", 16 * 3)])
+def test_svft_supports(pattern, count):
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    model = peftify.peftify(lin, {"rules": [{"match": "0", "apply": {"method": "svft", "pattern": pattern, "k": 2}}]}, example_inputs=(torch.randn(2, 16),))
+    mod = model[0].adapters["default"]
+    pairs = set(zip(mod.rows.tolist(), mod.cols.tolist()))
+    assert mod.m.numel() == len(pairs) == count  # no duplicate entries
+    assert all((i, i) in pairs for i in range(16))
+    if pattern == "banded":
+        assert pairs == {(i, j) for i in range(16) for j in range(16) if abs(i - j) <= 2}
+    if pattern == "top_k":  # the off-diagonal entries of each row are its best-aligned pairs
+        align = (mod.u.t() @ mod.vh.t()).abs().fill_diagonal_(-1)
+        for i in range(16):
+            assert {j for r, j in pairs if r == i and j != i} == set(align[i].topk(2).indices.tolist())
+    if pattern == "random":  # reproducible from the seed, so a saved adapter rebuilds it
+        again = peftify.peftify(torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False)), {"rules": [{"match": "0", "apply": {"method": "svft", "pattern": "random", "k": 2}}]}, example_inputs=(torch.randn(2, 16),))
+        assert torch.equal(again[0].adapters["default"].cols, mod.cols)
+    with torch.no_grad():
+        mod.m.normal_()
+    m = torch.zeros(16, 16)
+    for v, (i, j) in zip(mod.m, zip(mod.rows.tolist(), mod.cols.tolist())):
+        m[i, j] = v
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), x @ (model[0].weight + mod.u @ m @ mod.vh).t(), atol=1e-5, rtol=1e-5)
+
+
+def test_svft_errors():
+    with pytest.raises(peftify.SpecError, match="pattern"):
+        peftify.SVFT(pattern="diagonal")
+    with pytest.raises(peftify.SpecError, match="square"):
+        peftify.peftify(tiny_llama(), {"rules": [{"match": "role:mlp.up", "apply": {"method": "svft", "pattern": "top_k"}}]})
+    with pytest.raises(peftify.SpecError, match="'k'"):
+        peftify.peftify(tiny_llama(), {"rules": [{"match": "role:attn.q", "apply": {"method": "svft", "pattern": "banded", "k": 4, "r": 4}}]})
+
+
+def test_svfit_energy_threshold_picks_the_fewest_values():
+    torch.manual_seed(0)
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.5])  # squares 16, 4, 1, .25 of 21.25: cumulative .753, .941, .988, 1
+    assert [energy_rank(sigma, e) for e in (0.5, 16 / 21.25, 0.9, 0.95, 0.99, 1.0)] == [1, 1, 2, 3, 4, 4]
+    model = peftify.peftify(tiny_llama(), {"rules": [{"match": "role:*", "apply": {"method": "svfit", "energy": 0.9}}]})
+    for site in (m for m in model.modules() if isinstance(m, AdaptedSite)):
+        s = torch.linalg.svdvals(site.weight.double())
+        r = site.adapters["default"].sigma.numel()
+        assert r == energy_rank(s, 0.9) and 1 <= r < min(site.weight.shape)
+    assert peftify.report(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(peftify.SpecError, match="energy"):
+        peftify.SVFit(energy=1.5)
+
+
+def test_vectorfit_adaptive_freezing():
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_bert(), {"rules": [{"match": "role:*", "apply": {"method": "vectorfit"}}]})
+    schedule = peftify.AdaptiveFreezing(model, every=2, fraction=0.25, max_frozen=0.5)
+    n = len(schedule.vectors)
+    assert n == 2 * len([m for m in model.modules() if isinstance(m, AdaptedSite)])  # σ and the bias of every site
+    opt = torch.optim.Adam(peftify.param_groups(model, lr=1e-2))
+    x = {"input_ids": torch.arange(18).view(2, 9) % 101}
+    frozen_at = {}
+    for step in range(8):
+        opt.zero_grad(set_to_none=True)
+        output(model, x).square().mean().backward()
+        opt.step()
+        for name in schedule.step():
+            frozen_at[name] = step
+            frozen_value = schedule.vectors[name][0].detach().clone()
+            assert frozen_value is not None
+        if step == 1:
+            strengths = schedule.strength()
+            first = set(frozen_at)
+            assert len(first) == n // 4 and max(strengths[k] for k in first) <= min(v for k, v in strengths.items() if k not in first)
+    assert len(frozen_at) == n // 2  # max_frozen reached, no more
+    values = {k: schedule.vectors[k][0].detach().clone() for k in frozen_at}
+    opt.zero_grad(set_to_none=True)
+    output(model, x).square().mean().backward()
+    opt.step()
+    for k, v in values.items():
+        assert schedule.vectors[k][0].grad is None and torch.equal(schedule.vectors[k][0], v)
+    with pytest.raises(ValueError, match="no vectorfit sites"):
+        peftify.AdaptiveFreezing(peftify.peftify(tiny_bert(), {"rules": [{"match": "role:*", "apply": {"method": "lora"}}]}))
+
+
+def test_magnitudes_and_directions_get_gradients_at_init():
+    # as in LoRA, A (and MAP's A and B, scaled by β = 0) start with no gradient
+    for name, params in (("bora", ("magnitude", "magnitude_in", "lora_B")), ("map", ("alpha", "beta"))):
+        torch.manual_seed(0)
+        model = peftify.peftify(tiny_llama(), {"rules": [{"match": "role:mlp.*", "apply": {"method": name}}]})
+        output(model, X).square().mean().backward()
+        mod = model.model.layers[0].mlp.up_proj.adapters["default"]
+        for p in params:
+            g = getattr(mod, p).grad
+            assert g is not None and g.abs().sum() > 0, (name, p)
+
+
+def test_batched_svd_equals_one_at_a_time():
+    torch.manual_seed(0)
+    ws = [torch.randn(40, 24) for _ in range(3)] + [torch.randn(24, 40)]
+    for r in (0, 3):  # full (LAPACK) and randomized
+        for w, (u, s, vh) in zip(ws, batched_svd(ws, [r] * 4)):
+            u1, s1, vh1 = top_svd(w, r)
+            torch.testing.assert_close(s, s1, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(u * s @ vh, u1 * s1 @ vh1, atol=1e-3, rtol=1e-3)
+    assert batched_svd(ws, [None, 2, None, None])[0] is None
