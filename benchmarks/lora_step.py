@@ -5,7 +5,7 @@ Llama hidden 512, intermediate 1376, 4 layers, vocab 1000; batch 4 x 128 tokens;
 Every variant gets the same `inputs_embeds` with requires_grad=True, so the frozen base also
 back-propagates through every layer (it computes no weight gradients). Eager and compiled.
 
-    .venv/bin/python benchmarks/lora_step.py [--method lora|dora] [--compiled/--no-compiled] [--repeats 15]
+    .venv/bin/python benchmarks/lora_step.py [--method NAME] [--hp r=null ...] [--compiled/--no-compiled] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -32,14 +32,29 @@ def build():
     return LlamaForCausalLM(cfg).train()
 
 
-def variants(method: str = "lora"):
+def hyperparameters(method: str, overrides: list[str]) -> dict:
+    """r=16 (alpha 32 where the method has it) unless the method lacks them; `key=value` overrides
+    (value parsed as JSON, e.g. r=null for all singular vectors)."""
+    import dataclasses
+    import json
+
+    fields = {f.name for f in dataclasses.fields(peftify.METHODS[method])}
+    hp = {k: v for k, v in {"r": 16, "alpha": 32}.items() if k in fields}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        hp[key] = json.loads(value)
+    return {"method": method, **hp}
+
+
+def variants(method: str = "lora", overrides: list[str] = ()):
     from peft import LoraConfig, get_peft_model
 
     base = build()
     for p in base.parameters():
         p.requires_grad_(False)
-    hp = {"method": method, "r": 16, **({"alpha": 32} if method in ("lora", "dora", "lora_xs") else {})}
-    ours = peftify.peftify(build(), {"rules": [{"match": "role:attn.*", "apply": hp}, {"match": "role:mlp.*", "apply": hp}]})
+    hp = hyperparameters(method, overrides)
+    rules = [{"match": "role:attn.*", "apply": hp}] + ([] if method == "clover" else [{"match": "role:mlp.*", "apply": hp}])  # clover: attention pairs only
+    ours = peftify.peftify(build(), {"rules": rules})
     models = {"frozen base": base, "peftify": ours}
     if method in ("lora", "dora"):
         models["peft"] = get_peft_model(build(), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=method == "dora"))
@@ -68,13 +83,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--method", choices=sorted(peftify.METHODS), default="lora")
+    ap.add_argument("--hp", nargs="*", default=[], help="hyperparameter overrides, key=json")
     args = ap.parse_args()
     torch.manual_seed(0)
-    models = variants(args.method)
+    models = variants(args.method, args.hp)
     embeds = torch.randn(4, 128, 512, requires_grad=True)
     labels = torch.randint(0, 1000, (4, 128))
     modes = [("eager", lambda m: m)] + ([("compiled", torch.compile)] if args.compiled else [])
-    print(f"{args.method}; torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    print(f"{hyperparameters(args.method, args.hp)}; torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     for mode, wrap in modes:
         fns = {k: step_fn(wrap(m), embeds, labels) for k, m in models.items()}
         t = interleaved(fns, repeats=args.repeats)

@@ -147,7 +147,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     if rewrite is None or adapter not in rewrite.adapters:
         if fmt == "native":
             spec = _resolved_spec(config)
-            needs_trace = any(s["kind"] != "module" for s in config["sites"])
+            needs_trace = any(s["kind"] != "module" for s in config["sites"]) or any(r.apply is not None and r.apply.needs_roles for r in spec.rules)
         else:
             spec = from_peft(config, model)
             needs_trace = any(_uses_roles(r.match) for r in spec.rules)

@@ -48,6 +48,7 @@ class CLOVER(Method):
     """
 
     rewrites_base: ClassVar[bool] = True
+    needs_roles: ClassVar[bool] = True
 
     heads: int | None = None
     kv_heads: int | None = None

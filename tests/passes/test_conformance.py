@@ -184,3 +184,19 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(name):
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     for n, g in eager_grads.items():
         torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_file_rebuilds_the_adapter_on_a_fresh_base(name, tmp_path):
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(), spec(name, r=4))
+    perturb(model)
+    adapted = output(model, X).detach()
+    peftify.save_adapter(model, tmp_path / "a")
+    torch.manual_seed(0)
+    fresh = tiny_llama()
+    base_out = output(fresh, X).detach()
+    loaded = peftify.from_pretrained(fresh, tmp_path / "a")
+    torch.testing.assert_close(output(loaded, X), adapted, atol=1e-5, rtol=1e-5)
+    with peftify.disable_adapters(loaded):  # the base model's own output, whatever the init rewrote
+        torch.testing.assert_close(output(loaded, X), base_out, atol=1e-5, rtol=1e-5)

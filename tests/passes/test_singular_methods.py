@@ -229,3 +229,17 @@ def test_batched_svd_equals_one_at_a_time():
             torch.testing.assert_close(s, s1, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(u * s @ vh, u1 * s1 @ vh1, atol=1e-3, rtol=1e-3)
     assert batched_svd(ws, [None, 2, None, None])[0] is None
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_loldu_leading_factors_equal_the_full_pivoted_lu(shape):
+    from peftify.passes.loldu import leading_ldu
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64)
+    p, lower, upper = torch.linalg.lu(w)  # the full decomposition, as the paper defines it
+    r = 7
+    pl, d, u = leading_ldu(w, r)
+    torch.testing.assert_close(pl, (p @ lower)[:, :r])
+    torch.testing.assert_close(d, upper.diagonal()[:r])
+    torch.testing.assert_close(u, upper[:r] / upper.diagonal()[:r, None])
