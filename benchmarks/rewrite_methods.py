@@ -62,13 +62,13 @@ def main():
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--full", action="store_true", help="also the full-SVD inits at 7B size (minutes per layer)")
-    ap.add_argument("--only", nargs="*", default=None, help="7B part: only these methods")
+    ap.add_argument("--only", nargs="*", default=None, help="only these methods")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     if not args.skip_small:
-        names = sorted(peftify.METHODS)
+        names = sorted(n for n in peftify.METHODS if args.only is None or n in args.only)
         times = {n: [] for n in names}
         for _ in range(args.repeats):
             for n in names:
