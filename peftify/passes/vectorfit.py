@@ -122,5 +122,7 @@ class AdaptiveFreezing:
             param = self.vectors[name][0]
             param.requires_grad_(False)
             param.grad = None
+            if hasattr(param, "_peftify"):  # an adapter's σ stays frozen when the adapter is re-activated
+                param._peftify = {**param._peftify, "trainable": False}
         self.frozen += now
         return now
