@@ -46,15 +46,19 @@ def hyperparameters(method: str, overrides: list[str]) -> dict:
     return {"method": method, **hp}
 
 
+def spec(method: str, overrides: list[str] = ()) -> dict:
+    """The method on every attention and MLP linear (clover: the attention pairs, all it applies to)."""
+    hp = hyperparameters(method, list(overrides))
+    return {"rules": [{"match": "role:attn.*", "apply": hp}] + ([] if method == "clover" else [{"match": "role:mlp.*", "apply": hp}])}
+
+
 def variants(method: str = "lora", overrides: list[str] = ()):
     from peft import LoraConfig, get_peft_model
 
     base = build()
     for p in base.parameters():
         p.requires_grad_(False)
-    hp = hyperparameters(method, overrides)
-    rules = [{"match": "role:attn.*", "apply": hp}] + ([] if method == "clover" else [{"match": "role:mlp.*", "apply": hp}])  # clover: attention pairs only
-    ours = peftify.peftify(build(), {"rules": rules})
+    ours = peftify.peftify(build(), spec(method, overrides))
     models = {"frozen base": base, "peftify": ours}
     if method in ("lora", "dora"):
         models["peft"] = get_peft_model(build(), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=method == "dora"))

@@ -24,15 +24,10 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lora_step import build, hyperparameters
+from lora_step import build, spec
 
 import peftify
 from peftify.passes.base import batched_svd, top_svd
-
-
-def spec(method: str, overrides=()):
-    hp = hyperparameters(method, list(overrides))
-    return {"rules": [{"match": "role:attn.*", "apply": hp}] + ([] if method == "clover" else [{"match": "role:mlp.*", "apply": hp}])}
 
 
 def timed_rewrite(make, s) -> float:

@@ -112,6 +112,20 @@ class Method:
             raise SpecError(str(e), field="method") from e
 
 
+def check_count(field: str, value, optional: bool = False) -> None:
+    """A count hyperparameter must be a positive integer (or None where `optional`)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        invalid(field, f"must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+
+def check_fits(site: Site, r: int | None, what: str) -> None:
+    """r (of `what`) must not exceed min(in, out) of the layer."""
+    if r is not None and r > min(site.in_features, site.out_features):
+        invalid("r", f"r={r} ({what}) exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
+
+
 def tag(param: nn.Parameter, **meta) -> nn.Parameter:
     """Attach peftify metadata (lr multiplier, role in the method) to a parameter, once."""
     param._peftify = {**getattr(param, "_peftify", {}), **meta}

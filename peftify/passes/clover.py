@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftify.errors import SpecError
-from peftify.passes.base import Method, SiteModule, invalid, register
+from peftify.passes.base import Method, SiteModule, check_count, dense_flops, invalid, register
 from peftify.rewrite.sites import Site
 
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o")
@@ -56,10 +56,8 @@ class CLOVER(Method):
     prune: float = 0.0
 
     def __post_init__(self):
-        for name in ("heads", "kv_heads"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                invalid(name, f"must be a positive integer or None (from the config), got {v!r}")
+        check_count("heads", self.heads, optional=True)
+        check_count("kv_heads", self.kv_heads, optional=True)
         if self.rope not in ROPES:
             invalid("rope", f"must be one of {ROPES}, got {self.rope!r}")
         if not isinstance(self.prune, (int, float)) or not 0 <= self.prune < 1:
@@ -102,7 +100,7 @@ class CLOVER(Method):
         return site.out_features if role == "attn.v" else 0
 
     def flops(self, site: Site) -> int:
-        return 2 * site.in_features * site.out_features + (site.out_features if self.trainable_params(site) else 0)
+        return dense_flops(site) + (site.out_features if self.trainable_params(site) else 0)
 
     def build_many(self, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
         by_layer: dict[object, dict[str, int]] = {}

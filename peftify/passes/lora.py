@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from peftify.codegen.reference import lora_linear
-from peftify.passes.base import Method, SiteModule, dense_flops, invalid, register, tag
+from peftify.passes.base import Method, SiteModule, check_count, check_fits, dense_flops, invalid, register, tag
 from peftify.rewrite.sites import Site
 
 INITS = ("default", "gaussian", "pissa")
@@ -46,8 +46,7 @@ class LoRA(Method):
     lr_ratio: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            invalid("r", f"rank must be a positive integer, got {self.r!r}")
+        check_count("r", self.r)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             invalid("alpha", f"must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -69,8 +68,7 @@ class LoRA(Method):
         return self.init == "pissa"
 
     def check(self, site: Site) -> None:
-        if self.r > min(site.in_features, site.out_features):
-            invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        check_fits(site, self.r, "rank")
         if self.init == "pissa" and site.kind != "module":
             invalid("init", f"'pissa' rewrites the base weight, which needs a module site; {site.fqn} is functional")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
+from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, dense_flops, frozen, invalid, register
 from peftify.rewrite.sites import Site
 
 
@@ -26,14 +26,12 @@ class LoRAXS(Method):
     alpha: float = 8.0
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            invalid("r", f"rank must be a positive integer, got {self.r!r}")
+        check_count("r", self.r)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             invalid("alpha", f"must be a positive number, got {self.alpha!r}")
 
     def check(self, site: Site) -> None:
-        if self.r > min(site.in_features, site.out_features):
-            invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        check_fits(site, self.r, "rank")
 
     def svd_rank(self, site: Site) -> int:
         return self.r

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import Method, SiteModule, dense_flops, invalid, register
+from peftify.passes.base import Method, SiteModule, check_count, check_fits, dense_flops, register
 from peftify.rewrite.sites import Site
 
 
@@ -29,12 +29,10 @@ class MAP(Method):
     r: int = 8
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            invalid("r", f"rank must be a positive integer, got {self.r!r}")
+        check_count("r", self.r)
 
     def check(self, site: Site) -> None:
-        if self.r > min(site.in_features, site.out_features):
-            invalid("r", f"rank {self.r} exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        check_fits(site, self.r, "rank")
 
     def trainable_params(self, site: Site) -> int:
         return self.r * (site.in_features + site.out_features) + 2

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
+from peftify.passes.base import LowRankDelta, Method, SiteModule, check_count, check_fits, dense_flops, frozen, invalid, register
 from peftify.rewrite.sites import Site
 
 
@@ -29,8 +29,7 @@ class SVFit(Method):
     energy: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            invalid("r", f"must be a positive integer, got {self.r!r}")
+        check_count("r", self.r)
         if self.energy is not None and (not isinstance(self.energy, (int, float)) or not 0 < self.energy <= 1):
             invalid("energy", f"must be a fraction in (0, 1], got {self.energy!r}")
 
@@ -39,11 +38,17 @@ class SVFit(Method):
         return min(site.in_features, site.out_features) if self.energy is not None else self.r
 
     def check(self, site: Site) -> None:
-        if self.energy is None and self.r > min(site.in_features, site.out_features):
-            invalid("r", f"{self.r} singular values exceed the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        if self.energy is None:
+            check_fits(site, self.r, "singular values")
 
     def svd_rank(self, site: Site) -> int:
         return 0 if self.energy is not None else self.r
+
+    def build(self, site: Site, weight: torch.Tensor, svd: tuple | None = None) -> SiteModule:
+        if self.energy is not None and weight.device.type != "meta":
+            r = energy_rank(svd[1], self.energy)
+            svd = (svd[0][:, :r], svd[1][:r], svd[2][:r])
+        return super().build(site, weight, svd)
 
     def trainable_params(self, site: Site) -> int:
         return self.rank(site)
@@ -58,13 +63,12 @@ def energy_rank(sigma: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative, energy * cumulative[-1] * (1 - 1e-12)).item()) + 1
 
 
-class SVFitModule(LowRankDelta):
-    def __init__(self, method: SVFit, site: Site, weight: torch.Tensor, svd: tuple):
+class SingularValues(LowRankDelta):
+    """Trained singular values σ over frozen singular vectors (SVFit, VectorFit)."""
+
+    def __init__(self, method: Method, site: Site, weight: torch.Tensor, svd: tuple):
         super().__init__(method, site)
         u, s, vh = svd
-        if method.energy is not None and weight.device.type != "meta":
-            r = min(energy_rank(s, method.energy), len(s))
-            u, s, vh = u[:, :r], s[:r], vh[:r]
         self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
         self.sigma0 = frozen(s.to(weight.dtype).clone())
         self.sigma = nn.Parameter(s.to(weight.dtype).clone())
@@ -73,4 +77,4 @@ class SVFitModule(LowRankDelta):
         return (self.sigma - self.sigma0)[:, None] * self.vh, self.u, 1.0
 
 
-SVFit.module = SVFitModule
+SVFit.module = SingularValues

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
+from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, dense_flops, frozen, invalid, register
 from peftify.rewrite.sites import Site
 
 PATTERNS = ("plain", "banded", "random", "top_k")
@@ -40,15 +40,13 @@ class SVFT(Method):
             invalid("pattern", f"must be one of {PATTERNS}, got {self.pattern!r}")
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
             invalid("k", f"must be a non-negative integer, got {self.k!r}")
-        if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1):
-            invalid("r", f"must be a positive integer or None (all), got {self.r!r}")
+        check_count("r", self.r, optional=True)
 
     def rank(self, site: Site) -> int:
         return self.r or min(site.in_features, site.out_features)
 
     def check(self, site: Site) -> None:
-        if self.r is not None and self.r > min(site.in_features, site.out_features):
-            invalid("r", f"{self.r} singular vectors exceed the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        check_fits(site, self.r, "singular vectors")
         if self.pattern == "top_k" and site.in_features != site.out_features:
             invalid("pattern", f"'top_k' aligns left and right singular vectors, which needs a square layer; {site.fqn} is {site.in_features}→{site.out_features}")
         if self.pattern != "plain" and self.k >= self.rank(site):

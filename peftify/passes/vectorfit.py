@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, dense_flops, frozen, invalid, register
+from peftify.passes.base import Method, check_count, check_fits, dense_flops, invalid, register
+from peftify.passes.svfit import SingularValues
 from peftify.rewrite.sites import Site
 
 
@@ -29,8 +30,7 @@ class VectorFit(Method):
     bias: bool = True
 
     def __post_init__(self):
-        if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1):
-            invalid("r", f"must be a positive integer or None (all), got {self.r!r}")
+        check_count("r", self.r, optional=True)
         if not isinstance(self.bias, bool):
             invalid("bias", f"must be true or false, got {self.bias!r}")
 
@@ -38,8 +38,7 @@ class VectorFit(Method):
         return self.r or min(site.in_features, site.out_features)
 
     def check(self, site: Site) -> None:
-        if self.r is not None and self.r > min(site.in_features, site.out_features):
-            invalid("r", f"{self.r} singular values exceed the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        check_fits(site, self.r, "singular values")
 
     def svd_rank(self, site: Site) -> int:
         return self.rank(site)
@@ -54,19 +53,7 @@ class VectorFit(Method):
         return dense_flops(site) + 2 * self.rank(site) * (site.in_features + site.out_features)
 
 
-class VectorFitModule(LowRankDelta):
-    def __init__(self, method: VectorFit, site: Site, weight: torch.Tensor, svd: tuple):
-        super().__init__(method, site)
-        u, s, vh = svd
-        self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
-        self.sigma0 = frozen(s.to(weight.dtype).clone())
-        self.sigma = nn.Parameter(s.to(weight.dtype).clone())
-
-    def factors(self):
-        return (self.sigma - self.sigma0)[:, None] * self.vh, self.u, 1.0
-
-
-VectorFit.module = VectorFitModule
+VectorFit.module = SingularValues
 
 
 class AdaptiveFreezing:
