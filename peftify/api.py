@@ -120,7 +120,7 @@ def report(model: nn.Module) -> Report:
             e.method.name + (" (materializes W)" if e.site.kind == "functional" else ""),
             dense,
             sum(p.numel() for p in own if p.requires_grad) + (e.site.out_features if e.method.trains_base_bias() and e.site.bias else 0),
-            dense + sum(p.numel() for p in own),
+            (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),
             dense_flops(e.site),
             e.method.flops(e.site),
             mod.summary(),

@@ -145,9 +145,13 @@ def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress:
             continue
         if e.method.rewrites_base:
             raise SpecError(f"{e.method.name} with this init rewrites the base weight of {e.site.fqn}, which other adapters share", field="init")
-        owner = adapted_site(model, e.site).rewritten_by
-        if owner is not None:
-            raise SpecError(f"adapter {owner!r} rewrote the base weight of {e.site.fqn} (PiSSA); no other adapter can share that site", field="adapter")
+        if e.method.replaces_base:
+            raise SpecError(f"{e.method.name} replaces the whole layer {e.site.fqn}, which other adapters already use", field="method")
+        site = adapted_site(model, e.site)
+        if site.rewritten_by is not None:
+            raise SpecError(f"adapter {site.rewritten_by!r} rewrote the base weight of {e.site.fqn} (PiSSA); no other adapter can share that site", field="adapter")
+        if site.replaced_by is not None:
+            raise SpecError(f"adapter {site.replaced_by!r} replaced {e.site.fqn} by a structure; no other adapter can share that site", field="adapter")
 
     bases, weights, by_method = [], [], {}
     for i, entry in enumerate(plan.entries):
@@ -217,9 +221,13 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
         if mod.residual is not None:
             record.original = base
             base = AdaptedSite.with_weight(base, mod.residual, site.transposed)
+        elif entry.method.replaces_base:  # the dense weight is dropped (its memory freed); merge makes a new one
+            w = base.weight
+            base = AdaptedSite.with_weight(base, torch.empty(w.shape[::-1] if site.transposed else w.shape, dtype=w.dtype, device="meta"), site.transposed)
         mod.residual = None
         adapted = AdaptedSite(site, base)
         adapted.rewritten_by = adapter if record.original is not None else None
+        adapted.replaced_by = adapter if entry.method.replaces_base else None
         if site.kind == "module":
             for i, path in enumerate(site.owners):
                 parent_path, name = _split(path)
@@ -285,6 +293,9 @@ def delete(model: nn.Module, adapter: str) -> None:
         raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
     if len(rewrite.adapters) == 1:
         raise SpecError(f"{adapter!r} is the only adapter; peftify.merge(model) folds it in, or reload the base model to drop it", field="adapter")
+    replaced = [e.site.fqn for e in rewrite.adapters[adapter].entries if e.method.replaces_base]
+    if replaced:
+        raise SpecError(f"adapter {adapter!r} replaced {len(replaced)} layers by structures ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
     plan = rewrite.adapters.pop(adapter)
     for entry in plan.entries:
         adapted = adapted_site(model, entry.site)
@@ -312,6 +323,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         if set(site.aliases) - own_names:  # tied to something not rewritten: untie
             warnings.warn(f"peftify: {site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it", stacklevel=3)
             base.weight = nn.Parameter(stored.to(base.weight.dtype).contiguous(), requires_grad=base.weight.requires_grad)
+        elif base.weight.is_meta:  # a structure replaced the layer: the dense weight is made anew
+            base.weight = nn.Parameter(stored.to(base.weight.dtype).contiguous(), requires_grad=False)
         else:
             base.weight.copy_(stored)
     for path, original in zip(site.owners, [base, *record.others]):
@@ -330,7 +343,7 @@ def merge_model(model: nn.Module) -> nn.Module:
         # reversed: each step then restores exactly the state its install started from
         for record in reversed(list(rewrite.installed.values())):
             adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
-            _restore(model, record, adapted, fold=rewrite.active in adapted.adapters)
+            _restore(model, record, adapted, fold=adapted.computing is not None)
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(rewrite.flags.get(name, p.requires_grad))
     del model._peftify

@@ -5,13 +5,14 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from torch import nn
 
 from peftify.errors import SpecError
-from peftify.passes.base import Method, dense_flops
+from peftify.passes.base import Method, dense_flops, progress_bar
 from peftify.rewrite.select import Context
 from peftify.rewrite.sites import Capture, Site
 from peftify.rewrite.spec import Spec, _bare
@@ -54,9 +55,32 @@ class Plan:
                 e.method.flops(s),
             )
 
+    def notes(self) -> list[str]:
+        """Per entry, what its method reports once built — a structure's projection error and
+        the fraction of ‖W‖_F it keeps. Projected structures are built here once (a dry run of
+        their init, on a copy: the model is not changed); every other entry notes nothing."""
+        if getattr(self, "_notes", None) is None:
+            from peftify.rewrite.apply import _base_of
+
+            model = self._model() if getattr(self, "_model", None) else None
+            notes = []
+            for e in progress_bar(self.entries, "peftify: projecting", None):
+                note = ""
+                if model is not None and e.method.replaces_base and getattr(e.method, "init", None) == "project":
+                    weight = _base_of(model, e.site, getattr(model, "_peftify", None))[1].detach()
+                    if weight.device.type != "meta":
+                        note = e.method.build_many([(e.site, weight)], progress=False)[0].summary()
+                notes.append(note)
+            self._notes = notes
+        return self._notes
+
     def __str__(self) -> str:
         header = ("site", "roles", "shape", "method", "params", "trainable", "flops/tok", "flops/tok after")
-        out = [table(header, list(self.rows()))]
+        rows = list(self.rows())
+        notes = self.notes()
+        if any(notes):
+            header, rows = (*header, "note"), [(*row, note) for row, note in zip(rows, notes)]
+        out = [table(header, rows)]
         if self.train:
             out.append(f"also trainable: {len(self.train)} existing parameters ({human(self._train_numel)}): " + ", ".join(self.train[:6]) + (" ..." if len(self.train) > 6 else ""))
         pct = 100 * self.trainable_params / max(self.total_params, 1)
@@ -98,7 +122,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             )
         try:
             if i not in resolved:
-                resolved[i] = method.resolve(model)
+                resolved[i] = (spec.scaling.configure(method) if spec.scaling else method).resolve(model)
             method = resolved[i]
             method.check(site)
         except SpecError as e:
@@ -118,6 +142,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         train += [n for n in found if n not in train]
     plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
     plan._train_numel = sum(model.get_parameter(n).numel() for n in train)
+    plan._model = weakref.ref(model)  # to preview projections when printed
     return plan
 
 

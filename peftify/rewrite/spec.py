@@ -18,9 +18,10 @@ from typing import Any
 
 from peftify.errors import SpecError
 from peftify.passes.base import Method
+from peftify.passes.scaling import MuP, scaling_from_dict
 from peftify.rewrite.select import Predicate, compile_match
 
-SPEC_KEYS = ("rules", "train")
+SPEC_KEYS = ("rules", "train", "scaling")
 RULE_KEYS = ("match", "apply", "optional")
 
 
@@ -42,10 +43,12 @@ class Rule:
 @dataclass(frozen=True)
 class Spec:
     """An ordered list of rules plus ``train``: globs (or ``re:`` regexes, full match) of existing
-    parameters to make trainable."""
+    parameters to make trainable, and ``scaling`` (`peftify.MuP`), settings every rule's method
+    inherits."""
 
     rules: list[Rule] = field(default_factory=list)
     train: list[str] = field(default_factory=list)
+    scaling: MuP | None = None
 
     def __post_init__(self):
         if not isinstance(self.rules, (list, tuple)):
@@ -57,6 +60,7 @@ class Spec:
                 raise SpecError(f"expected a Rule, got {type(rule).__name__}", rule=f"rule {i}")
             if rule.apply is not None and not isinstance(rule.apply, Method):
                 raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {rule.apply!r}", rule=rule.describe(i), field="apply")
+        object.__setattr__(self, "scaling", scaling_from_dict(self.scaling))
         object.__setattr__(self, "matchers", [_compile(r, i) for i, r in enumerate(self.rules)])
 
     @classmethod
@@ -87,7 +91,7 @@ class Spec:
             if not isinstance(r.get("optional", False), bool):
                 raise SpecError(f"optional must be true or false, got {r['optional']!r}", rule=where, field="optional")
             rules.append(Rule(r["match"], method, r.get("optional", False)))
-        return cls(rules, d.get("train", []))
+        return cls(rules, d.get("train", []), d.get("scaling"))
 
     @classmethod
     def from_peft(cls, config, model=None) -> Spec:
@@ -115,7 +119,7 @@ class Spec:
 
     def to_dict(self) -> dict:
         rules = [{"match": r.match, "apply": r.apply and r.apply.to_dict(), **({"optional": True} if r.optional else {})} for r in self.rules]
-        return {"rules": rules, "train": list(self.train)}
+        return {"rules": rules, "train": list(self.train)} | ({"scaling": self.scaling.to_dict()} if self.scaling else {})
 
 
 def as_spec(spec, model=None) -> Spec:

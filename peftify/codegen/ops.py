@@ -1,0 +1,200 @@
+"""``torch.ops.peftify.*``: the custom ops structured layers compute through.
+
+Each op is defined with `torch.library.custom_op`, so `torch.compile` sees one opaque node with
+a fake (shape) kernel and an autograd formula; the implementation below is the plain-torch
+reference (what runs on CPU, and what a Triton kernel on CUDA must match).
+
+- ``btt(x, core0, core1)``: two block-diagonal GEMMs with a stride shuffle between them. It is
+  the Block Tensor-Train with two cores, and with other block counts Monarch (``monarch`` is the
+  same op under its own name), BlockDense (one output block) and low rank (one block each).
+- ``kron(x, a, b)``: y = x (Σ_t A_t ⊗ B_t)ᵀ without forming the Kronecker product.
+- ``sparse_lowrank(x, u, v, values, index)``: y = x (U V + S)ᵀ, S given by its nonzeros at the
+  fixed flat positions ``index``.
+
+Each op returns what its backward needs as extra outputs (the public wrappers drop them); the
+backward computes no gradient for an operand that does not require one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _btt_shapes(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[int, int, int, int]:
+    b0, k0, p0 = core0.shape
+    b1, _s1, k1 = core1.shape
+    if x.shape[-1] != b0 * p0 or b0 * k0 != b1 * k1:
+        raise ValueError(f"btt: x (…, {x.shape[-1]}) with core0 {tuple(core0.shape)} and core1 {tuple(core1.shape)} do not chain")
+    return b0, k0, b1, k1
+
+
+def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
+    """y (…, b1·s1) and the shuffled hidden h' (b1, T, k1).
+
+    core0 (b0, k0, p0): b0 blocks, input block j maps x[j·p0:(j+1)·p0] to h[j] (k0 values).
+    The shuffle reads h as (b0, k0), transposes it to (k0, b0) and cuts the result into b1
+    chunks of k1: chunk i is the input of core1's block i (b1, s1, k1), which writes
+    y[i·s1:(i+1)·s1].
+    """
+    b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
+    tokens = x.numel() // x.shape[-1]
+    x3 = x.reshape(tokens, b0, -1).transpose(0, 1)  # (b0, T, p0)
+    h = torch.bmm(x3, core0.transpose(1, 2))  # (b0, T, k0)
+    hs = h.permute(1, 2, 0).reshape(tokens, b1, k1).transpose(0, 1)  # (b1, T, k1)
+    y = torch.bmm(hs, core1.transpose(1, 2))  # (b1, T, s1)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], b1 * core1.shape[1]), hs
+
+
+def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: Tensor, need: tuple[bool, bool, bool]):
+    b0, k0, b1, _k1 = _btt_shapes(x, core0, core1)
+    tokens = hs.shape[1]
+    g = grad_y.reshape(tokens, b1, -1).transpose(0, 1)  # (b1, T, s1)
+    grad_x = grad_c0 = grad_c1 = None
+    if need[2]:
+        grad_c1 = torch.bmm(g.transpose(1, 2), hs)
+    if need[0] or need[1]:
+        gh = torch.bmm(g, core1)  # (b1, T, k1): undo the shuffle
+        gh = gh.transpose(0, 1).reshape(tokens, k0, b0).permute(2, 0, 1)  # (b0, T, k0)
+        if need[1]:
+            grad_c0 = torch.bmm(gh.transpose(1, 2), x.reshape(tokens, b0, -1).transpose(0, 1))
+        if need[0]:
+            grad_x = torch.bmm(gh, core0).transpose(0, 1).reshape(x.shape)
+    return grad_x, grad_c0, grad_c1
+
+
+def kron_reference(x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """y = x (Σ_t A_t ⊗ B_t)ᵀ, i.e. per token Y = Σ_t A_t X B_tᵀ with X = x as (n1, n2); also
+    Z_t = X B_tᵀ (t, T, n1, m2). a: (t, m1, n1), b: (t, m2, n2)."""
+    _t, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    if x.shape[-1] != n1 * n2:
+        raise ValueError(f"kron: x (…, {x.shape[-1]}) does not fit A {tuple(a.shape)} ⊗ B {tuple(b.shape)}")
+    xs = x.reshape(-1, n1, n2)
+    z = torch.einsum("Tjk,tmk->tTjm", xs, b)
+    y = torch.einsum("tij,tTjm->Tim", a, z)
+    return y.reshape(*x.shape[:-1], m1 * m2), z
+
+
+def _kron_backward(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, z: Tensor, need):
+    _t, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    g = grad_y.reshape(-1, m1, m2)
+    grad_x = grad_a = grad_b = None
+    if need[1]:
+        grad_a = torch.einsum("Tim,tTjm->tij", g, z)
+    if need[0] or need[2]:
+        gz = torch.einsum("tij,Tim->tTjm", a, g)
+        if need[2]:
+            grad_b = torch.einsum("tTjm,Tjk->tmk", gz, x.reshape(-1, n1, n2))
+        if need[0]:
+            grad_x = torch.einsum("tTjm,tmk->Tjk", gz, b).reshape(x.shape)
+    return grad_x, grad_a, grad_b
+
+
+def sparse_lowrank_weight(u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
+    """U V + S as a dense (out, in) matrix, S's nonzeros at the flat positions `index`."""
+    w = u @ v
+    return w.view(-1).index_add(0, index, values.to(w.dtype)).view(w.shape)
+
+
+def _sparse_lowrank_backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor, need):
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    grad_x = grad_u = grad_v = grad_values = None
+    if need[0]:
+        grad_x = (g @ sparse_lowrank_weight(u, v, values, index)).view(x.shape)
+    if need[1] or need[2] or need[3]:
+        gw = g.t() @ x.reshape(-1, x.shape[-1])  # (out, in): the dense gradient, read three ways
+        if need[1]:
+            grad_u = gw @ v.t()
+        if need[2]:
+            grad_v = u.t() @ gw
+        if need[3]:
+            grad_values = gw.view(-1)[index]
+    return grad_x, grad_u, grad_v, grad_values, None
+
+
+def _define_btt(name: str):
+    @torch.library.custom_op(f"peftify::{name}", mutates_args=())
+    def op(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
+        y, hs = btt_reference(x, core0, core1)
+        return y.contiguous(), hs.contiguous()
+
+    @op.register_fake
+    def _(x, core0, core1):
+        _b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
+        tokens = x.numel() // x.shape[-1]
+        return x.new_empty(*x.shape[:-1], b1 * core1.shape[1]), x.new_empty(b1, tokens, k1)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+
+    def backward(ctx, grad_y, _grad_hs):
+        return _btt_backward(grad_y, *ctx.saved_tensors, ctx.needs_input_grad)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+btt_op = _define_btt("btt")
+monarch_op = _define_btt("monarch")
+
+
+@torch.library.custom_op("peftify::kron", mutates_args=())
+def kron_op(x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    y, z = kron_reference(x, a, b)
+    return y.contiguous(), z.contiguous()
+
+
+@kron_op.register_fake
+def _(x, a, b):
+    t, m1, n1 = a.shape
+    _, m2, _ = b.shape
+    return x.new_empty(*x.shape[:-1], m1 * m2), x.new_empty(t, x.numel() // x.shape[-1], n1, m2)
+
+
+def _kron_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+kron_op.register_autograd(lambda ctx, g, _gz: _kron_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_kron_setup)
+
+
+@torch.library.custom_op("peftify::sparse_lowrank", mutates_args=())
+def sparse_lowrank_op(x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
+    return torch.nn.functional.linear(x, sparse_lowrank_weight(u, v, values, index))
+
+
+@sparse_lowrank_op.register_fake
+def _(x, u, v, values, index):
+    return x.new_empty(*x.shape[:-1], u.shape[0])
+
+
+def _sparse_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+sparse_lowrank_op.register_autograd(lambda ctx, g: _sparse_lowrank_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_sparse_setup)
+
+
+def btt(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:
+    """Block Tensor-Train with two cores ("Compute Better Spent: Replacing Dense Layers with
+    Structured Matrices", Qiu et al.): y = P·BlockDiag(core1)·Pᵀ-shuffle·BlockDiag(core0)·x;
+    see `btt_reference` for the exact index map."""
+    return torch.ops.peftify.btt(x, core0, core1)[0]
+
+
+def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """Monarch: y = P₂·BlockDiag(R)·P₁·BlockDiag(L)·x ("Monarch: Expressive Structured Matrices
+    for Efficient and Accurate Training", Dao et al.); the same computation as `btt`."""
+    return torch.ops.peftify.monarch(x, left, right)[0]
+
+
+def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """y = x (Σ_t A_t ⊗ B_t)ᵀ, computed factor by factor."""
+    return torch.ops.peftify.kron(x, a, b)[0]
+
+
+def sparse_lowrank(x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
+    """y = x (U V + S)ᵀ with S sparse on a fixed support ("SLTrain", Han et al.)."""
+    return torch.ops.peftify.sparse_lowrank(x, u, v, values, index)

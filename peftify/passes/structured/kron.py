@@ -1,0 +1,94 @@
+"""Kronecker products."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from peftify.passes.base import check_count, invalid, register
+from peftify.passes.structured.common import Factor, Structured, StructuredModule, near_square_split, pad_to, svd_of
+
+
+@register("kron")
+@dataclass(frozen=True)
+class Kron(Structured):
+    """Replace W by Σ_t A_t ⊗ B_t, A_t (m1 × n1), B_t (m2 × n2), out = m1·m2, in = n1·n2
+    (zero-padded where they do not divide): per token Y = Σ_t A_t X B_tᵀ with x read as
+    X (n1 × n2), never forming the product. Costs terms·(m1·n1 + m2·n2) parameters and
+    2·terms·m2·n1·(n2 + m1) FLOPs per token. `project` is the nearest Kronecker sum (Van Loan–
+    Pitsianis): the top-`terms` SVD of W rearranged so that each Kronecker term is a rank-one
+    matrix. Paper: "Approximation with Kronecker Products" (Van Loan & Pitsianis).
+
+    - a_shape: (m1, n1), the shape of A; None for factors near √out and √in.
+    - terms: the number of Kronecker products summed.
+    - init, base_width: see `Structured`.
+    """
+
+    a_shape: tuple | None = None
+    terms: int = 1
+    init: str = "auto"
+    base_width: int | None = None
+
+    def __post_init__(self):
+        check_count("terms", self.terms)
+        if self.a_shape is not None:
+            try:
+                m1, n1 = self.a_shape
+            except (TypeError, ValueError):
+                invalid("a_shape", f"must be (m1, n1) or None, got {self.a_shape!r}")
+            check_count("a_shape", m1)
+            check_count("a_shape", n1)
+            object.__setattr__(self, "a_shape", (m1, n1))
+        self.check_common()
+
+    def shapes(self, site) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((m1, n1), (m2, n2))."""
+        if self.a_shape is None:
+            (m1, m2), (n1, n2) = near_square_split(site.out_features), near_square_split(site.in_features)
+            return (m1, n1), (m2, n2)
+        m1, n1 = self.a_shape
+        return (m1, n1), (math.ceil(site.out_features / m1), math.ceil(site.in_features / n1))
+
+    def check(self, site) -> None:
+        super().check(site)
+        (m1, n1), (m2, n2) = self.shapes(site)
+        if m1 > site.out_features or n1 > site.in_features:
+            invalid("a_shape", f"A of shape {(m1, n1)} is larger than the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        if self.terms > min(m1 * n1, m2 * n2):
+            invalid("terms", f"terms={self.terms} exceeds min(m1·n1, m2·n2) = {min(m1 * n1, m2 * n2)} at {site.fqn}")
+
+    def padded(self, site) -> tuple[int, int]:
+        (m1, n1), (m2, n2) = self.shapes(site)
+        return m1 * m2, n1 * n2
+
+    def factors(self, site) -> list[Factor]:
+        (m1, n1), (m2, n2) = self.shapes(site)
+        return [Factor("a", (self.terms, m1, n1), n1, m1), Factor("b", (self.terms, m2, n2), n2, m2)]
+
+    def flops(self, site) -> int:
+        (m1, n1), (m2, n2) = self.shapes(site)
+        return 2 * self.terms * m2 * n1 * (n2 + m1)
+
+    def svd_input(self, weight, site):
+        (m1, n1), (m2, n2) = self.shapes(site)
+        w = pad_to(weight, m1 * m2, n1 * n2)
+        return w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2), self.terms
+
+    def project(self, site, weight, svd) -> dict[str, torch.Tensor]:
+        (m1, n1), (m2, n2) = self.shapes(site)
+        rearranged, t = self.svd_input(weight, site)
+        u, s, vh = svd_of(rearranged, t, svd)
+        root = s.sqrt()
+        return {"a": (u * root).t().reshape(t, m1, n1), "b": (root[:, None] * vh).reshape(t, m2, n2)}
+
+
+class KronModule(StructuredModule):
+    def structured(self, x: torch.Tensor) -> torch.Tensor:
+        from peftify.codegen.ops import kron
+
+        return kron(x, self.a, self.b)
+
+
+Kron.module = KronModule

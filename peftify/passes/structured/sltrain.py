@@ -1,0 +1,102 @@
+"""Sparse plus low rank, on a fixed support."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from peftify.passes.base import check_count, check_fits, dense_flops, invalid, register
+from peftify.passes.structured.common import Factor, Structured, StructuredModule, check_positive, svd_of
+
+SUPPORTS = ("random", "largest")
+
+
+@register("sltrain")
+@dataclass(frozen=True)
+class SLTrain(Structured):
+    """Replace W by U V + S: U (out × r), V (r × in) and S sparse with a fixed support of
+    density δ; U, V and S's nonzeros are trained, the support never changes. The layer
+    computes x (U V + S)ᵀ with the sum formed per step (dense FLOPs); what it saves is
+    parameters and optimizer memory. `project` takes the top-r SVD for U V and puts S on the
+    residual, at random positions or at the residual's largest entries. Paper: "SLTrain: a
+    sparse plus low-rank approach for parameter and memory efficient pretraining" (Han et al.).
+
+    - r: the rank of U V; None for min(in, out) / 4.
+    - density: δ, the fraction of W's entries in S's support.
+    - support: "random" (the paper's, drawn with `seed`) or "largest" (project only: the
+      largest residual entries).
+    - seed: of the random support.
+    - init, base_width: see `Structured`.
+    """
+
+    r: int | None = None
+    density: float = 0.03
+    support: str = "random"
+    seed: int = 0
+    init: str = "auto"
+    base_width: int | None = None
+
+    def __post_init__(self):
+        check_count("r", self.r, optional=True)
+        check_positive("density", self.density, upper=1.0)
+        if self.support not in SUPPORTS:
+            invalid("support", f"must be one of {SUPPORTS}, got {self.support!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            invalid("seed", f"must be an integer, got {self.seed!r}")
+        self.check_common()
+
+    def check(self, site) -> None:
+        super().check(site)
+        check_fits(site, self.r, "rank")
+        if self.support == "largest" and self.init != "project":
+            invalid("support", f"'largest' places S on the projection's residual, which needs init='project', not {self.init!r}")
+
+    def rank(self, site) -> int:
+        return self.r if self.r is not None else max(1, min(site.in_features, site.out_features) // 4)
+
+    def nnz(self, site) -> int:
+        return max(1, round(self.density * site.in_features * site.out_features))
+
+    def factors(self, site) -> list[Factor]:
+        r, n, m = self.rank(site), site.in_features, site.out_features
+        per_row = max(1, round(self.density * n))
+        return [Factor("v", (r, n), n, r), Factor("u", (m, r), r, m), Factor("values", (self.nnz(site),), per_row, max(1, round(self.density * m)))]
+
+    def flops(self, site) -> int:
+        return dense_flops(site)  # the dense sum U V + S is formed and applied
+
+    def random_support(self, site, device) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        index = torch.randperm(site.in_features * site.out_features, generator=g)[: self.nnz(site)].sort().values
+        return index.to(device)
+
+    def fixed_buffers(self, site, weight) -> dict[str, torch.Tensor]:
+        if weight.device.type == "meta":
+            return {"index": torch.empty(self.nnz(site), dtype=torch.long, device="meta")}
+        return {"index": self.random_support(site, weight.device)}
+
+    def svd_input(self, weight, site):
+        return weight, self.rank(site)
+
+    def project(self, site, weight, svd) -> dict[str, torch.Tensor]:
+        r = self.rank(site)
+        u, s, vh = svd_of(weight, r, svd)
+        root = s.sqrt()
+        u, v = u * root, root[:, None] * vh
+        residual = (weight.to(u.dtype) - u @ v).flatten()
+        if self.support == "largest":
+            index = residual.abs().topk(self.nnz(site)).indices.sort().values
+        else:
+            index = self.random_support(site, weight.device)
+        return {"u": u, "v": v, "values": residual[index], "index": index}
+
+
+class SLTrainModule(StructuredModule):
+    def structured(self, x: torch.Tensor) -> torch.Tensor:
+        from peftify.codegen.ops import sparse_lowrank
+
+        return sparse_lowrank(x, self.u, self.v, self.values, self.index)
+
+
+SLTrain.module = SLTrainModule
