@@ -42,7 +42,7 @@ LAYERS = 2
 CTX = 64
 BATCH = 16
 HEAD_DIM = 32
-LR = 3e-3
+LR = 2e-3
 BASE_WIDTH = 64
 DATA_CAP = 4 << 20  # bytes of stdlib source read (train + validation)
 QUICK_CAP = 512 << 10
@@ -140,7 +140,8 @@ def build(structure: str, d: int, example: torch.Tensor, lr: float, seed: int):
     """The model, its optimizer and its MLP's (parameters, forward FLOPs per token)."""
     torch.manual_seed(seed)
     model = ByteLM(d)
-    mlp_params = lambda: sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)  # noqa: E731
+    # a replaced layer keeps its dense weight only as a shape on the meta device: not counted, not trained
+    mlp_params = lambda: sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n and not p.is_meta)  # noqa: E731
     if structure == "dense":
         linears = [m for n, m in model.named_modules() if ".mlp." in n and isinstance(m, nn.Linear)]
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), mlp_params(), sum(2 * m.weight.numel() for m in linears)
@@ -149,12 +150,14 @@ def build(structure: str, d: int, example: torch.Tensor, lr: float, seed: int):
     spec = {"rules": [{"match": "*.mlp.*", "apply": method_for(structure, d)}], "scaling": {"method": "mup", "base_width": BASE_WIDTH}}
     peftify.peftify(model, spec, example_inputs=(example,), progress=False)
     for p in model.parameters():  # training from scratch: everything trains, except what the method freezes
-        if getattr(p, "_peftify", {}).get("trainable", True):
+        if not p.is_meta and getattr(p, "_peftify", {}).get("trainable", True):
             p.requires_grad_(True)
     rows = peftify.report(model).rows
     flops = sum(int(r[6]) for r in rows)
     if len(rows) != 2 * LAYERS:
         raise RuntimeError(f"{structure}: expected {2 * LAYERS} rewritten MLP sites, report has {len(rows)}")
+    if mlp_params() != sum(int(r[4]) for r in rows):
+        raise RuntimeError(f"{structure}: the model's MLP holds {mlp_params()} parameters, peftify.report says {sum(int(r[4]) for r in rows)}")
     return model, torch.optim.AdamW(peftify.param_groups(model, lr=lr)), mlp_params(), flops
 
 
@@ -217,7 +220,7 @@ def train_run(structure: str, d: int, steps: int, train: torch.Tensor, val: torc
         "structure": structure,
         "width": d,
         "mlp_params": mlp_params,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in model.parameters() if not p.is_meta),
         "mlp_flops_per_token": mlp_flops,
         "flops_per_token": fwd,
         "train_flops": per_step * steps,
@@ -319,6 +322,8 @@ def main(widths=(64, 128, 256), steps: int = 300, out: str = "docs", quick: bool
     command = f".venv/bin/python examples/structured_scaling.py --widths {' '.join(map(str, widths))} --steps {steps} --out {out}"
     if tuple(structures) != STRUCTURES:
         command += f" --structures {' '.join(structures)}"
+    if lr != LR:
+        command += f" --lr {lr:g}"
     if quick:
         command += " --quick"
     tab = table(runs)

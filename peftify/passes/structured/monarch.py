@@ -17,8 +17,8 @@ from peftify.rewrite.sites import Site
 @dataclass(frozen=True)
 class Monarch(TwoCore):
     """Replace W by P₂ · BlockDiag(R) · P₁ · BlockDiag(L): L has nb blocks (q × in/nb), R has nb
-    blocks (out/nb × q), and P₁ reads L's outputs as (nb, q), transposes them to (q, nb) and cuts
-    them into R's nb inputs. Every (i, j) block of W is then a rank-q/nb product, q = nb·⌈min(in,
+    blocks (out/nb × q), P₁ reads L's outputs as (nb, q), transposes them to (q, nb) and cuts
+    them into R's nb inputs, and P₂ is the identity (R's outputs are read block by block). Every (i, j) block of W is then a rank-q/nb product, q = nb·⌈min(in,
     out)/nb²⌉: the rectangular step sits in the factor nearer the larger side. Shapes that nb
     does not divide are zero-padded to nb·⌈d/nb⌉.
 

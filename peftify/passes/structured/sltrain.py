@@ -19,7 +19,9 @@ class SLTrain(Structured):
     density δ; U, V and S's nonzeros are trained, the support never changes. The layer
     computes x (U V + S)ᵀ with the sum formed per step (dense FLOPs); what it saves is
     parameters and optimizer memory. `project` takes the top-r SVD for U V and puts S on the
-    residual, at random positions or at the residual's largest entries. Paper: "SLTrain: a
+    residual, at random positions or at the residual's largest entries; `iters` > 1 alternates
+    (U V = top-r SVD of W − S, S = W − U V on the support), which never raises the error and
+    recovers a W that is itself sparse + low rank. Paper: "SLTrain: a
     sparse plus low-rank approach for parameter and memory efficient pretraining" (Han et al.).
 
     - r: the rank of U V; None for min(in, out) / 4.
@@ -27,6 +29,7 @@ class SLTrain(Structured):
     - support: "random" (the paper's, drawn with `seed`) or "largest" (project only: the
       largest residual entries).
     - seed: of the random support.
+    - iters: rounds of `project` (each one SVD of the layer).
     - init, base_width: see `Structured`.
     """
 
@@ -34,6 +37,7 @@ class SLTrain(Structured):
     density: float = 0.03
     support: str = "random"
     seed: int = 0
+    iters: int = 1
     init: str = "auto"
     base_width: int | None = None
 
@@ -42,6 +46,7 @@ class SLTrain(Structured):
         check_positive("density", self.density, upper=1.0)
         if self.support not in SUPPORTS:
             invalid("support", f"must be one of {SUPPORTS}, got {self.support!r}")
+        check_count("iters", self.iters)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             invalid("seed", f"must be an integer, got {self.seed!r}")
         self.check_common()
@@ -81,14 +86,17 @@ class SLTrain(Structured):
 
     def project(self, site, weight, svd) -> dict[str, torch.Tensor]:
         r = self.rank(site)
-        u, s, vh = svd_of(weight, r, svd)
-        root = s.sqrt()
-        u, v = u * root, root[:, None] * vh
-        residual = (weight.to(u.dtype) - u @ v).flatten()
-        if self.support == "largest":
-            index = residual.abs().topk(self.nnz(site)).indices.sort().values
-        else:
-            index = self.random_support(site, weight.device)
+        w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        sparse = torch.zeros_like(w)
+        index = None if self.support == "largest" else self.random_support(site, weight.device)
+        for i in range(self.iters):
+            u, s, vh = svd_of(w - sparse, r, svd if i == 0 else None)
+            root = s.sqrt()
+            u, v = u * root, root[:, None] * vh
+            residual = (w - u @ v).flatten()
+            if index is None:
+                index = residual.abs().topk(self.nnz(site)).indices.sort().values
+            sparse = torch.zeros_like(residual).index_copy_(0, index, residual[index]).view_as(w)
         return {"u": u, "v": v, "values": residual[index], "index": index}
 
 
