@@ -29,6 +29,28 @@ def _btt_shapes(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[int, int, int,
     return b0, k0, b1, k1
 
 
+def _shuffle(h: Tensor, blocks: int, width: int) -> Tensor:
+    """(b0, T, k0) → (blocks, T, width), contiguous: the features read as (b0, k0), transposed to
+    (k0, b0) and cut into `blocks` chunks of `width`. One copy when b0 divides `width` (every
+    structure built here), else a reshape."""
+    b0, tokens, _ = h.shape
+    if width % b0:
+        return h.permute(1, 2, 0).reshape(tokens, blocks, width).transpose(0, 1).contiguous()
+    out = h.new_empty(blocks, tokens, width)
+    out.permute(1, 0, 2).view(tokens, blocks, width // b0, b0).copy_(h.permute(1, 2, 0).view(tokens, blocks, width // b0, b0))
+    return out
+
+
+def _unshuffle(g: Tensor, b0: int, k0: int) -> Tensor:
+    """The inverse of `_shuffle`: (b1, T, k1) → (b0, T, k0), contiguous."""
+    b1, tokens, k1 = g.shape
+    if k1 % b0:
+        return g.transpose(0, 1).reshape(tokens, k0, b0).permute(2, 0, 1).contiguous()
+    out = g.new_empty(b0, tokens, k0)
+    out.permute(1, 2, 0).view(tokens, b1, k1 // b0, b0).copy_(g.permute(1, 0, 2).view(tokens, b1, k1 // b0, b0))
+    return out
+
+
 def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
     """y (…, b1·s1) and the shuffled hidden h' (b1, T, k1).
 
@@ -41,7 +63,7 @@ def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tens
     tokens = x.numel() // x.shape[-1]
     x3 = x.reshape(tokens, b0, -1).transpose(0, 1)  # (b0, T, p0)
     h = torch.bmm(x3, core0.transpose(1, 2))  # (b0, T, k0)
-    hs = h.permute(1, 2, 0).reshape(tokens, b1, k1).transpose(0, 1)  # (b1, T, k1)
+    hs = _shuffle(h, b1, k1)  # (b1, T, k1)
     y = torch.bmm(hs, core1.transpose(1, 2))  # (b1, T, s1)
     return y.transpose(0, 1).reshape(*x.shape[:-1], b1 * core1.shape[1]), hs
 
@@ -54,8 +76,7 @@ def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: T
     if need[2]:
         grad_c1 = torch.bmm(g.transpose(1, 2), hs)
     if need[0] or need[1]:
-        gh = torch.bmm(g, core1)  # (b1, T, k1): undo the shuffle
-        gh = gh.transpose(0, 1).reshape(tokens, k0, b0).permute(2, 0, 1)  # (b0, T, k0)
+        gh = _unshuffle(torch.bmm(g, core1), b0, k0)  # (b0, T, k0)
         if need[1]:
             grad_c0 = torch.bmm(gh.transpose(1, 2), x.reshape(tokens, b0, -1).transpose(0, 1))
         if need[0]:
@@ -128,8 +149,12 @@ def _define_btt(name: str):
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, _grad_hs):
+        if grad_y is None:  # grads are not materialized: nothing flowed into y
+            return None, None, None
         return _btt_backward(grad_y, *ctx.saved_tensors, ctx.needs_input_grad)
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -155,9 +180,11 @@ def _(x, a, b):
 
 def _kron_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
-kron_op.register_autograd(lambda ctx, g, _gz: _kron_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_kron_setup)
+kron_op.register_autograd(lambda ctx, g, _gz: (None,) * 3 if g is None else _kron_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_kron_setup)
 
 
 @torch.library.custom_op("peftify::sparse_lowrank", mutates_args=())
