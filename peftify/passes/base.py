@@ -275,10 +275,11 @@ class AdaptedSite(nn.Module):
         self.replaced_by: str | None = None  # the structure that stands for the layer (always computes)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight as (out, in), whatever the base module stores."""
+    def weight(self) -> torch.Tensor | None:
+        """The frozen base weight as (out, in), whatever the base module stores (None where a
+        structure replaced the layer)."""
         w = self.base_layer.weight
-        return w.t() if self.site.transposed else w
+        return w.t() if self.site.transposed and w is not None else w
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -312,13 +313,17 @@ class AdaptedSite(nn.Module):
         return f"active={self.active!r}"
 
     @staticmethod
-    def with_weight(base: nn.Module, weight: torch.Tensor, transposed: bool) -> nn.Module:
-        """A shallow copy of `base` holding a new frozen weight (for inits that rewrite W)."""
+    def with_weight(base: nn.Module, weight: torch.Tensor | None, transposed: bool) -> nn.Module:
+        """A shallow copy of `base` holding a new frozen weight (for inits that rewrite W), or
+        none (for a structure that replaces the layer)."""
         new = copy.copy(base)
         new._parameters = dict(base._parameters)
         new._buffers = dict(base._buffers)
         new._modules = dict(base._modules)
-        new.weight = nn.Parameter((weight.t() if transposed else weight).to(base.weight.dtype).contiguous(), requires_grad=False)
+        if weight is None:
+            new._parameters["weight"] = None
+        else:
+            new.weight = nn.Parameter((weight.t() if transposed else weight).to(base.weight.dtype).contiguous(), requires_grad=False)
         return new
 
 

@@ -222,8 +222,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             record.original = base
             base = AdaptedSite.with_weight(base, mod.residual, site.transposed)
         elif entry.method.replaces_base:  # the dense weight is dropped (its memory freed); merge makes a new one
-            w = base.weight
-            base = AdaptedSite.with_weight(base, torch.empty(w.shape[::-1] if site.transposed else w.shape, dtype=w.dtype, device="meta"), site.transposed)
+            base = AdaptedSite.with_weight(base, None, site.transposed)
         mod.residual = None
         adapted = AdaptedSite(site, base)
         adapted.rewritten_by = adapter if record.original is not None else None
@@ -322,9 +321,10 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         own_names = {o + ".weight" for o in site.owners}
         if set(site.aliases) - own_names:  # tied to something not rewritten: untie
             warnings.warn(f"peftify: {site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it", stacklevel=3)
-            base.weight = nn.Parameter(stored.to(base.weight.dtype).contiguous(), requires_grad=base.weight.requires_grad)
-        elif base.weight.is_meta:  # a structure replaced the layer: the dense weight is made anew
-            base.weight = nn.Parameter(stored.to(base.weight.dtype).contiguous(), requires_grad=False)
+            old = base.weight
+            base.weight = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
+        elif base.weight is None:  # a structure replaced the layer: the dense weight is made anew
+            base.weight = nn.Parameter(stored.contiguous(), requires_grad=False)
         else:
             base.weight.copy_(stored)
     for path, original in zip(site.owners, [base, *record.others]):

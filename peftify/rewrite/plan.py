@@ -67,9 +67,9 @@ class Plan:
             for e in progress_bar(self.entries, "peftify: projecting", None):
                 note = ""
                 if model is not None and e.method.replaces_base and getattr(e.method, "init", None) == "project":
-                    weight = _base_of(model, e.site, getattr(model, "_peftify", None))[1].detach()
-                    if weight.device.type != "meta":
-                        note = e.method.build_many([(e.site, weight)], progress=False)[0].summary()
+                    weight = _base_of(model, e.site, getattr(model, "_peftify", None))[1]
+                    if weight is not None and weight.device.type != "meta":
+                        note = e.method.build_many([(e.site, weight.detach())], progress=False)[0].summary()
                 notes.append(note)
             self._notes = notes
         return self._notes

@@ -192,11 +192,13 @@ class StructuredModule(SiteModule):
         p = next(self.parameters())
         return self.compute(torch.eye(self.site.in_features, dtype=p.dtype, device=p.device)).t()
 
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, weight: torch.Tensor | None) -> torch.Tensor:
+        """The dense (out, in) matrix this structure computes (the base `weight` is unused: it
+        is None once the structure is installed)."""
         w = self.structured_weight()
         if self.guide is not None:
             w = self.mix * self.guide + (1 - self.mix) * w
-        return w.to(weight.dtype)
+        return w
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.compute(x)
