@@ -15,9 +15,10 @@ def btt_case(b0, k0, p0, b1, s1, k1, tokens=(2, 5)):
 
 
 BTT_CASES = {
-    "monarch": (4, 3, 2, 4, 5, 3),  # square blocks count, rectangular blocks
+    "monarch": (4, 8, 2, 4, 5, 8),  # rank-2 blocks, rectangular
+    "uneven": (4, 3, 2, 4, 5, 3),  # b0 does not divide k1: always batched
     "btt": (3, 8, 4, 4, 7, 6),  # n1=3 blocks in, m1=4 out, r=2
-    "lowrank": (1, 3, 12, 1, 7, 3),
+    "lowrank": (1, 3, 12, 1, 7, 3),  # one output block: always batched
     "blockdense": (4, 2, 3, 1, 9, 8),
 }
 
@@ -33,9 +34,11 @@ def btt_dense(core0, core1):
     return torch.block_diag(*core1) @ perm @ torch.block_diag(*core0)
 
 
+@pytest.mark.parametrize("blockwise", [False, True], ids=["batched", "blockwise"])
 @pytest.mark.parametrize("case", sorted(BTT_CASES))
 @pytest.mark.parametrize("op", ["btt", "monarch"])
-def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op):
+def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, blockwise, monkeypatch):
+    monkeypatch.setattr(ops, "BLOCKWISE_MIN_RANK", 1 if blockwise else 10**9)  # both code paths, at tiny shapes
     x, c0, c1 = btt_case(*BTT_CASES[case])
     fn = getattr(ops, op)
     torch.testing.assert_close(fn(x, c0, c1), x @ btt_dense(c0, c1).t())
