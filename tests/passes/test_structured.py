@@ -77,6 +77,7 @@ def test_dense_weight_is_the_definition_and_projection_recovers_the_structure(na
             mod.values.mul_(0.2)
     w = site.dense_weight().detach()
     torch.testing.assert_close(w, reference(mod), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mod.dense_weight(), w)
     x = torch.randn(3, n, **D)
     torch.testing.assert_close(model(x), x @ w.t())
     hp = {"iters": 100} if name == "sltrain" else {}  # sparse + low rank: alternating projection

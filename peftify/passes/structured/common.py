@@ -192,6 +192,10 @@ class StructuredModule(SiteModule):
         p = next(self.parameters())
         return self.compute(torch.eye(self.site.in_features, dtype=p.dtype, device=p.device)).t()
 
+    def dense_weight(self) -> torch.Tensor:
+        """The dense (out, in) matrix this layer computes (what `peftify.merge` installs)."""
+        return self.merged_weight(None)
+
     def merged_weight(self, weight: torch.Tensor | None) -> torch.Tensor:
         """The dense (out, in) matrix this structure computes (the base `weight` is unused: it
         is None once the structure is installed)."""
