@@ -30,42 +30,52 @@ def _btt_shapes(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[int, int, int,
 
 
 def _shuffle(h: Tensor, blocks: int, width: int) -> Tensor:
-    """(b0, T, k0) → (blocks, T, width), contiguous: the features read as (b0, k0), transposed to
-    (k0, b0) and cut into `blocks` chunks of `width`. One copy when b0 divides `width` (every
-    structure built here), else a reshape."""
-    b0, tokens, _ = h.shape
+    """Token-major hidden (T, b0, k0) → (T, blocks, width): each token's (b0, k0) values read
+    transposed, as (k0, b0), and cut into `blocks` chunks of `width`. Token by token the copy
+    stays in cache (measured 37 ms vs 64 ms per copy for the block-major layout at BTT 2048², 4096
+    tokens); with one input block it is the identity (no copy)."""
+    tokens, b0, _k0 = h.shape
+    if b0 == 1:
+        return h.view(tokens, blocks, width)
+    out = h.new_empty(tokens, blocks, width)
     if width % b0:
-        return h.permute(1, 2, 0).reshape(tokens, blocks, width).transpose(0, 1).contiguous()
-    out = h.new_empty(blocks, tokens, width)
-    out.permute(1, 0, 2).view(tokens, blocks, width // b0, b0).copy_(h.permute(1, 2, 0).view(tokens, blocks, width // b0, b0))
+        out.copy_(h.transpose(1, 2).reshape(tokens, blocks, width))
+    else:
+        out.view(tokens, blocks, width // b0, b0).copy_(h.view(tokens, b0, blocks, width // b0).permute(0, 2, 3, 1))
     return out
 
 
 def _unshuffle(g: Tensor, b0: int, k0: int) -> Tensor:
-    """The inverse of `_shuffle`: (b1, T, k1) → (b0, T, k0), contiguous."""
-    b1, tokens, k1 = g.shape
+    """The inverse of `_shuffle`: (T, b1, k1) → (T, b0, k0)."""
+    tokens, b1, k1 = g.shape
+    if b0 == 1:
+        return g.reshape(tokens, b0, k0)
+    out = g.new_empty(tokens, b0, k0)
     if k1 % b0:
-        return g.transpose(0, 1).reshape(tokens, k0, b0).permute(2, 0, 1).contiguous()
-    out = g.new_empty(b0, tokens, k0)
-    out.permute(1, 2, 0).view(tokens, b1, k1 // b0, b0).copy_(g.permute(1, 0, 2).view(tokens, b1, k1 // b0, b0))
+        out.transpose(1, 2).copy_(g.reshape(tokens, k0, b0))
+    else:
+        out.view(tokens, b0, b1, k1 // b0).permute(0, 2, 3, 1).copy_(g.view(tokens, b1, k1 // b0, b0))
     return out
 
 
 def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
-    """y (…, b1·s1) and the shuffled hidden h' (b1, T, k1).
+    """y (…, b1·s1) and the shuffled hidden h' (T, b1, k1).
 
     core0 (b0, k0, p0): b0 blocks, input block j maps x[j·p0:(j+1)·p0] to h[j] (k0 values).
     The shuffle reads h as (b0, k0), transposes it to (k0, b0) and cuts the result into b1
     chunks of k1: chunk i is the input of core1's block i (b1, s1, k1), which writes
-    y[i·s1:(i+1)·s1].
+    y[i·s1:(i+1)·s1]. Activations stay token-major: the batched GEMMs read and write them
+    through strided views (no transposing copies), and only the shuffle copies.
     """
-    b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
-    tokens = x.numel() // x.shape[-1]
-    x3 = x.reshape(tokens, b0, -1).transpose(0, 1)  # (b0, T, p0)
-    h = torch.bmm(x3, core0.transpose(1, 2))  # (b0, T, k0)
-    hs = _shuffle(h, b1, k1)  # (b1, T, k1)
-    y = torch.bmm(hs, core1.transpose(1, 2))  # (b1, T, s1)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], b1 * core1.shape[1]), hs
+    b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
+    x3 = x.reshape(-1, b0, core0.shape[2])  # (T, b0, p0)
+    tokens = x3.shape[0]
+    h = x.new_empty(tokens, b0, k0)
+    torch.bmm(x3.transpose(0, 1), core0.transpose(1, 2), out=h.transpose(0, 1))
+    hs = _shuffle(h, b1, k1)  # (T, b1, k1)
+    y = x.new_empty(tokens, b1, core1.shape[1])
+    torch.bmm(hs.transpose(0, 1), core1.transpose(1, 2), out=y.transpose(0, 1))
+    return y.view(*x.shape[:-1], -1), hs
 
 
 # Each (i, j) block of a btt matrix has rank w = k1 / b0. From this rank up, the op runs one 2-D
@@ -140,15 +150,18 @@ def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: T
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     if _blockwise(b0, b1, k1):
         return _btt_backward_blockwise(grad_y, x, core0, core1, hs, need)
-    tokens = hs.shape[1]
-    g = grad_y.reshape(tokens, b1, -1).transpose(0, 1)  # (b1, T, s1)
+    tokens = hs.shape[0]
+    g = grad_y.reshape(tokens, b1, -1).transpose(0, 1)  # (b1, T, s1), a strided view
     grad_x = grad_c0 = grad_c1 = None
     if need[2]:
-        grad_c1 = torch.bmm(g.transpose(1, 2), hs)
+        grad_c1 = torch.bmm(g.transpose(1, 2), hs.transpose(0, 1))
     if need[0] or need[1]:
-        gh = _unshuffle(torch.bmm(g, core1), b0, k0)  # (b0, T, k0)
+        # no out= here: this runs under AOT tracing when compiled, where writing through a
+        # transposed view is not reliable
+        gh = _unshuffle(torch.bmm(g, core1).transpose(0, 1), b0, k0).transpose(0, 1)  # (b0, T, k0)
+        x3 = x.reshape(tokens, b0, -1)
         if need[1]:
-            grad_c0 = torch.bmm(gh.transpose(1, 2), x.reshape(tokens, b0, -1).transpose(0, 1))
+            grad_c0 = torch.bmm(gh.transpose(1, 2), x3.transpose(0, 1))
         if need[0]:
             grad_x = torch.bmm(gh, core0).transpose(0, 1).reshape(x.shape)
     return grad_x, grad_c0, grad_c1
@@ -216,7 +229,7 @@ def _define_btt(name: str):
     def _(x, core0, core1):
         b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
         tokens = x.numel() // x.shape[-1]
-        hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (b1, tokens, k1)
+        hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (tokens, b1, k1)
         return x.new_empty(*x.shape[:-1], b1 * core1.shape[1]), x.new_empty(hidden)
 
     def setup_context(ctx, inputs, output):
