@@ -88,6 +88,10 @@ class Structured(Method):
         """(matrix, rank) whose SVD `project` needs, so the engine can batch it; None if none."""
         return None
 
+    def svd_for(self, site: Site, weight: torch.Tensor, svd: tuple | None) -> tuple:
+        """`svd` when `build_many` computed it (batched), else the SVD of `svd_input` now."""
+        return svd if svd is not None else top_svd(*self.svd_input(weight, site))
+
     def build_many(self, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
         svds: list = [None] * len(items)
         if self.init == "project":
@@ -166,7 +170,7 @@ class StructuredModule(SiteModule):
             setattr(self, f.name, tag(nn.Parameter(values[f.name]), lr_mult=method.lr_mult(site, f) if mup else 1.0))
         self.guide = None
         if method.init == "self_guided":
-            self.guide = tag(nn.Parameter(weight.detach().clone()), lr_mult=(method.base_width or site.in_features) / site.in_features if mup else 1.0)
+            self.guide = tag(nn.Parameter(weight.detach().clone()), lr_mult=(method.base_width or site.in_features) / site.in_features)
             self.register_buffer("mix", torch.ones((), **factory))  # α: the dense guide's share
         if method.init == "project" and weight.device.type != "meta":
             with torch.no_grad():
@@ -221,11 +225,6 @@ class StructuredModule(SiteModule):
         return f"rel. error {self.error:.3g}, keeps {100 * self.retained:.1f}% of ‖W‖_F"
 
 
-def svd_of(matrix: torch.Tensor, r: int, svd: tuple | None) -> tuple:
-    """`svd` when the engine computed it, else the top-r SVD of `matrix` now."""
-    return svd if svd is not None else top_svd(matrix, r)
-
-
 class TwoCore(Structured):
     """Structures computed by two block-diagonal GEMMs with a shuffle between
     (`peftify.codegen.ops.btt`): low rank, Monarch, BTT. Each (i, j) block of W (out/I × in/J)
@@ -252,8 +251,7 @@ class TwoCore(Structured):
 
     def project(self, site: Site, weight: torch.Tensor, svd: tuple | None) -> dict[str, torch.Tensor]:
         out_blocks, in_blocks, r = self.blocks(site)
-        blocks, _ = self.svd_input(weight, site)
-        cores = btt_from_blocks(svd_of(blocks, r, svd), out_blocks, in_blocks, r)
+        cores = btt_from_blocks(self.svd_for(site, weight, svd), out_blocks, in_blocks, r)
         return {f.name: c.reshape(f.shape) for f, c in zip(self.factors(site), cores)}
 
 
@@ -272,12 +270,11 @@ class TwoCoreModule(StructuredModule):
 def near_square_split(d: int) -> tuple[int, int]:
     """(d1, d2) with d1·d2 ≥ d and both near √d: a divisor pair when one is within 2× of √d,
     else ⌈√d⌉ blocks with padding."""
-    root = math.isqrt(d)
-    for d1 in sorted(range(1, root + 1), key=lambda k: abs(k - math.sqrt(d))):
-        if d % d1 == 0 and 2 * d1 >= math.sqrt(d):
-            return d1, d // d1
+    for d1 in range(math.isqrt(d), 0, -1):  # from √d down: the nearest divisor first
         if 2 * d1 < math.sqrt(d):
             break
+        if d % d1 == 0:
+            return d1, d // d1
     d1 = math.ceil(math.sqrt(d))
     return d1, math.ceil(d / d1)
 

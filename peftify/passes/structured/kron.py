@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from peftify.passes.base import check_count, invalid, register
-from peftify.passes.structured.common import Factor, Structured, StructuredModule, near_square_split, pad_to, svd_of
+from peftify.passes.structured.common import Factor, Structured, StructuredModule, near_square_split, pad_to
 
 
 @register("kron")
@@ -78,8 +78,8 @@ class Kron(Structured):
 
     def project(self, site, weight, svd) -> dict[str, torch.Tensor]:
         (m1, n1), (m2, n2) = self.shapes(site)
-        rearranged, t = self.svd_input(weight, site)
-        u, s, vh = svd_of(rearranged, t, svd)
+        t = self.terms
+        u, s, vh = self.svd_for(site, weight, svd)
         root = s.sqrt()
         return {"a": (u * root).t().reshape(t, m1, n1), "b": (root[:, None] * vh).reshape(t, m2, n2)}
 

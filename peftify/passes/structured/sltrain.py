@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from peftify.passes.base import check_count, check_fits, dense_flops, invalid, register
-from peftify.passes.structured.common import Factor, Structured, StructuredModule, check_positive, svd_of
+from peftify.passes.base import check_count, check_fits, dense_flops, invalid, register, top_svd
+from peftify.passes.structured.common import Factor, Structured, StructuredModule, check_positive
 
 SUPPORTS = ("random", "largest")
 
@@ -90,7 +90,7 @@ class SLTrain(Structured):
         sparse = torch.zeros_like(w)
         index = None if self.support == "largest" else self.random_support(site, weight.device)
         for i in range(self.iters):
-            u, s, vh = svd_of(w - sparse, r, svd if i == 0 else None)
+            u, s, vh = svd if i == 0 and svd is not None else top_svd(w - sparse, r)
             root = s.sqrt()
             u, v = u * root, root[:, None] * vh
             residual = (w - u @ v).flatten()
