@@ -110,6 +110,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
 
     resolved: dict[int, Method] = {}  # per rule: its method with "auto" settings fixed for this model
     entries = []
+    bare = BARE_LAYER if type(model).__name__ in ("Linear", "Conv1D") else ""
     for site in cap.sites:
         if site.fqn not in chosen or chosen[site.fqn][1] is None:
             continue
@@ -126,8 +127,10 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             method = resolved[i]
             method.check(site)
         except SpecError as e:
-            raise SpecError(_bare(e), rule=spec.rules[i].describe(i), field=e.field) from e
+            raise SpecError(_bare(e) + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
         entries.append(Entry(site, method, i))
+    if bare and entries:
+        warnings.warn(f"peftify: {bare}; until then its weight is adapted as a functional parameter (W + ΔW formed on every call)", stacklevel=3)
 
     names = [n for n, _ in model.named_parameters()]
     train = []
@@ -144,6 +147,9 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     plan._train_numel = sum(model.get_parameter(n).numel() for n in train)
     plan._model = weakref.ref(model)  # to preview projections when printed
     return plan
+
+
+BARE_LAYER = "the model is itself a single linear layer, which peftify cannot replace in place: wrap it (nn.Sequential(layer)) to rewrite it as a module"
 
 
 def _unmatched(where: str, match, candidates: list, strict: bool) -> None:

@@ -132,3 +132,15 @@ def test_report_counts_match_the_plan():
     assert [r[3] for r in rep.rows] == [e.method.trainable_params(e.site) for e in plan.entries]
     assert rep.trainable == plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert "model.layers.1.mlp.down_proj" in str(rep) and "trainable" in str(rep)
+
+
+def test_a_bare_linear_model_is_adapted_functionally_with_a_warning_and_cannot_be_replaced():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    x, w, b = torch.randn(3, 8), layer.weight.detach().clone(), layer.bias.detach().clone()
+    with pytest.warns(UserWarning, match=r"wrap it \(nn.Sequential"):
+        peftify.peftify(layer, ALL, example_inputs=(x,))
+    assert "lora (materializes W)" in str(peftify.report(layer))
+    torch.testing.assert_close(layer(x), x @ w.t() + b)  # B = 0: unchanged
+    with pytest.raises(SpecError, match=r"needs a module site.*wrap it \(nn.Sequential"):
+        peftify.plan(torch.nn.Linear(8, 4), {"rules": [{"match": "*", "apply": {"method": "lowrank", "r": 2}}]}, example_inputs=(x,))
