@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from peftify.passes.base import dense_flops
+from peftify.passes.base import dense_flops, lr_multipliers
 from peftify.rewrite.apply import adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
 from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import Plan, make_plan
@@ -83,10 +83,11 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
     """Optimizer parameter groups of the trainable parameters, honouring each parameter's
     learning-rate multiplier (e.g. LoRA+'s ``lr_ratio`` on B). Pass to any torch optimizer.
     """
+    mults = lr_multipliers(model)
     groups: dict[float, list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            groups.setdefault(float(getattr(p, "_peftify", {}).get("lr_mult", 1.0)), []).append(p)
+            groups.setdefault(float(mults.get(id(p), 1.0)), []).append(p)
     return [{"params": ps, "lr": lr * m, "weight_decay": weight_decay, "lr_mult": m} for m, ps in sorted(groups.items())]
 
 

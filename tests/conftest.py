@@ -9,6 +9,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels then run on CPU tensors through the interpreter (tests/codegen/test_triton.py);
+    # read when the kernels are defined, so it must be set before peftify.codegen.triton_kernels loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
 from torch import nn
 

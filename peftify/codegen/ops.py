@@ -1,9 +1,8 @@
-"""``torch.ops.peftify.*``: the custom ops structured layers compute through.
+"""``torch.ops.peftify.*``: the custom ops adapter and structured layers compute through.
 
-Each op is defined with `torch.library.custom_op`, so `torch.compile` sees one opaque node with
-a fake (shape) kernel and an autograd formula; the implementation below is the plain-torch
-reference (what runs on CPU, and what a Triton kernel on CUDA must match).
-
+- ``lora_linear(x, weight, bias, lora_a, lora_b, scale, x_dropped)``: y = x Wᵀ + b + s·(x_d Aᵀ)Bᵀ
+  with W frozen; LoRA and the methods whose update is a scaled low-rank pair (DoRA, BoRA,
+  LoRA-XS, SVFit, LoLDU) run it.
 - ``btt(x, core0, core1)``: two block-diagonal GEMMs with a stride shuffle between them. It is
   the Block Tensor-Train with two cores, and with other block counts Monarch (``monarch`` is the
   same op under its own name), BlockDense (one output block) and low rank (one block each).
@@ -11,14 +10,98 @@ reference (what runs on CPU, and what a Triton kernel on CUDA must match).
 - ``sparse_lowrank(x, u, v, values, index)``: y = x (U V + S)ᵀ, S given by its nonzeros at the
   fixed flat positions ``index``.
 
+``lora_linear``, ``btt`` and ``monarch`` are `torch.library.triton_op`s: the body dispatches by
+device — the Triton kernels of `peftify.codegen.triton_kernels` on CUDA, plain torch on CPU — and
+under `torch.compile` Inductor traces into it, so it schedules the Triton kernels (CUDA) or
+compiles the plain-torch reference with its C++ backend (CPU). ``kron`` and ``sparse_lowrank``
+are opaque `torch.library.custom_op`s with a plain-torch implementation.
+
 Each op returns what its backward needs as extra outputs (the public wrappers drop them); the
 backward computes no gradient for an operand that does not require one.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 from torch import Tensor
+
+from peftify.codegen import reference
+
+# False: CUDA tensors take the plain-torch path too (cuBLAS GEMMs), e.g. to compare or debug.
+USE_TRITON = True
+# Tests set this (with TRITON_INTERPRET=1) to run the Triton kernels on CPU tensors.
+TRITON_ON_CPU = False
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: Tensor) -> bool:
+    """CUDA tensors run the Triton kernels (when triton is installed); CPU tensors the reference."""
+    return USE_TRITON and (x.device.type == "cuda" or (TRITON_ON_CPU and x.device.type == "cpu")) and _has_triton()
+
+
+def _traced(x: Tensor) -> bool:
+    """True while fake, functional or proxy tensors flow through an op body (torch.compile's
+    tracing): the body must then be functional, with no ``out=`` writes through views."""
+    return type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter)
+
+
+@torch.library.triton_op("peftify::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float, x_dropped: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x_dropped.shape[-1])
+    xa = xd2 @ lora_a.t()
+    y = _addmm_lowrank(x2, weight, xa, lora_b, bias, scale)
+    return y.view(*x.shape[:-1], weight.shape[0]), xa
+
+
+def _addmm_lowrank(x, w, z, u, bias, scale):
+    if _use_triton(x):
+        from peftify.codegen import triton_kernels
+
+        return triton_kernels.addmm_lowrank(x, w, z, u, bias, scale)
+    return reference.addmm_lowrank(x, w, z, u, bias, scale)
+
+
+def _lora_setup(ctx, inputs, output):
+    # the dispatcher drops a trailing argument left at its default (x_dropped=None)
+    x, weight, _bias, lora_a, lora_b, scale, x_dropped = (*inputs, None)[:7]
+    ctx.save_for_backward(x, x_dropped, weight, lora_a, lora_b, output[1])
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _lora_backward(ctx, grad_y, _grad_xa):
+    if grad_y is None:
+        return (None,) * len(ctx.needs_input_grad)
+    x, x_d, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bl, _scale, need_xd = (*ctx.needs_input_grad, False)[:7]
+    grads = reference.lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, ctx.scale, (need_x, need_w, need_b, need_a, need_bl, need_xd), addmm=_addmm_lowrank)
+    return (*grads[:5], None, grads[5])[: len(ctx.needs_input_grad)]
+
+
+lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float, x_dropped: Tensor | None = None
+) -> Tensor:
+    """LoRA linear ("LoRA: Low-Rank Adaptation of Large Language Models", Hu et al.):
+    y = x Wᵀ + b + s·(x_d Aᵀ)Bᵀ, x_d = dropout(x) (or x itself when `x_dropped` is None).
+
+    `weight` is (out, in) and frozen, `lora_a` (r, in), `lora_b` (out, r). On CUDA the base GEMM
+    and the low-rank term are one Triton GEMM over [x | x_d Aᵀ]·[W | sB]ᵀ.
+    """
+    return torch.ops.peftify.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), x_dropped)[0]
 
 
 def _btt_shapes(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[int, int, int, int]:
@@ -146,9 +229,9 @@ def _btt_backward_blockwise(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Ten
     return grad_x, grad_c0, grad_c1
 
 
-def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: Tensor, need: tuple[bool, bool, bool]):
+def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: Tensor, need: tuple[bool, bool, bool], blockwise: bool | None = None):
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
-    if _blockwise(b0, b1, k1):
+    if _blockwise(b0, b1, k1) if blockwise is None else blockwise:
         return _btt_backward_blockwise(grad_y, x, core0, core1, hs, need)
     tokens = hs.shape[0]
     g = grad_y.reshape(tokens, b1, -1).transpose(0, 1)  # (b1, T, s1), a strided view
@@ -218,19 +301,43 @@ def _sparse_lowrank_backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor, va
     return grad_x, grad_u, grad_v, grad_values, None
 
 
-def _define_btt(name: str):
-    @torch.library.custom_op(f"peftify::{name}", mutates_args=())
-    def op(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
-        b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
-        y, hidden = (btt_blockwise if _blockwise(b0, b1, k1) else btt_reference)(x, core0, core1)
-        return y.contiguous(), hidden.contiguous()
+def btt_traceable(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
+    """`btt_reference` / `btt_blockwise` (by shape, as the eager op picks) written functionally,
+    for tracing: the same outputs, and Inductor picks the layouts."""
+    b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
+    x3 = x.reshape(-1, b0, core0.shape[2])
+    tokens = x3.shape[0]
+    h = torch.bmm(x3.transpose(0, 1), core0.transpose(1, 2))  # (b0, T, k0)
+    hs = h.permute(1, 2, 0).reshape(tokens, b1, k1)  # each token's (b0, k0) read as (k0, b0)
+    y = torch.bmm(hs.transpose(0, 1), core1.transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], -1)
+    return y.contiguous(), (h if _blockwise(b0, b1, k1) else hs).contiguous()
 
-    @op.register_fake
-    def _(x, core0, core1):
+
+def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
+    """The body of the btt/monarch ops. The hidden it returns for the backward is (T, b0·k0)
+    from the Triton kernels, (b0, T, k0) from the blockwise reference, else (T, b1, k1)."""
+    b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
+    if _use_triton(x):
+        from peftify.codegen import triton_kernels
+
+        y, h = triton_kernels.btt_forward(x.reshape(-1, x.shape[-1]).contiguous(), core0.contiguous(), core1.contiguous())
+        return y.view(*x.shape[:-1], -1), h
+    if _traced(x):
+        return btt_traceable(x, core0, core1)
+    y, hidden = (btt_blockwise if _blockwise(b0, b1, k1) else btt_reference)(x, core0, core1)
+    return y.contiguous(), hidden.contiguous()
+
+
+def _btt_op_backward(grad_y, x, core0, core1, hidden, need):
+    if hidden.dim() == 2:  # from the Triton forward: shuffle it here, as the batched path reads it
         b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
-        tokens = x.numel() // x.shape[-1]
-        hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (tokens, b1, k1)
-        return x.new_empty(*x.shape[:-1], b1 * core1.shape[1]), x.new_empty(hidden)
+        hs = hidden.view(-1, b0, k0).transpose(1, 2).reshape(-1, b1, k1)
+        return _btt_backward(grad_y, x, core0, core1, hs, need, blockwise=False)
+    return _btt_backward(grad_y, x, core0, core1, hidden, need)
+
+
+def _define_btt(name: str):
+    op = torch.library.triton_op(f"peftify::{name}", _btt_forward, mutates_args=())
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1])
@@ -240,7 +347,7 @@ def _define_btt(name: str):
     def backward(ctx, grad_y, _grad_hs):
         if grad_y is None:  # grads are not materialized: nothing flowed into y
             return None, None, None
-        return _btt_backward(grad_y, *ctx.saved_tensors, ctx.needs_input_grad)
+        return _btt_op_backward(grad_y, *ctx.saved_tensors, ctx.needs_input_grad)
 
     op.register_autograd(backward, setup_context=setup_context)
     return op

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftify.codegen import lora_linear
 from peftify.errors import SpecError
 from peftify.rewrite.sites import Site
 
@@ -128,10 +129,23 @@ def check_fits(site: Site, r: int | None, what: str) -> None:
         invalid("r", f"r={r} ({what}) exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
 
 
-def tag(param: nn.Parameter, **meta) -> nn.Parameter:
-    """Attach peftify metadata (lr multiplier, role in the method) to a parameter, once."""
-    param._peftify = {**getattr(param, "_peftify", {}), **meta}
-    return param
+def tag(module: nn.Module, name: str, **meta) -> None:
+    """Attach peftify metadata (lr multiplier, whether the method trains it) to `module`'s
+    parameter `name`. It is kept on the module, not on the Parameter, because `copy.deepcopy`
+    copies a Parameter's data but drops its attributes."""
+    store = module.__dict__.setdefault("_peftify_params", {})
+    store[name] = {**store.get(name, {}), **meta}
+
+
+def param_meta(module: nn.Module, path: str) -> dict:
+    """The metadata `tag` attached to the parameter at `path` (dotted, relative to `module`)."""
+    owner, _, name = path.rpartition(".")
+    return module.get_submodule(owner).__dict__.get("_peftify_params", {}).get(name, {})
+
+
+def lr_multipliers(model: nn.Module) -> dict[int, float]:
+    """id(parameter) → its learning-rate multiplier, for every tagged parameter of `model`."""
+    return {id(p): meta["lr_mult"] for mod in model.modules() for name, meta in mod.__dict__.get("_peftify_params", {}).items() if "lr_mult" in meta and (p := mod._parameters.get(name)) is not None}
 
 
 def dense_flops(site: Site) -> int:
@@ -189,8 +203,6 @@ class LowRankDelta(SiteModule):
         return weight + (s * (b @ a)).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from peftify.codegen.reference import lora_linear
-
         a, b, s = self.factors()
         return lora_linear(x, weight, bias, a, b, s)
 

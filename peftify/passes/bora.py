@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.codegen.reference import lora_linear
+from peftify.codegen import lora_linear
 from peftify.passes.base import invalid, register
 from peftify.passes.lora import LoRA, LoRAModule
 from peftify.rewrite.sites import Site

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftify.codegen.reference import lora_linear
+from peftify.codegen import lora_linear
 from peftify.passes.base import Method, SiteModule, check_count, check_fits, dense_flops, invalid, register, tag
 from peftify.rewrite.sites import Site
 
@@ -105,8 +105,10 @@ class LoRAModule(SiteModule):
                 nn.init.normal_(a, std=1 / r)
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A = tag(nn.Parameter(a, requires_grad=method.train_a), lr_mult=1.0)
-        self.lora_B = tag(nn.Parameter(b), lr_mult=method.lr_ratio)
+        self.lora_A = nn.Parameter(a, requires_grad=method.train_a)
+        self.lora_B = nn.Parameter(b)
+        tag(self, "lora_A", lr_mult=1.0)
+        tag(self, "lora_B", lr_mult=method.lr_ratio)
         self.lora_dropout = nn.Dropout(method.dropout) if method.dropout else None
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

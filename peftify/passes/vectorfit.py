@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import Method, check_count, check_fits, dense_flops, invalid, register
+from peftify.passes.base import Method, check_count, check_fits, dense_flops, invalid, register, tag
 from peftify.passes.svfit import SingularValues
 from peftify.rewrite.sites import Site
 
@@ -74,12 +74,14 @@ class AdaptiveFreezing:
             raise ValueError(f"fraction must be in (0, 1] and max_frozen in [0, 1], got {fraction!r}, {max_frozen!r}")
         state = rewrite_state(model, "freeze")
         self.vectors: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+        self.owners: dict[str, nn.Module] = {}  # the module holding each adapter σ
         for entry in state.plan.entries:
             if not isinstance(entry.method, VectorFit):
                 continue
             site = adapted_site(model, entry.site)
             mod = site.adapters[state.current]
             self.vectors[f"{entry.site.fqn}.sigma"] = (mod.sigma, mod.sigma0)
+            self.owners[f"{entry.site.fqn}.sigma"] = mod
             if entry.method.bias and site.bias is not None:
                 self.vectors[f"{entry.site.fqn}.bias"] = (site.bias, site.bias.detach().clone())
         if not self.vectors:
@@ -109,7 +111,7 @@ class AdaptiveFreezing:
             param = self.vectors[name][0]
             param.requires_grad_(False)
             param.grad = None
-            if hasattr(param, "_peftify"):  # an adapter's σ stays frozen when the adapter is re-activated
-                param._peftify = {**param._peftify, "trainable": False}
+            if name in self.owners:  # an adapter's σ stays frozen when the adapter is re-activated
+                tag(self.owners[name], "sigma", trainable=False)
         self.frozen += now
         return now

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftify.errors import SpecError
-from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization
+from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, param_meta, tag
 from peftify.rewrite.plan import Entry, Plan
 from peftify.rewrite.sites import Capture, Site
 
@@ -245,8 +245,9 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
         rewrite.installed[site.fqn] = record
         undo.append(lambda: rewrite.installed.pop(site.fqn, None))
     adapted = adapted_site(model, site)
-    for p in mod.parameters():  # remember what the method wants trainable; activation applies it
-        p._peftify = {**getattr(p, "_peftify", {}), "trainable": p.requires_grad}
+    for path, p in mod.named_parameters():  # remember what the method wants trainable; activation applies it
+        owner, _, name = path.rpartition(".")
+        tag(mod.get_submodule(owner), name, trainable=p.requires_grad)
     adapted.adapters[adapter] = mod
     undo.append(lambda: adapted.adapters.pop(adapter))
 
@@ -270,8 +271,9 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None) -> N
     plan = rewrite.adapters[adapter]
     for entry in plan.entries:
         adapted = adapted_site(model, entry.site)
-        for p in adapted.adapters[adapter].parameters():
-            p.requires_grad_(p._peftify.get("trainable", True))
+        mod = adapted.adapters[adapter]
+        for path, p in mod.named_parameters():
+            p.requires_grad_(param_meta(mod, path).get("trainable", True))
         if entry.method.trains_base_bias() and entry.site.bias and adapted.base_layer is not None:
             adapted.base_layer.bias.requires_grad_(True)
     for name in plan.train:

@@ -8,7 +8,7 @@ from conftest import MODELS, output, scalar_loss, tiny_gpt2, tiny_llama
 
 import peftify
 from peftify import LoRA
-from peftify.codegen.reference import lora_linear
+from peftify.codegen.ops import lora_linear
 from peftify.passes.base import AdaptedSite
 
 ALL = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "alpha": 4}}]}

@@ -225,9 +225,11 @@ def test_mup_init_scales_and_learning_rates_follow_the_factor_dimensions():
     # base_width / (2 factors · own fan-in): 64 for every factor but the down layer's left blocks (256)
     assert set(groups) == {128 / (2 * 64), 128 / (2 * 256)} and groups[1.0]["lr"] == 1e-3 and groups[0.25]["lr"] == 2.5e-4
     assert all(p.requires_grad for p in groups[1.0]["params"])
+    copied = {g["lr_mult"]: len(g["params"]) for g in peftify.param_groups(copy.deepcopy(model))}
+    assert copied == {m: len(g["params"]) for m, g in groups.items()}  # the multipliers survive a deepcopy
     model2 = nn.Sequential(nn.Linear(256, 64))
     peftify.peftify(model2, {"rules": [{"match": "*", "apply": {"method": "lowrank", "r": 16, "init": "mup"}}]}, example_inputs=(torch.randn(2, 256),))
-    mults = {p.shape: p._peftify["lr_mult"] for p in model2[0].adapters["default"].parameters()}
+    mults = {g["params"][0].shape: g["lr_mult"] for g in peftify.param_groups(model2)}
     assert mults == {(16, 256): 256 / (2 * 256), (64, 16): 256 / (2 * 16)}  # base_width defaults to the layer's in_features
     projected = nn.Sequential(nn.Linear(256, 64))
     peftify.peftify(projected, {"rules": [{"match": "*", "apply": {"method": "lowrank", "r": 16}}]}, example_inputs=(torch.randn(2, 256),))

@@ -167,10 +167,12 @@ class StructuredModule(SiteModule):
         values = {k: v.to(weight.dtype).contiguous() for k, v in values.items() if k in names}
         mup = method.init in ("mup", "self_guided")
         for f in factors:
-            setattr(self, f.name, tag(nn.Parameter(values[f.name]), lr_mult=method.lr_mult(site, f) if mup else 1.0))
+            setattr(self, f.name, nn.Parameter(values[f.name]))
+            tag(self, f.name, lr_mult=method.lr_mult(site, f) if mup else 1.0)
         self.guide = None
         if method.init == "self_guided":
-            self.guide = tag(nn.Parameter(weight.detach().clone()), lr_mult=(method.base_width or site.in_features) / site.in_features)
+            self.guide = nn.Parameter(weight.detach().clone())
+            tag(self, "guide", lr_mult=(method.base_width or site.in_features) / site.in_features)
             self.register_buffer("mix", torch.ones((), **factory))  # α: the dense guide's share
         if method.init == "project" and weight.device.type != "meta":
             with torch.no_grad():
