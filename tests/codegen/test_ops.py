@@ -44,6 +44,18 @@ def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, b
     torch.testing.assert_close(fn(x, c0, c1), x @ btt_dense(c0, c1).t())
     torch.library.opcheck(getattr(torch.ops.peftify, op).default, (x, c0, c1))
     assert torch.autograd.gradcheck(fn, (x, c0, c1))
+    # the opaque CPU reference the op calls, and its backward (only the gradients asked for)
+    plain = (x.detach(), c0.detach(), c1.detach())
+    _, hidden = torch.ops.peftify.btt_reference(*plain)
+    torch.library.opcheck(torch.ops.peftify.btt_reference.default, plain)
+    y = fn(x, c0, c1)
+    g = torch.randn_like(y)
+    want = torch.autograd.grad(y, (x, c0, c1), g)
+    for need in [(True, True, True), (False, True, False)]:
+        torch.library.opcheck(torch.ops.peftify.btt_reference_backward.default, (g, *plain, hidden, *need))
+        got = torch.ops.peftify.btt_reference_backward(g, *plain, hidden, *need)
+        for gg, ww, n in zip(got, want, need):
+            assert torch.allclose(gg, ww) if n else gg.numel() == 0
 
 
 def test_kron_matches_torch_kron_and_passes_checks():
