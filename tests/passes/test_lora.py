@@ -77,6 +77,7 @@ def test_lora_linear_matches_autograd_reference_float64(bias, dropped):
     for gg, ww in zip(got, want):
         torch.testing.assert_close(gg, ww, rtol=0, atol=1e-11)
     assert torch.autograd.gradcheck(lambda *t: lora_linear(t[0], w, b, t[1], t[2], 0.7), (x, a, bl))
+    torch.library.opcheck(torch.ops.peftify.lora_linear.default, (x, w, b, a, bl, 0.7, xd))
 
 
 def test_gradients_equal_a_plain_float64_model():
