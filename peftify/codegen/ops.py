@@ -12,9 +12,11 @@
 
 ``lora_linear``, ``btt`` and ``monarch`` are `torch.library.triton_op`s: the body dispatches by
 device — the Triton kernels of `peftify.codegen.triton_kernels` on CUDA, plain torch on CPU — and
-under `torch.compile` Inductor traces into it, so it schedules the Triton kernels (CUDA) or
-compiles the plain-torch reference with its C++ backend (CPU). ``kron`` and ``sparse_lowrank``
-are opaque `torch.library.custom_op`s with a plain-torch implementation.
+under `torch.compile` Inductor traces into it. On CUDA it schedules the Triton kernels; on CPU it
+compiles ``lora_linear``'s reference with its C++ backend, while ``btt``/``monarch`` call their
+tuned reference as the opaque ops ``btt_reference``/``btt_reference_backward`` (faster than the
+traced version; see `btt_reference_op`). ``kron`` and ``sparse_lowrank`` are opaque
+`torch.library.custom_op`s with a plain-torch implementation.
 
 Each op returns what its backward needs as extra outputs (the public wrappers drop them); the
 backward computes no gradient for an operand that does not require one.
