@@ -9,65 +9,25 @@ Subpackages: `rewrite` (the engine: capture, sites, roles, spec, select, plan, a
 through), `io` (PEFT configs and adapter files). Importing peftify never imports transformers, peft or triton.
 """
 
+from peftify import passes
 from peftify.api import Report, adapters, capture, delete_adapter, disable_adapters, merge, param_groups, peftify, plan, report, set_adapter
 from peftify.errors import SpecError
 from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
-from peftify.passes import (
-    BTT,
-    CLOVER,
-    MAP,
-    METHODS,
-    SVFT,
-    AdaptiveFreezing,
-    BlockDiag,
-    BoRA,
-    DoRA,
-    Kron,
-    LoLDU,
-    LoRA,
-    LoRAXS,
-    LowRank,
-    Monarch,
-    MuP,
-    SelfGuided,
-    SLTrain,
-    SVFit,
-    VectorFit,
-)
+from peftify.passes import *  # every method class, METHODS, MuP, SelfGuided and the Method protocol
 from peftify.rewrite.plan import Plan
 from peftify.rewrite.sites import Capture, Site
 from peftify.rewrite.spec import Rule, Spec
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BTT",
-    "CLOVER",
-    "MAP",
-    "METHODS",
-    "SVFT",
-    "AdaptiveFreezing",
-    "BlockDiag",
-    "BoRA",
+__all__ = passes.__all__ + [
     "Capture",
-    "DoRA",
-    "Kron",
-    "LoLDU",
-    "LoRA",
-    "LoRAXS",
-    "LowRank",
-    "Monarch",
-    "MuP",
     "Plan",
     "Report",
     "Rule",
-    "SLTrain",
-    "SVFit",
-    "SelfGuided",
     "Site",
     "Spec",
     "SpecError",
-    "VectorFit",
     "adapters",
     "capture",
     "delete_adapter",

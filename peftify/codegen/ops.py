@@ -229,13 +229,20 @@ def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: T
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     if _blockwise(b0, b1, k1):
         return _btt_backward_blockwise(grad_y, x, core0, core1, hs, need)
-    tokens = hs.shape[0]
+    return _btt_backward_batched(grad_y, x, core0, core1, hs, need, lambda g: _unshuffle(g, b0, k0).transpose(0, 1))
+
+
+def _btt_backward_batched(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: Tensor, need, unshuffle) -> tuple:
+    """Batched GEMMs over the shuffled hidden hs (T, b1, k1); `unshuffle` takes the hidden's
+    gradient from (T, b1, k1) to (b0, T, k0)."""
+    b0 = core0.shape[0]
+    tokens, b1, _k1 = hs.shape
     g = grad_y.reshape(tokens, b1, -1).transpose(0, 1)  # (b1, T, s1), a strided view
     grad_x = grad_c0 = grad_c1 = None
     if need[2]:
         grad_c1 = torch.bmm(g.transpose(1, 2), hs.transpose(0, 1))
     if need[0] or need[1]:
-        gh = _unshuffle(torch.bmm(g, core1).transpose(0, 1), b0, k0).transpose(0, 1)  # (b0, T, k0)
+        gh = unshuffle(torch.bmm(g, core1).transpose(0, 1))  # (b0, T, k0)
         x3 = x.reshape(tokens, b0, -1)
         if need[1]:
             grad_c0 = torch.bmm(gh.transpose(1, 2), x3.transpose(0, 1))
@@ -342,22 +349,10 @@ def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tenso
 
 def _btt_backward_cuda(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, h: Tensor, need) -> tuple:
     """After the Triton forward: the hidden h (T, b0·k0) shuffled once, then batched cuBLAS GEMMs,
-    written functionally (no ``out=``) so that Inductor can trace them."""
+    written functionally (no ``out=`` or in-place copies) so that Inductor can trace them."""
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     hs = h.view(-1, b0, k0).transpose(1, 2).reshape(-1, b1, k1)
-    tokens = hs.shape[0]
-    g = grad_y.reshape(tokens, b1, -1).transpose(0, 1)  # (b1, T, s1)
-    grad_x = grad_c0 = grad_c1 = None
-    if need[2]:
-        grad_c1 = torch.bmm(g.transpose(1, 2), hs.transpose(0, 1))
-    if need[0] or need[1]:
-        gh = torch.bmm(g, core1).transpose(0, 1).reshape(tokens, k0, b0).permute(2, 0, 1)  # (b0, T, k0)
-        x3 = x.reshape(tokens, b0, -1)
-        if need[1]:
-            grad_c0 = torch.bmm(gh.transpose(1, 2), x3.transpose(0, 1))
-        if need[0]:
-            grad_x = torch.bmm(gh, core0).transpose(0, 1).reshape(x.shape)
-    return grad_x, grad_c0, grad_c1
+    return _btt_backward_batched(grad_y, x, core0, core1, hs, need, lambda g: g.reshape(g.shape[0], k0, b0).permute(2, 0, 1))
 
 
 def _btt_op_backward(grad_y, x, core0, core1, hidden, need):
