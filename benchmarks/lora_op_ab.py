@@ -2,7 +2,8 @@
 hidden-512 Llama LoRA step of `lora_step.py`, eager and compiled, both versions interleaved.
 
 The older implementation is a file defining `lora_linear(x, weight, bias, lora_a, lora_b, scale,
-x_dropped=None)`, e.g. the autograd.Function this op replaced:
+x_dropped=None)`, e.g. the autograd.Function this op replaced, or a one-line file that calls
+`torch.ops.peftify.lora_linear(...)[0]` (the op without the eager fast path):
 
     git show c0857bf:peftify/codegen/reference.py > /tmp/old_lora.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_op_ab.py /tmp/old_lora.py [--repeats 15]

@@ -52,6 +52,10 @@ def _use_triton(x: Tensor) -> bool:
 def lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float, x_dropped: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
+    return _lora_forward(x, weight, bias, lora_a, lora_b, scale, x_dropped)
+
+
+def _lora_forward(x, weight, bias, lora_a, lora_b, scale, x_dropped):
     x2 = x.reshape(-1, x.shape[-1])
     xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x_dropped.shape[-1])
     xa = xd2 @ lora_a.t()
@@ -88,6 +92,24 @@ def _lora_backward(ctx, grad_y, _grad_xa):
 lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 
+class _EagerLoRALinear(torch.autograd.Function):
+    """``peftify::lora_linear`` in eager mode: the same forward and backward, called without
+    torch.library's Python dispatch, which costs about 80 µs per call on CPU (measured: 125 vs
+    208 µs for a tiny layer's forward+backward; 28 adapted linears make it ~1.5% of a training
+    step of the hidden-512 Llama). Under torch.compile and torch.export the op itself is called."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, x_dropped):
+        y, xa = _lora_forward(x, weight, bias, lora_a, lora_b, scale, x_dropped)
+        ctx.save_for_backward(x, x_dropped, weight, lora_a, lora_b, xa)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _lora_backward(ctx, grad_y, None)
+
+
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float, x_dropped: Tensor | None = None
 ) -> Tensor:
@@ -97,7 +119,9 @@ def lora_linear(
     `weight` is (out, in) and frozen, `lora_a` (r, in), `lora_b` (out, r). On CUDA the base GEMM
     and the low-rank term are one Triton GEMM over [x | x_d Aᵀ]·[W | sB]ᵀ.
     """
-    return torch.ops.peftify.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), x_dropped)[0]
+    if torch.compiler.is_compiling():
+        return torch.ops.peftify.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), x_dropped)[0]
+    return _EagerLoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scale), x_dropped)
 
 
 def _btt_shapes(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[int, int, int, int]:

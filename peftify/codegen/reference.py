@@ -14,6 +14,12 @@ def addmm_lowrank(x: Tensor, w: Tensor, z: Tensor, u: Tensor, bias: Tensor | Non
     return y.addmm_(z, u.t(), alpha=scale)
 
 
+def scaled_mm(like: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale·(a @ b) in one BLAS call (``addmm`` with beta=0 ignores `like`, which only has the
+    result's shape): no separate pass for the scale."""
+    return torch.addmm(like, a, b, beta=0, alpha=scale)
+
+
 def lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, scale, need, addmm=addmm_lowrank):
     """Gradients of y = x Wᵀ + b + s·(x_d Aᵀ)Bᵀ for (x, W, b, A, B, x_d), each only where `need`
     asks for it (W is frozen in every method, so its GEMM is skipped). x_d is None when the
@@ -30,13 +36,13 @@ def lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, scale, need
     elif need_x:
         grad_x = (g @ weight).view(x.shape)
     if need_xd:
-        grad_xd = (gb @ lora_a).mul_(scale).view(x_d.shape)
+        grad_xd = scaled_mm(xd2, gb, lora_a, scale).view(x_d.shape)
     if need_w:
         grad_w = g.t() @ x2
     if need_b:
         grad_b = g.sum(0)
     if need_a:
-        grad_a = (gb.t() @ xd2).mul_(scale)
+        grad_a = scaled_mm(lora_a, gb.t(), xd2, scale)
     if need_bl:
-        grad_bl = (g.t() @ xa).mul_(scale)
+        grad_bl = scaled_mm(lora_b, g.t(), xa, scale)
     return grad_x, grad_w, grad_b, grad_a, grad_bl, grad_xd

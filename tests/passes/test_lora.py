@@ -58,9 +58,16 @@ def test_dense_weight_equals_formula_in_float64(rslora):
     torch.testing.assert_close(mod.dense_weight(), expected, rtol=0, atol=1e-12)
 
 
+def _op_called_directly(x, w, b, a, bl, scale, xd=None):
+    return torch.ops.peftify.lora_linear(x, w, b, a, bl, scale, xd)[0]
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropped", [False, True])
-def test_lora_linear_matches_autograd_reference_float64(bias, dropped):
+@pytest.mark.parametrize("call", [lora_linear, _op_called_directly], ids=["eager_function", "op"])
+def test_lora_linear_matches_autograd_reference_float64(bias, dropped, call):
+    """Eager `lora_linear` (an autograd.Function) and the op (what torch.compile sees) both match
+    plain autograd."""
     torch.manual_seed(0)
     f64 = {"dtype": torch.float64, "requires_grad": True}
     x = torch.randn(3, 5, 7, **f64)
@@ -68,7 +75,7 @@ def test_lora_linear_matches_autograd_reference_float64(bias, dropped):
     w, b = torch.randn(6, 7, **f64), torch.randn(6, **f64) if bias else None
     a, bl = torch.randn(2, 7, **f64), torch.randn(6, 2, **f64)
     inputs = [t for t in (x, xd, w, b, a, bl) if t is not None]
-    y = lora_linear(x, w, b, a, bl, 0.7, xd)
+    y = call(x, w, b, a, bl, 0.7, xd)
     xr = x if xd is None else xd
     ref = x @ w.T + (b if b is not None else 0) + 0.7 * (xr @ a.T) @ bl.T
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
@@ -76,7 +83,7 @@ def test_lora_linear_matches_autograd_reference_float64(bias, dropped):
     got, want = torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)
     for gg, ww in zip(got, want):
         torch.testing.assert_close(gg, ww, rtol=0, atol=1e-11)
-    assert torch.autograd.gradcheck(lambda *t: lora_linear(t[0], w, b, t[1], t[2], 0.7), (x, a, bl))
+    assert torch.autograd.gradcheck(lambda *t: call(t[0], w, b, t[1], t[2], 0.7, xd), (x, a, bl))
     torch.library.opcheck(torch.ops.peftify.lora_linear.default, (x, w, b, a, bl, 0.7, xd))
 
 
