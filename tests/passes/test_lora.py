@@ -114,6 +114,33 @@ def test_gradients_equal_a_plain_float64_model():
             torch.testing.assert_close(ours[n], p.grad, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch: no vmap rule for addmm_
+def test_per_sample_gradients_with_torch_func():
+    """torch.func.vmap(grad) through the rewritten model (per-sample gradients, as DP training
+    needs) equals one backward per sample, in float64."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = peftify.peftify(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).double(), ALL, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(3, 2, 6, dtype=torch.float64)
+
+    def loss(p, sample):
+        return functional_call(model, p, (sample,)).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        model.zero_grad()
+        model(x[i]).pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_gaussian_and_default_inits():
     torch.manual_seed(0)
     model = tiny_llama(layers=4)
