@@ -150,28 +150,21 @@ def _btt_shapes(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[int, int, int,
     return b0, k0, b1, k1
 
 
-def _shuffle(h: Tensor, blocks: int, width: int) -> Tensor:
-    """Token-major hidden (T, b0, k0) → (T, blocks, width): each token's (b0, k0) values read
-    transposed, as (k0, b0), and cut into `blocks` chunks of `width`. Token by token the copy
-    stays in cache (measured 37 ms vs 64 ms per copy for the block-major layout at BTT 2048², 4096
-    tokens); with one input block it is the identity (no copy)."""
+def _shuffle(h: Tensor, out: Tensor) -> Tensor:
+    """Token-major hidden h (T, b0, k0) → out (T, b1, k1): each token's (b0, k0) values read
+    transposed, as (k0, b0), and cut into b1 chunks of k1."""
     tokens, b0, _k0 = h.shape
-    if b0 == 1:
-        return h.view(tokens, blocks, width)
-    out = h.new_empty(tokens, blocks, width)
-    if width % b0:
-        out.copy_(h.transpose(1, 2).reshape(tokens, blocks, width))
-    else:
-        out.view(tokens, blocks, width // b0, b0).copy_(h.view(tokens, b0, blocks, width // b0).permute(0, 2, 3, 1))
+    _, b1, k1 = out.shape
+    if k1 % b0:
+        return out.copy_(h.transpose(1, 2).reshape(tokens, b1, k1))
+    out.view(tokens, b1, k1 // b0, b0).copy_(h.view(tokens, b0, b1, k1 // b0).permute(0, 2, 3, 1))
     return out
 
 
-def _unshuffle(g: Tensor, b0: int, k0: int) -> Tensor:
-    """The inverse of `_shuffle`: (T, b1, k1) → (T, b0, k0)."""
+def _unshuffle(g: Tensor, out: Tensor) -> Tensor:
+    """The inverse of `_shuffle`: g (T, b1, k1) → out (T, b0, k0)."""
     tokens, b1, k1 = g.shape
-    if b0 == 1:
-        return g.reshape(tokens, b0, k0)
-    out = g.new_empty(tokens, b0, k0)
+    _, b0, k0 = out.shape
     if k1 % b0:
         out.transpose(1, 2).copy_(g.reshape(tokens, k0, b0))
     else:
@@ -179,24 +172,63 @@ def _unshuffle(g: Tensor, b0: int, k0: int) -> Tensor:
     return out
 
 
+# With several blocks on both sides (BTT; Monarch below BLOCKWISE_MIN_RANK) the batched CPU path
+# runs over chunks of tokens: a chunk's input, hidden and output stay in cache from the first GEMM
+# through the shuffle to the second, and the hidden is not stored: the backward recomputes it
+# chunk by chunk. CHUNK_BYTES is the chunk's activations (input, hidden twice, output); 16–64 MB
+# measured fastest on a machine with a 32 MB L3 (BTT, 4096 tokens, 2 threads: at 2048² the
+# forward took 89 ms over all tokens at once and 55 ms in chunks, benchmarks/btt_reference_ab.py). With one block on a side
+# the cores are large dense matrices that each chunk would re-read: those run all tokens at once.
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK = 128
+
+
+def _token_chunks(tokens: int, floats_per_token: int, itemsize: int) -> list[slice]:
+    chunk = max(MIN_CHUNK, CHUNK_BYTES // (floats_per_token * itemsize))
+    return [slice(start, min(start + chunk, tokens)) for start in range(0, tokens, chunk)]
+
+
+def _btt_chunks(tokens: int, core0: Tensor, core1: Tensor) -> list[slice]:
+    b0, k0, p0 = core0.shape
+    b1, s1, _ = core1.shape
+    return _token_chunks(tokens, b0 * p0 + 2 * b0 * k0 + b1 * s1, core0.element_size())
+
+
+def _btt_hidden(x3: Tensor, core0: Tensor, h: Tensor | None, hs: Tensor) -> Tensor:
+    """The shuffled hidden hs (n, b1, k1) of tokens x3 (n, b0, p0): the block-diagonal GEMM into
+    h (n, b0, k0), then the shuffle. With one input block (h None) the GEMM writes hs directly."""
+    out = hs.view(hs.shape[0], 1, -1) if h is None else h
+    torch.bmm(x3.transpose(0, 1), core0.transpose(1, 2), out=out.transpose(0, 1))
+    return hs if h is None else _shuffle(h, out=hs)
+
+
 def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
-    """y (…, b1·s1) and the shuffled hidden h' (T, b1, k1).
+    """y (…, b1·s1) and what the backward needs of the hidden.
 
     core0 (b0, k0, p0): b0 blocks, input block j maps x[j·p0:(j+1)·p0] to h[j] (k0 values).
     The shuffle reads h as (b0, k0), transposes it to (k0, b0) and cuts the result into b1
     chunks of k1: chunk i is the input of core1's block i (b1, s1, k1), which writes
     y[i·s1:(i+1)·s1]. Activations stay token-major: the batched GEMMs read and write them
     through strided views (no transposing copies), and only the shuffle copies.
+
+    With one block on a side (low rank, BlockDense) both GEMMs run over all tokens and the
+    shuffled hidden (T, b1, k1) is returned; otherwise tokens go in chunks and the hidden
+    returned is empty (the backward recomputes it).
     """
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
-    x3 = x.reshape(-1, b0, core0.shape[2])  # (T, b0, p0)
+    p0, s1 = core0.shape[2], core1.shape[1]
+    x3 = x.reshape(-1, b0, p0)  # (T, b0, p0)
     tokens = x3.shape[0]
-    h = x.new_empty(tokens, b0, k0)
-    torch.bmm(x3.transpose(0, 1), core0.transpose(1, 2), out=h.transpose(0, 1))
-    hs = _shuffle(h, b1, k1)  # (T, b1, k1)
-    y = x.new_empty(tokens, b1, core1.shape[1])
-    torch.bmm(hs.transpose(0, 1), core1.transpose(1, 2), out=y.transpose(0, 1))
-    return y.view(*x.shape[:-1], -1), hs
+    y = x.new_empty(tokens, b1, s1)
+    chunked = b0 > 1 and b1 > 1
+    chunks = _btt_chunks(tokens, core0, core1) if chunked else [slice(0, tokens)]
+    hs = x.new_empty(chunks[0].stop, b1, k1)
+    h = x.new_empty(chunks[0].stop, b0, k0) if b0 > 1 else None
+    for c in chunks:
+        n = c.stop - c.start
+        hidden = _btt_hidden(x3[c], core0, h[:n] if b0 > 1 else None, hs[:n])
+        torch.bmm(hidden.transpose(0, 1), core1.transpose(1, 2), out=y[c].transpose(0, 1))
+    return y.view(*x.shape[:-1], -1), x.new_empty(0) if chunked else hs
 
 
 # Each (i, j) block of a btt matrix has rank w = k1 / b0. From this rank up, the op runs one 2-D
@@ -271,7 +303,44 @@ def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: T
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     if _blockwise(b0, b1, k1):
         return _btt_backward_blockwise(grad_y, x, core0, core1, hs, need)
-    return _btt_backward_batched(grad_y, x, core0, core1, hs, need, lambda g: _unshuffle(g, b0, k0).transpose(0, 1))
+    if hs.numel() == 0:
+        return _btt_backward_chunked(grad_y, x, core0, core1, need)
+
+    def unshuffle(g):  # (T, b1, k1) -> (b0, T, k0)
+        return (g.reshape(-1, 1, k0) if b0 == 1 else _unshuffle(g, out=g.new_empty(g.shape[0], b0, k0))).transpose(0, 1)
+
+    return _btt_backward_batched(grad_y, x, core0, core1, hs, need, unshuffle)
+
+
+def _btt_backward_chunked(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, need) -> tuple:
+    """The backward of `btt_reference`'s chunked path, over the same token chunks: each chunk's
+    hidden is recomputed, and its gradient, hidden and input are used while in cache; the cores'
+    gradients accumulate across chunks."""
+    b0, k0, p0 = core0.shape
+    b1, s1, k1 = core1.shape
+    x3 = x.reshape(-1, b0, p0)
+    tokens = x3.shape[0]
+    g = grad_y.reshape(tokens, b1, s1)
+    grad_x = x.new_empty(tokens, b0, p0) if need[0] else None
+    grad_c0 = core0.new_zeros(b0, k0, p0) if need[1] else None
+    grad_c1 = core1.new_zeros(b1, s1, k1) if need[2] else None
+    chunks = _btt_chunks(tokens, core0, core1)
+    h, hs = x.new_empty(chunks[0].stop, b0, k0), x.new_empty(chunks[0].stop, b1, k1)
+    ghs, gh = x.new_empty(chunks[0].stop, b1, k1), x.new_empty(chunks[0].stop, b0, k0)
+    for c in chunks:
+        n = c.stop - c.start
+        gc = g[c].transpose(0, 1)  # (b1, n, s1)
+        if need[2]:
+            hidden = _btt_hidden(x3[c], core0, h[:n], hs[:n])
+            grad_c1.baddbmm_(gc.transpose(1, 2), hidden.transpose(0, 1))
+        if need[0] or need[1]:
+            torch.bmm(gc, core1, out=ghs[:n].transpose(0, 1))
+            ghc = _unshuffle(ghs[:n], out=gh[:n]).transpose(0, 1)  # (b0, n, k0)
+            if need[1]:
+                grad_c0.baddbmm_(ghc.transpose(1, 2), x3[c].transpose(0, 1))
+            if need[0]:
+                torch.bmm(ghc, core0, out=grad_x[c].transpose(0, 1))
+    return (grad_x.view(x.shape) if need[0] else None), grad_c0, grad_c1
 
 
 def _btt_backward_batched(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: Tensor, need, unshuffle) -> tuple:
@@ -360,7 +429,7 @@ def btt_reference_op(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, T
 def _(x, core0, core1):
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     tokens = x.numel() // x.shape[-1]
-    hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (tokens, b1, k1)
+    hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (0,) if b0 > 1 and b1 > 1 else (tokens, b1, k1)
     return x.new_empty(*x.shape[:-1], b1 * core1.shape[1]), x.new_empty(hidden)
 
 

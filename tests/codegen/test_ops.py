@@ -34,11 +34,15 @@ def btt_dense(core0, core1):
     return torch.block_diag(*core1) @ perm @ torch.block_diag(*core0)
 
 
-@pytest.mark.parametrize("blockwise", [False, True], ids=["batched", "blockwise"])
+@pytest.mark.parametrize("path", ["batched", "batched_in_chunks", "blockwise"])
 @pytest.mark.parametrize("case", sorted(BTT_CASES))
 @pytest.mark.parametrize("op", ["btt", "monarch"])
-def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, blockwise, monkeypatch):
-    monkeypatch.setattr(ops, "BLOCKWISE_MIN_RANK", 1 if blockwise else 10**9)  # both code paths, at tiny shapes
+def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, path, monkeypatch):
+    monkeypatch.setattr(ops, "BLOCKWISE_MIN_RANK", 1 if path == "blockwise" else 10**9)  # every code path, at tiny shapes
+    if path == "batched_in_chunks":  # 10 tokens in chunks of 3, 3, 3 and 1
+        monkeypatch.setattr(ops, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(ops, "MIN_CHUNK", 3)
+        assert [c.stop - c.start for c in ops._token_chunks(10, 4, 8)] == [3, 3, 3, 1]
     x, c0, c1 = btt_case(*BTT_CASES[case])
     fn = getattr(ops, op)
     torch.testing.assert_close(fn(x, c0, c1), x @ btt_dense(c0, c1).t())

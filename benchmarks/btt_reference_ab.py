@@ -1,0 +1,82 @@
+"""A/B of the CPU btt reference (forward `btt_reference`, backward `_btt_backward`) against an older
+`peftify/codegen/ops.py`, in one process, beside the dense GEMMs the layer replaces: BTT at its
+default factors for 2048→2048 and 2048→8192, 4096 tokens, fp32, variants interleaved, medians.
+
+    git show 5151a35:peftify/codegen/ops.py > /tmp/old_ops.py
+    .venv/bin/python benchmarks/btt_reference_ab.py /tmp/old_ops.py [--repeats 9]
+
+Only the old file's undecorated top-level functions and constants are loaded (no op is
+registered twice); both versions are called as plain functions, outside autograd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import interleaved
+
+from peftify.codegen import ops
+
+# (core0, core1) of `peftify.BTT()` at its defaults for these layers (see benchmarks/structured.py)
+SHAPES = {"2048→2048": ((32, 128, 64), (32, 64, 128)), "2048→8192": ((32, 256, 64), (64, 128, 128))}
+TOKENS = 4096
+
+
+def load_old(path: str) -> dict:
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    body = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and not n.decorator_list) or isinstance(n, (ast.Assign, ast.AnnAssign))]
+    namespace = {"torch": torch, "Tensor": torch.Tensor}
+    code = compile(ast.fix_missing_locations(ast.Module(body=body, type_ignores=[])), path, "exec")
+    exec(code, namespace)  # noqa: S102 (the caller's own older source file)
+    return namespace
+
+
+def variants(versions: dict, x, core0, core1, w, g, backward: bool) -> dict:
+    def dense():
+        x @ w.t()
+        if backward:  # the dense layer's weight and input gradients
+            g.t() @ x, g @ w
+
+    def structured(v):
+        def run():
+            _y, hidden = v["btt_reference"](x, core0, core1)
+            if backward:
+                v["_btt_backward"](g, x, core0, core1, hidden, (True, True, True))
+
+        return run
+
+    return {"dense": dense, **{k: structured(v) for k, v in versions.items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("old", help="an older peftify/codegen/ops.py")
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+    versions = {"old": load_old(args.old), "new": vars(ops)}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}, {TOKENS} tokens")
+    torch.manual_seed(0)
+    for name, (shape0, shape1) in SHAPES.items():
+        x, core0, core1 = torch.randn(TOKENS, 2048), torch.randn(*shape0) * 0.1, torch.randn(*shape1) * 0.1
+        out = shape1[0] * shape1[1]
+        w, g = torch.randn(out, 2048), torch.randn(TOKENS, out)
+        y_old, y_new = (v["btt_reference"](x, core0, core1)[0] for v in versions.values())
+        torch.testing.assert_close(y_new.view_as(y_old), y_old, rtol=1e-4, atol=1e-4)
+        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+            t = interleaved(variants(versions, x, core0, core1, w, g, backward), repeats=args.repeats, warmup=1)
+            print(
+                f"{name} {mode}: dense {t['dense'] * 1e3:.1f} ms; old {t['old'] * 1e3:.1f} ms ({t['dense'] / t['old']:.2f}x dense); "
+                f"new {t['new'] * 1e3:.1f} ms ({t['dense'] / t['new']:.2f}x dense); new/old {t['new'] / t['old']:.3f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
