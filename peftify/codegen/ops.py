@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 from torch import Tensor
@@ -48,6 +49,13 @@ def _use_triton(x: Tensor) -> bool:
     return USE_TRITON and (x.device.type == "cuda" or (TRITON_ON_CPU and x.device.type == "cpu")) and _has_triton()
 
 
+def _unflatten(y: Tensor, x: Tensor) -> Tensor:
+    """The op's output y (tokens, …features) as (x's leading dimensions, features): a tensor of
+    its own rather than a view of y. An autograd.Function output that is a view of an intermediate
+    may not be modified in place, and models do that (Falcon: ``mlp_output += attention_output``)."""
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], math.prod(y.shape[1:])))
+
+
 @torch.library.triton_op("peftify::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float, x_dropped: Tensor | None = None
@@ -60,7 +68,7 @@ def _lora_forward(x, weight, bias, lora_a, lora_b, scale, x_dropped):
     xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x_dropped.shape[-1])
     xa = xd2 @ lora_a.t()
     y = _addmm_lowrank(x2, weight, xa, lora_b, bias, scale)
-    return y.view(*x.shape[:-1], weight.shape[0]), xa
+    return _unflatten(y, x), xa
 
 
 def _addmm_lowrank(x, w, z, u, bias, scale):
@@ -185,7 +193,7 @@ MIN_CHUNK = 128
 
 def _token_chunks(tokens: int, floats_per_token: int, itemsize: int) -> list[slice]:
     chunk = max(MIN_CHUNK, CHUNK_BYTES // (floats_per_token * itemsize))
-    return [slice(start, min(start + chunk, tokens)) for start in range(0, tokens, chunk)]
+    return [slice(start, min(start + chunk, tokens)) for start in range(0, max(tokens, 1), chunk)]  # one empty chunk for no tokens
 
 
 def _btt_chunks(tokens: int, core0: Tensor, core1: Tensor) -> list[slice]:
@@ -228,7 +236,7 @@ def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tens
         n = c.stop - c.start
         hidden = _btt_hidden(x3[c], core0, h[:n] if b0 > 1 else None, hs[:n])
         torch.bmm(hidden.transpose(0, 1), core1.transpose(1, 2), out=y[c].transpose(0, 1))
-    return y.view(*x.shape[:-1], -1), x.new_empty(0) if chunked else hs
+    return _unflatten(y, x), x.new_empty(0) if chunked else hs
 
 
 # Each (i, j) block of a btt matrix has rank w = k1 / b0. From this rank up, the op runs one 2-D
@@ -267,7 +275,7 @@ def btt_blockwise(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tens
         torch.mm(h[0][:, i * w : (i + 1) * w], c1[i, 0], out=out)
         for j in range(1, b0):
             out.addmm_(h[j][:, i * w : (i + 1) * w], c1[i, j])
-    return y.view(*x.shape[:-1], b1 * s1), h
+    return _unflatten(y, x), h
 
 
 def _btt_backward_blockwise(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, h: Tensor, need):
@@ -454,7 +462,7 @@ def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tenso
         from peftify.codegen import triton_kernels
 
         y, h = triton_kernels.btt_forward(x.reshape(-1, x.shape[-1]).contiguous(), core0.contiguous(), core1.contiguous())
-        return y.view(*x.shape[:-1], -1), h
+        return _unflatten(y, x), h
     return torch.ops.peftify.btt_reference(x, core0, core1)
 
 

@@ -71,7 +71,7 @@ def _trace(model, args, kwargs, collapse: bool):
         except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
             graph, params = _trace_export(model, args, kwargs)
             tracer = "export"
-        sites, site_uses = sites_from_uses(model, find_uses(graph, params))
+        sites, site_uses = sites_from_uses(model, find_uses(graph, params), params)
         return infer_roles(graph, sites, site_uses, params), collapsed, tracer
 
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-LINEAR_LIKE = ("Linear", "Conv1D")  # modules whose own `weight` is applied as a linear map
-
 # Ops that only move or relabel a weight's elements; `True` where they swap its two axes.
 WEIGHT_VIEWS = {
     "aten.t.default": True,
@@ -31,6 +29,9 @@ WEIGHT_VIEWS = {
     "aten.contiguous.default": False,
     "aten.clone.default": False,
 }
+# What a subclass of nn.Linear that overrides `forward` may do inside it and still count as a
+# linear module (Falcon's ``FalconLinear``: x @ W.T + b): products, views, and `add` of a parameter.
+_PLAIN_LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "expand", "_unsafe_view", "add"} | {op.split(".")[1] for op in WEIGHT_VIEWS}
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -177,8 +178,9 @@ def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
     return uses
 
 
-def sites_from_uses(model: nn.Module, uses: list[Use]) -> tuple[list[Site], dict[str, list[Use]]]:
-    """Group uses by weight parameter into sites; decide module vs functional ownership."""
+def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -> tuple[list[Site], dict[str, list[Use]]]:
+    """Group uses by weight parameter into sites; decide module vs functional ownership.
+    `params` maps the graph's parameter placeholders to parameter names."""
     names = parameter_names(model)
     canonical = {n: ns[0] for ns in names.values() for n in ns}
     alias_of = {n: ns for ns in names.values() for n in ns}
@@ -195,7 +197,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use]) -> tuple[list[Site], dict
         out_f, in_f = param.shape[::-1] if first.transposed else param.shape
         owners = []
         for u in group:
-            mod = _linear_like(model, u.owner)
+            mod = _linear_like(model, u.owner, _ops_in(u.node.graph, u.owner, params))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
                 owners.append(u.owner)
         module_site = len(owners) > 0 and all(u.owner in owners for u in group)
@@ -230,14 +232,36 @@ def sites_from_uses(model: nn.Module, uses: list[Use]) -> tuple[list[Site], dict
     return sites, site_uses
 
 
-def _linear_like(model: nn.Module, path: str):
+def _linear_like(model: nn.Module, path: str, ops: set[str] | None = None):
+    """The module at `path` if its forward is a linear map of its own ``weight``: an nn.Linear,
+    a subclass that keeps nn.Linear's forward or whose traced forward only does `ops` within
+    `_PLAIN_LINEAR_OPS`, or transformers' Conv1D (GPT-2)."""
     try:
         mod = model.get_submodule(path) if path else model
     except AttributeError:
         return None
-    if type(mod).__name__ in LINEAR_LIKE and isinstance(getattr(mod, "weight", None), nn.Parameter):
+    if not isinstance(getattr(mod, "weight", None), nn.Parameter):
+        return None
+    if type(mod).__name__ == "Conv1D" or type(mod).forward is nn.Linear.forward:
+        return mod
+    if isinstance(mod, nn.Linear) and ops is not None and ops <= _PLAIN_LINEAR_OPS:
         return mod
     return None
+
+
+def _ops_in(graph: torch.fx.Graph, owner: str, params: dict[str, str]) -> set[str]:
+    """The ops traced directly inside module `owner`'s forward (innermost on the module stack);
+    an `add` of two activations is reported as "add_activations"."""
+    ops = set()
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op != "call_function" or not stack or list(stack.values())[-1][0] != owner:
+            continue
+        name = getattr(node.target, "_opname", str(node.target))
+        if name == "add" and not any(a.op == "placeholder" and a.name in params for a in node.all_input_nodes):
+            name = "add_activations"
+        ops.add(name)
+    return ops
 
 
 def sites_from_modules(model: nn.Module) -> list[Site]:

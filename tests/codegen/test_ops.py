@@ -93,3 +93,18 @@ def test_frozen_operands_get_no_gradient_and_bad_shapes_raise():
         ops.btt(x, c0, c1[:, :, :2])
     with pytest.raises(ValueError, match="does not fit"):
         ops.kron(x, torch.randn(1, 2, 5, **D), torch.randn(1, 2, 2, **D))
+
+
+@pytest.mark.parametrize("op", ["btt", "lora_linear"])
+def test_no_tokens(op):
+    """An empty batch goes through forward and backward with the right shapes."""
+    x = torch.randn(0, 3, 16, **D, requires_grad=True)
+    if op == "btt":
+        params = (torch.randn(4, 4, 4, **D, requires_grad=True), torch.randn(4, 5, 4, **D, requires_grad=True))
+        y = ops.btt(x, *params)
+    else:
+        params = (torch.randn(2, 16, **D, requires_grad=True), torch.randn(20, 2, **D, requires_grad=True))
+        y = ops.lora_linear(x, torch.randn(20, 16, **D), None, *params, 1.0)
+    assert y.shape == (0, 3, 20)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)

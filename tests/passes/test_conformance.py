@@ -200,3 +200,23 @@ def test_native_file_rebuilds_the_adapter_on_a_fresh_base(name, tmp_path):
     torch.testing.assert_close(output(loaded, X), adapted, atol=1e-5, rtol=1e-5)
     with peftify.disable_adapters(loaded):  # the base model's own output, whatever the init rewrote
         torch.testing.assert_close(output(loaded, X), base_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
+def test_output_can_be_modified_in_place(name):
+    """Models add into a layer's output in place (Falcon: ``mlp_output += attention_output``):
+    every method's output allows it, and the gradients are those of the out-of-place sum."""
+    torch.manual_seed(0)
+    model = peftify.peftify(torch.nn.Sequential(torch.nn.Linear(16, 16)), spec(name, r=4), progress=False)
+    perturb(model)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = model(x)
+    y += 1.0
+    (y**2).sum().backward()
+    got = [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
+    x.grad = None
+    model.zero_grad()
+    ((model(x) + 1.0) ** 2).sum().backward()
+    want = [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

@@ -21,6 +21,7 @@ def build(name):
         "opt": (T.OPTConfig, T.OPTForCausalLM, {"ffn_dim": 48, "word_embed_proj_dim": 32, "max_position_embeddings": 64}),
         "t5": (T.T5Config, T.T5ForConditionalGeneration, {"d_model": 32, "d_kv": 16, "d_ff": 48, "num_layers": 2, "num_heads": 2}),
         "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, {"num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}),
+        "falcon": (T.FalconConfig, T.FalconForCausalLM, {}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
     config, model, extra = cases[name]
@@ -119,3 +120,62 @@ def test_weight_shared_by_linears_with_different_biases_is_refused():
     with pytest.raises(peftify.SpecError, match="shared by a, b, which have different biases"):
         peftify.peftify(model, {"rules": [{"match": "a", "apply": {"method": "lora", "r": 2}}]})
     assert type(model.a) is nn.Linear and getattr(model, "_peftify", None) is None
+
+
+class PlainForward(nn.Linear):
+    """Falcon's FalconLinear: nn.Linear with its own forward, still x Wᵀ + b."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class ScaledForward(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Subclassed(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.up, self.down = kind(8, 16), kind(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("kind", [PlainForward, type("NoForward", (nn.Linear,), {})])
+def test_linear_subclasses_are_module_sites_and_can_be_replaced(kind):
+    torch.manual_seed(0)
+    model, x = Subclassed(kind), torch.randn(3, 8)
+    assert {s.fqn: s.kind for s in peftify.capture(model).sites} == {"up": "module", "down": "module"}
+    ref = model(x).detach()
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "lowrank", "r": 8}}]})  # needs module sites
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)  # r = min(in, out): exact
+    peftify.merge(model)
+    assert type(model.up) is kind
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_linear_subclass_doing_more_than_a_linear_map_stays_functional():
+    sites = {s.fqn: s.kind for s in peftify.capture(Subclassed(ScaledForward)).sites}
+    assert sites == {"up.weight": "functional", "down.weight": "functional"}
+
+
+def test_multihead_attention_out_proj_is_functional():
+    """MultiheadAttention reads out_proj.weight itself and never calls out_proj's forward, so
+    wrapping out_proj would change nothing: it must be a functional (parametrized) site."""
+    model = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 3, 8)
+    cap = peftify.capture(model, example_inputs=(x, x, x))
+    assert {s.fqn: s.kind for s in cap.sites}["out_proj.weight"] == "functional"
+
+
+def test_falcon_linears_are_module_sites():
+    torch.manual_seed(0)
+    model = build("falcon")
+    sites = {s.fqn: s for s in peftify.capture(model).sites}
+    up = sites["transformer.h.0.mlp.dense_h_to_4h"]
+    assert up.kind == "module" and up.module_type == "FalconLinear" and up.roles == {"mlp.up"}
+    x = {"input_ids": torch.randint(1, 101, (2, 6))}
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "monarch", "nblocks": 2}}]})
+    assert torch.isfinite(output(model, x)).all()
