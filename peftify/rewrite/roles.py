@@ -1,9 +1,10 @@
 """Roles of sites, inferred from the dataflow graph — never from names.
 
 The captured FX graph becomes a `networkx.DiGraph`; sites are located by their use nodes.
-- attention: each ``scaled_dot_product_attention`` (or eager ``matmul → softmax → matmul``)
-  names its q, k, v operands; the nearest sites upstream of each get ``attn.q/k/v`` (one site
-  feeding all three is ``attn.qkv``); the first sites downstream of its output get ``attn.o``.
+- attention: each ``scaled_dot_product_attention`` (or eager ``matmul → softmax → matmul``, the
+  scores possibly a ``baddbmm`` adding a bias) names its q, k, v operands; the nearest sites
+  upstream of each get ``attn.q/k/v`` (one site feeding all three is ``attn.qkv``); the first
+  sites downstream of its output get ``attn.o``.
 - MLP: a site whose input is reached from another site through a nonlinearity is ``mlp.down``;
   the producers reached through it are ``mlp.gate`` when a second, linear producer exists
   (that one is ``mlp.up``), else ``mlp.up``.
@@ -29,6 +30,7 @@ _SDPA = {
 }
 _SOFTMAX = {"aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default"}
 _MATMUL = {"aten.matmul.default", "aten.bmm.default"}
+_BADDBMM = "aten.baddbmm.default"  # scores = bias + q kᵀ in one op (Bloom's ALiBi)
 # Other products (attention, matmuls of activations) end a search for a site's producers, as
 # does any op reading a matrix parameter (MoE experts through custom grouped-GEMM ops).
 _BARRIERS = {f"aten.{op}.default" for op in ("mm", "bmm", "matmul", "linear", "addmm", "baddbmm", "einsum")} | _SDPA
@@ -106,9 +108,10 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         if target in _SDPA:
             attentions.append((node.args[0], node.args[1], node.args[2], node))
         elif target in _SOFTMAX:
-            scores, mix = nearest(node, _MATMUL, forward=False), nearest(node, _MATMUL, forward=True)
+            scores, mix = nearest(node, _MATMUL | {_BADDBMM}, forward=False), nearest(node, _MATMUL, forward=True)
             if scores is not None and mix is not None:
-                attentions.append((scores.args[0], scores.args[1], mix.args[1], mix))
+                q, k = scores.args[1:3] if str(scores.target) == _BADDBMM else scores.args[:2]
+                attentions.append((q, k, mix.args[1], mix))
     for i, (q, k, v, out) in enumerate(attentions):
         stack = out.meta.get("nn_module_stack") or {}
         attn_id = list(stack.values())[-1][0] if stack else f"attention{i}"

@@ -22,6 +22,7 @@ def build(name):
         "t5": (T.T5Config, T.T5ForConditionalGeneration, {"d_model": 32, "d_kv": 16, "d_ff": 48, "num_layers": 2, "num_heads": 2}),
         "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, {"num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}),
         "falcon": (T.FalconConfig, T.FalconForCausalLM, {}),
+        "bloom": (T.BloomConfig, T.BloomForCausalLM, {"n_layer": 2, "n_head": 2}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
     config, model, extra = cases[name]
@@ -49,6 +50,12 @@ def test_t5_encoder_decoder_with_cross_attention():
     assert r["decoder.block.1.layer.1.EncDecAttention.k"] == {"attn.k"}
     assert r["encoder.block.0.layer.1.DenseReluDense.wo"] == {"mlp.down"}
     assert len(cap.sites) == 33
+
+
+def test_bloom_attention_with_baddbmm_scores():
+    r = roles(peftify.capture(build("bloom")))
+    assert r["transformer.h.1.self_attention.query_key_value"] == {"attn.qkv"} and r["transformer.h.1.self_attention.dense"] == {"attn.o"}
+    assert r["transformer.h.1.mlp.dense_4h_to_h"] == {"mlp.down"}
 
 
 def test_whisper_audio_input_is_built():
