@@ -66,13 +66,13 @@ def _trace(model, args, kwargs, collapse: bool):
     with _collapsed_repeats(model, collapse) as collapsed:
         try:
             with _quiet("torch._subclasses.fake_tensor"):
-                graph, params = _trace_make_fx(model, args, kwargs)
+                graph, params, inputs = _trace_make_fx(model, args, kwargs)
             tracer = "make_fx"
         except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
-            graph, params = _trace_export(model, args, kwargs)
+            graph, params, inputs = _trace_export(model, args, kwargs)
             tracer = "export"
         sites, site_uses = sites_from_uses(model, find_uses(graph, params), params)
-        return infer_roles(graph, sites, site_uses, params), collapsed, tracer
+        return infer_roles(graph, sites, site_uses, params, inputs), collapsed, tracer
 
 
 @contextmanager
@@ -120,14 +120,15 @@ def _trace_make_fx(model, args, kwargs):
     params = {ph.name: names[i] for i, ph in enumerate(placeholders[:n_params])}
     if not any(n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.op == "call_function"):
         raise RuntimeError("make_fx recorded no module stacks")
-    return gm.graph, params
+    return gm.graph, params, {ph.name for ph in placeholders[len(state) :]}
 
 
 def _trace_export(model, args, kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export(model, args, kwargs, strict=False)
-    return exported.graph, dict(exported.graph_signature.inputs_to_parameters)
+    signature = exported.graph_signature
+    return exported.graph, dict(signature.inputs_to_parameters), {name for name in signature.user_inputs if isinstance(name, str)}
 
 
 def _finish(model: nn.Module, cap: Capture) -> Capture:

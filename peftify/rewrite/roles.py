@@ -5,7 +5,8 @@ The captured FX graph becomes a `networkx.DiGraph`; sites are located by their u
   scores possibly a ``baddbmm`` adding a bias) names its q, k, v operands; the nearest sites
   upstream of each get ``attn.q/k/v`` (one site feeding all three is ``attn.qkv``); the first
   sites downstream of its output get ``attn.o``.
-- MLP: a site whose input is reached from another site through a nonlinearity is ``mlp.down``;
+- MLP: a site whose input is computed from other sites' outputs alone (not from the model's
+  inputs through the residual stream), through a nonlinearity, is ``mlp.down``;
   the producers reached through it are ``mlp.gate`` when a second, linear producer exists
   (that one is ``mlp.up``), else ``mlp.up``.
 - ``readout``: any other site whose output reaches the graph output with no site in between;
@@ -40,7 +41,9 @@ _ACTIVATIONS = {
 }
 
 
-def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, list[Use]], params: dict[str, str]) -> list[Site]:
+def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, list[Use]], params: dict[str, str], inputs: set[str] = frozenset()) -> list[Site]:
+    """`params` maps the graph's parameter placeholders to parameter names; `inputs` names the
+    placeholders that are the model's own inputs."""
     import networkx as nx
 
     g = nx.DiGraph()
@@ -124,12 +127,19 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
             roles[fqn].add("attn.o")
             attention[fqn] = attn_id
 
+    # what the model's inputs reach without passing through a site
+    free = g.subgraph(n for n in graph.nodes if n not in site_of)
+    stream = set().union(*({n} | nx.descendants(free, n) for n in graph.nodes if n.op == "placeholder" and n.name in inputs))
+
     # MLP
     for fqn, us in site_uses.items():
         if roles[fqn]:
             continue
         prods = {p: act for p, act in producers(us[0].x).items() if not any(r.startswith("attn") for r in roles[p])}
-        if not any(prods.values()):
+        # an MLP's inner activation is computed from its up/gate projections alone; an input that
+        # the model's inputs also reach is the residual stream, whatever activations were added
+        # into it (e.g. a sigmoid-gated shared expert)
+        if not any(prods.values()) or us[0].x in stream:
             continue
         roles[fqn].add("mlp.down")
         gated = not all(prods.values())

@@ -22,6 +22,7 @@ def build(name):
         "t5": (T.T5Config, T.T5ForConditionalGeneration, {"d_model": 32, "d_kv": 16, "d_ff": 48, "num_layers": 2, "num_heads": 2}),
         "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, {"num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}),
         "falcon": (T.FalconConfig, T.FalconForCausalLM, {}),
+        "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, {"num_key_value_heads": 1, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 48}),
         "bloom": (T.BloomConfig, T.BloomForCausalLM, {"n_layer": 2, "n_head": 2}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
@@ -56,6 +57,21 @@ def test_bloom_attention_with_baddbmm_scores():
     r = roles(peftify.capture(build("bloom")))
     assert r["transformer.h.1.self_attention.query_key_value"] == {"attn.qkv"} and r["transformer.h.1.self_attention.dense"] == {"attn.o"}
     assert r["transformer.h.1.mlp.dense_4h_to_h"] == {"mlp.down"}
+
+
+def test_activation_added_into_the_residual_stream_is_not_an_mlp():
+    """Qwen2-MoE adds sigmoid(shared_expert_gate(h)) * shared_expert(h) into the residual stream:
+    the next layer's projections (and the LM head) must not become mlp.down behind it."""
+    torch.manual_seed(0)
+    model = build("qwen2_moe")
+    r = roles(peftify.capture(model))
+    assert r["model.layers.0.mlp.shared_expert.down_proj"] == {"mlp.down"} and r["model.layers.0.mlp.shared_expert.up_proj"] == {"mlp.up"}
+    assert r["model.layers.1.self_attn.q_proj"] == {"attn.q"} and r["lm_head"] == {"readout"}
+    assert not r["model.layers.0.mlp.shared_expert_gate"]  # a 32 -> 1 gate, not part of an MLP
+    x = {"input_ids": torch.randint(1, 101, (2, 6))}
+    ref = output(model, x).detach()
+    peftify.peftify(model, {"rules": [{"match": "role:*", "apply": {"method": "lora", "r": 2}}]})  # r=2 > the gate's 1 output
+    torch.testing.assert_close(output(model, x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_whisper_audio_input_is_built():
