@@ -164,22 +164,35 @@ def _device_dtype(model):
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
+def _config_input(name: str, config, device, dtype) -> torch.Tensor:
+    """A small example of the HF input `name`, shaped from the model's config."""
+    if name == "input_ids":
+        return torch.zeros((1, 8), dtype=torch.long, device=device)
+    if name == "pixel_values":
+        vision = getattr(config, "vision_config", config)
+        size = getattr(vision, "image_size", 32)
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        return torch.zeros((1, getattr(vision, "num_channels", 3), *size), dtype=dtype, device=device)
+    if name == "input_features":  # audio encoders (Whisper): mel features of the full source length
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        return torch.zeros((1, getattr(config, "num_mel_bins", 80), frames), dtype=dtype, device=device)
+    # raw audio (Wav2Vec2): enough samples for the convolutional feature encoder to give 8 frames
+    length = 8
+    for kernel, stride in reversed(list(zip(getattr(config, "conv_kernel", ()), getattr(config, "conv_stride", ())))):
+        length = (length - 1) * stride + kernel
+    return torch.zeros((1, length), dtype=dtype, device=device)
+
+
 def build_example_inputs(model: nn.Module):
     """A small input from the model's config (HF) or its first linear/embedding layer."""
     device, dtype = _device_dtype(model)
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
-    if config is not None and main in ("input_ids", "pixel_values", "input_features"):
-        kwargs = {}
-        if main == "input_ids":
-            kwargs["input_ids"] = torch.zeros((1, 8), dtype=torch.long, device=device)
-        elif main == "pixel_values":
-            size = getattr(config, "image_size", 32)
-            size = size if isinstance(size, (tuple, list)) else (size, size)
-            kwargs["pixel_values"] = torch.zeros((1, getattr(config, "num_channels", 3), *size), dtype=dtype, device=device)
-        else:  # audio encoders (Whisper): mel features of the full source length
-            frames = 2 * getattr(config, "max_source_positions", 1500)
-            kwargs["input_features"] = torch.zeros((1, getattr(config, "num_mel_bins", 80), frames), dtype=dtype, device=device)
+    if config is not None and main in ("input_ids", "pixel_values", "input_features", "input_values"):
+        names = [main]
+        if main == "input_ids" and hasattr(config, "vision_config") and "pixel_values" in inspect.signature(model.forward).parameters:
+            names.append("pixel_values")  # text-image models (CLIP, SigLIP) need both
+        kwargs = {name: _config_input(name, config, device, dtype) for name in names}
         if getattr(config, "is_encoder_decoder", False):
             kwargs["decoder_input_ids"] = torch.zeros((1, 4), dtype=torch.long, device=device)
         return (), kwargs

@@ -23,6 +23,8 @@ def build(name):
         "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, {"num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}),
         "falcon": (T.FalconConfig, T.FalconForCausalLM, {}),
         "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, {"num_key_value_heads": 1, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 48}),
+        "clip": (T.CLIPConfig, T.CLIPModel, {"text_config": {**SMALL, "max_position_embeddings": 16}, "vision_config": {**SMALL, "image_size": 16, "patch_size": 8}, "projection_dim": 16}),
+        "wav2vec2": (T.Wav2Vec2Config, T.Wav2Vec2ForCTC, {"vocab_size": 32, "conv_dim": [16, 16], "conv_stride": [5, 2], "conv_kernel": [10, 3], "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}),
         "bloom": (T.BloomConfig, T.BloomForCausalLM, {"n_layer": 2, "n_head": 2}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
@@ -72,6 +74,13 @@ def test_activation_added_into_the_residual_stream_is_not_an_mlp():
     ref = output(model, x).detach()
     peftify.peftify(model, {"rules": [{"match": "role:*", "apply": {"method": "lora", "r": 2}}]})  # r=2 > the gate's 1 output
     torch.testing.assert_close(output(model, x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "site"), [("clip", "vision_model.encoder.layers.0.mlp.fc1"), ("wav2vec2", "wav2vec2.encoder.layers.0.feed_forward.output_dense")])
+def test_example_inputs_are_built_for_image_text_and_raw_audio_models(name, site):
+    """CLIP needs input_ids and pixel_values; Wav2Vec2 a waveform long enough for its conv encoder."""
+    sites = {s.fqn for s in peftify.capture(build(name)).sites}
+    assert site in sites
 
 
 def test_whisper_audio_input_is_built():
