@@ -7,7 +7,9 @@ several uses, so tied weights are reported once.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -188,6 +190,10 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
     for u in uses:
         by_weight.setdefault(canonical.get(u.weight, u.weight), []).append(u)
 
+    @functools.cache
+    def traced_ops(graph):  # one pass over the graph, and only if a Linear subclass overrides forward
+        return ops_by_owner(graph, params)
+
     sites, site_uses = [], {}
     for weight, group in by_weight.items():
         param = model.get_parameter(weight)
@@ -197,7 +203,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
         out_f, in_f = param.shape[::-1] if first.transposed else param.shape
         owners = []
         for u in group:
-            mod = _linear_like(model, u.owner, _ops_in(u.node.graph, u.owner, params))
+            mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
                 owners.append(u.owner)
         module_site = len(owners) > 0 and all(u.owner in owners for u in group)
@@ -232,10 +238,10 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
     return sites, site_uses
 
 
-def _linear_like(model: nn.Module, path: str, ops: set[str] | None = None):
+def _linear_like(model: nn.Module, path: str, traced_ops: Callable[[], set[str]] | None = None):
     """The module at `path` if its forward is a linear map of its own ``weight``: an nn.Linear,
-    a subclass that keeps nn.Linear's forward or whose traced forward only does `ops` within
-    `_PLAIN_LINEAR_OPS`, or transformers' Conv1D (GPT-2)."""
+    a subclass that keeps nn.Linear's forward or whose traced forward (`traced_ops()`) only does
+    ops within `_PLAIN_LINEAR_OPS`, or transformers' Conv1D (GPT-2)."""
     try:
         mod = model.get_submodule(path) if path else model
     except AttributeError:
@@ -244,23 +250,23 @@ def _linear_like(model: nn.Module, path: str, ops: set[str] | None = None):
         return None
     if type(mod).__name__ == "Conv1D" or type(mod).forward is nn.Linear.forward:
         return mod
-    if isinstance(mod, nn.Linear) and ops is not None and ops <= _PLAIN_LINEAR_OPS:
+    if isinstance(mod, nn.Linear) and traced_ops is not None and traced_ops() <= _PLAIN_LINEAR_OPS:
         return mod
     return None
 
 
-def _ops_in(graph: torch.fx.Graph, owner: str, params: dict[str, str]) -> set[str]:
-    """The ops traced directly inside module `owner`'s forward (innermost on the module stack);
-    an `add` of two activations is reported as "add_activations"."""
-    ops = set()
+def ops_by_owner(graph: torch.fx.Graph, params: dict[str, str]) -> dict[str, set[str]]:
+    """The ops traced directly inside each module's forward (innermost on the module stack), in
+    one pass over the graph; an `add` of two activations is reported as "add_activations"."""
+    ops: dict[str, set[str]] = {}
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
-        if node.op != "call_function" or not stack or list(stack.values())[-1][0] != owner:
+        if node.op != "call_function" or not stack:
             continue
         name = getattr(node.target, "_opname", str(node.target))
         if name == "add" and not any(a.op == "placeholder" and a.name in params for a in node.all_input_nodes):
             name = "add_activations"
-        ops.add(name)
+        ops.setdefault(list(stack.values())[-1][0], set()).add(name)
     return ops
 
 
