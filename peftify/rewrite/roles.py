@@ -10,7 +10,8 @@ The captured FX graph becomes a `networkx.DiGraph`; sites are located by their u
   the producers reached through it are ``mlp.gate`` when a second, linear producer exists
   (that one is ``mlp.up``), else ``mlp.up``.
 - ``readout``: any other site whose output reaches the graph output with no site in between;
-  ``embedding``: the site's weight is also an embedding table (tied).
+  ``embedding``: the site's weight is also an embedding table (tied; such a site is never part
+  of an MLP, so an MLM head's decoder is the readout).
 Sites fed by the same activation form a ``shared_input`` group.
 """
 
@@ -131,9 +132,12 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     free = g.subgraph(n for n in graph.nodes if n not in site_of)
     stream = set().union(*({n} | nx.descendants(free, n) for n in graph.nodes if n.op == "placeholder" and n.name in inputs))
 
+    embedded = {params[n.args[0].name] for n in graph.nodes if str(n.target) == "aten.embedding.default" and n.args[0].name in params}
+    tied = {s.fqn for s in sites if embedded & {s.weight, *s.aliases}}  # an output embedding (tied LM head)
+
     # MLP
     for fqn, us in site_uses.items():
-        if roles[fqn]:
+        if roles[fqn] or fqn in tied:  # an MLM head's tied decoder is the readout, not an MLP's down
             continue
         prods = {p: act for p, act in producers(us[0].x).items() if not any(r.startswith("attn") for r in roles[p])}
         # an MLP's inner activation is computed from its up/gate projections alone; an input that
@@ -148,13 +152,11 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
 
     # readout, tied embeddings
     output = next(n for n in graph.nodes if n.op == "output")
-    embedded = {params[n.args[0].name] for n in graph.nodes if str(n.target) == "aten.embedding.default" and n.args[0].name in params}
     for fqn, us in site_uses.items():
         if not roles[fqn] and any(_feeds(g, u.node, output, site_of) for u in us):
             roles[fqn].add("readout")
-    for s in sites:
-        if embedded & {s.weight, *s.aliases}:
-            roles[s.fqn].add("embedding")
+    for fqn in tied:
+        roles[fqn].add("embedding")
 
     # shared-input groups
     by_input: dict[torch.fx.Node, list[str]] = {}

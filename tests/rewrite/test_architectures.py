@@ -25,6 +25,7 @@ def build(name):
         "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, {"num_key_value_heads": 1, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 48}),
         "clip": (T.CLIPConfig, T.CLIPModel, {"text_config": {**SMALL, "max_position_embeddings": 16}, "vision_config": {**SMALL, "image_size": 16, "patch_size": 8}, "projection_dim": 16}),
         "wav2vec2": (T.Wav2Vec2Config, T.Wav2Vec2ForCTC, {"vocab_size": 32, "conv_dim": [16, 16], "conv_stride": [5, 2], "conv_kernel": [10, 3], "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}),
+        "roberta_mlm": (T.RobertaConfig, T.RobertaForMaskedLM, {"max_position_embeddings": 64, "pad_token_id": 1}),
         "bloom": (T.BloomConfig, T.BloomForCausalLM, {"n_layer": 2, "n_head": 2}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
@@ -81,6 +82,12 @@ def test_example_inputs_are_built_for_image_text_and_raw_audio_models(name, site
     """CLIP needs input_ids and pixel_values; Wav2Vec2 a waveform long enough for its conv encoder."""
     sites = {s.fqn for s in peftify.capture(build(name)).sites}
     assert site in sites
+
+
+def test_tied_mlm_decoder_is_the_readout_not_an_mlp():
+    r = roles(peftify.capture(build("roberta_mlm")))
+    assert r["lm_head.decoder"] == {"embedding", "readout"} and not r["lm_head.dense"]
+    assert r["roberta.encoder.layer.1.intermediate.dense"] == {"mlp.up"} and r["roberta.encoder.layer.1.output.dense"] == {"mlp.down"}
 
 
 def test_whisper_audio_input_is_built():
