@@ -196,6 +196,11 @@ def _token_chunks(tokens: int, floats_per_token: int, itemsize: int) -> list[sli
     return [slice(start, min(start + chunk, tokens)) for start in range(0, max(tokens, 1), chunk)]  # one empty chunk for no tokens
 
 
+def _chunked(b0: int, b1: int) -> bool:
+    """Whether the batched path runs in token chunks (and recomputes the hidden)."""
+    return b0 > 1 and b1 > 1
+
+
 def _btt_chunks(tokens: int, core0: Tensor, core1: Tensor) -> list[slice]:
     b0, k0, p0 = core0.shape
     b1, s1, _ = core1.shape
@@ -228,7 +233,7 @@ def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tens
     x3 = x.reshape(-1, b0, p0)  # (T, b0, p0)
     tokens = x3.shape[0]
     y = x.new_empty(tokens, b1, s1)
-    chunked = b0 > 1 and b1 > 1
+    chunked = _chunked(b0, b1)
     chunks = _btt_chunks(tokens, core0, core1) if chunked else [slice(0, tokens)]
     hs = x.new_empty(chunks[0].stop, b1, k1)
     h = x.new_empty(chunks[0].stop, b0, k0) if b0 > 1 else None
@@ -311,7 +316,7 @@ def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: T
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     if _blockwise(b0, b1, k1):
         return _btt_backward_blockwise(grad_y, x, core0, core1, hs, need)
-    if hs.numel() == 0:
+    if _chunked(b0, b1):
         return _btt_backward_chunked(grad_y, x, core0, core1, need)
 
     def unshuffle(g):  # (T, b1, k1) -> (b0, T, k0)
@@ -437,7 +442,7 @@ def btt_reference_op(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, T
 def _(x, core0, core1):
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     tokens = x.numel() // x.shape[-1]
-    hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (0,) if b0 > 1 and b1 > 1 else (tokens, b1, k1)
+    hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (0,) if _chunked(b0, b1) else (tokens, b1, k1)
     return x.new_empty(*x.shape[:-1], b1 * core1.shape[1]), x.new_empty(hidden)
 
 
