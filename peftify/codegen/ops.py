@@ -15,11 +15,12 @@ device — the Triton kernels of `peftify.codegen.triton_kernels` on CUDA, plain
 under `torch.compile` Inductor traces into it. On CUDA it schedules the Triton kernels; on CPU it
 compiles ``lora_linear``'s reference with its C++ backend, while ``btt``/``monarch`` call their
 tuned reference as the opaque ops ``btt_reference``/``btt_reference_backward`` (faster than the
-traced version; see `btt_reference_op`). ``kron`` and ``sparse_lowrank`` are opaque
-`torch.library.custom_op`s with a plain-torch implementation.
+traced version; see `btt_reference_op`). ``kron`` (with its backward ``kron_backward``) and
+``sparse_lowrank`` are opaque `torch.library.custom_op`s with a plain-torch implementation.
 
-Each op returns what its backward needs as extra outputs (the public wrappers drop them); the
-backward computes no gradient for an operand that does not require one.
+``lora_linear`` and ``btt``/``monarch`` return what their backward needs as extra outputs (the
+public wrappers drop them); ``kron`` recomputes it. A backward computes no gradient for an
+operand that does not require one.
 """
 
 from __future__ import annotations
@@ -185,14 +186,17 @@ def _unshuffle(g: Tensor, out: Tensor) -> Tensor:
 # through the shuffle to the second, and the hidden is not stored: the backward recomputes it
 # chunk by chunk. CHUNK_BYTES is the chunk's activations (input, hidden twice, output); 16–64 MB
 # measured fastest on a machine with a 32 MB L3 (BTT, 4096 tokens, 2 threads: at 2048² the
-# forward took 89 ms over all tokens at once and 55 ms in chunks, benchmarks/btt_reference_ab.py). With one block on a side
+# forward took 89 ms over all tokens at once and 55 ms in chunks, benchmarks/reference_ab.py). With one block on a side
 # the cores are large dense matrices that each chunk would re-read: those run all tokens at once.
 CHUNK_BYTES = 32 << 20
 MIN_CHUNK = 128
+# kron's GEMMs do fewer FLOPs per byte than BTT's, and its chunks run fastest smaller: at 2048²,
+# 4096 tokens, fwd+bwd took 58–66 ms with 2–4 MB chunks against 81 ms with 32 MB.
+KRON_CHUNK_BYTES = 4 << 20
 
 
-def _token_chunks(tokens: int, floats_per_token: int, itemsize: int) -> list[slice]:
-    chunk = max(MIN_CHUNK, CHUNK_BYTES // (floats_per_token * itemsize))
+def _token_chunks(tokens: int, floats_per_token: int, itemsize: int, budget: int | None = None) -> list[slice]:
+    chunk = max(MIN_CHUNK, (CHUNK_BYTES if budget is None else budget) // (floats_per_token * itemsize))
     return [slice(start, min(start + chunk, tokens)) for start in range(0, max(tokens, 1), chunk)]  # one empty chunk for no tokens
 
 
@@ -375,33 +379,82 @@ def _btt_backward_batched(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tenso
     return grad_x, grad_c0, grad_c1
 
 
-def kron_reference(x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """y = x (Σ_t A_t ⊗ B_t)ᵀ, i.e. per token Y = Σ_t A_t X B_tᵀ with X = x as (n1, n2); also
-    Z_t = X B_tᵀ (t, T, n1, m2). a: (t, m1, n1), b: (t, m2, n2)."""
-    _t, m1, n1 = a.shape
+def _kron_shapes(x: Tensor, a: Tensor, b: Tensor) -> tuple[int, int, int, int, int]:
+    terms, m1, n1 = a.shape
     _, m2, n2 = b.shape
     if x.shape[-1] != n1 * n2:
         raise ValueError(f"kron: x (…, {x.shape[-1]}) does not fit A {tuple(a.shape)} ⊗ B {tuple(b.shape)}")
-    xs = x.reshape(-1, n1, n2)
-    z = torch.einsum("Tjk,tmk->tTjm", xs, b)
-    y = torch.einsum("tij,tTjm->Tim", a, z)
-    return y.reshape(*x.shape[:-1], m1 * m2), z
+    return terms, m1, n1, m2, n2
 
 
-def _kron_backward(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, z: Tensor, need):
-    _t, m1, n1 = a.shape
-    _, m2, n2 = b.shape
-    g = grad_y.reshape(-1, m1, m2)
-    grad_x = grad_a = grad_b = None
-    if need[1]:
-        grad_a = torch.einsum("Tim,tTjm->tij", g, z)
-    if need[0] or need[2]:
-        gz = torch.einsum("tij,Tim->tTjm", a, g)
-        if need[2]:
-            grad_b = torch.einsum("tTjm,Tjk->tmk", gz, x.reshape(-1, n1, n2))
-        if need[0]:
-            grad_x = torch.einsum("tTjm,tmk->Tjk", gz, b).reshape(x.shape)
-    return grad_x, grad_a, grad_b
+def _kron_chunks(x: Tensor, tokens: int, n1: int, n2: int, m1: int, m2: int) -> list[slice]:
+    """Token chunks whose input, Z and output (in the backward: input, Z, ∂Z and ∂Y) stay in
+    cache on CPU; one chunk elsewhere."""
+    if x.device.type != "cpu":
+        return [slice(0, tokens)]
+    return _token_chunks(tokens, n1 * n2 + 2 * n1 * m2 + m1 * m2, x.element_size(), KRON_CHUNK_BYTES)
+
+
+def _kron_z(x3: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """Z = X Bᵀ for every token's X (n, n1, n2): one GEMM over all (token, row) pairs."""
+    n, n1, n2 = x3.shape
+    torch.mm(x3.reshape(n * n1, n2), b.t(), out=out.view(n * n1, b.shape[0]))
+    return out
+
+
+def kron_reference(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """y = x (Σ_t A_t ⊗ B_t)ᵀ, i.e. per token Y = Σ_t A_t X B_tᵀ with X = x as (n1, n2).
+    a: (t, m1, n1), b: (t, m2, n2).
+
+    Z_t = X B_tᵀ is one GEMM over all of a chunk's (token, row) pairs and A_t Z_t a batched GEMM
+    over its tokens; on CPU the tokens go in chunks so that X, Z and Y stay in cache, and Z is not
+    stored (the backward recomputes it). At 2048², 4096 tokens, 2 threads, this took 23 ms
+    against 57 ms for two einsums over all tokens (benchmarks/reference_ab.py --op kron)."""
+    terms, m1, n1, m2, n2 = _kron_shapes(x, a, b)
+    x3 = x.reshape(-1, n1, n2)
+    tokens = x3.shape[0]
+    y = x.new_empty(tokens, m1, m2)
+    chunks = _kron_chunks(x, tokens, n1, n2, m1, m2)
+    z = x.new_empty(chunks[0].stop, n1, m2)
+    for c in chunks:
+        n = c.stop - c.start
+        for t in range(terms):
+            zt = _kron_z(x3[c], b[t], z[:n])
+            if t == 0:
+                torch.matmul(a[t], zt, out=y[c])
+            else:
+                y[c].baddbmm_(a[t].expand(n, m1, n1), zt)
+    return _unflatten(y, x)
+
+
+def _kron_backward(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, need) -> tuple:
+    """Over `kron_reference`'s chunks: ∂A_t = Σ_T G_T Z_Tᵀ (Z recomputed), ∂Z = A_tᵀ G_T,
+    ∂B_t = Σ_T ∂Z_Tᵀ X_T and ∂X = Σ_t ∂Z B_t."""
+    terms, m1, n1, m2, n2 = _kron_shapes(x, a, b)
+    x3 = x.reshape(-1, n1, n2)
+    tokens = x3.shape[0]
+    g3 = grad_y.reshape(tokens, m1, m2)
+    grad_x = x.new_empty(tokens, n1, n2) if need[0] else None
+    grad_a = a.new_zeros(a.shape) if need[1] else None
+    grad_b = b.new_zeros(b.shape) if need[2] else None
+    chunks = _kron_chunks(x, tokens, n1, n2, m1, m2)
+    z, gz = x.new_empty(chunks[0].stop, n1, m2), x.new_empty(chunks[0].stop, n1, m2)
+    ga = x.new_empty(chunks[0].stop, m1, n1) if need[1] else None
+    for c in chunks:
+        n = c.stop - c.start
+        gc, xc = g3[c], x3[c]
+        for t in range(terms):
+            if need[1]:
+                torch.bmm(gc, _kron_z(xc, b[t], z[:n]).transpose(1, 2), out=ga[:n])
+                grad_a[t] += ga[:n].sum(0)
+            if need[0] or need[2]:
+                gzt = torch.matmul(a[t].t(), gc, out=gz[:n]).view(n * n1, m2)
+                if need[2]:
+                    grad_b[t].addmm_(gzt.t(), xc.reshape(n * n1, n2))
+                if need[0]:
+                    gx = grad_x[c].view(n * n1, n2)
+                    torch.mm(gzt, b[t], out=gx) if t == 0 else gx.addmm_(gzt, b[t])
+    return None if grad_x is None else grad_x.view(x.shape), grad_a, grad_b
 
 
 def sparse_lowrank_weight(u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
@@ -508,25 +561,40 @@ monarch_op = _define_btt("monarch")
 
 
 @torch.library.custom_op("peftify::kron", mutates_args=())
-def kron_op(x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    y, z = kron_reference(x, a, b)
-    return y.contiguous(), z.contiguous()
+def kron_op(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return kron_reference(x, a, b).contiguous()
 
 
 @kron_op.register_fake
 def _(x, a, b):
-    t, m1, n1 = a.shape
-    _, m2, _ = b.shape
-    return x.new_empty(*x.shape[:-1], m1 * m2), x.new_empty(t, x.numel() // x.shape[-1], n1, m2)
+    _terms, m1, _n1, m2, _n2 = _kron_shapes(x, a, b)
+    return x.new_empty(*x.shape[:-1], m1 * m2)
+
+
+@torch.library.custom_op("peftify::kron_backward", mutates_args=())
+def kron_backward_op(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, need_x: bool, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients `_kron_backward` computes; an empty tensor for each one not needed. Opaque
+    under torch.compile, like the btt reference: its chunk loop is not worth tracing."""
+    grads = _kron_backward(grad_y, x, a, b, (need_x, need_a, need_b))
+    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+@kron_backward_op.register_fake
+def _(grad_y, x, a, b, need_x, need_a, need_b):
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in ((x, need_x), (a, need_a), (b, need_b)))
 
 
 def _kron_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs)
 
 
-kron_op.register_autograd(lambda ctx, g, _gz: (None,) * 3 if g is None else _kron_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_kron_setup)
+def _kron_op_backward(ctx, grad_y):
+    need = ctx.needs_input_grad
+    grads = torch.ops.peftify.kron_backward(grad_y, *ctx.saved_tensors, *need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+kron_op.register_autograd(_kron_op_backward, setup_context=_kron_setup)
 
 
 @torch.library.custom_op("peftify::sparse_lowrank", mutates_args=())
@@ -561,7 +629,7 @@ def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
 
 def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = x (Σ_t A_t ⊗ B_t)ᵀ, computed factor by factor."""
-    return torch.ops.peftify.kron(x, a, b)[0]
+    return torch.ops.peftify.kron(x, a, b)
 
 
 def sparse_lowrank(x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:

@@ -62,7 +62,11 @@ def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, p
             assert torch.allclose(gg, ww) if n else gg.numel() == 0
 
 
-def test_kron_matches_torch_kron_and_passes_checks():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_kron_matches_torch_kron_and_passes_checks(chunked, monkeypatch):
+    if chunked:  # 6 tokens in chunks of 4 and 2
+        monkeypatch.setattr(ops, "KRON_CHUNK_BYTES", 1)
+        monkeypatch.setattr(ops, "MIN_CHUNK", 4)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, **D, requires_grad=True)
     a, b = torch.randn(2, 3, 4, **D, requires_grad=True), torch.randn(2, 5, 3, **D, requires_grad=True)
@@ -70,6 +74,14 @@ def test_kron_matches_torch_kron_and_passes_checks():
     torch.testing.assert_close(ops.kron(x, a, b), x @ dense.t())
     torch.library.opcheck(torch.ops.peftify.kron.default, (x, a, b))
     assert torch.autograd.gradcheck(ops.kron, (x, a, b))
+    g = torch.randn(2, 3, 15, **D)
+    want = torch.autograd.grad(x @ dense.t(), (x, a, b), g)
+    plain = [t.detach() for t in (x, a, b)]
+    for need in [(True, True, True), (False, True, False), (True, False, True)]:
+        torch.library.opcheck(torch.ops.peftify.kron_backward.default, (g, *plain, *need))
+        got = torch.ops.peftify.kron_backward(g, *plain, *need)
+        for gg, ww, n in zip(got, want, need):
+            assert torch.allclose(gg, ww) if n else gg.numel() == 0
 
 
 def test_sparse_lowrank_matches_its_definition_and_passes_checks():
@@ -95,13 +107,16 @@ def test_frozen_operands_get_no_gradient_and_bad_shapes_raise():
         ops.kron(x, torch.randn(1, 2, 5, **D), torch.randn(1, 2, 2, **D))
 
 
-@pytest.mark.parametrize("op", ["btt", "lora_linear"])
+@pytest.mark.parametrize("op", ["btt", "kron", "lora_linear"])
 def test_no_tokens(op):
     """An empty batch goes through forward and backward with the right shapes."""
     x = torch.randn(0, 3, 16, **D, requires_grad=True)
     if op == "btt":
         params = (torch.randn(4, 4, 4, **D, requires_grad=True), torch.randn(4, 5, 4, **D, requires_grad=True))
         y = ops.btt(x, *params)
+    elif op == "kron":
+        params = (torch.randn(1, 4, 4, **D, requires_grad=True), torch.randn(1, 5, 4, **D, requires_grad=True))
+        y = ops.kron(x, *params)
     else:
         params = (torch.randn(2, 16, **D, requires_grad=True), torch.randn(20, 2, **D, requires_grad=True))
         y = ops.lora_linear(x, torch.randn(20, 16, **D), None, *params, 1.0)

@@ -1,9 +1,10 @@
-"""A/B of the CPU btt reference (forward `btt_reference`, backward `_btt_backward`) against an older
-`peftify/codegen/ops.py`, in one process, beside the dense GEMMs the layer replaces: BTT at its
-default factors for 2048→2048 and 2048→8192, 4096 tokens, fp32, variants interleaved, medians.
+"""A/B of a CPU reference op (btt: `btt_reference` and `_btt_backward`; kron: `kron_reference` and
+`_kron_backward`) against an older `peftify/codegen/ops.py`, in one process, beside the dense
+GEMMs the layer replaces: each structure at its default factors for 2048→2048 and 2048→8192,
+4096 tokens, fp32, variants interleaved, medians.
 
     git show 5151a35:peftify/codegen/ops.py > /tmp/old_ops.py
-    .venv/bin/python benchmarks/btt_reference_ab.py /tmp/old_ops.py [--repeats 9]
+    .venv/bin/python benchmarks/reference_ab.py /tmp/old_ops.py [--op btt|kron] [--repeats 9]
 
 Only the old file's undecorated top-level functions and constants are loaded (no op is
 registered twice); both versions are called as plain functions, outside autograd.
@@ -23,8 +24,12 @@ from _timing import interleaved
 
 from peftify.codegen import ops
 
-# (core0, core1) of `peftify.BTT()` at its defaults for these layers (see benchmarks/structured.py)
-SHAPES = {"2048→2048": ((32, 128, 64), (32, 64, 128)), "2048→8192": ((32, 256, 64), (64, 128, 128))}
+# the factors of `peftify.BTT()` (core0, core1) and `peftify.Kron()` (a, b) at their defaults for
+# these layers (see benchmarks/structured.py)
+SHAPES = {
+    "btt": {"2048→2048": ((32, 128, 64), (32, 64, 128)), "2048→8192": ((32, 256, 64), (64, 128, 128))},
+    "kron": {"2048→2048": ((1, 32, 32), (1, 64, 64)), "2048→8192": ((1, 64, 32), (1, 128, 64))},
+}
 TOKENS = 4096
 
 
@@ -38,7 +43,13 @@ def load_old(path: str) -> dict:
     return namespace
 
 
-def variants(versions: dict, x, core0, core1, w, g, backward: bool) -> dict:
+def forward(v: dict, op: str, x, f0, f1) -> tuple:
+    """y and the extra backward arguments (btt's hidden; an older kron's Z; none for kron now)."""
+    out = v[f"{op}_reference"](x, f0, f1)
+    return (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+
+
+def variants(versions: dict, op: str, x, f0, f1, w, g, backward: bool) -> dict:
     def dense():
         x @ w.t()
         if backward:  # the dense layer's weight and input gradients
@@ -46,9 +57,9 @@ def variants(versions: dict, x, core0, core1, w, g, backward: bool) -> dict:
 
     def structured(v):
         def run():
-            _y, hidden = v["btt_reference"](x, core0, core1)
+            _y, saved = forward(v, op, x, f0, f1)
             if backward:
-                v["_btt_backward"](g, x, core0, core1, hidden, (True, True, True))
+                v[f"_{op}_backward"](g, x, f0, f1, *saved, (True, True, True))
 
         return run
 
@@ -58,19 +69,20 @@ def variants(versions: dict, x, core0, core1, w, g, backward: bool) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("old", help="an older peftify/codegen/ops.py")
+    ap.add_argument("--op", choices=sorted(SHAPES), default="btt")
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     versions = {"old": load_old(args.old), "new": vars(ops)}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}, {TOKENS} tokens")
     torch.manual_seed(0)
-    for name, (shape0, shape1) in SHAPES.items():
-        x, core0, core1 = torch.randn(TOKENS, 2048), torch.randn(*shape0) * 0.1, torch.randn(*shape1) * 0.1
-        out = shape1[0] * shape1[1]
+    for name, (shape0, shape1) in SHAPES[args.op].items():
+        x, f0, f1 = torch.randn(TOKENS, 2048), torch.randn(*shape0) * 0.1, torch.randn(*shape1) * 0.1
+        out = int(name.split("→")[1])
         w, g = torch.randn(out, 2048), torch.randn(TOKENS, out)
-        y_old, y_new = (v["btt_reference"](x, core0, core1)[0] for v in versions.values())
+        y_old, y_new = (forward(v, args.op, x, f0, f1)[0] for v in versions.values())
         torch.testing.assert_close(y_new.view_as(y_old), y_old, rtol=1e-4, atol=1e-4)
         for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-            t = interleaved(variants(versions, x, core0, core1, w, g, backward), repeats=args.repeats, warmup=1)
+            t = interleaved(variants(versions, args.op, x, f0, f1, w, g, backward), repeats=args.repeats, warmup=1)
             print(
                 f"{name} {mode}: dense {t['dense'] * 1e3:.1f} ms; old {t['old'] * 1e3:.1f} ms ({t['dense'] / t['old']:.2f}x dense); "
                 f"new {t['new'] * 1e3:.1f} ms ({t['dense'] / t['new']:.2f}x dense); new/old {t['new'] / t['old']:.3f}",
