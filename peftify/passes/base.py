@@ -152,6 +152,13 @@ def dense_flops(site: Site) -> int:
     return 2 * site.in_features * site.out_features
 
 
+def singular_flops(site: Site, p: int) -> int:
+    """Per token: x V and (·) Uᵀ through p singular vectors, plus W's GEMM unless p is all of
+    them (see `stands_in_for`; counted for float32, where the factors stand in for W)."""
+    factored = 2 * p * (site.in_features + site.out_features)
+    return factored if p == min(site.in_features, site.out_features) else dense_flops(site) + factored
+
+
 class SiteModule(nn.Module):
     """A method's part of a rewritten site: its own parameters and its math, given the frozen
     base weight (as (out, in)) and bias. The engine holds the base; several SiteModules (named
@@ -205,6 +212,14 @@ class LowRankDelta(SiteModule):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         a, b, s = self.factors()
         return lora_linear(x, weight, bias, a, b, s)
+
+
+def stands_in_for(u: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether frozen singular vectors U (out × p) hold all of W's, so that W = U diag(σ₀) Vᵀ up
+    to rounding and a forward can run through U and V alone: two thin GEMMs instead of W's and
+    two more. Not in half precision (factors rounded to bf16 do not reproduce W) nor when W
+    itself trains (it would get no gradient)."""
+    return u.shape[-1] == min(weight.shape) and u.dtype in (torch.float32, torch.float64) and not weight.requires_grad
 
 
 def frozen(t: torch.Tensor) -> nn.Parameter:

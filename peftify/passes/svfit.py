@@ -5,9 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, SiteModule, check_count, check_fits, dense_flops, frozen, invalid, register
+from peftify.passes.base import (
+    LowRankDelta,
+    Method,
+    SiteModule,
+    check_count,
+    check_fits,
+    dense_flops,
+    frozen,
+    invalid,
+    register,
+    singular_flops,
+    stands_in_for,
+)
 from peftify.rewrite.sites import Site
 
 
@@ -54,7 +67,9 @@ class SVFit(Method):
         return self.rank(site)
 
     def flops(self, site: Site) -> int:
-        return dense_flops(site) + 2 * self.rank(site) * (site.in_features + site.out_features)
+        if self.energy is not None:  # a bound: the built r may leave a residual, whose GEMM stays
+            return dense_flops(site) + singular_flops(site, self.rank(site))
+        return singular_flops(site, self.r)
 
 
 def energy_rank(sigma: torch.Tensor, energy: float) -> int:
@@ -75,6 +90,17 @@ class SingularValues(LowRankDelta):
 
     def factors(self):
         return (self.sigma - self.sigma0)[:, None] * self.vh, self.u, 1.0
+
+    # With all singular values, W' = U diag(σ) Vᵀ: W itself is not used.
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if stands_in_for(self.u, weight):
+            return (self.u * self.sigma) @ self.vh
+        return super().merged_weight(weight)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if stands_in_for(self.u, weight):
+            return F.linear(F.linear(x, self.vh) * self.sigma, self.u, bias)
+        return super().forward(x, weight, bias)
 
 
 SVFit.module = SingularValues

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, dense_flops, frozen, invalid, register
+from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, frozen, invalid, register, singular_flops, stands_in_for
 from peftify.rewrite.sites import Site
 
 PATTERNS = ("plain", "banded", "random", "top_k")
@@ -18,7 +19,9 @@ PATTERNS = ("plain", "banded", "random", "top_k")
 class SVFT(Method):
     """W' = W + U M Vᵀ = W + Σ_(i,j)∈Ω M_ij u_i v_jᵀ, with U, V the top-p singular vectors of W
     (frozen) and only the nonzeros of M (p × p, support Ω) trained. M = 0 at init: the output is
-    unchanged. Computed as W + (U M)·Vᵀ through the fused LoRA op, U M by a sparse gather.
+    unchanged. Computed as W + (U M)·Vᵀ through the fused LoRA op, U M by a sparse gather. With
+    all singular vectors W = U diag(σ₀) Vᵀ, so the layer runs as x V (diag(σ₀) + M)ᵀ Uᵀ without W:
+    two thin GEMMs in place of W's and two more (float32/64; half precision keeps W).
     Paper: "SVFT: Parameter-Efficient Fine-Tuning with Singular Vectors".
 
     - pattern: the support Ω — "plain" (the diagonal), "banded" (|i − j| ≤ k), "random" (the
@@ -26,7 +29,7 @@ class SVFT(Method):
       plus, per row i, the k off-diagonal j with the largest alignment |u_iᵀ v_j|; square layers).
     - k: band half-width or entries per row.
     - r: how many leading singular vectors take part (p = r); None uses all, min(in, out), as in
-      the paper — whose cost is that of two more dense layers.
+      the paper.
     - seed: of the random support, so a saved adapter rebuilds the same Ω.
     """
 
@@ -64,7 +67,7 @@ class SVFT(Method):
         return p * (k + 1)
 
     def flops(self, site: Site) -> int:
-        return dense_flops(site) + 2 * self.rank(site) * (site.in_features + site.out_features)
+        return singular_flops(site, self.rank(site))
 
 
 def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +93,10 @@ def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tens
 class SVFTModule(LowRankDelta):
     def __init__(self, method: SVFT, site: Site, weight: torch.Tensor, svd: tuple):
         super().__init__(method, site)
-        u, _, vh = svd
+        u, s, vh = svd
         rows, cols = support(method, u, vh) if weight.device.type != "meta" else (torch.arange(1), torch.arange(1))
         self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
+        self.sigma0 = frozen(s.to(weight.dtype))
         self.register_buffer("rows", rows.to(weight.device), persistent=False)
         self.register_buffer("cols", cols.to(weight.device), persistent=False)
         self.m = nn.Parameter(torch.zeros(method.trainable_params(site), dtype=weight.dtype, device=weight.device))
@@ -100,6 +104,22 @@ class SVFTModule(LowRankDelta):
     def factors(self):
         um = torch.zeros_like(self.u).index_add(1, self.cols, self.u[:, self.rows] * self.m)  # U·M, M sparse
         return self.vh, um, 1.0
+
+    # With all singular vectors, W' = U (diag(σ₀) + M) Vᵀ: W itself is not used.
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if stands_in_for(self.u, weight):
+            return (self.u * self.sigma0 + self.factors()[1]) @ self.vh
+        return super().merged_weight(weight)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if stands_in_for(self.u, weight):
+            h = F.linear(x, self.vh)  # x V
+            p = self.sigma0.shape[0]  # M's first p nonzeros are its diagonal (see `support`)
+            core = h * (self.sigma0 + self.m[:p])
+            if self.m.shape[0] > p:
+                core = core.index_add(-1, self.rows[p:], h[..., self.cols[p:]] * self.m[p:])  # x V (Σ₀ + M)ᵀ
+            return F.linear(core, self.u, bias)
+        return super().forward(x, weight, bias)
 
 
 SVFT.module = SVFTModule

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import Method, check_count, check_fits, dense_flops, invalid, register, tag
+from peftify.passes.base import Method, check_count, check_fits, invalid, register, singular_flops, tag
 from peftify.passes.svfit import SingularValues
 from peftify.rewrite.sites import Site
 
@@ -16,13 +16,15 @@ from peftify.rewrite.sites import Site
 @dataclass(frozen=True)
 class VectorFit(Method):
     """W = U diag(σ) Vᵀ (+ the residual beyond the top p) with U, V frozen; σ and the layer's
-    bias b train, computed as W' = W + U diag(σ − σ₀) Vᵀ. σ = σ₀ at init: unchanged.
+    bias b train, computed as W' = W + U diag(σ − σ₀) Vᵀ, or with all singular values (the
+    default) as x V diag(σ) Uᵀ without W (float32/64; half precision keeps W). σ = σ₀ at init:
+    unchanged.
     `peftify.AdaptiveFreezing` (stepped by the training loop) freezes the vectors that change
     least. Paper: "VectorFit: Adaptive Singular & Bias Vector Fine-Tuning of Pre-trained
     Foundation Models".
 
     - r: how many leading singular values train; None: all of them, min(in, out), as in the
-      paper — whose cost is that of two more dense layers.
+      paper.
     - bias: also train the layer's existing bias (where it has one).
     """
 
@@ -50,7 +52,7 @@ class VectorFit(Method):
         return self.rank(site) + (site.out_features if self.bias and site.bias else 0)
 
     def flops(self, site: Site) -> int:
-        return dense_flops(site) + 2 * self.rank(site) * (site.in_features + site.out_features)
+        return singular_flops(site, self.rank(site))
 
 
 VectorFit.module = SingularValues

@@ -153,6 +153,42 @@ def test_svft_supports(pattern, count):
     torch.testing.assert_close(model(x), x @ (model[0].weight + mod.u @ m @ mod.vh).t(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vectorfit", "svft"])
+def test_all_singular_vectors_stand_in_for_the_weight(name):
+    """With all of W's singular vectors the forward runs through U and V alone (W unread), and
+    equals W + U·Δ·Vᵀ; in half precision, or when W trains, it reads W."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(12, 20)).double()
+    model = peftify.peftify(lin, {"rules": [{"match": "0", "apply": {"method": name, **({"pattern": "banded"} if name == "svft" else {})}}]}, example_inputs=(torch.randn(2, 12, dtype=torch.float64),))
+    site, mod = model[0], model[0].adapters["default"]
+    with torch.no_grad():
+        (mod.m if name == "svft" else mod.sigma).add_(torch.randn_like(mod.m if name == "svft" else mod.sigma))
+    if name == "svft":
+        delta = torch.zeros(12, 12, dtype=torch.float64).index_put_((mod.rows, mod.cols), mod.m.detach())
+    else:
+        delta = torch.diag(mod.sigma.detach() - mod.sigma0)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    want = x @ (site.weight + mod.u @ delta @ mod.vh).t() + site.bias
+    got = model(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    weight = site.weight.detach().clone()
+    with torch.no_grad():
+        site.weight.fill_(float("nan"))
+    assert torch.isfinite(model(x)).all()  # W unread
+    site.weight.requires_grad_(True)  # a trained W is read, and gets its gradient
+    assert torch.isnan(model(x)).all()
+    with torch.no_grad():
+        site.weight.copy_(weight)
+    model(x).sum().backward()
+    assert site.weight.grad is not None
+    site.weight.requires_grad_(False)
+    half = copy.deepcopy(model).to(torch.float16)
+    with torch.no_grad():
+        half[0].weight.fill_(float("nan"))
+    assert torch.isnan(half(x.detach().half())).all()  # factors in half precision do not reproduce W: W is read
+
+
 def test_svft_errors():
     with pytest.raises(peftify.SpecError, match="pattern"):
         peftify.SVFT(pattern="diagonal")
