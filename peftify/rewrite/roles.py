@@ -6,7 +6,8 @@ The captured FX graph becomes a `networkx.DiGraph`; sites are located by their u
   upstream of each get ``attn.q/k/v`` (one site feeding all three is ``attn.qkv``); the first
   sites downstream of its output get ``attn.o``.
 - MLP: a site whose input is computed from other sites' outputs alone (not from the model's
-  inputs through the residual stream), through a nonlinearity, is ``mlp.down``;
+  inputs through the residual stream, which may start at an input projection), through a
+  nonlinearity, is ``mlp.down``;
   the producers reached through it are ``mlp.gate`` when a second, linear producer exists
   (that one is ``mlp.up``), else ``mlp.up``.
 - ``readout``: any other site whose output reaches the graph output with no site in between;
@@ -131,6 +132,27 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     # what the model's inputs reach without passing through a site
     free = g.subgraph(n for n in graph.nodes if n not in site_of)
     stream = set().union(*({n} | nx.descendants(free, n) for n in graph.nodes if n.op == "placeholder" and n.name in inputs))
+
+    def downstream(fqn):
+        """What a site's outputs reach without passing through another site."""
+        starts = {s for u in site_uses[fqn] for s in g.successors(u.node) if s not in site_of}
+        return set().union(starts, *(nx.descendants(free, s) for s in starts))
+
+    # A stem (an input projection: Wav2Vec2's feature projection, ALBERT's embedding mapping)
+    # carries the stream on: fed by the stream, its output reaches an attention's projections
+    # with no site in between, and what it reaches is the stream too. (Reaching several sites is
+    # not enough: a shared layer's up projection, or Mamba's in_proj, does that inside a block.)
+    attention_inputs = {u.x for fqn, us in site_uses.items() if fqn in attention for u in us}
+    grown = True
+    while grown:
+        grown = False
+        for fqn, us in site_uses.items():
+            if roles[fqn] or us[0].x not in stream:
+                continue
+            reach = downstream(fqn)
+            if not reach <= stream and reach & attention_inputs:
+                stream |= reach
+                grown = True
 
     embedded = {params[n.args[0].name] for n in graph.nodes if str(n.target) == "aten.embedding.default" and n.args[0].name in params}
     tied = {s.fqn for s in sites if embedded & {s.weight, *s.aliases}}  # an output embedding (tied LM head)

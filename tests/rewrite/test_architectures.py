@@ -84,6 +84,18 @@ def test_example_inputs_are_built_for_image_text_and_raw_audio_models(name, site
     assert site in sites
 
 
+def test_stream_that_starts_at_an_input_projection():
+    """Wav2Vec2's residual stream starts at its feature projection (a site) and has a GELU
+    positional convolution added into it: its MLPs are still up → down, the CTC head the readout,
+    and the feature projection has no role."""
+    r = roles(peftify.capture(build("wav2vec2")))
+    for i in (0, 1):
+        layer = f"wav2vec2.encoder.layers.{i}."
+        assert r[layer + "feed_forward.intermediate_dense"] == {"mlp.up"} and r[layer + "feed_forward.output_dense"] == {"mlp.down"}
+        assert r[layer + "attention.q_proj"] == {"attn.q"}
+    assert r["lm_head"] == {"readout"} and not r["wav2vec2.feature_projection.projection"]
+
+
 def test_tied_mlm_decoder_is_the_readout_not_an_mlp():
     r = roles(peftify.capture(build("roberta_mlm")))
     assert r["lm_head.decoder"] == {"embedding", "readout"} and not r["lm_head.dense"]
