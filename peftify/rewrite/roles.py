@@ -7,9 +7,9 @@ The captured FX graph becomes a `networkx.DiGraph`; sites are located by their u
   sites downstream of its output get ``attn.o``.
 - MLP: a site whose input is computed from other sites' outputs alone (not from the model's
   inputs through the residual stream, which may start at an input projection), through a
-  nonlinearity, is ``mlp.down``;
-  the producers reached through it are ``mlp.gate`` when a second, linear producer exists
-  (that one is ``mlp.up``), else ``mlp.up``.
+  nonlinearity, is ``mlp.down`` — in a model with attention, only if its output is added back
+  (a task head's pooler → classifier is not an MLP); the producers reached through it are
+  ``mlp.gate`` when a second, linear producer exists (that one is ``mlp.up``), else ``mlp.up``.
 - ``readout``: any other site whose output reaches the graph output with no site in between;
   ``embedding``: the site's weight is also an embedding table (tied; such a site is never part
   of an MLP, so an MLM head's decoder is the readout).
@@ -138,6 +138,14 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         starts = {s for u in site_uses[fqn] for s in g.successors(u.node) if s not in site_of}
         return set().union(starts, *(nx.descendants(free, s) for s in starts))
 
+    def upstream(nodes):
+        """`nodes` and what reaches them without passing through a site."""
+        return set(nodes).union(*(nx.ancestors(free, n) for n in nodes if n not in site_of))
+
+    def reachable(nodes):
+        """`nodes` and what they reach without passing through a site."""
+        return set(nodes).union(*(nx.descendants(free, n) for n in nodes if n not in site_of))
+
     # A stem (an input projection: Wav2Vec2's feature projection, ALBERT's embedding mapping)
     # carries the stream on: fed by the stream, its output reaches an attention's projections
     # with no site in between, and what it reaches is the stream too. (Reaching several sites is
@@ -149,7 +157,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         for fqn, us in site_uses.items():
             if roles[fqn] or us[0].x not in stream:
                 continue
-            reach = downstream(fqn)
+            reach = downstream(fqn) | {u.node for u in us}  # its output values too
             if not reach <= stream and reach & attention_inputs:
                 stream |= reach
                 grown = True
@@ -158,6 +166,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     tied = {s.fqn for s in sites if embedded & {s.weight, *s.aliases}}  # an output embedding (tied LM head)
 
     # MLP
+    output = next(n for n in graph.nodes if n.op == "output")
     for fqn, us in site_uses.items():
         if roles[fqn] or fqn in tied:  # an MLM head's tied decoder is the readout, not an MLP's down
             continue
@@ -167,13 +176,19 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         # into it (e.g. a sigmoid-gated shared expert)
         if not any(prods.values()) or us[0].x in stream:
             continue
+        # In a transformer, an MLP's output is added back to what its input came from: the stream,
+        # or for an MLP off the stream (SigLIP's pooling head) a value computed from its own input.
+        # One whose output only reaches the model's output is a task head (pooler → classifier),
+        # and falls to the readout below. (Without attention there is no telling: a bare MLP.)
+        region = downstream(fqn) - {output}
+        if attention and not region & stream and not region & reachable(upstream({u.x for p in prods for u in site_uses[p]})):
+            continue
         roles[fqn].add("mlp.down")
         gated = not all(prods.values())
         for p, act in prods.items():
             roles[p].add("mlp.gate" if act and gated else "mlp.up")
 
     # readout, tied embeddings
-    output = next(n for n in graph.nodes if n.op == "output")
     for fqn, us in site_uses.items():
         if not roles[fqn] and any(_feeds(g, u.node, output, site_of) for u in us):
             roles[fqn].add("readout")

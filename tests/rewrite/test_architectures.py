@@ -26,6 +26,7 @@ def build(name):
         "clip": (T.CLIPConfig, T.CLIPModel, {"text_config": {**SMALL, "max_position_embeddings": 16}, "vision_config": {**SMALL, "image_size": 16, "patch_size": 8}, "projection_dim": 16}),
         "wav2vec2": (T.Wav2Vec2Config, T.Wav2Vec2ForCTC, {"vocab_size": 32, "conv_dim": [16, 16], "conv_stride": [5, 2], "conv_kernel": [10, 3], "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}),
         "roberta_mlm": (T.RobertaConfig, T.RobertaForMaskedLM, {"max_position_embeddings": 64, "pad_token_id": 1}),
+        "electra_cls": (T.ElectraConfig, T.ElectraForSequenceClassification, {"embedding_size": 16, "max_position_embeddings": 64, "num_labels": 3}),
         "bloom": (T.BloomConfig, T.BloomForCausalLM, {"n_layer": 2, "n_head": 2}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
@@ -94,6 +95,16 @@ def test_stream_that_starts_at_an_input_projection():
         assert r[layer + "feed_forward.intermediate_dense"] == {"mlp.up"} and r[layer + "feed_forward.output_dense"] == {"mlp.down"}
         assert r[layer + "attention.q_proj"] == {"attn.q"}
     assert r["lm_head"] == {"readout"} and not r["wav2vec2.feature_projection.projection"]
+
+
+def test_classification_head_is_the_readout_not_an_mlp():
+    """ELECTRA: embeddings projected (a site) into the stream, whose first values the
+    classifier's dense → GELU → out_proj reads. That pair never adds back into the stream, so it
+    is a head: out_proj is the readout, and the encoder's MLPs keep their roles."""
+    r = roles(peftify.capture(build("electra_cls")))
+    assert r["classifier.out_proj"] == {"readout"} and not r["classifier.dense"]
+    assert r["electra.encoder.layer.1.intermediate.dense"] == {"mlp.up"} and r["electra.encoder.layer.1.output.dense"] == {"mlp.down"}
+    assert not r["electra.embeddings_project"]
 
 
 def test_tied_mlm_decoder_is_the_readout_not_an_mlp():
