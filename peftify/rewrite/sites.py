@@ -1,8 +1,8 @@
 """Sites: the dense linear maps found in a captured graph.
 
 A site is one weight parameter applied as a linear map (``aten.linear``, ``addmm``, ``mm``,
-``matmul`` or a two-operand ``einsum``). A parameter used several times is one site with
-several uses, so tied weights are reported once.
+``matmul`` — x @ Wᵀ, or W @ x with the features on x's dim -2 — or a two-operand ``einsum``).
+A parameter used several times is one site with several uses, so tied weights are reported once.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
             w = _param_behind(node.args[1], params)
             if w:
                 found = (node.args[0], w[0], None, not w[1])
+            elif w := _param_behind(node.args[0], params):  # W @ x: features on x's dim -2 (Mamba's dt_proj)
+                found = (node.args[1], w[0], None, w[1])
         elif target == "aten.einsum.default" and len(node.args[1]) == 2:
             for pos in (0, 1):
                 w = _param_behind(node.args[1][pos], params)

@@ -194,6 +194,32 @@ def test_functional_linear_with_transposed_view():
     assert (s.in_features, s.out_features, s.transposed) == (6, 4, True)
 
 
+class WeightOnTheLeft(nn.Module):
+    """Mamba's dt_proj: an nn.Linear whose weight is applied as W @ x, features on x's dim -2."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+
+    def forward(self, x):  # x (batch, tokens, 4)
+        return (self.proj.weight @ x.transpose(1, 2)).transpose(1, 2) + self.proj.bias
+
+
+def test_weight_applied_from_the_left_is_a_functional_site():
+    torch.manual_seed(0)
+    model, x = WeightOnTheLeft().double(), torch.randn(2, 3, 4, dtype=torch.float64)
+    s = peftify.capture(model, example_inputs=x).sites[0]
+    assert (s.fqn, s.kind, s.in_features, s.out_features, s.transposed) == ("proj.weight", "functional", 4, 6, False)
+    ref = model(x).detach()
+    peftify.peftify(model, {"rules": [{"match": "proj.weight", "apply": {"method": "lora", "r": 2, "alpha": 4}}]}, example_inputs=x)
+    torch.testing.assert_close(model(x), ref)
+    lora = next(m for m in model.modules() if hasattr(m, "lora_B"))
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    w = model.proj.parametrizations.weight.original + 2.0 * lora.lora_B @ lora.lora_A  # s = alpha / r
+    torch.testing.assert_close(model(x), x @ w.t() + model.proj.bias)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "vit", "functional"])
 def test_fast_tracer_and_torch_export_find_the_same_sites(name, monkeypatch):
     from conftest import MODELS
