@@ -134,6 +134,16 @@ class _FunctorchLoRALinear(torch.autograd.Function):
     backward = staticmethod(_lora_backward)
 
 
+def _autocast(*tensors):
+    """Under autocast, the floating tensors (but float64) in autocast's dtype, as `F.linear`'s
+    inputs would be: autocast does not see custom ops, and mixed dtypes would not multiply."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float, x_dropped: Tensor | None = None
 ) -> Tensor:
@@ -143,7 +153,7 @@ def lora_linear(
     `weight` is (out, in) and frozen, `lora_a` (r, in), `lora_b` (out, r). On CUDA the base GEMM
     and the low-rank term are one Triton GEMM over [x | x_d Aᵀ]·[W | sB]ᵀ.
     """
-    args = (x, weight, bias, lora_a, lora_b, float(scale), x_dropped)
+    args = _autocast(x, weight, bias, lora_a, lora_b, float(scale), x_dropped)
     if torch.compiler.is_compiling():
         return torch.ops.peftify.lora_linear(*args)[0]
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func.grad/vmap
@@ -618,20 +628,20 @@ def btt(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:
     """Block Tensor-Train with two cores ("Compute Better Spent: Replacing Dense Layers with
     Structured Matrices", Qiu et al.): y = P·BlockDiag(core1)·Pᵀ-shuffle·BlockDiag(core0)·x;
     see `btt_reference` for the exact index map."""
-    return torch.ops.peftify.btt(x, core0, core1)[0]
+    return torch.ops.peftify.btt(*_autocast(x, core0, core1))[0]
 
 
 def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """Monarch: y = P₂·BlockDiag(R)·P₁·BlockDiag(L)·x ("Monarch: Expressive Structured Matrices
     for Efficient and Accurate Training", Dao et al.); the same computation as `btt`."""
-    return torch.ops.peftify.monarch(x, left, right)[0]
+    return torch.ops.peftify.monarch(*_autocast(x, left, right))[0]
 
 
 def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = x (Σ_t A_t ⊗ B_t)ᵀ, computed factor by factor."""
-    return torch.ops.peftify.kron(x, a, b)
+    return torch.ops.peftify.kron(*_autocast(x, a, b))
 
 
 def sparse_lowrank(x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
     """y = x (U V + S)ᵀ with S sparse on a fixed support ("SLTrain", Han et al.)."""
-    return torch.ops.peftify.sparse_lowrank(x, u, v, values, index)
+    return torch.ops.peftify.sparse_lowrank(*_autocast(x, u, v, values, index))

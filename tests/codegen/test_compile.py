@@ -90,3 +90,23 @@ def test_switching_adapters_and_merging_recompile_instead_of_running_stale_code(
     assert counts == [1, 2, 2, 3]
     assert all(not isinstance(m, AdaptedSite) for m in model.modules())
     torch.testing.assert_close(merged, expect["a"], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_lora_under_autocast():
+    """Mixed precision: under CPU autocast (bfloat16) the compiled LoRA model runs with no graph
+    break, in bfloat16, near eager autocast, and its float32 adapter gets float32 gradients."""
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(layers=1), {"rules": [{"match": "role:*", "apply": METHODS["lora"]}]})
+    lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(std=0.1)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, got = output(model, X), output(compiled, X)
+    assert got.dtype == eager.dtype == torch.bfloat16 and not counters["graph_break"]
+    torch.testing.assert_close(got.float(), eager.float(), rtol=0.05, atol=0.05 * eager.abs().max().item())
+    got.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_b)

@@ -123,3 +123,36 @@ def test_no_tokens(op):
     assert y.shape == (0, 3, 20)
     y.sum().backward()
     assert x.grad.shape == x.shape and all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+
+
+def autocast_case(op):
+    """(function, float64 inputs, indices of the trained ones) for each public op."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, **D)
+    if op == "lora_linear":
+        return lambda x, w, b, a, u: ops.lora_linear(x, w, b, a, u, 0.5), (x, torch.randn(12, 16, **D), torch.randn(12, **D), torch.randn(4, 16, **D), torch.randn(12, 4, **D)), (3, 4)
+    if op == "btt":
+        return ops.btt, (x, torch.randn(4, 8, 4, **D), torch.randn(4, 5, 8, **D)), (1, 2)  # Monarch, rank-2 blocks
+    if op == "kron":
+        return ops.kron, (x, torch.randn(1, 3, 4, **D), torch.randn(1, 5, 4, **D)), (1, 2)
+    index = torch.tensor([0, 5, 17, 40, 71])
+    return lambda x, u, v, values: ops.sparse_lowrank(x, u, v, values, index), (x, torch.randn(6, 2, **D), torch.randn(2, 16, **D), torch.randn(5, **D)), (1, 2, 3)
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "btt", "kron", "sparse_lowrank"])
+def test_autocast_casts_operands_like_linear(op):
+    """Under CPU autocast (bfloat16) float32 operands are cast as F.linear's are: the output is
+    bfloat16 and near the float64 result, and float32 parameters get float32 gradients."""
+    fn, inputs, trained = autocast_case(op)
+    want = [t.detach().clone().requires_grad_(i in trained) for i, t in enumerate(inputs)]
+    fn(*want).sum().backward()
+    got = [t.detach().float().requires_grad_(i in trained) for i, t in enumerate(inputs)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(*got)
+    assert y.dtype == torch.bfloat16
+    ref = fn(*inputs)
+    torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    y.float().sum().backward()
+    for i in trained:
+        assert got[i].grad.dtype == torch.float32
+        torch.testing.assert_close(got[i].grad.double(), want[i].grad, rtol=0.05, atol=0.05 * want[i].grad.abs().max().item())
