@@ -74,6 +74,9 @@ class Plan:
             self._notes = notes
         return self._notes
 
+    def __getstate__(self) -> dict:  # a pickled plan (inside a pickled model) drops its model reference
+        return {k: v for k, v in self.__dict__.items() if k != "_model"}
+
     def __str__(self) -> str:
         header = ("site", "roles", "shape", "method", "params", "trainable", "flops/tok", "flops/tok after")
         rows = list(self.rows())

@@ -63,6 +63,15 @@ class Spec:
         object.__setattr__(self, "scaling", scaling_from_dict(self.scaling))
         object.__setattr__(self, "matchers", [_compile(r, i) for i, r in enumerate(self.rules)])
 
+    # The compiled matchers are closures: a pickled spec (inside a pickled rewritten model)
+    # leaves them out and compiles them again when loaded.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "matchers"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        object.__setattr__(self, "matchers", [_compile(r, i) for i, r in enumerate(self.rules)])
+
     @classmethod
     def from_dict(cls, d: dict) -> Spec:
         if not isinstance(d, dict):

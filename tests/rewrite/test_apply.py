@@ -144,3 +144,31 @@ def test_a_bare_linear_model_is_adapted_functionally_with_a_warning_and_cannot_b
     torch.testing.assert_close(layer(x), x @ w.t() + b)  # B = 0: unchanged
     with pytest.raises(SpecError, match=r"needs a module site.*wrap it \(nn.Sequential"):
         peftify.plan(torch.nn.Linear(8, 4), {"rules": [{"match": "*", "apply": {"method": "lowrank", "r": 2}}]}, example_inputs=(x,))
+
+
+def test_a_rewritten_model_pickles_and_stays_usable():
+    """torch.save(model) / torch.load round trip (also what multiprocessing does): same output,
+    a second adapter can be added, and merge still restores the original layout."""
+    import io
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2}}, {"match": {"role": "mlp.*", "where": "out_features > 40"}, "apply": {"method": "dora", "r": 2}}]})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(output(loaded, x), output(model, x))
+    assert "lora" in str(peftify.plan(loaded, {"rules": [{"match": "role:mlp.down", "apply": {"method": "lora", "r": 2}}]}))
+    peftify.peftify(loaded, {"rules": [{"match": "role:mlp.down", "apply": {"method": "lora", "r": 2}}]}, adapter="second")
+    peftify.set_adapter(loaded, "default")
+    torch.testing.assert_close(output(loaded, x), output(model, x))
+    peftify.merge(loaded)
+    assert list(loaded.state_dict()) == keys
+    torch.testing.assert_close(output(loaded, x), output(model, x), atol=1e-5, rtol=1e-5)
