@@ -1,5 +1,6 @@
 """torch.compile of rewritten models: training steps with zero graph breaks that match eager,
-one compile per model state, and recompiles (not stale code) after switching adapters or merging."""
+one compile per model state, recompiles (not stale code) after switching adapters or merging, mixed
+precision under autocast, and torch.export of a rewritten model."""
 
 import copy
 
@@ -110,3 +111,21 @@ def test_compiled_lora_under_autocast():
     torch.testing.assert_close(got.float(), eager.float(), rtol=0.05, atol=0.05 * eager.abs().max().item())
     got.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_b)
+
+
+@pytest.mark.parametrize("name", ["lora", "monarch", "kron"])
+def test_torch_export_keeps_the_ops_and_the_output(name):
+    """A rewritten model exports (torch.export, non-strict) with its custom ops in the program,
+    and the exported module computes what the model does."""
+    torch.manual_seed(0)
+    spec = METHODS.get(name, {"method": name})
+    model = peftify.peftify(tiny_llama(layers=1), {"rules": [{"match": "role:*" if name == "lora" else "role:mlp.*", "apply": spec}]}).eval()
+    if name == "lora":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(std=0.1)
+    program = torch.export.export(model, (), {**X, "use_cache": False}, strict=False)
+    op = {"lora": "peftify.lora_linear", "monarch": "peftify.monarch", "kron": "peftify.kron"}[name]
+    assert any(str(n.target).startswith(op) for n in program.graph.nodes)
+    torch.testing.assert_close(program.module()(**X, use_cache=False).logits, output(model, X))
