@@ -130,6 +130,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
             attention[fqn] = attn_id
 
     # what the model's inputs reach without passing through a site
+    output = next(n for n in graph.nodes if n.op == "output")
     free = g.subgraph(n for n in graph.nodes if n not in site_of)
     stream = set().union(*({n} | nx.descendants(free, n) for n in graph.nodes if n.op == "placeholder" and n.name in inputs))
 
@@ -137,6 +138,20 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         """What a site's outputs reach without passing through another site."""
         starts = {s for u in site_uses[fqn] for s in g.successors(u.node) if s not in site_of}
         return set().union(starts, *(nx.descendants(free, s) for s in starts))
+
+    def reaches(fqn, targets) -> bool:
+        """Whether a site's outputs reach one of `targets` (not the graph output) with no site in
+        between; stops at the first."""
+        seen, stack = set(), [u.node for u in site_uses[fqn]]
+        while stack:
+            for s in g.successors(stack.pop()):
+                if s in site_of or s in seen or s is output:
+                    continue
+                if s in targets:
+                    return True
+                seen.add(s)
+                stack.append(s)
+        return False
 
     def upstream(nodes):
         """`nodes` and what reaches them without passing through a site."""
@@ -166,7 +181,6 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     tied = {s.fqn for s in sites if embedded & {s.weight, *s.aliases}}  # an output embedding (tied LM head)
 
     # MLP
-    output = next(n for n in graph.nodes if n.op == "output")
     for fqn, us in site_uses.items():
         if roles[fqn] or fqn in tied:  # an MLM head's tied decoder is the readout, not an MLP's down
             continue
@@ -180,8 +194,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         # or for an MLP off the stream (SigLIP's pooling head) a value computed from its own input.
         # One whose output only reaches the model's output is a task head (pooler → classifier),
         # and falls to the readout below. (Without attention there is no telling: a bare MLP.)
-        region = downstream(fqn) - {output}
-        if attention and not region & stream and not region & reachable(upstream({u.x for p in prods for u in site_uses[p]})):
+        if attention and not reaches(fqn, stream) and not reaches(fqn, reachable(upstream({u.x for p in prods for u in site_uses[p]}))):
             continue
         roles[fqn].add("mlp.down")
         gated = not all(prods.values())
