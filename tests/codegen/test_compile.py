@@ -1,6 +1,6 @@
 """torch.compile of rewritten models: training steps with zero graph breaks that match eager,
 one compile per model state, recompiles (not stale code) after switching adapters or merging, mixed
-precision under autocast, and torch.export of a rewritten model."""
+precision under autocast, dynamic sequence lengths, and torch.export of a rewritten model."""
 
 import copy
 
@@ -129,3 +129,22 @@ def test_torch_export_keeps_the_ops_and_the_output(name):
     op = {"lora": "peftify.lora_linear", "monarch": "peftify.monarch", "kron": "peftify.kron"}[name]
     assert any(str(n.target).startswith(op) for n in program.graph.nodes)
     torch.testing.assert_close(program.module()(**X, use_cache=False).logits, output(model, X))
+
+
+@pytest.mark.parametrize("name", ["lora", "btt"])
+def test_dynamic_sequence_lengths_compile_once_more_at_most(name):
+    """Batches of varying length under torch.compile(dynamic=True): no graph break and at most
+    the plain model's two frames (its first, static compile and one dynamic one), outputs equal
+    eager at every length."""
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(layers=1), {"rules": [{"match": "role:*" if name == "lora" else "role:mlp.*", "apply": METHODS[name]}]})
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for length in (5, 9, 13):
+        x = {"input_ids": torch.arange(2 * length).view(2, length) % 101}
+        got = output(compiled, x)
+        got.sum().backward()
+        torch.testing.assert_close(got, output(model, x), atol=1e-4, rtol=1e-4)
+    assert counter.frame_count <= 2 and not counters["graph_break"]
