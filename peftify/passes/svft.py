@@ -96,7 +96,9 @@ class SVFTModule(LowRankDelta):
         u, s, vh = svd
         rows, cols = support(method, u, vh) if weight.device.type != "meta" else (torch.arange(1), torch.arange(1))
         self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
-        self.sigma0 = frozen(s.to(weight.dtype))
+        # W's singular values, for the all-vectors forward; not saved: a loaded adapter's U and V
+        # are W's singular vectors again, and these values come from the same decomposition
+        self.register_buffer("sigma0", s.to(weight.dtype), persistent=False)
         self.register_buffer("rows", rows.to(weight.device), persistent=False)
         self.register_buffer("cols", cols.to(weight.device), persistent=False)
         self.m = nn.Parameter(torch.zeros(method.trainable_params(site), dtype=weight.dtype, device=weight.device))

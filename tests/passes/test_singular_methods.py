@@ -154,11 +154,13 @@ def test_svft_supports(pattern, count):
 
 
 @pytest.mark.parametrize("name", ["vectorfit", "svft"])
-def test_all_singular_vectors_stand_in_for_the_weight(name):
+def test_all_singular_vectors_stand_in_for_the_weight(name, tmp_path):
     """With all of W's singular vectors the forward runs through U and V alone (W unread), and
-    equals W + U·Δ·Vᵀ; in half precision, or when W trains, it reads W."""
+    equals W + U·Δ·Vᵀ, also once saved and loaded on a fresh base; in half precision, or when W
+    trains, it reads W."""
     torch.manual_seed(0)
     lin = torch.nn.Sequential(torch.nn.Linear(12, 20)).double()
+    fresh = copy.deepcopy(lin)
     model = peftify.peftify(lin, {"rules": [{"match": "0", "apply": {"method": name, **({"pattern": "banded"} if name == "svft" else {})}}]}, example_inputs=(torch.randn(2, 12, dtype=torch.float64),))
     site, mod = model[0], model[0].adapters["default"]
     with torch.no_grad():
@@ -172,6 +174,8 @@ def test_all_singular_vectors_stand_in_for_the_weight(name):
     got = model(x)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+    peftify.save_adapter(model, tmp_path / "a")
+    torch.testing.assert_close(peftify.from_pretrained(fresh, tmp_path / "a", example_inputs=(x.detach(),))(x), want)
     weight = site.weight.detach().clone()
     with torch.no_grad():
         site.weight.fill_(float("nan"))
