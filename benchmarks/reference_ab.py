@@ -6,7 +6,7 @@ GEMMs the layer replaces: each structure at its default factors for 2048→2048 
     git show 5151a35:peftify/codegen/ops.py > /tmp/old_ops.py
     .venv/bin/python benchmarks/reference_ab.py /tmp/old_ops.py [--op btt|kron] [--repeats 9]
 
-Only the old file's undecorated top-level functions and constants are loaded (no op is
+Only the old file's imports, undecorated top-level functions and constants are loaded (no op is
 registered twice); both versions are called as plain functions, outside autograd.
 """
 
@@ -36,7 +36,8 @@ TOKENS = 4096
 def load_old(path: str) -> dict:
     with open(path) as f:
         tree = ast.parse(f.read())
-    body = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and not n.decorator_list) or isinstance(n, (ast.Assign, ast.AnnAssign))]
+    keep = (ast.Assign, ast.AnnAssign, ast.Import, ast.ImportFrom)
+    body = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and not n.decorator_list) or isinstance(n, keep)]
     namespace = {"torch": torch, "Tensor": torch.Tensor}
     code = compile(ast.fix_missing_locations(ast.Module(body=body, type_ignores=[])), path, "exec")
     exec(code, namespace)  # noqa: S102 (the caller's own older source file)

@@ -194,19 +194,20 @@ def _unshuffle(g: Tensor, out: Tensor) -> Tensor:
 # With several blocks on both sides (BTT; Monarch below BLOCKWISE_MIN_RANK) the batched CPU path
 # runs over chunks of tokens: a chunk's input, hidden and output stay in cache from the first GEMM
 # through the shuffle to the second, and the hidden is not stored: the backward recomputes it
-# chunk by chunk. CHUNK_BYTES is the chunk's activations (input, hidden twice, output); 16–64 MB
-# measured fastest on a machine with a 32 MB L3 (BTT, 4096 tokens, 2 threads: at 2048² the
-# forward took 89 ms over all tokens at once and 55 ms in chunks, benchmarks/reference_ab.py). With one block on a side
-# the cores are large dense matrices that each chunk would re-read: those run all tokens at once.
-CHUNK_BYTES = 32 << 20
-MIN_CHUNK = 128
-# kron's GEMMs do fewer FLOPs per byte than BTT's, and its chunks run fastest smaller: at 2048²,
-# 4096 tokens, fwd+bwd took 58–66 ms with 2–4 MB chunks against 81 ms with 32 MB.
+# chunk by chunk. The chunk's token count is the M of its batched GEMMs, which is what set the
+# speed (BTT, 4096 tokens, 2 threads, fwd+bwd): at 2048² 164–169 ms with 384–512 tokens, 176 with
+# 683, 193 with 1024; at 2048→8192 416–418 ms with 384–512 tokens, 432 with 256, 440 with 683.
+# (A fixed 32 MB of activations per chunk meant 683 and 315 tokens there.) With one block on a
+# side the cores are large dense matrices that each chunk would re-read: those run all tokens at
+# once.
+BTT_CHUNK_TOKENS = 512
+# kron's GEMMs do fewer FLOPs per byte than BTT's, and its chunks run fastest small: at 2048²,
+# 4096 tokens, fwd+bwd took 58–66 ms with 2–4 MB chunks of activations against 81 ms with 32 MB.
 KRON_CHUNK_BYTES = 4 << 20
+KRON_MIN_CHUNK = 128
 
 
-def _token_chunks(tokens: int, floats_per_token: int, itemsize: int, budget: int | None = None) -> list[slice]:
-    chunk = max(MIN_CHUNK, (CHUNK_BYTES if budget is None else budget) // (floats_per_token * itemsize))
+def _token_chunks(tokens: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, tokens)) for start in range(0, max(tokens, 1), chunk)]  # one empty chunk for no tokens
 
 
@@ -215,10 +216,8 @@ def _chunked(b0: int, b1: int) -> bool:
     return b0 > 1 and b1 > 1
 
 
-def _btt_chunks(tokens: int, core0: Tensor, core1: Tensor) -> list[slice]:
-    b0, k0, p0 = core0.shape
-    b1, s1, _ = core1.shape
-    return _token_chunks(tokens, b0 * p0 + 2 * b0 * k0 + b1 * s1, core0.element_size())
+def _btt_chunks(tokens: int) -> list[slice]:
+    return _token_chunks(tokens, BTT_CHUNK_TOKENS)
 
 
 def _btt_hidden(x3: Tensor, core0: Tensor, h: Tensor | None, hs: Tensor) -> Tensor:
@@ -248,7 +247,7 @@ def btt_reference(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tens
     tokens = x3.shape[0]
     y = x.new_empty(tokens, b1, s1)
     chunked = _chunked(b0, b1)
-    chunks = _btt_chunks(tokens, core0, core1) if chunked else [slice(0, tokens)]
+    chunks = _btt_chunks(tokens) if chunked else [slice(0, tokens)]
     hs = x.new_empty(chunks[0].stop, b1, k1)
     h = x.new_empty(chunks[0].stop, b0, k0) if b0 > 1 else None
     for c in chunks:
@@ -351,7 +350,7 @@ def _btt_backward_chunked(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tenso
     grad_x = x.new_empty(tokens, b0, p0) if need[0] else None
     grad_c0 = core0.new_zeros(b0, k0, p0) if need[1] else None
     grad_c1 = core1.new_zeros(b1, s1, k1) if need[2] else None
-    chunks = _btt_chunks(tokens, core0, core1)
+    chunks = _btt_chunks(tokens)
     h, hs = x.new_empty(chunks[0].stop, b0, k0), x.new_empty(chunks[0].stop, b1, k1)
     ghs, gh = x.new_empty(chunks[0].stop, b1, k1), x.new_empty(chunks[0].stop, b0, k0)
     for c in chunks:
@@ -402,7 +401,8 @@ def _kron_chunks(x: Tensor, tokens: int, n1: int, n2: int, m1: int, m2: int) -> 
     cache on CPU; one chunk elsewhere."""
     if x.device.type != "cpu":
         return [slice(0, tokens)]
-    return _token_chunks(tokens, n1 * n2 + 2 * n1 * m2 + m1 * m2, x.element_size(), KRON_CHUNK_BYTES)
+    per_token = (n1 * n2 + 2 * n1 * m2 + m1 * m2) * x.element_size()
+    return _token_chunks(tokens, max(KRON_MIN_CHUNK, KRON_CHUNK_BYTES // per_token))
 
 
 def _kron_z(x3: Tensor, b: Tensor, out: Tensor) -> Tensor:

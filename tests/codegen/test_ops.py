@@ -40,9 +40,8 @@ def btt_dense(core0, core1):
 def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, path, monkeypatch):
     monkeypatch.setattr(ops, "BLOCKWISE_MIN_RANK", 1 if path == "blockwise" else 10**9)  # every code path, at tiny shapes
     if path == "batched_in_chunks":  # 10 tokens in chunks of 3, 3, 3 and 1
-        monkeypatch.setattr(ops, "CHUNK_BYTES", 1)
-        monkeypatch.setattr(ops, "MIN_CHUNK", 3)
-        assert [c.stop - c.start for c in ops._token_chunks(10, 4, 8)] == [3, 3, 3, 1]
+        monkeypatch.setattr(ops, "BTT_CHUNK_TOKENS", 3)
+        assert [c.stop - c.start for c in ops._btt_chunks(10)] == [3, 3, 3, 1]
     x, c0, c1 = btt_case(*BTT_CASES[case])
     fn = getattr(ops, op)
     torch.testing.assert_close(fn(x, c0, c1), x @ btt_dense(c0, c1).t())
@@ -66,7 +65,7 @@ def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, p
 def test_kron_matches_torch_kron_and_passes_checks(chunked, monkeypatch):
     if chunked:  # 6 tokens in chunks of 4 and 2
         monkeypatch.setattr(ops, "KRON_CHUNK_BYTES", 1)
-        monkeypatch.setattr(ops, "MIN_CHUNK", 4)
+        monkeypatch.setattr(ops, "KRON_MIN_CHUNK", 4)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, **D, requires_grad=True)
     a, b = torch.randn(2, 3, 4, **D, requires_grad=True), torch.randn(2, 5, 3, **D, requires_grad=True)
