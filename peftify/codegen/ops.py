@@ -489,6 +489,21 @@ def _sparse_lowrank_backward(grad_y: Tensor, x: Tensor, u: Tensor, v: Tensor, va
     return grad_x, grad_u, grad_v, grad_values, None
 
 
+# An opaque backward op returns a tensor for every operand: an empty one where no gradient was
+# asked for (a custom op cannot return None).
+def _packed(grads: tuple, like: Tensor) -> tuple[Tensor, ...]:
+    return tuple(like.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+def _packed_like(operands: tuple, need: tuple) -> tuple[Tensor, ...]:
+    """The fake of `_packed`: each operand's shape where its gradient is asked for."""
+    return tuple(t.new_empty(t.shape if n else (0,)) for t, n in zip(operands, need))
+
+
+def _unpacked(grads: tuple, need: tuple) -> tuple:
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
 # On CPU the btt/monarch ops run this tuned reference as an opaque op even under torch.compile.
 # Traced into Inductor instead (forward and backward as plain aten ops), the GEMMs became extern
 # bmm calls on block-major buffers plus layout copies: at 2048², 4096 tokens, compiled fwd+bwd
@@ -514,13 +529,12 @@ def btt_reference_backward_op(
     grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hidden: Tensor, need_x: bool, need_core0: bool, need_core1: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients `_btt_backward` computes; an empty tensor for each one not needed."""
-    grads = _btt_backward(grad_y, x, core0, core1, hidden, (need_x, need_core0, need_core1))
-    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return _packed(_btt_backward(grad_y, x, core0, core1, hidden, (need_x, need_core0, need_core1)), x)
 
 
 @btt_reference_backward_op.register_fake
 def _(grad_y, x, core0, core1, hidden, need_x, need_core0, need_core1):
-    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in ((x, need_x), (core0, need_core0), (core1, need_core1)))
+    return _packed_like((x, core0, core1), (need_x, need_core0, need_core1))
 
 
 def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
@@ -545,8 +559,7 @@ def _btt_backward_cuda(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, 
 def _btt_op_backward(grad_y, x, core0, core1, hidden, need):
     if hidden.dim() == 2:  # from the Triton forward
         return _btt_backward_cuda(grad_y, x, core0, core1, hidden, need)
-    grads = torch.ops.peftify.btt_reference_backward(grad_y, x, core0, core1, hidden, *need)
-    return tuple(g if n else None for g, n in zip(grads, need))
+    return _unpacked(torch.ops.peftify.btt_reference_backward(grad_y, x, core0, core1, hidden, *need), need)
 
 
 def _define_btt(name: str):
@@ -585,13 +598,12 @@ def _(x, a, b):
 def kron_backward_op(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, need_x: bool, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients `_kron_backward` computes; an empty tensor for each one not needed. Opaque
     under torch.compile, like the btt reference: its chunk loop is not worth tracing."""
-    grads = _kron_backward(grad_y, x, a, b, (need_x, need_a, need_b))
-    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return _packed(_kron_backward(grad_y, x, a, b, (need_x, need_a, need_b)), x)
 
 
 @kron_backward_op.register_fake
 def _(grad_y, x, a, b, need_x, need_a, need_b):
-    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in ((x, need_x), (a, need_a), (b, need_b)))
+    return _packed_like((x, a, b), (need_x, need_a, need_b))
 
 
 def _kron_setup(ctx, inputs, output):
@@ -600,8 +612,7 @@ def _kron_setup(ctx, inputs, output):
 
 def _kron_op_backward(ctx, grad_y):
     need = ctx.needs_input_grad
-    grads = torch.ops.peftify.kron_backward(grad_y, *ctx.saved_tensors, *need)
-    return tuple(g if n else None for g, n in zip(grads, need))
+    return _unpacked(torch.ops.peftify.kron_backward(grad_y, *ctx.saved_tensors, *need), need)
 
 
 kron_op.register_autograd(_kron_op_backward, setup_context=_kron_setup)

@@ -134,25 +134,6 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     free = g.subgraph(n for n in graph.nodes if n not in site_of)
     stream = set().union(*({n} | nx.descendants(free, n) for n in graph.nodes if n.op == "placeholder" and n.name in inputs))
 
-    def downstream(fqn):
-        """What a site's outputs reach without passing through another site."""
-        starts = {s for u in site_uses[fqn] for s in g.successors(u.node) if s not in site_of}
-        return set().union(starts, *(nx.descendants(free, s) for s in starts))
-
-    def reaches(fqn, targets) -> bool:
-        """Whether a site's outputs reach one of `targets` (not the graph output) with no site in
-        between; stops at the first."""
-        seen, stack = set(), [u.node for u in site_uses[fqn]]
-        while stack:
-            for s in g.successors(stack.pop()):
-                if s in site_of or s in seen or s is output:
-                    continue
-                if s in targets:
-                    return True
-                seen.add(s)
-                stack.append(s)
-        return False
-
     def upstream(nodes):
         """`nodes` and what reaches them without passing through a site."""
         return set(nodes).union(*(nx.ancestors(free, n) for n in nodes if n not in site_of))
@@ -160,6 +141,9 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     def reachable(nodes):
         """`nodes` and what they reach without passing through a site."""
         return set(nodes).union(*(nx.descendants(free, n) for n in nodes if n not in site_of))
+
+    def outputs(fqn):
+        return [u.node for u in site_uses[fqn]]
 
     # A stem (an input projection: Wav2Vec2's feature projection, ALBERT's embedding mapping)
     # carries the stream on: fed by the stream, its output reaches an attention's projections
@@ -172,7 +156,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         for fqn, us in site_uses.items():
             if roles[fqn] or us[0].x not in stream:
                 continue
-            reach = downstream(fqn) | {u.node for u in us}  # its output values too
+            reach = reachable({s for u in us for s in g.successors(u.node) if s not in site_of}) | set(outputs(fqn))  # its output values too
             if not reach <= stream and reach & attention_inputs:
                 stream |= reach
                 grown = True
@@ -194,7 +178,10 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         # or for an MLP off the stream (SigLIP's pooling head) a value computed from its own input.
         # One whose output only reaches the model's output is a task head (pooler → classifier),
         # and falls to the readout below. (Without attention there is no telling: a bare MLP.)
-        if attention and not reaches(fqn, stream) and not reaches(fqn, reachable(upstream({u.x for p in prods for u in site_uses[p]}))):
+        def adds_back(into, fqn=fqn):
+            return _reaches(g, outputs(fqn), site_of, lambda n: n is not output and n in into)
+
+        if attention and not adds_back(stream) and not adds_back(reachable(upstream({u.x for p in prods for u in site_uses[p]}))):
             continue
         roles[fqn].add("mlp.down")
         gated = not all(prods.values())
@@ -203,7 +190,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
 
     # readout, tied embeddings
     for fqn, us in site_uses.items():
-        if not roles[fqn] and any(_feeds(g, u.node, output, site_of) for u in us):
+        if not roles[fqn] and _reaches(g, outputs(fqn), site_of, lambda n: n is output):
             roles[fqn].add("readout")
     for fqn in tied:
         roles[fqn].add("embedding")
@@ -229,15 +216,16 @@ def _reads_matrix(node, params) -> bool:
     return False
 
 
-def _feeds(g, node, output, site_of) -> bool:
-    """True if `node` reaches the graph output without passing through another site."""
-    seen, stack = set(), [node]
+def _reaches(g, nodes, site_of, hit) -> bool:
+    """True if some node `hit` accepts is reachable from `nodes` without passing through a site;
+    stops at the first."""
+    seen, stack = set(), list(nodes)
     while stack:
-        n = stack.pop()
-        for s in g.successors(n):
-            if s is output:
+        for s in g.successors(stack.pop()):
+            if s in site_of or s in seen:
+                continue
+            if hit(s):
                 return True
-            if s not in site_of and s not in seen:
-                seen.add(s)
-                stack.append(s)
+            seen.add(s)
+            stack.append(s)
     return False

@@ -61,6 +61,9 @@ class Spec:
             if rule.apply is not None and not isinstance(rule.apply, Method):
                 raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {rule.apply!r}", rule=rule.describe(i), field="apply")
         object.__setattr__(self, "scaling", scaling_from_dict(self.scaling))
+        self._compile_matchers()
+
+    def _compile_matchers(self) -> None:
         object.__setattr__(self, "matchers", [_compile(r, i) for i, r in enumerate(self.rules)])
 
     # The compiled matchers are closures: a pickled spec (inside a pickled rewritten model)
@@ -70,7 +73,7 @@ class Spec:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        object.__setattr__(self, "matchers", [_compile(r, i) for i, r in enumerate(self.rules)])
+        self._compile_matchers()
 
     @classmethod
     def from_dict(cls, d: dict) -> Spec:
