@@ -115,10 +115,10 @@ def report(model: nn.Module) -> Report:
     for e in state.plan.entries:
         mod = adapted_site(model, e.site).adapters[state.current]
         own = list(mod.parameters())
-        dense = e.site.in_features * e.site.out_features
+        dense = e.site.in_features * e.site.out_features * e.site.stack
         rows.append((
             e.site.fqn,
-            e.method.name + (" (materializes W)" if e.site.kind == "functional" else ""),
+            e.method.name + (f" ×{e.site.experts} experts" if e.site.experts else "") + (" (materializes W)" if e.site.kind == "functional" else ""),
             dense,
             sum(p.numel() for p in own if p.requires_grad) + (e.site.out_features if e.method.trains_base_bias() and e.site.bias else 0),
             (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),

@@ -146,6 +146,9 @@ def to_peft(plan, model) -> dict[str, Any]:
     kinds = {type(m) for m in methods}
     if kinds not in ({LoRA}, {DoRA}):
         raise SpecError("PEFT's format holds one LoRA or DoRA config; this rewrite uses " + ", ".join(sorted({m.name for m in methods}) or ["nothing"]), field="format")
+    experts = [e.site.fqn for e in plan.entries if e.site.experts]
+    if experts:
+        raise SpecError(f"PEFT keeps adapters of expert stacks under `target_parameters` in a layout peftify does not write yet: {', '.join(experts[:4])}{' ...' if len(experts) > 4 else ''}; save with format='native'", field="format")
     functional = [e.site.fqn for e in plan.entries if e.site.kind != "module"]
     if functional:
         raise SpecError(f"PEFT cannot target parameters used functionally: {', '.join(functional)}; save with format='native'", field="format")

@@ -354,6 +354,42 @@ class AdaptedSite(nn.Module):
         return new
 
 
+class ExpertStack(SiteModule):
+    """A method applied to each expert of an experts site (a stacked (experts, out, in) weight):
+    one module of the method per expert, built from that expert's matrix, and the stack of their
+    merged weights W'_e. Nothing here is method-specific: any method that can adapt a functional
+    site can adapt every expert."""
+
+    def __init__(self, method: Method, site: Site, experts: list[SiteModule]):
+        super().__init__(method, site)
+        self.experts = nn.ModuleList(experts)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.merged_weight(w) for m, w in zip(self.experts, weight.unbind(0))])
+
+    def forward(self, x, weight, bias):
+        raise RuntimeError(f"{self.site.fqn} is a stack of expert matrices; the model applies them (the parametrization gives it the merged stack)")
+
+    def summary(self) -> str:
+        notes = {m.summary() for m in self.experts} - {""}
+        return "; ".join(sorted(notes))
+
+    def extra_repr(self) -> str:
+        return f"{len(self.experts)} experts"
+
+
+def build_for_sites(method: Method, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
+    """`method.build_many` over sites, an experts site counting as its experts (each built from its
+    own matrix, all in one call so that equal shapes batch) and wrapped in an `ExpertStack`."""
+    if not any(site.experts for site, _ in items):
+        return method.build_many(items, progress)
+    flat = []
+    for site, weight in items:
+        flat += [(site.expert(e), w) for e, w in enumerate(weight.unbind(0))] if site.experts else [(site, weight)]
+    built = iter(method.build_many(flat, progress))
+    return [ExpertStack(method, site, [next(built) for _ in range(site.experts)]) if site.experts else next(built) for site, _ in items]
+
+
 class WeightParametrization(nn.Module):
     """Applies an `AdaptedSite` to a functionally used parameter (`torch.nn.utils.parametrize`):
     the owner's code keeps calling ``F.linear(x, self.w)`` and gets the merged weight.
@@ -365,5 +401,5 @@ class WeightParametrization(nn.Module):
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         t = self.adapted.site.transposed
-        w = self.adapted.merged_weight(stored.t() if t else stored)
-        return w.t() if t else w
+        w = self.adapted.merged_weight(stored.mT if t else stored)  # .mT: a stack of experts too
+        return w.mT if t else w

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftify.errors import SpecError
-from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, param_meta, tag
+from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag
 from peftify.rewrite.plan import Entry, Plan
 from peftify.rewrite.sites import Capture, Site
 
@@ -125,8 +125,10 @@ def _base_of(model: nn.Module, site: Site, state: RewriteState | None):
         base = model.get_submodule(site.owners[0])
         return base, base.weight.t() if site.transposed else base.weight
     owner, name = _split(site.weight)
-    w = getattr(model.get_submodule(owner), name)
-    return None, w.t() if site.transposed else w
+    module = model.get_submodule(owner)
+    # the stored weight, not the parametrized one (which has the active adapter merged in)
+    w = module.parametrizations[name].original if parametrize.is_parametrized(module, name) else getattr(module, name)
+    return None, w.mT if site.transposed else w  # .mT: an experts site's (experts, ·, ·) stack too
 
 
 def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress: bool | None = None, state: dict[str, torch.Tensor] | None = None, source: str = "") -> nn.Module:
@@ -161,7 +163,7 @@ def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress:
         by_method.setdefault(entry.method, []).append(i)
     built: list[SiteModule | None] = [None] * len(plan.entries)
     for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
-        mods = method.build_many([(plan.entries[i].site, weights[i]) for i in idx], progress)
+        mods = build_for_sites(method, [(plan.entries[i].site, weights[i]) for i in idx], progress)
         for i, mod in zip(idx, mods):
             built[i] = mod
 

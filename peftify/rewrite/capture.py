@@ -63,7 +63,7 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
 
 
 def _trace(model, args, kwargs, collapse: bool):
-    with _collapsed_repeats(model, collapse) as collapsed:
+    with _collapsed_repeats(model, collapse) as collapsed, _traceable_experts(model):
         try:
             with _quiet("torch._subclasses.fake_tensor"):
                 graph, params, inputs = _trace_make_fx(model, args, kwargs)
@@ -229,6 +229,26 @@ def _signature(mod: nn.Module):
         tuple((n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()),
         tuple((n, type(m)) for n, m in mod.named_modules()),
     )
+
+
+# transformers' mixture-of-experts layers pick a kernel by ``config._experts_implementation``; its
+# default, grouped_mm, has no float32 fake kernel on CPU. "batched_mm" computes the same through
+# ``P[expert_ids]`` and bmm, which traces on fake tensors and shows each expert stack's use.
+TRACEABLE_EXPERTS = "batched_mm"
+
+
+@contextmanager
+def _traceable_experts(model: nn.Module):
+    """Temporarily run transformers' experts layers through `TRACEABLE_EXPERTS`."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_experts_implementation")}
+    previous = {key: c._experts_implementation for key, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation = TRACEABLE_EXPERTS
+        yield
+    finally:
+        for key, c in configs.items():
+            c._experts_implementation = previous[key]
 
 
 @contextmanager

@@ -38,7 +38,7 @@ class Plan:
 
     @property
     def trainable_params(self) -> int:
-        per_site = sum(e.method.trainable_params(e.site) for e in self.entries)
+        per_site = sum(e.method.trainable_params(e.site) * e.site.stack for e in self.entries)
         return per_site + self._train_numel
 
     def rows(self):
@@ -48,9 +48,9 @@ class Plan:
                 s.fqn,
                 ",".join(sorted(s.roles)) or "-",
                 f"{s.in_features}→{s.out_features}",
-                e.method.name + (" (materializes W)" if s.kind == "functional" else ""),
-                s.in_features * s.out_features,
-                e.method.trainable_params(s),
+                e.method.name + (f" ×{s.experts} experts" if s.experts else "") + (" (materializes W)" if s.kind == "functional" else ""),
+                s.in_features * s.out_features * s.stack,
+                e.method.trainable_params(s) * s.stack,
                 dense_flops(s),
                 e.method.flops(s),
             )

@@ -3,6 +3,9 @@
 A site is one weight parameter applied as a linear map (``aten.linear``, ``addmm``, ``mm``,
 ``matmul`` — x @ Wᵀ, or W @ x with the features on x's dim -2 — or a two-operand ``einsum``).
 A parameter used several times is one site with several uses, so tied weights are reported once.
+A stacked (experts, ·, ·) parameter whose matrices are picked per expert (``P[ids]``, ``P[e]``)
+or used whole by a grouped GEMM is one *experts* site: a functional site of ``experts`` linear
+maps of one shape (a mixture-of-experts layer's gate/up or down projections).
 """
 
 from __future__ import annotations
@@ -64,6 +67,16 @@ class Site:
     aliases: tuple[str, ...] = ()
     shared_input: tuple[str, ...] = ()
     attention: str | None = None
+    experts: int = 0  # > 0: the weight is a stack of this many expert matrices (experts, ·, ·)
+
+    @property
+    def stack(self) -> int:
+        """How many linear maps of this shape the site holds: its experts, else one."""
+        return self.experts or 1
+
+    def expert(self, e: int) -> Site:
+        """Expert `e` of an experts site, as a site of its own (what a method is built for)."""
+        return replace(self, fqn=f"{self.fqn}.{e}", experts=0)
 
     @property
     def tied(self) -> bool:
@@ -112,6 +125,7 @@ class Use:
     bias: str | None
     transposed: bool
     owner: str  # innermost module on the call stack
+    experts: bool = False  # the weight is a stacked expert parameter, picked per expert
 
 
 def _param_behind(node, params: dict[str, str]):
@@ -127,6 +141,58 @@ def _param_behind(node, params: dict[str, str]):
             return None
         swapped ^= swaps
         node = node.args[0]
+    return None
+
+
+# Ops through which a stacked expert parameter (experts, ·, ·) reaches a product: picking experts
+# along dim 0, swapping the matrix axes, and copies that keep the shape.
+_EXPERT_PICKS = {"aten.index.Tensor", "aten.select.int"}
+_EXPERT_SWAPS = {"aten.transpose.int", "aten.t.default", "aten.permute.default", "aten.numpy_T.default"}
+_EXPERT_PRODUCTS = {"aten.bmm.default", "aten.matmul.default", "aten._grouped_mm.default", "aten.linear.default"}
+
+
+def _expert_behind(node, params: dict[str, str]):
+    """Follow a product's operand back to a 3-D parameter, whole or with experts picked along
+    dim 0; return (fqn, matrix_axes_swapped) or None."""
+    swapped = picked = False
+    while isinstance(node, torch.fx.Node):
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            return (params[node.name], swapped) if node.name in params and val is not None and val.dim() == 3 else None
+        target = str(node.target) if node.op == "call_function" else ""
+        val = node.meta.get("val")
+        if target in _EXPERT_PICKS and not picked:
+            dim0 = node.args[1] == 0 if target == "aten.select.int" else len(node.args[1]) == 1 and node.args[1][0] is not None
+            if not dim0:
+                return None
+            picked = True
+        elif target in _EXPERT_SWAPS:
+            if val is None or val.dim() < 2:
+                return None
+            axes = [a % val.dim() for a in node.args[1:3]] if target == "aten.transpose.int" else list(node.args[1]) if target == "aten.permute.default" else [0, 1]
+            if target == "aten.permute.default":
+                axes = [i for i, a in enumerate(axes) if a != i]
+            if sorted(axes) != [val.dim() - 2, val.dim() - 1]:
+                return None
+            swapped ^= True
+        elif WEIGHT_VIEWS.get(target) is not False or target in ("aten.view.default", "aten.reshape.default"):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _expert_use(node, params: dict[str, str]):
+    """(x, weight fqn, transposed) if `node` applies stacked expert matrices to activations x."""
+    target = str(node.target)
+    if target not in _EXPERT_PRODUCTS or len(node.args) < 2:
+        return None
+    if target == "aten.linear.default":
+        w = _expert_behind(node.args[1], params)
+        return (node.args[0], w[0], w[1]) if w else None
+    if w := _expert_behind(node.args[1], params):  # x @ W: W as (·, in, out) after any swap
+        return node.args[0], w[0], not w[1]
+    if target != "aten._grouped_mm.default" and (w := _expert_behind(node.args[0], params)):  # W @ x
+        return node.args[1], w[0], w[1]
     return None
 
 
@@ -174,11 +240,14 @@ def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
                 if w and transposed is not None:
                     found = (node.args[1][1 - pos], w[0], None, transposed ^ w[1])
                     break
+        experts = found is None and (found := _expert_use(node, params)) is not None
+        if experts:
+            found = (found[0], found[1], None, found[2])
         if found is not None:
             x, weight, bias, transposed = found
             stack = node.meta.get("nn_module_stack") or {}
             owner = list(stack.values())[-1][0] if stack else ""
-            uses.append(Use(node, x, weight, bias, transposed, owner))
+            uses.append(Use(node, x, weight, bias, transposed, owner, experts))
     return uses
 
 
@@ -200,9 +269,10 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
     for weight, group in by_weight.items():
         param = model.get_parameter(weight)
         first = group[0]
-        if param.dim() != 2:
+        experts = param.dim() == 3 and all(u.experts for u in group)
+        if param.dim() != 2 and not experts:
             continue
-        out_f, in_f = param.shape[::-1] if first.transposed else param.shape
+        out_f, in_f = param.shape[-2:][::-1] if first.transposed else param.shape[-2:]
         owners = []
         for u in group:
             mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()))
@@ -234,6 +304,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
                 owners=tuple(owners) if module_site else (),
                 uses=len(group),
                 aliases=tuple(n for n in alias_of[weight] if n != wname),
+                experts=int(param.shape[0]) if experts else 0,
             )
         )
         site_uses[fqn] = group

@@ -216,3 +216,22 @@ def test_pissa_site_is_not_shared_and_runs_the_original_weight_when_inactive():
         torch.testing.assert_close(output(model, X), output(base, X), atol=1e-5, rtol=1e-5)
     with pytest.raises(SpecError, match="adapter 'p' rewrote the base weight of model.layers.0.mlp.up_proj"):
         peftify.peftify(model, {"rules": [{"match": "*.up_proj", "apply": {"method": "lora"}}]}, adapter="q")
+
+
+def test_a_second_adapter_on_a_functional_site_is_built_from_the_stored_weight():
+    """A parametrized parameter reads as W + ΔW of the active adapter; a second adapter's init
+    (DoRA's magnitudes ‖W‖) must see W itself, so it leaves the base output unchanged."""
+    from conftest import FunctionalNet
+
+    torch.manual_seed(0)
+    model, x = FunctionalNet(), torch.randn(4, 16)
+    ref = model(x).detach()
+    spec = {"rules": [{"match": "w_*", "apply": {"method": "lora", "r": 2}}]}
+    peftify.peftify(model, spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    assert not torch.allclose(model(x), ref, atol=1e-3)
+    peftify.peftify(model, {"rules": [{"match": "w_*", "apply": {"method": "dora", "r": 2}}]}, adapter="b")
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)

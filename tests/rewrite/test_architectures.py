@@ -123,7 +123,8 @@ def test_mixtral_router_is_not_an_mlp():
     r = roles(cap)
     assert r["lm_head"] == {"readout"}
     router = next(s for s in cap.sites if "mlp.gate" in s.fqn)
-    assert router.kind == "functional" and not router.roles  # expert GEMMs are 3-D parameters, not sites
+    assert router.kind == "functional" and not router.roles
+    assert {s.fqn: set(s.roles) for s in cap.sites if s.experts} == {f"model.layers.{i}.mlp.experts.{p}": {r} for i in (0, 1) for p, r in (("gate_up_proj", "mlp.up"), ("down_proj", "mlp.down"))}
 
 
 @pytest.mark.parametrize("name", ["opt", "t5"])
