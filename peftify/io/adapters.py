@@ -85,7 +85,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     if format == "peft":
         config = to_peft(plan, model)
         rename = peft_names(plan.entries, adapter)
-        tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()}
+        experts = _experts_to_peft(tensors, plan, adapter)
+        tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()} | experts
         files = PEFT
     else:
         config = {
@@ -150,7 +151,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             needs_trace = any(s["kind"] != "module" for s in config["sites"]) or any(r.apply is not None and r.apply.needs_roles for r in spec.rules)
         else:
             spec = from_peft(config, model)
-            needs_trace = any(_uses_roles(r.match) for r in spec.rules)
+            needs_trace = any(_uses_roles(r.match) for r in spec.rules) or bool(config.get("target_parameters"))
         # Names alone pick module sites: a walk of named_modules() finds them without tracing.
         if rewrite is not None:
             cap = rewrite.capture
@@ -205,12 +206,56 @@ def _from_peft_keys(tensors: dict, plan, adapter: str) -> dict:
     internals: the trained copy (``.modules_to_save.``) is the module's own, the frozen
     ``.original_module.`` copy is dropped."""
     theirs = {v: k for k, v in peft_names(plan.entries, adapter).items()}
+    tensors = _experts_from_peft(dict(tensors), plan, adapter)
     out = {}
     for key, t in tensors.items():
         if ".original_module." in key:
             continue
         out[theirs.get(key, key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", "."))] = t
     return out
+
+
+def _peft_expert_prefixes(plan, adapter: str) -> list[tuple]:
+    """(entry, our per-expert name prefix, PEFT's key prefix) of each experts site. PEFT wraps
+    every targeted parameter of one module in a ParamWrapper around the previous ones, the
+    module's first parameter innermost: its keys carry a ``base_layer.`` per parameter after it."""
+    by_owner: dict[str, list] = {}
+    for e in plan.entries:
+        if e.site.experts:
+            by_owner.setdefault(e.site.weight.rpartition(".")[0], []).append(e)
+    return [
+        (e, f"{module_prefix(e.site)}.adapters.{adapter}.experts", PEFT_PREFIX + owner + ".base_layer" * (len(entries) - 1 - i))
+        for owner, entries in by_owner.items()
+        for i, e in enumerate(entries)
+    ]
+
+
+def _experts_to_peft(tensors: dict, plan, adapter: str) -> dict:
+    """Takes the experts sites' per-expert LoRA factors out of `tensors` and returns them in
+    PEFT's layout: A (experts·r, in) with expert-major rows, B (out, r·experts) with the expert
+    as the fastest column index."""
+    out = {}
+    for e, ours, theirs in _peft_expert_prefixes(plan, adapter):
+        a = [tensors.pop(f"{ours}.{i}.lora_A") for i in range(e.site.experts)]
+        b = [tensors.pop(f"{ours}.{i}.lora_B") for i in range(e.site.experts)]
+        out[f"{theirs}.lora_A.weight"] = torch.cat(a)
+        out[f"{theirs}.lora_B.weight"] = torch.stack(b, dim=-1).flatten(1)
+    return out
+
+
+def _experts_from_peft(tensors: dict, plan, adapter: str) -> dict:
+    """The inverse of `_experts_to_peft`, in place; what is absent is left for `check_state` to name."""
+    for e, ours, theirs in _peft_expert_prefixes(plan, adapter):
+        n = e.site.experts
+        a, b = tensors.get(f"{theirs}.lora_A.weight"), tensors.get(f"{theirs}.lora_B.weight")
+        if a is None or b is None:
+            continue
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] % n or b.shape[1] % n:
+            raise SpecError(f"PEFT's factors for {e.site.fqn} ({tuple(a.shape)}, {tuple(b.shape)}) do not split into its {n} experts")
+        del tensors[f"{theirs}.lora_A.weight"], tensors[f"{theirs}.lora_B.weight"]
+        for i, (ai, bi) in enumerate(zip(a.unflatten(0, (n, -1)), b.unflatten(1, (-1, n)).unbind(-1))):
+            tensors[f"{ours}.{i}.lora_A"], tensors[f"{ours}.{i}.lora_B"] = ai.contiguous(), bi.contiguous()
+    return tensors
 
 
 def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None) -> nn.Module:

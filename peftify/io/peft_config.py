@@ -18,7 +18,7 @@ from peftify.rewrite.spec import Rule, Spec
 HANDLED = {
     "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "bias", "fan_in_fan_out",
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "modules_to_save",
+    "modules_to_save", "target_parameters",
 }  # fmt: skip
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
 # PEFT's defaults for the fields peftify does not implement, used when peft is not installed.
@@ -82,6 +82,19 @@ def from_peft(config, model=None) -> Spec:
         return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
 
     target = _target_match(d.get("target_modules"), model)
+    parameters = d.get("target_parameters") or []
+    if parameters:
+        # PEFT adapts these parameters (expert stacks) with plain LoRA only
+        for key, bad in (("lora_dropout", float(d.get("lora_dropout", 0.0)) != 0.0), ("use_dora", bool(d.get("use_dora")))):
+            if bad:
+                raise SpecError(f"PEFT's target_parameters take plain LoRA without dropout; {key}={d[key]!r} is not allowed with them", field=key)
+        by_parameter = _names_regex(parameters)
+        if not d.get("target_modules"):
+            target = f"re:{by_parameter}"
+        elif isinstance(target, dict):
+            raise SpecError(f"target_modules={d['target_modules']!r} with target_parameters: list the modules by name", field="target_parameters")
+        else:
+            target = f"re:(?:{target[3:]})|(?:{by_parameter})"
     layers = d.get("layers_to_transform")
     if layers is not None:
         layers = [layers] if isinstance(layers, int) else list(layers)
@@ -146,10 +159,10 @@ def to_peft(plan, model) -> dict[str, Any]:
     kinds = {type(m) for m in methods}
     if kinds not in ({LoRA}, {DoRA}):
         raise SpecError("PEFT's format holds one LoRA or DoRA config; this rewrite uses " + ", ".join(sorted({m.name for m in methods}) or ["nothing"]), field="format")
-    experts = [e.site.fqn for e in plan.entries if e.site.experts]
-    if experts:
-        raise SpecError(f"PEFT keeps adapters of expert stacks under `target_parameters` in a layout peftify does not write yet: {', '.join(experts[:4])}{' ...' if len(experts) > 4 else ''}; save with format='native'", field="format")
-    functional = [e.site.fqn for e in plan.entries if e.site.kind != "module"]
+    experts = [e for e in plan.entries if e.site.experts]
+    if experts and (kinds != {LoRA} or any(e.method.dropout for e in experts)):
+        raise SpecError("PEFT adapts expert stacks (target_parameters) with plain LoRA without dropout only; save with format='native'", field="format")
+    functional = [e.site.fqn for e in plan.entries if e.site.kind != "module" and not e.site.experts]
     if functional:
         raise SpecError(f"PEFT cannot target parameters used functionally: {', '.join(functional)}; save with format='native'", field="format")
     for field in ("dropout", "rslora", "init", "bias"):
@@ -177,7 +190,8 @@ def to_peft(plan, model) -> dict[str, Any]:
         "use_rslora": first.rslora,
         "init_lora_weights": {v: k for k, v in INITS.items()}[first.init],
         "bias": "all" if all_biases else "lora_only" if first.bias else "none",
-        "target_modules": [e.site.fqn for e in plan.entries],
+        "target_modules": [e.site.fqn for e in plan.entries if not e.site.experts],
+        "target_parameters": [e.site.fqn for e in experts] or None,
         "rank_pattern": {re.escape(e.site.fqn): e.method.r for e in plan.entries if e.method.r != r},
         "alpha_pattern": {re.escape(e.site.fqn): e.method.alpha for e in plan.entries if e.method.alpha != alpha},
         "modules_to_save": modules_to_save or None,

@@ -150,7 +150,8 @@ def test_pissa_init_matches_peft():
         ({"init_lora_weights": "olora"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),
-        ({"target_parameters": ["mlp.gate_proj.weight"]}, "target_parameters"),
+        ({"target_parameters": ["experts.gate_up_proj"], "lora_dropout": 0.1}, "lora_dropout"),  # PEFT refuses it too
+        ({"target_parameters": ["experts.gate_up_proj"], "use_dora": True}, "use_dora"),
     ],
 )
 def test_fields_peftify_cannot_honour_are_named(kwargs, field):

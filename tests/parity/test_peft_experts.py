@@ -1,0 +1,77 @@
+"""PEFT parity on mixture-of-experts weights: `LoraConfig(target_parameters=...)` (PEFT's
+ParamWrapper) against peftify's experts sites, on the same weights, both file directions."""
+
+import pytest
+import torch
+
+import peftify
+from peftify.errors import SpecError
+
+TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def build():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101, num_experts=4, num_experts_per_tok=2)
+    return OlmoeForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=TARGETS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def lora_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_peft_saved_expert_adapter_loads_with_equal_outputs_and_gradients(peft_model, tmp_path):
+    x = torch.randint(1, 101, (2, 7))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = peftify.from_pretrained(build(), tmp_path / "peft")
+    sites = {e.site.fqn: e.site.experts for e in ours._peftify.plan.entries}
+    assert sites["model.layers.1.mlp.experts.down_proj"] == 4 and sites["model.layers.1.self_attn.q_proj"] == 0
+    y_peft, y_ours = peft_model(x).logits, ours(x).logits
+    torch.testing.assert_close(y_ours, y_peft, atol=1e-6, rtol=1e-6)
+    y_peft.square().mean().backward()
+    y_ours.square().mean().backward()
+
+    # PEFT's A (experts·r, in) is our A_e stacked by rows; its B (out, r·experts) our B_e interleaved
+    stack = ours.model.layers[0].mlp.experts.parametrizations.gate_up_proj[0].adapted.adapters["default"].experts
+    theirs = peft_model.base_model.model.model.layers[0].mlp.experts.base_layer  # gate_up: the inner wrapper
+    torch.testing.assert_close(torch.cat([m.lora_A.grad for m in stack]), theirs.lora_A["default"].weight.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.stack([m.lora_B.grad for m in stack], -1).flatten(1), theirs.lora_B["default"].weight.grad, atol=1e-6, rtol=1e-5)
+    assert sum(p.numel() for p in lora_grads(ours).values()) == sum(p.numel() for p in lora_grads(peft_model).values())
+
+
+def test_ours_saved_in_peft_format_loads_in_peft(peft_model, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    x = torch.randint(1, 101, (2, 7))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = peftify.from_pretrained(build(), tmp_path / "peft")
+    peftify.save_adapter(ours, tmp_path / "ours", format="peft")
+    theirs, mine = load_file(tmp_path / "peft/adapter_model.safetensors"), load_file(tmp_path / "ours/adapter_model.safetensors")
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in theirs)
+    reloaded = PeftModel.from_pretrained(build(), tmp_path / "ours")
+    torch.testing.assert_close(reloaded(x).logits, peft_model(x).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_expert_adapters_peft_cannot_hold_are_refused(tmp_path):
+    model = peftify.peftify(build(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "dora", "r": 2}}]})
+    with pytest.raises(SpecError, match="plain LoRA"):
+        peftify.save_adapter(model, tmp_path / "p", format="peft")
+    assert not (tmp_path / "p").exists()
