@@ -184,6 +184,12 @@ class SiteModule(nn.Module):
         """For a method that set ``residual``: the weight before it was rewritten."""
         raise NotImplementedError
 
+    @classmethod
+    def merged_stack(cls, modules: list[SiteModule], weight: torch.Tensor) -> torch.Tensor:
+        """The merged weights of `modules` (one per expert) over the stack `weight` (experts, out,
+        in). A method with a batched formula overrides this."""
+        return torch.stack([m.merged_weight(w) for m, w in zip(modules, weight.unbind(0))])
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.merged_weight(weight), bias)
 
@@ -365,7 +371,7 @@ class ExpertStack(SiteModule):
         self.experts = nn.ModuleList(experts)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.merged_weight(w) for m, w in zip(self.experts, weight.unbind(0))])
+        return type(self.experts[0]).merged_stack(list(self.experts), weight)
 
     def forward(self, x, weight, bias):
         raise RuntimeError(f"{self.site.fqn} is a stack of expert matrices; the model applies them (the parametrization gives it the merged stack)")

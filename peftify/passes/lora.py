@@ -71,6 +71,8 @@ class LoRA(Method):
         check_fits(site, self.r, "rank")
         if self.init == "pissa" and site.kind != "module":
             invalid("init", f"'pissa' rewrites the base weight, which needs a module site; {site.fqn} is functional")
+        if self.dropout and site.kind != "module":  # W' = W + s·B·A is formed: no input to drop
+            invalid("dropout", f"dropout acts on the layer's input, which a functional site's W' = W + s·B·A never sees; {site.fqn} is functional")
 
     def trains_base_bias(self) -> bool:
         return self.bias
@@ -113,6 +115,14 @@ class LoRAModule(SiteModule):
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
+
+    @classmethod
+    def merged_stack(cls, modules: list[SiteModule], weight: torch.Tensor) -> torch.Tensor:
+        if cls.merged_weight is not LoRAModule.merged_weight:  # a subclass with its own W' (DoRA)
+            return super().merged_stack(modules, weight)
+        # one batched GEMM for all experts: W_e + s·B_e·A_e
+        a, b = torch.stack([m.lora_A for m in modules]), torch.stack([m.lora_B for m in modules])
+        return torch.baddbmm(weight, b.to(weight.dtype), a.to(weight.dtype), alpha=modules[0].scaling)
 
     def original_weight(self, residual: torch.Tensor) -> torch.Tensor:
         return residual + (self.scaling * (self.pissa_b @ self.pissa_a)).to(residual.dtype)

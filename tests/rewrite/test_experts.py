@@ -143,3 +143,22 @@ def test_experts_save_load_adapters_and_errors(tmp_path):
 
     with pytest.raises(SpecError, match="needs a module site"):
         peftify.peftify(build(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "monarch"}}]})
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "svfit"])
+def test_an_expert_stack_is_the_stack_of_each_experts_merged_weight(method):
+    """The stack's W' (batched where the method has a formula for it) against each expert's own
+    module applied to its own matrix, after training moved every parameter."""
+    model = perturbed(peftify.peftify(build(), {"rules": [{"match": "role:mlp.down", "apply": {"method": method, "r": 2}}]}))
+    experts = model.model.layers[0].mlp.experts
+    stack = experts.parametrizations.down_proj[0].adapted.adapters["default"]
+    stored = experts.parametrizations.down_proj.original
+    expected = torch.stack([m.merged_weight(w) for m, w in zip(stack.experts, stored.double())])
+    torch.testing.assert_close(experts.down_proj.double(), expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(experts.down_proj, stored, atol=1e-4)
+
+
+def test_dropout_on_expert_stacks_is_refused():
+    with pytest.raises(SpecError, match="dropout"):
+        peftify.peftify(build(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 2, "dropout": 0.1}}]})
+
