@@ -395,7 +395,7 @@ class Capture:
         from peftify.table import table
 
         rows = [
-            (s.fqn, s.kind, s.module_type, f"{s.in_features}→{s.out_features}", ",".join(sorted(s.roles)), "" if s.layer is None else s.layer)
+            (s.fqn, s.kind, s.module_type, f"{s.in_features}→{s.out_features}" + (f" ×{s.experts}" if s.experts else ""), ",".join(sorted(s.roles)), "" if s.layer is None else s.layer)
             for s in self.sites
         ]
         head = f"{len(self.sites)} sites captured by {self.method}" + (f" ({self.note})" if self.note else "")

@@ -70,6 +70,7 @@ def test_expert_stacks_are_sites_with_mlp_roles(name):
     assert (up.kind, up.experts, up.in_features, up.out_features, up.transposed, set(up.roles)) == ("functional", experts, 32, 2 * inter, False, {"mlp.up"})
     assert (down.experts, down.in_features, down.out_features, set(down.roles)) == (experts, inter, 32, {"mlp.down"})
     assert model.config._experts_implementation != "batched_mm"  # capture's switch is undone
+    assert f"32→{2 * inter} ×{experts}" in str(cap)
 
 
 def test_custom_expert_stacks_orientation():
