@@ -151,32 +151,36 @@ _EXPERT_SWAPS = {"aten.transpose.int", "aten.t.default", "aten.permute.default",
 _EXPERT_PRODUCTS = {"aten.bmm.default", "aten.matmul.default", "aten._grouped_mm.default", "aten.linear.default"}
 
 
+def _swapped_axes(node) -> list[int]:
+    """The axes a transposing op (`_EXPERT_SWAPS`) exchanges."""
+    target, ndim = str(node.target), node.meta["val"].dim()
+    if target == "aten.transpose.int":
+        return sorted(a % ndim for a in node.args[1:3])
+    if target == "aten.permute.default":
+        return [i for i, a in enumerate(node.args[1]) if a != i]
+    return [0, 1]  # t / numpy_T of a matrix
+
+
 def _expert_behind(node, params: dict[str, str]):
     """Follow a product's operand back to a 3-D parameter, whole or with experts picked along
     dim 0; return (fqn, matrix_axes_swapped) or None."""
     swapped = picked = False
     while isinstance(node, torch.fx.Node):
+        val = node.meta.get("val")
         if node.op == "placeholder":
-            val = node.meta.get("val")
             return (params[node.name], swapped) if node.name in params and val is not None and val.dim() == 3 else None
         target = str(node.target) if node.op == "call_function" else ""
-        val = node.meta.get("val")
         if target in _EXPERT_PICKS and not picked:
-            dim0 = node.args[1] == 0 if target == "aten.select.int" else len(node.args[1]) == 1 and node.args[1][0] is not None
-            if not dim0:
+            along_dim0 = node.args[1] == 0 if target == "aten.select.int" else len(node.args[1]) == 1 and node.args[1][0] is not None
+            if not along_dim0:
                 return None
             picked = True
         elif target in _EXPERT_SWAPS:
-            if val is None or val.dim() < 2:
-                return None
-            axes = [a % val.dim() for a in node.args[1:3]] if target == "aten.transpose.int" else list(node.args[1]) if target == "aten.permute.default" else [0, 1]
-            if target == "aten.permute.default":
-                axes = [i for i, a in enumerate(axes) if a != i]
-            if sorted(axes) != [val.dim() - 2, val.dim() - 1]:
+            if val is None or val.dim() < 2 or _swapped_axes(node) != [val.dim() - 2, val.dim() - 1]:
                 return None
             swapped ^= True
         elif WEIGHT_VIEWS.get(target) is not False or target in ("aten.view.default", "aten.reshape.default"):
-            return None
+            return None  # only copies that keep the shape (to, clone, detach, contiguous, alias)
         node = node.args[0]
     return None
 
