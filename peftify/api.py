@@ -11,7 +11,7 @@ from torch import nn
 from peftify.passes.base import dense_flops, lr_multipliers
 from peftify.rewrite.apply import adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
 from peftify.rewrite.capture import capture
-from peftify.rewrite.plan import Plan, make_plan
+from peftify.rewrite.plan import Plan, make_plan, method_label
 from peftify.rewrite.spec import Spec, as_spec
 from peftify.table import human, table
 
@@ -118,7 +118,7 @@ def report(model: nn.Module) -> Report:
         dense = e.site.in_features * e.site.out_features * e.site.stack
         rows.append((
             e.site.fqn,
-            e.method.name + (f" ×{e.site.experts} experts" if e.site.experts else "") + (" (materializes W)" if e.site.kind == "functional" else ""),
+            method_label(e),
             dense,
             sum(p.numel() for p in own if p.requires_grad) + (e.site.out_features if e.method.trains_base_bias() and e.site.bias else 0),
             (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),

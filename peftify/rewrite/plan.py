@@ -26,6 +26,12 @@ class Entry:
     rule: int
 
 
+def method_label(entry: Entry) -> str:
+    """The method as plans and reports name it, with how its site holds the weight."""
+    s = entry.site
+    return entry.method.name + (f" ×{s.experts} experts" if s.experts else "") + (" (materializes W)" if s.kind == "functional" else "")
+
+
 @dataclass
 class Plan:
     """What `peftify.peftify` will do: one entry per rewritten site, plus parameters to train."""
@@ -48,7 +54,7 @@ class Plan:
                 s.fqn,
                 ",".join(sorted(s.roles)) or "-",
                 f"{s.in_features}→{s.out_features}",
-                e.method.name + (f" ×{s.experts} experts" if s.experts else "") + (" (materializes W)" if s.kind == "functional" else ""),
+                method_label(e),
                 s.in_features * s.out_features * s.stack,
                 e.method.trainable_params(s) * s.stack,
                 dense_flops(s),

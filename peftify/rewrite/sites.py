@@ -186,17 +186,18 @@ def _expert_behind(node, params: dict[str, str]):
 
 
 def _expert_use(node, params: dict[str, str]):
-    """(x, weight fqn, transposed) if `node` applies stacked expert matrices to activations x."""
+    """(x, weight fqn, None, transposed) if `node` applies stacked expert matrices to
+    activations x (no bias: an expert's bias is a stack of its own)."""
     target = str(node.target)
     if target not in _EXPERT_PRODUCTS or len(node.args) < 2:
         return None
     if target == "aten.linear.default":
         w = _expert_behind(node.args[1], params)
-        return (node.args[0], w[0], w[1]) if w else None
+        return (node.args[0], w[0], None, w[1]) if w else None
     if w := _expert_behind(node.args[1], params):  # x @ W: W as (·, in, out) after any swap
-        return node.args[0], w[0], not w[1]
+        return node.args[0], w[0], None, not w[1]
     if target != "aten._grouped_mm.default" and (w := _expert_behind(node.args[0], params)):  # W @ x
-        return node.args[1], w[0], w[1]
+        return node.args[1], w[0], None, w[1]
     return None
 
 
@@ -245,8 +246,6 @@ def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
                     found = (node.args[1][1 - pos], w[0], None, transposed ^ w[1])
                     break
         experts = found is None and (found := _expert_use(node, params)) is not None
-        if experts:
-            found = (found[0], found[1], None, found[2])
         if found is not None:
             x, weight, bias, transposed = found
             stack = node.meta.get("nn_module_stack") or {}
