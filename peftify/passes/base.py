@@ -291,6 +291,15 @@ def batched_svd(weights: list[torch.Tensor], ranks: list[int | None], progress: 
     return out
 
 
+def like_linear_under_autocast(y: torch.Tensor) -> torch.Tensor:
+    """`y` in the dtype `nn.Linear` would output: under autocast that is autocast's dtype, which a
+    method's float32 magnitudes, coefficients or bias would otherwise promote back to float32."""
+    device = y.device.type
+    if y.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return y.to(torch.get_autocast_dtype(device))
+    return y
+
+
 class AdaptedSite(nn.Module):
     """What a rewritten module site becomes: the original module as ``base_layer`` (its frozen
     weight stays at ``<fqn>.base_layer.weight``) and the adapters by name. ``active`` names the
@@ -337,7 +346,7 @@ class AdaptedSite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.computing is not None:
-            return self.adapters[self.computing](x, self.weight, self.bias)
+            return like_linear_under_autocast(self.adapters[self.computing](x, self.weight, self.bias))
         if self.rewritten_by is not None:
             return F.linear(x, self.dense_weight(), self.bias)
         return self.base_layer(x)

@@ -229,3 +229,22 @@ def test_output_can_be_modified_in_place(name):
     want = [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
+def test_autocast_output_dtype_is_the_linear_one(name):
+    """Under CPU autocast (bfloat16) every method's layer outputs what `nn.Linear` would (bfloat16),
+    near its float64 output, and its float32 parameters get float32 gradients."""
+    torch.manual_seed(0)
+    model = peftify.peftify(torch.nn.Sequential(torch.nn.Linear(16, 24)), spec(name, r=4), progress=False)
+    perturb(model)
+    x = torch.randn(2, 3, 16)
+    reference = copy.deepcopy(model).double()(x.double()).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        assert torch.nn.Linear(16, 24)(x).dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    y.float().square().sum().backward()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in trained), [(n, p.grad is None or p.grad.dtype) for n, p in trained]
