@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from torch import nn
+
 from peftify.errors import SpecError
 from peftify.passes.dora import DoRA
 from peftify.passes.lora import LoRA
@@ -24,6 +26,8 @@ METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "in
 # PEFT's defaults for the fields peftify does not implement, used when peft is not installed.
 UNSUPPORTED_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16, "loftq_config": {}, "lora_bias": False}
 INITS = {True: "default", "gaussian": "gaussian", "pissa": "pissa"}
+# layers PEFT's LoRA adapts that are not linear maps, so not peftify sites
+PEFT_ONLY_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
 def _as_dict(config) -> dict[str, Any]:
@@ -82,6 +86,8 @@ def from_peft(config, model=None) -> Spec:
         return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
 
     target = _target_match(d.get("target_modules"), model)
+    if model is not None and isinstance(target, str) and target.startswith("re:"):
+        _refuse_peft_only_layers(target[3:], model)
     parameters = d.get("target_parameters") or []
     if parameters:
         # PEFT adapts these parameters (expert stacks) with plain LoRA only
@@ -139,6 +145,20 @@ def _target_match(target, model):
     if isinstance(target, str):
         return f"re:{target}"
     return f"re:{_names_regex(target)}"
+
+
+def _refuse_peft_only_layers(regex: str, model) -> None:
+    """target_modules naming an embedding or a convolution: PEFT would adapt it, peftify has no
+    site there, and a list that also names linears would otherwise train less than PEFT silently."""
+    pattern = re.compile(regex)
+    named = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, PEFT_ONLY_LAYERS) and pattern.fullmatch(n)]
+    if named:
+        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+        raise SpecError(
+            f"target_modules selects layers PEFT adapts but peftify does not (it adapts linear maps): {', '.join(named[:3])}{more}; "
+            "drop them from target_modules, or train them whole with modules_to_save",
+            field="target_modules",
+        )
 
 
 def _and(match, extra: dict) -> dict:

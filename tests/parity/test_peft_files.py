@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import FunctionalNet, output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import FunctionalNet, output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from torch import nn
 
 import peftify
@@ -163,6 +163,27 @@ def test_fields_peftify_cannot_honour_are_named(kwargs, field):
     assert e.value.field == field
     with pytest.raises(SpecError):
         peftify.Spec.from_peft(cfg.to_dict())
+
+
+@pytest.mark.parametrize(
+    "make, targets, named",
+    [
+        (tiny_llama, ["q_proj", "embed_tokens"], "model.embed_tokens (Embedding)"),
+        (tiny_llama, r".*\.(q_proj|embed_tokens)", "model.embed_tokens (Embedding)"),
+        (tiny_vit, ["query", "projection"], "vit.embeddings.patch_embeddings.projection (Conv2d)"),
+    ],
+)
+def test_targets_peft_adapts_but_peftify_does_not_are_refused(make, targets, named):
+    """A target list that names linears and an embedding (or a convolution) would otherwise train
+    the linears only, less than PEFT: it is a SpecError naming the layer, and the model is untouched."""
+    from peft import LoraConfig
+
+    model = make()
+    before = {n: (id(p), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(SpecError, match=re.escape(named)) as e:
+        peftify.peftify(model, LoraConfig(r=2, target_modules=targets), progress=False)
+    assert e.value.field == "target_modules"
+    assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before
 
 
 def test_from_peft_without_peft_config_objects():
