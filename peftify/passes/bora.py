@@ -58,13 +58,14 @@ class BoRAModule(LoRAModule):
             w, a, b, s = weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
             w2 = w.square()
             col = w2.sum(0) + 2 * s * (a * (b.t() @ w)).sum(0) + s * s * (a * ((b.t() @ b) @ a)).sum(0)
-            inv_col = col.clamp_min(1e-30).rsqrt()
-        c_in = self.magnitude_in * inv_col.to(weight.dtype)
+            # norms rounded to W's dtype as the magnitudes were at init: m / ‖·‖ is exactly 1 there, in bf16 too
+            col_norm = col.clamp_min(1e-30).sqrt().to(weight.dtype).to(dtype)
+        c_in = (self.magnitude_in.to(dtype) / col_norm).to(weight.dtype)
         with torch.no_grad():
             c = c_in.detach().to(dtype).square()
             row = w2 @ c + 2 * s * (b * (w @ (a * c).t())).sum(1) + s * s * (b * (b @ ((a * c) @ a.t()))).sum(1)
-            inv_row = row.clamp_min(1e-30).rsqrt()
-        return c_in, self.magnitude * inv_row.to(weight.dtype)
+            row_norm = row.clamp_min(1e-30).sqrt().to(weight.dtype).to(dtype)
+        return c_in, (self.magnitude.to(dtype) / row_norm).to(weight.dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         c_in, c_out = self.scales(weight)
