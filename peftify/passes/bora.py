@@ -27,7 +27,7 @@ class BoRA(LoRA):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.init == "pissa":
+        if self.init not in ("default", "gaussian"):
             invalid("init", "BoRA takes init 'default' or 'gaussian'")
 
     def trainable_params(self, site: Site) -> int:

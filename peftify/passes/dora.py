@@ -29,7 +29,7 @@ class DoRA(LoRA):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.init == "pissa":
+        if self.init not in ("default", "gaussian"):
             invalid("init", "DoRA takes init 'default' or 'gaussian'")
 
     def trainable_params(self, site: Site) -> int:

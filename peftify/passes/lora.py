@@ -1,4 +1,4 @@
-"""LoRA and its init/training variants (rsLoRA, PiSSA, LoRA+, asymmetric LoRA)."""
+"""LoRA and its init/training variants (rsLoRA, PiSSA, OLoRA, LoRA+, asymmetric LoRA)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from peftify.codegen import lora_linear
 from peftify.passes.base import Method, SiteModule, check_count, check_fits, dense_flops, invalid, register, tag
 from peftify.rewrite.sites import Site
 
-INITS = ("default", "gaussian", "pissa")
+INITS = ("default", "gaussian", "pissa", "olora")
+SPLIT_INITS = ("pissa", "olora")  # take s·B·A out of W: the base weight becomes the residual
 
 
 @register("lora")
@@ -30,7 +31,9 @@ class LoRA(Method):
     - rslora: use alpha/√r.
     - init: "default" (A Kaiming-uniform, B = 0: output unchanged), "gaussian" (A ~ N(0, 1/r²),
       B = 0), or "pissa" (A, B from the top-r SVD of W and W replaced by the residual, "PiSSA:
-      Principal Singular Values and Singular Vectors Adaptation"; output unchanged up to rounding).
+      Principal Singular Values and Singular Vectors Adaptation"; output unchanged up to rounding),
+      or "olora" (B = Q[:, :r], A = R[:r] from the QR decomposition W = QR and W replaced by
+      W − s·B·A, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models").
     - bias: also train the site's existing bias, where it has one (PEFT's bias="lora_only").
     - train_a: False freezes a random A and trains only B ("Asymmetry in Low-Rank Adapters").
     - lr_ratio: B's learning rate = lr_ratio × A's in `peftify.param_groups` ("LoRA+").
@@ -65,12 +68,12 @@ class LoRA(Method):
 
     @property
     def rewrites_base(self) -> bool:
-        return self.init == "pissa"
+        return self.init in SPLIT_INITS
 
     def check(self, site: Site) -> None:
         check_fits(site, self.r, "rank")
-        if self.init == "pissa" and site.kind != "module":
-            invalid("init", f"'pissa' rewrites the base weight, which needs a module site; {site.fqn} is functional")
+        if self.init in SPLIT_INITS and site.kind != "module":
+            invalid("init", f"{self.init!r} rewrites the base weight, which needs a module site; {site.fqn} is functional")
         if self.dropout and site.kind != "module":  # W' = W + s·B·A is formed: no input to drop
             invalid("dropout", f"dropout acts on the layer's input, which a functional site's W' = W + s·B·A never sees; {site.fqn} is functional")
 
@@ -98,11 +101,12 @@ class LoRAModule(SiteModule):
         factory = {"device": weight.device, "dtype": weight.dtype}
         a, b = torch.empty(r, in_f, **factory), torch.zeros(out_f, r, **factory)
         if weight.device.type != "meta":
-            if method.init == "pissa":
-                a, b, self.residual = _pissa(weight, svd, r, self.scaling)
-                # the top-r part taken out of W, to compute W itself while this adapter is inactive
-                self.register_buffer("pissa_a", a.clone(), persistent=False)
-                self.register_buffer("pissa_b", b.clone(), persistent=False)
+            if method.init in SPLIT_INITS:
+                split = _pissa(weight, svd, r, self.scaling) if method.init == "pissa" else _olora(weight, r, self.scaling)
+                a, b, self.residual = split
+                # the part taken out of W, to compute W itself while this adapter is inactive
+                self.register_buffer("split_a", a.clone(), persistent=False)
+                self.register_buffer("split_b", b.clone(), persistent=False)
             elif method.init == "gaussian":
                 nn.init.normal_(a, std=1 / r)
             else:
@@ -125,7 +129,7 @@ class LoRAModule(SiteModule):
         return torch.baddbmm(weight, b.to(weight.dtype), a.to(weight.dtype), alpha=modules[0].scaling)
 
     def original_weight(self, residual: torch.Tensor) -> torch.Tensor:
-        return residual + (self.scaling * (self.pissa_b @ self.pissa_a)).to(residual.dtype)
+        return residual + (self.scaling * (self.split_b @ self.split_a)).to(residual.dtype)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x_d = self.lora_dropout(x) if self.lora_dropout is not None else None
@@ -142,4 +146,14 @@ def _pissa(weight: torch.Tensor, svd: tuple, r: int, scale: float):
     b = u * root
     a = root[:, None] * vh
     residual = weight.to(u.dtype) - scale * (b @ a)
+    return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)
+
+
+def _olora(weight: torch.Tensor, r: int, scale: float):
+    """The split W = s·B·A + W_res with B = Q[:, :r] (orthonormal columns) and A = R[:r] from the
+    reduced QR decomposition W = QR, computed in float32 (or float64)."""
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    q, rr = torch.linalg.qr(w)
+    b, a = q[:, :r], rr[:r]
+    residual = w - scale * (b @ a)
     return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)

@@ -39,6 +39,7 @@ CASES = {
     "dora-gpt2": (tiny_gpt2, LLAMA_IN, {"target_modules": ["c_attn", "c_fc"], "use_dora": True, "fan_in_fan_out": True}),
     "dora-bert": (tiny_bert, LLAMA_IN, {"target_modules": ["query", "value"], "use_dora": True, "bias": "lora_only", "use_rslora": True}),
     "pissa": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "down_proj"], "init_lora_weights": "pissa"}),
+    "olora": (tiny_llama, LLAMA_IN, {"target_modules": ["k_proj", "up_proj"], "init_lora_weights": "olora", "use_rslora": True}),
     "regex": (tiny_llama, LLAMA_IN, {"target_modules": r".*\.layers\.1\..*_proj"}),
     "all-linear": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "use_rslora": True}),
     "exclude": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "exclude_modules": ["o_proj", "model.layers.0.mlp.up_proj"]}),
@@ -125,13 +126,15 @@ def test_files_cross_both_ways_with_equal_outputs_and_gradients(case, tmp_path):
     torch.testing.assert_close(output(again, x), output(theirs, x), atol=1e-5, rtol=1e-5)
 
 
-def test_pissa_init_matches_peft():
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_split_inits_match_peft(init):
+    """PiSSA and OLoRA take s·B·A out of W: the same factors and residual base weight as PEFT's."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     base = tiny_llama()
     x = LLAMA_IN()
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "o_proj"], init_lora_weights="pissa")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "o_proj"], init_lora_weights=init)
     theirs = get_peft_model(copy.deepcopy(base), cfg)
     ours = peftify.peftify(copy.deepcopy(base), cfg)
     torch.testing.assert_close(output(ours, x), output(theirs, x), atol=1e-4, rtol=1e-4)
@@ -147,7 +150,8 @@ def test_pissa_init_matches_peft():
     [
         ({"use_dora": True, "init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"init_lora_weights": False}, "init_lora_weights"),
-        ({"init_lora_weights": "olora"}, "init_lora_weights"),
+        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
+        ({"use_dora": True, "init_lora_weights": "olora"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),
         ({"target_parameters": ["experts.gate_up_proj"], "lora_dropout": 0.1}, "lora_dropout"),  # PEFT refuses it too

@@ -168,6 +168,27 @@ def test_pissa_splits_the_top_singular_part():
     torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight.double(), w, atol=1e-5, rtol=1e-5)
 
 
+def test_olora_splits_the_leading_qr_part():
+    """OLoRA: B = Q[:, :r] (orthonormal), A = R[:r] of W = QR, and the base weight is W − s·B·A,
+    against a float64 QR of the original weight; merge gives W back."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    w = model.model.layers[1].self_attn.o_proj.weight.detach().double().clone()
+    ref = output(model, x).detach()
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4, "alpha": 16, "init": "olora"}}]})
+    torch.testing.assert_close(output(model, x), ref, atol=1e-4, rtol=1e-4)
+    mod = model.model.layers[1].self_attn.o_proj
+    lora = mod.adapters["default"]
+    q, r = torch.linalg.qr(w)
+    torch.testing.assert_close(lora.lora_B.double(), q[:, :4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lora.lora_A.double(), r[:4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lora.lora_B.double().t() @ lora.lora_B.double(), torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mod.base_layer.weight.double(), w - 4.0 * q[:, :4] @ r[:4], atol=1e-5, rtol=1e-4)
+    peftify.merge(model)
+    torch.testing.assert_close(model.model.layers[1].self_attn.o_proj.weight.double(), w, atol=1e-5, rtol=1e-5)
+
+
 def test_asymmetric_lora_trains_only_b():
     model = tiny_llama()
     plan = peftify.plan(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 4, "train_a": False}}]})

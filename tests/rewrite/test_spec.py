@@ -106,6 +106,13 @@ def test_bad_hyperparameter_values(field, value):
         LoRA(**{field: value})
 
 
+@pytest.mark.parametrize("method", ["dora", "bora"])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_magnitude_methods_refuse_split_inits(method, init):
+    e = spec_error({"rules": [{"match": "*.q_proj", "apply": {"method": method, "init": init}}]})
+    assert e.field == "init" and "'default' or 'gaussian'" in str(e)
+
+
 def test_rule_matching_nothing_lists_nearest_fqns():
     e = spec_error({"rules": [{"match": "*.q_prj", "apply": {"method": "lora"}}]})
     assert e.rule == "rule 0 ('*.q_prj')" and "matches nothing" in str(e) and "self_attn.q_proj" in str(e)
@@ -126,9 +133,10 @@ def test_rank_larger_than_the_layer():
     assert e.field == "r" and "exceeds the layer model.layers.0.self_attn.k_proj (64→32)" in str(e) and e.rule == "rule 0 ('*.k_proj')"
 
 
-def test_pissa_on_functional_site():
-    e = spec_error(rule("w_mid", init="pissa"), FunctionalNet())
-    assert e.field == "init" and "functional" in str(e)
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_split_init_on_functional_site(init):
+    e = spec_error(rule("w_mid", init=init), FunctionalNet())
+    assert e.field == "init" and "functional" in str(e) and init in str(e)
 
 
 def test_optional_rules_and_regex_train_patterns():
