@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftify.passes.base import dense_flops, lr_multipliers
-from peftify.rewrite.apply import adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
-from peftify.rewrite.capture import capture
+from peftify.rewrite.apply import accepts_compiled, adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
+from peftify.rewrite.capture import capture as _capture
 from peftify.rewrite.plan import Plan, make_plan, method_label
 from peftify.rewrite.spec import Spec, as_spec
 from peftify.table import human, table
 
-SpecLike = Spec | dict | str | os.PathLike  # or a peft.LoraConfig
+SpecLike = Spec | dict | str | os.PathLike  # or a peft.LoraConfig (or a Plan: its spec)
+
+capture = accepts_compiled(_capture)
 
 
+@accepts_compiled
 def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True) -> Plan:
     """Resolve `spec` against `model`'s sites without changing anything (a dry run).
 
@@ -27,9 +30,10 @@ def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = T
     """
     spec = as_spec(spec, model)
     rewrite = getattr(model, "_peftify", None)  # adding an adapter: the original model's capture
-    return make_plan(model, rewrite.capture if rewrite else capture(model, example_inputs), spec, strict=strict)
+    return make_plan(model, rewrite.capture if rewrite else _capture(model, example_inputs), spec, strict=strict)
 
 
+@accepts_compiled
 def peftify(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True, adapter: str = "default", progress: bool | None = None) -> nn.Module:
     """Rewrite `model` in place according to `spec` and return it (the same object).
 
@@ -42,12 +46,14 @@ def peftify(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool 
     return apply_plan(model, plan(model, spec, example_inputs, strict), adapter=adapter, progress=progress)
 
 
+@accepts_compiled
 def set_adapter(model: nn.Module, adapter: str) -> None:
     """Make `adapter` the one that computes and trains. A compiled model compiles once per adapter."""
     set_active(model, adapter)
 
 
 @contextmanager
+@accepts_compiled
 def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block; the active adapter comes back after it."""
     rewrite = rewrite_state(model, "disable")
@@ -60,17 +66,20 @@ def disable_adapters(model: nn.Module):
             set_active(model, active)
 
 
+@accepts_compiled
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter; sites no other adapter uses get their original modules back."""
     delete(model, adapter)
 
 
+@accepts_compiled
 def adapters(model: nn.Module) -> dict[str, bool]:
     """The model's adapters by name, True for the active one."""
     rewrite = rewrite_state(model, "list")
     return {name: name == rewrite.active for name in rewrite.adapters}
 
 
+@accepts_compiled
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into dense weights, in place (other adapters are dropped): the
     original module types, state-dict keys and ``requires_grad`` flags come back; the output is
@@ -79,6 +88,7 @@ def merge(model: nn.Module) -> nn.Module:
     return merge_model(model)
 
 
+@accepts_compiled
 def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters, honouring each parameter's
     learning-rate multiplier (e.g. LoRA+'s ``lr_ratio`` on B). Pass to any torch optimizer.
@@ -108,6 +118,7 @@ class Report:
     __repr__ = __str__
 
 
+@accepts_compiled
 def report(model: nn.Module) -> Report:
     """Table of the rewritten sites: method, parameters and FLOPs per token before and after."""
     state = rewrite_state(model, "report")

@@ -22,6 +22,7 @@ from peftify.errors import SpecError
 from peftify.io.peft_config import from_peft, to_peft
 from peftify.passes.base import Method
 from peftify.rewrite.apply import (
+    accepts_compiled,
     adapted_site,
     adapter_params,
     apply_plan,
@@ -64,6 +65,7 @@ def peft_names(entries, adapter: str) -> dict[str, str]:
     return names
 
 
+@accepts_compiled
 def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "native", adapter: str | None = None) -> Path:
     """Write an adapter (the active one by default) to the directory `path` ("native" or "peft").
 
@@ -127,6 +129,7 @@ def detect_format(path: Path) -> str:
     raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({', '.join(PEFT)})")
 
 
+@accepts_compiled
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, strict: bool = True) -> nn.Module:
     """Load an adapter directory saved by peftify or by PEFT (the format is detected) as the
     adapter named `adapter`, and make it active.
@@ -258,6 +261,7 @@ def _experts_from_peft(tensors: dict, plan, adapter: str) -> dict:
     return tensors
 
 
+@accepts_compiled
 def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None) -> nn.Module:
     """Rewrite a fresh copy of the base model as the saved adapter says and load its weights."""
     if getattr(model, "_peftify", None) is not None:

@@ -9,6 +9,7 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -48,6 +49,23 @@ class RewriteState:
     @property
     def plan(self) -> Plan:
         return self.adapters[self.current]
+
+
+def accepts_compiled(fn):
+    """Let a public entry point take a `torch.compile`d model: it works on the module the wrapper
+    holds (so names, state-dict keys and captures are the model's own, without ``_orig_mod.``),
+    and where it returns that module it returns the wrapper. The wrapper recompiles on its next
+    call after a rewrite."""
+
+    @functools.wraps(fn)
+    def entry(model, *args, **kwargs):
+        inner = model._orig_mod if type(model).__name__ == "OptimizedModule" else None
+        if inner is None:
+            return fn(model, *args, **kwargs)
+        result = fn(inner, *args, **kwargs)
+        return model if result is inner else result
+
+    return entry
 
 
 def rewrite_state(model: nn.Module, doing: str) -> RewriteState:

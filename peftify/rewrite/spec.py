@@ -138,6 +138,8 @@ def as_spec(spec, model=None) -> Spec:
     """Accept every spec form, PEFT configs included."""
     if isinstance(spec, Spec):
         return spec
+    if isinstance(getattr(spec, "spec", None), Spec):  # a Plan (from peftify.plan): what it resolved
+        return spec.spec
     if type(spec).__name__.endswith("Config") and hasattr(spec, "peft_type"):
         return Spec.from_peft(spec, model)
     if isinstance(spec, dict):
@@ -146,7 +148,7 @@ def as_spec(spec, model=None) -> Spec:
         return Spec.load(spec)
     if isinstance(spec, Rule):
         return Spec([spec])
-    raise SpecError(f"a spec is a peftify.Spec, a dict or a path to a YAML/JSON file, not {type(spec).__name__}")
+    raise SpecError(f"a spec is a peftify.Spec, a peftify.Plan, a peft.LoraConfig, a dict or a path to a YAML/JSON file, not {type(spec).__name__}")
 
 
 def _compile(rule: Rule, index: int) -> Predicate:

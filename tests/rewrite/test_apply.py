@@ -1,5 +1,7 @@
 """Transactional apply, merge and report: nothing lost on failure."""
 
+import copy
+
 import pytest
 import torch
 from conftest import FunctionalNet, output, tiny_gpt2, tiny_llama
@@ -172,3 +174,42 @@ def test_a_rewritten_model_pickles_and_stays_usable():
     peftify.merge(loaded)
     assert list(loaded.state_dict()) == keys
     torch.testing.assert_close(output(loaded, x), output(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_plan_is_accepted_as_the_spec_it_resolved():
+    model = tiny_llama()
+    plan = peftify.plan(model, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2}}]})
+    peftify.peftify(model, plan, progress=False)
+    assert [e.site.fqn for e in peftify.plan(tiny_llama(), plan).entries] == [e.site.fqn for e in plan.entries]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.trainable_params
+
+
+def test_a_compiled_model_is_rewritten_through_its_wrapper(tmp_path):
+    """`torch.compile(model)` given to every entry point: the module it wraps is rewritten (names
+    without ``_orig_mod.``), the wrapper is returned and recompiles, and files load on a plain model."""
+    torch.manual_seed(0)
+    x = {"input_ids": torch.arange(12).view(2, 6) % 101}
+    plain = tiny_llama(layers=1)
+    base_out = output(plain, x).detach()
+    compiled = torch.compile(copy.deepcopy(plain), backend="eager")  # dynamo alone: its guards are what must see the rewrite
+    torch.testing.assert_close(output(compiled, x), base_out)
+    assert [s.fqn for s in peftify.capture(compiled).sites] == [s.fqn for s in peftify.capture(plain).sites]
+    assert peftify.peftify(compiled, ALL, progress=False) is compiled
+    with torch.no_grad():
+        for p in compiled.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    adapted = output(compiled._orig_mod, x).detach()
+    assert not torch.allclose(adapted, base_out, atol=1e-3)
+    torch.testing.assert_close(output(compiled, x), adapted, atol=1e-5, rtol=1e-5)  # recompiled, not stale
+    assert "model.layers.0.self_attn.q_proj" in str(peftify.report(compiled))
+    assert peftify.adapters(compiled) == {"default": True}
+    assert all(g["params"] for g in peftify.param_groups(compiled))
+    peftify.save_adapter(compiled, tmp_path / "a")
+    loaded = peftify.from_pretrained(copy.deepcopy(plain), tmp_path / "a")
+    torch.testing.assert_close(output(loaded, x), adapted, atol=1e-5, rtol=1e-5)
+    with peftify.disable_adapters(compiled):
+        torch.testing.assert_close(output(compiled, x), base_out, atol=1e-5, rtol=1e-5)
+    assert peftify.merge(compiled) is compiled
+    assert list(compiled._orig_mod.state_dict()) == list(plain.state_dict())
+    torch.testing.assert_close(output(compiled, x), adapted, atol=1e-4, rtol=1e-4)
