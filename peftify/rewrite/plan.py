@@ -170,6 +170,11 @@ def _unmatched(where: str, match, candidates: list, strict: bool) -> None:
     else:
         names = [c.fqn if isinstance(c, Site) else c for c in candidates]
         msg = f"matches nothing; nearest: {', '.join(nearest(str(probe), names))}"
+        if isinstance(probe, str) and probe and not probe.startswith("re:") and any(fnmatch.fnmatchcase(n.rpartition(".")[0], probe) for n in names):
+            msg += f"; {probe!r} names modules that contain sites: {probe + '.*'!r} selects the sites inside them"
+        layers = sorted({c.layer for c in candidates if isinstance(c, Site) and c.layer is not None})
+        if isinstance(match, dict) and "layers" in match and layers:
+            msg += f"; the sites' layers are {layers[0]}–{layers[-1]}"
     if strict:
         raise SpecError(msg, rule=where)
     warnings.warn(f"peftify: {where} {msg}", stacklevel=3)

@@ -118,6 +118,10 @@ def test_rule_matching_nothing_lists_nearest_fqns():
     assert e.rule == "rule 0 ('*.q_prj')" and "matches nothing" in str(e) and "self_attn.q_proj" in str(e)
     e = spec_error({"rules": [{"match": "role:attn.qq", "apply": {"method": "lora"}}]})
     assert "roles present" in str(e) and "attn.q" in str(e)
+    e = spec_error({"rules": [{"match": "*.self_attn", "apply": {"method": "lora"}}]})  # a container, not a site
+    assert "'*.self_attn.*' selects the sites inside them" in str(e)
+    e = spec_error({"rules": [{"match": {"layers": [7]}, "apply": {"method": "lora"}}]})
+    assert "the sites' layers are 0–1" in str(e) and "selects the sites" not in str(e)
 
 
 def test_strict_false_warns_and_goes_on():
