@@ -34,7 +34,9 @@ def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = T
 
 
 @accepts_compiled
-def peftify(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True, adapter: str = "default", progress: bool | None = None) -> nn.Module:
+def peftify(
+    model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True, adapter: str = "default", progress: bool | None = None, autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Rewrite `model` in place according to `spec` and return it (the same object).
 
     The rewrite is a named adapter; calling again with another `adapter` name adds one more
@@ -42,8 +44,12 @@ def peftify(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool 
     the active adapter's trainable parameters and those named by its spec's ``train`` globs.
     If anything fails, the model is left exactly as it was (same module objects, state dict and
     ``requires_grad`` flags).
+
+    On a float16/bfloat16 model, adapters keep their trainable parameters in float32 and compute
+    in the model's dtype under autocast, as PEFT's ``autocast_adapter_dtype=True`` does (False:
+    the model's dtype). Structures that replace a layer keep the model's dtype.
     """
-    return apply_plan(model, plan(model, spec, example_inputs, strict), adapter=adapter, progress=progress)
+    return apply_plan(model, plan(model, spec, example_inputs, strict), adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 @accepts_compiled

@@ -130,7 +130,9 @@ def detect_format(path: Path) -> str:
 
 
 @accepts_compiled
-def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, strict: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, strict: bool = True, autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Load an adapter directory saved by peftify or by PEFT (the format is detected) as the
     adapter named `adapter`, and make it active.
 
@@ -167,7 +169,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
                 raise SpecError(f"{source} does not fit this model; sites missing from this model ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         plan = make_plan(model, cap, spec, strict=strict)
         tensors = _from_peft_keys(tensors, plan, adapter) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
-        return apply_plan(model, plan, adapter=adapter, state=tensors, source=source)
+        return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
     plan = rewrite.adapters[adapter]
     targets = adapter_state(model, adapter)
     optional = {}
@@ -262,8 +264,9 @@ def _experts_from_peft(tensors: dict, plan, adapter: str) -> dict:
 
 
 @accepts_compiled
-def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None) -> nn.Module:
-    """Rewrite a fresh copy of the base model as the saved adapter says and load its weights."""
+def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Rewrite a fresh copy of the base model as the saved adapter says and load its weights
+    (`autocast_adapter_dtype` as in `peftify.peftify`)."""
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("from_pretrained takes the base model, not one already rewritten; use load_adapter")
-    return load_adapter(model, path, adapter, example_inputs)
+    return load_adapter(model, path, adapter, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -175,6 +175,7 @@ class SiteModule(nn.Module):
         self.method = method
         self.site = site
         self.residual: torch.Tensor | None = None
+        self.upcast = False  # trainable parameters held in float32 over a half-precision base (`upcast_trainable`)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The dense (out, in) weight this adapter computes, given the base weight."""
@@ -300,6 +301,26 @@ def like_linear_under_autocast(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def upcast_trainable(module: SiteModule) -> None:
+    """Hold a half-precision adapter's trainable parameters in float32, as PEFT does by default
+    (``autocast_adapter_dtype``): the optimizer then updates small adapter weights without
+    bfloat16 rounding them away. The site computes in the base's dtype under autocast (float32
+    master weights); frozen tensors keep theirs. An `ExpertStack`'s experts are upcast with it."""
+    params = [p for p in module.parameters() if p.requires_grad and p.dtype in HALF]
+    for p in params:
+        p.data = p.data.float()
+    module.upcast = module.upcast or bool(params)
+
+
+def half_compute(adapter: SiteModule, like: torch.Tensor) -> bool:
+    """Whether an upcast adapter must compute under autocast to `like`'s half dtype (its float32
+    weights meet a half-precision input and base weight)."""
+    return adapter.upcast and like.dtype in HALF and not torch.is_autocast_enabled(like.device.type)
+
+
 class AdaptedSite(nn.Module):
     """What a rewritten module site becomes: the original module as ``base_layer`` (its frozen
     weight stays at ``<fqn>.base_layer.weight``) and the adapters by name. ``active`` names the
@@ -336,7 +357,13 @@ class AdaptedSite(nn.Module):
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if self.computing is not None:
-            return self.adapters[self.computing].merged_weight(weight)
+            adapter = self.adapters[self.computing]
+            if weight is None:  # a structure replaced the layer
+                return adapter.merged_weight(weight)
+            if half_compute(adapter, weight):
+                with torch.autocast(weight.device.type, dtype=weight.dtype):
+                    return adapter.merged_weight(weight).to(weight.dtype)
+            return adapter.merged_weight(weight).to(weight.dtype)
         if self.rewritten_by is not None:  # inactive: the weight as it was before the rewrite
             return self.adapters[self.rewritten_by].original_weight(weight)
         return weight
@@ -346,7 +373,11 @@ class AdaptedSite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.computing is not None:
-            return like_linear_under_autocast(self.adapters[self.computing](x, self.weight, self.bias))
+            adapter = self.adapters[self.computing]
+            if half_compute(adapter, x):  # float32 adapter weights, the model's half compute
+                with torch.autocast(x.device.type, dtype=x.dtype):
+                    return adapter(x, self.weight, self.bias).to(x.dtype)
+            return like_linear_under_autocast(adapter(x, self.weight, self.bias))
         if self.rewritten_by is not None:
             return F.linear(x, self.dense_weight(), self.bias)
         return self.base_layer(x)
@@ -417,4 +448,4 @@ class WeightParametrization(nn.Module):
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         t = self.adapted.site.transposed
         w = self.adapted.merged_weight(stored.mT if t else stored)  # .mT: a stack of experts too
-        return w.mT if t else w
+        return (w.mT if t else w).to(stored.dtype)  # float32 adapter weights over a half W: W's dtype

@@ -52,8 +52,9 @@ class DoRAModule(LoRAModule):
         """‖W + s·B·A‖ per output row, without forming W + s·B·A:
         ‖W‖² + 2s·⟨B, W Aᵀ⟩_row + s²·⟨B (A Aᵀ), B⟩_row, in float32 or wider."""
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        w, a, b, s = weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
-        squared = w.square().sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+        with torch.autocast(weight.device.type, enabled=False):  # in float32, also under autocast
+            w, a, b, s = weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
+            squared = w.square().sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
         return squared.clamp_min(0).sqrt().to(weight.dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

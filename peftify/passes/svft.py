@@ -104,7 +104,8 @@ class SVFTModule(LowRankDelta):
         self.m = nn.Parameter(torch.zeros(method.trainable_params(site), dtype=weight.dtype, device=weight.device))
 
     def factors(self):
-        um = torch.zeros_like(self.u).index_add(1, self.cols, self.u[:, self.rows] * self.m)  # U·M, M sparse
+        terms = self.u[:, self.rows] * self.m
+        um = terms.new_zeros(self.u.shape).index_add(1, self.cols, terms)  # U·M, M sparse
         return self.vh, um, 1.0
 
     # With all singular vectors, W' = U (diag(σ₀) + M) Vᵀ: W itself is not used.

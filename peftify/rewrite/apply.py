@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftify.errors import SpecError
-from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag
+from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
 from peftify.rewrite.plan import Entry, Plan
 from peftify.rewrite.sites import Capture, Site
 
@@ -149,11 +149,14 @@ def _base_of(model: nn.Module, site: Site, state: RewriteState | None):
     return None, w.mT if site.transposed else w  # .mT: an experts site's (experts, ·, ·) stack too
 
 
-def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress: bool | None = None, state: dict[str, torch.Tensor] | None = None, source: str = "") -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: Plan, adapter: str = "default", progress: bool | None = None, state: dict[str, torch.Tensor] | None = None, source: str = "", autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Install `plan` as adapter `adapter` and make it the active one.
 
     With `state` (full names → tensors, e.g. a saved adapter), the tensors are checked against
-    what the plan builds before anything changes, then loaded.
+    what the plan builds before anything changes, then loaded. With `autocast_adapter_dtype`, an
+    adapter over a half-precision weight trains float32 parameters (`upcast_trainable`).
     """
     rewrite: RewriteState | None = getattr(model, "_peftify", None)
     if not isinstance(adapter, str) or not adapter.isidentifier():
@@ -184,6 +187,10 @@ def apply_plan(model: nn.Module, plan: Plan, adapter: str = "default", progress:
         mods = build_for_sites(method, [(plan.entries[i].site, weights[i]) for i in idx], progress)
         for i, mod in zip(idx, mods):
             built[i] = mod
+    if autocast_adapter_dtype:
+        for entry, mod in zip(plan.entries, built):
+            if not entry.method.replaces_base:  # a structure is the layer itself: it keeps the model's dtype
+                upcast_trainable(mod)
 
     existing = {}  # tensors of `state` bound for parameters the model already has
     if state is not None:

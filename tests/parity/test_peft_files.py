@@ -289,3 +289,31 @@ def test_peft_format_refuses_what_peft_cannot_hold(tmp_path):
         peftify.save_adapter(mixed, tmp_path / "y", format="onnx")
     with pytest.raises(SpecError, match="no peftify rewrite to save"):
         peftify.save_adapter(tiny_llama(), tmp_path / "z")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_bfloat16_model_gets_float32_adapters_as_in_peft(dora, tmp_path):
+    """PEFT's default autocast_adapter_dtype keeps adapter weights float32 on a bfloat16 base:
+    so do ours, a PEFT file loads byte for byte into them, and the outputs agree to bfloat16's
+    precision (PEFT runs the LoRA branch in float32, peftify in bfloat16 from float32 weights)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=dora)
+    theirs = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    other = {peft_param_name(n): p for n, p in theirs.named_parameters() if p.requires_grad}
+    assert mine.keys() == other.keys()
+    for n, p in mine.items():
+        assert p.dtype == other[n].dtype == torch.float32, n
+        assert torch.equal(p, other[n]), n
+    x = LLAMA_IN()
+    want, got = output(theirs, x).double(), output(ours, x).double()
+    assert (got - want).norm() <= 2e-2 * want.norm()

@@ -262,3 +262,29 @@ def test_autocast_output_dtype_is_the_linear_one(name):
     y.float().square().sum().backward()
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in trained), [(n, p.grad is None or p.grad.dtype) for n, p in trained]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_half_precision_model_trains_float32_adapter_weights(name):
+    """As PEFT's autocast_adapter_dtype: on a bfloat16 model an adapter's trainable parameters are
+    float32 (the optimizer's updates are not rounded to bfloat16) while the site computes in
+    bfloat16; its output is near the float64 model's, merge gives bfloat16 weights back. A
+    structure is the layer itself and keeps the model's dtype."""
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.bfloat16)
+    peftify.peftify(model, spec(name, r=4), progress=False)
+    perturb(model, std=0.05)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    want = torch.bfloat16 if METHODS[name].replaces_base else torch.float32
+    assert trained and set(trained.values()) == {want}, trained
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {torch.bfloat16}
+    y = output(model, X)
+    assert y.dtype == torch.bfloat16
+    ref = output(copy.deepcopy(model).double(), X).detach()
+    assert (y.double() - ref).norm() <= 3e-2 * ref.norm()
+    y.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    adapted = y.detach().double()
+    peftify.merge(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (output(model, X).double() - adapted).norm() <= 3e-2 * adapted.norm()

@@ -280,3 +280,18 @@ def test_conformance_every_registered_method_has_defaults_and_round_trips():
 def test_lora_is_exported_as_a_dataclass():
     assert LoRA(r=4) == LoRA(r=4, alpha=8.0)
     assert MODELS  # the model zoo the suite runs on
+
+
+def test_adapter_dtype_on_a_half_model_follows_autocast_adapter_dtype():
+    """float32 LoRA weights on a bfloat16 model by default; the model's dtype with
+    autocast_adapter_dtype=False; either way no graph break under torch.compile."""
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}
+    x = {"input_ids": torch.arange(12).view(2, 6) % 101}
+    for upcast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        torch.manual_seed(0)
+        model = peftify.peftify(tiny_llama(layers=1).to(torch.bfloat16), spec, progress=False, autocast_adapter_dtype=upcast)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {dtype}
+        eager = output(model, x).detach()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(output(compiled, x).detach(), eager)

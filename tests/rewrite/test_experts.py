@@ -1,6 +1,8 @@
 """Mixture-of-experts weights: a stacked (experts, ·, ·) parameter is one experts site, and any
 adapter that can adapt a functional site adapts each expert (W'_e from its own matrix)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,3 +165,22 @@ def test_dropout_on_expert_stacks_is_refused():
     with pytest.raises(SpecError, match="dropout"):
         peftify.peftify(build(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 2, "dropout": 0.1}}]})
 
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "svfit"])
+def test_expert_stacks_of_a_bfloat16_model_train_float32_adapters(method):
+    """On a bfloat16 MoE the experts' adapters hold float32 weights; the model still reads a
+    bfloat16 stack, near the float32 model's output, and merge writes a bfloat16 stack back."""
+    model = build().to(torch.bfloat16)
+    peftify.peftify(model, {"rules": [{"match": "*.experts.*", "apply": {"method": method, "r": 2}}]}, progress=False)
+    perturbed(model)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    y = model(**INPUTS).logits
+    assert y.dtype == torch.bfloat16
+    ref = copy.deepcopy(model).float()(**INPUTS).logits.detach().double()  # grouped_mm has no float64
+    assert (y.double() - ref).norm() <= 3e-2 * ref.norm()
+    y.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    peftify.merge(model)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert (model(**INPUTS).logits.double() - y.detach().double()).norm() <= 3e-2 * ref.norm()
