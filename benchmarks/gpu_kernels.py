@@ -393,7 +393,7 @@ def lora_bench(cfg: Config, args, device, ceil: dict, out: Output) -> dict:
     with torch.no_grad():
         ours[0].weight.copy_(weight)
     spec = {"rules": [{"match": "*", "apply": {"method": "lora", "r": r, "alpha": alpha}}]}
-    peftify.peftify(ours, spec, example_inputs=(torch.randn(2, fin, **kw),), progress=False)
+    peftify.peftify(ours, spec, example_inputs=(torch.randn(2, fin, **kw),), progress=False, autocast_adapter_dtype=False)  # adapters in the run dtype, as the kernels
     ours_ab = [ours[0].adapters["default"].lora_A, ours[0].adapters["default"].lora_B]
     with torch.no_grad():
         ours_ab[0].copy_(lora_a)
@@ -479,7 +479,7 @@ def lora_bench(cfg: Config, args, device, ceil: dict, out: Output) -> dict:
 
 def structured_layer(method: dict, fin: int, fout: int, kw: dict) -> tuple[nn.Module, StructuredModule]:
     model = nn.Sequential(nn.Linear(fin, fout, bias=False, **kw))
-    peftify.peftify(model, {"rules": [{"match": "*", "apply": method}]}, example_inputs=(torch.randn(2, fin, **kw),), progress=False)
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": method}]}, example_inputs=(torch.randn(2, fin, **kw),), progress=False, autocast_adapter_dtype=False)
     (mod,) = [m for m in model.modules() if isinstance(m, StructuredModule)]
     return model, mod
 
@@ -595,7 +595,7 @@ def step_bench(cfg: Config, args, device, out: Output) -> dict:
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     del base
     hp = {"method": "lora", "r": r, "alpha": 2 * r}
-    peftify.peftify(ours, {"rules": [{"match": "role:attn.*", "apply": hp}, {"match": "role:mlp.*", "apply": hp}]}, progress=False)
+    peftify.peftify(ours, {"rules": [{"match": "role:attn.*", "apply": hp}, {"match": "role:mlp.*", "apply": hp}]}, progress=False, autocast_adapter_dtype=False)  # as PEFT below
     pm = get_peft_model(theirs, LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS, lora_dropout=0.0), autocast_adapter_dtype=False)
     # the same non-zero LoRA factors on both sides
     inner = pm.base_model.model
