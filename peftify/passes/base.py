@@ -169,13 +169,13 @@ class SiteModule(nn.Module):
     """
 
     peft_names: ClassVar[dict[str, str]] = {}  # own parameter → its key in PEFT's files, if PEFT has the method
+    upcast = False  # trainable parameters held in float32 over a half-precision base (`upcast_trainable`)
 
     def __init__(self, method: Method, site: Site):
         super().__init__()
         self.method = method
         self.site = site
         self.residual: torch.Tensor | None = None
-        self.upcast = False  # trainable parameters held in float32 over a half-precision base (`upcast_trainable`)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The dense (out, in) weight this adapter computes, given the base weight."""
@@ -448,4 +448,4 @@ class WeightParametrization(nn.Module):
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         t = self.adapted.site.transposed
         w = self.adapted.merged_weight(stored.mT if t else stored)  # .mT: a stack of experts too
-        return (w.mT if t else w).to(stored.dtype)  # float32 adapter weights over a half W: W's dtype
+        return w.mT if t else w
