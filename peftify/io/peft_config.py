@@ -14,7 +14,7 @@ from torch import nn
 
 from peftify.errors import SpecError
 from peftify.passes.dora import DoRA
-from peftify.passes.lora import LoRA
+from peftify.passes.lora import SPLIT_INITS, LoRA
 from peftify.rewrite.spec import Rule, Spec
 
 HANDLED = {
@@ -74,7 +74,7 @@ def from_peft(config, model=None) -> Spec:
             continue
         raise SpecError(f"peftify cannot honour PEFT's {key}={value!r}", field=key)
     init = d.get("init_lora_weights", True)
-    if d.get("use_dora") and init in ("pissa", "olora"):
+    if d.get("use_dora") and INITS.get(init) in SPLIT_INITS:
         raise SpecError("peftify's DoRA takes init_lora_weights True or 'gaussian'", field="init_lora_weights")
     if init not in INITS:
         raise SpecError(f"peftify supports init_lora_weights True, 'gaussian', 'pissa' or 'olora', not {init!r}", field="init_lora_weights")

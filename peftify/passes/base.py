@@ -312,7 +312,7 @@ def upcast_trainable(module: SiteModule) -> None:
     params = [p for p in module.parameters() if p.requires_grad and p.dtype in HALF]
     for p in params:
         p.data = p.data.float()
-    module.upcast = module.upcast or bool(params)
+    module.upcast = bool(params)
 
 
 def half_compute(adapter: SiteModule, like: torch.Tensor) -> bool:

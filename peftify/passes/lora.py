@@ -102,8 +102,7 @@ class LoRAModule(SiteModule):
         a, b = torch.empty(r, in_f, **factory), torch.zeros(out_f, r, **factory)
         if weight.device.type != "meta":
             if method.init in SPLIT_INITS:
-                split = _pissa(weight, svd, r, self.scaling) if method.init == "pissa" else _olora(weight, r, self.scaling)
-                a, b, self.residual = split
+                a, b, self.residual = _pissa(weight, svd, r, self.scaling) if method.init == "pissa" else _olora(weight, r, self.scaling)
                 # the part taken out of W, to compute W itself while this adapter is inactive
                 self.register_buffer("split_a", a.clone(), persistent=False)
                 self.register_buffer("split_b", b.clone(), persistent=False)
