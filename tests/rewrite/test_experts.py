@@ -169,18 +169,28 @@ def test_dropout_on_expert_stacks_is_refused():
 
 @pytest.mark.parametrize("method", ["lora", "dora", "svfit"])
 def test_expert_stacks_of_a_bfloat16_model_train_float32_adapters(method):
-    """On a bfloat16 MoE the experts' adapters hold float32 weights; the model still reads a
-    bfloat16 stack, near the float32 model's output, and merge writes a bfloat16 stack back."""
+    """On a bfloat16 MoE the experts' adapters hold float32 weights; the model reads bfloat16
+    stacks, near the float64 merge of the same adapters, and merge writes those stacks back.
+    (Logits are not compared with a float32 copy: the router's top-k may pick other experts
+    when the precision changes.)"""
     model = build().to(torch.bfloat16)
     peftify.peftify(model, {"rules": [{"match": "*.experts.*", "apply": {"method": method, "r": 2}}]}, progress=False)
     perturbed(model)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    wide = copy.deepcopy(model).double()
+
+    def stacks(m):
+        return [getattr(layer.mlp.experts, name) for layer in m.model.layers for name in ("gate_up_proj", "down_proj")]
+
+    want = [w.detach() for w in stacks(wide)]
+    read = stacks(model)
+    assert {w.dtype for w in read} == {torch.bfloat16}
+    for got, ref in zip(read, want, strict=True):
+        assert (got.double() - ref).norm() <= 1e-2 * ref.norm()
     y = model(**INPUTS).logits
-    assert y.dtype == torch.bfloat16
-    ref = copy.deepcopy(model).float()(**INPUTS).logits.detach().double()  # grouped_mm has no float64
-    assert (y.double() - ref).norm() <= 3e-2 * ref.norm()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     y.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     peftify.merge(model)
-    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
-    assert (model(**INPUTS).logits.double() - y.detach().double()).norm() <= 3e-2 * ref.norm()
+    for got, ref in zip(stacks(model), want, strict=True):
+        assert got.dtype == torch.bfloat16 and (got.double() - ref).norm() <= 1e-2 * ref.norm()
