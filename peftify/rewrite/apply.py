@@ -254,6 +254,14 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
         adapted = AdaptedSite(site, base)
         adapted.rewritten_by = adapter if record.original is not None else None
         adapted.replaced_by = adapter if entry.method.replaces_base else None
+        if site.kind == "module" and site.aliases:
+            # A tied weight now also sits under `<fqn>.base_layer.weight`. transformers'
+            # save_pretrained (which HF Trainer's checkpoints call) drops a shared tensor's
+            # duplicate keys only where a module's `_tied_weights_keys` patterns name them, and
+            # refuses to save otherwise. These patterns name this container's copies (all of
+            # it when several tied modules share the container); save keeps one of each.
+            shared = ("base_layer", "adapters") if len(site.owners) > 1 else ("base_layer.weight",)
+            adapted._tied_weights_keys = {key: site.aliases[0] for key in shared}
         if site.kind == "module":
             for i, path in enumerate(site.owners):
                 parent_path, name = _split(path)

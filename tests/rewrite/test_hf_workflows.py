@@ -1,0 +1,114 @@
+"""An adapted transformers model in the workflows a PEFT user runs: HF Trainer checkpoints and
+resumes, gradient checkpointing, and generation with the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch.utils.data import Dataset
+
+import peftify
+
+LORA_ALL = {"rules": [{"match": "role:*", "apply": {"method": "lora", "r": 4, "init": "gaussian"}}]}
+
+
+def adapted_tied_llama():
+    torch.manual_seed(0)
+    model = tiny_llama(tie=True).train()
+    peftify.peftify(model, LORA_ALL)
+    with torch.no_grad():  # B = 0 at init: give the adapters a visible effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+class Tokens(Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 101, (10,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_trainer_checkpoints_and_resumes_a_model_whose_adapted_head_is_tied(tmp_path):
+    """Trainer's checkpoints call save_pretrained on the unmerged model. The LoRA'd lm_head's
+    weight is the embedding's, now also under lm_head.base_layer.weight; transformers refused to
+    save that shared tensor. A run resumed from the middle ends where the uninterrupted one does."""
+    import transformers
+    from safetensors.torch import load_file
+
+    args = {"output_dir": str(tmp_path), "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "report_to": [], "use_cpu": True, "disable_tqdm": True, "seed": 0}
+    model = adapted_tied_llama()
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
+    transformers.Trainer(model=model, args=transformers.TrainingArguments(**args), train_dataset=Tokens()).train()
+    uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+
+    saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert "model.embed_tokens.weight" in saved and "lm_head.base_layer.weight" not in saved  # one copy of the tied tensor
+    assert "lm_head.adapters.default.lora_B" in saved
+
+    resumed = adapted_tied_llama()
+    transformers.Trainer(model=resumed, args=transformers.TrainingArguments(**args), train_dataset=Tokens()).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.lm_head.base_layer.weight is resumed.model.embed_tokens.weight  # still tied after the load
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, uninterrupted[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(uninterrupted[k], saved[k]) for k in saved if "lora_" in k)  # training moved the adapters
+
+
+def test_save_keeps_one_copy_of_a_container_shared_by_tied_modules():
+    """Two linears sharing weight and bias become one container under two names: every one of its
+    tensors is a duplicate that save_pretrained must drop, keeping the other name's copy."""
+    from torch import nn
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight, self.b.bias = self.a.weight, self.a.bias
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Twice()
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=(torch.randn(2, 8),))
+    assert model.a is model.b
+    kept = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+    assert sorted(kept) == ["b.adapters.default.lora_A", "b.adapters.default.lora_B", "b.base_layer.bias", "b.base_layer.weight"]
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    model = adapted_tied_llama()
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) == 30  # 15 sites × (A, B)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert plain[name].abs().sum() > 0
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_generate_with_the_kv_cache_matches_full_recomputation(merge):
+    """Greedy generation through the cache gives the tokens that re-running the whole sequence
+    picks, adapted and merged."""
+    model = adapted_tied_llama().eval()
+    if merge:
+        peftify.merge(model)
+    prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(2))
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
