@@ -31,3 +31,11 @@ def test_import_is_light():
     code = "import sys, peftify; print(sorted(m for m in ('transformers', 'peft', 'triton') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_looking_up_an_op_defines_the_ops():
+    """The ops are defined lazily (defining them imports triton), but a bare `import peftify`
+    already answers torch.ops.peftify.*, as loading a saved torch.export program needs."""
+    code = "import sys, torch, peftify; assert 'peftify.codegen.ops' not in sys.modules; print(torch.ops.peftify.kron.default, torch.ops.peftify.lora_linear.default)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["peftify.kron.default", "peftify.lora_linear.default"]

@@ -3,12 +3,33 @@
 them on CUDA (`triton_kernels`, imported only when a kernel runs). See docs/codegen.md.
 
 The ops are defined on first use, not when peftify is imported: with triton installed, torch's
-``triton_op`` imports it while defining an op, and ``import peftify`` stays light.
+``triton_op`` imports it while defining an op, and ``import peftify`` stays light. The first
+look-up of any ``torch.ops.peftify.*`` name defines them too, so a program saved by
+`torch.export.save` loads after a bare ``import peftify``.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+class _OpsDefinedOnLookup(torch._ops._OpNamespace):
+    """``torch.ops.peftify``, which imports `peftify.codegen.ops` (defining every op) the first
+    time a name in it is looked up; torch caches each op found, so later look-ups skip this."""
+
+    # the ops found take their ``__module__`` from the namespace's, which the torch.export
+    # serializer writes as the op's name: it must read as torch's own namespaces do
+    __module__ = torch._ops._OpNamespace.__module__
+
+    def __getattr__(self, op_name: str):
+        if not op_name.startswith("__"):
+            import peftify.codegen.ops  # noqa: F401  (while it runs, its own look-ups land here too)
+        return super().__getattr__(op_name)
+
+
+if "peftify" not in torch.ops.__dict__:
+    torch.ops.peftify = _OpsDefinedOnLookup("peftify")
+    torch.ops._dir.append("peftify")
 
 
 def lora_linear(
