@@ -347,11 +347,17 @@ def ops_by_owner(graph: torch.fx.Graph, params: dict[str, str]) -> dict[str, set
 
 
 def sites_from_modules(model: nn.Module) -> list[Site]:
-    """The fallback when tracing is impossible: every linear-like module, no roles, no functional sites."""
+    """The fallback when tracing is impossible (and the quick path for loading by name): every
+    linear-like module, no roles, no functional sites. Modules that share one weight are one site
+    with several owners, as a traced capture makes them."""
     names = parameter_names(model)
+    owners: dict[int, list[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        if _linear_like(model, path) is not None and path not in owners.setdefault(id(mod.weight), []):
+            owners[id(mod.weight)].append(path)
     sites = []
     for path, mod in model.named_modules():
-        if _linear_like(model, path) is None:
+        if _linear_like(model, path) is None or owners[id(mod.weight)][0] != path:
             continue
         transposed = type(mod).__name__ == "Conv1D"
         out_f, in_f = mod.weight.shape[::-1] if transposed else mod.weight.shape
@@ -367,7 +373,7 @@ def sites_from_modules(model: nn.Module) -> list[Site]:
                 kind="module",
                 transposed=transposed,
                 layer=layer_index(path),
-                owners=(path,),
+                owners=tuple(owners[id(mod.weight)]),
                 aliases=tuple(n for n in names[id(mod.weight)] if n != wname),
             )
         )

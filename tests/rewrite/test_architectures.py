@@ -1,5 +1,7 @@
 """Capture and roles on more architectures than the core four, and on weights shared by modules."""
 
+import copy
+
 import pytest
 import torch
 from conftest import output
@@ -176,6 +178,22 @@ def test_weight_shared_by_two_linears_is_one_site_with_one_adapter():
     peftify.merge(model)
     assert model.a is a and model.b is b and model.a.weight is model.b.weight  # originals back, still tied
     torch.testing.assert_close(model(x), adapted)
+
+
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_an_adapter_on_a_shared_weight_loads_by_name_onto_every_owner(fmt, tmp_path):
+    """Loading by name (no trace) finds the two owners of the weight as one site, as capture does;
+    before, only `a` was rewritten and the loaded model computed something else."""
+    torch.manual_seed(0)
+    model, x = SharedLinears(), torch.randn(3, 8)
+    fresh = copy.deepcopy(model)
+    peftify.peftify(model, {"rules": [{"match": "a", "apply": {"method": "lora", "r": 2}}]})
+    with torch.no_grad():
+        model.a.adapters["default"].lora_B.normal_()
+    peftify.save_adapter(model, tmp_path / "a", format=fmt)
+    peftify.from_pretrained(fresh, tmp_path / "a")
+    assert fresh.a is fresh.b  # one container for both owners
+    torch.testing.assert_close(fresh(x), model(x))
 
 
 def test_weight_shared_by_linears_with_different_biases_is_refused():
