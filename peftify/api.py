@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from peftify.passes.base import dense_flops, lr_multipliers
+from peftify.passes.base import dense_flops, tagged
 from peftify.rewrite.apply import accepts_compiled, adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
 from peftify.rewrite.capture import capture as _capture
 from peftify.rewrite.plan import Plan, make_plan, method_label
@@ -98,13 +98,21 @@ def merge(model: nn.Module) -> nn.Module:
 def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters, honouring each parameter's
     learning-rate multiplier (e.g. LoRA+'s ``lr_ratio`` on B). Pass to any torch optimizer.
+
+    `weight_decay` applies to the trained matrices: LoRA's A and B, and a structure's factors
+    (SLTrain's sparse values and SVFT's sparse M count as matrix entries). Other vectors and
+    scalars are not decayed: biases and norm weights (as HF Trainer does), and trained values
+    that are the pretrained weight itself (DoRA/BoRA magnitudes, the singular values of
+    SVFit/VectorFit/CLOVER, LoLDU's scaling, MAP's α), which decoupled decay would shrink
+    towards zero, taking the base weight with them.
     """
-    mults = lr_multipliers(model)
-    groups: dict[float, list] = {}
+    mults, decays = tagged(model, "lr_mult"), tagged(model, "decay")
+    groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            groups.setdefault(float(mults.get(id(p), 1.0)), []).append(p)
-    return [{"params": ps, "lr": lr * m, "weight_decay": weight_decay, "lr_mult": m} for m, ps in sorted(groups.items())]
+            decay = weight_decay if decays.get(id(p), p.dim() >= 2) else 0.0
+            groups.setdefault((float(mults.get(id(p), 1.0)), decay), []).append(p)
+    return [{"params": ps, "lr": lr * m, "weight_decay": decay, "lr_mult": m} for (m, decay), ps in sorted(groups.items())]
 
 
 @dataclass

@@ -130,7 +130,8 @@ def check_fits(site: Site, r: int | None, what: str) -> None:
 
 
 def tag(module: nn.Module, name: str, **meta) -> None:
-    """Attach peftify metadata (lr multiplier, whether the method trains it) to `module`'s
+    """Attach peftify metadata (lr multiplier, whether the method trains it, whether weight decay
+    applies) to `module`'s
     parameter `name`. It is kept on the module, not on the Parameter, because `copy.deepcopy`
     copies a Parameter's data but drops its attributes."""
     store = module.__dict__.setdefault("_peftify_params", {})
@@ -143,9 +144,10 @@ def param_meta(module: nn.Module, path: str) -> dict:
     return module.get_submodule(owner).__dict__.get("_peftify_params", {}).get(name, {})
 
 
-def lr_multipliers(model: nn.Module) -> dict[int, float]:
-    """id(parameter) → its learning-rate multiplier, for every tagged parameter of `model`."""
-    return {id(p): meta["lr_mult"] for mod in model.modules() for name, meta in mod.__dict__.get("_peftify_params", {}).items() if "lr_mult" in meta and (p := mod._parameters.get(name)) is not None}
+def tagged(model: nn.Module, key: str) -> dict[int, object]:
+    """id(parameter) → the value `tag` gave it under `key` ("lr_mult", "decay"), for every
+    parameter of `model` tagged with one."""
+    return {id(p): meta[key] for mod in model.modules() for name, meta in mod.__dict__.get("_peftify_params", {}).items() if key in meta and (p := mod._parameters.get(name)) is not None}
 
 
 def dense_flops(site: Site) -> int:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, frozen, invalid, register, singular_flops, stands_in_for
+from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, frozen, invalid, register, singular_flops, stands_in_for, tag
 from peftify.rewrite.sites import Site
 
 PATTERNS = ("plain", "banded", "random", "top_k")
@@ -102,6 +102,7 @@ class SVFTModule(LowRankDelta):
         self.register_buffer("rows", rows.to(weight.device), persistent=False)
         self.register_buffer("cols", cols.to(weight.device), persistent=False)
         self.m = nn.Parameter(torch.zeros(method.trainable_params(site), dtype=weight.dtype, device=weight.device))
+        tag(self, "m", decay=True)  # the entries of the matrix M, an update that starts at zero
 
     def factors(self):
         terms = self.u[:, self.rows] * self.m

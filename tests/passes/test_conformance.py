@@ -180,6 +180,31 @@ def test_a_few_steps_fit_a_teacher_of_the_same_family(name):
     assert losses[-1] < 0.5 * losses[0], losses[::6]
 
 
+# The trained values that are the pretrained weight itself (decay would shrink W with them), by
+# method; every other trained tensor of every method (LoRA's A and B, SVFT's M, LoRA-XS's core, a
+# structure's factors, SLTrain's sparse values among them) is decayed.
+NOT_DECAYED = {"dora": {"magnitude"}, "bora": {"magnitude", "magnitude_in"}, "map": {"alpha", "beta"}, "svfit": {"sigma"}, "vectorfit": {"sigma"}, "loldu": {"z"}, "clover": {"sigma"}}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_weight_decay_spares_the_values_that_are_the_pretrained_weight(name):
+    """One AdamW step with zero gradients moves a parameter only by decoupled decay: the decayed
+    ones scale by 1 − lr·wd, the others stay."""
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(), spec(name, r=4), progress=False)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trained
+    opt = torch.optim.AdamW(peftify.param_groups(model, lr=0.5, weight_decay=0.1))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in trained:
+            kept = n.rpartition(".")[2] in NOT_DECAYED.get(name, set())
+            torch.testing.assert_close(p.detach(), trained[n] * (1.0 if kept else 0.95), rtol=1e-6, atol=0, msg=n)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_spec_round_trip_and_docstring(name):
     method = METHODS[name]()

@@ -203,12 +203,13 @@ def test_lora_plus_learning_rates_and_bias_training():
     model = tiny_gpt2()
     peftify.peftify(model, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2, "lr_ratio": 16, "bias": True}}]})
     groups = peftify.param_groups(model, lr=1e-3, weight_decay=0.1)
-    by_lr = {g["lr"]: g["params"] for g in groups}
-    assert set(by_lr) == {1e-3, 16e-3} and all(g["weight_decay"] == 0.1 for g in groups)
+    by_lr = {(g["lr"], g["weight_decay"]): g["params"] for g in groups}
+    assert len(by_lr) == len(groups) == 3  # the trained biases are not decayed
     ids = lambda ps: {id(p) for p in ps}
     attn = [m for m in model.modules() if isinstance(m, AdaptedSite)]
-    assert ids(by_lr[16e-3]) == ids(m.adapters["default"].lora_B for m in attn)
-    assert ids(by_lr[1e-3]) == ids([m.adapters["default"].lora_A for m in attn] + [m.base_layer.bias for m in attn])
+    assert ids(by_lr[16e-3, 0.1]) == ids(m.adapters["default"].lora_B for m in attn)
+    assert ids(by_lr[1e-3, 0.1]) == ids(m.adapters["default"].lora_A for m in attn)
+    assert ids(by_lr[1e-3, 0.0]) == ids(m.base_layer.bias for m in attn)
     torch.optim.AdamW(groups)  # accepted as is
 
 

@@ -169,7 +169,7 @@ class StructuredModule(SiteModule):
         mup = method.init in ("mup", "self_guided")
         for f in factors:
             setattr(self, f.name, nn.Parameter(values[f.name]))
-            tag(self, f.name, lr_mult=method.lr_mult(site, f) if mup else 1.0)
+            tag(self, f.name, lr_mult=method.lr_mult(site, f) if mup else 1.0, decay=True)  # a vector factor (sparse values) too
         self.guide = None
         if method.init == "self_guided":
             self.guide = nn.Parameter(weight.detach().clone())
