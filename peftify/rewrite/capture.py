@@ -13,6 +13,7 @@ import inspect
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -143,20 +144,30 @@ def _finish(model: nn.Module, cap: Capture) -> Capture:
 
 
 def _normalize(example_inputs):
+    """(args, kwargs) from what the user gave. Mappings that are not dicts (transformers'
+    BatchEncoding, as a tokenizer returns) become dicts: torch's tracers cannot see inside them."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return (), _plain_dict(example_inputs)
     if (
         isinstance(example_inputs, tuple)
         and len(example_inputs) == 2
         and isinstance(example_inputs[0], tuple)
-        and isinstance(example_inputs[1], dict)
+        and isinstance(example_inputs[1], Mapping)
     ):
-        return example_inputs[0], dict(example_inputs[1])
+        return tuple(_plain(a) for a in example_inputs[0]), _plain_dict(example_inputs[1])
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
+        return tuple(_plain(a) for a in example_inputs), {}
     raise SpecError(f"example_inputs must be a tensor, tuple, dict or (args, kwargs), not {type(example_inputs).__name__}")
+
+
+def _plain(value):
+    return _plain_dict(value) if isinstance(value, Mapping) else value
+
+
+def _plain_dict(mapping: Mapping) -> dict:
+    return {k: _plain(v) for k, v in mapping.items()}
 
 
 def _device_dtype(model):
