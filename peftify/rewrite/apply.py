@@ -9,6 +9,7 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -376,11 +377,23 @@ def merge_model(model: nn.Module) -> nn.Module:
     rewrite = rewrite_state(model, "merge")
     if len(rewrite.adapters) > 1:
         warnings.warn(f"peftify: merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped", stacklevel=3)
-    with torch.no_grad():
-        # reversed: each step then restores exactly the state its install started from
-        for record in reversed(list(rewrite.installed.values())):
-            adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
-            _restore(model, record, adapted, fold=adapted.computing is not None)
+    merged: list[str] = []
+    try:
+        with torch.no_grad():
+            # reversed: each step then restores exactly the state its install started from
+            for fqn, record in reversed(list(rewrite.installed.items())):
+                adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
+                _restore(model, record, adapted, fold=adapted.computing is not None)
+                merged.append(fqn)
+    except BaseException:
+        # Each site is whole: merged (its layer holds the merged weight) or still adapted, so the
+        # model computes what it did. Forget the merged ones, and a second merge finishes.
+        for fqn in merged:
+            rewrite.installed.pop(fqn)
+        for name, plan in rewrite.adapters.items():  # new plans: one the user holds stays whole
+            rewrite.adapters[name] = dataclasses.replace(plan, entries=[e for e in plan.entries if e.site.fqn not in merged])
+        warnings.warn(f"peftify: merge stopped after {len(merged)} of {len(merged) + len(rewrite.installed)} sites; the model computes as before (those merged, the rest adapted), and peftify.merge(model) merges the rest", stacklevel=3)
+        raise
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(rewrite.flags.get(name, p.requires_grad))
     del model._peftify

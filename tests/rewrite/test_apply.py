@@ -99,6 +99,44 @@ def test_merge_restores_types_keys_flags_and_output():
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, FunctionalNet], ids=["llama", "functional"])
+def test_a_merge_that_fails_midway_keeps_the_function_and_can_be_finished(make, monkeypatch):
+    """Say merging one layer runs out of memory: the layers merged before it hold their merged
+    weights, the rest stay adapted, so the model computes what it did; report works, and a second
+    merge ends where one uninterrupted merge does."""
+    torch.manual_seed(0)
+    model = make()
+    keys = list(model.state_dict())
+    x = {"input_ids": torch.randint(0, 101, (2, 7))} if make is tiny_llama else {"x": torch.randn(3, 16)}
+    plan = peftify.plan(model, ALL)
+    peftify.peftify(model, plan)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+        adapted = output(model, x)
+    sites = len(plan.entries)
+    calls = {"n": 0}
+    real = lora_mod.LoRAModule.merged_weight
+
+    def flaky(self, weight):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("injected merge failure")
+        return real(self, weight)
+
+    monkeypatch.setattr(lora_mod.LoRAModule, "merged_weight", flaky)
+    with pytest.warns(UserWarning, match=f"merge stopped after 2 of {sites} sites"), pytest.raises(MemoryError, match="injected"):
+        peftify.merge(model)
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+    assert len(peftify.report(model).rows) == sites - 2
+    assert len(plan.entries) == sites  # the plan the user holds is untouched
+    monkeypatch.setattr(lora_mod.LoRAModule, "merged_weight", real)
+    peftify.merge(model)
+    assert getattr(model, "_peftify", None) is None and list(model.state_dict()) == keys
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_unties_a_tied_head():
     torch.manual_seed(0)
     model = tiny_gpt2()
