@@ -22,6 +22,15 @@ def snapshot(model):
     )
 
 
+def adapted_output(model, x):
+    """The output once every LoRA B is moved off zero (so the adapters change the function)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+        return output(model, x)
+
+
 def assert_unchanged(model, snap):
     mods, state, params = snapshot(model)
     assert mods == snap[0]
@@ -88,11 +97,7 @@ def test_merge_restores_types_keys_flags_and_output():
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     x = {"input_ids": torch.randint(0, 101, (2, 7))}
     peftify.peftify(model, ALL)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
-        adapted = output(model, x)
+    adapted = adapted_output(model, x)
     assert peftify.merge(model) is model
     assert list(model.state_dict()) == keys and {n: type(m) for n, m in model.named_modules()} == types
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -110,11 +115,7 @@ def test_a_merge_that_fails_midway_keeps_the_function_and_can_be_finished(make, 
     x = {"input_ids": torch.randint(0, 101, (2, 7))} if make is tiny_llama else {"x": torch.randn(3, 16)}
     plan = peftify.plan(model, ALL)
     peftify.peftify(model, plan)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
-        adapted = output(model, x)
+    adapted = adapted_output(model, x)
     sites = len(plan.entries)
     calls = {"n": 0}
     real = lora_mod.LoRAModule.merged_weight
