@@ -123,6 +123,19 @@ def check_count(field: str, value, optional: bool = False) -> None:
         invalid(field, f"must be a positive integer{' or None' if optional else ''}, got {value!r}")
 
 
+def check_positive(field: str, value, upper: float | None = None, optional: bool = False) -> None:
+    """A positive, finite number, at most `upper` (or None where `optional`)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
+        invalid(field, f"must be a number in (0, {upper}], got {value!r}" if upper else f"must be a positive number, got {value!r}")
+
+
+def check_seed(field: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        invalid(field, f"must be an integer, got {value!r}")
+
+
 def check_fits(site: Site, r: int | None, what: str) -> None:
     """r (of `what`) must not exceed min(in, out) of the layer."""
     if r is not None and r > min(site.in_features, site.out_features):

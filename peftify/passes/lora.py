@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from peftify.codegen import lora_linear
-from peftify.passes.base import Method, SiteModule, check_count, check_fits, dense_flops, invalid, register, tag
+from peftify.passes.base import Method, SiteModule, check_count, check_fits, check_positive, dense_flops, invalid, register, tag
 from peftify.rewrite.sites import Site
 
 INITS = ("default", "gaussian", "pissa", "olora")
@@ -50,14 +50,12 @@ class LoRA(Method):
 
     def __post_init__(self):
         check_count("r", self.r)
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            invalid("alpha", f"must be a positive number, got {self.alpha!r}")
+        check_positive("alpha", self.alpha)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             invalid("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             invalid("init", f"must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.lr_ratio, (int, float)) or self.lr_ratio <= 0:
-            invalid("lr_ratio", f"must be a positive number, got {self.lr_ratio!r}")
+        check_positive("lr_ratio", self.lr_ratio)
         for flag in ("rslora", "bias", "train_a"):
             if not isinstance(getattr(self, flag), bool):
                 invalid(flag, f"must be true or false, got {getattr(self, flag)!r}")

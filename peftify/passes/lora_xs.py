@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, dense_flops, frozen, invalid, register
+from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, check_positive, dense_flops, frozen, register
 from peftify.rewrite.sites import Site
 
 
@@ -27,8 +27,7 @@ class LoRAXS(Method):
 
     def __post_init__(self):
         check_count("r", self.r)
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            invalid("alpha", f"must be a positive number, got {self.alpha!r}")
+        check_positive("alpha", self.alpha)
 
     def check(self, site: Site) -> None:
         check_fits(site, self.r, "rank")

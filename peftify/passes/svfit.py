@@ -14,9 +14,9 @@ from peftify.passes.base import (
     SiteModule,
     check_count,
     check_fits,
+    check_positive,
     dense_flops,
     frozen,
-    invalid,
     register,
     singular_flops,
     stands_in_for,
@@ -43,8 +43,7 @@ class SVFit(Method):
 
     def __post_init__(self):
         check_count("r", self.r)
-        if self.energy is not None and (not isinstance(self.energy, (int, float)) or not 0 < self.energy <= 1):
-            invalid("energy", f"must be a fraction in (0, 1], got {self.energy!r}")
+        check_positive("energy", self.energy, upper=1.0, optional=True)
 
     def rank(self, site: Site) -> int:
         """The trained count, or its bound under an energy threshold."""

@@ -8,7 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.passes.base import LowRankDelta, Method, check_count, check_fits, frozen, invalid, register, singular_flops, stands_in_for, tag
+from peftify.passes.base import (
+    LowRankDelta,
+    Method,
+    check_count,
+    check_fits,
+    check_seed,
+    frozen,
+    invalid,
+    register,
+    singular_flops,
+    stands_in_for,
+    tag,
+)
 from peftify.rewrite.sites import Site
 
 PATTERNS = ("plain", "banded", "random", "top_k")
@@ -44,6 +56,7 @@ class SVFT(Method):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
             invalid("k", f"must be a non-negative integer, got {self.k!r}")
         check_count("r", self.r, optional=True)
+        check_seed("seed", self.seed)
 
     def rank(self, site: Site) -> int:
         return self.r or min(site.in_features, site.out_features)

@@ -205,6 +205,18 @@ def test_weight_decay_spares_the_values_that_are_the_pretrained_weight(name):
             torch.testing.assert_close(p.detach(), trained[n] * (1.0 if kept else 0.95), rtol=1e-6, atol=0, msg=n)
 
 
+NUMBER_FIELDS = [(name, f.name) for name in sorted(METHODS) for f in dataclasses.fields(METHODS[name]) if f.type in ("int", "float", "int | None", "float | None")]
+
+
+@pytest.mark.parametrize(("name", "field"), NUMBER_FIELDS, ids=[f"{n}-{f}" for n, f in NUMBER_FIELDS])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), True, "8"])
+def test_a_number_hyperparameter_refuses_nan_infinity_booleans_and_strings(name, field, value):
+    """alpha=nan used to build an adapter whose outputs were all NaN, base_width=True a μP base of 1."""
+    with pytest.raises(peftify.SpecError) as e:
+        METHODS[name](**{field: value})
+    assert e.value.field == field
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_spec_round_trip_and_docstring(name):
     method = METHODS[name]()

@@ -8,8 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from peftify.passes.base import check_count, check_fits, invalid, register
-from peftify.passes.structured.common import Factor, TwoCore, TwoCoreModule, check_positive
+from peftify.passes.base import check_count, check_fits, check_positive, invalid, register
+from peftify.passes.structured.common import Factor, TwoCore, TwoCoreModule
 
 
 @register("blockdiag")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.passes.base import Method, SiteModule, batched_svd, invalid, progress_bar, tag, top_svd
+from peftify.passes.base import Method, SiteModule, batched_svd, check_count, invalid, progress_bar, tag, top_svd
 from peftify.rewrite.sites import Site
 
 INITS = ("auto", "project", "mup", "self_guided")
@@ -55,8 +55,7 @@ class Structured(Method):
     def check_common(self) -> None:
         if self.init not in INITS:
             invalid("init", f"must be one of {INITS}, got {self.init!r}")
-        if self.base_width is not None and (not isinstance(self.base_width, int) or self.base_width < 1):
-            invalid("base_width", f"must be a positive integer or None, got {self.base_width!r}")
+        check_count("base_width", self.base_width, optional=True)
 
     def resolve(self, model: nn.Module) -> Structured:
         return dataclasses.replace(self, init="project") if self.init == "auto" else self
@@ -280,8 +279,3 @@ def near_square_split(d: int) -> tuple[int, int]:
             return d1, d // d1
     d1 = math.ceil(math.sqrt(d))
     return d1, math.ceil(d / d1)
-
-
-def check_positive(field: str, value, upper: float | None = None) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or (upper is not None and value > upper):
-        invalid(field, f"must be a number in (0, {upper}], got {value!r}" if upper else f"must be a positive number, got {value!r}")

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from peftify.passes.base import check_count, check_fits, register
-from peftify.passes.structured.common import Factor, TwoCore, TwoCoreModule, check_positive
+from peftify.passes.base import check_count, check_fits, check_positive, register
+from peftify.passes.structured.common import Factor, TwoCore, TwoCoreModule
 from peftify.rewrite.sites import Site
 
 

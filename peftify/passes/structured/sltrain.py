@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from peftify.passes.base import check_count, check_fits, dense_flops, invalid, register, top_svd
-from peftify.passes.structured.common import Factor, Structured, StructuredModule, check_positive
+from peftify.passes.base import check_count, check_fits, check_positive, check_seed, dense_flops, invalid, register, top_svd
+from peftify.passes.structured.common import Factor, Structured, StructuredModule
 
 SUPPORTS = ("random", "largest")
 
@@ -47,8 +47,7 @@ class SLTrain(Structured):
         if self.support not in SUPPORTS:
             invalid("support", f"must be one of {SUPPORTS}, got {self.support!r}")
         check_count("iters", self.iters)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            invalid("seed", f"must be an integer, got {self.seed!r}")
+        check_seed("seed", self.seed)
         self.check_common()
 
     def check(self, site) -> None:
