@@ -41,8 +41,9 @@ def peftify(
 
     The rewrite is a named adapter; calling again with another `adapter` name adds one more
     (its sites may differ) and makes it active. Every parameter of the model is frozen except
-    the active adapter's trainable parameters and those named by its spec's ``train`` globs.
-    If anything fails, the model is left exactly as it was (same module objects, state dict and
+    the active adapter's trainable parameters and those named by its spec's ``train`` globs
+    (PEFT's modules_to_save: the adapter trains its own copy of each, in place of the original
+    while it is active; a tied weight is trained as one). If anything fails, the model is left exactly as it was (same module objects, state dict and
     ``requires_grad`` flags).
 
     On a float16/bfloat16 model, adapters keep their trainable parameters in float32 and compute

@@ -31,6 +31,8 @@ from peftify.rewrite.apply import (
     live_name,
     module_prefix,
     rewrite_state,
+    tied_names,
+    trained_record,
 )
 from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import make_plan
@@ -51,7 +53,7 @@ def adapter_state(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
     for entry in plan.entries:
         adapted = adapted_site(model, entry.site)
         out.update(adapter_params(entry, adapter, adapted.adapters[adapter], adapted.base_layer))
-    out.update({live_name(plan, n): model.get_parameter(n) for n in plan.train})
+    out.update({live_name(plan, n): trained_record(rewrite, model.get_parameter(live_name(plan, n))).copies[adapter] for n in plan.train})
     return out
 
 
@@ -89,6 +91,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
         rename = peft_names(plan.entries, adapter)
         experts = _experts_to_peft(tensors, plan, adapter)
         tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()} | experts
+        for name in plan.train:  # each tied slot of a trained weight, as PEFT writes it (a copy: files hold no shared tensors)
+            tensors |= {PEFT_PREFIX + alias: tensors[PEFT_PREFIX + live_name(plan, name)].clone() for alias in tied_names(model, live_name(plan, name))}
         files = PEFT
     else:
         config = {
@@ -168,14 +172,14 @@ def load_adapter(
             if missing:
                 raise SpecError(f"{source} does not fit this model; sites missing from this model ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         plan = make_plan(model, cap, spec, strict=strict)
-        tensors = _from_peft_keys(tensors, plan, adapter) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
+        tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
     plan = rewrite.adapters[adapter]
     targets = adapter_state(model, adapter)
     optional = {}
     for entry in plan.entries:
         optional.update(base_params(entry.site, adapted_site(model, entry.site).base_layer))
-    tensors = _from_peft_keys(tensors, plan, adapter) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
+    tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
     check_state(targets, tensors, source, optional)
     with torch.no_grad():
         for name, p in {**optional, **targets}.items():
@@ -206,10 +210,11 @@ def _from_native_keys(tensors: dict, plan, adapter: str) -> dict:
     return out
 
 
-def _from_peft_keys(tensors: dict, plan, adapter: str) -> dict:
+def _from_peft_keys(tensors: dict, plan, adapter: str, model: nn.Module, source: str) -> dict:
     """PEFT's keys → ours. PEFT's bias="all" files also hold its modules_to_save wrappers'
     internals: the trained copy (``.modules_to_save.``) is the module's own, the frozen
-    ``.original_module.`` copy is dropped."""
+    ``.original_module.`` copy is dropped. A trained tied weight (ensure_weight_tying) is saved
+    once per slot; the copies must agree, and load as the one weight."""
     theirs = {v: k for k, v in peft_names(plan.entries, adapter).items()}
     tensors = _experts_from_peft(dict(tensors), plan, adapter)
     out = {}
@@ -217,6 +222,16 @@ def _from_peft_keys(tensors: dict, plan, adapter: str) -> dict:
         if ".original_module." in key:
             continue
         out[theirs.get(key, key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", "."))] = t
+    names = dict(model.named_parameters(remove_duplicate=False))
+    for name in plan.train:
+        key = live_name(plan, name)
+        for alias in tied_names(model, name if name in names else key):
+            if alias not in out:
+                continue
+            t = out.pop(alias)
+            if key in out and not torch.equal(t, out[key]):
+                raise SpecError(f"{source} holds different values for {alias} and {key}, which are one tied weight in this model", field="modules_to_save")
+            out.setdefault(key, t)
     return out
 
 

@@ -20,7 +20,7 @@ from peftify.rewrite.spec import Rule, Spec
 HANDLED = {
     "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "bias", "fan_in_fan_out",
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "modules_to_save", "target_parameters",
+    "modules_to_save", "target_parameters", "ensure_weight_tying",
 }  # fmt: skip
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
 # PEFT's defaults for the fields peftify does not implement, used when peft is not installed.
@@ -127,6 +127,8 @@ def from_peft(config, model=None) -> Spec:
     if exclude:
         rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
     train = [rf"re:{_names_regex(d['modules_to_save'])}\..+"] if d.get("modules_to_save") else []
+    if train and model is not None and not d.get("ensure_weight_tying"):
+        _refuse_untied_copies(train[0][3:], model)
     if bias == "all":
         train.append(r"re:.*\.bias")
     return Spec(rules, train)
@@ -145,6 +147,24 @@ def _target_match(target, model):
     if isinstance(target, str):
         return f"re:{target}"
     return f"re:{_names_regex(target)}"
+
+
+def _refuse_untied_copies(regex: str, model) -> None:
+    """PEFT (ensure_weight_tying=False) trains a modules_to_save module as its own copy, which
+    unties a tied weight; peftify trains the shared weight, as PEFT's ensure_weight_tying=True."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    rx = re.compile(regex)
+    for tied in names.values():
+        listed = [n for n in tied if rx.fullmatch(n)]
+        if listed and len(tied) > 1:
+            raise SpecError(
+                f"PEFT trained {', '.join(listed)} (modules_to_save) as an untied copy of the weight it shares with "
+                f"{', '.join(n for n in tied if n not in listed) or 'another listed module'} (ensure_weight_tying=False); "
+                "peftify trains a tied weight as one, as PEFT's ensure_weight_tying=True does, and cannot reproduce this adapter",
+                field="modules_to_save",
+            )
 
 
 def _refuse_peft_only_layers(regex: str, model) -> None:
@@ -190,12 +210,13 @@ def to_peft(plan, model) -> dict[str, Any]:
             raise SpecError(f"PEFT's format needs one {field} for all sites; this rewrite mixes them", field=field)
     first = methods[0]
     r, alpha = max((m.r for m in methods), key=[m.r for m in methods].count), max((m.alpha for m in methods), key=[m.alpha for m in methods].count)
-    from peftify.rewrite.apply import live_name
+    from peftify.rewrite.apply import live_name, tied_names
 
     train = {live_name(plan, n) for n in plan.train}  # names in the rewritten model, as are these:
+    tied = {alias for n in train for alias in tied_names(model, n)}  # PEFT saves and ties every copy
     biases = {n for n, _ in model.named_parameters() if n.endswith(".bias") or n == "bias"}
     all_biases = bool(biases) and biases <= train
-    modules_to_save = sorted({n.rpartition(".")[0] for n in train - (biases if all_biases else set())})
+    modules_to_save = sorted({n.rpartition(".")[0] for n in (train | tied) - (biases if all_biases else set())})
     targeted = {e.site.fqn for e in plan.entries} & set(modules_to_save)
     if targeted:
         raise SpecError(f"PEFT cannot both adapt and fully train {', '.join(sorted(targeted))}; save with format='native'", field="format")
@@ -217,4 +238,4 @@ def to_peft(plan, model) -> dict[str, Any]:
         "modules_to_save": modules_to_save or None,
         "fan_in_fan_out": any(e.site.transposed for e in plan.entries),
         "use_dora": kinds == {DoRA},
-    }
+    } | ({"ensure_weight_tying": True} if tied else {})

@@ -33,6 +33,20 @@ class Installed:
 
 
 @dataclass
+class Trained:
+    """A parameter that adapters train whole (spec ``train``, PEFT's modules_to_save). Each such
+    adapter trains its own copy, made from the original; while it is active its copy fills every
+    slot of the parameter (tied slots stay tied), otherwise the original does."""
+
+    original: nn.Parameter
+    slots: list[tuple[nn.Module, str]]
+    copies: dict[str, nn.Parameter] = field(default_factory=dict)  # adapter → its copy
+
+    def holds(self, p: nn.Parameter) -> bool:
+        return p is self.original or any(p is c for c in self.copies.values())
+
+
+@dataclass
 class RewriteState:
     """Kept on the model as ``model._peftify``: the adapters, the sites they use, how to undo."""
 
@@ -41,6 +55,7 @@ class RewriteState:
     active: str | None
     installed: dict[str, Installed]  # site fqn → its container's install record
     flags: dict[str, bool]  # requires_grad of every parameter before the first rewrite
+    trained: list[Trained] = field(default_factory=list)
 
     @property
     def current(self) -> str:
@@ -121,6 +136,32 @@ def live_name(plan: Plan, name: str) -> str:
     return f"{owner}.base_layer.{leaf}" if owner in sites else name
 
 
+def tied_names(model: nn.Module, name: str) -> list[str]:
+    """The other names of the parameter at `name` (its tied aliases)."""
+    p = model.get_parameter(name)
+    return [n for n, q in model.named_parameters(remove_duplicate=False) if q is p and n != name]
+
+
+def slots_of(model: nn.Module, p: nn.Parameter) -> list[tuple[nn.Module, str]]:
+    """Every (module, name) that holds `p` (several when it is tied)."""
+    return [(mod, name) for mod in model.modules() for name, q in mod._parameters.items() if q is p]
+
+
+def trained_record(rewrite: RewriteState | None, p: nn.Parameter) -> Trained | None:
+    """The record of the parameter `p` is, or is a copy of, if some adapter trains it whole."""
+    return next((t for t in rewrite.trained if t.holds(p)), None) if rewrite is not None else None
+
+
+def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> dict[str, nn.Parameter]:
+    """A fresh trainable copy of the original of each parameter `plan` trains whole, by name."""
+    out = {}
+    for name in plan.train:
+        p = model.get_parameter(name)
+        record = trained_record(rewrite, p)
+        out[name] = nn.Parameter((record.original if record else p).detach().clone())
+    return out
+
+
 def check_state(expected: dict, given: dict, source: str, optional: dict | None = None) -> None:
     """Raise SpecError listing every missing, unexpected or wrongly shaped tensor."""
     optional = {k: v for k, v in (optional or {}).items() if k in given}
@@ -193,16 +234,17 @@ def apply_plan(
             if not entry.method.replaces_base:  # a structure is the layer itself: it keeps the model's dtype
                 upcast_trainable(mod)
 
+    copies = train_copies(model, plan, rewrite)
     existing = {}  # tensors of `state` bound for parameters the model already has
     if state is not None:
         targets, optional = {}, {}
         for entry, mod, base in zip(plan.entries, built, bases):
             targets.update(adapter_params(entry, adapter, mod, base))
             optional.update(base_params(entry.site, base))
-        for name in plan.train:
-            targets[live_name(plan, name)] = model.get_parameter(name)
+        for name, copy in copies.items():
+            targets[live_name(plan, name)] = copy
         check_state(targets, state, source or "the adapter", optional)
-        new = {id(p) for mod in built for p in mod.parameters()}
+        new = {id(p) for mod in built for p in mod.parameters()} | {id(p) for p in copies.values()}
         with torch.no_grad():  # the built modules are not in the model yet: loading them is safe
             for name, p in {**optional, **targets}.items():
                 if name not in state:
@@ -222,6 +264,8 @@ def apply_plan(
             undo.append(lambda: model.__dict__.pop("_peftify", None))
         for entry, mod in zip(plan.entries, built):
             _install(model, rewrite, entry, adapter, mod, undo)
+        for name, copy in copies.items():
+            _install_copy(model, rewrite, plan, name, adapter, copy, undo)
         rewrite.adapters[adapter] = plan
         undo.append(lambda: rewrite.adapters.pop(adapter, None))
         with torch.no_grad():  # parameters the model had (biases, `train`, base weights): undoable
@@ -288,6 +332,27 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
     undo.append(lambda: adapted.adapters.pop(adapter))
 
 
+def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str, adapter: str, copy: nn.Parameter, undo: list) -> None:
+    p = model.get_parameter(live_name(plan, name))
+    record = trained_record(rewrite, p)
+    if record is None:
+        record = Trained(p, slots_of(model, p))
+        rewrite.trained.append(record)
+        undo.append(lambda: rewrite.trained.remove(record))
+    record.copies[adapter] = copy
+    undo.append(lambda: record.copies.pop(adapter))
+
+
+def _place(record: Trained, p: nn.Parameter) -> None:
+    for mod, name in record.slots:
+        mod._parameters[name] = p
+
+
+def _place_copies(rewrite: RewriteState, adapter: str | None) -> None:
+    for record in rewrite.trained:
+        _place(record, record.copies.get(adapter, record.original))
+
+
 def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametrized: bool) -> None:
     """Remove a parametrization and put the parameter back in its original state-dict position."""
     parametrize.remove_parametrizations(owner, name, leave_parametrized=leave_parametrized)
@@ -301,6 +366,7 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None) -> N
         p.requires_grad_(False)
     for record in rewrite.installed.values():
         adapted_site(model, record.site).active = adapter
+    _place_copies(rewrite, adapter)
     rewrite.active = adapter
     if adapter is None:
         return
@@ -312,8 +378,9 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None) -> N
             p.requires_grad_(param_meta(mod, path).get("trainable", True))
         if entry.method.trains_base_bias() and entry.site.bias and adapted.base_layer is not None:
             adapted.base_layer.bias.requires_grad_(True)
-    for name in plan.train:
-        model.get_parameter(name).requires_grad_(True)
+    for record in rewrite.trained:
+        if adapter in record.copies:
+            record.copies[adapter].requires_grad_(True)
 
 
 def set_active(model: nn.Module, adapter: str | None) -> None:
@@ -334,6 +401,11 @@ def delete(model: nn.Module, adapter: str) -> None:
     if replaced:
         raise SpecError(f"adapter {adapter!r} replaced {len(replaced)} layers by structures ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
     plan = rewrite.adapters.pop(adapter)
+    for record in list(rewrite.trained):
+        record.copies.pop(adapter, None)
+        if not record.copies:  # no adapter trains it any more: the original stays
+            _place(record, record.original)
+            rewrite.trained.remove(record)
     for entry in plan.entries:
         adapted = adapted_site(model, entry.site)
         del adapted.adapters[adapter]

@@ -141,7 +141,13 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     if bare and entries:
         warnings.warn(f"peftify: {bare}; until then its weight is adapted as a functional parameter (W + ΔW formed on every call)", stacklevel=3)
 
-    names = [n for n, _ in model.named_parameters()]
+    # every name of every parameter, each mapped to its first (a glob may name a tied alias: the
+    # shared parameter is what trains)
+    canonical: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        canonical[n] = first.setdefault(id(p), n)
+    names = list(canonical)
     train = []
     for pattern in spec.train:
         if pattern.startswith("re:"):
@@ -151,7 +157,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not found:
             _unmatched(f"train glob {pattern!r}", pattern, names, strict)
-        train += [n for n in found if n not in train]
+        train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]
     plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
     plan._train_numel = sum(model.get_parameter(n).numel() for n in train)
     plan._model = weakref.ref(model)  # to preview projections when printed

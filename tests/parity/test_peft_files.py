@@ -50,6 +50,9 @@ CASES = {
     "default-targets": (tiny_llama, LLAMA_IN, {}),
     "modules-to-save": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj"], "modules_to_save": ["lm_head", "model.norm"]}),
     "tied-head": (lambda: tiny_llama(tie=True), LLAMA_IN, {"target_modules": ["lm_head", "q_proj"]}),
+    # a tied weight trained whole: one weight for both slots, as peftify trains it
+    "tied-saved": (lambda: tiny_llama(tie=True), LLAMA_IN, {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True}),
+    "tied-saved-both": (lambda: tiny_llama(tie=True), LLAMA_IN, {"target_modules": ["v_proj"], "modules_to_save": ["embed_tokens", "lm_head"], "ensure_weight_tying": True}),
     "gpt2": (tiny_gpt2, LLAMA_IN, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True, "lora_dropout": 0.1}),
     "gpt2-default": (tiny_gpt2, LLAMA_IN, {}),
     "bert-bias": (tiny_bert, LLAMA_IN, {"target_modules": ["query", "value", "dense"], "bias": "lora_only"}),
@@ -188,6 +191,31 @@ def test_targets_peft_adapts_but_peftify_does_not_are_refused(make, targets, nam
         peftify.peftify(model, LoraConfig(r=2, target_modules=targets), progress=False)
     assert e.value.field == "target_modules"
     assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before
+
+
+@pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]])
+def test_untied_copies_of_a_tied_weight_are_refused(saved, tmp_path):
+    """PEFT's default (ensure_weight_tying=False) trains a modules_to_save module as its own copy,
+    untying it from the rest of a tied weight; peftify trains the tied weight as one. Loading
+    such a file used to apply the trained embedding to the head too (logits 3.2 apart)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama(tie=True)
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=saved)).save_pretrained(tmp_path / "peft")
+    before = {n: (id(p), p.requires_grad) for n, p in base.named_parameters()}
+    with pytest.raises(SpecError, match="untied copy") as e:
+        peftify.from_pretrained(base, tmp_path / "peft")
+    assert e.value.field == "modules_to_save" and getattr(base, "_peftify", None) is None
+    assert {n: (id(p), p.requires_grad) for n, p in base.named_parameters()} == before
+
+
+def test_a_train_glob_may_name_a_tied_alias():
+    """`lm_head.*` names the head's slot of the weight tied to the embedding (which
+    named_parameters lists under the embedding's name only): the shared weight trains."""
+    model = tiny_llama(tie=True)
+    plan = peftify.plan(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["lm_head.*"]})
+    assert plan.train == ["model.embed_tokens.weight"]
 
 
 def test_from_peft_without_peft_config_objects():

@@ -53,6 +53,42 @@ def test_switching_runs_each_adapter_as_if_alone(two, tmp_path):
     torch.testing.assert_close(output(model, X), out_a, rtol=0, atol=0)
 
 
+def test_each_adapter_trains_its_own_copy_of_a_saved_module(tmp_path):
+    """`train` is PEFT's modules_to_save: each adapter trains its own copy of the head (made from
+    the original), the active one's fills the head's slots, and the base model (adapters
+    disabled) keeps the original. Before, both adapters trained the one head: training b
+    changed a, and disabling the adapters still ran the trained head."""
+    torch.manual_seed(0)
+    base = tiny_llama(tie=True)  # the head is tied to the embedding: copies keep the slots tied
+    model = copy.deepcopy(base)
+    original = model.lm_head.weight
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["lm_head.*"]}
+    peftify.peftify(model, spec, adapter="a")
+    head_a = model.lm_head.weight
+    assert head_a is not original and head_a is model.model.embed_tokens.weight and head_a.requires_grad
+    opt = torch.optim.SGD(peftify.param_groups(model, lr=0.5))
+    output(model, X).square().mean().backward()
+    opt.step()
+    out_a = output(model, X).detach()
+    peftify.peftify(model, spec, adapter="b")
+    assert model.lm_head.weight is not head_a and torch.equal(model.lm_head.weight, original)  # b starts from the original
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    out_b = output(model, X).detach()
+    peftify.save_adapter(model, tmp_path / "a", adapter="a")  # an inactive adapter saves its own copy
+    peftify.set_adapter(model, "a")
+    torch.testing.assert_close(output(model, X), out_a, rtol=0, atol=0)
+    with peftify.disable_adapters(model):
+        assert model.lm_head.weight is original and model.model.embed_tokens.weight is original
+        torch.testing.assert_close(output(model, X), output(base, X), rtol=0, atol=0)
+    torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path / "a"), X), out_a, rtol=0, atol=0)
+    peftify.delete_adapter(model, "a")  # b becomes active with its copy
+    torch.testing.assert_close(output(model, X), out_b, rtol=0, atol=0)
+    peftify.merge(model)
+    torch.testing.assert_close(output(model, X), out_b, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == list(base.state_dict()) and model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_only_the_active_adapter_trains(two):
     _, model = two
     trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}
