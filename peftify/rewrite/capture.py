@@ -207,6 +207,9 @@ def build_example_inputs(model: nn.Module):
         if getattr(config, "is_encoder_decoder", False):
             kwargs["decoder_input_ids"] = torch.zeros((1, 4), dtype=torch.long, device=device)
         return (), kwargs
+    features = _own_tokenizer_features(model, device)
+    if features is not None:
+        return (features,), {}
     params = [
         p for p in inspect.signature(model.forward).parameters.values()
         if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
@@ -221,6 +224,22 @@ def build_example_inputs(model: nn.Module):
         f"cannot build an example input for {type(model).__name__}.forward{inspect.signature(model.forward)}; "
         "pass example_inputs=... (a tensor, a tuple of arguments or a dict of keyword arguments)"
     )
+
+
+def _own_tokenizer_features(model: nn.Module, device) -> dict | None:
+    """The features of a text model that tokenizes its own input and takes them as one dict
+    (a SentenceTransformer: ``preprocess``, or ``tokenize`` before sentence-transformers 5), for
+    a short sentence; None for other models."""
+    tokenize = getattr(model, "preprocess", None) or getattr(model, "tokenize", None)
+    if not callable(tokenize):
+        return None
+    try:
+        features = tokenize(["an example sentence"])
+    except Exception:  # noqa: BLE001 - a method of that name that is not a tokenizer
+        return None
+    if not isinstance(features, Mapping) or not any(isinstance(v, torch.Tensor) for v in features.values()):
+        return None
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
 def _decoder_kwargs(model, kwargs):
