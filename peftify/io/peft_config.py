@@ -14,7 +14,7 @@ from torch import nn
 
 from peftify.errors import SpecError
 from peftify.passes.dora import DoRA
-from peftify.passes.lora import SPLIT_INITS, LoRA
+from peftify.passes.lora import IDENTITY_INITS, LoRA
 from peftify.rewrite.spec import Rule, Spec
 
 HANDLED = {
@@ -25,7 +25,7 @@ HANDLED = {
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
 # PEFT's defaults for the fields peftify does not implement, used when peft is not installed.
 UNSUPPORTED_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16, "loftq_config": {}, "lora_bias": False}
-INITS = {True: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+INITS = {True: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", False: "random"}
 # layers PEFT's LoRA adapts that are not linear maps, so not peftify sites
 PEFT_ONLY_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
@@ -74,10 +74,10 @@ def from_peft(config, model=None) -> Spec:
             continue
         raise SpecError(f"peftify cannot honour PEFT's {key}={value!r}", field=key)
     init = d.get("init_lora_weights", True)
-    if d.get("use_dora") and INITS.get(init) in SPLIT_INITS:
+    if d.get("use_dora") and INITS.get(init) not in IDENTITY_INITS:
         raise SpecError("peftify's DoRA takes init_lora_weights True or 'gaussian'", field="init_lora_weights")
     if init not in INITS:
-        raise SpecError(f"peftify supports init_lora_weights True, 'gaussian', 'pissa' or 'olora', not {init!r}", field="init_lora_weights")
+        raise SpecError(f"peftify supports init_lora_weights True, False, 'gaussian', 'pissa' or 'olora', not {init!r}", field="init_lora_weights")
     bias = d.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise SpecError(f"unknown bias mode {bias!r}", field="bias")

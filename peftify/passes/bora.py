@@ -9,7 +9,7 @@ from torch import nn
 
 from peftify.codegen import lora_linear
 from peftify.passes.base import invalid, register
-from peftify.passes.lora import SPLIT_INITS, LoRA, LoRAModule
+from peftify.passes.lora import IDENTITY_INITS, LoRA, LoRAModule
 from peftify.rewrite.sites import Site
 
 
@@ -27,7 +27,7 @@ class BoRA(LoRA):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.init in SPLIT_INITS:
+        if self.init not in IDENTITY_INITS:
             invalid("init", "BoRA takes init 'default' or 'gaussian'")
 
     def trainable_params(self, site: Site) -> int:

@@ -13,8 +13,9 @@ from peftify.codegen import lora_linear
 from peftify.passes.base import Method, SiteModule, check_count, check_fits, check_positive, dense_flops, invalid, register, tag
 from peftify.rewrite.sites import Site
 
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "random")
 SPLIT_INITS = ("pissa", "olora")  # take s·B·A out of W: the base weight becomes the residual
+IDENTITY_INITS = ("default", "gaussian")  # B = 0: the output is unchanged, the rest of W's untouched
 
 
 @register("lora")
@@ -33,7 +34,9 @@ class LoRA(Method):
       B = 0), or "pissa" (A, B from the top-r SVD of W and W replaced by the residual, "PiSSA:
       Principal Singular Values and Singular Vectors Adaptation"; output unchanged up to rounding),
       or "olora" (B = Q[:, :r], A = R[:r] from the QR decomposition W = QR and W replaced by
-      W − s·B·A, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models").
+      W − s·B·A, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models"), or
+      "random" (A and B both Kaiming-uniform, as nn.Linear's: the output changes at init; PEFT's
+      init_lora_weights=False, for debugging).
     - bias: also train the site's existing bias, where it has one (PEFT's bias="lora_only").
     - train_a: False freezes a random A and trains only B ("Asymmetry in Low-Rank Adapters").
     - lr_ratio: B's learning rate = lr_ratio × A's in `peftify.param_groups` ("LoRA+").
@@ -108,6 +111,8 @@ class LoRAModule(SiteModule):
                 nn.init.normal_(a, std=1 / r)
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                if method.init == "random":
+                    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         self.lora_A = nn.Parameter(a, requires_grad=method.train_a)
         self.lora_B = nn.Parameter(b)
         tag(self, "lora_A", lr_mult=1.0)

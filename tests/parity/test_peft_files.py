@@ -48,6 +48,7 @@ CASES = {
     "layers-plain": (tiny_llama, LLAMA_IN, {"target_modules": ["k_proj"], "layers_to_transform": 0}),
     "patterns": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "rank_pattern": {"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "mlp.*": 5}}),
     "default-targets": (tiny_llama, LLAMA_IN, {}),
+    "random-init": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "up_proj"], "init_lora_weights": False}),
     "modules-to-save": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj"], "modules_to_save": ["lm_head", "model.norm"]}),
     "tied-head": (lambda: tiny_llama(tie=True), LLAMA_IN, {"target_modules": ["lm_head", "q_proj"]}),
     # a tied weight trained whole: one weight for both slots, as peftify trains it
@@ -152,7 +153,7 @@ def test_split_inits_match_peft(init):
     "kwargs, field",
     [
         ({"use_dora": True, "init_lora_weights": "pissa"}, "init_lora_weights"),
-        ({"init_lora_weights": False}, "init_lora_weights"),
+        ({"use_dora": True, "init_lora_weights": False}, "init_lora_weights"),
         ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
         ({"use_dora": True, "init_lora_weights": "olora"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),

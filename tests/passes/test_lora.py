@@ -150,6 +150,21 @@ def test_gaussian_and_default_inits():
     assert all(torch.all(m.lora_B == 0) for m in model.modules() if hasattr(m, "lora_B"))
 
 
+def test_random_init_draws_b_like_a_linear_layer_and_changes_the_output():
+    """PEFT's init_lora_weights=False: both factors keep nn.Linear's Kaiming-uniform init, so B is
+    uniform in ±1/√r (its fan-in is r) and the adapter changes the output from the start."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=4)
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    ref = output(model, x).detach()
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 8, "init": "random"}}]})
+    b = torch.cat([m.lora_B.flatten() for m in model.modules() if hasattr(m, "lora_B")])
+    assert b.abs().max() <= 8**-0.5 and abs(b.std().item() - 8**-0.5 / 3**0.5) < 0.01  # U(−c, c) has std c/√3
+    assert (output(model, x) - ref).abs().max() > 1e-3
+    with pytest.raises(peftify.SpecError, match="'default' or 'gaussian'"):
+        peftify.DoRA(init="random")
+
+
 def test_pissa_splits_the_top_singular_part():
     torch.manual_seed(0)
     model = tiny_llama()
