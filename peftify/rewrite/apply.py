@@ -433,6 +433,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             warnings.warn(f"peftify: {site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it", stacklevel=3)
             old = base.weight
             base.weight = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
+            for owner in site.owners:
+                _forget_tie(model, owner + ".weight")
         elif base.weight is None:  # a structure replaced the layer: the dense weight is made anew
             base.weight = nn.Parameter(stored.contiguous(), requires_grad=False)
         else:
@@ -441,6 +443,22 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         parent, name = _split(path)
         setattr(model.get_submodule(parent), name, original)
         original.weight = base.weight
+
+
+def _forget_tie(model: nn.Module, name: str) -> None:
+    """Drop `name` from the tied-weight mappings of the transformers models above it, so that a
+    later ``tie_weights()`` (resize_token_embeddings calls it) does not tie the merged weight back
+    to its source, which would throw the merged update away. Only this model's mappings change:
+    the class's, and the config's tie_word_embeddings, also cover other pairs."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        mod, key = model.get_submodule(".".join(parts[:i])), ".".join(parts[i:])
+        tied = getattr(mod, "_tied_weights_keys", None)
+        if isinstance(tied, dict) and key in tied:
+            mod._tied_weights_keys = {k: v for k, v in tied.items() if k != key}
+        expanded = getattr(mod, "all_tied_weights_keys", None)
+        if isinstance(expanded, dict) and key in expanded:
+            mod.all_tied_weights_keys = {k: v for k, v in expanded.items() if k != key}
 
 
 def merge_model(model: nn.Module) -> nn.Module:

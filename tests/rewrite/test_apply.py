@@ -138,7 +138,7 @@ def test_a_merge_that_fails_midway_keeps_the_function_and_can_be_finished(make, 
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_unties_a_tied_head():
+def test_merge_unties_a_tied_head(tmp_path):
     torch.manual_seed(0)
     model = tiny_gpt2()
     emb = model.transformer.wte.weight.detach().clone()
@@ -152,6 +152,12 @@ def test_merge_unties_a_tied_head():
     assert torch.equal(model.transformer.wte.weight, emb)  # the embedding did not absorb the update
     assert model.lm_head.weight is not model.transformer.wte.weight
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+    model.tie_weights()  # as resize_token_embeddings does: it tied the merged head back to the embedding
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+    assert type(model).__dict__.get("_tied_weights_keys") == {"lm_head.weight": "transformer.wte.weight"}  # the class keeps its mapping
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(output(type(model).from_pretrained(tmp_path).eval(), x), adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_rewriting_twice_merging_or_reporting_nothing_are_errors():
