@@ -10,7 +10,20 @@ through), `io` (PEFT configs and adapter files). Importing peftify never imports
 """
 
 from peftify import passes
-from peftify.api import Report, adapters, capture, delete_adapter, disable_adapters, merge, param_groups, peftify, plan, report, set_adapter
+from peftify.api import (
+    Report,
+    adapters,
+    capture,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    param_groups,
+    peftify,
+    plan,
+    report,
+    set_adapter,
+    unload,
+)
 from peftify.errors import SpecError
 from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
 from peftify.passes import *  # every method class, METHODS, MuP, SelfGuided and the Method protocol
@@ -41,4 +54,5 @@ __all__ = passes.__all__ + [
     "report",
     "save_adapter",
     "set_adapter",
+    "unload",
 ]

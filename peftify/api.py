@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftify.passes.base import dense_flops, tagged
-from peftify.rewrite.apply import accepts_compiled, adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active
+from peftify.rewrite.apply import accepts_compiled, adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active, unload_model
 from peftify.rewrite.capture import capture as _capture
 from peftify.rewrite.plan import Plan, make_plan, method_label
 from peftify.rewrite.spec import Spec, as_spec
@@ -84,6 +84,16 @@ def adapters(model: nn.Module) -> dict[str, bool]:
     """The model's adapters by name, True for the active one."""
     rewrite = rewrite_state(model, "list")
     return {name: name == rewrite.active for name in rewrite.adapters}
+
+
+@accepts_compiled
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging any (PEFT's ``unload``), in place: the original
+    modules, weights (a PiSSA/OLoRA residual turns back into W), state-dict keys and
+    ``requires_grad`` flags come back, and ``train`` parameters their original values. A model
+    whose layers a structure replaced raises `SpecError`: their dense weights are gone.
+    """
+    return unload_model(model)
 
 
 @accepts_compiled

@@ -396,7 +396,7 @@ def delete(model: nn.Module, adapter: str) -> None:
     if adapter not in rewrite.adapters:
         raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
     if len(rewrite.adapters) == 1:
-        raise SpecError(f"{adapter!r} is the only adapter; peftify.merge(model) folds it in, or reload the base model to drop it", field="adapter")
+        raise SpecError(f"{adapter!r} is the only adapter; peftify.merge(model) folds it in, peftify.unload(model) drops it", field="adapter")
     replaced = [e.site.fqn for e in rewrite.adapters[adapter].entries if e.method.replaces_base]
     if replaced:
         raise SpecError(f"adapter {adapter!r} replaced {len(replaced)} layers by structures ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
@@ -461,11 +461,21 @@ def _forget_tie(model: nn.Module, name: str) -> None:
             mod.all_tied_weights_keys = {k: v for k, v in expanded.items() if k != key}
 
 
-def merge_model(model: nn.Module) -> nn.Module:
-    """Fold the active adapter into dense weights (none while adapters are disabled), drop the
-    others, and restore module types, state-dict keys and ``requires_grad`` flags."""
+def unload_model(model: nn.Module) -> nn.Module:
+    """Drop every adapter without folding any in: the original modules and weights come back."""
+    rewrite = rewrite_state(model, "unload")
+    replaced = sorted({e.site.fqn for plan in rewrite.adapters.values() for e in plan.entries if e.method.replaces_base})
+    if replaced:
+        raise SpecError(f"structures replaced {len(replaced)} layers ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
+    _activate(model, rewrite, None)  # nothing computes: merging folds nothing in
+    return merge_model(model, fold=False)
+
+
+def merge_model(model: nn.Module, fold: bool = True) -> nn.Module:
+    """Fold the active adapter into dense weights (none while adapters are disabled, or without
+    `fold`), drop the others, and restore module types, state-dict keys and ``requires_grad`` flags."""
     rewrite = rewrite_state(model, "merge")
-    if len(rewrite.adapters) > 1:
+    if fold and len(rewrite.adapters) > 1:
         warnings.warn(f"peftify: merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped", stacklevel=3)
     merged: list[str] = []
     try:
@@ -473,7 +483,7 @@ def merge_model(model: nn.Module) -> nn.Module:
             # reversed: each step then restores exactly the state its install started from
             for fqn, record in reversed(list(rewrite.installed.items())):
                 adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
-                _restore(model, record, adapted, fold=adapted.computing is not None)
+                _restore(model, record, adapted, fold=fold and adapted.computing is not None)
                 merged.append(fqn)
     except BaseException:
         # Each site is whole: merged (its layer holds the merged weight) or still adapted, so the

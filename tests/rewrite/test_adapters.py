@@ -222,6 +222,39 @@ def test_compiled_model_compiles_once_per_adapter(two):
     assert counts == [1, 2, 2, 2, 3, 3, 3]
 
 
+def test_unload_drops_every_adapter_and_gives_the_original_model_back():
+    """PEFT's unload: no adapter is folded in. The original modules and weights come back (a
+    PiSSA residual becomes W again), and so do the trained-whole head's original values, the
+    state-dict keys and the requires_grad flags."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    base.model.norm.weight.requires_grad_(False)
+    model = copy.deepcopy(base)
+    modules = {n: m for n, m in model.named_modules()}
+    peftify.peftify(model, {"rules": [{"match": "*.k_proj", "apply": {"method": "lora", "r": 2, "init": "pissa"}}], "train": ["lm_head.*"]}, adapter="a")
+    peftify.peftify(model, B, adapter="b")
+    randomize(model, "b")
+    peftify.set_adapter(model, "a")
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # a's copy of the head
+    assert peftify.unload(model) is model and getattr(model, "_peftify", None) is None
+    assert {n: m for n, m in model.named_modules()} == modules  # the same module objects
+    state, expect = model.state_dict(), base.state_dict()
+    assert list(state) == list(expect)
+    for k in state:
+        torch.testing.assert_close(state[k], expect[k], rtol=0, atol=1e-6 if "k_proj" in k else 0, msg=k)  # PiSSA: W = residual + s·B·A, rounded
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {n: p.requires_grad for n, p in base.named_parameters()}
+    torch.testing.assert_close(output(model, X), output(base, X), rtol=1e-5, atol=1e-5)
+
+
+def test_unload_refuses_a_structure_whose_dense_weight_is_gone():
+    model = peftify.peftify(tiny_llama(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "monarch"}}]})
+    with pytest.raises(SpecError, match="dense weights are gone") as e:
+        peftify.unload(model)
+    assert e.value.field == "adapter" and getattr(model, "_peftify", None) is not None
+    peftify.merge(model)  # the way back
+
+
 def test_merge_with_adapters_disabled_or_elsewhere_restores_the_original_weights():
     torch.manual_seed(0)
     base = tiny_llama()
