@@ -26,6 +26,8 @@ METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "in
 # PEFT's defaults for the fields peftify does not implement, used when peft is not installed.
 UNSUPPORTED_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16, "loftq_config": {}, "lora_bias": False}
 INITS = {True: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", False: "random"}
+# the heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification, …)
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 # layers PEFT's LoRA adapts that are not linear maps, so not peftify sites
 PEFT_ONLY_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
@@ -61,7 +63,8 @@ def from_peft(config, model=None) -> Spec:
     embeddings when given, else every ``readout`` site), None is PEFT's usual default of the
     attention q and v projections (by role). exclude_modules, layers_to_transform (with
     layers_pattern), rank_pattern/alpha_pattern, modules_to_save, bias and the LoRA fields map
-    one to one.
+    one to one. A task_type whose PEFT model trains a head (SEQ_CLS and TOKEN_CLS: "classifier"
+    or "score"; QUESTION_ANS: "qa_outputs") adds that head to modules_to_save, as PEFT does.
     """
     d = _as_dict(config)
     if d.get("peft_type", "LORA") != "LORA":
@@ -126,7 +129,8 @@ def from_peft(config, model=None) -> Spec:
     exclude = d.get("exclude_modules")
     if exclude:
         rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
-    train = [rf"re:{_names_regex(d['modules_to_save'])}\..+"] if d.get("modules_to_save") else []
+    saved = list(dict.fromkeys([*(d.get("modules_to_save") or []), *TASK_HEADS.get(d.get("task_type") or "", [])]))
+    train = [rf"re:{_names_regex(saved)}\..+"] if saved else []
     if train and model is not None and not d.get("ensure_weight_tying"):
         _refuse_untied_copies(train[0][3:], model)
     if bias == "all":

@@ -211,6 +211,19 @@ def test_untied_copies_of_a_tied_weight_are_refused(saved, tmp_path):
     assert {n: (id(p), p.requires_grad) for n, p in base.named_parameters()} == before
 
 
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS"])
+def test_a_task_type_trains_the_head_as_peft_does(task_type):
+    """PEFT's classification models add their head to modules_to_save; without it the head of a
+    fresh classifier stayed frozen at its random init."""
+    from peft import LoraConfig, get_peft_model
+
+    make = lambda: LoraConfig(r=2, target_modules=["query", "value"], task_type=task_type)
+    theirs = get_peft_model(bert_cls(), make())
+    ours = peftify.peftify(bert_cls(), make())
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {peft_param_name(n) for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= {n for n, p in ours.named_parameters() if p.requires_grad}
+
+
 def test_a_train_glob_may_name_a_tied_alias():
     """`lm_head.*` names the head's slot of the weight tied to the embedding (which
     named_parameters lists under the embedding's name only): the shared weight trains."""
