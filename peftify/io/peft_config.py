@@ -129,7 +129,11 @@ def from_peft(config, model=None) -> Spec:
     exclude = d.get("exclude_modules")
     if exclude:
         rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
-    saved = list(dict.fromkeys([*(d.get("modules_to_save") or []), *TASK_HEADS.get(d.get("task_type") or "", [])]))
+    heads = TASK_HEADS.get(d.get("task_type") or "", [])
+    if model is not None:  # as in PEFT, a head the model does not have is no error
+        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        heads = [h for h in heads if any(re.fullmatch(rf"{_names_regex([h])}\..+", n) for n in names)]
+    saved = list(dict.fromkeys([*(d.get("modules_to_save") or []), *heads]))
     train = [rf"re:{_names_regex(saved)}\..+"] if saved else []
     if train and model is not None and not d.get("ensure_weight_tying"):
         _refuse_untied_copies(train[0][3:], model)

@@ -222,6 +222,8 @@ def test_a_task_type_trains_the_head_as_peft_does(task_type):
     ours = peftify.peftify(bert_cls(), make())
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {peft_param_name(n) for n, p in theirs.named_parameters() if p.requires_grad}
     assert {"classifier.weight", "classifier.bias"} <= {n for n, p in ours.named_parameters() if p.requires_grad}
+    bare = peftify.peftify(tiny_bert(), make())  # no head to train: none, as in PEFT
+    assert all(".adapters." in n for n, p in bare.named_parameters() if p.requires_grad)
 
 
 def test_a_train_glob_may_name_a_tied_alias():
