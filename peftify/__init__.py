@@ -26,6 +26,7 @@ from peftify.api import (
 )
 from peftify.errors import SpecError
 from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
+from peftify.io.export import export, load_package
 from peftify.passes import *  # every method class, METHODS, MuP, SelfGuided and the Method protocol
 from peftify.rewrite.plan import Plan
 from peftify.rewrite.sites import Capture, Site
@@ -45,8 +46,10 @@ __all__ = passes.__all__ + [
     "capture",
     "delete_adapter",
     "disable_adapters",
+    "export",
     "from_pretrained",
     "load_adapter",
+    "load_package",
     "merge",
     "param_groups",
     "peftify",

@@ -37,8 +37,7 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("this model is already rewritten by peftify; its original capture is kept with the rewrite (peftify.plan and peftify.peftify(..., adapter=...) use it)")
     given = example_inputs is not None
-    args, kwargs = _normalize(example_inputs) if given else build_example_inputs(model)
-    kwargs = _decoder_kwargs(model, kwargs)
+    args, kwargs = example_arguments(model, example_inputs)
     try:
         try:
             sites, collapsed, tracer = _trace(model, args, kwargs, collapse=True)
@@ -141,6 +140,13 @@ def _finish(model: nn.Module, cap: Capture) -> Capture:
         width = Counter(s.in_features for s in cap.sites).most_common(1)[0][0]
     cap.width = int(width or 0)
     return cap
+
+
+def example_arguments(model: nn.Module, example_inputs=None) -> tuple[tuple, dict]:
+    """(args, kwargs) to run `model` on: `example_inputs` in any form `capture` takes, or one
+    built from the model when None; HF decoders get ``use_cache=False``."""
+    args, kwargs = _normalize(example_inputs) if example_inputs is not None else build_example_inputs(model)
+    return args, _decoder_kwargs(model, kwargs)
 
 
 def _normalize(example_inputs):

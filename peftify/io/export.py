@@ -1,0 +1,85 @@
+"""A rewritten model as a `torch.export` program, and as an AOTInductor package.
+
+The program keeps peftify's layers as ``torch.ops.peftify.*`` nodes (or, with ``merged=True``,
+is the merged dense model in plain aten ops). `torch.export.load` reads a saved program after
+``import peftify``; an AOTInductor package runs through `load_package`, which defines the ops
+the package calls first.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from peftify.rewrite.apply import accepts_compiled, merge_model
+from peftify.rewrite.capture import example_arguments
+
+
+class _PlainOutputs(nn.Module):
+    """The model with its constant keyword arguments (``use_cache=False``, flags) bound, so the
+    program takes tensors only, and a mapping output (a transformers ModelOutput) returned as a
+    plain dict of its tensors: torch.export.load cannot rebuild ModelOutput classes."""
+
+    def __init__(self, model: nn.Module, constants: dict):
+        super().__init__()
+        self.model = model
+        self.constants = constants
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **self.constants, **kwargs)
+        return {k: v for k, v in out.items() if v is not None} if isinstance(out, Mapping) else out
+
+
+@accepts_compiled
+def export(
+    model: nn.Module,
+    example_inputs=None,
+    *,
+    merged: bool = False,
+    dynamic_shapes=None,
+    path: str | os.PathLike | None = None,
+    package: str | os.PathLike | None = None,
+) -> torch.export.ExportedProgram:
+    """Export `model` (rewritten by peftify or not) with `torch.export.export` (non-strict).
+
+    - example_inputs: as for `peftify.capture` (a tensor, a tuple, a dict, or (args, kwargs));
+      built from the model's config when omitted. Keyword arguments without tensors (HF
+      decoders' ``use_cache=False``, added) are bound into the program, which takes tensors only.
+    - merged: export a merged copy instead (plain aten ops, runnable without peftify); the
+      model itself is left as it is. The copy holds a second set of the model's weights.
+    - dynamic_shapes: passed to `torch.export.export`.
+    - path: also `torch.export.save` the program there.
+    - package: also compile it with AOTInductor into this ``.pt2`` file (run it with
+      `peftify.load_package`).
+
+    A transformers ``ModelOutput`` comes back as a dict of its tensors.
+    """
+    args, kwargs = example_arguments(model, example_inputs)
+    constants = {k: v for k, v in kwargs.items() if not any(isinstance(t, torch.Tensor) for t in tree_leaves(v))}
+    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
+    if merged and getattr(model, "_peftify", None) is not None:
+        model = merge_model(copy.deepcopy(model))
+    program = torch.export.export(_PlainOutputs(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    if path is not None:
+        torch.export.save(program, Path(path))
+    if package is not None:
+        from torch._inductor import aoti_compile_and_package
+
+        aoti_compile_and_package(program, package_path=str(package))
+    return program
+
+
+def load_package(path: str | os.PathLike):
+    """Load an AOTInductor package written by `export(..., package=...)` as a callable. peftify's
+    ops are defined first: the package calls them by name, through the dispatcher."""
+    from torch._inductor import aoti_load_package
+
+    import peftify.codegen.ops  # noqa: F401
+
+    return aoti_load_package(str(path))

@@ -1,0 +1,79 @@
+"""peftify.export: torch.export programs of rewritten models, saved and loaded in a fresh
+process, merged to plain aten ops, and compiled into AOTInductor packages."""
+
+import subprocess
+import sys
+
+import torch
+from conftest import output, tiny_llama
+
+import peftify
+
+X = {"input_ids": torch.arange(18).view(2, 9) % 101}
+SPEC = {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 4, "init": "random"}}, {"match": "role:mlp.*", "apply": {"method": "monarch"}}]}
+
+
+def rewritten():
+    torch.manual_seed(0)
+    return peftify.peftify(tiny_llama(layers=1), SPEC, progress=False).eval()
+
+
+def run_fresh(code: str) -> None:
+    """Run `code` (which asserts) in a new Python process, where only what it imports is loaded."""
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def peftify_ops(program) -> set[str]:
+    return {str(n.target) for n in program.graph.nodes if "peftify" in str(n.target)}
+
+
+def test_a_saved_program_keeps_the_ops_and_loads_in_a_new_process(tmp_path):
+    """The program computes through peftify's ops; `torch.export.load` in a process that only
+    imported peftify (whose ops are defined on first look-up) reads it and gives the logits.
+    A ModelOutput comes back as a dict."""
+    model = rewritten()
+    with torch.no_grad():
+        expected = output(model, X)
+    program = peftify.export(model, X, path=tmp_path / "model.pt2")
+    assert peftify_ops(program) == {"peftify.lora_linear.default", "peftify.monarch.default"}
+    torch.testing.assert_close(program.module()(**X)["logits"], expected)
+    torch.save((X["input_ids"], expected), tmp_path / "expected.pt")
+    run_fresh(
+        "import torch, peftify\n"
+        f"program = torch.export.load({str(tmp_path / 'model.pt2')!r})\n"
+        f"ids, expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "torch.testing.assert_close(program.module()(input_ids=ids)['logits'], expected)"
+    )
+
+
+def test_merged_export_is_plain_aten_and_leaves_the_model_rewritten():
+    model = rewritten()
+    with torch.no_grad():
+        expected = output(model, X)
+    program = peftify.export(model, X, merged=True)
+    assert not peftify_ops(program)
+    assert getattr(model, "_peftify", None) is not None and type(model.model.layers[0].mlp.up_proj).__name__ == "AdaptedSite"
+    torch.testing.assert_close(program.module()(**X)["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_example_inputs_are_built_from_the_config_when_omitted():
+    program = peftify.export(rewritten())
+    ids = next(n for n in program.graph.nodes if n.op == "placeholder" and "input_ids" in n.name)
+    assert ids.meta["val"].dtype == torch.long
+
+
+def test_an_aoti_package_runs_in_a_new_process(tmp_path):
+    """AOTInductor compiles the program into one .pt2 file; `peftify.load_package` defines the
+    ops the package calls by name, then loads it."""
+    model = rewritten()
+    with torch.no_grad():
+        expected = output(model, X)
+    peftify.export(model, X, package=tmp_path / "model.pt2")
+    torch.save((X["input_ids"], expected), tmp_path / "expected.pt")
+    run_fresh(
+        "import torch, peftify\n"
+        f"run = peftify.load_package({str(tmp_path / 'model.pt2')!r})\n"
+        f"ids, expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "torch.testing.assert_close(run(input_ids=ids)['logits'], expected, atol=1e-5, rtol=1e-5)"
+    )
