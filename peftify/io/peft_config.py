@@ -91,6 +91,8 @@ def from_peft(config, model=None) -> Spec:
     target = _target_match(d.get("target_modules"), model)
     if model is not None and isinstance(target, str) and target.startswith("re:"):
         _refuse_peft_only_layers(target[3:], model)
+        if d.get("ensure_weight_tying"):
+            _refuse_tied_targets(target[3:], model)
     parameters = d.get("target_parameters") or []
     if parameters:
         # PEFT adapts these parameters (expert stacks) with plain LoRA only
@@ -172,6 +174,24 @@ def _refuse_untied_copies(regex: str, model) -> None:
                 f"{', '.join(n for n in tied if n not in listed) or 'another listed module'} (ensure_weight_tying=False); "
                 "peftify trains a tied weight as one, as PEFT's ensure_weight_tying=True does, and cannot reproduce this adapter",
                 field="modules_to_save",
+            )
+
+
+def _refuse_tied_targets(regex: str, model) -> None:
+    """PEFT's ensure_weight_tying=True also adapts every layer tied to a targeted one (a LoRA on
+    the embedding for a targeted head), which peftify cannot do."""
+    pattern = re.compile(regex)
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "weight", None), nn.Parameter):
+            owners.setdefault(id(m.weight), []).append(n)
+    for names in owners.values():
+        targeted = [n for n in names if pattern.fullmatch(n)]
+        if targeted and len(names) > len(targeted):
+            raise SpecError(
+                f"with ensure_weight_tying=True PEFT also adapts {', '.join(n for n in names if n not in targeted)}, whose weight is tied to "
+                f"{', '.join(targeted)}; peftify adapts {', '.join(targeted)} alone: drop ensure_weight_tying or the tied target",
+                field="ensure_weight_tying",
             )
 
 

@@ -226,6 +226,16 @@ def test_a_task_type_trains_the_head_as_peft_does(task_type):
     assert all(".adapters." in n for n, p in bare.named_parameters() if p.requires_grad)
 
 
+def test_ensure_weight_tying_with_a_tied_target_is_refused():
+    """PEFT then adds a LoRA to the embedding too (tied to the head's), which peftify cannot."""
+    from peft import LoraConfig
+
+    with pytest.raises(SpecError, match="also adapts model.embed_tokens") as e:
+        peftify.peftify(tiny_llama(tie=True), LoraConfig(r=2, target_modules=["lm_head", "q_proj"], ensure_weight_tying=True))
+    assert e.value.field == "ensure_weight_tying"
+    peftify.peftify(tiny_llama(tie=True), LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))  # PEFT's default: the head alone
+
+
 def test_a_train_glob_may_name_a_tied_alias():
     """`lm_head.*` names the head's slot of the weight tied to the embedding (which
     named_parameters lists under the embedding's name only): the shared weight trains."""
