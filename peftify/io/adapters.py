@@ -24,6 +24,7 @@ from peftify.passes.base import Method
 from peftify.rewrite.apply import (
     accepts_compiled,
     adapted_site,
+    adapter_buffers,
     adapter_params,
     apply_plan,
     base_params,
@@ -45,14 +46,17 @@ PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 
 
-def adapter_state(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
-    """Every parameter an adapter added or trains, by its name in the rewritten model."""
+def adapter_state(model: nn.Module, adapter: str, buffers: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter an adapter added or trains (and, with `buffers`, the training state it
+    keeps in buffers), by its name in the rewritten model."""
     rewrite = rewrite_state(model, "save")
     plan = rewrite.adapters[adapter]
     out = {}
     for entry in plan.entries:
         adapted = adapted_site(model, entry.site)
         out.update(adapter_params(entry, adapter, adapted.adapters[adapter], adapted.base_layer))
+        if buffers:
+            out.update(adapter_buffers(entry, adapter, adapted.adapters[adapter]))
     out.update({live_name(plan, n): trained_record(rewrite, model.get_parameter(live_name(plan, n))).copies[adapter] for n in plan.train})
     return out
 
@@ -101,7 +105,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
             "peftify_version": peftify.__version__,
             "spec": plan.spec.to_dict(),  # as written, for the record
             # as resolved: what loading rebuilds, whatever later versions infer about roles
-            "sites": [{"fqn": e.site.fqn, "kind": e.site.kind, "method": e.method.to_dict()} for e in plan.entries],
+            "sites": [{"fqn": e.site.fqn, "kind": e.site.kind, "method": adapted_site(model, e.site).adapters[adapter].saved_method().to_dict()} for e in plan.entries],
             "train": list(plan.train),
         }
         # without the adapter's name in the keys, a file loads under any name
@@ -175,10 +179,11 @@ def load_adapter(
         tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
     plan = rewrite.adapters[adapter]
-    targets = adapter_state(model, adapter)
+    targets = adapter_state(model, adapter, buffers=False)
     optional = {}
     for entry in plan.entries:
-        optional.update(base_params(entry.site, adapted_site(model, entry.site).base_layer))
+        adapted = adapted_site(model, entry.site)
+        optional.update(base_params(entry.site, adapted.base_layer) | adapter_buffers(entry, adapter, adapted.adapters[adapter]))
     tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
     check_state(targets, tensors, source, optional)
     with torch.no_grad():

@@ -184,6 +184,7 @@ class SiteModule(nn.Module):
     """
 
     peft_names: ClassVar[dict[str, str]] = {}  # own parameter → its key in PEFT's files, if PEFT has the method
+    saved_buffers: ClassVar[tuple[str, ...]] = ()  # training state kept in buffers, saved with the parameters
     upcast = False  # trainable parameters held in float32 over a half-precision base (`upcast_trainable`)
 
     def __init__(self, method: Method, site: Site):
@@ -191,6 +192,10 @@ class SiteModule(nn.Module):
         self.method = method
         self.site = site
         self.residual: torch.Tensor | None = None
+
+    def saved_method(self) -> Method:
+        """The method a saved file records: what rebuilds this module as it is now."""
+        return self.method
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The dense (out, in) weight this adapter computes, given the base weight."""

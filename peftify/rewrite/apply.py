@@ -122,6 +122,12 @@ def adapter_params(entry: Entry, adapter: str, mod: SiteModule, base: nn.Module 
     return out
 
 
+def adapter_buffers(entry: Entry, adapter: str, mod: SiteModule) -> dict[str, torch.Tensor]:
+    """The training state an adapter keeps in buffers (a self-guided layer's mix), by full name."""
+    prefix = module_prefix(entry.site)
+    return {f"{prefix}.adapters.{adapter}.{n}": b for n in mod.saved_buffers if (b := getattr(mod, n, None)) is not None}
+
+
 def base_params(site: Site, base: nn.Module | None) -> dict[str, nn.Parameter]:
     """The frozen base parameters of a module site, by full name (PEFT files may carry them)."""
     if base is None:
@@ -240,11 +246,11 @@ def apply_plan(
         targets, optional = {}, {}
         for entry, mod, base in zip(plan.entries, built, bases):
             targets.update(adapter_params(entry, adapter, mod, base))
-            optional.update(base_params(entry.site, base))
+            optional.update(base_params(entry.site, base) | adapter_buffers(entry, adapter, mod))  # files from before buffers were saved lack them
         for name, copy in copies.items():
             targets[live_name(plan, name)] = copy
         check_state(targets, state, source or "the adapter", optional)
-        new = {id(p) for mod in built for p in mod.parameters()} | {id(p) for p in copies.values()}
+        new = {id(p) for mod in built for p in [*mod.parameters(), *mod.buffers()]} | {id(p) for p in copies.values()}
         with torch.no_grad():  # the built modules are not in the model yet: loading them is safe
             for name, p in {**optional, **targets}.items():
                 if name not in state:

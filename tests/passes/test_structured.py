@@ -284,6 +284,34 @@ def test_self_guided_starts_at_the_dense_layer_anneals_and_frees_the_guide():
         peftify.SelfGuided(tiny_llama(), steps=3)
 
 
+def test_self_guided_training_saves_and_resumes_mid_anneal_and_after(tmp_path):
+    """A file keeps the mix α (a buffer): a model loaded mid-anneal computes what the saved one
+    did, and a new schedule resumes at its α. Once the guides are dropped the file records the
+    μP structure alone, which loads without a guide. Before, α was lost (logits 0.8 apart) and
+    the annealed file did not load (its guides were missing)."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), structured_spec("monarch", init="self_guided"))
+    schedule = peftify.SelfGuided(model, steps=4)
+    with torch.no_grad():
+        for site in structured_sites(model):
+            site.adapters["default"].right.mul_(1.5)  # the structure moves away from the guide
+    schedule.step()
+    peftify.save_adapter(model, tmp_path / "mid")
+    loaded = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "mid")
+    torch.testing.assert_close(output(loaded, X), output(model, X), rtol=0, atol=0)
+    resumed = peftify.SelfGuided(loaded, steps=4)
+    assert resumed.t == 1 and resumed.alpha == schedule.alpha == 0.75
+    for s in (schedule, resumed):
+        for _ in range(3):
+            s.step()
+    torch.testing.assert_close(output(loaded, X), output(model, X), rtol=0, atol=0)
+    peftify.save_adapter(model, tmp_path / "done")
+    again = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "done")
+    assert all(m.adapters["default"].guide is None for m in structured_sites(again))
+    torch.testing.assert_close(output(again, X), output(model, X), rtol=0, atol=0)
+
+
 def test_a_7b_shaped_meta_llama_plans_and_rewrites_with_monarch_without_memory():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -216,6 +216,12 @@ class StructuredModule(SiteModule):
             y = torch.lerp(y, F.linear(x, self.guide), self.mix)
         return y if bias is None else y + bias
 
+    saved_buffers = ("mix",)
+
+    def saved_method(self) -> Structured:
+        # once its guide is dropped a self-guided layer is its μP-initialised structure alone
+        return dataclasses.replace(self.method, init="mup") if self.method.init == "self_guided" and self.guide is None else self.method
+
     def drop_guide(self) -> None:
         """End of self-guided training: the structure alone computes; the guide's memory is freed."""
         self.guide = None

@@ -28,7 +28,9 @@ class SelfGuided:
         self.modules = [m for m in model.modules() if isinstance(m, StructuredModule) and m.guide is not None]
         if not self.modules:
             raise SpecError("this model has no self-guided structured layers (init='self_guided')")
-        self.steps, self.optimizer, self.t = steps, optimizer, 0
+        # resume where the layers are (a model loaded mid-anneal keeps its α): α = 1 − t/steps
+        self.steps, self.optimizer = steps, optimizer
+        self.t = round((1.0 - float(self.modules[0].mix)) * steps)
 
     @property
     def alpha(self) -> float:
