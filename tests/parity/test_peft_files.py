@@ -226,6 +226,20 @@ def test_a_task_type_trains_the_head_as_peft_does(task_type):
     assert all(".adapters." in n for n, p in bare.named_parameters() if p.requires_grad)
 
 
+def test_a_tied_weight_saved_twice_with_different_values_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = peftify.peftify(tiny_llama(tie=True), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["model.embed_tokens.*"]})
+    peftify.save_adapter(model, tmp_path, format="peft")
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(tensors["base_model.model.lm_head.weight"], tensors["base_model.model.model.embed_tokens.weight"])  # PEFT's layout: every slot
+    tensors["base_model.model.lm_head.weight"] += 1
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(SpecError, match="different values for lm_head.weight and model.embed_tokens.weight") as e:
+        peftify.from_pretrained(tiny_llama(tie=True), tmp_path)
+    assert e.value.field == "modules_to_save"
+
+
 def test_ensure_weight_tying_with_a_tied_target_is_refused():
     """PEFT then adds a LoRA to the embedding too (tied to the head's), which peftify cannot."""
     from peft import LoraConfig
