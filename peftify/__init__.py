@@ -25,7 +25,7 @@ from peftify.api import (
     unload,
 )
 from peftify.errors import SpecError
-from peftify.io.adapters import from_pretrained, load_adapter, save_adapter
+from peftify.io.adapters import adapter_state_dict, from_pretrained, load_adapter, load_adapter_state_dict, save_adapter
 from peftify.io.export import export, load_package
 from peftify.passes import *  # every method class, METHODS, MuP, SelfGuided and the Method protocol
 from peftify.rewrite.plan import Plan
@@ -42,6 +42,7 @@ __all__ = passes.__all__ + [
     "Site",
     "Spec",
     "SpecError",
+    "adapter_state_dict",
     "adapters",
     "capture",
     "delete_adapter",
@@ -49,6 +50,7 @@ __all__ = passes.__all__ + [
     "export",
     "from_pretrained",
     "load_adapter",
+    "load_adapter_state_dict",
     "load_package",
     "merge",
     "param_groups",

@@ -80,14 +80,49 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     """
     from safetensors.torch import save_file
 
+    tensors, config, files = _contents(model, format, adapter)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path / files[0], lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    _atomic_write(path / files[1], lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+@accepts_compiled
+def adapter_state_dict(model: nn.Module, adapter: str | None = None, format: str = "native") -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes for an adapter (the active one by default), in memory:
+    under peftify's keys ("native") or PEFT's ("peft", as ``get_peft_model_state_dict``). Like a
+    state dict, they share memory with the model's parameters where they can."""
+    return _contents(model, format, adapter)[0]
+
+
+@accepts_compiled
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter: str | None = None) -> nn.Module:
+    """Load `adapter_state_dict`'s tensors (either key format, detected) into an adapter the
+    model has (the active one by default), as ``set_peft_model_state_dict``. Every tensor is
+    checked first: missing, unexpected or wrongly shaped ones raise `SpecError`, and nothing
+    changes."""
+    rewrite = rewrite_state(model, "load into")
+    adapter = _named(rewrite, adapter)
+    fmt = "peft" if any(k.startswith(PEFT_PREFIX) for k in state_dict) else "native"
+    return _load_into(model, adapter, dict(state_dict), fmt, f"the {fmt} state dict")
+
+
+def _named(rewrite, adapter: str | None) -> str:
+    adapter = rewrite.current if adapter is None else adapter
+    if adapter not in rewrite.adapters:
+        raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
+    return adapter
+
+
+def _contents(model: nn.Module, format: str, adapter: str | None) -> tuple[dict, dict, tuple[str, str]]:
+    """An adapter's tensors, config and file names, in `format`."""
     import peftify
 
     if format not in ("native", "peft"):
         raise SpecError(f"format must be 'native' or 'peft', not {format!r}", field="format")
     rewrite = rewrite_state(model, "save")
-    adapter = rewrite.current if adapter is None else adapter
-    if adapter not in rewrite.adapters:
-        raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
+    adapter = _named(rewrite, adapter)
     plan = rewrite.adapters[adapter]
     tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_state(model, adapter).items()}
     if format == "peft":
@@ -111,11 +146,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
         # without the adapter's name in the keys, a file loads under any name
         tensors = {n.replace(f".adapters.{adapter}.", "."): t for n, t in tensors.items()}
         files = NATIVE
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / files[0], lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / files[1], lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    return path
+    return tensors, config, files
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -178,7 +209,12 @@ def load_adapter(
         plan = make_plan(model, cap, spec, strict=strict)
         tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
-    plan = rewrite.adapters[adapter]
+    return _load_into(model, adapter, tensors, fmt, source)
+
+
+def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: str) -> nn.Module:
+    """Check `tensors` against an existing adapter, then copy them in."""
+    plan = rewrite_state(model, "load into").adapters[adapter]
     targets = adapter_state(model, adapter, buffers=False)
     optional = {}
     for entry in plan.entries:

@@ -226,6 +226,38 @@ def test_a_task_type_trains_the_head_as_peft_does(task_type):
     assert all(".adapters." in n for n, p in bare.named_parameters() if p.requires_grad)
 
 
+def test_adapter_state_dicts_in_memory_match_peft_and_load_back(tmp_path):
+    """adapter_state_dict is get_peft_model_state_dict (format="peft": the same keys and values);
+    load_adapter_state_dict takes either format back, and refuses a bad one changing nothing."""
+    from peft import get_peft_model_state_dict
+
+    base, _cfg, theirs, x = make("modules-to-save")
+    theirs.save_pretrained(tmp_path)
+    ours = peftify.load_adapter(copy.deepcopy(base), tmp_path)
+    expected = output(ours, x).detach()
+    peft_sd = peftify.adapter_state_dict(ours, format="peft")
+    reference = get_peft_model_state_dict(theirs)
+    assert peft_sd.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(peft_sd[k], reference[k], rtol=0, atol=0, msg=k)
+    for fmt in ("native", "peft"):
+        saved = {k: v.clone() for k, v in peftify.adapter_state_dict(ours, format=fmt).items()}
+        with torch.no_grad():
+            for p in ours.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+        assert peftify.load_adapter_state_dict(ours, saved) is ours
+        torch.testing.assert_close(output(ours, x), expected, rtol=0, atol=0)
+    bad = dict(saved)
+    key = next(k for k in bad if "lora_A" in k)
+    bad[key] = bad[key][:1]
+    with pytest.raises(SpecError, match="wrong shape"):
+        peftify.load_adapter_state_dict(ours, bad)
+    torch.testing.assert_close(output(ours, x), expected, rtol=0, atol=0)
+    with pytest.raises(SpecError, match="no adapter named 'x'"):
+        peftify.adapter_state_dict(ours, adapter="x")
+
+
 def test_a_tied_weight_saved_twice_with_different_values_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
