@@ -1,4 +1,4 @@
-"""The public entry points: peftify, plan, capture, report, param_groups, merge."""
+"""The public entry points: peftify, plan, capture, report, param_groups, merge, unload, adapter switching."""
 
 from __future__ import annotations
 
@@ -167,4 +167,4 @@ def report(model: nn.Module) -> Report:
     return Report(rows, sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()), note)
 
 
-__all__ = ["adapters", "capture", "delete_adapter", "disable_adapters", "merge", "param_groups", "peftify", "plan", "report", "set_adapter"]
+__all__ = ["adapters", "capture", "delete_adapter", "disable_adapters", "merge", "param_groups", "peftify", "plan", "report", "set_adapter", "unload"]
