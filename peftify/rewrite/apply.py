@@ -57,6 +57,10 @@ class RewriteState:
     flags: dict[str, bool]  # requires_grad of every parameter before the first rewrite
     trained: list[Trained] = field(default_factory=list)
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("trained", [])  # models pickled before `train` parameters had copies
+        self.__dict__.update(state)
+
     @property
     def current(self) -> str:
         """The active adapter's name (the first adapter's while adapters are disabled)."""
