@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from peftify.rewrite.apply import accepts_compiled, merge_model
-from peftify.rewrite.capture import example_arguments
+from peftify.rewrite.capture import example_arguments, kept_tensors
 
 
 class _PlainOutputs(nn.Module):
@@ -65,7 +65,8 @@ def export(
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     if merged and getattr(model, "_peftify", None) is not None:
         model = merge_model(copy.deepcopy(model))
-    program = torch.export.export(_PlainOutputs(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    with kept_tensors(model):
+        program = torch.export.export(_PlainOutputs(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     if path is not None:
         torch.export.save(program, Path(path))
     if package is not None:

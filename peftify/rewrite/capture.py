@@ -62,8 +62,22 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     return _finish(model, Capture(sites, tracer, collapsed=collapsed))
 
 
+@contextmanager
+def kept_tensors(model: nn.Module):
+    """Put the model's own parameters and buffers back after tracing. torch.func.functional_call
+    (which make_fx and non-strict export run) leaves its fake tensors in a module registered
+    under two names (``self.b = self.a``), and the model would then compute on fakes."""
+    saved = [(mod, dict(mod._parameters), dict(mod._buffers)) for mod in model.modules()]
+    try:
+        yield
+    finally:
+        for mod, params, buffers in saved:
+            mod._parameters.update(params)
+            mod._buffers.update(buffers)
+
+
 def _trace(model, args, kwargs, collapse: bool):
-    with _collapsed_repeats(model, collapse) as collapsed, _traceable_experts(model):
+    with kept_tensors(model), _collapsed_repeats(model, collapse) as collapsed, _traceable_experts(model):
         try:
             with _quiet("torch._subclasses.fake_tensor"):
                 graph, params, inputs = _trace_make_fx(model, args, kwargs)

@@ -260,6 +260,9 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
     names = parameter_names(model)
     canonical = {n: ns[0] for ns in names.values() for n in ns}
     alias_of = {n: ns for ns in names.values() for n in ns}
+    paths: dict[int, list[str]] = {}  # every path of each module (one registered under two names has two)
+    for path, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), []).append(path)
     by_weight: dict[str, list[Use]] = {}
     for u in uses:
         by_weight.setdefault(canonical.get(u.weight, u.weight), []).append(u)
@@ -280,7 +283,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
         for u in group:
             mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
-                owners.append(u.owner)
+                owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
         module_site = len(owners) > 0 and all(u.owner in owners for u in group)
         if module_site:
             fqn = owners[0]

@@ -196,6 +196,40 @@ def test_an_adapter_on_a_shared_weight_loads_by_name_onto_every_owner(fmt, tmp_p
     torch.testing.assert_close(fresh(x), model(x))
 
 
+class OneModuleTwoNames(nn.Module):
+    """One Linear registered under two names and applied twice (shared layers in custom code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_module_registered_under_two_names_is_one_site_adapted_at_both():
+    """Tracing left fake tensors in such a module (torch.func.functional_call's restore misses
+    the second name), so even a dry-run plan broke the model; and only the first name was
+    rewritten, so one of the two applications ran unadapted."""
+    torch.manual_seed(0)
+    model, x = OneModuleTwoNames(), torch.randn(3, 8)
+    w, b = model.a.weight.detach().clone(), model.a.bias.detach().clone()
+    peftify.plan(model, {"rules": [{"match": "a", "apply": {"method": "lora", "r": 2}}]})
+    assert type(model.a.weight) is nn.Parameter and torch.equal(model.a.weight, w)  # still the real tensors
+    site = peftify.capture(model).sites[0]
+    assert site.owners == ("a", "b") and site.uses == 2
+    peftify.peftify(model, {"rules": [{"match": "a", "apply": {"method": "lora", "r": 2, "init": "random"}}]})
+    assert model.a is model.b
+    lora = model.a.adapters["default"]
+    merged = w + lora.scaling * lora.lora_B.detach() @ lora.lora_A.detach()
+    expected = torch.tanh(x @ merged.T + b) @ merged.T + b
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-5)
+    peftify.merge(model)
+    assert type(model.a) is nn.Linear and model.a is model.b
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_weight_shared_by_linears_with_different_biases_is_refused():
     model = SharedLinears(bias=True)
     with pytest.raises(peftify.SpecError, match="shared by a, b, which have different biases"):
