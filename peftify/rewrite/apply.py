@@ -317,6 +317,11 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             # it when several tied modules share the container); save keeps one of each.
             shared = ("base_layer", "adapters") if len(site.owners) > 1 else ("base_layer.weight",)
             adapted._tied_weights_keys = {key: site.aliases[0] for key in shared}
+        if site.kind == "module" and any(isinstance(model.get_submodule(_split(p)[0]), nn.TransformerEncoderLayer) for p in site.owners):
+            # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2.weight itself,
+            # which would run the base weight without the adapter (or None for a structure); torch
+            # skips that path when a submodule has a forward hook
+            adapted.register_forward_pre_hook(_keeps_encoder_layers_off_their_fast_path)
         if site.kind == "module":
             for i, path in enumerate(site.owners):
                 parent_path, name = _split(path)
@@ -340,6 +345,10 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
         tag(mod.get_submodule(owner), name, trainable=p.requires_grad)
     adapted.adapters[adapter] = mod
     undo.append(lambda: adapted.adapters.pop(adapter))
+
+
+def _keeps_encoder_layers_off_their_fast_path(module: nn.Module, args: tuple) -> None:
+    return None
 
 
 def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str, adapter: str, copy: nn.Parameter, undo: list) -> None:

@@ -230,6 +230,23 @@ def test_a_module_registered_under_two_names_is_one_site_adapted_at_both():
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("apply", [{"match": "role:*", "apply": {"method": "lora", "r": 2, "init": "random"}}, {"match": "role:mlp.*", "apply": {"method": "monarch", "nblocks": 2}}], ids=["lora", "monarch"])
+def test_torch_transformer_encoder_inference_runs_the_adapters(apply):
+    """nn.TransformerEncoderLayer's inference fast path (eval, no grad) reads linear1/2.weight
+    itself: it ran the base weights without the adapter (4.3 apart), and had no weight at all
+    for a structure. The merged model, which takes that path, is the reference."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True), num_layers=2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    peftify.peftify(model, {"rules": [apply]}, example_inputs=(x,), progress=False)
+    with torch.no_grad():
+        adapted = model(x)
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)  # with grad: the modules' own forward
+    peftify.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_weight_shared_by_linears_with_different_biases_is_refused():
     model = SharedLinears(bias=True)
     with pytest.raises(peftify.SpecError, match="shared by a, b, which have different biases"):
