@@ -161,11 +161,15 @@ def _atomic_write(target: Path, write) -> None:
 
 
 def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise SpecError(f"adapter directory {str(path)!r} does not exist")
     if (path / NATIVE[1]).is_file() and (path / NATIVE[0]).is_file():
         return "native"
     if (path / PEFT[1]).is_file() and (path / PEFT[0]).is_file():
         return "peft"
-    raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({', '.join(PEFT)})")
+    inside = sorted(d.name for d in path.iterdir() if d.is_dir() and any((d / files[1]).is_file() for files in (NATIVE, PEFT))) if path.is_dir() else []
+    hint = f"; it has adapters in {', '.join(inside)} (PEFT saves each adapter but 'default' in a folder of its name): load {str(path / inside[0])!r}" if inside else ""
+    raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({', '.join(PEFT)}){hint}")
 
 
 @accepts_compiled

@@ -349,8 +349,13 @@ def test_load_into_a_rewritten_model_and_not_a_directory(tmp_path):
     peftify.load_adapter(b, tmp_path / "a")
     x = LLAMA_IN()
     torch.testing.assert_close(output(b, x), output(a, x))
-    with pytest.raises(SpecError, match="neither a peftify adapter"):
-        peftify.load_adapter(tiny_llama(), tmp_path)
+    with pytest.raises(SpecError, match="neither a peftify adapter.*it has adapters in a .*: load '.*/a'"):
+        peftify.load_adapter(tiny_llama(), tmp_path)  # a folder of adapters, as PEFT saves adapters not named 'default'
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecError, match=r"neither a peftify adapter \(adapter.safetensors, peftify.json\) nor a PEFT one \(adapter_model.safetensors, adapter_config.json\)$"):
+        peftify.load_adapter(tiny_llama(), tmp_path / "empty")
+    with pytest.raises(SpecError, match="does not exist"):
+        peftify.load_adapter(tiny_llama(), tmp_path / "nothing-here")
     with pytest.raises(SpecError, match="takes the base model"):
         peftify.from_pretrained(b, tmp_path / "a")
 
