@@ -9,6 +9,7 @@ the package calls first.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,22 @@ class _PlainOutputs(nn.Module):
         return {k: v for k, v in out.items() if v is not None} if isinstance(out, Mapping) else out
 
 
+def _wrapped(model: nn.Module, constants: dict) -> nn.Module:
+    """`_PlainOutputs` with the model's own signature (less the bound constants), which torch.export
+    binds the inputs and `dynamic_shapes` to, as it would for the model itself."""
+    try:
+        own = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return _PlainOutputs(model, constants)
+
+    def forward(self, *args, **kwargs):
+        return _PlainOutputs.forward(self, *args, **kwargs)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = own.replace(parameters=[self_param, *(p for name, p in own.parameters.items() if name not in constants)])
+    return type("Exported" + type(model).__name__, (_PlainOutputs,), {"forward": forward})(model, constants)
+
+
 @accepts_compiled
 def export(
     model: nn.Module,
@@ -53,7 +70,8 @@ def export(
       decoders' ``use_cache=False``, added) are bound into the program, which takes tensors only.
     - merged: export a merged copy instead (plain aten ops, runnable without peftify); the
       model itself is left as it is. The copy holds a second set of the model's weights.
-    - dynamic_shapes: passed to `torch.export.export`.
+    - dynamic_shapes: as `torch.export.export` takes them for the model itself (keyed by its
+      argument names).
     - path: also `torch.export.save` the program there.
     - package: also compile it with AOTInductor into this ``.pt2`` file (run it with
       `peftify.load_package`).
@@ -66,7 +84,7 @@ def export(
     if merged and getattr(model, "_peftify", None) is not None:
         model = merge_model(copy.deepcopy(model))
     with kept_tensors(model):
-        program = torch.export.export(_PlainOutputs(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.export.export(_wrapped(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     if path is not None:
         torch.export.save(program, Path(path))
     if package is not None:

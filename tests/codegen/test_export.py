@@ -77,3 +77,15 @@ def test_an_aoti_package_runs_in_a_new_process(tmp_path):
         f"ids, expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
         "torch.testing.assert_close(run(input_ids=ids)['logits'], expected, atol=1e-5, rtol=1e-5)"
     )
+
+
+def test_dynamic_shapes_are_keyed_by_the_models_own_arguments():
+    """`dynamic_shapes` as torch.export takes them for the model itself: a sequence length the
+    example did not have runs, with the model's logits."""
+    from torch.export import Dim
+
+    model = rewritten()
+    program = peftify.export(model, X, dynamic_shapes={"input_ids": {1: Dim("seq", min=2, max=64)}})
+    longer = torch.arange(26).view(2, 13) % 101
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(input_ids=longer)["logits"], model(input_ids=longer).logits, atol=1e-5, rtol=1e-5)
