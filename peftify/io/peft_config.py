@@ -15,6 +15,7 @@ from torch import nn
 from peftify.errors import SpecError
 from peftify.passes.dora import DoRA
 from peftify.passes.lora import IDENTITY_INITS, LoRA
+from peftify.rewrite.sites import parameter_names
 from peftify.rewrite.spec import Rule, Spec
 
 HANDLED = {
@@ -162,11 +163,8 @@ def _target_match(target, model):
 def _refuse_untied_copies(regex: str, model) -> None:
     """PEFT (ensure_weight_tying=False) trains a modules_to_save module as its own copy, which
     unties a tied weight; peftify trains the shared weight, as PEFT's ensure_weight_tying=True."""
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
     rx = re.compile(regex)
-    for tied in names.values():
+    for tied in parameter_names(model).values():
         listed = [n for n in tied if rx.fullmatch(n)]
         if listed and len(tied) > 1:
             raise SpecError(

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from peftify.errors import SpecError
 from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
 from peftify.rewrite.plan import Entry, Plan
-from peftify.rewrite.sites import Capture, Site
+from peftify.rewrite.sites import Capture, Site, parameter_names
 
 
 @dataclass
@@ -148,8 +148,7 @@ def live_name(plan: Plan, name: str) -> str:
 
 def tied_names(model: nn.Module, name: str) -> list[str]:
     """The other names of the parameter at `name` (its tied aliases)."""
-    p = model.get_parameter(name)
-    return [n for n, q in model.named_parameters(remove_duplicate=False) if q is p and n != name]
+    return [n for n in parameter_names(model)[id(model.get_parameter(name))] if n != name]
 
 
 def slots_of(model: nn.Module, p: nn.Parameter) -> list[tuple[nn.Module, str]]:

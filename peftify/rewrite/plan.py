@@ -14,7 +14,7 @@ from torch import nn
 from peftify.errors import SpecError
 from peftify.passes.base import Method, dense_flops, progress_bar
 from peftify.rewrite.select import Context
-from peftify.rewrite.sites import Capture, Site
+from peftify.rewrite.sites import Capture, Site, parameter_names
 from peftify.rewrite.spec import Spec, _bare
 from peftify.table import human, table
 
@@ -143,11 +143,8 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
 
     # every name of every parameter, each mapped to its first (a glob may name a tied alias: the
     # shared parameter is what trains)
-    canonical: dict[str, str] = {}
-    first: dict[int, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        canonical[n] = first.setdefault(id(p), n)
-    names = list(canonical)
+    canonical = {n: names[0] for names in parameter_names(model).values() for n in names}
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     train = []
     for pattern in spec.train:
         if pattern.startswith("re:"):

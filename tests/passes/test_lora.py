@@ -165,16 +165,22 @@ def test_random_init_draws_b_like_a_linear_layer_and_changes_the_output():
         peftify.DoRA(init="random")
 
 
-def test_pissa_splits_the_top_singular_part():
+def split_init(init: str, path: str, alpha: float):
+    """A tiny Llama with every linear rewritten by a split init at r=4 (its output checked
+    unchanged), the module at `path`, its LoRA and its original weight in float64."""
     torch.manual_seed(0)
     model = tiny_llama()
     x = {"input_ids": torch.randint(0, 101, (2, 6))}
-    w = model.model.layers[0].mlp.down_proj.weight.detach().double().clone()
+    w = model.get_submodule(path).weight.detach().double().clone()
     ref = output(model, x).detach()
-    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4, "alpha": 8, "init": "pissa"}}]})
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4, "alpha": alpha, "init": init}}]})
     torch.testing.assert_close(output(model, x), ref, atol=1e-4, rtol=1e-4)
-    mod = model.model.layers[0].mlp.down_proj
-    lora = mod.adapters["default"]
+    mod = model.get_submodule(path)
+    return model, mod, mod.adapters["default"], w
+
+
+def test_pissa_splits_the_top_singular_part():
+    model, mod, lora, w = split_init("pissa", "model.layers.0.mlp.down_proj", alpha=8)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     top = (u[:, :4] * s[:4]) @ vh[:4]
     torch.testing.assert_close((lora.scaling * lora.lora_B @ lora.lora_A).double(), top, atol=1e-4, rtol=1e-4)
@@ -186,15 +192,7 @@ def test_pissa_splits_the_top_singular_part():
 def test_olora_splits_the_leading_qr_part():
     """OLoRA: B = Q[:, :r] (orthonormal), A = R[:r] of W = QR, and the base weight is W − s·B·A,
     against a float64 QR of the original weight; merge gives W back."""
-    torch.manual_seed(0)
-    model = tiny_llama()
-    x = {"input_ids": torch.randint(0, 101, (2, 6))}
-    w = model.model.layers[1].self_attn.o_proj.weight.detach().double().clone()
-    ref = output(model, x).detach()
-    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4, "alpha": 16, "init": "olora"}}]})
-    torch.testing.assert_close(output(model, x), ref, atol=1e-4, rtol=1e-4)
-    mod = model.model.layers[1].self_attn.o_proj
-    lora = mod.adapters["default"]
+    model, mod, lora, w = split_init("olora", "model.layers.1.self_attn.o_proj", alpha=16)
     q, r = torch.linalg.qr(w)
     torch.testing.assert_close(lora.lora_B.double(), q[:, :4], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lora.lora_A.double(), r[:4], atol=1e-5, rtol=1e-4)
