@@ -1,6 +1,12 @@
-"""The one exception type users catch for every spec or selection problem."""
+"""The one exception type users catch for every spec or selection problem, and peftify's warnings."""
 
 from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class SpecError(ValueError):
@@ -16,3 +22,12 @@ class SpecError(ValueError):
         self.field = field
         where = ", ".join(p for p in (rule, f"field {field!r}" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def warn(message: str) -> None:
+    """Warn ``peftify: message``, attributed to the user's line that called into peftify (the
+    first frame outside the package), however deep inside peftify the warning arises."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"peftify: {message}", stacklevel=level)

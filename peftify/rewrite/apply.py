@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
 from peftify.rewrite.plan import Entry, Plan
 from peftify.rewrite.sites import Capture, Site, parameter_names
@@ -448,7 +447,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         stored = weight.t() if site.transposed else weight
         own_names = {o + ".weight" for o in site.owners}
         if set(site.aliases) - own_names:  # tied to something not rewritten: untie
-            warnings.warn(f"peftify: {site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it", stacklevel=3)
+            warn(f"{site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it")
             old = base.weight
             base.weight = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
             for owner in site.owners:
@@ -494,7 +493,7 @@ def merge_model(model: nn.Module, fold: bool = True) -> nn.Module:
     `fold`), drop the others, and restore module types, state-dict keys and ``requires_grad`` flags."""
     rewrite = rewrite_state(model, "merge")
     if fold and len(rewrite.adapters) > 1:
-        warnings.warn(f"peftify: merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped", stacklevel=3)
+        warn(f"merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped")
     merged: list[str] = []
     try:
         with torch.no_grad():
@@ -510,7 +509,7 @@ def merge_model(model: nn.Module, fold: bool = True) -> nn.Module:
             rewrite.installed.pop(fqn)
         for name, plan in rewrite.adapters.items():  # new plans: one the user holds stays whole
             rewrite.adapters[name] = dataclasses.replace(plan, entries=[e for e in plan.entries if e.site.fqn not in merged])
-        warnings.warn(f"peftify: merge stopped after {len(merged)} of {len(merged) + len(rewrite.installed)} sites; the model computes as before (those merged, the rest adapted), and peftify.merge(model) merges the rest", stacklevel=3)
+        warn(f"merge stopped after {len(merged)} of {len(merged) + len(rewrite.installed)} sites; the model computes as before (those merged, the rest adapted), and peftify.merge(model) merges the rest")
         raise
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(rewrite.flags.get(name, p.requires_grad))

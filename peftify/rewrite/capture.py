@@ -9,18 +9,22 @@ first entry and the sites found there are replicated to the others. This keeps c
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
+import os
+import sys
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, warn
 from peftify.rewrite.roles import infer_roles
 from peftify.rewrite.sites import Capture, find_uses, sites_from_modules, sites_from_uses
 
@@ -36,6 +40,7 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     """
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("this model is already rewritten by peftify; its original capture is kept with the rewrite (peftify.plan and peftify.peftify(..., adapter=...) use it)")
+    _refuse_peft_layers(model)
     given = example_inputs is not None
     args, kwargs = example_arguments(model, example_inputs)
     try:
@@ -45,11 +50,8 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
             sites, collapsed, tracer = _trace(model, args, kwargs, collapse=False)
     except Exception as e:
         if not given:
-            raise SpecError(
-                f"could not trace {type(model).__name__} with an example input built from its signature "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass example_inputs=..."
-            ) from e
-        warnings.warn(f"peftify: tracing failed ({type(e).__name__}: {e}); falling back to module walk", stacklevel=2)
+            raise SpecError(f"could not trace {type(model).__name__} with an example input built from its signature ({_brief(e)}); pass example_inputs=...") from e
+        warn(f"tracing failed ({_brief(e)}); falling back to the module walk: only nn.Linear/Conv1D modules are sites, with no roles")
         sites = sites_from_modules(model)
         return _finish(model, Capture(sites, "modules", note=f"trace failed: {type(e).__name__}; functional sites and roles unknown"))
     for prefix, n in collapsed.items():
@@ -62,7 +64,38 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     return _finish(model, Capture(sites, tracer, collapsed=collapsed))
 
 
-@contextmanager
+def _brief(error: Exception) -> str:
+    """An exception in one line: its type, the first line of its message (torch's export errors
+    run to pages) and the line of the model's own code that raised it, when there is one."""
+    text = str(error).strip()
+    brief = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    own = [f for f in traceback.extract_tb(error.__traceback__) if not any(lib in f.filename for lib in _LIBRARY_PATHS)]
+    if own:
+        brief += f" at {os.path.basename(own[-1].filename)}:{own[-1].lineno} ({(own[-1].line or '').strip()})"
+    return brief
+
+
+_LIBRARY_PATHS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)), os.sep + "transformers" + os.sep)
+
+
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """A model PEFT has wrapped holds PEFT's own layers, whose lora_A/lora_B are linears too:
+    peftify would adapt the adapter. It rewrites the plain base model instead."""
+    peft = sys.modules.get("peft")  # a model can only hold PEFT layers once peft is imported
+    if peft is None:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [name for name, mod in model.named_modules() if isinstance(mod, BaseTunerLayer)]
+    if wrapped:
+        raise SpecError(
+            f"{type(model).__name__} holds PEFT adapter layers ({', '.join(wrapped[:3])}{', …' if len(wrapped) > 3 else ''}); "
+            "peftify rewrites a plain model: call merge_and_unload() (keep the adapter in the weights) or unload() first, "
+            "or load the PEFT adapter into the base model with peftify.load_adapter(base, path)"
+        )
+
+
+@contextlib.contextmanager
 def kept_tensors(model: nn.Module):
     """Put the model's own parameters and buffers back after tracing. torch.func.functional_call
     (which make_fx and non-strict export run) leaves its fake tensors in a module registered
@@ -77,7 +110,8 @@ def kept_tensors(model: nn.Module):
 
 
 def _trace(model, args, kwargs, collapse: bool):
-    with kept_tensors(model), _collapsed_repeats(model, collapse) as collapsed, _traceable_experts(model):
+    # symbolic_shapes prints the partial graph of a trace that fails on data-dependent control flow
+    with kept_tensors(model), _collapsed_repeats(model, collapse) as collapsed, _traceable_experts(model), _quiet("torch.fx.experimental.symbolic_shapes"):
         try:
             with _quiet("torch._subclasses.fake_tensor"):
                 graph, params, inputs = _trace_make_fx(model, args, kwargs)
@@ -89,7 +123,7 @@ def _trace(model, args, kwargs, collapse: bool):
         return infer_roles(graph, sites, site_uses, params, inputs), collapsed, tracer
 
 
-@contextmanager
+@contextlib.contextmanager
 def _quiet(logger: str):
     """Silence a torch logger that reports, at ERROR level, failures we recover from."""
     log = logging.getLogger(logger)
@@ -138,7 +172,8 @@ def _trace_make_fx(model, args, kwargs):
 
 
 def _trace_export(model, args, kwargs):
-    with warnings.catch_warnings():
+    # a failing export prints its partial graph to stderr; the error itself reaches the user
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         exported = torch.export.export(model, args, kwargs, strict=False)
     signature = exported.graph_signature
@@ -287,7 +322,7 @@ def _signature(mod: nn.Module):
 TRACEABLE_EXPERTS = "batched_mm"
 
 
-@contextmanager
+@contextlib.contextmanager
 def _traceable_experts(model: nn.Module):
     """Temporarily run transformers' experts layers through `TRACEABLE_EXPERTS`."""
     configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_experts_implementation")}
@@ -301,7 +336,7 @@ def _traceable_experts(model: nn.Module):
             c._experts_implementation = previous[key]
 
 
-@contextmanager
+@contextlib.contextmanager
 def _collapsed_repeats(model: nn.Module, enabled: bool = True):
     """Temporarily cut every ModuleList of identical, independent blocks to its first block."""
     lists = []

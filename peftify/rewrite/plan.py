@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from torch import nn
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, warn
 from peftify.passes.base import Method, dense_flops, progress_bar
 from peftify.rewrite.select import Context
 from peftify.rewrite.sites import Capture, Site, parameter_names
@@ -139,7 +138,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             raise SpecError(_bare(e) + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
         entries.append(Entry(site, method, i))
     if bare and entries:
-        warnings.warn(f"peftify: {bare}; until then its weight is adapted as a functional parameter (W + ΔW formed on every call)", stacklevel=3)
+        warn(f"{bare}; until then its weight is adapted as a functional parameter (W + ΔW formed on every call)")
 
     # every name of every parameter, each mapped to its first (a glob may name a tied alias: the
     # shared parameter is what trains)
@@ -180,7 +179,7 @@ def _unmatched(where: str, match, candidates: list, strict: bool) -> None:
             msg += f"; the sites' layers are {layers[0]}–{layers[-1]}"
     if strict:
         raise SpecError(msg, rule=where)
-    warnings.warn(f"peftify: {where} {msg}", stacklevel=3)
+    warn(f"{where} {msg}")
 
 
 def nearest(probe: str, names: list[str], n: int = 3) -> list[str]:

@@ -290,6 +290,22 @@ def test_a_train_glob_may_name_a_tied_alias():
     assert plan.train == ["model.embed_tokens.weight"]
 
 
+def test_a_model_peft_has_wrapped_is_refused():
+    """Its lora_A/lora_B are linears too: peftify would adapt PEFT's adapter. Once PEFT has
+    unloaded, the plain model rewrites."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    with pytest.raises(SpecError, match=r"PeftModel holds PEFT adapter layers \(base_model\.model\.model\.layers\.0\.self_attn\.q_proj.*merge_and_unload"):
+        peftify.peftify(wrapped, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]})
+    with pytest.raises(SpecError, match="PEFT adapter layers"):
+        peftify.plan(wrapped.base_model.model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]})
+    assert all(torch.equal(state[k], v) for k, v in wrapped.state_dict().items())
+    plain = peftify.peftify(wrapped.merge_and_unload(), {"rules": [{"match": "*_proj", "apply": {"method": "lora", "r": 2}}]})
+    assert len(peftify.report(plain).rows) == 14
+
+
 def test_from_peft_without_peft_config_objects():
     spec = peftify.Spec.from_peft({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
     plan = peftify.plan(tiny_llama(), spec)

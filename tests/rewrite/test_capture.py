@@ -157,10 +157,17 @@ def test_untraceable_without_example_inputs_is_a_spec_error():
         peftify.capture(TwoInputs(), example_inputs="x")
 
 
-def test_untraceable_with_example_inputs_falls_back_to_modules():
-    with pytest.warns(UserWarning, match="falling back to module walk"):
+def test_untraceable_with_example_inputs_falls_back_to_modules(capfd):
+    with pytest.warns(UserWarning, match="falling back to the module walk") as caught:
         cap = peftify.capture(DataDependent(), example_inputs=torch.ones(2, 4))
     assert cap.method == "modules" and [s.fqn for s in cap.sites] == ["a", "b"] and "trace failed" in cap.note
+    # one line naming the model's own line that could not be traced, attributed to the caller,
+    # and none of torch's partial graphs or logs on stderr
+    (warning,) = caught
+    message = str(warning.message)
+    assert "\n" not in message and "GuardOnDataDependentSymNode" in message and "test_capture.py" in message and "if x.sum() > 0" in message
+    assert warning.filename == __file__
+    assert capfd.readouterr().err == ""
     cap = peftify.capture(TwoInputs(), example_inputs=(torch.ones(2, 4), torch.ones(2, 4)))
     assert cap.method == "make_fx" and [s.fqn for s in cap.sites] == ["lin"]
 

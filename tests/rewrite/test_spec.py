@@ -125,9 +125,10 @@ def test_rule_matching_nothing_lists_nearest_fqns():
 
 
 def test_strict_false_warns_and_goes_on():
-    with pytest.warns(UserWarning, match="matches nothing"):
+    with pytest.warns(UserWarning, match="matches nothing") as caught:
         plan = peftify.plan(tiny_llama(), {"rules": [{"match": "*.nope", "apply": {"method": "lora"}}, {"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}, strict=False)
     assert len(plan.entries) == 2
+    assert caught[0].filename == __file__  # the user's call, not a line inside peftify
     with pytest.warns(UserWarning, match="train glob"):
         peftify.plan(tiny_llama(), {"rules": [], "train": ["nothing.*"]}, strict=False)
 
