@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import SpecError, warn
@@ -41,6 +42,9 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("this model is already rewritten by peftify; its original capture is kept with the rewrite (peftify.plan and peftify.peftify(..., adapter=...) use it)")
     _refuse_peft_layers(model)
+    lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise SpecError(f"{', '.join(lazy[:3])} {'is' if len(lazy) == 1 else 'are'} not initialized yet (a lazy module): run the model once on an input first")
     given = example_inputs is not None
     args, kwargs = example_arguments(model, example_inputs)
     try:
@@ -181,6 +185,7 @@ def _trace_export(model, args, kwargs):
 
 
 def _finish(model: nn.Module, cap: Capture) -> Capture:
+    _warn_computed_weights(model, cap)
     layers = {s.layer for s in cap.sites if s.layer is not None}
     cap.depth = len(layers)
     config = getattr(model, "config", None)
@@ -189,6 +194,26 @@ def _finish(model: nn.Module, cap: Capture) -> Capture:
         width = Counter(s.in_features for s in cap.sites).most_common(1)[0][0]
     cap.width = int(width or 0)
     return cap
+
+
+def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
+    """A linear layer whose weight is computed (a parametrization such as weight_norm, or the
+    old hook-based weight_norm) has no weight parameter to adapt: say so rather than skip it
+    silently."""
+    found = {s.fqn for s in cap.sites}
+    computed = []
+    for path, mod in model.named_modules():
+        linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+        if linear and path not in found and "weight" not in mod._parameters:
+            by = type(mod.parametrizations["weight"][0]).__name__ if parametrize.is_parametrized(mod, "weight") else "a forward pre-hook"
+            computed.append(f"{path} ({by})")
+    if computed:
+        cap.note = "; ".join(filter(None, [cap.note, f"{len(computed)} linear layer(s) with a computed weight are not sites"]))
+        warn(
+            f"{', '.join(computed[:3])}{', …' if len(computed) > 3 else ''}: a linear layer whose weight is computed from other parameters "
+            "is not a site; to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'), "
+            "or torch.nn.utils.remove_weight_norm for the old hook-based weight_norm)"
+        )
 
 
 def example_arguments(model: nn.Module, example_inputs=None) -> tuple[tuple, dict]:

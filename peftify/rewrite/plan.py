@@ -177,6 +177,8 @@ def _unmatched(where: str, match, candidates: list, strict: bool) -> None:
         layers = sorted({c.layer for c in candidates if isinstance(c, Site) and c.layer is not None})
         if isinstance(match, dict) and "layers" in match and layers:
             msg += f"; the sites' layers are {layers[0]}–{layers[-1]}"
+        if isinstance(match, dict) and "type" in match:
+            msg += f"; the sites' types are {', '.join(sorted({c.module_type for c in candidates if isinstance(c, Site)}))}"
     if strict:
         raise SpecError(msg, rule=where)
     warn(f"{where} {msg}")

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import FunctionalNet, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from torch import nn
+from torch.nn.utils import parametrize
 
 import peftify
 from peftify import SpecError
@@ -146,6 +147,27 @@ class TwoInputs(nn.Module):
 
     def forward(self, x, y):
         return self.lin(x) + y
+
+
+def test_a_linear_with_a_computed_weight_is_named_not_silently_skipped():
+    """weight_norm computes the layer's weight from two parameters: there is no weight to adapt."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"0 \(_WeightNorm\): a linear layer whose weight is computed.*remove_parametrizations") as caught:
+        cap = peftify.capture(model, torch.randn(3, 4))
+    assert [s.fqn for s in cap.sites] == ["2"] and "1 linear layer(s) with a computed weight" in cap.note
+    assert caught[0].filename == __file__
+    parametrize.remove_parametrizations(model[0], "weight")
+    assert [s.fqn for s in peftify.capture(model, torch.randn(3, 4)).sites] == ["0", "2"]
+
+
+def test_an_uninitialized_lazy_module_is_a_spec_error():
+    model = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(SpecError, match="0.weight, 0.bias are not initialized yet.*run the model once"):
+        peftify.capture(model, torch.randn(2, 8))
+    model(torch.randn(2, 8))
+    assert [s.fqn for s in peftify.capture(model, torch.randn(2, 8)).sites] == ["0"]
 
 
 def test_untraceable_without_example_inputs_is_a_spec_error():

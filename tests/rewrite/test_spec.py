@@ -122,6 +122,8 @@ def test_rule_matching_nothing_lists_nearest_fqns():
     assert "'*.self_attn.*' selects the sites inside them" in str(e)
     e = spec_error({"rules": [{"match": {"layers": [7]}, "apply": {"method": "lora"}}]})
     assert "the sites' layers are 0–1" in str(e) and "selects the sites" not in str(e)
+    e = spec_error({"rules": [{"match": {"type": "Conv2d"}, "apply": {"method": "lora"}}]})
+    assert "the sites' types are Linear" in str(e)
 
 
 def test_strict_false_warns_and_goes_on():
