@@ -31,7 +31,7 @@ class Installed:
     original: nn.Module | None = None  # the base module, when an init replaced its weight (PiSSA)
 
 
-@dataclass
+@dataclass(eq=False)  # records are found and removed by identity: comparing tensors would raise
 class Trained:
     """A parameter that adapters train whole (spec ``train``, PEFT's modules_to_save). Each such
     adapter trains its own copy, made from the original; while it is active its copy fills every

@@ -144,6 +144,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     # shared parameter is what trains)
     canonical = {n: names[0] for names in parameter_names(model).values() for n in names}
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    replaced = {canonical[n]: e for e in entries if e.method.replaces_base for n in (e.site.weight, *e.site.aliases)}  # gone after the rewrite
     train = []
     for pattern in spec.train:
         if pattern.startswith("re:"):
@@ -151,6 +152,11 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             found = [n for n in names if rx.fullmatch(n)]
         else:
             found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        gone = [n for n in found if canonical[n] in replaced]
+        found = [n for n in found if canonical[n] not in replaced]
+        if gone and not found:
+            entry = replaced[canonical[gone[0]]]
+            raise SpecError(f"train glob {pattern!r} names only weights that structures replace ({gone[0]}: {entry.method.name}, rule {entry.rule}); nothing of them is left to train", field="train")
         if not found:
             _unmatched(f"train glob {pattern!r}", pattern, names, strict)
         train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]

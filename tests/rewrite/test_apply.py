@@ -81,6 +81,26 @@ def test_failure_while_installing_rolls_back(make, monkeypatch):
     assert getattr(model, "_peftify", None) is not None
 
 
+def test_failure_while_installing_trained_copies_rolls_back(monkeypatch):
+    """The copies a spec's train globs make are undone too (their records are told apart by
+    identity: comparing their tensors during the undo raised and hid the failure)."""
+    model = tiny_llama()
+    snap = snapshot(model)
+    calls = {"n": 0}
+    real = apply_mod._install_copy
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected copy failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(apply_mod, "_install_copy", flaky)
+    with pytest.raises(RuntimeError, match="injected copy failure"):
+        peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["model.layers.*.input_layernorm.weight", "model.norm.weight"]})
+    assert_unchanged(model, snap)
+
+
 def test_spec_error_changes_nothing():
     model = tiny_llama()
     snap = snapshot(model)

@@ -146,6 +146,22 @@ def test_split_init_on_functional_site(init):
     assert e.field == "init" and "functional" in str(e) and init in str(e)
 
 
+def test_train_globs_skip_the_weights_structures_replace():
+    """`train: ["*"]` (a from-scratch run training everything) trains what is left: a weight a
+    structure replaces is gone; naming only such weights is a SpecError."""
+    mlp = {"match": "role:mlp.*", "apply": {"method": "monarch", "nblocks": 2, "init": "mup"}}
+    model = tiny_llama()
+    plan = peftify.plan(model, {"rules": [mlp], "train": ["*"]})
+    replaced = {e.site.weight for e in plan.entries}
+    assert len(replaced) == 6 and not replaced & set(plan.train)
+    assert set(plan.train) == {n for n, _ in model.named_parameters()} - replaced
+    peftify.peftify(model, {"rules": [mlp], "train": ["*"]})
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(SpecError, match=r"train glob '\*\.mlp\.\*\.weight' names only weights that structures replace \(model\.layers\.0\.mlp\.gate_proj\.weight: monarch, rule 0\)") as e:
+        peftify.plan(tiny_llama(), {"rules": [mlp], "train": ["*.mlp.*.weight"]})
+    assert e.value.field == "train"
+
+
 def test_optional_rules_and_regex_train_patterns():
     plan = peftify.plan(tiny_llama(), {"rules": [{"match": "*.nothing", "apply": {"method": "lora"}, "optional": True}, {"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": [r"re:model\.layers\.\d+\.input_layernorm\.weight"]})
     assert len(plan.entries) == 2 and plan.train == ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"]
