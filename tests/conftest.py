@@ -86,6 +86,22 @@ MODELS = {
 }
 
 
+def fail_on_call(monkeypatch, owner, name: str, n: int, error: Exception) -> dict:
+    """Make ``owner.name`` raise `error` on its n-th call (and work otherwise): a failure
+    injected midway through a rewrite, a merge or a load. Returns the call counter."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, flaky)
+    return calls
+
+
 def output(model, inputs):
     out = model(**inputs)
     if isinstance(out, torch.Tensor):

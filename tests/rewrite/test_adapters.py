@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import output, tiny_llama
+from conftest import fail_on_call, output, tiny_llama
 from torch import nn
 
 import peftify
@@ -149,16 +149,7 @@ def test_failed_add_leaves_the_first_adapter_untouched(monkeypatch):
     before_mods = [(n, id(m)) for n, m in model.named_modules()]
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    calls = {"n": 0}
-    real = apply_mod._install
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("injected")
-        return real(*a, **k)
-
-    monkeypatch.setattr(apply_mod, "_install", flaky)
+    fail_on_call(monkeypatch, apply_mod, "_install", 5, RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         peftify.peftify(model, B, adapter="b")
     assert [(n, id(m)) for n, m in model.named_modules()] == before_mods

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FunctionalNet, output, tiny_gpt2, tiny_llama
+from conftest import FunctionalNet, fail_on_call, output, tiny_gpt2, tiny_llama
 
 import peftify
 from peftify import SpecError
@@ -44,16 +44,7 @@ def test_failure_while_building_changes_nothing(make, monkeypatch):
     model = make()
     model.get_parameter(next(n for n, _ in model.named_parameters())).requires_grad_(False)  # a non-default flag
     snap = snapshot(model)
-    calls = {"n": 0}
-    real = lora_mod.LoRAModule.__init__
-
-    def flaky(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected build failure")
-        real(self, *a, **k)
-
-    monkeypatch.setattr(lora_mod.LoRAModule, "__init__", flaky)
+    fail_on_call(monkeypatch, lora_mod.LoRAModule, "__init__", 3, RuntimeError("injected build failure"))
     with pytest.raises(RuntimeError, match="injected build failure"):
         peftify.peftify(model, ALL)
     assert_unchanged(model, snap)
@@ -63,16 +54,7 @@ def test_failure_while_building_changes_nothing(make, monkeypatch):
 def test_failure_while_installing_rolls_back(make, monkeypatch):
     model = make()
     snap = snapshot(model)
-    calls = {"n": 0}
-    real = apply_mod._install
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("injected install failure")
-        return real(*a, **k)
-
-    monkeypatch.setattr(apply_mod, "_install", flaky)
+    calls = fail_on_call(monkeypatch, apply_mod, "_install", 4, RuntimeError("injected install failure"))
     with pytest.raises(RuntimeError, match="injected install failure"):
         peftify.peftify(model, ALL)
     assert calls["n"] == 4
@@ -86,16 +68,7 @@ def test_failure_while_installing_trained_copies_rolls_back(monkeypatch):
     identity: comparing their tensors during the undo raised and hid the failure)."""
     model = tiny_llama()
     snap = snapshot(model)
-    calls = {"n": 0}
-    real = apply_mod._install_copy
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected copy failure")
-        return real(*a, **k)
-
-    monkeypatch.setattr(apply_mod, "_install_copy", flaky)
+    fail_on_call(monkeypatch, apply_mod, "_install_copy", 3, RuntimeError("injected copy failure"))
     with pytest.raises(RuntimeError, match="injected copy failure"):
         peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["model.layers.*.input_layernorm.weight", "model.norm.weight"]})
     assert_unchanged(model, snap)
@@ -137,16 +110,8 @@ def test_a_merge_that_fails_midway_keeps_the_function_and_can_be_finished(make, 
     peftify.peftify(model, plan)
     adapted = adapted_output(model, x)
     sites = len(plan.entries)
-    calls = {"n": 0}
     real = lora_mod.LoRAModule.merged_weight
-
-    def flaky(self, weight):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise MemoryError("injected merge failure")
-        return real(self, weight)
-
-    monkeypatch.setattr(lora_mod.LoRAModule, "merged_weight", flaky)
+    fail_on_call(monkeypatch, lora_mod.LoRAModule, "merged_weight", 3, MemoryError("injected merge failure"))
     with pytest.warns(UserWarning, match=f"merge stopped after 2 of {sites} sites"), pytest.raises(MemoryError, match="injected"):
         peftify.merge(model)
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
