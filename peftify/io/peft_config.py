@@ -51,6 +51,12 @@ def _names_regex(names) -> str:
     return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
+def _suffix_regex(names) -> str:
+    """PEFT's modules_to_save semantics, ``name.endswith(key)`` (not only at a dot: "norm" also
+    names "input_layernorm"), as one full-match regex."""
+    return r".*(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
 def _pattern_regex(key: str) -> str:
     """PEFT's rank_pattern/alpha_pattern key semantics: `re.match(rf"(.*\\.)?({key})$", name)`."""
     return rf"(?:.*\.)?(?:{key})"
@@ -60,11 +66,13 @@ def from_peft(config, model=None) -> Spec:
     """An equivalent spec for a `peft.LoraConfig` (or its dict).
 
     target_modules: a string is a full-match regex, a list matches exact names or dotted
-    suffixes, "all-linear" is every Linear/Conv1D but the output layer (``model``'s output
-    embeddings when given, else every ``readout`` site), None is PEFT's usual default of the
-    attention q and v projections (by role). exclude_modules, layers_to_transform (with
-    layers_pattern), rank_pattern/alpha_pattern, modules_to_save, bias and the LoRA fields map
-    one to one. A task_type whose PEFT model trains a head (SEQ_CLS and TOKEN_CLS: "classifier"
+    suffixes, "all-linear" is every Linear/Conv1D but the output layer (as PEFT picks it from
+    ``model``: its output embeddings, else a SEQ_CLS model's "score"/"classifier" head, else
+    none; without a model, every ``readout`` site), None is PEFT's usual default of the
+    attention q and v projections (by role). modules_to_save names every module whose name
+    ends with one of its keys, as PEFT's ``endswith`` does ("norm" takes "input_layernorm"
+    too). exclude_modules, layers_to_transform (with layers_pattern), rank_pattern/alpha_pattern,
+    bias and the LoRA fields map one to one. A task_type whose PEFT model trains a head (SEQ_CLS and TOKEN_CLS: "classifier"
     or "score"; QUESTION_ANS: "qa_outputs") adds that head to modules_to_save, as PEFT does.
     """
     d = _as_dict(config)
@@ -89,7 +97,7 @@ def from_peft(config, model=None) -> Spec:
     def lora(r, alpha):
         return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
 
-    target = _target_match(d.get("target_modules"), model)
+    target = _target_match(d.get("target_modules"), model, d.get("task_type"))
     if model is not None and isinstance(target, str) and target.startswith("re:"):
         _refuse_peft_only_layers(target[3:], model)
         if d.get("ensure_weight_tying"):
@@ -135,26 +143,34 @@ def from_peft(config, model=None) -> Spec:
     heads = TASK_HEADS.get(d.get("task_type") or "", [])
     if model is not None:  # as in PEFT, a head the model does not have is no error
         names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-        heads = [h for h in heads if any(re.fullmatch(rf"{_names_regex([h])}\..+", n) for n in names)]
+        heads = [h for h in heads if any(re.fullmatch(rf"{_suffix_regex([h])}\..+", n) for n in names)]
     saved = list(dict.fromkeys([*(d.get("modules_to_save") or []), *heads]))
-    train = [rf"re:{_names_regex(saved)}\..+"] if saved else []
+    train = [rf"re:{_suffix_regex(saved)}\..+"] if saved else []
     if train and model is not None and not d.get("ensure_weight_tying"):
         _refuse_untied_copies(train[0][3:], model)
-    if bias == "all":
+    if bias == "all" and (model is None or any(n.endswith("bias") for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train
         train.append(r"re:.*\.bias")
     return Spec(rules, train)
 
 
-def _target_match(target, model):
+def _output_layer(model, task_type) -> str | None:
+    """The layer PEFT's "all-linear" leaves out: the output embeddings of a transformers model,
+    else for SEQ_CLS its classifier head ("score" or "classifier"), else none."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None)
+    return None if head is None else next(n for n, m in model.named_modules() if m is head)
+
+
+def _target_match(target, model, task_type=None):
     if target is None:
         return {"role": "attn.[qv]*"}
     if target == "all-linear":
         match = {"type": ["Linear", "Conv1D"]}
-        out = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
-        if out is not None:
-            name = next(n for n, m in model.named_modules() if m is out)
-            return {**match, "name": rf"re:(?!{re.escape(name)}$).*"}
-        return {**match, "role": "[am]*"}  # everything but readout sites
+        if model is None:
+            return {**match, "role": "[am]*"}  # the output layer unknown: everything but readout sites
+        head = _output_layer(model, task_type)
+        return {**match, "name": rf"re:(?!{re.escape(head)}$).*"} if head is not None else match
     if isinstance(target, str):
         return f"re:{target}"
     return f"re:{_names_regex(target)}"

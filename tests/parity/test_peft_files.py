@@ -58,6 +58,12 @@ CASES = {
     "gpt2-default": (tiny_gpt2, LLAMA_IN, {}),
     "bert-bias": (tiny_bert, LLAMA_IN, {"target_modules": ["query", "value", "dense"], "bias": "lora_only"}),
     "bert-cls": (bert_cls, LLAMA_IN, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "bias": "all"}),
+    # "all-linear" leaves out the output embeddings, else a SEQ_CLS head, else nothing (the pooler is in)
+    "all-linear-bert": (tiny_bert, LLAMA_IN, {"target_modules": "all-linear"}),
+    "all-linear-cls": (bert_cls, LLAMA_IN, {"target_modules": "all-linear", "task_type": "SEQ_CLS"}),
+    # modules_to_save names end with the key, not only at a dot: "norm" is every layer norm too
+    "saved-suffix": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj"], "modules_to_save": ["norm"]}),
+    "bias-all-without-biases": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj"], "bias": "all"}),
 }
 
 
