@@ -65,6 +65,10 @@ class AdaptiveFreezing:
     `max_frozen` of them are. Frozen vectors keep their values and get no more gradients.
 
     ``schedule = peftify.AdaptiveFreezing(model, every=100, fraction=0.1, max_frozen=0.5)``
+
+    To resume a run, save `state_dict()` beside the checkpoint and, on a model with the trained
+    adapter loaded back, call `load_state_dict` on a new schedule: the step count, the frozen
+    vectors and the bias values strengths are measured from come back.
     """
 
     def __init__(self, model: nn.Module, every: int = 100, fraction: float = 0.1, max_frozen: float = 0.5):
@@ -109,11 +113,32 @@ class AdaptiveFreezing:
         strengths = self.strength()
         candidates = sorted((s, name) for name, s in strengths.items() if name not in self.frozen)
         now = [name for _, name in candidates[:n]]
-        for name in now:
+        self._freeze(now)
+        return now
+
+    def _freeze(self, names: list[str]) -> None:
+        for name in names:
             param = self.vectors[name][0]
             param.requires_grad_(False)
             param.grad = None
             if name in self.owners:  # an adapter's σ stays frozen when the adapter is re-activated
                 tag(self.owners[name], "sigma", trainable=False)
-        self.frozen += now
-        return now
+        self.frozen += names
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the settings, the step count, the frozen vectors and each
+        trained bias's starting value (σ₀ is saved with the adapter)."""
+        start = {n: v0.clone() for n, (_, v0) in self.vectors.items() if n not in self.owners}
+        return {"every": self.every, "fraction": self.fraction, "max_frozen": self.max_frozen, "steps": self.steps, "frozen": list(self.frozen), "bias_start": start}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the schedule `state_dict` saved, on this model (the same vectorfit sites)."""
+        biases = {n for n in self.vectors if n not in self.owners}
+        differ = sorted((set(state["bias_start"]) ^ biases) | (set(state["frozen"]) - set(self.vectors)))
+        if differ:
+            raise ValueError(f"the schedule was saved for other vectorfit sites: {differ[:3]} differ")
+        for name, start in state["bias_start"].items():
+            self.vectors[name][1].copy_(start)
+        self.every, self.fraction, self.max_frozen, self.steps = state["every"], state["fraction"], state["max_frozen"], state["steps"]
+        self.frozen = []
+        self._freeze(list(state["frozen"]))

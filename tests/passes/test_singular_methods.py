@@ -251,6 +251,46 @@ def test_vectorfit_adaptive_freezing():
         peftify.AdaptiveFreezing(peftify.peftify(tiny_bert(), {"rules": [{"match": "role:*", "apply": {"method": "lora"}}]}))
 
 
+def test_vectorfit_schedule_resumes_from_its_state_dict(tmp_path):
+    """Stop after a few steps, save the adapter and the schedule, rebuild both on a fresh
+    model: the same vectors are frozen and the next freezes pick what the unbroken run picks."""
+
+    def train(model, schedule, steps):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        frozen = []
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            output(model, {"input_ids": torch.arange(18).view(2, 9) % 101}).square().mean().backward()
+            opt.step()
+            frozen += schedule.step()
+        return frozen
+
+    spec = {"rules": [{"match": "role:*", "apply": {"method": "vectorfit"}}]}
+    torch.manual_seed(0)
+    base = tiny_bert()
+    with torch.no_grad():  # pretrained-like biases: the strengths are measured from them
+        for name, p in base.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    model = peftify.peftify(copy.deepcopy(base), spec)
+    schedule = peftify.AdaptiveFreezing(model, every=2, fraction=0.1, max_frozen=0.6)
+    train(model, schedule, 4)
+    peftify.save_adapter(model, tmp_path)
+    state = schedule.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    unbroken = train(model, schedule, 4)
+
+    resumed = peftify.from_pretrained(copy.deepcopy(base), tmp_path)
+    again = peftify.AdaptiveFreezing(resumed)
+    again.load_state_dict(state)
+    assert again.frozen == state["frozen"] and again.steps == 4 and len(state["frozen"]) > 0
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == trainable
+    assert train(resumed, again, 4) == unbroken
+    wrong = peftify.AdaptiveFreezing(peftify.peftify(tiny_bert(), {"rules": [{"match": "*.query", "apply": {"method": "vectorfit"}}]}))
+    with pytest.raises(ValueError, match="saved for other vectorfit sites"):
+        wrong.load_state_dict(state)
+
+
 def test_magnitudes_and_directions_get_gradients_at_init():
     # as in LoRA, A (and MAP's A and B, scaled by β = 0) start with no gradient
     for name, params in (("bora", ("magnitude", "magnitude_in", "lora_B")), ("map", ("alpha", "beta"))):
