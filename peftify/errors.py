@@ -18,10 +18,19 @@ class SpecError(ValueError):
     """
 
     def __init__(self, message: str, *, rule: str | None = None, field: str | None = None):
+        self.message = message  # without the location, to re-raise with another rule
         self.rule = rule
         self.field = field
         where = ", ".join(p for p in (rule, f"field {field!r}" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def prefixed(prefix: str, error: SpecError) -> SpecError:
+    """`error` with its whole message (location included) after `prefix`, keeping its rule and
+    field for callers that react to them."""
+    new = SpecError(f"{prefix}{error}")
+    new.rule, new.field = error.rule, error.field
+    return new
 
 
 def warn(message: str) -> None:

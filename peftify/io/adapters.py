@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, prefixed
 from peftify.io.peft_config import from_peft, to_peft
 from peftify.passes.base import Method
 from peftify.rewrite.apply import (
@@ -184,21 +184,20 @@ def load_adapter(
     is checked against the model before anything changes: missing, unexpected or wrongly shaped
     tensors raise `SpecError` listing them, and the model is left as it was.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     fmt = detect_format(path)
-    files = NATIVE if fmt == "native" else PEFT
-    config = json.loads((path / files[1]).read_text())
-    tensors = load_file(str(path / files[0]))
     source = f"the {fmt} adapter at {str(path)!r}"
+    config, tensors = _read(path, NATIVE if fmt == "native" else PEFT, source)
     rewrite = getattr(model, "_peftify", None)
     if rewrite is None or adapter not in rewrite.adapters:
         if fmt == "native":
             spec = _resolved_spec(config)
             needs_trace = any(s["kind"] != "module" for s in config["sites"]) or any(r.apply is not None and r.apply.needs_roles for r in spec.rules)
         else:
-            spec = from_peft(config, model)
+            try:
+                spec = from_peft(config, model)
+            except SpecError as e:
+                raise prefixed(f"{source}: ", e) from e
             needs_trace = any(_uses_roles(r.match) for r in spec.rules) or bool(config.get("target_parameters"))
         # Names alone pick module sites: a walk of named_modules() finds them without tracing.
         if rewrite is not None:
@@ -210,10 +209,25 @@ def load_adapter(
             missing = [site["fqn"] for site in config["sites"] if site["fqn"] not in present]
             if missing:
                 raise SpecError(f"{source} does not fit this model; sites missing from this model ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        plan = make_plan(model, cap, spec, strict=strict)
+        try:
+            plan = make_plan(model, cap, spec, strict=strict)
+        except SpecError as e:  # the file's rules name the model it was saved from
+            raise prefixed(f"{source} does not fit this model: ", e) from e
         tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
     return _load_into(model, adapter, tensors, fmt, source)
+
+
+def _read(path: Path, files: tuple[str, str], source: str) -> tuple[dict, dict]:
+    """The config and tensors of an adapter directory; a damaged file is named in the error."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((path / files[1]).read_text())
+        tensors = load_file(str(path / files[0]))
+    except Exception as e:  # JSON, safetensors and OS errors alike: the file cannot be used
+        raise SpecError(f"{source} cannot be read, its files may be damaged or incomplete ({type(e).__name__}: {e})") from e
+    return config, tensors
 
 
 def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: str) -> nn.Module:

@@ -14,7 +14,7 @@ from peftify.errors import SpecError, warn
 from peftify.passes.base import Method, dense_flops, progress_bar
 from peftify.rewrite.select import Context
 from peftify.rewrite.sites import Capture, Site, parameter_names
-from peftify.rewrite.spec import Spec, _bare
+from peftify.rewrite.spec import Spec
 from peftify.table import human, table
 
 
@@ -135,7 +135,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             method = resolved[i]
             method.check(site)
         except SpecError as e:
-            raise SpecError(_bare(e) + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
+            raise SpecError(e.message + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
         entries.append(Entry(site, method, i))
     if bare and entries:
         warn(f"{bare}; until then its weight is adapted as a functional parameter (W + ΔW formed on every call)")

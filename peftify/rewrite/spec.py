@@ -99,7 +99,7 @@ class Spec:
             try:
                 method = None if apply is None else Method.from_dict(apply)
             except SpecError as e:
-                raise SpecError(_bare(e), rule=where, field=e.field) from e
+                raise SpecError(e.message, rule=where, field=e.field) from e
             if not isinstance(r.get("optional", False), bool):
                 raise SpecError(f"optional must be true or false, got {r['optional']!r}", rule=where, field="optional")
             rules.append(Rule(r["match"], method, r.get("optional", False)))
@@ -155,11 +155,4 @@ def _compile(rule: Rule, index: int) -> Predicate:
     try:
         return compile_match(rule.match)
     except SpecError as e:
-        raise SpecError(_bare(e), rule=rule.describe(index), field=e.field) from e
-
-
-def _bare(e: SpecError) -> str:
-    """The message of `e` without its location prefix (so it can be re-raised with a rule)."""
-    msg = str(e)
-    prefix = f"field {e.field!r}: " if e.field else ""
-    return msg[len(prefix) :] if prefix and msg.startswith(prefix) else msg
+        raise SpecError(e.message, rule=rule.describe(index), field=e.field) from e

@@ -353,6 +353,37 @@ def test_load_mismatches_are_listed_and_change_nothing(tmp_path):
     assert list(fresh.state_dict()) == keys and getattr(fresh, "_peftify", None) is None
 
 
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_damaged_files_and_another_architecture_name_the_adapter(fmt, tmp_path):
+    import json
+
+    model = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    peftify.save_adapter(model, tmp_path / "a", format=fmt)
+    fresh = tiny_llama()
+    keys = list(fresh.state_dict())
+    elsewhere = r"sites missing from this model \(2\): model\.layers\.0" if fmt == "native" else r"rule 0 .*matches nothing; nearest: transformer\.h\."
+    with pytest.raises(SpecError, match=rf"the {fmt} adapter at '.*/a' does not fit this model.*{elsewhere}"):
+        peftify.load_adapter(tiny_gpt2(), tmp_path / "a")
+    weights, config = ("adapter.safetensors", "peftify.json") if fmt == "native" else ("adapter_model.safetensors", "adapter_config.json")
+    if fmt == "peft":
+        with open(tmp_path / "a" / config) as f:
+            changed = {**json.load(f), "peft_type": "IA3"}
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / weights).write_bytes((tmp_path / "a" / weights).read_bytes())
+        (tmp_path / "b" / config).write_text(json.dumps(changed))
+        with pytest.raises(SpecError, match=r"the peft adapter at '.*/b': field 'peft_type': only LoRA") as e:
+            peftify.load_adapter(fresh, tmp_path / "b")
+        assert e.value.field == "peft_type"
+    data = (tmp_path / "a" / weights).read_bytes()
+    (tmp_path / "a" / weights).write_bytes(data[: len(data) // 2])
+    with pytest.raises(SpecError, match=rf"the {fmt} adapter at '.*/a' cannot be read, its files may be damaged or incomplete \(SafetensorError"):
+        peftify.load_adapter(fresh, tmp_path / "a")
+    (tmp_path / "a" / config).write_text("{not json")
+    with pytest.raises(SpecError, match=r"cannot be read.*JSONDecodeError"):
+        peftify.load_adapter(fresh, tmp_path / "a")
+    assert list(fresh.state_dict()) == keys and getattr(fresh, "_peftify", None) is None
+
+
 def test_load_into_a_rewritten_model_and_not_a_directory(tmp_path):
     torch.manual_seed(0)
     spec = {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 2}}], "train": ["model.norm.weight"]}
