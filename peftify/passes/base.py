@@ -272,11 +272,12 @@ def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, t
     return u[..., :r], s[..., :r], vh[..., :r, :]
 
 
-def progress_bar(items: list, desc: str, progress: bool | None):
-    """A tqdm over `items`: shown for long lists unless `progress` is False, always if True."""
+def progress_bar(items: list | None, desc: str, progress: bool | None, **kwargs):
+    """A tqdm over `items` (or of ``total=``): by default shown only once the work has taken a
+    second, so quick rewrites print nothing; always with `progress` True, never with False."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, disable=(len(items) <= 16) if progress is None else not progress, leave=False)
+    return tqdm(items, desc=desc, disable=progress is False, delay=0 if progress else 1.0, leave=False, **kwargs)
 
 
 SVD_BATCH_BYTES = 1 << 30  # how much stacked weight one batched SVD call may take
@@ -286,16 +287,13 @@ CPU_BATCH_NUMEL = 1 << 20  # on CPU, only weights up to this size are stacked
 def batched_svd(weights: list[torch.Tensor], ranks: list[int | None], progress: bool | None = None) -> list[tuple | None]:
     """`top_svd` of many weights: equal shapes (and ranks) stacked into batched calls, with a
     progress bar over the weights. None where the rank is None."""
-    from tqdm.auto import tqdm
-
     groups: dict[tuple, list[int]] = {}
     for i, (w, r) in enumerate(zip(weights, ranks)):
         if r is not None:
             groups.setdefault((tuple(w.shape), w.dtype, w.device, r), []).append(i)
     out: list[tuple | None] = [None] * len(weights)
     total = sum(map(len, groups.values()))
-    disable = total < 8 if progress is None else not progress
-    with tqdm(total=total, desc="peftify: SVD", unit="weight", disable=disable, leave=False) as bar:
+    with progress_bar(None, "peftify: SVD", progress, total=total, unit="weight") as bar:
         for (shape, _, _, r), idx in groups.items():
             numel = math.prod(shape)
             # LAPACK loops over a CPU batch anyway: stacking big weights only adds a copy (measured

@@ -243,3 +243,15 @@ def test_a_compiled_model_is_rewritten_through_its_wrapper(tmp_path):
     assert peftify.merge(compiled) is compiled
     assert list(compiled._orig_mod.state_dict()) == list(plain.state_dict())
     torch.testing.assert_close(output(compiled, x), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_progress_bars_show_for_long_work_or_when_asked(capfd):
+    """A quick rewrite prints nothing by default; progress=True shows the bars; False never."""
+    spec = {"rules": [{"match": "role:*", "apply": {"method": "svfit", "r": 2}}]}
+    peftify.peftify(tiny_llama(), spec)
+    assert capfd.readouterr().err == ""
+    peftify.peftify(tiny_llama(), spec, progress=True)
+    err = capfd.readouterr().err
+    assert "peftify: SVD" in err and "peftify: building svfit" in err
+    peftify.peftify(tiny_llama(), spec, progress=False)
+    assert capfd.readouterr().err == ""
