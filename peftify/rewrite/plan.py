@@ -144,7 +144,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     # shared parameter is what trains)
     canonical = {n: names[0] for names in parameter_names(model).values() for n in names}
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    replaced = {canonical[n]: e for e in entries if e.method.replaces_base for n in (e.site.weight, *e.site.aliases)}  # gone after the rewrite
+    replaced = {canonical.get(n, n): e for e in entries if e.method.replaces_base for n in (e.site.weight, *e.site.aliases)}  # gone after the rewrite
     train = []
     for pattern in spec.train:
         if pattern.startswith("re:"):
