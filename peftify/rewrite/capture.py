@@ -79,7 +79,7 @@ def _brief(error: Exception) -> str:
     return brief
 
 
-_LIBRARY_PATHS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)), os.sep + "transformers" + os.sep)
+_LIBRARY_PATHS = tuple(p + os.sep for p in (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.sep + "transformers"))
 
 
 def _refuse_peft_layers(model: nn.Module) -> None:
