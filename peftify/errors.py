@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # peftify's own frames start with it
 
 
 class SpecError(ValueError):
@@ -37,6 +37,6 @@ def warn(message: str) -> None:
     """Warn ``peftify: message``, attributed to the user's line that called into peftify (the
     first frame outside the package), however deep inside peftify the warning arises."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(f"peftify: {message}", stacklevel=level)

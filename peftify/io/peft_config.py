@@ -148,8 +148,9 @@ def from_peft(config, model=None) -> Spec:
     train = [rf"re:{_suffix_regex(saved)}\..+"] if saved else []
     if train and model is not None and not d.get("ensure_weight_tying"):
         _refuse_untied_copies(train[0][3:], model)
-    if bias == "all" and (model is None or any(n.endswith("bias") for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train
-        train.append(r"re:.*\.bias")
+    every_bias = r".*\.bias"
+    if bias == "all" and (model is None or any(re.fullmatch(every_bias, n) for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train
+        train.append(f"re:{every_bias}")
     return Spec(rules, train)
 
 
@@ -195,11 +196,8 @@ def _refuse_tied_targets(regex: str, model) -> None:
     """PEFT's ensure_weight_tying=True also adapts every layer tied to a targeted one (a LoRA on
     the embedding for a targeted head), which peftify cannot do."""
     pattern = re.compile(regex)
-    owners: dict[int, list[str]] = {}
-    for n, m in model.named_modules():
-        if isinstance(getattr(m, "weight", None), nn.Parameter):
-            owners.setdefault(id(m.weight), []).append(n)
-    for names in owners.values():
+    for tied in parameter_names(model).values():
+        names = [n.removesuffix(".weight") for n in tied if n.endswith(".weight")]  # the modules holding it as their weight
         targeted = [n for n in names if pattern.fullmatch(n)]
         if targeted and len(names) > len(targeted):
             raise SpecError(

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from peftify.errors import SpecError, warn
+from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
 from peftify.rewrite.sites import Capture, find_uses, sites_from_modules, sites_from_uses
 
@@ -68,6 +68,10 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
     return _finish(model, Capture(sites, tracer, collapsed=collapsed))
 
 
+# where a traceback frame is library code, not the model's own
+_LIBRARY_PATHS = (os.path.dirname(torch.__file__) + os.sep, PACKAGE_DIR, os.sep + "transformers" + os.sep)
+
+
 def _brief(error: Exception) -> str:
     """An exception in one line: its type, the first line of its message (torch's export errors
     run to pages) and the line of the model's own code that raised it, when there is one."""
@@ -77,9 +81,6 @@ def _brief(error: Exception) -> str:
     if own:
         brief += f" at {os.path.basename(own[-1].filename)}:{own[-1].lineno} ({(own[-1].line or '').strip()})"
     return brief
-
-
-_LIBRARY_PATHS = tuple(p + os.sep for p in (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.sep + "transformers"))
 
 
 def _refuse_peft_layers(model: nn.Module) -> None:
