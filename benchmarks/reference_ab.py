@@ -1,10 +1,10 @@
-"""A/B of a CPU reference op (btt: `btt_reference` and `_btt_backward`; kron: `kron_reference` and
-`_kron_backward`) against an older `peftify/codegen/ops.py`, in one process, beside the dense
+"""A/B of a CPU reference op (btt and monarch: the `btt_reference` or `btt_blockwise` forward that
+the op picks, and `_btt_backward`; kron: `kron_reference` and `_kron_backward`) against an older `peftify/codegen/ops.py`, in one process, beside the dense
 GEMMs the layer replaces: each structure at its default factors for 2048→2048 and 2048→8192,
 4096 tokens, fp32, variants interleaved, medians.
 
     git show 5151a35:peftify/codegen/ops.py > /tmp/old_ops.py
-    .venv/bin/python benchmarks/reference_ab.py /tmp/old_ops.py [--op btt|kron] [--repeats 9]
+    .venv/bin/python benchmarks/reference_ab.py /tmp/old_ops.py [--op btt|monarch|kron] [--repeats 9]
 
 Only the old file's imports, undecorated top-level functions and constants are loaded (no op is
 registered twice); both versions are called as plain functions, outside autograd.
@@ -24,10 +24,11 @@ from _timing import interleaved
 
 from peftify.codegen import ops
 
-# the factors of `peftify.BTT()` (core0, core1) and `peftify.Kron()` (a, b) at their defaults for
-# these layers (see benchmarks/structured.py)
+# the factors of `peftify.BTT()` (core0, core1), `peftify.Monarch()` (left, right) and
+# `peftify.Kron()` (a, b) at their defaults for these layers (see benchmarks/structured.py)
 SHAPES = {
     "btt": {"2048→2048": ((32, 128, 64), (32, 64, 128)), "2048→8192": ((32, 256, 64), (64, 128, 128))},
+    "monarch": {"2048→2048": ((4, 512, 512), (4, 512, 512)), "2048→8192": ((4, 512, 512), (4, 2048, 512))},
     "kron": {"2048→2048": ((1, 32, 32), (1, 64, 64)), "2048→8192": ((1, 64, 32), (1, 128, 64))},
 }
 TOKENS = 4096
@@ -46,7 +47,11 @@ def load_old(path: str) -> dict:
 
 def forward(v: dict, op: str, x, f0, f1) -> tuple:
     """y and the extra backward arguments (btt's hidden; an older kron's Z; none for kron now)."""
-    out = v[f"{op}_reference"](x, f0, f1)
+    if op == "kron":
+        out = v["kron_reference"](x, f0, f1)
+    else:  # as the btt/monarch op picks its forward (older files have no blockwise path)
+        blockwise = "_blockwise" in v and v["_blockwise"](f0.shape[0], f1.shape[0], f1.shape[2])
+        out = v["btt_blockwise" if blockwise else "btt_reference"](x, f0, f1)
     return (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
 
 
@@ -60,7 +65,7 @@ def variants(versions: dict, op: str, x, f0, f1, w, g, backward: bool) -> dict:
         def run():
             _y, saved = forward(v, op, x, f0, f1)
             if backward:
-                v[f"_{op}_backward"](g, x, f0, f1, *saved, (True, True, True))
+                v["_kron_backward" if op == "kron" else "_btt_backward"](g, x, f0, f1, *saved, (True, True, True))
 
         return run
 
