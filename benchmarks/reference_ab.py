@@ -1,7 +1,8 @@
-"""A/B of a CPU reference op (btt and monarch: the `btt_reference` or `btt_blockwise` forward that
-the op picks, and `_btt_backward`; kron: `kron_reference` and `_kron_backward`) against an older `peftify/codegen/ops.py`, in one process, beside the dense
-GEMMs the layer replaces: each structure at its default factors for 2048→2048 and 2048→8192,
-4096 tokens, fp32, variants interleaved, medians.
+"""A/B of a CPU reference op (btt and monarch: the `btt_reference` or `btt_blockwise` forward
+that the op picks, and `_btt_backward`; kron: `kron_reference` and `_kron_backward`) against an
+older `peftify/codegen/ops.py`, in one process, beside the dense GEMMs the layer replaces: each
+structure at its default factors for 2048→2048 and 2048→8192, 4096 tokens, fp32, variants
+interleaved, medians.
 
     git show 5151a35:peftify/codegen/ops.py > /tmp/old_ops.py
     .venv/bin/python benchmarks/reference_ab.py /tmp/old_ops.py [--op btt|monarch|kron] [--repeats 9]
@@ -49,7 +50,7 @@ def forward(v: dict, op: str, x, f0, f1) -> tuple:
     """y and the extra backward arguments (btt's hidden; an older kron's Z; none for kron now)."""
     if op == "kron":
         out = v["kron_reference"](x, f0, f1)
-    else:  # as the btt/monarch op picks its forward (older files have no blockwise path)
+    else:  # the choice `btt_reference_op` makes (its body is decorated, so not loaded; older files have no blockwise path)
         blockwise = "_blockwise" in v and v["_blockwise"](f0.shape[0], f1.shape[0], f1.shape[2])
         out = v["btt_blockwise" if blockwise else "btt_reference"](x, f0, f1)
     return (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
