@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# one worker per core: most of the suite's time is Inductor compiling (Python, then gcc), one process each
+	$(PY) -m pytest -q -n auto
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check peftify tests examples benchmarks

@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest-xdist worker per core (`make test` runs `-n auto`): a worker with torch's default of
+    # one thread per core would oversubscribe the machine; read when torch loads, so set before it does
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
