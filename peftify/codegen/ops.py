@@ -6,6 +6,8 @@
 - ``btt(x, core0, core1)``: two block-diagonal GEMMs with a stride shuffle between them. It is
   the Block Tensor-Train with two cores, and with other block counts Monarch (``monarch`` is the
   same op under its own name), BlockDense (one output block) and low rank (one block each).
+  Its optional ``keep_hidden`` (the wrappers pass False when autograd will not record the call)
+  lets the CPU reference keep nothing for a backward.
 - ``kron(x, a, b)``: y = x (Σ_t A_t ⊗ B_t)ᵀ without forming the Kronecker product.
 - ``sparse_lowrank(x, u, v, values, index)``: y = x (U V + S)ᵀ, S given by its nonzeros at the
   fixed flat positions ``index``.
@@ -276,24 +278,36 @@ def _core1_by_block(core1: Tensor, b0: int) -> Tensor:
     return core1.view(b1, s1, k1 // b0, b0).permute(0, 3, 2, 1).contiguous()
 
 
-def btt_blockwise(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
+# Without a backward to keep the hidden for, the blockwise forward runs over chunks of tokens in
+# one reused hidden buffer: no fresh (b0, T, k0) buffer to fault in, and each chunk's hidden is
+# still in cache for the second GEMMs. Monarch nb=4 at 2048², 4096 tokens, 2 threads (into a fresh
+# y): 64–65 ms with 1024-token chunks, 65–68 with 512 or 2048, 66–78 with 256, 75–77 unchunked.
+BLOCKWISE_CHUNK_TOKENS = 1024
+
+
+def btt_blockwise(x: Tensor, core0: Tensor, core1: Tensor, keep_hidden: bool = True) -> tuple[Tensor, Tensor]:
     """`btt_reference` as per-block GEMMs: y's block i = Σ_j h_j[:, i·w:(i+1)·w] · core1[i][:, j::b0]ᵀ,
-    h_j = x_j core0[j]ᵀ. Returns y and the unshuffled hidden h (b0, T, k0)."""
+    h_j = x_j core0[j]ᵀ. Returns y and the unshuffled hidden h (b0, T, k0); with ``keep_hidden``
+    False (no backward will run) tokens go in chunks and the hidden returned is empty."""
     b0, k0, p0 = core0.shape
     b1, s1, _ = core1.shape
     w = k0 // b1
     x2 = x.reshape(-1, b0 * p0)
-    h = x2.new_empty(b0, x2.shape[0], k0)
-    for j in range(b0):
-        torch.mm(x2[:, j * p0 : (j + 1) * p0], core0[j].t(), out=h[j])
+    tokens = x2.shape[0]
+    chunks = [slice(0, tokens)] if keep_hidden else _token_chunks(tokens, BLOCKWISE_CHUNK_TOKENS)
+    h = x2.new_empty(b0, chunks[0].stop, k0)
     c1 = _core1_by_block(core1, b0)
-    y = x2.new_empty(x2.shape[0], b1 * s1)
-    for i in range(b1):
-        out = y[:, i * s1 : (i + 1) * s1]
-        torch.mm(h[0][:, i * w : (i + 1) * w], c1[i, 0], out=out)
-        for j in range(1, b0):
-            out.addmm_(h[j][:, i * w : (i + 1) * w], c1[i, j])
-    return _unflatten(y, x), h
+    y = x2.new_empty(tokens, b1 * s1)
+    for c in chunks:
+        hc = h[:, : c.stop - c.start]
+        for j in range(b0):
+            torch.mm(x2[c, j * p0 : (j + 1) * p0], core0[j].t(), out=hc[j])
+        for i in range(b1):
+            out = y[c, i * s1 : (i + 1) * s1]
+            torch.mm(hc[0][:, i * w : (i + 1) * w], c1[i, 0], out=out)
+            for j in range(1, b0):
+                out.addmm_(hc[j][:, i * w : (i + 1) * w], c1[i, j])
+    return _unflatten(y, x), h if keep_hidden else x2.new_empty(0)
 
 
 def _btt_backward_blockwise(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, h: Tensor, need):
@@ -311,17 +325,19 @@ def _btt_backward_blockwise(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Ten
                 torch.mm(h[j][:, i * w : (i + 1) * w].t(), g[:, i * s1 : (i + 1) * s1], out=gc1[i, j])
         grad_c1 = gc1.permute(0, 3, 2, 1).reshape(b1, s1, k1)
     if need[0] or need[1]:
-        gh = h.new_empty(h.shape)
+        # block by block, in one (T, k0) buffer for the hidden's gradient: the same GEMMs as over a
+        # (b0, T, k0) one, without faulting in a fresh buffer that size (141 → 135 ms at 2048²)
+        gh = h.new_empty(h.shape[1:])
+        grad_c0 = core0.new_empty(core0.shape) if need[1] else None
+        gx = x2.new_empty(x2.shape) if need[0] else None
         for j in range(b0):
             for i in range(b1):
-                torch.mm(g[:, i * s1 : (i + 1) * s1], c1[i, j].t(), out=gh[j][:, i * w : (i + 1) * w])
-        if need[1]:
-            grad_c0 = torch.bmm(gh.transpose(1, 2), x2.view(-1, b0, p0).transpose(0, 1))
-        if need[0]:
-            gx = x2.new_empty(x2.shape)
-            for j in range(b0):
-                torch.mm(gh[j], core0[j], out=gx[:, j * p0 : (j + 1) * p0])
-            grad_x = gx.view(x.shape)
+                torch.mm(g[:, i * s1 : (i + 1) * s1], c1[i, j].t(), out=gh[:, i * w : (i + 1) * w])
+            if need[1]:
+                torch.mm(gh.t(), x2[:, j * p0 : (j + 1) * p0], out=grad_c0[j])
+            if need[0]:
+                torch.mm(gh, core0[j], out=gx[:, j * p0 : (j + 1) * p0])
+        grad_x = gx.view(x.shape) if need[0] else None
     return grad_x, grad_c0, grad_c1
 
 
@@ -510,17 +526,18 @@ def _unpacked(grads: tuple, need: tuple) -> tuple:
 # was 1.32× faster than dense for BTT and 1.30× for Monarch, against 2.49× and 1.56× with this
 # opaque op (`benchmarks/structured.py --only monarch,btt --compile --shapes 2048x2048`).
 @torch.library.custom_op("peftify::btt_reference", mutates_args=())
-def btt_reference_op(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
+def btt_reference_op(x: Tensor, core0: Tensor, core1: Tensor, keep_hidden: bool = True) -> tuple[Tensor, Tensor]:
     b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
-    y, hidden = (btt_blockwise if _blockwise(b0, b1, k1) else btt_reference)(x, core0, core1)
+    y, hidden = btt_blockwise(x, core0, core1, keep_hidden) if _blockwise(b0, b1, k1) else btt_reference(x, core0, core1)
     return y.contiguous(), hidden.contiguous()
 
 
 @btt_reference_op.register_fake
-def _(x, core0, core1):
+def _(x, core0, core1, keep_hidden=True):
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     tokens = x.numel() // x.shape[-1]
-    hidden = (b0, tokens, k0) if _blockwise(b0, b1, k1) else (0,) if _chunked(b0, b1) else (tokens, b1, k1)
+    blockwise = _blockwise(b0, b1, k1)
+    hidden = (0,) if (blockwise and not keep_hidden) or (not blockwise and _chunked(b0, b1)) else (b0, tokens, k0) if blockwise else (tokens, b1, k1)
     return x.new_empty(*x.shape[:-1], b1 * core1.shape[1]), x.new_empty(hidden)
 
 
@@ -537,15 +554,17 @@ def _(grad_y, x, core0, core1, hidden, need_x, need_core0, need_core1):
     return _packed_like((x, core0, core1), (need_x, need_core0, need_core1))
 
 
-def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[Tensor, Tensor]:
+def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor, keep_hidden: bool = True) -> tuple[Tensor, Tensor]:
     """The body of the btt/monarch ops. The hidden it returns for the backward is (T, b0·k0)
-    from the Triton kernels, (b0, T, k0) from the blockwise reference, else (T, b1, k1)."""
+    from the Triton kernels, (b0, T, k0) from the blockwise reference, else (T, b1, k1).
+    ``keep_hidden=False`` says no backward will run: the CPU reference may then return an empty
+    hidden (and such a call cannot be differentiated)."""
     if _use_triton(x):
         from peftify.codegen import triton_kernels
 
         y, h = triton_kernels.btt_forward(x.reshape(-1, x.shape[-1]).contiguous(), core0.contiguous(), core1.contiguous())
         return _unflatten(y, x), h
-    return torch.ops.peftify.btt_reference(x, core0, core1)
+    return torch.ops.peftify.btt_reference(x, core0, core1, keep_hidden)
 
 
 def _btt_backward_cuda(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, h: Tensor, need) -> tuple:
@@ -566,14 +585,18 @@ def _define_btt(name: str):
     op = torch.library.triton_op(f"peftify::{name}", _btt_forward, mutates_args=())
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, output[1])
+        x, core0, core1, keep_hidden = (*inputs, True)[:4]
+        ctx.save_for_backward(x, core0, core1, output[1])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
+        ctx.keep_hidden = keep_hidden
 
     def backward(ctx, grad_y, _grad_hs):
         if grad_y is None:  # grads are not materialized: nothing flowed into y
-            return None, None, None
-        return _btt_op_backward(grad_y, *ctx.saved_tensors, ctx.needs_input_grad)
+            return None, None, None, None
+        if not ctx.keep_hidden:
+            raise RuntimeError(f"peftify::{name} was called with keep_hidden=False, which keeps nothing for a backward; call it with keep_hidden=True to differentiate it")
+        return (*_btt_op_backward(grad_y, *ctx.saved_tensors, ctx.needs_input_grad[:3]), None)
 
     op.register_autograd(backward, setup_context=setup_context)
     return op
@@ -635,17 +658,24 @@ def _sparse_setup(ctx, inputs, output):
 sparse_lowrank_op.register_autograd(lambda ctx, g: _sparse_lowrank_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_sparse_setup)
 
 
+def _will_backward(*tensors: Tensor) -> bool:
+    """Whether autograd will record this call: grad mode is on and an operand requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def btt(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:
     """Block Tensor-Train with two cores ("Compute Better Spent: Replacing Dense Layers with
     Structured Matrices", Qiu et al.): y = P·BlockDiag(core1)·Pᵀ-shuffle·BlockDiag(core0)·x;
     see `btt_reference` for the exact index map."""
-    return torch.ops.peftify.btt(*_autocast(x, core0, core1))[0]
+    args = _autocast(x, core0, core1)
+    return torch.ops.peftify.btt(*args, _will_backward(*args))[0]
 
 
 def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """Monarch: y = P₂·BlockDiag(R)·P₁·BlockDiag(L)·x ("Monarch: Expressive Structured Matrices
     for Efficient and Accurate Training", Dao et al.); the same computation as `btt`."""
-    return torch.ops.peftify.monarch(*_autocast(x, left, right))[0]
+    args = _autocast(x, left, right)
+    return torch.ops.peftify.monarch(*args, _will_backward(*args))[0]
 
 
 def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:

@@ -54,11 +54,43 @@ def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, p
     y = fn(x, c0, c1)
     g = torch.randn_like(y)
     want = torch.autograd.grad(y, (x, c0, c1), g)
-    for need in [(True, True, True), (False, True, False)]:
+    for need in [(True, True, True), (False, True, False), (True, False, False)]:
         torch.library.opcheck(torch.ops.peftify.btt_reference_backward.default, (g, *plain, hidden, *need))
         got = torch.ops.peftify.btt_reference_backward(g, *plain, hidden, *need)
         for gg, ww, n in zip(got, want, need):
             assert torch.allclose(gg, ww) if n else gg.numel() == 0
+
+
+@pytest.mark.parametrize("case", ["monarch", "btt", "lowrank"])
+@pytest.mark.parametrize("op", ["btt", "monarch"])
+def test_btt_without_a_backward_keeps_no_hidden_and_computes_the_same(case, op, monkeypatch):
+    """Under no_grad (or with nothing requiring grad) the wrappers tell the op no backward will
+    run; the blockwise path then goes over token chunks (10 tokens in 3, 3, 3 and 1) and keeps no
+    hidden. Eager and compiled outputs equal the dense formula; differentiating such a call raises."""
+    monkeypatch.setattr(ops, "BLOCKWISE_MIN_RANK", 1)
+    monkeypatch.setattr(ops, "BLOCKWISE_CHUNK_TOKENS", 3)
+    calls = []
+    blockwise = ops.btt_blockwise
+    monkeypatch.setattr(ops, "btt_blockwise", lambda *a: calls.append(a[3]) or blockwise(*a))
+    x, c0, c1 = btt_case(*BTT_CASES[case])
+    fn = getattr(ops, op)
+    want = x @ btt_dense(c0, c1).t()
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x, c0, c1), want)
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, c0, c1), want)
+    plain = (x.detach(), c0.detach(), c1.detach())
+    torch.testing.assert_close(fn(*plain), want)  # grad mode on, but nothing requires grad
+    y, hidden = getattr(torch.ops.peftify, op)(*plain, False)
+    torch.testing.assert_close(y, want)
+    blockwise_case = case != "lowrank"  # one block a side is never blockwise
+    assert (hidden.numel() == 0) == blockwise_case
+    assert calls == ([False] * 4 if blockwise_case else [])  # eager, compiled, nothing requiring grad, the op itself
+    torch.library.opcheck(torch.ops.peftify.btt_reference.default, (*plain, False))
+    torch.testing.assert_close(fn(x, c0, c1), want)  # recorded by autograd: keeps its hidden
+    assert calls[-1:] == ([True] if blockwise_case else [])
+    if blockwise_case:
+        with pytest.raises(RuntimeError, match="keep_hidden=False"):
+            getattr(torch.ops.peftify, op)(x, c0, c1, False)[0].sum().backward()
 
 
 @pytest.mark.parametrize("chunked", [False, True])
