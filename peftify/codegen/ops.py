@@ -658,6 +658,20 @@ def _sparse_setup(ctx, inputs, output):
 sparse_lowrank_op.register_autograd(lambda ctx, g: _sparse_lowrank_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_sparse_setup)
 
 
+def _in_torch_func() -> bool:
+    """Inside a torch.func transform (`grad`, `vmap`, …), which custom ops' autograd cannot enter."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _btt_composite(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:
+    """The btt map in differentiable torch ops (einsum, a transposing reshape), which torch.func
+    can differentiate and vmap: what `btt`/`monarch` compute inside its transforms."""
+    b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
+    h = torch.einsum("...jp,jkp->...jk", x.unflatten(-1, (b0, -1)), core0)  # (…, b0, k0)
+    hs = h.transpose(-1, -2).reshape(*h.shape[:-2], b1, k1)  # (b0, k0) read as (k0, b0), cut in b1 chunks
+    return torch.einsum("...ik,isk->...is", hs, core1).flatten(-2)
+
+
 def _will_backward(*tensors: Tensor) -> bool:
     """Whether autograd will record this call: grad mode is on and an operand requires grad."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -668,6 +682,8 @@ def btt(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:
     Structured Matrices", Qiu et al.): y = P·BlockDiag(core1)·Pᵀ-shuffle·BlockDiag(core0)·x;
     see `btt_reference` for the exact index map."""
     args = _autocast(x, core0, core1)
+    if _in_torch_func():
+        return _btt_composite(*args)
     return torch.ops.peftify.btt(*args, _will_backward(*args))[0]
 
 
@@ -675,14 +691,23 @@ def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """Monarch: y = P₂·BlockDiag(R)·P₁·BlockDiag(L)·x ("Monarch: Expressive Structured Matrices
     for Efficient and Accurate Training", Dao et al.); the same computation as `btt`."""
     args = _autocast(x, left, right)
+    if _in_torch_func():
+        return _btt_composite(*args)
     return torch.ops.peftify.monarch(*args, _will_backward(*args))[0]
 
 
 def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = x (Σ_t A_t ⊗ B_t)ᵀ, computed factor by factor."""
-    return torch.ops.peftify.kron(*_autocast(x, a, b))
+    args = _autocast(x, a, b)
+    if _in_torch_func():  # y[i1·m2 + i2] = Σ_t Σ A_t[i1, j1] B_t[i2, j2] x[j1·n2 + j2]
+        _terms, _m1, n1, _m2, n2 = _kron_shapes(*args)
+        return torch.einsum("...jk,tij,tlk->...il", args[0].unflatten(-1, (n1, n2)), args[1], args[2]).flatten(-2)
+    return torch.ops.peftify.kron(*args)
 
 
 def sparse_lowrank(x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
     """y = x (U V + S)ᵀ with S sparse on a fixed support ("SLTrain", Han et al.)."""
-    return torch.ops.peftify.sparse_lowrank(*_autocast(x, u, v, values, index))
+    args = _autocast(x, u, v, values, index)
+    if _in_torch_func():
+        return torch.nn.functional.linear(args[0], sparse_lowrank_weight(*args[1:]))
+    return torch.ops.peftify.sparse_lowrank(*args)

@@ -45,6 +45,8 @@ def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, p
     x, c0, c1 = btt_case(*BTT_CASES[case])
     fn = getattr(ops, op)
     torch.testing.assert_close(fn(x, c0, c1), x @ btt_dense(c0, c1).t())
+    # inside torch.func transforms the wrapper computes the plain-torch form: the same map
+    torch.testing.assert_close(torch.func.vmap(fn, in_dims=(0, None, None))(x, c0, c1), x @ btt_dense(c0, c1).t())
     torch.library.opcheck(getattr(torch.ops.peftify, op).default, (x, c0, c1))
     assert torch.autograd.gradcheck(fn, (x, c0, c1))
     # the opaque CPU reference the op calls, and its backward (only the gradients asked for)
@@ -103,6 +105,7 @@ def test_kron_matches_torch_kron_and_passes_checks(chunked, monkeypatch):
     a, b = torch.randn(2, 3, 4, **D, requires_grad=True), torch.randn(2, 5, 3, **D, requires_grad=True)
     dense = torch.kron(a[0], b[0]) + torch.kron(a[1], b[1])
     torch.testing.assert_close(ops.kron(x, a, b), x @ dense.t())
+    torch.testing.assert_close(torch.func.vmap(ops.kron, in_dims=(0, None, None))(x, a, b), x @ dense.t())  # the torch.func form
     torch.library.opcheck(torch.ops.peftify.kron.default, (x, a, b))
     assert torch.autograd.gradcheck(ops.kron, (x, a, b))
     g = torch.randn(2, 3, 15, **D)
@@ -123,6 +126,7 @@ def test_sparse_lowrank_matches_its_definition_and_passes_checks():
     sparse = torch.zeros(6 * 12, **D)
     sparse[index] = values.detach()
     torch.testing.assert_close(ops.sparse_lowrank(x, u, v, values, index), x @ (u @ v + sparse.view(6, 12)).t())
+    torch.testing.assert_close(torch.func.vmap(ops.sparse_lowrank, in_dims=(0, None, None, None, None))(x, u, v, values, index), x @ (u @ v + sparse.view(6, 12)).t())
     torch.library.opcheck(torch.ops.peftify.sparse_lowrank.default, (x, u, v, values, index))
     assert torch.autograd.gradcheck(ops.sparse_lowrank, (x, u, v, values, index))
 

@@ -325,3 +325,33 @@ def test_half_precision_model_trains_float32_adapter_weights(name):
     peftify.merge(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert (output(model, X).double() - adapted).norm() <= 3e-2 * adapted.norm()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch: no vmap rule for some ops
+@pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
+def test_per_sample_gradients_with_torch_func(name):
+    """torch.func.vmap(grad) through a rewritten model (per-sample gradients, as DP training needs)
+    equals one backward per sample, in float64. Custom ops cannot run inside torch.func
+    transforms, so there every method computes its plain-torch form; the backward per sample
+    runs the ops."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 16)).double()
+    hp = {k: v for k, v in {"r": 4}.items() if k in {f.name for f in dataclasses.fields(METHODS[name])}}
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": name, **hp}}]}, example_inputs=(torch.randn(2, 16).double(),), progress=False)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in trained.values():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(3, 2, 16, dtype=torch.float64)
+
+    def loss(params, sample):
+        return functional_call(model, params, (sample,)).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))({n: p.detach() for n, p in trained.items()}, x)
+    for i in range(len(x)):
+        model.zero_grad()
+        model(x[i]).pow(2).sum().backward()
+        for n, p in trained.items():
+            torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-10, atol=1e-12)
