@@ -97,12 +97,16 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 @accepts_compiled
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapter into dense weights, in place (other adapters are dropped): the
     original module types, state-dict keys and ``requires_grad`` flags come back; the output is
     unchanged within float tolerance.
+
+    ``safe=True`` (PEFT's ``safe_merge``) first computes every site's merged weight and checks it
+    is finite; if one holds a NaN or an infinity (a diverged adapter), it raises ``ValueError``
+    naming the sites and leaves the model as it was. It costs one more dense weight per site.
     """
-    return merge_model(model)
+    return merge_model(model, safe=safe)
 
 
 @accepts_compiled

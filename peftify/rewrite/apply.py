@@ -371,7 +371,15 @@ def _place_copies(rewrite: RewriteState, adapter: str | None) -> None:
 
 
 def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametrized: bool) -> None:
-    """Remove a parametrization and put the parameter back in its original state-dict position."""
+    """Remove a parametrization and put the parameter back in its original state-dict position.
+
+    First the owner gets a class of its own: torch's deepcopy of a parametrized module shares the
+    generated ``Parametrized…`` class with the original, and removing a parametrization deletes
+    the class's property, which would break every other instance (a merged copy's original:
+    `peftify.export(merged=True)`, or a user's `copy.deepcopy`)."""
+    cls = type(owner)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    owner.__class__ = type(cls.__name__, cls.__bases__, own)
     parametrize.remove_parametrizations(owner, name, leave_parametrized=leave_parametrized)
     owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
 
@@ -488,10 +496,32 @@ def unload_model(model: nn.Module) -> nn.Module:
     return merge_model(model, fold=False)
 
 
-def merge_model(model: nn.Module, fold: bool = True) -> nn.Module:
+def _merged_weight(model: nn.Module, site: Site) -> torch.Tensor:
+    """What merging would write for a site: a functional site's parametrized value, else the
+    container's dense weight."""
+    if site.kind == "functional":
+        owner, name = _split(site.weight)
+        return getattr(model.get_submodule(owner), name)
+    return adapted_site(model, site).dense_weight()
+
+
+def _not_finite(model: nn.Module, rewrite: RewriteState) -> list[str]:
+    """The sites whose merged weight would hold a NaN or an infinity."""
+    with torch.no_grad():
+        return [
+            fqn
+            for fqn, record in rewrite.installed.items()
+            if adapted_site(model, record.site).computing is not None and not torch.isfinite(_merged_weight(model, record.site)).all()
+        ]
+
+
+def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.Module:
     """Fold the active adapter into dense weights (none while adapters are disabled, or without
-    `fold`), drop the others, and restore module types, state-dict keys and ``requires_grad`` flags."""
+    `fold`), drop the others, and restore module types, state-dict keys and ``requires_grad`` flags.
+    With `safe`, first check every merged weight is finite; if one is not, change nothing and raise."""
     rewrite = rewrite_state(model, "merge")
+    if fold and safe and (broken := _not_finite(model, rewrite)):
+        raise ValueError(f"merge(safe=True): the merged weight of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
     if fold and len(rewrite.adapters) > 1:
         warn(f"merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped")
     merged: list[str] = []

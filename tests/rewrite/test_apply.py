@@ -1,6 +1,7 @@
 """Transactional apply, merge and report: nothing lost on failure."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -121,6 +122,69 @@ def test_a_merge_that_fails_midway_keeps_the_function_and_can_be_finished(make, 
     peftify.merge(model)
     assert getattr(model, "_peftify", None) is None and list(model.state_dict()) == keys
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, FunctionalNet], ids=["llama", "functional"])
+def test_safe_merge_refuses_a_broken_adapter_and_changes_nothing(make):
+    """merge(safe=True), as PEFT's safe_merge: a NaN or an infinity in a merged weight raises,
+    naming the sites, and leaves the model adapted (same modules, values and flags); a finite
+    adapter merges as without the check."""
+    torch.manual_seed(0)
+    model = make()
+    x = {"input_ids": torch.randint(0, 101, (2, 7))} if make is tiny_llama else {"x": torch.randn(3, 16)}
+    peftify.peftify(model, ALL, progress=False)
+    b = {n: p for n, p in model.named_parameters() if n.endswith("lora_B")}
+    with torch.no_grad():
+        for p in b.values():
+            p.normal_(std=0.1)
+    adapted = adapted_output(model, x)
+    twin = copy.deepcopy(model)
+    broken = sorted(b)[:2]
+    with torch.no_grad():
+        b[broken[0]][0, 0] = float("nan")
+        b[broken[1]][1, 0] = float("inf")
+    before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    with pytest.raises(ValueError, match="nothing was merged") as err:
+        peftify.merge(model, safe=True)
+    # a module site's parameters sit under its path, a functional one's under parametrizations.<name>.0.adapted
+    sites = [re.sub(r"(^|\.)parametrizations\.(\w+)\.0\.adapted$", r"\1\2", n.removesuffix(".adapters.default.lora_B")) for n in broken]
+    assert str(err.value).startswith(f"merge(safe=True): the merged weight of {', '.join(sorted(sites, key=str(err.value).find))} would")
+    assert dict(model.named_modules()) == modules and len(peftify.report(model).rows) == len(peftify.report(twin).rows)
+    assert list(dict(model.named_parameters())) == list(before)
+    for n, p in model.named_parameters():
+        q, value, flag = before[n]
+        assert p is q and p.requires_grad == flag, n
+        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0, equal_nan=True)
+    peftify.merge(twin, safe=True)
+    assert getattr(twin, "_peftify", None) is None
+    torch.testing.assert_close(output(twin, x), adapted, atol=1e-5, rtol=1e-5)
+    peftify.merge(model)  # unchecked: merges the NaN in
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_merging_or_exporting_a_copy_leaves_the_functional_sites_of_the_original_working():
+    """Functional sites are parametrizations, and torch's deepcopy of a parametrized module
+    shares its generated class with the original: removing a parametrization from the copy (its
+    merge) must not remove the original's. export(merged=True) merges such a copy."""
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    x = torch.randn(3, 16)
+    peftify.peftify(model, ALL, progress=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.1)
+    adapted = model(x).detach()
+    twin = peftify.merge(copy.deepcopy(model))
+    torch.testing.assert_close(twin(x), adapted, atol=1e-5, rtol=1e-5)
+    program = peftify.export(model, (x,), merged=True)
+    torch.testing.assert_close(program.module()(x), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), adapted)  # the original: still adapted, and computing
+    assert len(peftify.report(model).rows) == 5
+    peftify.merge(model)
+    assert type(model) is FunctionalNet and type(twin) is FunctionalNet
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_unties_a_tied_head(tmp_path):
