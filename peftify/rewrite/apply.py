@@ -333,6 +333,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             owner_path, name = _split(site.weight)
             owner = model.get_submodule(owner_path)
             record.order = list(owner._parameters)
+            _own_class(owner)
             parametrize.register_parametrization(owner, name, WeightParametrization(adapted), unsafe=True)
             undo.append(lambda owner=owner, name=name, order=record.order: _unparametrize(owner, name, order, leave_parametrized=False))
         rewrite.installed[site.fqn] = record
@@ -370,16 +371,20 @@ def _place_copies(rewrite: RewriteState, adapter: str | None) -> None:
         _place(record, record.copies.get(adapter, record.original))
 
 
-def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametrized: bool) -> None:
-    """Remove a parametrization and put the parameter back in its original state-dict position.
+def _own_class(owner: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations change. torch's
+    deepcopy of a parametrized module shares the generated ``Parametrized…`` class with the
+    original, and adding or removing a parametrization adds or deletes a property of that class,
+    which would change every other instance too (the original of a merged copy, as
+    `peftify.export(merged=True)` makes, or of a user's `copy.deepcopy`)."""
+    if parametrize.is_parametrized(owner):
+        cls = type(owner)
+        owner.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
 
-    First the owner gets a class of its own: torch's deepcopy of a parametrized module shares the
-    generated ``Parametrized…`` class with the original, and removing a parametrization deletes
-    the class's property, which would break every other instance (a merged copy's original:
-    `peftify.export(merged=True)`, or a user's `copy.deepcopy`)."""
-    cls = type(owner)
-    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    owner.__class__ = type(cls.__name__, cls.__bases__, own)
+
+def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametrized: bool) -> None:
+    """Remove a parametrization and put the parameter back in its original state-dict position."""
+    _own_class(owner)
     parametrize.remove_parametrizations(owner, name, leave_parametrized=leave_parametrized)
     owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
 

@@ -187,6 +187,23 @@ def test_merging_or_exporting_a_copy_leaves_the_functional_sites_of_the_original
     torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_adapting_more_sites_of_a_copy_leaves_the_original_as_it_was():
+    """The other half of the shared-class hazard: a parametrization added to a copy's functional
+    site must not appear on the original (which then failed to look it up)."""
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    x = torch.randn(3, 16)
+    peftify.peftify(model, {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2}}]}, progress=False)
+    before = model(x)
+    twin = copy.deepcopy(model)
+    peftify.peftify(twin, {"rules": [{"match": "w_mid", "apply": {"method": "lora", "r": 2}}]}, adapter="b", progress=False)
+    torch.testing.assert_close(model(x), before)
+    assert [r[0] for r in peftify.report(model).rows] == ["w_in"]
+    peftify.merge(model)
+    assert type(model) is FunctionalNet and dict(model.named_parameters()).keys() == dict(FunctionalNet().named_parameters()).keys()
+    torch.testing.assert_close(model(x), before)
+
+
 def test_merge_unties_a_tied_head(tmp_path):
     torch.manual_seed(0)
     model = tiny_gpt2()
