@@ -30,9 +30,19 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
-    """Class decorator: make a method dataclass available to specs under `name`."""
+    """Class decorator: make a method dataclass available to specs under `name`.
+
+    The class is a frozen dataclass subclassing `Method`, whose ``module`` (a `SiteModule`
+    subclass, set after the class) computes it. A name already taken by another method is
+    refused; redefining the same class (a re-run notebook cell) replaces it.
+    """
 
     def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
+            raise TypeError(f"peftify.register({name!r}): {cls!r} is not a dataclass subclassing peftify.Method")
+        taken = METHODS.get(name)
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"peftify.register({name!r}): the name is taken by {taken.__module__}.{taken.__qualname__}; pick another")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -81,6 +91,8 @@ class Method:
     def build(self, site: Site, weight: torch.Tensor, svd: tuple | None = None) -> SiteModule:
         """This method's module for `site`, from the dense weight as (out, in), which it must not
         mutate; `svd` is (U, σ, Vᴴ) when `svd_rank` asked for it."""
+        if not isinstance(getattr(type(self), "module", None), type):
+            raise TypeError(f"method {self.name!r} has no module: set {type(self).__qualname__}.module to the SiteModule subclass that computes it")
         return self.module(self, site, weight) if svd is None else self.module(self, site, weight, svd)
 
     def build_many(self, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
