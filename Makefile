@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	# one worker per core: most of the suite's time is Inductor compiling (Python, then gcc), one process each
-	$(PY) -m pytest -q -n auto
+	# one worker per core, at most 4 (each holds its own torch and models): most of the suite's time is Inductor compiling, one process each
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check peftify tests examples benchmarks
