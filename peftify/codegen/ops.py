@@ -554,6 +554,28 @@ def _(grad_y, x, core0, core1, hidden, need_x, need_core0, need_core1):
     return _packed_like((x, core0, core1), (need_x, need_core0, need_core1))
 
 
+def _differentiable_backward(composite):
+    """An autograd formula for an opaque backward op (grad_y, x, p, q, …, need_x, need_p, need_q)
+    → (∂x, ∂p, ∂q), so that a double backward (a gradient penalty, a Hessian-vector product)
+    runs: the first gradients are rebuilt from `composite` (the same map in differentiable torch
+    ops) and differentiated. Only a second-order use reaches it."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.need = inputs[-3:]
+
+    def backward(ctx, *grad_grads):
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            grad_y, x, p, q = leaves = [t.detach().requires_grad_() for t in saved]
+            first = torch.autograd.grad(composite(x, p, q), (x, p, q), grad_y, create_graph=True)
+            pairs = [(f, gg) for f, gg, n in zip(first, grad_grads, ctx.need) if n and gg is not None and gg.numel()]
+            grads = torch.autograd.grad([f for f, _ in pairs], leaves, [gg for _, gg in pairs], allow_unused=True) if pairs else (None,) * 4
+        return (*grads, *(None,) * (len(ctx.needs_input_grad) - 4))
+
+    return backward, setup_context
+
+
 def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor, keep_hidden: bool = True) -> tuple[Tensor, Tensor]:
     """The body of the btt/monarch ops. The hidden it returns for the backward is (T, b0·k0)
     from the Triton kernels, (b0, T, k0) from the blockwise reference, else (T, b1, k1).
@@ -672,6 +694,17 @@ def _btt_composite(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:
     return torch.einsum("...ik,isk->...is", hs, core1).flatten(-2)
 
 
+def _kron_composite(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """`kron` in differentiable torch ops: y[i1·m2 + i2] = Σ_t Σ A_t[i1, j1] B_t[i2, j2] x[j1·n2 + j2]."""
+    _terms, _m1, n1, _m2, n2 = _kron_shapes(x, a, b)
+    return torch.einsum("...jk,tij,tlk->...il", x.unflatten(-1, (n1, n2)), a, b).flatten(-2)
+
+
+for _op, _composite in ((btt_reference_backward_op, _btt_composite), (kron_backward_op, _kron_composite)):
+    _backward, _setup = _differentiable_backward(_composite)
+    _op.register_autograd(_backward, setup_context=_setup)
+
+
 def _will_backward(*tensors: Tensor) -> bool:
     """Whether autograd will record this call: grad mode is on and an operand requires grad."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -699,9 +732,8 @@ def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
 def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = x (Σ_t A_t ⊗ B_t)ᵀ, computed factor by factor."""
     args = _autocast(x, a, b)
-    if _in_torch_func():  # y[i1·m2 + i2] = Σ_t Σ A_t[i1, j1] B_t[i2, j2] x[j1·n2 + j2]
-        _terms, _m1, n1, _m2, n2 = _kron_shapes(*args)
-        return torch.einsum("...jk,tij,tlk->...il", args[0].unflatten(-1, (n1, n2)), args[1], args[2]).flatten(-2)
+    if _in_torch_func():
+        return _kron_composite(*args)
     return torch.ops.peftify.kron(*args)
 
 
