@@ -103,6 +103,30 @@ def _lora_backward(ctx, grad_y, _grad_xa):
 lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 
+def _forward_ad_active() -> bool:
+    """Inside `torch.autograd.forward_ad.dual_level()`: forward-mode AD may reach the call."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+
+
+def _lora_tangent(primals, tangents, scale: float) -> Tensor:
+    """Forward-mode AD of y = x Wᵀ + b + s·(x_d Aᵀ)Bᵀ: ẏ = ẋWᵀ + xẆᵀ + ḃ + s·((ẋ_d Aᵀ + x_d Ȧᵀ)Bᵀ
+    + (x_d Aᵀ)Ḃᵀ), from the tangents given (None: no tangent; x_d None: it is x, its tangent x's)."""
+    x, weight, _bias, lora_a, lora_b, x_dropped = primals
+    tx, tw, tb, ta, tbl, txd = tangents
+    x_d, txd = (x, tx) if x_dropped is None else (x_dropped, txd)
+    F = torch.nn.functional
+    terms = [
+        F.linear(tx, weight) if tx is not None else None,
+        F.linear(x, tw) if tw is not None else None,
+        tb,
+        scale * F.linear(F.linear(txd, lora_a), lora_b) if txd is not None else None,
+        scale * F.linear(F.linear(x_d, ta), lora_b) if ta is not None else None,
+        scale * F.linear(F.linear(x_d, lora_a), tbl) if tbl is not None else None,
+    ]
+    given = [t for t in terms if t is not None]
+    return sum(given[1:], given[0]) if given else torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+
+
 class _EagerLoRALinear(torch.autograd.Function):
     """``peftify::lora_linear`` in eager mode: the same forward and backward, called without
     torch.library's Python dispatch, which costs about 70 µs per call on CPU (a tiny layer's
@@ -113,12 +137,18 @@ class _EagerLoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, x_dropped):
         y, xa = _lora_forward(x, weight, bias, lora_a, lora_b, scale, x_dropped)
         ctx.save_for_backward(x, x_dropped, weight, lora_a, lora_b, xa)
+        if _forward_ad_active():
+            ctx.save_for_forward(x, weight, bias, lora_a, lora_b, x_dropped)
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         return _lora_backward(ctx, grad_y, None)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, ta, tbl, _tscale, txd):
+        return _lora_tangent(ctx.saved_tensors, (tx, tw, tb, ta, tbl, txd), ctx.scale)
 
 
 class _FunctorchLoRALinear(torch.autograd.Function):
@@ -132,8 +162,17 @@ class _FunctorchLoRALinear(torch.autograd.Function):
     def forward(x, weight, bias, lora_a, lora_b, scale, x_dropped):
         return _lora_forward(x, weight, bias, lora_a, lora_b, scale, x_dropped)
 
-    setup_context = staticmethod(_lora_setup)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _lora_setup(ctx, inputs, output)
+        x, weight, bias, lora_a, lora_b, _scale, x_dropped = inputs
+        ctx.save_for_forward(x, weight, bias, lora_a, lora_b, x_dropped)  # for torch.func.jvp
+
     backward = staticmethod(_lora_backward)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, ta, tbl, _tscale, txd):
+        return _lora_tangent(ctx.saved_tensors, (tx, tw, tb, ta, tbl, txd), ctx.scale), None  # xa: not differentiable
 
 
 def _autocast(*tensors):
@@ -681,8 +720,9 @@ sparse_lowrank_op.register_autograd(lambda ctx, g: _sparse_lowrank_backward(g, *
 
 
 def _in_torch_func() -> bool:
-    """Inside a torch.func transform (`grad`, `vmap`, …), which custom ops' autograd cannot enter."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    """Inside a torch.func transform (`grad`, `vmap`, `jvp`, …) or a forward-mode AD dual level,
+    which custom ops' autograd cannot serve."""
+    return not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad_active())
 
 
 def _btt_composite(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:

@@ -389,3 +389,41 @@ def test_double_backward_matches_the_dense_weight(name):
     want = penalty(lambda x: torch.nn.functional.linear(x, trained_weight(), site.bias))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+NORMS_DETACHED = {"dora", "bora"}  # their gradients skip ‖W + sBA‖'s dependence on A and B, by design
+
+
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
+def test_forward_mode_ad_matches_finite_differences(name, mode):
+    """Forward-mode AD (torch.func.jvp, and dual tensors of torch.autograd.forward_ad) through a
+    rewritten layer, with tangents on the input and every trained tensor, equals the central
+    finite difference of the layer's output, in float64. DoRA and BoRA detach their norms (their
+    papers and PEFT do), so there only the input, whose tangent does not reach the norms, moves."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, jvp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24)).double()
+    hp = {k: v for k, v in {"r": 4}.items() if k in {f.name for f in dataclasses.fields(METHODS[name])}}
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": name, **hp}}]}, example_inputs=(torch.randn(2, 16).double(),), progress=False)
+    params = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    moved = {} if name in NORMS_DETACHED else params
+    x = torch.randn(5, 16, dtype=torch.float64)
+    tangents = {n: torch.randn_like(p) for n, p in moved.items()}
+    tx = torch.randn_like(x)
+
+    def f(moved_params, x):
+        return functional_call(model, {**params, **moved_params}, (x,))
+
+    if mode == "torch.func.jvp":
+        _, got = jvp(f, (moved, x), (tangents, tx))
+    else:
+        with fwAD.dual_level():
+            dual = {n: fwAD.make_dual(p, tangents[n]) for n, p in moved.items()}
+            got = fwAD.unpack_dual(f(dual, fwAD.make_dual(x, tx))).tangent
+    eps = 1e-6
+    plus = f({n: p + eps * tangents[n] for n, p in moved.items()}, x + eps * tx)
+    minus = f({n: p - eps * tangents[n] for n, p in moved.items()}, x - eps * tx)
+    torch.testing.assert_close(got, (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-8)
