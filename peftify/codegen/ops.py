@@ -32,6 +32,7 @@ import importlib.util
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from peftify.codegen import reference
@@ -114,7 +115,6 @@ def _lora_tangent(primals, tangents, scale: float) -> Tensor:
     x, weight, _bias, lora_a, lora_b, x_dropped = primals
     tx, tw, tb, ta, tbl, txd = tangents
     x_d, txd = (x, tx) if x_dropped is None else (x_dropped, txd)
-    F = torch.nn.functional
     terms = [
         F.linear(tx, weight) if tx is not None else None,
         F.linear(x, tw) if tw is not None else None,
@@ -593,9 +593,9 @@ def _(grad_y, x, core0, core1, hidden, need_x, need_core0, need_core1):
     return _packed_like((x, core0, core1), (need_x, need_core0, need_core1))
 
 
-def _differentiable_backward(composite):
-    """An autograd formula for an opaque backward op (grad_y, x, p, q, …, need_x, need_p, need_q)
-    → (∂x, ∂p, ∂q), so that a double backward (a gradient penalty, a Hessian-vector product)
+def _register_double_backward(op, composite) -> None:
+    """Give an opaque backward op (grad_y, x, p, q, …, need_x, need_p, need_q) → (∂x, ∂p, ∂q)
+    an autograd formula, so that a double backward (a gradient penalty, a Hessian-vector product)
     runs: the first gradients are rebuilt from `composite` (the same map in differentiable torch
     ops) and differentiated. Only a second-order use reaches it."""
 
@@ -612,7 +612,7 @@ def _differentiable_backward(composite):
             grads = torch.autograd.grad([f for f, _ in pairs], leaves, [gg for _, gg in pairs], allow_unused=True) if pairs else (None,) * 4
         return (*grads, *(None,) * (len(ctx.needs_input_grad) - 4))
 
-    return backward, setup_context
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor, keep_hidden: bool = True) -> tuple[Tensor, Tensor]:
@@ -704,7 +704,7 @@ kron_op.register_autograd(_kron_op_backward, setup_context=_kron_setup)
 
 @torch.library.custom_op("peftify::sparse_lowrank", mutates_args=())
 def sparse_lowrank_op(x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
-    return torch.nn.functional.linear(x, sparse_lowrank_weight(u, v, values, index))
+    return F.linear(x, sparse_lowrank_weight(u, v, values, index))
 
 
 @sparse_lowrank_op.register_fake
@@ -719,9 +719,9 @@ def _sparse_setup(ctx, inputs, output):
 sparse_lowrank_op.register_autograd(lambda ctx, g: _sparse_lowrank_backward(g, *ctx.saved_tensors, ctx.needs_input_grad), setup_context=_sparse_setup)
 
 
-def _in_torch_func() -> bool:
-    """Inside a torch.func transform (`grad`, `vmap`, `jvp`, …) or a forward-mode AD dual level,
-    which custom ops' autograd cannot serve."""
+def _plain_torch_needed() -> bool:
+    """Whether the call is inside a torch.func transform (`grad`, `vmap`, `jvp`, …) or a
+    forward-mode AD dual level, which custom ops' autograd cannot serve."""
     return not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad_active())
 
 
@@ -740,9 +740,8 @@ def _kron_composite(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("...jk,tij,tlk->...il", x.unflatten(-1, (n1, n2)), a, b).flatten(-2)
 
 
-for _op, _composite in ((btt_reference_backward_op, _btt_composite), (kron_backward_op, _kron_composite)):
-    _backward, _setup = _differentiable_backward(_composite)
-    _op.register_autograd(_backward, setup_context=_setup)
+_register_double_backward(btt_reference_backward_op, _btt_composite)
+_register_double_backward(kron_backward_op, _kron_composite)
 
 
 def _will_backward(*tensors: Tensor) -> bool:
@@ -755,7 +754,7 @@ def btt(x: Tensor, core0: Tensor, core1: Tensor) -> Tensor:
     Structured Matrices", Qiu et al.): y = P·BlockDiag(core1)·Pᵀ-shuffle·BlockDiag(core0)·x;
     see `btt_reference` for the exact index map."""
     args = _autocast(x, core0, core1)
-    if _in_torch_func():
+    if _plain_torch_needed():
         return _btt_composite(*args)
     return torch.ops.peftify.btt(*args, _will_backward(*args))[0]
 
@@ -764,7 +763,7 @@ def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """Monarch: y = P₂·BlockDiag(R)·P₁·BlockDiag(L)·x ("Monarch: Expressive Structured Matrices
     for Efficient and Accurate Training", Dao et al.); the same computation as `btt`."""
     args = _autocast(x, left, right)
-    if _in_torch_func():
+    if _plain_torch_needed():
         return _btt_composite(*args)
     return torch.ops.peftify.monarch(*args, _will_backward(*args))[0]
 
@@ -772,7 +771,7 @@ def monarch(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
 def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = x (Σ_t A_t ⊗ B_t)ᵀ, computed factor by factor."""
     args = _autocast(x, a, b)
-    if _in_torch_func():
+    if _plain_torch_needed():
         return _kron_composite(*args)
     return torch.ops.peftify.kron(*args)
 
@@ -780,6 +779,6 @@ def kron(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def sparse_lowrank(x: Tensor, u: Tensor, v: Tensor, values: Tensor, index: Tensor) -> Tensor:
     """y = x (U V + S)ᵀ with S sparse on a fixed support ("SLTrain", Han et al.)."""
     args = _autocast(x, u, v, values, index)
-    if _in_torch_func():
-        return torch.nn.functional.linear(args[0], sparse_lowrank_weight(*args[1:]))
+    if _plain_torch_needed():
+        return F.linear(args[0], sparse_lowrank_weight(*args[1:]))
     return torch.ops.peftify.sparse_lowrank(*args)
