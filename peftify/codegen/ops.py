@@ -123,8 +123,8 @@ def _lora_tangent(primals, tangents, scale: float) -> Tensor:
         scale * F.linear(F.linear(x_d, ta), lora_b) if ta is not None else None,
         scale * F.linear(F.linear(x_d, lora_a), tbl) if tbl is not None else None,
     ]
-    given = [t for t in terms if t is not None]
-    return sum(given[1:], given[0]) if given else torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    given = [t for t in terms if t is not None]  # never empty: autograd asks only when some operand has a tangent
+    return sum(given[1:], given[0])
 
 
 class _EagerLoRALinear(torch.autograd.Function):
@@ -575,8 +575,10 @@ def btt_reference_op(x: Tensor, core0: Tensor, core1: Tensor, keep_hidden: bool 
 def _(x, core0, core1, keep_hidden=True):
     b0, k0, b1, k1 = _btt_shapes(x, core0, core1)
     tokens = x.numel() // x.shape[-1]
-    blockwise = _blockwise(b0, b1, k1)
-    hidden = (0,) if (blockwise and not keep_hidden) or (not blockwise and _chunked(b0, b1)) else (b0, tokens, k0) if blockwise else (tokens, b1, k1)
+    if _blockwise(b0, b1, k1):
+        hidden = (b0, tokens, k0) if keep_hidden else (0,)
+    else:
+        hidden = (0,) if _chunked(b0, b1) else (tokens, b1, k1)
     return x.new_empty(*x.shape[:-1], b1 * core1.shape[1]), x.new_empty(hidden)
 
 
@@ -646,7 +648,7 @@ def _define_btt(name: str):
     op = torch.library.triton_op(f"peftify::{name}", _btt_forward, mutates_args=())
 
     def setup_context(ctx, inputs, output):
-        x, core0, core1, keep_hidden = (*inputs, True)[:4]
+        x, core0, core1, keep_hidden = (*inputs, True)[:4]  # the dispatcher drops keep_hidden left at its default
         ctx.save_for_backward(x, core0, core1, output[1])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
