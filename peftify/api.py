@@ -9,7 +9,17 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftify.passes.base import dense_flops, tagged
-from peftify.rewrite.apply import accepts_compiled, adapted_site, apply_plan, delete, merge_model, rewrite_state, set_active, unload_model
+from peftify.rewrite.apply import (
+    accepts_compiled,
+    adapted_site,
+    apply_plan,
+    capture_for,
+    delete,
+    merge_model,
+    rewrite_state,
+    set_active,
+    unload_model,
+)
 from peftify.rewrite.capture import capture as _capture
 from peftify.rewrite.plan import Plan, make_plan, method_label
 from peftify.rewrite.spec import Spec, as_spec
@@ -29,8 +39,7 @@ def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = T
     nearest site names (a warning instead with ``strict=False``).
     """
     spec = as_spec(spec, model)
-    rewrite = getattr(model, "_peftify", None)  # adding an adapter: the original model's capture
-    return make_plan(model, rewrite.capture if rewrite else _capture(model, example_inputs), spec, strict=strict)
+    return make_plan(model, capture_for(model, spec, example_inputs), spec, strict=strict)
 
 
 @accepts_compiled

@@ -28,6 +28,7 @@ from peftify.rewrite.apply import (
     adapter_params,
     apply_plan,
     base_params,
+    capture_for,
     check_state,
     live_name,
     module_prefix,
@@ -37,6 +38,7 @@ from peftify.rewrite.apply import (
 )
 from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import make_plan
+from peftify.rewrite.select import uses_roles
 from peftify.rewrite.sites import Capture, sites_from_modules
 from peftify.rewrite.spec import Rule, Spec
 
@@ -198,10 +200,10 @@ def load_adapter(
                 spec = from_peft(config, model)
             except SpecError as e:
                 raise prefixed(f"{source}: ", e) from e
-            needs_trace = any(_uses_roles(r.match) for r in spec.rules) or bool(config.get("target_parameters"))
+            needs_trace = any(uses_roles(r.match) for r in spec.rules) or bool(config.get("target_parameters"))
         # Names alone pick module sites: a walk of named_modules() finds them without tracing.
         if rewrite is not None:
-            cap = rewrite.capture
+            cap = capture_for(model, spec, example_inputs)
         else:
             cap = capture(model, example_inputs) if needs_trace else Capture(sites_from_modules(model), "modules", note="loading by name")
         if fmt == "native":
@@ -251,10 +253,6 @@ def _resolved_spec(config: dict) -> Spec:
     """Exact-name rules for the sites a native adapter was saved from."""
     rules = [Rule(f"re:{re.escape(s['fqn'])}", Method.from_dict(s["method"])) for s in config["sites"]]
     return Spec(rules, [f"re:{re.escape(n)}" for n in config.get("train", [])])
-
-
-def _uses_roles(match) -> bool:
-    return (isinstance(match, str) and match.startswith("role:")) or (isinstance(match, dict) and "role" in match)
 
 
 def _from_native_keys(tensors: dict, plan, adapter: str) -> dict:

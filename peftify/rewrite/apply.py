@@ -19,7 +19,9 @@ from torch.nn.utils import parametrize
 
 from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
+from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import Entry, Plan
+from peftify.rewrite.select import uses_roles
 from peftify.rewrite.sites import Capture, Site, parameter_names
 
 
@@ -92,6 +94,47 @@ def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
     if state is None:
         raise SpecError(f"this model has no peftify rewrite to {doing}")
     return state
+
+
+def capture_for(model: nn.Module, spec, example_inputs=None) -> Capture:
+    """The capture `spec` is planned on: the model's own, or for a rewritten model (a new adapter)
+    its first rewrite's. That one is a walk of `named_modules()`, with no roles, when the first
+    adapter was loaded by name (or tracing failed); a spec that selects by role then traces the
+    model as it was before the rewrite, and that capture is kept from then on."""
+    rewrite = getattr(model, "_peftify", None)
+    if rewrite is None:
+        return capture(model, example_inputs)
+    needs_roles = any(uses_roles(r.match) or (r.apply is not None and r.apply.needs_roles) for r in spec.rules)
+    if needs_roles and rewrite.capture.method == "modules":
+        rewrite.capture = _capture_as_before(model, rewrite, example_inputs)
+    return rewrite.capture
+
+
+def _capture_as_before(model: nn.Module, rewrite: RewriteState, example_inputs) -> Capture:
+    """Trace the model with each site's original module back in its containers' places (a walk's
+    sites are all modules), then put the containers back."""
+    originals = []
+    for record in rewrite.installed.values():
+        base = record.original if record.original is not None else adapted_site(model, record.site).base_layer
+        if base._parameters.get("weight") is None:
+            raise SpecError(
+                f"the sites' roles are unknown: this model's adapters were placed by name, without a trace, and the dense weight of "
+                f"{record.site.fqn} is replaced by a structure, so the model cannot be traced as it was; select the sites by name"
+            )
+        originals += [(path, base if i == 0 else record.others[i - 1]) for i, path in enumerate(record.site.owners)]
+    containers = []
+    del model._peftify  # capture refuses a rewritten model
+    try:
+        for path, original in originals:
+            parent_path, name = _split(path)
+            parent = model.get_submodule(parent_path)
+            containers.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, original)
+        return capture(model, example_inputs)
+    finally:
+        for parent, name, container in reversed(containers):
+            setattr(parent, name, container)
+        model._peftify = rewrite
 
 
 def _split(path: str):

@@ -62,6 +62,11 @@ def compile_match(match: Any) -> Predicate:
     raise SpecError(f"match must be a string or a dict, not {type(match).__name__}", field="match")
 
 
+def uses_roles(match: Any) -> bool:
+    """Whether a rule's ``match`` reads the sites' roles (which only a trace finds)."""
+    return (isinstance(match, str) and match.startswith("role:")) or (isinstance(match, dict) and "role" in match)
+
+
 def _string(value, field):
     if not isinstance(value, str):
         raise SpecError(f"must be a string, got {value!r}", field=field)

@@ -295,3 +295,36 @@ def test_a_second_adapter_on_a_functional_site_is_built_from_the_stored_weight()
     assert not torch.allclose(model(x), ref, atol=1e-3)
     peftify.peftify(model, {"rules": [{"match": "w_*", "apply": {"method": "dora", "r": 2}}]}, adapter="b")
     torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "native"])
+def test_a_role_rule_after_loading_by_name_traces_the_model_as_it_was(two, tmp_path, fmt):
+    base, model = two
+    peftify.save_adapter(model, tmp_path / "b", adapter="b", format=fmt)
+    loaded = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "b")  # module names only: no trace, no roles
+    assert "loading by name" in str(peftify.report(loaded))
+    out_b = output(loaded, X).detach()
+    peftify.peftify(loaded, A, adapter="a")
+    traced = peftify.capture(copy.deepcopy(base))
+    assert [e.site.fqn for e in peftify.plan(loaded, A).entries] == [s.fqn for s in traced.sites if s.roles & {"attn.q", "attn.k", "attn.v", "attn.o"}]
+    assert "loading by name" not in str(peftify.report(loaded))  # the trace is kept
+    state = loaded._peftify
+    assert {f: type(loaded.get_submodule(f)).__name__ for f in state.installed} == dict.fromkeys(state.installed, "AdaptedSite")  # containers back
+    peftify.save_adapter(model, tmp_path / "a", adapter="a")
+    peftify.load_adapter(loaded, tmp_path / "a", adapter="a")  # an existing name: the weights go in
+    peftify.set_adapter(model, "a")
+    torch.testing.assert_close(output(loaded, X), output(model, X))  # the same sites, adapted alike
+    peftify.set_adapter(loaded, "default")  # the loaded b
+    torch.testing.assert_close(output(loaded, X), out_b)  # untouched by the trace
+
+
+def test_a_role_rule_after_loading_a_structure_by_name_is_refused_clearly(tmp_path):
+    model = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.down_proj", "apply": {"method": "monarch"}}]})
+    peftify.save_adapter(model, tmp_path / "m")
+    loaded = peftify.from_pretrained(tiny_llama(), tmp_path / "m")
+    before = dict(loaded.state_dict())
+    with pytest.raises(SpecError, match="replaced by a structure.*select the sites by name"):
+        peftify.peftify(loaded, A, adapter="a")
+    assert set(peftify.adapters(loaded)) == {"default"} and loaded.state_dict().keys() == before.keys()
+    assert type(loaded.get_submodule("model.layers.0.mlp.down_proj")).__name__ == "AdaptedSite"
+    peftify.peftify(loaded, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}, adapter="a")  # by name still works
