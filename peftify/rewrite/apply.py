@@ -9,6 +9,7 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
 from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import Entry, Plan
-from peftify.rewrite.select import uses_roles
+from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, Site, parameter_names
 
 
@@ -98,16 +99,28 @@ def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
 
 def capture_for(model: nn.Module, spec, example_inputs=None) -> Capture:
     """The capture `spec` is planned on: the model's own, or for a rewritten model (a new adapter)
-    its first rewrite's. That one is a walk of `named_modules()`, with no roles, when the first
-    adapter was loaded by name (or tracing failed); a spec that selects by role then traces the
-    model as it was before the rewrite, and that capture is kept from then on."""
+    its first rewrite's. That one is a walk of `named_modules()` (module sites only, no roles)
+    when the first adapter was loaded by name or tracing failed. A spec that selects by role then
+    traces the model as it was before the rewrite, and so does one with a rule the walk cannot
+    satisfy (a functional parameter's name), where an untraceable model keeps the walk; the
+    trace is kept from then on."""
     rewrite = getattr(model, "_peftify", None)
     if rewrite is None:
         return capture(model, example_inputs)
-    needs_roles = any(uses_roles(r.match) or (r.apply is not None and r.apply.needs_roles) for r in spec.rules)
-    if needs_roles and rewrite.capture.method == "modules":
+    walk = rewrite.capture
+    if walk.method != "modules":
+        return walk
+    if any(uses_roles(r.match) or (r.apply is not None and r.apply.needs_roles) for r in spec.rules):
         rewrite.capture = _capture_as_before(model, rewrite, example_inputs)
+    elif _selects_nothing(spec, walk):
+        with contextlib.suppress(SpecError):  # untraceable: the plan names what the walk lacks
+            rewrite.capture = _capture_as_before(model, rewrite, example_inputs)
     return rewrite.capture
+
+
+def _selects_nothing(spec, cap: Capture) -> bool:
+    ctx = Context(depth=cap.depth, width=cap.width)
+    return any(not rule.optional and not any(matches(s, ctx) for s in cap.sites) for rule, matches in zip(spec.rules, spec.matchers))
 
 
 def _capture_as_before(model: nn.Module, rewrite: RewriteState, example_inputs) -> Capture:

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import fail_on_call, output, tiny_llama
+from conftest import FunctionalNet, fail_on_call, output, tiny_llama
 from torch import nn
 
 import peftify
@@ -328,3 +328,45 @@ def test_a_role_rule_after_loading_a_structure_by_name_is_refused_clearly(tmp_pa
     assert set(peftify.adapters(loaded)) == {"default"} and loaded.state_dict().keys() == before.keys()
     assert type(loaded.get_submodule("model.layers.0.mlp.down_proj")).__name__ == "AdaptedSite"
     peftify.peftify(loaded, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}, adapter="a")  # by name still works
+
+
+def test_a_functional_site_named_after_loading_by_name_is_found_by_tracing(tmp_path):
+    torch.manual_seed(0)
+    base, x = FunctionalNet(), torch.randn(3, 16)
+    peftify.save_adapter(peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "head", "apply": {"method": "lora", "r": 2}}]}), tmp_path / "h", format="peft")
+    loaded = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "h")
+    assert loaded._peftify.capture.method == "modules"  # the walk finds only the head
+    peftify.peftify(loaded, {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2}}]}, adapter="b")
+    (entry,) = loaded._peftify.adapters["b"].entries
+    assert entry.site.kind == "functional" and loaded._peftify.capture.method != "modules"
+    with torch.no_grad():
+        for n, p in loaded.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+        adapted = loaded(x)
+    merged = copy.deepcopy(loaded)
+    with pytest.warns(UserWarning, match="'default'] are dropped"):
+        peftify.merge(merged)
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(adapted, base(x), atol=1e-3)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum().item() > 0 else -self.lin(x)  # data-dependent: no trace on fake tensors
+
+
+def test_an_untraceable_model_loaded_by_name_keeps_its_walk_for_a_name_that_matches_nothing(tmp_path):
+    with pytest.warns(UserWarning, match="falling back to the module walk"):
+        model = peftify.peftify(Untraceable(), {"rules": [{"match": "lin", "apply": {"method": "lora", "r": 2}}]}, example_inputs=torch.ones(1, 4))
+    peftify.save_adapter(model, tmp_path / "u")
+    loaded = peftify.from_pretrained(Untraceable(), tmp_path / "u")
+    with pytest.raises(SpecError, match="matches nothing; nearest: lin"):  # not a tracing error: the name is what is wrong
+        peftify.peftify(loaded, {"rules": [{"match": "lni", "apply": {"method": "lora", "r": 2}}]}, adapter="b")
+    with pytest.raises(SpecError, match="could not trace"):  # roles need the trace, which says what to pass
+        peftify.peftify(loaded, A, adapter="b")
+    assert list(peftify.adapters(loaded)) == ["default"] and type(loaded.lin).__name__ == "AdaptedSite"
