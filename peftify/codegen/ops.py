@@ -264,7 +264,7 @@ def _btt_chunks(tokens: int) -> list[slice]:
 def _btt_hidden(x3: Tensor, core0: Tensor, h: Tensor | None, hs: Tensor) -> Tensor:
     """The shuffled hidden hs (n, b1, k1) of tokens x3 (n, b0, p0): the block-diagonal GEMM into
     h (n, b0, k0), then the shuffle. With one input block (h None) the GEMM writes hs directly."""
-    out = hs.view(hs.shape[0], 1, -1) if h is None else h
+    out = hs.view(hs.shape[0], 1, hs.shape[1] * hs.shape[2]) if h is None else h  # not -1: zero tokens
     torch.bmm(x3.transpose(0, 1), core0.transpose(1, 2), out=out.transpose(0, 1))
     return hs if h is None else _shuffle(h, out=hs)
 
@@ -388,7 +388,7 @@ def _btt_backward(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tensor, hs: T
         return _btt_backward_chunked(grad_y, x, core0, core1, need)
 
     def unshuffle(g):  # (T, b1, k1) -> (b0, T, k0)
-        return (g.reshape(-1, 1, k0) if b0 == 1 else _unshuffle(g, out=g.new_empty(g.shape[0], b0, k0))).transpose(0, 1)
+        return (g.reshape(g.shape[0], 1, k0) if b0 == 1 else _unshuffle(g, out=g.new_empty(g.shape[0], b0, k0))).transpose(0, 1)
 
     return _btt_backward_batched(grad_y, x, core0, core1, hs, need, unshuffle)
 
@@ -429,13 +429,13 @@ def _btt_backward_batched(grad_y: Tensor, x: Tensor, core0: Tensor, core1: Tenso
     gradient from (T, b1, k1) to (b0, T, k0)."""
     b0 = core0.shape[0]
     tokens, b1, _k1 = hs.shape
-    g = grad_y.reshape(tokens, b1, -1).transpose(0, 1)  # (b1, T, s1), a strided view
+    g = grad_y.reshape(tokens, b1, core1.shape[1]).transpose(0, 1)  # (b1, T, s1), a strided view
     grad_x = grad_c0 = grad_c1 = None
     if need[2]:
         grad_c1 = torch.bmm(g.transpose(1, 2), hs.transpose(0, 1))
     if need[0] or need[1]:
         gh = unshuffle(torch.bmm(g, core1).transpose(0, 1))  # (b0, T, k0)
-        x3 = x.reshape(tokens, b0, -1)
+        x3 = x.reshape(tokens, b0, core0.shape[2])
         if need[1]:
             grad_c0 = torch.bmm(gh.transpose(1, 2), x3.transpose(0, 1))
         if need[0]:

@@ -283,6 +283,21 @@ def test_output_can_be_modified_in_place(name):
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
+def test_zero_tokens_give_an_empty_output_and_zero_gradients(name):
+    """An empty batch (as `nn.Linear` takes it): an empty output, zero gradients."""
+    torch.manual_seed(0)
+    model = peftify.peftify(torch.nn.Sequential(torch.nn.Linear(16, 24)), spec(name, r=4), progress=False)
+    x = torch.randn(0, 16, requires_grad=True)
+    y = model(x)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is None or not p.grad.any(), n
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
 def test_autocast_output_dtype_is_the_linear_one(name):
     """Under CPU autocast (bfloat16) every method's layer outputs what `nn.Linear` would (bfloat16),
     near its float64 output, and its float32 parameters get float32 gradients."""
