@@ -267,6 +267,8 @@ def apply_plan(
     rewrite: RewriteState | None = getattr(model, "_peftify", None)
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"an adapter name must be a Python identifier, not {adapter!r}", field="adapter")
+    if hasattr(nn.ModuleDict(), adapter):  # each site keeps its adapters in a ModuleDict, keyed by name
+        raise SpecError(f"{adapter!r} is the name of an nn.ModuleDict attribute, which cannot name an adapter; pick another name", field="adapter")
     if rewrite is not None and adapter in rewrite.adapters:
         raise SpecError(f"this model already has an adapter named {adapter!r}; delete it first or pick another name", field="adapter")
     for e in plan.entries:

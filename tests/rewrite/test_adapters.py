@@ -138,6 +138,10 @@ def test_bad_names_and_duplicates(two):
         peftify.peftify(model, A, adapter="a")
     with pytest.raises(SpecError, match="Python identifier"):
         peftify.peftify(model, A, adapter="my adapter")
+    for taken in ("training", "keys", "_modules"):
+        with pytest.raises(SpecError, match=f"'{taken}' is the name of an nn.ModuleDict attribute"):
+            peftify.peftify(model, A, adapter=taken)
+    assert list(peftify.adapters(model)) == ["a", "b"]
     with pytest.raises(SpecError, match="rewrites the base weight of model.layers.0.self_attn.q_proj"):
         peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "init": "pissa"}}]}, adapter="p")
 
