@@ -278,7 +278,11 @@ def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, t
         e = partial(torch.empty, device="meta", dtype=weight.dtype)
         return e(*w.shape[:-1], r), e(*w.shape[:-2], r), e(*w.shape[:-2], r, w.shape[-1])
     if 4 * (r + 8) < k:
-        u, s, v = torch.svd_lowrank(w, q=r + 8, niter=4)
+        # a fixed seed, and the caller's random state left as it was: a projection is the same
+        # on every run (a saved adapter rebuilt on its base finds the same factors)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if w.is_cuda else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w, q=r + 8, niter=4)
         return u[..., :r], s[..., :r], v[..., :r].mT
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[..., :r], s[..., :r], vh[..., :r, :]

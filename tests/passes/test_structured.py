@@ -389,3 +389,40 @@ def test_engine_errors_functional_sites_scaling_sharing_and_delete():
         peftify.delete_adapter(model, "default")
     peftify.delete_adapter(model, "second")  # adapters beside a structure come and go
     assert peftify.adapters(model) == {"default": True}
+
+
+def test_sltrain_largest_support_is_chosen_again_each_round_and_recovers_sparse_plus_low_rank():
+    torch.manual_seed(0)
+    n, m = 32, 24
+    low = torch.randn(m, 2, **D) @ torch.randn(2, n, **D)
+    spikes = torch.randperm(n * m)[:20]
+    w = low.flatten().index_add(0, spikes, 5 * torch.randn(20, **D)).view(m, n)  # some spikes smaller than the low-rank part
+    one, many = (rewrite(linear(n, m, w), "sltrain", n, init="project", r=2, density=20 / (n * m), support="largest", iters=k)[0].adapters["default"] for k in (1, 50))
+    assert one.error > 1e-3  # one round takes the support from the first residual, which misses spikes
+    assert many.error < 1e-9 and set(many.index.tolist()) == set(spikes.tolist())
+
+
+def test_sltrain_largest_support_is_saved_and_loaded_not_found_again(tmp_path):
+    torch.manual_seed(0)
+    model = rewrite(linear(128, 128), "sltrain", 128, init="project", r=4, support="largest")
+    with torch.no_grad():
+        model[0].adapters["default"].values.normal_()
+    x = torch.randn(3, 128, **D)
+    peftify.save_adapter(model, tmp_path)
+    other = linear(128, 128)  # another base: its residual's largest entries lie elsewhere
+    loaded = peftify.from_pretrained(other, tmp_path)
+    assert torch.equal(loaded[0].adapters["default"].index, model[0].adapters["default"].index)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_randomized_projection_is_the_same_each_run_and_leaves_the_random_state_alone():
+    torch.manual_seed(0)
+    w = torch.randn(128, 128, **D)
+    spec = {"rules": [{"match": "*", "apply": {"method": "lowrank", "r": 4, "init": "project"}}]}  # 4·(r + 8) < 128: randomized
+    x, models = (torch.randn(2, 128, **D),), [linear(128, 128, w), linear(128, 128, w)]
+    state = torch.get_rng_state()
+    first = peftify.peftify(models[0], spec, example_inputs=x)[0].adapters["default"]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(1)
+    again = peftify.peftify(models[1], spec, example_inputs=x)[0].adapters["default"]
+    assert torch.equal(first.dense_weight(), again.dense_weight())

@@ -20,8 +20,8 @@ class SLTrain(Structured):
     computes x (U V + S)ᵀ with the sum formed per step (dense FLOPs); what it saves is
     parameters and optimizer memory. `project` takes the top-r SVD for U V and puts S on the
     residual, at random positions or at the residual's largest entries; `iters` > 1 alternates
-    (U V = top-r SVD of W − S, S = W − U V on the support), which never raises the error and
-    recovers a W that is itself sparse + low rank. Paper: "SLTrain: a
+    (U V = top-r SVD of W − S, S = W − U V on the support, a "largest" support chosen again each
+    round), which never raises the error and can recover a W that is itself sparse + low rank. Paper: "SLTrain: a
     sparse plus low-rank approach for parameter and memory efficient pretraining" (Han et al.).
 
     - r: the rank of U V; None for min(in, out) / 4.
@@ -93,13 +93,19 @@ class SLTrain(Structured):
             root = s.sqrt()
             u, v = u * root, root[:, None] * vh
             residual = (w - u @ v).flatten()
-            if index is None:
+            if self.support == "largest":  # each round: the best support for this U V
                 index = residual.abs().topk(self.nnz(site)).indices.sort().values
             sparse = torch.zeros_like(residual).index_copy_(0, index, residual[index]).view_as(w)
         return {"u": u, "v": v, "values": residual[index], "index": index}
 
 
 class SLTrainModule(StructuredModule):
+    @property
+    def saved_buffers(self) -> tuple[str, ...]:
+        # a support found from the residual is saved: a rebuild on another base, or by another
+        # version of the SVD, could pick other entries (a random support follows from its seed)
+        return (*StructuredModule.saved_buffers, "index") if self.method.support == "largest" else StructuredModule.saved_buffers
+
     def structured(self, x: torch.Tensor) -> torch.Tensor:
         from peftify.codegen.ops import sparse_lowrank
 
