@@ -37,7 +37,7 @@ from peftify.rewrite.apply import (
     trained_record,
 )
 from peftify.rewrite.capture import capture
-from peftify.rewrite.plan import make_plan
+from peftify.rewrite.plan import Rewritten, make_plan
 from peftify.rewrite.select import uses_roles
 from peftify.rewrite.sites import Capture, sites_from_modules
 from peftify.rewrite.spec import Rule, Spec
@@ -59,7 +59,8 @@ def adapter_state(model: nn.Module, adapter: str, buffers: bool = True) -> dict[
         out.update(adapter_params(entry, adapter, adapted.adapters[adapter], adapted.base_layer))
         if buffers:
             out.update(adapter_buffers(entry, adapter, adapted.adapters[adapter]))
-    out.update({live_name(plan, n): trained_record(rewrite, model.get_parameter(live_name(plan, n))).copies[adapter] for n in plan.train})
+    live = Rewritten.of(model)  # keys as the plan's files name them: as on the plain model
+    out.update({live_name(plan, n): trained_record(rewrite, model.get_parameter(live.live(n))).copies[adapter] for n in plan.train})
     return out
 
 
@@ -132,8 +133,10 @@ def _contents(model: nn.Module, format: str, adapter: str | None) -> tuple[dict,
         rename = peft_names(plan.entries, adapter)
         experts = _experts_to_peft(tensors, plan, adapter)
         tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()} | experts
+        live = Rewritten.of(model)
         for name in plan.train:  # each tied slot of a trained weight, as PEFT writes it (a copy: files hold no shared tensors)
-            tensors |= {PEFT_PREFIX + alias: tensors[PEFT_PREFIX + live_name(plan, name)].clone() for alias in tied_names(model, live_name(plan, name))}
+            aliases = [live_name(plan, live.original(alias)) for alias in tied_names(model, live.live(name))]
+            tensors |= {PEFT_PREFIX + alias: tensors[PEFT_PREFIX + live_name(plan, name)].clone() for alias in aliases}
         files = PEFT
     else:
         config = {
@@ -279,10 +282,10 @@ def _from_peft_keys(tensors: dict, plan, adapter: str, model: nn.Module, source:
         if ".original_module." in key:
             continue
         out[theirs.get(key, key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", "."))] = t
-    names = dict(model.named_parameters(remove_duplicate=False))
+    live = Rewritten.of(model)
     for name in plan.train:
         key = live_name(plan, name)
-        for alias in tied_names(model, name if name in names else key):
+        for alias in (live_name(plan, live.original(a)) for a in tied_names(model, live.live(name))):
             if alias not in out:
                 continue
             t = out.pop(alias)

@@ -251,10 +251,14 @@ def to_peft(plan, model) -> dict[str, Any]:
     first = methods[0]
     r, alpha = max((m.r for m in methods), key=[m.r for m in methods].count), max((m.alpha for m in methods), key=[m.alpha for m in methods].count)
     from peftify.rewrite.apply import live_name, tied_names
+    from peftify.rewrite.plan import Rewritten
 
-    train = {live_name(plan, n) for n in plan.train}  # names in the rewritten model, as are these:
-    tied = {alias for n in train for alias in tied_names(model, n)}  # PEFT saves and ties every copy
-    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias") or n == "bias"}
+    # names as on the plain model with this plan applied alone (other adapters' containers aside)
+    live = Rewritten.of(model)
+    train = {live_name(plan, n) for n in plan.train}
+    tied = {live_name(plan, live.original(alias)) for n in plan.train for alias in tied_names(model, live.live(n))}  # PEFT saves and ties every copy
+    originals = (live.original(n) for n, _ in model.named_parameters())
+    biases = {live_name(plan, n) for n in originals if n is not None and (n.endswith(".bias") or n == "bias")}
     all_biases = bool(biases) and biases <= train
     modules_to_save = sorted({n.rpartition(".")[0] for n in (train | tied) - (biases if all_biases else set())})
     targeted = {e.site.fqn for e in plan.entries} & set(modules_to_save)

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
 from peftify.rewrite.capture import capture
-from peftify.rewrite.plan import Entry, Plan
+from peftify.rewrite.plan import Entry, Plan, Rewritten
 from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, Site, parameter_names
 
@@ -195,7 +195,9 @@ def base_params(site: Site, base: nn.Module | None) -> dict[str, nn.Parameter]:
 
 
 def live_name(plan: Plan, name: str) -> str:
-    """A parameter's name once `plan` is applied (a rewritten site's bias moves under base_layer)."""
+    """A parameter's name once `plan` alone is applied to the plain model (a rewritten site's bias
+    moves under base_layer): its key in the plan's files. In the model itself, where other
+    adapters may have moved it too, it is `Rewritten.of(model).live(name)`."""
     owner, _, leaf = name.rpartition(".")
     sites = {e.site.fqn for e in plan.entries if e.site.kind == "module"}
     return f"{owner}.base_layer.{leaf}" if owner in sites else name
@@ -219,8 +221,9 @@ def trained_record(rewrite: RewriteState | None, p: nn.Parameter) -> Trained | N
 def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> dict[str, nn.Parameter]:
     """A fresh trainable copy of the original of each parameter `plan` trains whole, by name."""
     out = {}
+    live = Rewritten.of(model)
     for name in plan.train:
-        p = model.get_parameter(name)
+        p = model.get_parameter(live.live(name))
         record = trained_record(rewrite, p)
         out[name] = nn.Parameter((record.original if record else p).detach().clone())
     return out
@@ -409,7 +412,7 @@ def _keeps_encoder_layers_off_their_fast_path(module: nn.Module, args: tuple) ->
 
 
 def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str, adapter: str, copy: nn.Parameter, undo: list) -> None:
-    p = model.get_parameter(live_name(plan, name))
+    p = model.get_parameter(Rewritten.of(model).live(name))
     record = trained_record(rewrite, p)
     if record is None:
         record = Trained(p, slots_of(model, p))

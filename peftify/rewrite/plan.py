@@ -102,6 +102,45 @@ class Plan:
     __repr__ = __str__
 
 
+@dataclass(frozen=True)
+class Rewritten:
+    """Where a rewrite moved the model's parameters: a module site's under its container's
+    ``base_layer``, a functional site's weight to its parametrization's ``original``. Specs name
+    parameters as the model had them (`original`); the model holds them under `live` names."""
+
+    owners: frozenset[str] = frozenset()  # module sites' owner paths
+    functional: frozenset[str] = frozenset()  # functional sites' weight names
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Rewritten:
+        rewrite = getattr(model, "_peftify", None)
+        sites = [record.site for record in rewrite.installed.values()] if rewrite is not None else []
+        return cls(frozenset(o for s in sites if s.kind == "module" for o in s.owners), frozenset(s.weight for s in sites if s.kind != "module"))
+
+    def original(self, name: str) -> str | None:
+        """The name a parameter had before the rewrite; None for an adapter's own parameter."""
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            owner, rest = ".".join(parts[:i]), parts[i:]
+            if owner in self.owners:
+                return ".".join([owner, *rest[1:]]) if rest[0] == "base_layer" else None
+        if "parametrizations" in parts:
+            i = parts.index("parametrizations")
+            weight = ".".join([*parts[:i], parts[i + 1]])
+            if weight in self.functional:
+                return weight if parts[i + 2 :] == ["original"] else None
+        return name
+
+    def live(self, name: str) -> str:
+        """Where the parameter `name` (as the model had it) is now."""
+        owner, _, leaf = name.rpartition(".")
+        if owner in self.owners:
+            return f"{owner}.base_layer.{leaf}"
+        if name in self.functional:
+            return f"{owner}.parametrizations.{leaf}.original" if owner else f"parametrizations.{leaf}.original"
+        return name
+
+
 def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -> Plan:
     """Resolve `spec` against the captured sites: later rules override, None excludes."""
     ctx = Context(depth=cap.depth, width=cap.width)
@@ -142,8 +181,12 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
 
     # every name of every parameter, each mapped to its first (a glob may name a tied alias: the
     # shared parameter is what trains)
-    canonical = {n: names[0] for names in parameter_names(model).values() for n in names}
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    # (a rewritten model's as it had them before: a new adapter's globs see no other adapter's
+    # parameters, and name a parameter a container now holds as they would on the plain model)
+    rewritten = Rewritten.of(model)
+    groups = [[o for n in names if (o := rewritten.original(n)) is not None] for names in parameter_names(model).values()]
+    canonical = {n: group[0] for group in groups for n in group}
+    names = [o for n, _ in model.named_parameters(remove_duplicate=False) if (o := rewritten.original(n)) is not None]
     replaced = {canonical.get(n, n): e for e in entries if e.method.replaces_base for n in (e.site.weight, *e.site.aliases)}  # gone after the rewrite
     train = []
     for pattern in spec.train:
@@ -161,7 +204,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             _unmatched(f"train glob {pattern!r}", pattern, names, strict)
         train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]
     plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
-    plan._train_numel = sum(model.get_parameter(n).numel() for n in train)
+    plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train)
     plan._model = weakref.ref(model)  # to preview projections when printed
     return plan
 

@@ -374,3 +374,67 @@ def test_an_untraceable_model_loaded_by_name_keeps_its_walk_for_a_name_that_matc
     with pytest.raises(SpecError, match="could not trace"):  # roles need the trace, which says what to pass
         peftify.peftify(loaded, A, adapter="b")
     assert list(peftify.adapters(loaded)) == ["default"] and type(loaded.lin).__name__ == "AdaptedSite"
+
+
+def perturb_trainable(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def fresh(make):
+    torch.manual_seed(0)
+    return make()
+
+
+def reloads_alike(model, adapter, make, tmp_path):
+    """The adapter, saved in both formats, loads into a fresh model (and PEFT's) computing the same."""
+    from peft import PeftModel
+
+    want = output(model, X).detach()
+    for fmt in ("native", "peft"):
+        peftify.save_adapter(model, tmp_path / fmt, adapter=adapter, format=fmt)
+        torch.testing.assert_close(output(peftify.from_pretrained(fresh(make), tmp_path / fmt), X), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output(PeftModel.from_pretrained(fresh(make), tmp_path / "peft"), X), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_adapters_train_globs_name_parameters_as_on_the_plain_model(tmp_path):
+    """Another adapter's container holds lm_head's weight under base_layer, and its own LoRA
+    parameters: a new adapter's `train` (modules_to_save) still means lm_head.weight alone."""
+    from peft import LoraConfig
+
+    model = peftify.peftify(fresh(tiny_llama), {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2}}]}, adapter="a")
+    perturb_trainable(model, 1)
+    peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["lm_head.weight"]}, adapter="b")
+    assert model._peftify.adapters["b"].train == ["lm_head.weight"]
+    peftify.delete_adapter(model, "b")
+    peftify.peftify(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter="b")
+    assert model._peftify.adapters["b"].train == ["lm_head.weight"]  # not a's lora_A/lora_B on lm_head
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n] == ["lm_head.base_layer.weight"]  # b's copy
+    perturb_trainable(model, 2)
+    assert set(peftify.adapter_state_dict(model, adapter="b", format="peft")) >= {"base_model.model.lm_head.weight"}
+    reloads_alike(model, "b", tiny_llama, tmp_path)
+
+
+def test_a_trained_module_another_adapter_then_wraps_saves_under_its_plain_name(tmp_path):
+    model = peftify.peftify(fresh(tiny_llama), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["lm_head.weight"]}, adapter="a")
+    perturb_trainable(model, 1)
+    peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2}}]}, adapter="b")
+    peftify.set_adapter(model, "a")
+    assert sorted(k for k in peftify.adapter_state_dict(model, adapter="a", format="peft") if "lm_head" in k) == ["base_model.model.lm_head.weight"]
+    reloads_alike(model, "a", tiny_llama, tmp_path)
+
+
+def test_bias_all_on_a_second_adapter_keys_the_biases_of_other_adapters_sites_plainly(tmp_path):
+    from conftest import tiny_gpt2
+    from peft import LoraConfig
+
+    model = peftify.peftify(fresh(tiny_gpt2), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True), adapter="a")
+    peftify.peftify(model, LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True, bias="all"), adapter="b")
+    perturb_trainable(model, 2)
+    assert "transformer.h.0.attn.c_attn.bias" in model._peftify.adapters["b"].train
+    keys = peftify.adapter_state_dict(model, adapter="b", format="peft")
+    assert "base_model.model.transformer.h.0.attn.c_attn.bias" in keys and not any("c_attn.base_layer" in k for k in keys)
+    reloads_alike(model, "b", tiny_gpt2, tmp_path)
