@@ -78,8 +78,9 @@ def disable_adapters(model: nn.Module):
     try:
         yield model
     finally:
-        if getattr(model, "_peftify", None) is not None:  # unless merged inside the block
-            set_active(model, active)
+        # unless merged inside the block, or an adapter was switched on there (a new one, say)
+        if getattr(model, "_peftify", None) is rewrite and rewrite.active is None:
+            set_active(model, active if active in rewrite.adapters or active is None else next(iter(rewrite.adapters)))
 
 
 @accepts_compiled

@@ -112,6 +112,8 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def _named(rewrite, adapter: str | None) -> str:
+    if adapter is None and rewrite.active is None and len(rewrite.adapters) > 1:
+        raise SpecError(f"adapters are disabled, so none is the active one; name one of {sorted(rewrite.adapters)} with adapter=...", field="adapter")
     adapter = rewrite.current if adapter is None else adapter
     if adapter not in rewrite.adapters:
         raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")

@@ -286,6 +286,12 @@ def apply_plan(
             raise SpecError(f"adapter {site.rewritten_by!r} rewrote the base weight of {e.site.fqn} (PiSSA); no other adapter can share that site", field="adapter")
         if site.replaced_by is not None:
             raise SpecError(f"adapter {site.replaced_by!r} replaced {e.site.fqn} by a structure; no other adapter can share that site", field="adapter")
+    replacing = [e.site.fqn for e in plan.entries if e.method.replaces_base]
+    if rewrite is not None and replacing:
+        warn(
+            f"adapter {adapter!r} replaces {len(replacing)} layers by structures ({', '.join(replacing[:3])}{' ...' if len(replacing) > 3 else ''}): "
+            "they are the layers now and compute under every adapter, also with adapters disabled"
+        )
 
     bases, weights, by_method = [], [], {}
     for i, entry in enumerate(plan.entries):
@@ -344,7 +350,7 @@ def apply_plan(
                 p.copy_(value)
         previous = rewrite.active
         undo.append(lambda: _activate(model, rewrite, previous))
-        _activate(model, rewrite, adapter)
+        _activate(model, rewrite, adapter, freeze_rest=True)
     except BaseException:
         for step in reversed(undo):
             step()
@@ -450,10 +456,15 @@ def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametr
     owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
 
 
-def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None) -> None:
-    """Make `adapter` (or none) compute at every site; only its parameters (and its plan's
-    trained biases and `train` parameters) are trainable. Everything else is frozen."""
-    for p in model.parameters():
+def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, freeze_rest: bool = False) -> None:
+    """Make `adapter` (or none) compute at every site; of the parameters adapters own or train
+    (their modules', their `train` copies, base biases a method trains), only its own are
+    trainable. With `freeze_rest` (a rewrite) every other parameter is frozen too; a switch
+    leaves the others as the user set them (a from-scratch run trains them all)."""
+    managed = [p for record in rewrite.installed.values() for p in adapted_site(model, record.site).adapters.parameters()]
+    managed += [p for record in rewrite.trained for p in (record.original, *record.copies.values())]
+    managed += [b for b in _trained_base_biases(model, rewrite)]
+    for p in model.parameters() if freeze_rest else managed:
         p.requires_grad_(False)
     for record in rewrite.installed.values():
         adapted_site(model, record.site).active = adapter
@@ -472,6 +483,17 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None) -> N
     for record in rewrite.trained:
         if adapter in record.copies:
             record.copies[adapter].requires_grad_(True)
+
+
+def _trained_base_biases(model: nn.Module, rewrite: RewriteState) -> list[nn.Parameter]:
+    """The base biases some adapter's method trains (LoRA's bias=True)."""
+    out = []
+    for plan in rewrite.adapters.values():
+        for entry in plan.entries:
+            base = adapted_site(model, entry.site).base_layer if entry.site.fqn in rewrite.installed else None
+            if entry.method.trains_base_bias() and entry.site.bias and base is not None and base.bias is not None:
+                out.append(base.bias)
+    return out
 
 
 def set_active(model: nn.Module, adapter: str | None) -> None:
@@ -589,7 +611,13 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
     if fold and safe and (broken := _not_finite(model, rewrite)):
         raise ValueError(f"merge(safe=True): the merged weight of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
     if fold and len(rewrite.adapters) > 1:
-        warn(f"merging {rewrite.active!r}; the other adapters {sorted(set(rewrite.adapters) - {rewrite.active})} are dropped")
+        others = sorted(set(rewrite.adapters) - {rewrite.active})
+        structures = [a for a in others if any(e.method.replaces_base for e in rewrite.adapters[a].entries)]
+        kept = f"; the structures of {structures} are the layers now and are merged in" if structures else ""
+        if rewrite.active is None:
+            warn(f"adapters are disabled: none of {others} is merged in, all are dropped{kept}")
+        else:
+            warn(f"merging {rewrite.active!r}; the other adapters {others} are dropped{kept}")
     merged: list[str] = []
     try:
         with torch.no_grad():

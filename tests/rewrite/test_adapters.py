@@ -109,6 +109,57 @@ def test_disable_adapters_restores_after_an_error(two):
     assert peftify.adapters(model) == {"a": False, "b": True}
 
 
+def test_switching_and_disabling_leave_parameters_the_user_unfroze_alone(two):
+    """A run that trains the base too (from scratch) unfreezes it after the rewrite; switching
+    adapters or an eval pass with adapters disabled changes only adapters' parameters."""
+    _, model = two
+    for p in model.model.embed_tokens.parameters():
+        p.requires_grad_(True)
+    trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}
+    with peftify.disable_adapters(model):
+        assert trainable() == {"model.embed_tokens.weight"}
+    assert "model.embed_tokens.weight" in trainable() and any(".adapters.b." in n for n in trainable())
+    peftify.set_adapter(model, "a")
+    assert "model.embed_tokens.weight" in trainable() and not any(".adapters.b." in n for n in trainable())
+    assert all(".adapters.a." in n for n in trainable() - {"model.embed_tokens.weight"})
+    peftify.peftify(model, {"rules": [{"match": "*.k_proj", "apply": {"method": "lora", "r": 2}}]}, adapter="c")
+    assert all(".adapters.c." in n for n in trainable())  # a rewrite freezes everything else, as documented
+
+
+def test_disable_adapters_block_that_deletes_or_adds_adapters_ends_with_a_valid_active_one(two):
+    _, model = two
+    with peftify.disable_adapters(model):
+        peftify.delete_adapter(model, "b")  # the adapter active before the block
+    assert peftify.adapters(model) == {"a": True}
+    with peftify.disable_adapters(model):
+        peftify.peftify(model, {"rules": [{"match": "*.k_proj", "apply": {"method": "lora", "r": 2}}]}, adapter="c")
+        assert peftify.adapters(model) == {"a": False, "c": True}  # a new adapter becomes active, here too
+    assert peftify.adapters(model) == {"a": False, "c": True}
+
+
+def test_with_adapters_disabled_saving_needs_a_name_and_merge_says_nothing_is_merged(two, tmp_path):
+    base, model = two
+    with peftify.disable_adapters(model):
+        for save in (lambda: peftify.save_adapter(model, tmp_path / "x"), lambda: peftify.adapter_state_dict(model)):
+            with pytest.raises(SpecError, match="adapters are disabled.*adapter="):
+                save()
+        peftify.save_adapter(model, tmp_path / "b", adapter="b")
+        with pytest.warns(UserWarning, match=r"adapters are disabled: none of \['a', 'b'\] is merged in"):
+            peftify.merge(model)
+    torch.testing.assert_close(output(model, X), output(base, X))
+
+
+def test_a_structure_added_as_a_second_adapter_says_it_computes_under_every_adapter():
+    model = peftify.peftify(fresh(tiny_llama), A)
+    with pytest.warns(UserWarning, match="adapter 'b' replaces 2 layers by structures.*compute under every adapter"):
+        peftify.peftify(model, {"rules": [{"match": "*.down_proj", "apply": {"method": "lowrank", "r": 4}}]}, adapter="b")
+    peftify.set_adapter(model, "default")
+    adapted = output(model, X).detach()
+    with pytest.warns(UserWarning, match=r"the structures of \['b'\] are the layers now and are merged in"):
+        peftify.merge(model)
+    torch.testing.assert_close(output(model, X), adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_delete_adapter(two):
     _, model = two
     peftify.set_adapter(model, "a")
