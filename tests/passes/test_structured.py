@@ -312,6 +312,27 @@ def test_self_guided_training_saves_and_resumes_mid_anneal_and_after(tmp_path):
     torch.testing.assert_close(output(again, X), output(model, X), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cast_after", [False, True], ids=["bf16-model", "cast-after-rewrite"])
+def test_self_guided_mix_keeps_float32_in_a_bfloat16_model(cast_after, tmp_path):
+    """bfloat16 rounded α = 0.999 to 1.0 (the anneal stalled) and a new schedule resumed at the
+    wrong step; α stays float32 whatever the model's dtype or a later `.to(dtype)`."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = copy.deepcopy(base) if cast_after else copy.deepcopy(base).bfloat16()
+    peftify.peftify(model, structured_spec("lowrank", init="self_guided"))
+    if cast_after:
+        model.bfloat16()
+    schedule = peftify.SelfGuided(model, steps=1000)
+    for _ in range(337):
+        schedule.step()
+    mixes = {m.adapters["default"].mix.dtype for m in structured_sites(model)}
+    assert mixes == {torch.float32} and float(structured_sites(model)[0].adapters["default"].mix) == pytest.approx(0.663, abs=1e-7)
+    assert peftify.SelfGuided(model, steps=1000).t == 337
+    assert output(model, X).dtype == torch.bfloat16
+    peftify.save_adapter(model, tmp_path)
+    assert peftify.SelfGuided(peftify.from_pretrained(copy.deepcopy(base).bfloat16(), tmp_path), steps=1000).t == 337
+
+
 def test_a_7b_shaped_meta_llama_plans_and_rewrites_with_monarch_without_memory():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -173,7 +173,9 @@ class StructuredModule(SiteModule):
         if method.init == "self_guided":
             self.guide = nn.Parameter(weight.detach().clone())
             tag(self, "guide", lr_mult=(method.base_width or site.in_features) / site.in_features)
-            self.register_buffer("mix", torch.ones((), **factory))  # α: the dense guide's share
+            # α, the dense guide's share: float32 in any model dtype (bfloat16 would round the
+            # schedule's small steps away, and the step a new schedule resumes at)
+            self.register_buffer("mix", torch.ones((), device=weight.device, dtype=torch.float32))
         if method.init == "project" and weight.device.type != "meta":
             with torch.no_grad():
                 w = weight.to(torch.float64)
@@ -207,16 +209,24 @@ class StructuredModule(SiteModule):
         is None once the structure is installed)."""
         w = self.structured_weight()
         if self.guide is not None:
-            w = self.mix * self.guide + (1 - self.mix) * w
+            mix = self.mix.to(w.dtype)
+            w = mix * self.guide + (1 - mix) * w
         return w
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.compute(x)
         if self.guide is not None:
-            y = torch.lerp(y, F.linear(x, self.guide), self.mix)
+            y = torch.lerp(y, F.linear(x, self.guide), self.mix.to(y.dtype))
         return y if bias is None else y + bias
 
     saved_buffers = ("mix",)
+
+    def _apply(self, fn, recurse=True):
+        mix = getattr(self, "mix", None)  # `.to(dtype)` / `.half()` cast every floating buffer: α stays float32, unrounded
+        super()._apply(fn, recurse)
+        if mix is not None:
+            self.mix = mix.to(self.mix.device, torch.float32)
+        return self
 
     def saved_method(self) -> Structured:
         # once its guide is dropped a self-guided layer is its μP-initialised structure alone
