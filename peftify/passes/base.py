@@ -382,6 +382,17 @@ class AdaptedSite(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def __setattr__(self, name: str, value) -> None:
+        # transformers' tie_weights() sets `output_embeddings.weight = input_embeddings.weight`:
+        # the base layer holds the weight, so it takes it
+        if name == "weight" and isinstance(value, nn.Parameter):
+            if self.replaced_by is not None or self.rewritten_by is not None or self.base_layer is None:
+                by = f"replaced by a structure (adapter {self.replaced_by!r})" if self.replaced_by is not None else f"rewritten by adapter {self.rewritten_by!r}"
+                raise AttributeError(f"{self.site.fqn}'s weight is {by}, so it cannot be set or tied (tie_weights); peftify.merge(model) first")
+            self.base_layer.weight = value
+            return
+        super().__setattr__(name, value)
+
     @property
     def computing(self) -> str | None:
         """The adapter that computes: a replacing structure always, else the active adapter."""

@@ -226,6 +226,22 @@ def test_merge_unties_a_tied_head(tmp_path):
     torch.testing.assert_close(output(type(model).from_pretrained(tmp_path).eval(), x), adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_tie_weights_on_an_adapted_tied_head_keeps_it_tied_and_a_replaced_head_says_why_not():
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2}}]})
+    with torch.no_grad():
+        model.lm_head.adapters["default"].lora_B.normal_()
+        adapted = output(model, x)
+    model.tie_weights()  # transformers sets lm_head.weight = wte.weight: the base layer takes it
+    assert model.lm_head.base_layer.weight is model.transformer.wte.weight
+    torch.testing.assert_close(output(model, x), adapted, rtol=0, atol=0)
+    model = peftify.peftify(tiny_gpt2(), {"rules": [{"match": "lm_head", "apply": {"method": "lowrank", "r": 4}}]})
+    with pytest.raises(AttributeError, match="lm_head's weight is replaced by a structure.*merge"):
+        model.tie_weights()
+
+
 def test_rewriting_twice_merging_or_reporting_nothing_are_errors():
     model = tiny_llama()
     with pytest.raises(SpecError, match="no peftify rewrite to merge"):

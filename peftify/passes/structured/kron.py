@@ -55,7 +55,7 @@ class Kron(Structured):
         super().check(site)
         (m1, n1), (m2, n2) = self.shapes(site)
         if m1 > site.out_features or n1 > site.in_features:
-            invalid("a_shape", f"A of shape {(m1, n1)} is larger than the layer {site.fqn} ({site.in_features}→{site.out_features})")
+            invalid("a_shape", f"A of shape (out {m1}, in {n1}) does not fit the layer {site.fqn}, whose weight is (out {site.out_features}, in {site.in_features})")
         if self.terms > min(m1 * n1, m2 * n2):
             invalid("terms", f"terms={self.terms} exceeds min(m1·n1, m2·n2) = {min(m1 * n1, m2 * n2)} at {site.fqn}")
 
@@ -67,7 +67,7 @@ class Kron(Structured):
         (m1, n1), (m2, n2) = self.shapes(site)
         return [Factor("a", (self.terms, m1, n1), n1, m1), Factor("b", (self.terms, m2, n2), n2, m2)]
 
-    def flops(self, site) -> int:
+    def structure_flops(self, site) -> int:
         (m1, n1), (m2, n2) = self.shapes(site)
         return 2 * self.terms * m2 * n1 * (n2 + m1)
 
