@@ -173,7 +173,7 @@ def report(model: nn.Module) -> Report:
             sum(p.numel() for p in own if p.requires_grad) + (e.site.out_features if e.method.trains_base_bias() and e.site.bias else 0),
             (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),
             dense_flops(e.site),
-            e.method.flops(e.site),
+            mod.saved_method().flops(e.site),  # as the module is now (a self-guided layer whose guide is gone: the structure)
             mod.summary(),
         ))
     cap = state.capture

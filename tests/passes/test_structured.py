@@ -261,6 +261,8 @@ def test_self_guided_starts_at_the_dense_layer_anneals_and_frees_the_guide():
     ref = output(model, X).detach()
     peftify.peftify(model, structured_spec("monarch", init="self_guided"))
     torch.testing.assert_close(output(model, X), ref, atol=1e-5, rtol=1e-5)  # α = 1: the dense guide alone
+    flops_after = lambda: {row[6] for row in peftify.report(model).rows}
+    assert flops_after() == {2 * 2560 + 2 * 64 * 96}  # the structure (Monarch, nblocks 4) and the dense guide
     opt = torch.optim.AdamW(peftify.param_groups(model, lr=1e-3))
     schedule = peftify.SelfGuided(model, steps=3, optimizer=opt)
     guides = [m.adapters["default"].guide for m in structured_sites(model)]
@@ -274,6 +276,7 @@ def test_self_guided_starts_at_the_dense_layer_anneals_and_frees_the_guide():
     schedule.step()
     schedule.step()
     assert schedule.done and all(m.adapters["default"].guide is None for m in structured_sites(model))
+    assert flops_after() == {2 * 2560}  # the structure alone
     kept = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not any(id(g) in kept or g in opt.state for g in guides)
     out = output(model, X)

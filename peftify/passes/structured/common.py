@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.passes.base import Method, SiteModule, batched_svd, check_count, invalid, progress_bar, tag, top_svd
+from peftify.passes.base import Method, SiteModule, batched_svd, check_count, dense_flops, invalid, progress_bar, tag, top_svd
 from peftify.rewrite.sites import Site
 
 INITS = ("auto", "project", "mup", "self_guided")
@@ -32,8 +32,8 @@ class Factor:
 
 class Structured(Method):
     """Base of the structured replacements. Subclasses are frozen dataclasses with the fields
-    ``init`` and ``base_width`` (and their own), and define `factors`, `padded`, `flops`,
-    `project` and a module with `structured`.
+    ``init`` and ``base_width`` (and their own), and define `factors`, `padded`,
+    `structure_flops`, `project` and a module with `structured`.
 
     init:
       - "project": the best structured approximation of the pretrained W (the error is reported);
@@ -67,6 +67,15 @@ class Structured(Method):
 
     def factors(self, site: Site) -> list[Factor]:
         raise NotImplementedError
+
+    def structure_flops(self, site: Site) -> int:
+        """Forward FLOPs per token of the structure alone."""
+        raise NotImplementedError
+
+    def flops(self, site: Site) -> int:
+        # a self-guided layer also runs its dense guide until the schedule drops it (the module
+        # then saves itself as "mup", whose FLOPs `peftify.report` shows)
+        return self.structure_flops(site) + (dense_flops(site) if self.init == "self_guided" else 0)
 
     def padded(self, site: Site) -> tuple[int, int]:
         """(out, in) the structure works at: the layer's, rounded up to fit its blocks."""
@@ -260,7 +269,7 @@ class TwoCore(Structured):
 
     core_names: ClassVar[tuple[str, str]] = ("core0", "core1")
 
-    def flops(self, site: Site) -> int:
+    def structure_flops(self, site: Site) -> int:
         return 2 * sum(math.prod(f.shape) for f in self.factors(site))
 
     def svd_input(self, weight: torch.Tensor, site: Site):

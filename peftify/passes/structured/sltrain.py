@@ -67,7 +67,7 @@ class SLTrain(Structured):
         per_row = max(1, round(self.density * n))
         return [Factor("v", (r, n), n, r), Factor("u", (m, r), r, m), Factor("values", (self.nnz(site),), per_row, max(1, round(self.density * m)))]
 
-    def flops(self, site) -> int:
+    def structure_flops(self, site) -> int:
         return dense_flops(site)  # the dense sum U V + S is formed and applied
 
     def random_support(self, site, device) -> torch.Tensor:
