@@ -341,9 +341,17 @@ def _experts_from_peft(tensors: dict, plan, adapter: str) -> dict:
 
 
 @accepts_compiled
-def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, autocast_adapter_dtype: bool = True) -> nn.Module:
+def from_pretrained(
+    model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, autocast_adapter_dtype: bool = True, is_trainable: bool = True
+) -> nn.Module:
     """Rewrite a fresh copy of the base model as the saved adapter says and load its weights
-    (`autocast_adapter_dtype` as in `peftify.peftify`)."""
+    (`autocast_adapter_dtype` as in `peftify.peftify`). The adapter is trainable, ready to resume
+    training; ``is_trainable=False`` freezes it for inference (PEFT's default; a later
+    `set_adapter` makes an adapter trainable again)."""
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("from_pretrained takes the base model, not one already rewritten; use load_adapter")
-    return load_adapter(model, path, adapter, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)
+    model = load_adapter(model, path, adapter, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model

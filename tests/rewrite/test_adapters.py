@@ -489,3 +489,13 @@ def test_bias_all_on_a_second_adapter_keys_the_biases_of_other_adapters_sites_pl
     keys = peftify.adapter_state_dict(model, adapter="b", format="peft")
     assert "base_model.model.transformer.h.0.attn.c_attn.bias" in keys and not any("c_attn.base_layer" in k for k in keys)
     reloads_alike(model, "b", tiny_gpt2, tmp_path)
+
+
+def test_from_pretrained_is_trainable_by_default_and_frozen_for_inference_on_request(two, tmp_path):
+    base, model = two
+    peftify.save_adapter(model, tmp_path)
+    trainable = peftify.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {n.replace(".b.", ".default.") for n, p in model.named_parameters() if p.requires_grad}
+    frozen = peftify.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=False)  # PEFT's default
+    assert not any(p.requires_grad for p in frozen.parameters())
+    torch.testing.assert_close(output(frozen, X), output(model, X), rtol=0, atol=0)
