@@ -178,6 +178,8 @@ def report(model: nn.Module) -> Report:
         ))
     cap = state.capture
     note = f"; capture: {cap.method}" + (f" ({cap.note})" if cap.note else "") + f"; adapters: {', '.join(f'{n} (active)' if n == state.active else n for n in state.adapters)}"
+    if state.active is None:
+        note += f" (disabled; the rows are {state.current!r}'s)"
     return Report(rows, sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()), note)
 
 

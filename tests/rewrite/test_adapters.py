@@ -140,6 +140,7 @@ def test_disable_adapters_block_that_deletes_or_adds_adapters_ends_with_a_valid_
 def test_with_adapters_disabled_saving_needs_a_name_and_merge_says_nothing_is_merged(two, tmp_path):
     base, model = two
     with peftify.disable_adapters(model):
+        assert "adapters: a, b (disabled; the rows are 'a''s)" in str(peftify.report(model))
         for save in (lambda: peftify.save_adapter(model, tmp_path / "x"), lambda: peftify.adapter_state_dict(model)):
             with pytest.raises(SpecError, match="adapters are disabled.*adapter="):
                 save()
