@@ -18,8 +18,8 @@ class MAP(Method):
     """W' = α·W/‖W‖_F + β·ΔW/‖ΔW‖_F with ΔW = B·A (A r × in, B out × r): the direction of W and of
     the update are unit vectors in ℝ^{out·in}, α and β their magnitudes. α, β, A and B train.
 
-    At init α = ‖W‖_F and β = 0, so W' = W. Both A and B start random (A Kaiming-uniform, B ~
-    N(0, 1/r)): with B = 0 the direction ΔW/‖ΔW‖ would be undefined and β and B would get no
+    At init α = ‖W‖_F and β = 0, so W' = W. Both A and B start random (A Kaiming-uniform, B with a
+    standard deviation 1/r): with B = 0 the direction ΔW/‖ΔW‖ would be undefined and β and B would get no
     gradient. Paper: "MAP: Revisiting Weight Decomposition for Low-Rank Adaptation" (magnitude
     and direction of the whole matrix).
 

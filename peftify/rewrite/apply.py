@@ -283,7 +283,7 @@ def apply_plan(
             raise SpecError(f"{e.method.name} replaces the whole layer {e.site.fqn}, which other adapters already use", field="method")
         site = adapted_site(model, e.site)
         if site.rewritten_by is not None:
-            raise SpecError(f"adapter {site.rewritten_by!r} rewrote the base weight of {e.site.fqn} (PiSSA); no other adapter can share that site", field="adapter")
+            raise SpecError(f"adapter {site.rewritten_by!r} rewrote the base weight of {e.site.fqn} (its init, e.g. PiSSA's or OLoRA's); no other adapter can share that site", field="adapter")
         if site.replaced_by is not None:
             raise SpecError(f"adapter {site.replaced_by!r} replaced {e.site.fqn} by a structure; no other adapter can share that site", field="adapter")
     replacing = [e.site.fqn for e in plan.entries if e.method.replaces_base]
