@@ -56,7 +56,7 @@ def adapter_state(model: nn.Module, adapter: str, buffers: bool = True) -> dict[
     out = {}
     for entry in plan.entries:
         adapted = adapted_site(model, entry.site)
-        out.update(adapter_params(entry, adapter, adapted.adapters[adapter], adapted.base_layer))
+        out.update(adapter_params(model, entry, adapter, adapted.adapters[adapter], adapted.base_layer))
         if buffers:
             out.update(adapter_buffers(entry, adapter, adapted.adapters[adapter]))
     live = Rewritten.of(model)  # keys as the plan's files name them: as on the plain model

@@ -198,6 +198,7 @@ class SiteModule(nn.Module):
     peft_names: ClassVar[dict[str, str]] = {}  # own parameter → its key in PEFT's files, if PEFT has the method
     saved_buffers: ClassVar[tuple[str, ...]] = ()  # training state kept in buffers, saved with the parameters
     upcast = False  # trainable parameters held in float32 over a half-precision base (`upcast_trainable`)
+    trains_bias = True  # False once the base bias its method trains is frozen (VectorFit's AdaptiveFreezing)
 
     def __init__(self, method: Method, site: Site):
         super().__init__()

@@ -72,7 +72,7 @@ class AdaptiveFreezing:
     """
 
     def __init__(self, model: nn.Module, every: int = 100, fraction: float = 0.1, max_frozen: float = 0.5):
-        from peftify.rewrite.apply import adapted_site, rewrite_state
+        from peftify.rewrite.apply import adapted_site, rewrite_state, trained_bias
 
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -81,6 +81,7 @@ class AdaptiveFreezing:
         state = rewrite_state(model, "freeze")
         self.vectors: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
         self.owners: dict[str, nn.Module] = {}  # the module holding each adapter σ
+        self.bias_owners: dict[str, nn.Module] = {}  # the adapter module training each base bias
         for entry in state.plan.entries:
             if not isinstance(entry.method, VectorFit):
                 continue
@@ -88,8 +89,10 @@ class AdaptiveFreezing:
             mod = site.adapters[state.current]
             self.vectors[f"{entry.site.fqn}.sigma"] = (mod.sigma, mod.sigma0)
             self.owners[f"{entry.site.fqn}.sigma"] = mod
-            if entry.method.bias and site.bias is not None:
-                self.vectors[f"{entry.site.fqn}.bias"] = (site.bias, site.bias.detach().clone())
+            bias = trained_bias(model, entry, site.base_layer)
+            if bias is not None:
+                self.vectors[f"{entry.site.fqn}.bias"] = (bias[1], bias[1].detach().clone())
+                self.bias_owners[f"{entry.site.fqn}.bias"] = mod
         if not self.vectors:
             raise ValueError("the model's active adapter has no vectorfit sites")
         self.every, self.fraction, self.max_frozen = every, fraction, max_frozen
@@ -123,6 +126,8 @@ class AdaptiveFreezing:
             param.grad = None
             if name in self.owners:  # an adapter's σ stays frozen when the adapter is re-activated
                 tag(self.owners[name], "sigma", trainable=False)
+            if name in self.bias_owners:  # and so does a bias
+                self.bias_owners[name].trains_bias = False
         self.frozen += names
 
     def state_dict(self) -> dict:

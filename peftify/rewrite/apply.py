@@ -171,13 +171,24 @@ def adapted_site(model: nn.Module, site: Site) -> AdaptedSite:
     return model.get_submodule(owner).parametrizations[name][0].adapted
 
 
-def adapter_params(entry: Entry, adapter: str, mod: SiteModule, base: nn.Module | None) -> dict[str, nn.Parameter]:
+def trained_bias(model: nn.Module, entry: Entry, base: nn.Module | None) -> tuple[str, nn.Parameter] | None:
+    """The site's existing bias if its method trains it (LoRA's bias=True, VectorFit), with its
+    full name: a module site's under its container's base layer (`base`), a functional site's
+    where the model keeps it."""
+    if not (entry.method.trains_base_bias() and entry.site.bias):
+        return None
+    if entry.site.kind == "module":
+        bias = getattr(base, "bias", None)
+        return (f"{module_prefix(entry.site)}.base_layer.bias", bias) if bias is not None else None
+    return entry.site.bias, model.get_parameter(entry.site.bias)
+
+
+def adapter_params(model: nn.Module, entry: Entry, adapter: str, mod: SiteModule, base: nn.Module | None) -> dict[str, nn.Parameter]:
     """The parameters an adapter adds or trains at one site, by full name: the method module's
     own (frozen ones too, e.g. a random A) and the base bias when the method trains it."""
-    prefix = module_prefix(entry.site)
-    out = {f"{prefix}.adapters.{adapter}.{n}": p for n, p in mod.named_parameters()}
-    if entry.method.trains_base_bias() and entry.site.bias and base is not None:
-        out[f"{prefix}.base_layer.bias"] = base.bias
+    out = {f"{module_prefix(entry.site)}.adapters.{adapter}.{n}": p for n, p in mod.named_parameters()}
+    if (bias := trained_bias(model, entry, base)) is not None:
+        out[bias[0]] = bias[1]
     return out
 
 
@@ -314,7 +325,7 @@ def apply_plan(
     if state is not None:
         targets, optional = {}, {}
         for entry, mod, base in zip(plan.entries, built, bases):
-            targets.update(adapter_params(entry, adapter, mod, base))
+            targets.update(adapter_params(model, entry, adapter, mod, base))
             optional.update(base_params(entry.site, base) | adapter_buffers(entry, adapter, mod))  # files from before buffers were saved lack them
         for name, copy in copies.items():
             targets[live_name(plan, name)] = copy
@@ -478,8 +489,8 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
         mod = adapted.adapters[adapter]
         for path, p in mod.named_parameters():
             p.requires_grad_(param_meta(mod, path).get("trainable", True))
-        if entry.method.trains_base_bias() and entry.site.bias and adapted.base_layer is not None:
-            adapted.base_layer.bias.requires_grad_(True)
+        if (bias := trained_bias(model, entry, adapted.base_layer)) is not None and mod.trains_bias:
+            bias[1].requires_grad_(True)
     for record in rewrite.trained:
         if adapter in record.copies:
             record.copies[adapter].requires_grad_(True)
@@ -490,9 +501,8 @@ def _trained_base_biases(model: nn.Module, rewrite: RewriteState) -> list[nn.Par
     out = []
     for plan in rewrite.adapters.values():
         for entry in plan.entries:
-            base = adapted_site(model, entry.site).base_layer if entry.site.fqn in rewrite.installed else None
-            if entry.method.trains_base_bias() and entry.site.bias and base is not None and base.bias is not None:
-                out.append(base.bias)
+            if entry.site.fqn in rewrite.installed and (bias := trained_bias(model, entry, adapted_site(model, entry.site).base_layer)) is not None:
+                out.append(bias[1])
     return out
 
 
@@ -596,11 +606,17 @@ def _merged_weight(model: nn.Module, site: Site) -> torch.Tensor:
 def _not_finite(model: nn.Module, rewrite: RewriteState) -> list[str]:
     """The sites whose merged weight would hold a NaN or an infinity."""
     with torch.no_grad():
-        return [
+        broken = [
             fqn
             for fqn, record in rewrite.installed.items()
             if adapted_site(model, record.site).computing is not None and not torch.isfinite(_merged_weight(model, record.site)).all()
         ]
+        if rewrite.active is not None:  # and the biases the active adapter trains
+            for entry in rewrite.plan.entries:
+                bias = trained_bias(model, entry, adapted_site(model, entry.site).base_layer)
+                if bias is not None and not torch.isfinite(bias[1]).all() and entry.site.fqn not in broken:
+                    broken.append(entry.site.fqn)
+        return broken
 
 
 def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.Module:
@@ -609,7 +625,7 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
     With `safe`, first check every merged weight is finite; if one is not, change nothing and raise."""
     rewrite = rewrite_state(model, "merge")
     if fold and safe and (broken := _not_finite(model, rewrite)):
-        raise ValueError(f"merge(safe=True): the merged weight of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
+        raise ValueError(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
     if fold and len(rewrite.adapters) > 1:
         others = sorted(set(rewrite.adapters) - {rewrite.active})
         structures = [a for a in others if any(e.method.replaces_base for e in rewrite.adapters[a].entries)]

@@ -244,9 +244,11 @@ def test_vectorfit_adaptive_freezing():
     opt.step()
     for k, v in values.items():
         assert schedule.vectors[k][0].grad is None and torch.equal(schedule.vectors[k][0], v)
-    peftify.set_adapter(model, "default")  # re-activating keeps frozen σ frozen
-    sigmas = [k for k in frozen_at if k.endswith(".sigma")]
-    assert sigmas and all(not schedule.vectors[k][0].requires_grad for k in sigmas)
+    peftify.set_adapter(model, "default")  # re-activating keeps frozen σ and biases frozen
+    with peftify.disable_adapters(model):
+        pass
+    assert {k[-5:] for k in frozen_at} == {"sigma", ".bias"} and all(not schedule.vectors[k][0].requires_grad for k in frozen_at)
+    assert all(schedule.vectors[k][0].requires_grad for k in schedule.vectors if k not in frozen_at)
     with pytest.raises(ValueError, match="no vectorfit sites"):
         peftify.AdaptiveFreezing(peftify.peftify(tiny_bert(), {"rules": [{"match": "role:*", "apply": {"method": "lora"}}]}))
 

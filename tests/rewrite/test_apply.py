@@ -124,6 +124,41 @@ def test_a_merge_that_fails_midway_keeps_the_function_and_can_be_finished(make, 
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", [{"method": "lora", "r": 2, "bias": True}, {"method": "vectorfit"}], ids=["lora-bias", "vectorfit"])
+def test_a_functional_sites_bias_trains_as_the_plan_counts_saves_and_merges(method, tmp_path):
+    """F.linear(x, w_in, b_in): the plan counted b_in as trained, but only a module site's bias was."""
+    torch.manual_seed(0)
+    base, x = FunctionalNet(), torch.randn(3, 16)
+    model = copy.deepcopy(base)
+    spec = {"rules": [{"match": "w_in", "apply": method}]}
+    plan = peftify.plan(model, spec)
+    peftify.peftify(model, spec)
+    assert model.b_in.requires_grad and sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.trainable_params
+    model(x).square().sum().backward()
+    assert model.b_in.grad is not None and model.b_in.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.b_in.add_(1.0)
+        adapted = model(x)
+    peftify.save_adapter(model, tmp_path)
+    torch.testing.assert_close(peftify.from_pretrained(copy.deepcopy(base), tmp_path)(x), adapted)
+    with torch.no_grad():
+        model.b_in[0] = float("nan")
+    with pytest.raises(ValueError, match=r"\(or trained bias\) of w_in would hold NaN"):
+        peftify.merge(model, safe=True)
+    with torch.no_grad():
+        model.b_in[0] = 1.0 + base.b_in[0]
+    peftify.merge(model, safe=True)
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_safe_merge_checks_a_trained_module_bias():
+    model = peftify.peftify(tiny_llama(attention_bias=True), {"rules": [{"match": "*.o_proj", "apply": {"method": "lora", "r": 2, "bias": True}}]})
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.base_layer.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.o_proj would hold NaN or infinite"):
+        peftify.merge(model, safe=True)
+
+
 @pytest.mark.parametrize("make", [tiny_llama, FunctionalNet], ids=["llama", "functional"])
 def test_safe_merge_refuses_a_broken_adapter_and_changes_nothing(make):
     """merge(safe=True), as PEFT's safe_merge: a NaN or an infinity in a merged weight raises,
@@ -149,7 +184,7 @@ def test_safe_merge_refuses_a_broken_adapter_and_changes_nothing(make):
         peftify.merge(model, safe=True)
     # a module site's parameters sit under its path, a functional one's under parametrizations.<name>.0.adapted
     sites = [re.sub(r"(^|\.)parametrizations\.(\w+)\.0\.adapted$", r"\1\2", n.removesuffix(".adapters.default.lora_B")) for n in broken]
-    assert str(err.value).startswith(f"merge(safe=True): the merged weight of {', '.join(sorted(sites, key=str(err.value).find))} would")
+    assert str(err.value).startswith(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(sorted(sites, key=str(err.value).find))} would")
     assert dict(model.named_modules()) == modules and len(peftify.report(model).rows) == len(peftify.report(twin).rows)
     assert list(dict(model.named_parameters())) == list(before)
     for n, p in model.named_parameters():
