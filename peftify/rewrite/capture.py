@@ -59,9 +59,9 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
         sites = sites_from_modules(model)
         return _finish(model, Capture(sites, "modules", note=f"trace failed: {type(e).__name__}; functional sites and roles unknown"))
     for prefix, n in collapsed.items():
-        first = prefix + ".0."
-        sites = [s for s in sites if not s.fqn.startswith(first)] + [
-            s.with_prefix(first, f"{prefix}.{i}.") for i in range(n) for s in sites if s.fqn.startswith(first)
+        first = prefix + ".0."  # a block's sites, or the block itself (a ModuleList of nn.Linear)
+        sites = [s for s in sites if not (s.fqn + ".").startswith(first)] + [
+            s.with_prefix(first, f"{prefix}.{i}.") for i in range(n) for s in sites if (s.fqn + ".").startswith(first)
         ]
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     sites.sort(key=lambda s: order.get(s.weight, len(order)))
@@ -105,13 +105,23 @@ def kept_tensors(model: nn.Module):
     """Put the model's own parameters and buffers back after tracing. torch.func.functional_call
     (which make_fx and non-strict export run) leaves its fake tensors in a module registered
     under two names (``self.b = self.a``), and the model would then compute on fakes."""
-    saved = [(mod, dict(mod._parameters), dict(mod._buffers)) for mod in model.modules()]
+    # and plain attributes: a forward that caches a tensor on the module (``self.scale = ...``
+    # when None) would keep the trace's fake one
+    saved = [(mod, dict(mod._parameters), dict(mod._buffers), dict(mod.__dict__)) for mod in model.modules()]
     try:
         yield
     finally:
-        for mod, params, buffers in saved:
+        for mod, params, buffers, attributes in saved:
             mod._parameters.update(params)
             mod._buffers.update(buffers)
+            for name, value in list(mod.__dict__.items()):
+                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attributes.get(name) is not value:
+                    if name in attributes:
+                        mod.__dict__[name] = attributes[name]
+                    else:
+                        del mod.__dict__[name]
+            for name in attributes.keys() - mod.__dict__.keys():
+                mod.__dict__[name] = attributes[name]
 
 
 def _trace(model, args, kwargs, collapse: bool):

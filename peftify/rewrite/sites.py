@@ -86,6 +86,8 @@ class Site:
         """The same site in a structurally identical block (``layers.0.`` → ``layers.7.``)."""
 
         def sub(name):
+            if name and (name + ".") == old:  # the block is the linear layer itself
+                return new[:-1]
             return new + name[len(old) :] if name and name.startswith(old) else name
 
         return replace(

@@ -265,3 +265,44 @@ def test_fast_tracer_and_torch_export_find_the_same_sites(name, monkeypatch):
 
     monkeypatch.setattr(cap_mod, "_trace_make_fx", broken)
     assert peftify.capture(model).sites == fast
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(8, 4) for _ in range(3)])
+
+    def forward(self, x):
+        return sum(h(x) for h in self.heads)
+
+
+def test_a_module_list_of_linear_layers_is_every_one_of_them():
+    """Repeated blocks are traced once and their sites copied; a block that is itself the linear
+    layer was not copied (heads.1, heads.2 were missing)."""
+    cap = peftify.capture(Heads(), torch.randn(2, 8))
+    assert [(s.fqn, s.weight, s.owners, s.in_features, s.out_features) for s in cap.sites] == [(f"heads.{i}", f"heads.{i}.weight", (f"heads.{i}",), 8, 4) for i in range(3)]
+
+
+class CachesATensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.scale = None
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = torch.full((8,), 2.0)  # a lazily built cache, as rotary embeddings keep
+        return self.a(x) * self.scale
+
+
+def test_capture_leaves_no_fake_tensor_in_a_plain_attribute():
+    model, x = CachesATensor(), torch.randn(2, 8)
+    want = CachesATensor()
+    want.load_state_dict(model.state_dict())
+    peftify.plan(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, x)  # a dry run
+    assert model.scale is None
+    torch.testing.assert_close(model(x), want(x))
+    model.scale = torch.full((8,), 3.0)
+    kept = model.scale
+    peftify.capture(model, x)
+    assert model.scale is kept
