@@ -91,17 +91,19 @@ def _layers(value) -> Predicate:
     if isinstance(value, bool) or not isinstance(value, (int, list, tuple, str)):
         raise SpecError(f"layers must be an int, a list of ints or a range 'a-b', got {value!r}", field="layers")
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)  # '2-5', or one layer '3'
         if not m:
-            raise SpecError(f"layers range must look like '2-5', got {value!r}", field="layers")
-        wanted = set(range(int(m.group(1)), int(m.group(2)) + 1))
+            raise SpecError(f"layers range must look like '2-5' (or '3'), got {value!r}", field="layers")
+        wanted = set(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     else:
-        wanted = {value} if isinstance(value, int) else set(value)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in wanted):
+        values = [value] if isinstance(value, int) else list(value)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise SpecError(f"layers must be integers, got {value!r}", field="layers")
+        wanted = set(values)
     return lambda s, c: s.layer in wanted
 
 
+MAX_EXPONENT = 64  # a predicate is cheap to evaluate: no 2 ** 10 ** 10
 _COMPARE = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 _ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Mod: None, ast.FloorDiv: None, ast.Div: operator.truediv, ast.Pow: operator.pow}
 
@@ -122,7 +124,16 @@ def compile_where(text: Any) -> Predicate:
         raise SpecError(f"cannot parse {text!r}: {e.msg}", field="where") from e
     symbols = {n: sympy.Symbol(n, integer=True) for n in SYMBOLS}
 
+    def is_predicate(node) -> bool:  # a comparison, or and/or/not of them: not a bare number or name
+        if isinstance(node, ast.BoolOp):
+            return all(is_predicate(v) for v in node.values)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return is_predicate(node.operand)
+        return isinstance(node, ast.Compare)
+
     def conv(node):
+        if isinstance(node, (ast.BoolOp, ast.UnaryOp)) and not isinstance(getattr(node, "op", None), ast.USub) and not is_predicate(node):
+            raise SpecError(f"{text!r}: and/or/not join comparisons (such as in_features >= 512), not {ast.unparse(node)!r}", field="where")
         if isinstance(node, ast.BoolOp):
             args = [conv(v) for v in node.values]
             return sympy.And(*args) if isinstance(node.op, ast.And) else sympy.Or(*args)
@@ -141,6 +152,10 @@ def compile_where(text: Any) -> Predicate:
             return sympy.And(*parts)
         if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
             a, b = conv(node.left), conv(node.right)
+            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b.is_zero:
+                raise SpecError(f"division by zero in {text!r}", field="where")
+            if isinstance(node.op, ast.Pow) and not (b.is_number and abs(b) <= MAX_EXPONENT):
+                raise SpecError(f"{text!r}: an exponent must be a number up to {MAX_EXPONENT}", field="where")
             if isinstance(node.op, ast.Mod):
                 return sympy.Mod(a, b)
             if isinstance(node.op, ast.FloorDiv):
@@ -155,7 +170,7 @@ def compile_where(text: Any) -> Predicate:
         raise SpecError(f"unsupported expression {ast.unparse(node)!r} in {text!r}", field="where")
 
     expr = conv(tree)
-    if not isinstance(expr, (sympy.logic.boolalg.Boolean, sympy.core.relational.Relational)):
+    if not is_predicate(tree) and not isinstance(expr, sympy.logic.boolalg.BooleanAtom):
         raise SpecError(f"{text!r} is not a true/false predicate", field="where")
     used = {str(s) for s in expr.free_symbols}
 
@@ -163,6 +178,9 @@ def compile_where(text: Any) -> Predicate:
         values = {"in_features": site.in_features, "out_features": site.out_features, "layer": site.layer, "depth": ctx.depth, "width": ctx.width}
         if any(values[n] is None for n in used):
             return False
-        return bool(expr.subs({symbols[n]: values[n] for n in used}))
+        try:
+            return bool(expr.subs({symbols[n]: values[n] for n in used}))
+        except (TypeError, ZeroDivisionError) as e:  # e.g. a division by a size that is 0 here
+            raise SpecError(f"{text!r} cannot be evaluated for {site.fqn} ({e})", field="where") from e
 
     return predicate

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,12 @@ class Spec:
             raise SpecError(f"rules must be a list, not {type(self.rules).__name__}", field="rules")
         if not isinstance(self.train, (list, tuple)) or not all(isinstance(t, str) for t in self.train):
             raise SpecError(f"train must be a list of globs, got {self.train!r}", field="train")
+        for pattern in self.train:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise SpecError(f"train regex {pattern!r} does not compile: {e}", field="train") from e
         for i, rule in enumerate(self.rules):
             if not isinstance(rule, Rule):
                 raise SpecError(f"expected a Rule, got {type(rule).__name__}", rule=f"rule {i}")
