@@ -62,7 +62,7 @@ def leading_ldu(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, to
     U_r unit upper). Partial pivoting picks pivot k from column k of what steps < k left, so the
     LU of the first r columns alone fixes P, L_r and U_r's diagonal block; the rest of U_r is one
     triangular solve, U_r = L₁₁⁻¹ (PᵀW)[:r]. O(r·out·in) instead of the full LU's cubic cost."""
-    packed, pivots = torch.linalg.lu_factor(w[:, :r])
+    packed, pivots, _ = torch.linalg.lu_factor_ex(w[:, :r])  # a zero pivot (rank-deficient columns): d = 0 there, handled below
     perm = torch.arange(w.shape[0], device=w.device)
     for k, p in enumerate((pivots - 1).tolist()):  # LAPACK's row swaps, in order
         perm[[k, p]] = perm[[p, k]]

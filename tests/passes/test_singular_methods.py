@@ -328,3 +328,25 @@ def test_loldu_leading_factors_equal_the_full_pivoted_lu(shape):
     torch.testing.assert_close(pl, (p @ lower)[:, :r])
     torch.testing.assert_close(d, upper.diagonal()[:r])
     torch.testing.assert_close(u, upper[:r] / upper.diagonal()[:r, None])
+
+
+@pytest.mark.parametrize("method", ["loldu", "map"])
+def test_rank_deficient_and_zero_weights_leave_the_output_unchanged_and_finite(method):
+    """A zero input column gave LoLDU a zero pivot, which LAPACK's checked LU refused; MAP divided
+    by ‖W‖_F = 0 and returned NaN."""
+    torch.manual_seed(0)
+    for fill in ("zero column", "zero weight"):
+        layer = torch.nn.Linear(6, 5)
+        with torch.no_grad():
+            if fill == "zero column":
+                layer.weight[:, 1] = 0
+            else:
+                layer.weight.zero_()
+        model = torch.nn.Sequential(layer)
+        x = torch.randn(3, 6)
+        want = model(x).detach()
+        peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": method, "r": 3}}]})
+        got = model(x)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        got.square().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None), fill
