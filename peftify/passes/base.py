@@ -114,7 +114,7 @@ class Method:
         if name not in METHODS:
             import difflib
 
-            near = difflib.get_close_matches(str(name), METHODS, n=3)
+            near = [m for m in METHODS if m == str(name).lower()] or difflib.get_close_matches(str(name).lower(), METHODS, n=3)
             raise SpecError(f"unknown method {name!r}; known: {sorted(METHODS)}" + (f" (did you mean {near[0]!r}?)" if near else ""), field="method")
         method = METHODS[name]
         names = {f.name for f in dataclasses.fields(method)}

@@ -220,7 +220,7 @@ def _unmatched(where: str, match, candidates: list, strict: bool) -> None:
         msg = f"matches nothing; roles present: {', '.join(roles) or 'none'}"
     else:
         names = [c.fqn if isinstance(c, Site) else c for c in candidates]
-        msg = f"matches nothing; nearest: {', '.join(nearest(str(probe), names))}"
+        msg = f"matches nothing; nearest: {', '.join(nearest(str(probe), names))}" if names else "matches nothing: the model has no sites (no linear layers were found)"
         if isinstance(probe, str) and probe and not probe.startswith("re:") and any(fnmatch.fnmatchcase(n.rpartition(".")[0], probe) for n in names):
             msg += f"; {probe!r} names modules that contain sites: {probe + '.*'!r} selects the sites inside them"
         layers = sorted({c.layer for c in candidates if isinstance(c, Site) and c.layer is not None})

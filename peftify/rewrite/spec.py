@@ -65,6 +65,8 @@ class Spec:
         for i, rule in enumerate(self.rules):
             if not isinstance(rule, Rule):
                 raise SpecError(f"expected a Rule, got {type(rule).__name__}", rule=f"rule {i}")
+            if not isinstance(rule.optional, bool):
+                raise SpecError(f"optional must be true or false, got {rule.optional!r}", rule=rule.describe(i), field="optional")
             if rule.apply is not None and not isinstance(rule.apply, Method):
                 raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {rule.apply!r}", rule=rule.describe(i), field="apply")
         object.__setattr__(self, "scaling", scaling_from_dict(self.scaling))
@@ -126,7 +128,7 @@ class Spec:
             raise SpecError(f"spec file {str(path)!r} does not exist")
         text = path.read_text()
         try:
-            if path.suffix in (".yaml", ".yml"):
+            if path.suffix.lower() in (".yaml", ".yml"):
                 import yaml
 
                 data = yaml.safe_load(text)

@@ -2,6 +2,7 @@ import json
 import warnings
 
 import pytest
+import torch
 import yaml
 from conftest import FunctionalNet, tiny_gpt2, tiny_llama
 
@@ -89,6 +90,16 @@ def rule(match="*", **apply):
 def test_unknown_method_names_the_rule_and_suggests():
     e = spec_error({"rules": [{"match": "*.q_proj", "apply": {"method": "lroa"}}]})
     assert e.field == "method" and e.rule == "rule 0 ('*.q_proj')" and "did you mean 'lora'" in str(e)
+    assert "did you mean 'lora'" in str(spec_error({"rules": [{"match": "*", "apply": {"method": "LoRA"}}]}))
+
+
+def test_small_spec_mistakes_and_an_upper_case_yaml_suffix(tmp_path):
+    with pytest.raises(SpecError, match="optional must be true or false"):
+        Spec([Rule("*", peftify.LoRA(), optional="yes")])
+    (tmp_path / "S.YAML").write_text(yaml.safe_dump(DICT))
+    assert len(peftify.plan(tiny_llama(), tmp_path / "S.YAML").entries) == len(peftify.plan(tiny_llama(), DICT).entries)
+    with pytest.raises(SpecError, match="the model has no sites"):
+        peftify.plan(torch.nn.Sequential(torch.nn.ReLU()), {"rules": [{"match": "*", "apply": {"method": "lora"}}]}, example_inputs=torch.randn(2, 3))
 
 
 def test_unknown_hyperparameter():
