@@ -19,6 +19,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
-from peftify.rewrite.sites import Capture, find_uses, sites_from_modules, sites_from_uses
+from peftify.rewrite.sites import Capture, find_uses, layer_index, sites_from_modules, sites_from_uses
 
 
 def capture(model: nn.Module, example_inputs=None) -> Capture:
@@ -197,6 +198,7 @@ def _trace_export(model, args, kwargs):
 
 def _finish(model: nn.Module, cap: Capture) -> Capture:
     _warn_computed_weights(model, cap)
+    cap.sites = [replace(s, layer=layer_index(s.fqn, model)) for s in cap.sites]  # blocks copied from block 0 too
     layers = {s.layer for s in cap.sites if s.layer is not None}
     cap.depth = len(layers)
     config = getattr(model, "config", None)

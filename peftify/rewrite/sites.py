@@ -103,8 +103,24 @@ class Site:
         )
 
 
-def layer_index(fqn: str) -> int | None:
-    """The first integer path component (``model.layers.3.mlp`` → 3), or None."""
+def layer_index(fqn: str, model: nn.Module | None = None) -> int | None:
+    """The site's block index: with `model`, the index into the outermost ``nn.ModuleList`` on
+    its path (``0.model.encoder.layer.3`` → 3 in a SentenceTransformer, whose ``0`` is an
+    nn.Sequential entry; ``layers.3.mlp.experts.5`` → 3), and None off the blocks (its pooler)
+    when the model has a ModuleList. Without `model`, or in a model without any (an
+    nn.Sequential MLP), the first integer path component (``model.layers.3.mlp`` → 3), or None."""
+    if model is not None:
+        parts = fqn.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                try:
+                    container = model.get_submodule(".".join(parts[:i]))
+                except AttributeError:
+                    break
+                if isinstance(container, nn.ModuleList):
+                    return int(part)
+        if any(isinstance(m, nn.ModuleList) for m in model.modules()):
+            return None
     m = _LAYER_INDEX.search(fqn)
     return int(m.group(1)) if m else None
 
@@ -308,7 +324,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
                 module_type=module_type,
                 kind="module" if module_site else "functional",
                 transposed=first.transposed,
-                layer=layer_index(fqn),
+                layer=layer_index(fqn, model),
                 owners=tuple(owners) if module_site else (),
                 uses=len(group),
                 aliases=tuple(n for n in alias_of[weight] if n != wname),
@@ -377,7 +393,7 @@ def sites_from_modules(model: nn.Module) -> list[Site]:
                 module_type=type(mod).__name__,
                 kind="module",
                 transposed=transposed,
-                layer=layer_index(path),
+                layer=layer_index(path, model),
                 owners=tuple(owners[id(mod.weight)]),
                 aliases=tuple(n for n in names[id(mod.weight)] if n != wname),
             )

@@ -306,3 +306,33 @@ def test_capture_leaves_no_fake_tensor_in_a_plain_attribute():
     kept = model.scale
     peftify.capture(model, x)
     assert model.scale is kept
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block() for _ in range(3)])
+        self.pooler = nn.Linear(8, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.pooler(x)
+
+
+def test_layer_is_the_index_into_the_block_list_inside_a_wrapper():
+    """Inside nn.Sequential (a SentenceTransformer's ``0.model.encoder.layer.3``) the first
+    integer was the wrapper's: every site was layer 0 (or 1), the pooler too."""
+    cap = peftify.capture(nn.Sequential(nn.Identity(), Body()), torch.randn(2, 8))
+    assert {s.fqn: s.layer for s in cap.sites} == {"1.blocks.0.fc": 0, "1.blocks.1.fc": 1, "1.blocks.2.fc": 2, "1.pooler": None}
+    assert cap.depth == 3
+    assert [s.layer for s in peftify.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 4)).sites] == [0, 2]  # no block list: as before
