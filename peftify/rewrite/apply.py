@@ -472,10 +472,13 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
     (their modules', their `train` copies, base biases a method trains), only its own are
     trainable. With `freeze_rest` (a rewrite) every other parameter is frozen too; a switch
     leaves the others as the user set them (a from-scratch run trains them all)."""
-    managed = [p for record in rewrite.installed.values() for p in adapted_site(model, record.site).adapters.parameters()]
-    managed += [p for record in rewrite.trained for p in (record.original, *record.copies.values())]
-    managed += [b for b in _trained_base_biases(model, rewrite)]
-    for p in model.parameters() if freeze_rest else managed:
+    if freeze_rest:
+        managed = list(model.parameters())
+    else:
+        managed = [p for record in rewrite.installed.values() for p in adapted_site(model, record.site).adapters.parameters()]
+        managed += [p for record in rewrite.trained for p in (record.original, *record.copies.values())]
+        managed += _trained_base_biases(model, rewrite)
+    for p in managed:
         p.requires_grad_(False)
     for record in rewrite.installed.values():
         adapted_site(model, record.site).active = adapter

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import io
 import logging
+import operator
 import os
 import sys
 import traceback
@@ -115,6 +116,8 @@ def kept_tensors(model: nn.Module):
         for mod, params, buffers, attributes in saved:
             mod._parameters.update(params)
             mod._buffers.update(buffers)
+            if mod.__dict__.keys() == attributes.keys() and all(map(operator.is_, mod.__dict__.values(), attributes.values())):
+                continue  # untouched (almost every module): no Python loop over its attributes
             for name, value in list(mod.__dict__.items()):
                 if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attributes.get(name) is not value:
                     if name in attributes:
@@ -198,7 +201,8 @@ def _trace_export(model, args, kwargs):
 
 def _finish(model: nn.Module, cap: Capture) -> Capture:
     _warn_computed_weights(model, cap)
-    cap.sites = [replace(s, layer=layer_index(s.fqn, model)) for s in cap.sites]  # blocks copied from block 0 too
+    layers = [layer_index(s.fqn, model) for s in cap.sites]  # blocks copied from block 0 too
+    cap.sites = [s if s.layer == n else replace(s, layer=n) for s, n in zip(cap.sites, layers)]
     layers = {s.layer for s in cap.sites if s.layer is not None}
     cap.depth = len(layers)
     config = getattr(model, "config", None)

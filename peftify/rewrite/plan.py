@@ -119,6 +119,8 @@ class Rewritten:
 
     def original(self, name: str) -> str | None:
         """The name a parameter had before the rewrite; None for an adapter's own parameter."""
+        if not self.owners and not self.functional:
+            return name
         parts = name.split(".")
         for i in range(len(parts) - 1, 0, -1):
             owner, rest = ".".join(parts[:i]), parts[i:]

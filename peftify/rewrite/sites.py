@@ -324,7 +324,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
                 module_type=module_type,
                 kind="module" if module_site else "functional",
                 transposed=first.transposed,
-                layer=layer_index(fqn, model),
+                layer=layer_index(fqn),  # capture's _finish sets it from the model's block lists
                 owners=tuple(owners) if module_site else (),
                 uses=len(group),
                 aliases=tuple(n for n in alias_of[weight] if n != wname),
