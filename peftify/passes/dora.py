@@ -55,7 +55,8 @@ class DoRAModule(LoRAModule):
         with torch.autocast(weight.device.type, enabled=False):  # in float32, also under autocast
             w, a, b, s = weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
             squared = w.square().sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
-        return squared.clamp_min(0).sqrt().to(weight.dtype)
+        # an all-zero row (a pruned unit) has m = 0: 0 / tiny keeps it 0 where PEFT's 0 / 0 is NaN
+        return squared.clamp_min(0).sqrt().to(weight.dtype).clamp_min(torch.finfo(weight.dtype).tiny)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude / self.row_norms(weight)

@@ -330,10 +330,10 @@ def test_loldu_leading_factors_equal_the_full_pivoted_lu(shape):
     torch.testing.assert_close(u, upper[:r] / upper.diagonal()[:r, None])
 
 
-@pytest.mark.parametrize("method", ["loldu", "map"])
+@pytest.mark.parametrize("method", ["loldu", "map", "dora", "bora"])
 def test_rank_deficient_and_zero_weights_leave_the_output_unchanged_and_finite(method):
     """A zero input column gave LoLDU a zero pivot, which LAPACK's checked LU refused; MAP divided
-    by ‖W‖_F = 0 and returned NaN."""
+    by ‖W‖_F = 0 and DoRA by a zero row's norm, and returned NaN (PEFT's DoRA does too)."""
     torch.manual_seed(0)
     for fill in ("zero column", "zero weight"):
         layer = torch.nn.Linear(6, 5)
