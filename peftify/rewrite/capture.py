@@ -60,11 +60,12 @@ def capture(model: nn.Module, example_inputs=None) -> Capture:
         warn(f"tracing failed ({_brief(e)}); falling back to the module walk: only nn.Linear/Conv1D modules are sites, with no roles")
         sites = sites_from_modules(model)
         return _finish(model, Capture(sites, "modules", note=f"trace failed: {type(e).__name__}; functional sites and roles unknown"))
-    for prefix, n in collapsed.items():
+    for prefix, indices in collapsed.items():  # block 0's sites for every block the forward ran
         first = prefix + ".0."  # a block's sites, or the block itself (a ModuleList of nn.Linear)
         sites = [s for s in sites if not (s.fqn + ".").startswith(first)] + [
-            s.with_prefix(first, f"{prefix}.{i}.") for i in range(n) for s in sites if (s.fqn + ".").startswith(first)
+            s.with_prefix(first, f"{prefix}.{i}.") for i in indices for s in sites if (s.fqn + ".").startswith(first)
         ]
+    collapsed = {prefix: len(model.get_submodule(prefix)) for prefix in collapsed}
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     sites.sort(key=lambda s: order.get(s.weight, len(order)))
     return _finish(model, Capture(sites, tracer, collapsed=collapsed))
@@ -395,10 +396,39 @@ def _collapsed_repeats(model: nn.Module, enabled: bool = True):
         if len(set().union(*ids)) != sum(len(i) for i in ids):  # blocks share weights
             continue
         lists.append((path, mod, blocks))
+    used = {path: set() for path, _, _ in lists}  # the blocks the forward reaches, filled in as it runs
     try:
-        for _, mod, blocks in lists:
+        for path, mod, blocks in lists:
             mod._modules = {"0": blocks[0]}
-        yield {path: len(blocks) for path, _, blocks in lists}
+            mod.__class__ = _recording(type(mod), len(blocks), used[path])
+        yield used
     finally:
-        for _, mod, blocks in lists:
+        for path, mod, blocks in lists:
+            mod.__class__ = type(mod).__bases__[0]
             mod._modules = {str(i): b for i, b in enumerate(blocks)}
+            used[path] = sorted(used[path]) if used[path] and len(blocks) not in used[path] else list(range(len(blocks)))
+
+
+def _recording(cls: type, n: int, used: set) -> type:
+    """`cls` (a ModuleList cut to its first block) noting which of its `n` blocks the forward
+    reaches: all when it iterates or asks the length, those of a slice (``layers[:2]``) or index.
+    `n` in `used` stands for all."""
+
+    class Recording(cls):
+        def __iter__(self):
+            used.add(n)
+            return super().__iter__()
+
+        def __len__(self):
+            used.add(n)
+            return super().__len__()
+
+        def __getitem__(self, idx):
+            if isinstance(idx, slice):
+                used.update(range(*idx.indices(n)))
+                return cls(list(self._modules.values()))  # the one block, traced for each
+            used.add(idx % n if isinstance(idx, int) else n)
+            return super().__getitem__(idx)
+
+    Recording.__name__ = Recording.__qualname__ = cls.__name__
+    return Recording

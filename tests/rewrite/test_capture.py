@@ -336,3 +336,25 @@ def test_layer_is_the_index_into_the_block_list_inside_a_wrapper():
     assert {s.fqn: s.layer for s in cap.sites} == {"1.blocks.0.fc": 0, "1.blocks.1.fc": 1, "1.blocks.2.fc": 2, "1.pooler": None}
     assert cap.depth == 3
     assert [s.layer for s in peftify.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 4)).sites] == [0, 2]  # no block list: as before
+
+
+class FirstBlocksOnly(nn.Module):
+    def __init__(self, used):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block() for _ in range(4)])
+        self.used = used
+
+    def forward(self, x):
+        for b in self.blocks[self.used]:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("used", [slice(0, 2), slice(1, None, 2), slice(None)], ids=["first-two", "odd", "all"])
+def test_blocks_traced_once_are_copied_only_to_the_blocks_the_forward_runs(used):
+    """The repeated blocks are traced once, through their first; `blocks[:2]` over four made
+    blocks 2 and 3 sites too, though nothing runs them."""
+    model = FirstBlocksOnly(used)
+    cap = peftify.capture(model, torch.randn(2, 8))
+    assert [s.fqn for s in cap.sites] == [f"blocks.{i}.fc" for i in range(4)[used]]
+    assert type(model.blocks) is nn.ModuleList and len(model.blocks) == 4  # put back as it was
