@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
-from peftify.rewrite.sites import Capture, find_uses, layer_index, sites_from_modules, sites_from_uses
+from peftify.rewrite.sites import Capture, find_uses, layer_indexer, sites_from_modules, sites_from_uses
 
 
 def capture(model: nn.Module, example_inputs=None) -> Capture:
@@ -202,7 +202,8 @@ def _trace_export(model, args, kwargs):
 
 def _finish(model: nn.Module, cap: Capture) -> Capture:
     _warn_computed_weights(model, cap)
-    layers = [layer_index(s.fqn, model) for s in cap.sites]  # blocks copied from block 0 too
+    block_index = layer_indexer(model)
+    layers = [block_index(s.fqn) for s in cap.sites]  # blocks copied from block 0 too
     cap.sites = [s if s.layer == n else replace(s, layer=n) for s, n in zip(cap.sites, layers)]
     layers = {s.layer for s in cap.sites if s.layer is not None}
     cap.depth = len(layers)

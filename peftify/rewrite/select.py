@@ -132,7 +132,8 @@ def compile_where(text: Any) -> Predicate:
         return isinstance(node, ast.Compare)
 
     def conv(node):
-        if isinstance(node, (ast.BoolOp, ast.UnaryOp)) and not isinstance(getattr(node, "op", None), ast.USub) and not is_predicate(node):
+        joins = isinstance(node, ast.BoolOp) or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))
+        if joins and not is_predicate(node):
             raise SpecError(f"{text!r}: and/or/not join comparisons (such as in_features >= 512), not {ast.unparse(node)!r}", field="where")
         if isinstance(node, ast.BoolOp):
             args = [conv(v) for v in node.values]
@@ -170,7 +171,7 @@ def compile_where(text: Any) -> Predicate:
         raise SpecError(f"unsupported expression {ast.unparse(node)!r} in {text!r}", field="where")
 
     expr = conv(tree)
-    if not is_predicate(tree) and not isinstance(expr, sympy.logic.boolalg.BooleanAtom):
+    if not is_predicate(tree):
         raise SpecError(f"{text!r} is not a true/false predicate", field="where")
     used = {str(s) for s in expr.free_symbols}
 

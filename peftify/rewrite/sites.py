@@ -103,13 +103,20 @@ class Site:
         )
 
 
-def layer_index(fqn: str, model: nn.Module | None = None) -> int | None:
-    """The site's block index: with `model`, the index into the outermost ``nn.ModuleList`` on
-    its path (``0.model.encoder.layer.3`` → 3 in a SentenceTransformer, whose ``0`` is an
+def layer_index(fqn: str) -> int | None:
+    """The first integer path component (``model.layers.3.mlp`` → 3), or None."""
+    m = _LAYER_INDEX.search(fqn)
+    return int(m.group(1)) if m else None
+
+
+def layer_indexer(model: nn.Module) -> Callable[[str], int | None]:
+    """A site's block index in `model`: the index into the outermost ``nn.ModuleList`` on its
+    path (``0.model.encoder.layer.3`` → 3 in a SentenceTransformer, whose ``0`` is an
     nn.Sequential entry; ``layers.3.mlp.experts.5`` → 3), and None off the blocks (its pooler)
-    when the model has a ModuleList. Without `model`, or in a model without any (an
-    nn.Sequential MLP), the first integer path component (``model.layers.3.mlp`` → 3), or None."""
-    if model is not None:
+    when the model has a ModuleList; in a model without any (an nn.Sequential MLP), `layer_index`."""
+    has_lists = any(isinstance(m, nn.ModuleList) for m in model.modules())
+
+    def index(fqn: str) -> int | None:
         parts = fqn.split(".")
         for i, part in enumerate(parts):
             if part.isdigit():
@@ -119,10 +126,9 @@ def layer_index(fqn: str, model: nn.Module | None = None) -> int | None:
                     break
                 if isinstance(container, nn.ModuleList):
                     return int(part)
-        if any(isinstance(m, nn.ModuleList) for m in model.modules()):
-            return None
-    m = _LAYER_INDEX.search(fqn)
-    return int(m.group(1)) if m else None
+        return None if has_lists else layer_index(fqn)
+
+    return index
 
 
 def parameter_names(model: nn.Module) -> dict[int, list[str]]:
@@ -372,6 +378,7 @@ def sites_from_modules(model: nn.Module) -> list[Site]:
     linear-like module, no roles, no functional sites. Modules that share one weight are one site
     with several owners, as a traced capture makes them."""
     names = parameter_names(model)
+    block_index = layer_indexer(model)
     owners: dict[int, list[str]] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
         if _linear_like(model, path) is not None and path not in owners.setdefault(id(mod.weight), []):
@@ -393,7 +400,7 @@ def sites_from_modules(model: nn.Module) -> list[Site]:
                 module_type=type(mod).__name__,
                 kind="module",
                 transposed=transposed,
-                layer=layer_index(path, model),
+                layer=block_index(path),
                 owners=tuple(owners[id(mod.weight)]),
                 aliases=tuple(n for n in names[id(mod.weight)] if n != wname),
             )
