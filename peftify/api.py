@@ -18,6 +18,7 @@ from peftify.rewrite.apply import (
     merge_model,
     rewrite_state,
     set_active,
+    trained_bias,
     unload_model,
 )
 from peftify.rewrite.capture import capture as _capture
@@ -163,14 +164,16 @@ def report(model: nn.Module) -> Report:
     state = rewrite_state(model, "report")
     rows = []
     for e in state.plan.entries:
-        mod = adapted_site(model, e.site).adapters[state.current]
+        adapted = adapted_site(model, e.site)
+        mod = adapted.adapters[state.current]
         own = list(mod.parameters())
         dense = e.site.in_features * e.site.out_features * e.site.stack
+        bias = trained_bias(model, e, adapted.base_layer) if mod.trains_bias else None
         rows.append((
             e.site.fqn,
             method_label(e),
             dense,
-            sum(p.numel() for p in own if p.requires_grad) + (e.site.out_features if e.method.trains_base_bias() and e.site.bias else 0),
+            sum(p.numel() for p in own if p.requires_grad) + (bias[1].numel() if bias is not None else 0),
             (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),
             dense_flops(e.site),
             mod.saved_method().flops(e.site),  # as the module is now (a self-guided layer whose guide is gone: the structure)

@@ -248,6 +248,8 @@ def test_vectorfit_adaptive_freezing():
     with peftify.disable_adapters(model):
         pass
     assert {k[-5:] for k in frozen_at} == {"sigma", ".bias"} and all(not schedule.vectors[k][0].requires_grad for k in frozen_at)
+    rep = peftify.report(model)  # the trainable column leaves frozen vectors out, biases too
+    assert sum(row[3] for row in rep.rows) == rep.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert all(schedule.vectors[k][0].requires_grad for k in schedule.vectors if k not in frozen_at)
     with pytest.raises(ValueError, match="no vectorfit sites"):
         peftify.AdaptiveFreezing(peftify.peftify(tiny_bert(), {"rules": [{"match": "role:*", "apply": {"method": "lora"}}]}))
