@@ -64,6 +64,9 @@ class Method:
     rewrites_base: ClassVar[bool] = False  # its init replaces the base weight (it must come first at a site)
     replaces_base: ClassVar[bool] = False  # it stands for the whole layer: the dense weight is dropped
     needs_roles: ClassVar[bool] = False  # it reads the sites' dataflow roles, so loading it must trace
+    # its init computes from W's values what its adapter file does not hold, so it cannot build
+    # from a meta-device weight that is loaded later
+    init_needs_weights: ClassVar[bool] = False
 
     def check(self, site: Site) -> None:
         """Raise SpecError (via `invalid`) if this method cannot apply to `site`."""

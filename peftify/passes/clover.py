@@ -49,6 +49,7 @@ class CLOVER(Method):
 
     rewrites_base: ClassVar[bool] = True
     needs_roles: ClassVar[bool] = True
+    init_needs_weights: ClassVar[bool] = True
 
     heads: int | None = None
     kv_heads: int | None = None

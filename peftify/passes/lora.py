@@ -71,6 +71,10 @@ class LoRA(Method):
     def rewrites_base(self) -> bool:
         return self.init in SPLIT_INITS
 
+    @property
+    def init_needs_weights(self) -> bool:
+        return self.rewrites_base
+
     def check(self, site: Site) -> None:
         check_fits(site, self.r, "rank")
         if self.init in SPLIT_INITS and site.kind != "module":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ class SVFT(Method):
       the paper.
     - seed: of the random support, so a saved adapter rebuilds the same Ω.
     """
+
+    init_needs_weights: ClassVar[bool] = True  # Ω and σ₀ are rebuilt from W, not saved
 
     pattern: str = "plain"
     k: int = 2

@@ -307,6 +307,13 @@ def apply_plan(
     bases, weights, by_method = [], [], {}
     for i, entry in enumerate(plan.entries):
         base, weight = _base_of(model, entry.site, rewrite)
+        if entry.method.init_needs_weights and weight.is_meta:
+            init = getattr(entry.method, "init", None)
+            raise SpecError(
+                f"{entry.method.name}{f' (init={init!r})' if init else ''} computes from the weight of {entry.site.fqn} what its adapter "
+                "file does not hold, and that weight is on the meta device: load the model's weights first (peftify.plan works on a meta model)",
+                field="init",
+            )
         bases.append(base)
         weights.append(weight.detach())
         by_method.setdefault(entry.method, []).append(i)

@@ -262,6 +262,38 @@ def test_native_file_rebuilds_the_adapter_on_a_fresh_base(name, tmp_path):
         torch.testing.assert_close(output(loaded, X), base_out, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_meta_model_is_completed_by_its_base_weights_and_saved_adapter(name, tmp_path):
+    """The large-model path: rewrite on the meta device, `to_empty`, load the base checkpoint and
+    the saved adapter, and the model computes what the saved one did. A method whose init
+    computes from W what its file does not hold refuses the meta model, changing nothing."""
+    torch.manual_seed(0)
+    real = tiny_llama()
+    plain = copy.deepcopy(real.state_dict())
+    peftify.peftify(real, spec(name, r=4), progress=False)
+    perturb(real)
+    peftify.save_adapter(real, tmp_path)
+    with torch.device("meta"):
+        meta = tiny_llama()
+    if METHODS[name]().init_needs_weights:
+        before = {n: (p.shape, p.requires_grad) for n, p in meta.named_parameters()}
+        with pytest.raises(peftify.SpecError, match="meta device"):
+            peftify.peftify(meta, spec(name, r=4), progress=False)
+        assert {n: (p.shape, p.requires_grad) for n, p in meta.named_parameters()} == before and not hasattr(meta, "_peftify")
+        assert peftify.plan(meta, spec(name, r=4)).entries  # a dry run still works
+        return
+    peftify.peftify(meta, spec(name, r=4), progress=False)  # factors a file holds are placeholders until it is loaded
+    meta.to_empty(device="cpu")
+    live = meta.state_dict()
+    for key, value in plain.items():  # the base checkpoint, into the rewritten names (a replaced weight has none)
+        key = key if key in live else key.replace(".weight", ".base_layer.weight")
+        if key in live:
+            live[key].copy_(value)
+    meta.model.rotary_emb.inv_freq.copy_(real.model.rotary_emb.inv_freq)  # a buffer no state dict holds
+    peftify.load_adapter(meta, tmp_path)
+    torch.testing.assert_close(output(meta, X), output(real, X), rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
 def test_output_can_be_modified_in_place(name):
     """Models add into a layer's output in place (Falcon: ``mlp_output += attention_output``):

@@ -352,3 +352,13 @@ def test_rank_deficient_and_zero_weights_leave_the_output_unchanged_and_finite(m
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         got.square().sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None), fill
+
+
+
+def test_inits_that_read_the_weight_refuse_a_meta_model():
+    for rule in ({"match": "*.q_proj", "apply": {"method": "lora", "init": "pissa"}}, {"match": "*.q_proj", "apply": {"method": "lora", "init": "olora"}}):
+        with torch.device("meta"):
+            meta = tiny_llama()
+        with pytest.raises(peftify.SpecError, match=r"lora \(init='(pissa|olora)'\) computes from the weight .* meta device"):
+            peftify.peftify(meta, {"rules": [rule]})
+        assert not hasattr(meta, "_peftify") and not any(p.requires_grad is False for p in meta.parameters())

@@ -111,5 +111,14 @@ class SLTrainModule(StructuredModule):
 
         return sparse_lowrank(x, self.u, self.v, self.values, self.index)
 
+    def _apply(self, fn, recurse=True):
+        # A random support built on the meta device is a placeholder, and no file holds it (it
+        # follows from the seed): it is drawn when the layer gets memory (`to_empty`).
+        placeholder = self.index.is_meta and self.method.support == "random"
+        super()._apply(fn, recurse)
+        if placeholder and not self.index.is_meta:
+            self.index = self.method.random_support(self.site, self.index.device)
+        return self
+
 
 SLTrain.module = SLTrainModule
