@@ -179,7 +179,7 @@ def _trace_make_fx(model, args, kwargs):
 
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     fn = _Traced(model, args, kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_stack_traces():
         warnings.simplefilter("ignore")
         gm = make_fx(fn, tracing_mode="fake", pre_dispatch=True, record_module_stack=True)(state, *[fn.leaves[i] for i in fn.slots])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -189,6 +189,23 @@ def _trace_make_fx(model, args, kwargs):
     if not any(n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.op == "call_function"):
         raise RuntimeError("make_fx recorded no module stacks")
     return gm.graph, params, {ph.name for ph in placeholders[len(state) :]}
+
+
+@contextlib.contextmanager
+def _without_stack_traces():
+    """make_fx's module-stack tracer symbolizes a Python stack trace for every node (a quarter
+    of the trace's time); no site or role reads them. The switch is torch's own (2.12 and later)."""
+    from torch.fx import config
+
+    if not hasattr(config, "do_not_emit_stack_traces"):
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
 
 
 def _trace_export(model, args, kwargs):
