@@ -358,3 +358,26 @@ def test_blocks_traced_once_are_copied_only_to_the_blocks_the_forward_runs(used)
     cap = peftify.capture(model, torch.randn(2, 8))
     assert [s.fqn for s in cap.sites] == [f"blocks.{i}.fc" for i in range(4)[used]]
     assert type(model.blocks) is nn.ModuleList and len(model.blocks) == 4  # put back as it was
+
+
+@pytest.mark.skipif(not hasattr(torch.fx.config, "do_not_emit_stack_traces"), reason="torch before 2.12 has no switch")
+@pytest.mark.parametrize("setting", [False, True])
+def test_the_trace_skips_stack_traces_and_puts_torchs_setting_back(setting):
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            seen.append(torch.fx.config.do_not_emit_stack_traces)
+            return self.proj(x)
+
+    torch.fx.config.do_not_emit_stack_traces = setting
+    try:
+        cap = peftify.capture(Probe(), torch.randn(2, 4))
+        assert [s.fqn for s in cap.sites] == ["proj"] and cap.method == "make_fx"
+        assert seen == [True] and torch.fx.config.do_not_emit_stack_traces is setting
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = False
