@@ -114,6 +114,8 @@ class Method:
         name = d.pop("method", None)
         if name is None:
             raise SpecError("an `apply` dict needs a 'method' key", field="method")
+        if not isinstance(name, str):
+            raise SpecError(f"method must be a method's name such as 'lora', got {name!r}", field="method")
         if name not in METHODS:
             import difflib
 

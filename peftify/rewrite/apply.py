@@ -390,6 +390,10 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             base = AdaptedSite.with_weight(base, None, site.transposed)
         mod.residual = None
         adapted = AdaptedSite(site, base)
+        if site.kind == "module":
+            first = model.get_submodule(site.owners[0])
+            _move_hooks(first, adapted)
+            undo.append(lambda adapted=adapted, first=first: _move_hooks(adapted, first))
         adapted.rewritten_by = adapter if record.original is not None else None
         adapted.replaced_by = adapter if entry.method.replaces_base else None
         if site.kind == "module" and site.aliases:
@@ -406,12 +410,12 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             # skips that path when a submodule has a forward hook
             adapted.register_forward_pre_hook(_keeps_encoder_layers_off_their_fast_path)
         if site.kind == "module":
-            for i, path in enumerate(site.owners):
-                parent_path, name = _split(path)
-                parent = model.get_submodule(parent_path)
-                old = getattr(parent, name)
-                if i:
-                    record.others.append(old)
+            # every slot's module is read before any is replaced: the slots can share a parent
+            # (a block registered several times, ``nn.ModuleList([block] * n)``)
+            slots = [(model.get_submodule(parent), name) for parent, name in map(_split, site.owners)]
+            olds = [getattr(parent, name) for parent, name in slots]
+            record.others = olds[1:]
+            for (parent, name), old in zip(slots, olds):
                 setattr(parent, name, adapted)
                 undo.append(lambda parent=parent, name=name, old=old: setattr(parent, name, old))
         else:
@@ -433,6 +437,28 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
 
 def _keeps_encoder_layers_off_their_fast_path(module: nn.Module, args: tuple) -> None:
     return None
+
+
+# A module's call hooks (forward, pre-forward, backward), as torch keeps them
+_CALL_HOOKS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+)
+
+
+def _move_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Move the hooks a user registered on a layer to the module that now computes it (and back
+    when it is restored), so they keep running and their handles keep removing them: a handle
+    refers to the hook dict itself, which moves whole. `source` is left with none."""
+    for name in _CALL_HOOKS:
+        hooks = getattr(source, name, None)
+        if hooks is None:  # an attribute this torch version lacks
+            continue
+        setattr(target, name, hooks)
+        setattr(source, name, type(hooks)())
+        if name == "_forward_pre_hooks":  # ours, not the user's: it stays with the adapted site
+            for key in [k for k, hook in hooks.items() if hook is _keeps_encoder_layers_off_their_fast_path]:
+                del hooks[key]
 
 
 def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str, adapter: str, copy: nn.Parameter, undo: list) -> None:
@@ -576,6 +602,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         parent, name = _split(path)
         setattr(model.get_submodule(parent), name, original)
         original.weight = base.weight
+    _move_hooks(adapted, base)
 
 
 def _forget_tie(model: nn.Module, name: str) -> None:

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
-from peftify.rewrite.sites import Capture, find_uses, layer_indexer, sites_from_modules, sites_from_uses
+from peftify.rewrite.sites import Capture, find_uses, is_conv1d, layer_indexer, sites_from_modules, sites_from_uses
 
 
 def capture(model: nn.Module, example_inputs=None) -> Capture:
@@ -105,18 +105,21 @@ def _refuse_peft_layers(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def kept_tensors(model: nn.Module):
-    """Put the model's own parameters and buffers back after tracing. torch.func.functional_call
-    (which make_fx and non-strict export run) leaves its fake tensors in a module registered
-    under two names (``self.b = self.a``), and the model would then compute on fakes."""
-    # and plain attributes: a forward that caches a tensor on the module (``self.scale = ...``
-    # when None) would keep the trace's fake one
-    saved = [(mod, dict(mod._parameters), dict(mod._buffers), dict(mod.__dict__)) for mod in model.modules()]
+    """Put the model back as it was before tracing. torch.func.functional_call (which make_fx and
+    non-strict export run) leaves its fake tensors in a module registered under two names
+    (``self.b = self.a``), and a forward that registers a parameter, buffer or submodule on its
+    first call (a mask cache), or caches a tensor as a plain attribute (``self.scale = ...`` when
+    None), would keep the trace's fakes: the model would then compute on fakes."""
+    registries = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
+    saved = [(mod, [(r, getattr(mod, r).copy()) for r in registries], dict(mod.__dict__)) for mod in model.modules()]
     try:
         yield
     finally:
-        for mod, params, buffers, attributes in saved:
-            mod._parameters.update(params)
-            mod._buffers.update(buffers)
+        for mod, contents, attributes in saved:
+            for registry, content in contents:
+                live = getattr(mod, registry)
+                live.clear()
+                live.update(content)
             if mod.__dict__.keys() == attributes.keys() and all(map(operator.is_, mod.__dict__.values(), attributes.values())):
                 continue  # untouched (almost every module): no Python loop over its attributes
             for name, value in list(mod.__dict__.items()):
@@ -239,7 +242,7 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
     found = {s.fqn for s in cap.sites}
     computed = []
     for path, mod in model.named_modules():
-        linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+        linear = isinstance(mod, nn.Linear) or is_conv1d(mod)
         if linear and path not in found and "weight" not in mod._parameters:
             by = type(mod.parametrizations["weight"][0]).__name__ if parametrize.is_parametrized(mod, "weight") else "a forward pre-hook"
             computed.append(f"{path} ({by})")

@@ -131,6 +131,11 @@ def compile_where(text: Any) -> Predicate:
             return is_predicate(node.operand)
         return isinstance(node, ast.Compare)
 
+    def value(node):  # an operand of arithmetic or of a comparison: a number, not a predicate
+        if is_predicate(node):
+            raise SpecError(f"{text!r}: {ast.unparse(node)!r} is true or false, not a number to compute or compare with", field="where")
+        return conv(node)
+
     def conv(node):
         joins = isinstance(node, ast.BoolOp) or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))
         if joins and not is_predicate(node):
@@ -141,18 +146,18 @@ def compile_where(text: Any) -> Predicate:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             return sympy.Not(conv(node.operand))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -conv(node.operand)
+            return -value(node.operand)
         if isinstance(node, ast.Compare):
-            parts, left = [], conv(node.left)
+            parts, left = [], value(node.left)
             for op, right in zip(node.ops, node.comparators):
                 if type(op) not in _COMPARE:
                     raise SpecError(f"unsupported comparison in {text!r}", field="where")
-                r = conv(right)
+                r = value(right)
                 parts.append(sympy.Rel(left, r, _COMPARE[type(op)]))
                 left = r
             return sympy.And(*parts)
         if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
-            a, b = conv(node.left), conv(node.right)
+            a, b = value(node.left), value(node.right)
             if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b.is_zero:
                 raise SpecError(f"division by zero in {text!r}", field="where")
             if isinstance(node.op, ast.Pow) and not (b.is_number and abs(b) <= MAX_EXPONENT):

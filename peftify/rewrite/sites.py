@@ -18,22 +18,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-# Ops that only move or relabel a weight's elements; `True` where they swap its two axes.
-WEIGHT_VIEWS = {
-    "aten.t.default": True,
-    "aten.transpose.int": True,
-    "aten.permute.default": True,
-    "aten.numpy_T.default": True,
-    "aten.view.default": False,
-    "aten.reshape.default": False,
-    "aten.to.dtype": False,
-    "aten.to.dtype_layout": False,
-    "aten._to_copy.default": False,
-    "aten.detach.default": False,
-    "aten.alias.default": False,
-    "aten.contiguous.default": False,
-    "aten.clone.default": False,
-}
+# Ops that only move or relabel a weight's elements: those that reorder its axes (each spelling
+# of a transpose), and those that keep them in place (views, casts, copies). `True` for the first.
+_TRANSPOSING = (
+    "t.default", "numpy_T.default", "mT.default", "mH.default", "matrix_H.default", "adjoint.default", "transpose.int",
+    "swapaxes.default", "swapdims.default", "permute.default", "movedim.int", "movedim.intlist",
+)
+_KEEPING = (
+    "view.default", "reshape.default", "to.dtype", "to.dtype_layout", "_to_copy.default", "type_as.default",
+    "detach.default", "alias.default", "contiguous.default", "clone.default",
+)
+WEIGHT_VIEWS = {f"aten.{op}": True for op in _TRANSPOSING} | {f"aten.{op}": False for op in _KEEPING}
 # What a subclass of nn.Linear that overrides `forward` may do inside it and still count as a
 # linear module (Falcon's ``FalconLinear``: x @ W.T + b): products, views, and `add` of a parameter.
 _PLAIN_LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "expand", "_unsafe_view", "add"} | {op.split(".")[1] for op in WEIGHT_VIEWS}
@@ -152,18 +147,32 @@ class Use:
     experts: bool = False  # the weight is a stacked expert parameter, picked per expert
 
 
-def _param_behind(node, params: dict[str, str]):
-    """Follow view-like ops back to a parameter placeholder; return (fqn, axes_swapped) or None."""
+def _axis_order(node) -> list[int]:
+    """The order a transposing op (`WEIGHT_VIEWS` True) puts its input's axes in: the op run on a
+    meta tensor whose axes all differ in size."""
+    ndim = node.args[0].meta["val"].dim()
+    probe = torch.empty(tuple(range(2, ndim + 2)), device="meta")
+    return [size - 2 for size in node.target(probe, *node.args[1:], **node.kwargs).shape]
+
+
+def _param_behind(node, params: dict[str, str], matrix: bool = True):
+    """Follow view-like ops back to a parameter placeholder — a matrix, or any parameter (a bias)
+    without `matrix` — and return (fqn, axes_swapped), or None."""
     swapped = False
     while isinstance(node, torch.fx.Node):
         if node.op == "placeholder":
-            return (params[node.name], swapped) if node.name in params else None
+            val = node.meta.get("val")
+            if node.name not in params or (matrix and val is not None and val.dim() != 2):
+                return None  # a stacked (experts, ·, ·) weight is `_expert_use`'s
+            return params[node.name], swapped
         swaps = WEIGHT_VIEWS.get(str(node.target)) if node.op == "call_function" else None
         if swaps is None:
             return None
-        if swaps and str(node.target) == "aten.permute.default" and list(node.args[1]) != [1, 0]:
-            return None
-        swapped ^= swaps
+        if swaps:
+            order = _axis_order(node)
+            if order not in ([0, 1], [1, 0]):
+                return None
+            swapped ^= order == [1, 0]
         node = node.args[0]
     return None
 
@@ -171,18 +180,7 @@ def _param_behind(node, params: dict[str, str]):
 # Ops through which a stacked expert parameter (experts, ·, ·) reaches a product: picking experts
 # along dim 0, swapping the matrix axes, and copies that keep the shape.
 _EXPERT_PICKS = {"aten.index.Tensor", "aten.select.int"}
-_EXPERT_SWAPS = {"aten.transpose.int", "aten.t.default", "aten.permute.default", "aten.numpy_T.default"}
 _EXPERT_PRODUCTS = {"aten.bmm.default", "aten.matmul.default", "aten._grouped_mm.default", "aten.linear.default"}
-
-
-def _swapped_axes(node) -> list[int]:
-    """The axes a transposing op (`_EXPERT_SWAPS`) exchanges."""
-    target, ndim = str(node.target), node.meta["val"].dim()
-    if target == "aten.transpose.int":
-        return sorted(a % ndim for a in node.args[1:3])
-    if target == "aten.permute.default":
-        return [i for i, a in enumerate(node.args[1]) if a != i]
-    return [0, 1]  # t / numpy_T of a matrix
 
 
 def _expert_behind(node, params: dict[str, str]):
@@ -199,10 +197,12 @@ def _expert_behind(node, params: dict[str, str]):
             if not along_dim0:
                 return None
             picked = True
-        elif target in _EXPERT_SWAPS:
-            if val is None or val.dim() < 2 or _swapped_axes(node) != [val.dim() - 2, val.dim() - 1]:
+        elif WEIGHT_VIEWS.get(target):
+            order = _axis_order(node)
+            matrix_swap = list(range(len(order) - 2)) + [len(order) - 1, len(order) - 2]
+            if len(order) < 2 or order not in (matrix_swap, sorted(order)):
                 return None
-            swapped ^= True
+            swapped ^= order == matrix_swap
         elif WEIGHT_VIEWS.get(target) is not False or target in ("aten.view.default", "aten.reshape.default"):
             return None  # only copies that keep the shape (to, clone, detach, contiguous, alias)
         node = node.args[0]
@@ -227,15 +227,34 @@ def _expert_use(node, params: dict[str, str]):
 
 def _einsum_orientation(equation: str, weight_pos: int):
     """For a two-operand einsum with a 2-D weight: True if the weight is stored (in, out)."""
-    lhs, out = equation.replace(" ", "").split("->")
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
     operands = lhs.split(",")
+    if not arrow:  # implicit output: the indices that appear once
+        out = "".join(c for c in lhs if c.isalpha() and lhs.count(c) == 1)
     if len(operands) != 2 or len(operands[weight_pos]) != 2:
         return None
     w, x = operands[weight_pos], operands[1 - weight_pos]
     contracted = [c for c in w if c in x and c not in out]
-    if len(contracted) != 1:
+    kept = [c for c in w if c not in contracted]
+    # the other index must be the weight's own output feature, not one it shares with x (a per-head
+    # contraction such as "bhd,hd->bh" maps each head on its own: no linear map of x's features)
+    if len(contracted) != 1 or len(kept) != 1 or kept[0] in x or kept[0] not in out:
         return None
     return w.index(contracted[0]) == 0
+
+
+def _bias_added(node, params: dict[str, str]) -> str | None:
+    """The bias of a product written ``x @ W + b``: a 1-D parameter the size of its last dim,
+    added to it by its only user."""
+    users = list(node.users)
+    if len(users) != 1 or str(users[0].target) != "aten.add.Tensor" or len(users[0].args) != 2 or users[0].kwargs.get("alpha", 1) != 1:
+        return None
+    other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
+    bias = _param_behind(other, params, matrix=False)
+    val, out = getattr(other, "meta", {}).get("val"), node.meta.get("val")
+    if bias is None or val is None or out is None or val.dim() != 1 or val.shape[0] != out.shape[-1]:
+        return None
+    return bias[0]
 
 
 def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
@@ -248,18 +267,18 @@ def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
         found = None
         if target == "aten.linear.default":
             w = _param_behind(node.args[1], params)
-            b = _param_behind(node.args[2], params) if len(node.args) > 2 else None
+            b = _param_behind(node.args[2], params, matrix=False) if len(node.args) > 2 else None
             if w:
                 found = (node.args[0], w[0], b and b[0], w[1])
         elif target == "aten.addmm.default":
             w = _param_behind(node.args[2], params)
-            b = _param_behind(node.args[0], params)
+            b = _param_behind(node.args[0], params, matrix=False)
             if w:
                 found = (node.args[1], w[0], b and b[0], not w[1])
         elif target in ("aten.mm.default", "aten.matmul.default"):
             w = _param_behind(node.args[1], params)
             if w:
-                found = (node.args[0], w[0], None, not w[1])
+                found = (node.args[0], w[0], _bias_added(node, params), not w[1])
             elif w := _param_behind(node.args[0], params):  # W @ x: features on x's dim -2 (Mamba's dt_proj)
                 found = (node.args[1], w[0], None, w[1])
         elif target == "aten.einsum.default" and len(node.args[1]) == 2:
@@ -267,7 +286,7 @@ def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
                 w = _param_behind(node.args[1][pos], params)
                 transposed = w and _einsum_orientation(node.args[0], pos)
                 if w and transposed is not None:
-                    found = (node.args[1][1 - pos], w[0], None, transposed ^ w[1])
+                    found = (node.args[1][1 - pos], w[0], _bias_added(node, params), transposed ^ w[1])
                     break
         experts = found is None and (found := _expert_use(node, params)) is not None
         if found is not None:
@@ -341,6 +360,12 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
     return sites, site_uses
 
 
+def is_conv1d(mod: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer with its weight stored (in, out). A user's own
+    class of that name (a real convolution) has a 3-D weight."""
+    return type(mod).__name__ == "Conv1D" and isinstance(w := getattr(mod, "weight", None), torch.Tensor) and w.dim() == 2
+
+
 def _linear_like(model: nn.Module, path: str, traced_ops: Callable[[], set[str]] | None = None):
     """The module at `path` if its forward is a linear map of its own ``weight``: an nn.Linear,
     a subclass that keeps nn.Linear's forward or whose traced forward (`traced_ops()`) only does
@@ -351,7 +376,7 @@ def _linear_like(model: nn.Module, path: str, traced_ops: Callable[[], set[str]]
         return None
     if not isinstance(getattr(mod, "weight", None), nn.Parameter):
         return None
-    if type(mod).__name__ == "Conv1D" or type(mod).forward is nn.Linear.forward:
+    if is_conv1d(mod) or type(mod).forward is nn.Linear.forward:
         return mod
     if isinstance(mod, nn.Linear) and traced_ops is not None and traced_ops() <= _PLAIN_LINEAR_OPS:
         return mod
@@ -387,7 +412,7 @@ def sites_from_modules(model: nn.Module) -> list[Site]:
     for path, mod in model.named_modules():
         if _linear_like(model, path) is None or owners[id(mod.weight)][0] != path:
             continue
-        transposed = type(mod).__name__ == "Conv1D"
+        transposed = is_conv1d(mod)
         out_f, in_f = mod.weight.shape[::-1] if transposed else mod.weight.shape
         wname = path + ".weight"
         sites.append(

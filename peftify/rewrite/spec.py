@@ -88,6 +88,7 @@ class Spec:
     def from_dict(cls, d: dict) -> Spec:
         if not isinstance(d, dict):
             raise SpecError(f"a spec must be a dict with 'rules', got {type(d).__name__}")
+        _check_keys(d, "spec")
         unknown = set(d) - set(SPEC_KEYS)
         if unknown:
             raise SpecError(f"unknown spec key(s) {sorted(unknown)}; use {list(SPEC_KEYS)}", field=min(unknown))
@@ -99,6 +100,7 @@ class Spec:
             where = f"rule {i}" + (f" ({r.get('match')!r})" if isinstance(r, dict) else "")
             if not isinstance(r, dict):
                 raise SpecError(f"a rule must be a dict with 'match' and 'apply', got {r!r}", rule=where)
+            _check_keys(r, "rule", where)
             unknown = set(r) - set(RULE_KEYS)
             if unknown or "match" not in r or "apply" not in r:
                 raise SpecError(f"a rule needs 'match' and 'apply' (and may have 'optional'), got keys {sorted(r)}", rule=where, field=(sorted(unknown) or ["match" if "match" not in r else "apply"])[0])
@@ -160,8 +162,23 @@ def as_spec(spec, model=None) -> Spec:
     raise SpecError(f"a spec is a peftify.Spec, a peftify.Plan, a peft.LoraConfig, a dict or a path to a YAML/JSON file, not {type(spec).__name__}")
 
 
+def _check_keys(d: dict, what: str, rule: str | None = None) -> None:
+    odd = [k for k in d if not isinstance(k, str)]
+    if odd:
+        hint = " (YAML reads an unquoted on/off/yes/no as true/false: quote it)" if any(isinstance(k, bool) for k in odd) else ""
+        raise SpecError(f"a {what}'s keys are names, got {', '.join(map(repr, odd))}{hint}", rule=rule, field=str(odd[0]))
+
+
 def _compile(rule: Rule, index: int) -> Predicate:
     try:
-        return compile_match(rule.match)
+        matches = compile_match(rule.match)
     except SpecError as e:
         raise SpecError(e.message, rule=rule.describe(index), field=e.field) from e
+
+    def named(site, ctx) -> bool:  # a predicate that fails on some site names its rule too
+        try:
+            return matches(site, ctx)
+        except SpecError as e:
+            raise SpecError(e.message, rule=rule.describe(index), field=e.field) from e
+
+    return named

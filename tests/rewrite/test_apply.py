@@ -387,3 +387,48 @@ def test_progress_bars_show_for_long_work_or_when_asked(capfd):
     assert "peftify: SVD" in err and "peftify: building svfit" in err
     peftify.peftify(tiny_llama(), spec, progress=False)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("finish", ["merge", "unload"])
+def test_a_block_registered_several_times_merges_and_unloads_to_its_linear(finish):
+    class Looped(torch.nn.Module):  # one block applied at every depth: nn.ModuleList([block] * n)
+        def __init__(self):
+            super().__init__()
+            block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+            self.layers = torch.nn.ModuleList([block] * 3)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Looped(), torch.randn(4, 8)
+    linear, keys, plain = model.layers[0][0], list(model.state_dict()), model(x).detach()
+    peftify.peftify(model, {"rules": [{"match": "layers.*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
+    adapted = adapted_output(model, {"x": x})
+    w = model.layers[0][0].dense_weight().detach()
+    h = x
+    for _ in range(3):
+        h = torch.tanh(h @ w.T + linear.bias)
+    torch.testing.assert_close(adapted, h)  # the adapter computes once per depth
+    getattr(peftify, finish)(model)
+    assert all(block[0] is linear for block in model.layers) and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), adapted if finish == "merge" else plain)
+
+
+def test_hooks_on_a_rewritten_layer_keep_running_and_their_handles_keep_working():
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4)), torch.randn(2, 8)
+    calls = []
+    pre = model[0].register_forward_pre_hook(lambda mod, args: calls.append("pre"))
+    model[2].register_forward_hook(lambda mod, args, out: out * 0)  # an ablation
+    peftify.peftify(model, ALL, example_inputs=x)
+    calls.clear()  # the trace ran the model too
+    adapted_output(model, {"input": x})
+    assert calls == ["pre"] and (model(x) == 0).all() and calls == ["pre"] * 2
+    with peftify.disable_adapters(model):
+        assert (model(x) == 0).all() and calls == ["pre"] * 3  # once a call, not once per module layer
+    pre.remove()
+    peftify.merge(model)
+    assert type(model[0]) is torch.nn.Linear and (model(x) == 0).all() and calls == ["pre"] * 3

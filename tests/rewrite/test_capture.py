@@ -381,3 +381,137 @@ def test_the_trace_skips_stack_traces_and_puts_torchs_setting_back(setting):
         assert seen == [True] and torch.fx.config.do_not_emit_stack_traces is setting
     finally:
         torch.fx.config.do_not_emit_stack_traces = False
+
+
+SPELLINGS = {  # each applies a weight stored (out, in) to x (…, in)
+    ".T": lambda w, x: x @ w.T,
+    ".mT": lambda w, x: x @ w.mT,
+    ".t()": lambda w, x: x @ w.t(),
+    ".H": lambda w, x: x @ w.H,
+    ".mH": lambda w, x: x @ w.mH,
+    ".adjoint()": lambda w, x: x @ w.adjoint(),
+    ".transpose(-1, -2)": lambda w, x: x @ w.transpose(-1, -2),
+    ".swapaxes(0, 1)": lambda w, x: x @ w.swapaxes(0, 1),
+    ".swapdims(1, 0)": lambda w, x: x @ w.swapdims(1, 0),
+    ".movedim(0, 1)": lambda w, x: x @ w.movedim(0, 1),
+    ".permute(-1, -2)": lambda w, x: x @ w.permute(-1, -2),
+    ".type_as(x) in F.linear": lambda w, x: F.linear(x, w.type_as(x)),
+    ".to(x.dtype).mT": lambda w, x: x @ w.to(x.dtype).mT,
+    ".T.T.T": lambda w, x: x @ w.T.T.T,
+    "implicit einsum": lambda w, x: torch.einsum("bi,oi", x, w),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_every_spelling_of_a_transposed_or_cast_weight_is_a_site_in_its_orientation(spelling):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 6, dtype=torch.float64))
+
+        def forward(self, x):
+            return SPELLINGS[spelling](self.w, x)
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(3, 6, dtype=torch.float64)
+    [site] = peftify.capture(net, x).sites
+    assert (site.fqn, site.in_features, site.out_features, site.transposed) == ("w", 6, 5, False)
+    peftify.peftify(net, {"rules": [{"match": "w", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    adapted = net.w.detach()  # the parametrized weight: W + s B A, (out, in)
+    assert not torch.allclose(adapted, net.parametrizations.w.original)
+    torch.testing.assert_close(net(x), x @ adapted.T)
+    peftify.merge(net)
+    torch.testing.assert_close(net(x), x @ adapted.T)
+
+
+PRODUCTS = {"x @ w": lambda x, w: x @ w, "torch.matmul(x, w.mT)": lambda x, w: torch.matmul(x, w.mT), "torch.bmm(x, w.transpose(1, 2))": lambda x, w: torch.bmm(x, w.transpose(1, 2))}
+
+
+@pytest.mark.parametrize("product", sorted(PRODUCTS))
+def test_an_expert_stack_applied_with_matmul_is_an_experts_site(product):
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 6, 5) if product == "x @ w" else torch.randn(3, 5, 6))  # (E, in, out) / (E, out, in)
+
+        def forward(self, x):  # x: (E, tokens, 6), already dispatched
+            return PRODUCTS[product](x, self.w)
+
+    torch.manual_seed(0)
+    net, x = Experts(), torch.randn(3, 4, 6)
+    [site] = peftify.capture(net, x).sites
+    assert (site.fqn, site.experts, site.in_features, site.out_features, site.transposed) == ("w", 3, 6, 5, product == "x @ w")
+    want = net(x).detach()
+    peftify.peftify(net, {"rules": [{"match": "w", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
+    torch.testing.assert_close(net(x), want)  # identity at init
+
+
+def test_contractions_that_are_not_a_linear_map_of_the_features_are_not_sites():
+    class HeadPool(nn.Module):  # one query per head, contracted against that head's keys only
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(12, 12)
+            self.query = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            return torch.einsum("bhd,hd->bh", self.proj(x).view(-1, 4, 3), self.query)
+
+    assert [s.fqn for s in peftify.capture(HeadPool(), torch.randn(2, 12)).sites] == ["proj"]
+
+
+def test_a_bias_added_after_the_product_is_the_sites_bias():
+    class AtPlusB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(7, 5)), nn.Parameter(torch.randn(5))  # w stored (in, out)
+            self.other = nn.Parameter(torch.randn(5, 7))
+            self.shift = nn.Parameter(torch.randn(3, 7))  # 2-D: a matrix added, not a bias
+
+        def forward(self, x):
+            return (x @ self.w + self.b) @ self.other + self.shift
+
+    net, x = AtPlusB(), torch.randn(3, 7)
+    by = {s.fqn: s for s in peftify.capture(net, x).sites}
+    assert (by["w"].bias, by["w"].transposed, by["other"].bias) == ("b", True, None)
+    peftify.peftify(net, {"rules": [{"match": "w", "apply": {"method": "lora", "r": 2, "bias": True}}]}, example_inputs=x)
+    net(x).square().sum().backward()
+    assert net.b.requires_grad and net.b.grad is not None and not net.shift.requires_grad
+
+
+def test_a_users_conv_named_conv1d_is_no_site_in_the_module_walk():
+    class Conv1D(nn.Conv1d):  # a real convolution, not GPT-2's transposed linear
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = Conv1D(4, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.conv(x).mean(-1)
+            return self.fc(h) if h.sum() > 0 else -self.fc(h)  # data-dependent: the trace fails
+
+    with pytest.warns(UserWarning, match="falling back to the module walk"):
+        cap = peftify.capture(Net(), torch.randn(2, 4, 8))
+    assert [s.fqn for s in cap.sites] == ["fc"]
+
+
+def test_a_buffer_a_forward_registers_on_its_first_call_is_not_left_fake():
+    class MaskCache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if "mask" not in self._buffers:
+                self.register_buffer("mask", torch.ones(x.shape[1], x.shape[1]).tril(), persistent=False)
+            return self.mask @ self.proj(x)
+
+    net, x = MaskCache(), torch.randn(2, 3, 4)
+    peftify.plan(net, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
+    assert not dict(net.named_buffers()) and not net._non_persistent_buffers_set
+    torch.testing.assert_close(net(x), torch.ones(3, 3).tril() @ net.proj(x))  # and it runs on real tensors

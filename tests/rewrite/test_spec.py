@@ -214,11 +214,27 @@ def test_optional_rules_and_regex_train_patterns():
         ({"rules": [{"match": {"role": 3}, "apply": None}]}, "role", "must be a string"),
         ({"rules": [], "train": "model.norm.weight"}, "train", "list of globs"),
         ({"rules": [], "train": ["nothing.*"]}, None, "matches nothing"),
+        ({"rules": [{"match": "*", "apply": None, 1: "x"}]}, "1", "a rule's keys are names, got 1"),
+        ({"rules": [], "foo": 1, 2: 3}, "2", "a spec's keys are names, got 2"),
+        ({"rules": [{"match": {"where": "(in_features > 4) < 3"}, "apply": None}]}, "where", "'in_features > 4' is true or false, not a number"),
+        ({"rules": [{"match": {"where": "in_features + (out_features > 3) > 1"}, "apply": None}]}, "where", "is true or false, not a number"),
+        ({"rules": [{"match": {"where": "-(in_features > 3) < 0"}, "apply": None}]}, "where", "is true or false, not a number"),
+        ({"rules": [{"match": "*", "apply": {"method": ["lora"]}}]}, "method", "a method's name such as 'lora', got ['lora']"),
+        ({"rules": [{"match": "*", "apply": {"method": {"name": "lora"}}}]}, "method", "a method's name"),
     ],
 )
 def test_malformed_specs(spec, field, text):
     e = spec_error(spec)
     assert e.field == field and text in str(e)
+
+
+def test_a_yaml_key_read_as_a_boolean_and_a_predicate_failing_on_one_site_name_their_rule(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("rules:\n  - match: '*'\n    apply: {method: lora, r: 2}\n    on: true\n")  # YAML 1.1: `on` is true
+    e = spec_error(str(path))
+    assert e.rule == "rule 0 ('*')" and e.field == "True" and "quote it" in str(e)
+    e = spec_error({"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}, {"match": {"where": "in_features % (out_features - 64) == 0"}, "apply": None}]})
+    assert e.rule.startswith("rule 1") and e.field == "where" and "cannot be evaluated" in str(e)
 
 
 def test_spec_object_errors():
