@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from peftify.errors import SpecError, warn
 from peftify.passes.base import dense_flops, tagged
 from peftify.rewrite.apply import (
     accepts_compiled,
@@ -60,7 +61,14 @@ def peftify(
     in the model's dtype under autocast, as PEFT's ``autocast_adapter_dtype=True`` does (False:
     the model's dtype). Structures that replace a layer keep the model's dtype.
     """
-    return apply_plan(model, plan(model, spec, example_inputs, strict), adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype)
+    resolved = plan(model, spec, example_inputs, strict)
+    if not resolved.entries and any(rule.apply is not None for rule in resolved.spec.rules):
+        message = "this spec adapts nothing: every site its rules match is excluded (apply: null, or PEFT's modules_to_save)"
+        if strict:
+            raise SpecError(message)
+        warn(message + "; the model is left as it was")
+        return model
+    return apply_plan(model, resolved, adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 @accepts_compiled

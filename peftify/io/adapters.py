@@ -274,15 +274,19 @@ def _from_native_keys(tensors: dict, plan, adapter: str) -> dict:
 
 def _from_peft_keys(tensors: dict, plan, adapter: str, model: nn.Module, source: str) -> dict:
     """PEFT's keys → ours. PEFT's bias="all" files also hold its modules_to_save wrappers'
-    internals: the trained copy (``.modules_to_save.``) is the module's own, the frozen
+    internals (and its bias="lora_only" files the biases of layers other adapters adapt): the trained copy (``.modules_to_save.``) is the module's own, the frozen
     ``.original_module.`` copy is dropped. A trained tied weight (ensure_weight_tying) is saved
     once per slot; the copies must agree, and load as the one weight."""
     theirs = {v: k for k, v in peft_names(plan.entries, adapter).items()}
     tensors = _experts_from_peft(dict(tensors), plan, adapter)
+    sites = {e.site.fqn for e in plan.entries}
     out = {}
     for key, t in tensors.items():
         if ".original_module." in key:
             continue
+        layer = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.bias")
+        if key.endswith(".base_layer.bias") and layer not in sites:
+            continue  # bias="lora_only" of a model with several adapters: a layer another adapter adapts (PEFT skips it too)
         out[theirs.get(key, key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", "."))] = t
     live = Rewritten.of(model)
     for name in plan.train:

@@ -71,9 +71,13 @@ def from_peft(config, model=None) -> Spec:
     none; without a model, every ``readout`` site), None is PEFT's usual default of the
     attention q and v projections (by role). modules_to_save names every module whose name
     ends with one of its keys, as PEFT's ``endswith`` does ("norm" takes "input_layernorm"
-    too). exclude_modules, layers_to_transform (with layers_pattern), rank_pattern/alpha_pattern,
-    bias and the LoRA fields map one to one. A task_type whose PEFT model trains a head (SEQ_CLS and TOKEN_CLS: "classifier"
-    or "score"; QUESTION_ANS: "qa_outputs") adds that head to modules_to_save, as PEFT does.
+    too), and, as in PEFT, no LoRA goes inside a module it names. layers_to_transform reads the
+    index after the first of layers_pattern in a name (else the first number after two name
+    parts) and, as in PEFT, applies to target_modules matched by suffix only (a module named in
+    full is adapted in any layer, and target_parameters in every layer). exclude_modules,
+    rank_pattern/alpha_pattern, bias and the LoRA fields map one to one. A task_type whose PEFT
+    model trains a head (SEQ_CLS and TOKEN_CLS: "classifier" or "score"; QUESTION_ANS:
+    "qa_outputs") adds that head to modules_to_save, as PEFT does.
     """
     d = _as_dict(config)
     if d.get("peft_type", "LORA") != "LORA":
@@ -95,36 +99,41 @@ def from_peft(config, model=None) -> Spec:
         raise SpecError(f"unknown bias mode {bias!r}", field="bias")
 
     def lora(r, alpha):
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or r != int(r):
+            raise SpecError(f"a LoRA rank is a whole number, not {r!r}", field="rank_pattern" if r != d.get("r", 8) else "r")
         return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
 
-    target = _target_match(d.get("target_modules"), model, d.get("task_type"))
+    names = d.get("target_modules")
+    target = _target_match(names, model, d.get("task_type"))
     if model is not None and isinstance(target, str) and target.startswith("re:"):
         _refuse_peft_only_layers(target[3:], model)
         if d.get("ensure_weight_tying"):
             _refuse_tied_targets(target[3:], model)
+    layers = d.get("layers_to_transform")
+    for key in ("layers_to_transform", "layers_pattern"):
+        if isinstance(names, str) and d.get(key) not in (None, [], ""):
+            raise SpecError(f"PEFT takes {key} with a list of target_modules only, not with {names!r}", field=key)
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        by_layer = {"name": f"re:{_layer_regex(d.get('layers_pattern'), layers)}"}
+        if isinstance(names, (list, tuple, set)):  # a module named in full is adapted in any layer, one named by its suffix in these
+            full = "|".join(re.escape(n) for n in names)
+            target = f"re:(?:{full})|(?=.*\\.(?:{full})$)(?:{by_layer['name'][3:]})"
+        else:
+            target = _and(target, by_layer)
     parameters = d.get("target_parameters") or []
     if parameters:
-        # PEFT adapts these parameters (expert stacks) with plain LoRA only
+        # PEFT adapts these parameters (expert stacks) with plain LoRA only, in every layer
         for key, bad in (("lora_dropout", float(d.get("lora_dropout", 0.0)) != 0.0), ("use_dora", bool(d.get("use_dora")))):
             if bad:
                 raise SpecError(f"PEFT's target_parameters take plain LoRA without dropout; {key}={d[key]!r} is not allowed with them", field=key)
         by_parameter = _names_regex(parameters)
-        if not d.get("target_modules"):
+        if not names:
             target = f"re:{by_parameter}"
         elif isinstance(target, dict):
-            raise SpecError(f"target_modules={d['target_modules']!r} with target_parameters: list the modules by name", field="target_parameters")
+            raise SpecError(f"target_modules={names!r} with target_parameters: list the modules by name", field="target_parameters")
         else:
             target = f"re:(?:{target[3:]})|(?:{by_parameter})"
-    layers = d.get("layers_to_transform")
-    if layers is not None:
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        pattern = d.get("layers_pattern")
-        if pattern:
-            patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-            idx = "|".join(str(i) for i in layers)
-            target = _and(target, {"name": rf"re:.*\.(?:{'|'.join(patterns)})\.(?:{idx})\..*"})
-        else:
-            target = _and(target, {"layers": layers})
     r, alpha = d.get("r", 8), d.get("lora_alpha", 8)
     rules = [Rule(target, lora(r, alpha))]
     # rank and alpha patterns resolve independently (first matching key wins in PEFT): one rule per
@@ -142,9 +151,11 @@ def from_peft(config, model=None) -> Spec:
         rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
     heads = TASK_HEADS.get(d.get("task_type") or "", [])
     if model is not None:  # as in PEFT, a head the model does not have is no error
-        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-        heads = [h for h in heads if any(re.fullmatch(rf"{_suffix_regex([h])}\..+", n) for n in names)]
+        params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        heads = [h for h in heads if any(re.fullmatch(rf"{_suffix_regex([h])}\..+", n) for n in params)]
     saved = list(dict.fromkeys([*(d.get("modules_to_save") or []), *heads]))
+    if saved:  # PEFT trains these whole and puts no LoRA inside them
+        rules.append(Rule(f"re:(?:.*\\.)?(?:{'|'.join(map(re.escape, saved))})(?:\\..*)?", None, optional=True))
     train = [rf"re:{_suffix_regex(saved)}\..+"] if saved else []
     if train and model is not None and not d.get("ensure_weight_tying"):
         _refuse_untied_copies(train[0][3:], model)
@@ -163,10 +174,36 @@ def _output_layer(model, task_type) -> str | None:
     return None if head is None else next(n for n, m in model.named_modules() if m is head)
 
 
+def _is_all_linear(target) -> bool:
+    return isinstance(target, str) and target.lower() == "all-linear"  # PEFT's check ignores case
+
+
+def _layer_regex(patterns, layers: list[int]) -> str:
+    """PEFT's layers_to_transform as a full-match regex on module names: the index that follows
+    the first of `patterns` to occur in the name (each tried in order, at a name's start or after
+    a dot), or without patterns the first number after two or more name parts, is in `layers`."""
+    idx = "|".join(str(int(i)) for i in layers)
+    if not patterns:
+        return rf"(?:(?!\.[^.]*\.\d+\.).)+\.[^.]*\.(?:{idx})\..*"
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    alternatives = []
+    for k, p in enumerate(patterns):
+        earlier = "".join(rf"(?!(?:.*\.)?(?:{q})\.\d+\.)" for q in patterns[:k])  # no earlier pattern occurs
+        alternatives.append(rf"{earlier}(?:(?!(?:{p})\.\d+\.)[^.]*\.)*(?:{p})\.(?:{idx})\..*")
+    return "|".join(f"(?:{a})" for a in alternatives)
+
+
+def _compiled(regex: str, field: str) -> re.Pattern:
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise SpecError(f"{regex!r} is not a regular expression: {e}", field=field) from e
+
+
 def _target_match(target, model, task_type=None):
     if target is None:
         return {"role": "attn.[qv]*"}
-    if target == "all-linear":
+    if _is_all_linear(target):
         match = {"type": ["Linear", "Conv1D"]}
         if model is None:
             return {**match, "role": "[am]*"}  # the output layer unknown: everything but readout sites
@@ -180,7 +217,7 @@ def _target_match(target, model, task_type=None):
 def _refuse_untied_copies(regex: str, model) -> None:
     """PEFT (ensure_weight_tying=False) trains a modules_to_save module as its own copy, which
     unties a tied weight; peftify trains the shared weight, as PEFT's ensure_weight_tying=True."""
-    rx = re.compile(regex)
+    rx = _compiled(regex, "modules_to_save")
     for tied in parameter_names(model).values():
         listed = [n for n in tied if rx.fullmatch(n)]
         if listed and len(tied) > 1:
@@ -195,7 +232,7 @@ def _refuse_untied_copies(regex: str, model) -> None:
 def _refuse_tied_targets(regex: str, model) -> None:
     """PEFT's ensure_weight_tying=True also adapts every layer tied to a targeted one (a LoRA on
     the embedding for a targeted head), which peftify cannot do."""
-    pattern = re.compile(regex)
+    pattern = _compiled(regex, "target_modules")
     for tied in parameter_names(model).values():
         names = [n.removesuffix(".weight") for n in tied if n.endswith(".weight")]  # the modules holding it as their weight
         targeted = [n for n in names if pattern.fullmatch(n)]
@@ -210,7 +247,7 @@ def _refuse_tied_targets(regex: str, model) -> None:
 def _refuse_peft_only_layers(regex: str, model) -> None:
     """target_modules naming an embedding or a convolution: PEFT would adapt it, peftify has no
     site there, and a list that also names linears would otherwise train less than PEFT silently."""
-    pattern = re.compile(regex)
+    pattern = _compiled(regex, "target_modules")
     named = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, PEFT_ONLY_LAYERS) and pattern.fullmatch(n)]
     if named:
         more = f" and {len(named) - 3} more" if len(named) > 3 else ""

@@ -21,6 +21,17 @@ def bert_cls():
     return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=101, num_labels=3)).eval()
 
 
+def roberta_cls():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=101, num_labels=3, pad_token_id=1)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+def llama_body():  # a model whose block list is at its root: "layers.0.…"
+    return tiny_llama().model
+
+
 class MLP(nn.Module):
     """A custom model with plain Linear layers (PEFT targets them by name too)."""
 
@@ -64,6 +75,13 @@ CASES = {
     # modules_to_save names end with the key, not only at a dot: "norm" is every layer norm too
     "saved-suffix": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj"], "modules_to_save": ["norm"]}),
     "bias-all-without-biases": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj"], "bias": "all"}),
+    # PEFT puts no LoRA inside a module it trains whole (modules_to_save, or a task's head)
+    "saved-not-adapted": (bert_cls, LLAMA_IN, {"target_modules": "all-linear", "modules_to_save": ["classifier"]}),
+    "task-head-not-adapted": (roberta_cls, LLAMA_IN, {"target_modules": ["query", "value", "dense"], "task_type": "SEQ_CLS"}),
+    # layers_to_transform: at the model's root; a module named in full in every layer
+    "layers-at-root": (llama_body, LLAMA_IN, {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}),
+    "layers-full-name": (tiny_llama, LLAMA_IN, {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]}),
+    "upper-case-all-linear": (tiny_llama, LLAMA_IN, {"target_modules": "ALL-LINEAR"}),
 }
 
 
@@ -198,6 +216,70 @@ def test_targets_peft_adapts_but_peftify_does_not_are_refused(make, targets, nam
         peftify.peftify(model, LoraConfig(r=2, target_modules=targets), progress=False)
     assert e.value.field == "target_modules"
     assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before
+
+
+def test_layers_patterns_take_the_first_pattern_that_occurs_as_peft_does():
+    """T5's names hold both "block.N" and "layer.M": PEFT tries the patterns in order and reads
+    the index after the first one that occurs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5Model
+
+    base = T5Model(T5Config(d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2, vocab_size=101)).eval()
+    for pattern in (["layer", "block"], ["block", "layer"], "block"):
+        cfg = LoraConfig(r=2, target_modules=["q", "wi"], layers_to_transform=[1], layers_pattern=pattern)
+        theirs = get_peft_model(copy.deepcopy(base), cfg)
+        assert set(our_lora(peftify.peftify(copy.deepcopy(base), cfg, progress=False))) == set(peft_lora(theirs)), pattern
+
+
+def test_a_lora_only_file_of_a_model_with_two_adapters_loads_as_in_peft(tmp_path):
+    """PEFT's bias="lora_only" file of one adapter also holds the biases of layers only another
+    adapter adapts; PEFT leaves them out on load, and so does peftify."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base, x = tiny_gpt2(), LLAMA_IN()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["c_attn"], bias="lora_only"))
+    theirs.add_adapter("b", LoraConfig(r=2, target_modules=["c_fc"]))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n or "c_attn.base_layer.bias" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    theirs.set_adapter("default")
+    ours = peftify.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert {e.site.fqn.rpartition(".")[2] for e in ours._peftify.plan.entries} == {"c_attn"}
+    torch.testing.assert_close(output(ours, x), output(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval(), x))
+    torch.testing.assert_close(output(ours, x), output(theirs.eval(), x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, text",
+    [
+        ({"target_modules": "(q_proj"}, "target_modules", "is not a regular expression"),
+        ({"target_modules": ["q_proj"], "rank_pattern": {"q_proj": 2.5}}, "rank_pattern", "whole number, not 2.5"),
+        ({"target_modules": ["q_proj"], "modules_to_save": ["self_attn"]}, None, "adapts nothing"),  # PEFT: no module targeted
+    ],
+)
+def test_configs_peft_cannot_build_are_spec_errors_that_change_nothing(kwargs, field, text):
+    from peft import LoraConfig
+
+    model = tiny_llama()
+    before = {n: (id(p), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(SpecError, match=text) as e:
+        peftify.peftify(model, LoraConfig(r=2, **kwargs), progress=False)
+    assert e.value.field == field
+    assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
+
+
+@pytest.mark.parametrize("target", [r".*\.k_proj", "all-linear"])
+def test_layers_with_a_string_of_target_modules_are_refused_as_in_peft(target):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+        LoraConfig(target_modules=target, layers_to_transform=[1])
+    with pytest.raises(SpecError, match="with a list of target_modules only") as e:
+        peftify.Spec.from_peft({"peft_type": "LORA", "target_modules": target, "layers_to_transform": [1]})
+    assert e.value.field == "layers_to_transform"
 
 
 @pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]])
