@@ -350,12 +350,13 @@ def from_pretrained(
 ) -> nn.Module:
     """Rewrite a fresh copy of the base model as the saved adapter says and load its weights
     (`autocast_adapter_dtype` as in `peftify.peftify`). The adapter is trainable, ready to resume
-    training; ``is_trainable=False`` freezes it for inference (PEFT's default; a later
-    `set_adapter` makes an adapter trainable again)."""
+    training; ``is_trainable=False`` freezes it and puts the model in eval mode for inference
+    (PEFT's default; a later `set_adapter` makes an adapter trainable again)."""
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("from_pretrained takes the base model, not one already rewritten; use load_adapter")
     model = load_adapter(model, path, adapter, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)
-    if not is_trainable:
+    if not is_trainable:  # and in eval mode, as PEFT loads it
         for p in model.parameters():
             p.requires_grad_(False)
+        model.eval()
     return model

@@ -322,6 +322,8 @@ def apply_plan(
         mods = build_for_sites(method, [(plan.entries[i].site, weights[i]) for i in idx], progress)
         for i, mod in zip(idx, mods):
             built[i] = mod
+    for entry, mod in zip(plan.entries, built):  # in the mode of the layer it joins (an eval model's dropout stays off)
+        mod.train(model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training)
     if autocast_adapter_dtype:
         for entry, mod in zip(plan.entries, built):
             if not entry.method.replaces_base:  # a structure is the layer itself: it keeps the model's dtype
@@ -390,6 +392,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             base = AdaptedSite.with_weight(base, None, site.transposed)
         mod.residual = None
         adapted = AdaptedSite(site, base)
+        adapted.train(mod.training)
         if site.kind == "module":
             first = model.get_submodule(site.owners[0])
             _move_hooks(first, adapted)

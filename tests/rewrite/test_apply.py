@@ -432,3 +432,20 @@ def test_hooks_on_a_rewritten_layer_keep_running_and_their_handles_keep_working(
     pre.remove()
     peftify.merge(model)
     assert type(model[0]) is torch.nn.Linear and (model(x) == 0).all() and calls == ["pre"] * 3
+
+
+def test_adapters_join_in_the_mode_of_their_layer(tmp_path):
+    spec = {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 4, "dropout": 0.5}}]}
+    x = {"input_ids": torch.arange(12).view(2, 6) % 101}
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama().eval(), spec)  # transformers' from_pretrained returns an eval model
+    assert not any(m.training for m in model.modules())
+    adapted = adapted_output(model, x)
+    torch.testing.assert_close(output(model, x), adapted, rtol=0, atol=0)  # no dropout: the same twice
+    peftify.save_adapter(model, tmp_path)
+    trained = peftify.peftify(tiny_llama().train(), spec)
+    assert all(m.training for m in trained.modules())
+    torch.manual_seed(0)
+    loaded = peftify.from_pretrained(tiny_llama().train(), tmp_path, is_trainable=False)  # PEFT's inference load
+    assert not any(m.training for m in loaded.modules()) and not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(output(loaded, x), adapted)
