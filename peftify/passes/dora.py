@@ -59,7 +59,8 @@ class DoRAModule(LoRAModule):
         return squared.clamp_min(0).sqrt().to(weight.dtype).clamp_min(torch.finfo(weight.dtype).tiny)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        scale = self.magnitude / self.row_norms(weight)
+        # the norm is a constant in the backward here too (a functional site trains through this)
+        scale = self.magnitude / self.row_norms(weight).detach()
         return scale[:, None] * super().merged_weight(weight)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -474,3 +474,49 @@ def test_forward_mode_ad_matches_finite_differences(name, mode):
     plus = f({n: p + eps * tangents[n] for n, p in moved.items()}, x + eps * tx)
     minus = f({n: p - eps * tangents[n] for n, p in moved.items()}, x - eps * tx)
     torch.testing.assert_close(got, (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+class LinearNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 12, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class FunctionalLinearNet(torch.nn.Module):
+    def __init__(self, like: LinearNet):
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(like.lin.weight.detach().clone()), torch.nn.Parameter(like.lin.bias.detach().clone())
+
+    def forward(self, x):
+        return torch.tanh(torch.nn.functional.linear(x, self.w, self.b))
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - ATTENTION_ONLY))
+def test_a_functional_site_trains_as_the_module_site_does(name):
+    """The same weight as an nn.Linear and as a parameter used through F.linear: with the same
+    adapter values, the same output and gradients (float64)."""
+    torch.manual_seed(0)
+    module = LinearNet()
+    functional = FunctionalLinearNet(module)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    peftify.peftify(module, spec(name, r=4), example_inputs=x, progress=False)
+    peftify.peftify(functional, spec(name, r=4), example_inputs=x, progress=False)
+    perturb(module)
+
+    def adapter_params(model):
+        return {n.partition(".adapters.default.")[2]: p for n, p in model.named_parameters() if ".adapters.default." in n}
+
+    ours, theirs = adapter_params(module), adapter_params(functional)
+    assert ours.keys() == theirs.keys() and ours
+    with torch.no_grad():
+        for n, p in ours.items():
+            theirs[n].copy_(p)
+    torch.testing.assert_close(functional(x), module(x), rtol=1e-10, atol=1e-12)
+    module(x).square().sum().backward()
+    functional(x).square().sum().backward()
+    for n, p in ours.items():
+        if p.requires_grad:
+            torch.testing.assert_close(theirs[n].grad, p.grad, rtol=1e-8, atol=1e-10, msg=n)
