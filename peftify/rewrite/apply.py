@@ -476,8 +476,18 @@ def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str
 
 
 def _place(record: Trained, p: nn.Parameter) -> None:
+    _follow(p, record.slots[0][0]._parameters[record.slots[0][1]])
     for mod, name in record.slots:
         mod._parameters[name] = p
+
+
+def _follow(p: torch.Tensor, placed: torch.Tensor | None) -> None:
+    """Move and cast `p`, kept outside the module tree while another tensor filled its place, to
+    wherever ``.to()``/``.half()``/``to_empty`` took that one in the meantime."""
+    if placed is None or (p.device, p.dtype) == (placed.device, placed.dtype):
+        return
+    with torch.no_grad():
+        p.data = torch.empty_like(p, device=placed.device, dtype=placed.dtype) if p.is_meta else p.data.to(placed.device, placed.dtype)
 
 
 def _place_copies(rewrite: RewriteState, adapter: str | None) -> None:
@@ -586,6 +596,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         return
     base = adapted.base_layer
     if not fold and record.original is not None:
+        for name, p in record.original.named_parameters():  # it was outside the tree: where the live layer is now
+            _follow(p, getattr(base, name, None))
         base = record.original  # dropping an adapter that rewrote the base weight: the original comes back
     if fold:
         weight = adapted.dense_weight()

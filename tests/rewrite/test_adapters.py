@@ -500,3 +500,34 @@ def test_from_pretrained_is_trainable_by_default_and_frozen_for_inference_on_req
     frozen = peftify.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=False)  # PEFT's default
     assert not any(p.requires_grad for p in frozen.parameters())
     torch.testing.assert_close(output(frozen, X), output(model, X), rtol=0, atol=0)
+
+
+def test_to_moves_and_casts_what_the_rewrite_keeps_aside():
+    """What a rewrite keeps outside the module tree (the original and the inactive adapters'
+    copies of a `train` parameter, a PiSSA site's original module) follows a `.to()` once it is
+    back in place: each adapter, the base alone and the unloaded model all run in the new dtype
+    and give what they did."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    peftify.peftify(model, {"rules": [{"match": "*.k_proj", "apply": {"method": "lora", "r": 2, "init": "pissa"}}], "train": ["lm_head.*"]}, adapter="a")
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 2}}], "train": ["lm_head.*"]}, adapter="b")
+    randomize(model, "b")
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)  # b's copy of the head
+    want = {}
+    for adapter in ("a", "b", None):
+        peftify.set_adapter(model, adapter) if adapter else None
+        with peftify.disable_adapters(model) if adapter is None else torch.no_grad():
+            want[adapter] = output(model, X).double()
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    for adapter in ("a", "b", None):
+        peftify.set_adapter(model, adapter) if adapter else None
+        with peftify.disable_adapters(model) if adapter is None else torch.no_grad():
+            got = output(model, X)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want[adapter], rtol=1e-5, atol=1e-5)
+    peftify.unload(model)
+    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: torch.float64 for k in base.state_dict()}
+    torch.testing.assert_close(output(model, X), output(base.double(), X), rtol=1e-5, atol=1e-5)
