@@ -38,7 +38,7 @@ from peftify.rewrite.apply import (
 )
 from peftify.rewrite.capture import capture
 from peftify.rewrite.plan import Rewritten, make_plan
-from peftify.rewrite.select import uses_roles
+from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, sites_from_modules
 from peftify.rewrite.spec import Rule, Spec
 
@@ -222,7 +222,39 @@ def load_adapter(
             raise prefixed(f"{source} does not fit this model: ", e) from e
         tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
-    return _load_into(model, adapter, tensors, fmt, source)
+    return _load_into(model, adapter, tensors, fmt, source, config)
+
+
+# Settings that change how a method trains, not what its tensors compute: an adapter built with
+# other values still takes a file's tensors (a run resumed with another dropout, say).
+TRAINING_ONLY = ("dropout", "lr_ratio", "train_a", "bias", "base_width")
+
+
+def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, source: str) -> None:
+    """An existing adapter takes a file's tensors only if it was built with the file's settings:
+    tensors of the same shapes under another alpha, rslora, init or seed compute something else."""
+    rewrite = rewrite_state(model, "load into")
+    entries = rewrite.adapters[adapter].entries
+    if fmt == "native":
+        wanted = {site["fqn"]: site["method"] for site in config["sites"]}
+    else:  # the method PEFT's config gives each site: the last rule matching it, as a plan resolves it
+        spec, ctx = from_peft(config, model), Context(depth=rewrite.capture.depth, width=rewrite.capture.width)
+        chosen = {e.site.fqn: [rule.apply for rule, matches in zip(spec.rules, spec.matchers) if matches(e.site, ctx)] for e in entries}
+        wanted = {fqn: rules[-1].to_dict() for fqn, rules in chosen.items() if rules and rules[-1] is not None}
+    differ = []
+    for e in entries:
+        if e.site.fqn not in wanted:
+            continue
+        have, want = (json.loads(json.dumps(d)) for d in (adapted_site(model, e.site).adapters[adapter].saved_method().to_dict(), wanted[e.site.fqn]))
+        keys = [k for k in dict.fromkeys([*want, *have]) if k not in TRAINING_ONLY and want.get(k) != have.get(k)]
+        if keys:
+            differ.append(f"{e.site.fqn} ({', '.join(f'{k}: {want.get(k)!r} in the file, {have.get(k)!r} here' for k in keys)})")
+    if differ:
+        raise SpecError(
+            f"{source} was saved from an adapter with other settings than {adapter!r} has: {'; '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}; "
+            "load it under a new name (or into a fresh model with peftify.from_pretrained), which builds it as the file says",
+            field="adapter",
+        )
 
 
 def _read(path: Path, files: tuple[str, str], source: str) -> tuple[dict, dict]:
@@ -237,8 +269,9 @@ def _read(path: Path, files: tuple[str, str], source: str) -> tuple[dict, dict]:
     return config, tensors
 
 
-def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: str) -> nn.Module:
-    """Check `tensors` against an existing adapter, then copy them in."""
+def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: str, config: dict | None = None) -> nn.Module:
+    """Check `tensors` (and the settings in a file's `config`) against an existing adapter, then
+    copy them in."""
     plan = rewrite_state(model, "load into").adapters[adapter]
     targets = adapter_state(model, adapter, buffers=False)
     optional = {}
@@ -247,6 +280,8 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
         optional.update(base_params(entry.site, adapted.base_layer) | adapter_buffers(entry, adapter, adapted.adapters[adapter]))
     tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
     check_state(targets, tensors, source, optional)
+    if config is not None:
+        _check_settings(model, adapter, config, fmt, source)
     with torch.no_grad():
         for name, p in {**optional, **targets}.items():
             if name in tensors:

@@ -557,3 +557,31 @@ def test_a_bfloat16_model_gets_float32_adapters_as_in_peft(dora, tmp_path):
     x = LLAMA_IN()
     want, got = output(theirs, x).double(), output(ours, x).double()
     assert (got - want).norm() <= 2e-2 * want.norm()
+
+
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_an_existing_adapter_takes_a_file_saved_with_its_settings_only(fmt, tmp_path):
+    """Tensors of the same shapes under another alpha or rslora compute something else: loading
+    them into an adapter built so is a SpecError naming the setting, and changes nothing. A
+    training-only setting (dropout) may differ."""
+    torch.manual_seed(0)
+    base, x = tiny_llama(), LLAMA_IN()
+
+    def build(**hp):
+        return peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 4, "alpha": 8, **hp}}]})
+
+    saved = build()
+    with torch.no_grad():
+        for n, p in saved.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    peftify.save_adapter(saved, tmp_path, format=fmt)
+    for hp, named in (({"alpha": 32}, r"alpha: 8(\.0)? in the file, 32(\.0)? here"), ({"rslora": True}, "rslora: False in the file, True here")):
+        other = build(**hp)
+        before = {n: p.detach().clone() for n, p in other.named_parameters()}
+        with pytest.raises(SpecError, match=named) as e:
+            peftify.load_adapter(other, tmp_path)
+        assert e.value.field == "adapter" and all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    resumed = build(dropout=0.1).eval()
+    peftify.load_adapter(resumed, tmp_path)
+    torch.testing.assert_close(output(resumed, x), output(saved, x))
