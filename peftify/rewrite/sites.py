@@ -199,8 +199,10 @@ def _expert_behind(node, params: dict[str, str]):
             picked = True
         elif WEIGHT_VIEWS.get(target):
             order = _axis_order(node)
-            matrix_swap = list(range(len(order) - 2)) + [len(order) - 1, len(order) - 2]
-            if len(order) < 2 or order not in (matrix_swap, sorted(order)):
+            if len(order) < 2:
+                return None
+            matrix_swap = [*range(len(order) - 2), len(order) - 1, len(order) - 2]  # the last two axes exchanged
+            if order not in (matrix_swap, sorted(order)):
                 return None
             swapped ^= order == matrix_swap
         elif WEIGHT_VIEWS.get(target) is not False or target in ("aten.view.default", "aten.reshape.default"):
