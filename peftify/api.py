@@ -184,7 +184,7 @@ def report(model: nn.Module) -> Report:
             sum(p.numel() for p in own if p.requires_grad) + (bias[1].numel() if bias is not None else 0),
             (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),
             dense_flops(e.site),
-            mod.saved_method().flops(e.site),  # as the module is now (a self-guided layer whose guide is gone: the structure)
+            mod.flops(),  # as the module is now (the values an energy threshold kept; a self-guided layer without its guide: the structure)
             mod.summary(),
         ))
     cap = state.capture

@@ -24,8 +24,11 @@ def _fmt(c) -> str:
 
 
 def human(n: int) -> str:
-    """1234567 → '1.23M'."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
+    """1234567 → '1.23M'; the unit is the one its 3 digits round into (999,698 → '1M')."""
+    if abs(n) < 1000:
+        return str(n)
+    units = (("K", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12))
+    for unit, scale in units:
+        text = f"{n / scale:.3g}"
+        if abs(float(text)) < 1000 or unit == units[-1][0]:
+            return text + unit

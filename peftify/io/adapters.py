@@ -33,6 +33,7 @@ from peftify.rewrite.apply import (
     live_name,
     module_prefix,
     rewrite_state,
+    set_active,
     tied_names,
     trained_record,
 )
@@ -107,6 +108,9 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
     changes."""
     rewrite = rewrite_state(model, "load into")
     adapter = _named(rewrite, adapter)
+    odd = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise SpecError(f"a state dict maps names to tensors; these entries do not: {odd[:4]}")
     fmt = "peft" if any(k.startswith(PEFT_PREFIX) for k in state_dict) else "native"
     return _load_into(model, adapter, dict(state_dict), fmt, f"the {fmt} state dict")
 
@@ -195,6 +199,7 @@ def load_adapter(
     fmt = detect_format(path)
     source = f"the {fmt} adapter at {str(path)!r}"
     config, tensors = _read(path, NATIVE if fmt == "native" else PEFT, source)
+    _check_config(config, fmt, source)
     rewrite = getattr(model, "_peftify", None)
     if rewrite is None or adapter not in rewrite.adapters:
         if fmt == "native":
@@ -222,7 +227,9 @@ def load_adapter(
             raise prefixed(f"{source} does not fit this model: ", e) from e
         tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
-    return _load_into(model, adapter, tensors, fmt, source, config)
+    _load_into(model, adapter, tensors, fmt, source, config)
+    set_active(model, adapter)
+    return model
 
 
 # Settings that change how a method trains, not what its tensors compute: an adapter built with
@@ -235,8 +242,14 @@ def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, sour
     tensors of the same shapes under another alpha, rslora, init or seed compute something else."""
     rewrite = rewrite_state(model, "load into")
     entries = rewrite.adapters[adapter].entries
-    if fmt == "native":
-        wanted = {site["fqn"]: site["method"] for site in config["sites"]}
+    if fmt == "native":  # the file's methods, validated as a fresh load validates them
+        wanted = {site["fqn"]: Method.from_dict(site["method"]).to_dict() for site in config["sites"]}
+        if set(wanted) != {e.site.fqn for e in entries}:
+            here = {e.site.fqn for e in entries}
+            raise SpecError(
+                f"{source} adapts other sites than {adapter!r}: only in the file {sorted(set(wanted) - here)[:4]}, only here {sorted(here - set(wanted))[:4]}",
+                field="adapter",
+            )
     else:  # the method PEFT's config gives each site: the last rule matching it, as a plan resolves it
         spec, ctx = from_peft(config, model), Context(depth=rewrite.capture.depth, width=rewrite.capture.width)
         chosen = {e.site.fqn: [rule.apply for rule, matches in zip(spec.rules, spec.matchers) if matches(e.site, ctx)] for e in entries}
@@ -287,6 +300,32 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
             if name in tensors:
                 p.copy_(tensors[name])
     return model
+
+
+def _check_config(config, fmt: str, source: str) -> None:
+    """A file's config has the structure loading reads (a hand-edited or foreign file says what is
+    wrong instead of failing somewhere inside the load)."""
+
+    def bad(what: str):
+        return SpecError(f"{source} cannot be loaded: {what}")
+
+    if not isinstance(config, dict):
+        raise bad(f"its config is a JSON {type(config).__name__}, not an object")
+    if fmt == "peft":
+        targets = config.get("target_modules")
+        if not (targets is None or isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise bad(f"target_modules must be a string or a list of strings, not {targets!r}")
+        return
+    if config.get("format") != "peftify":
+        raise bad(f"peftify.json says its format is {config.get('format')!r}, not 'peftify'")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise bad(f"format_version {version!r}; this peftify reads versions 1 to {FORMAT_VERSION} (a newer peftify wrote it?)")
+    sites = config.get("sites")
+    if not isinstance(sites, list) or not all(isinstance(site, dict) and isinstance(site.get("fqn"), str) and isinstance(site.get("kind"), str) and isinstance(site.get("method"), dict) for site in sites):
+        raise bad("its 'sites' must be a list of objects with a name ('fqn'), a 'kind' and a 'method' object")
+    if not isinstance(config.get("train", []), list):
+        raise bad("its 'train' must be a list of parameter names")
 
 
 def _resolved_spec(config: dict) -> Spec:

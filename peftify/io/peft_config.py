@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, warn
 from peftify.passes.dora import DoRA
 from peftify.passes.lora import IDENTITY_INITS, LoRA
 from peftify.rewrite.sites import parameter_names
@@ -285,6 +285,9 @@ def to_peft(plan, model) -> dict[str, Any]:
     for field in ("dropout", "rslora", "init", "bias"):
         if len({getattr(m, field) for m in methods}) > 1:
             raise SpecError(f"PEFT's format needs one {field} for all sites; this rewrite mixes them", field=field)
+    dropped = [f"{field}={value!r}" for field, default in (("train_a", True), ("lr_ratio", 1.0)) for value in {getattr(m, field) for m in methods} if value != default]
+    if dropped:  # how it trains, not what it computes: the file loads and computes the same
+        warn(f"PEFT's config cannot hold {', '.join(dropped)}; the file leaves them out (format='native' keeps them)")
     first = methods[0]
     r, alpha = max((m.r for m in methods), key=[m.r for m in methods].count), max((m.alpha for m in methods), key=[m.alpha for m in methods].count)
     from peftify.rewrite.apply import live_name, tied_names

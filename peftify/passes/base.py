@@ -215,6 +215,10 @@ class SiteModule(nn.Module):
         """The method a saved file records: what rebuilds this module as it is now."""
         return self.method
 
+    def flops(self) -> int:
+        """FLOPs per token as built (a plan counts them before building, some as a bound)."""
+        return self.saved_method().flops(self.site)
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The dense (out, in) weight this adapter computes, given the base weight."""
         raise NotImplementedError

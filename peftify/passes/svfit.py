@@ -90,6 +90,9 @@ class SingularValues(LowRankDelta):
     def factors(self):
         return (self.sigma - self.sigma0)[:, None] * self.vh, self.u, 1.0
 
+    def flops(self) -> int:  # the values an energy threshold kept, not the plan's bound
+        return singular_flops(self.site, self.sigma.numel())
+
     # With all singular values, W' = U diag(σ) Vᵀ: W itself is not used.
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if stands_in_for(self.u, weight):

@@ -246,10 +246,21 @@ def check_state(expected: dict, given: dict, source: str, optional: dict | None 
     expected = {**optional, **expected}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
-    shapes = sorted(f"{k}: file {tuple(given[k].shape)}, model {tuple(expected[k].shape)}" for k in set(expected) & set(given) if given[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
+    shared = set(expected) & set(given)
+    shapes = sorted(f"{k}: file {tuple(given[k].shape)}, model {tuple(expected[k].shape)}" for k in shared if given[k].shape != expected[k].shape)
+    # a float file loads into any float precision; an integer index or a mask is no float weight
+    kinds = sorted(f"{k}: file {given[k].dtype}, model {expected[k].dtype}" for k in shared if _kind(given[k]) != _kind(expected[k]))
+    if missing or unexpected or shapes or kinds:
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes), ("wrong kind of number", kinds))
+            if items
+        ]
         raise SpecError(f"{source} does not fit this model; " + "; ".join(parts))
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "bool" if t.dtype == torch.bool else "complex" if t.is_complex() else "float" if t.is_floating_point() else "integer"
 
 
 def _base_of(model: nn.Module, site: Site, state: RewriteState | None):
@@ -424,7 +435,10 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
         else:
             owner_path, name = _split(site.weight)
             owner = model.get_submodule(owner_path)
-            record.order = list(owner._parameters)
+            # its parameters' order on the plain model (flags were read before any rewrite: a
+            # parameter another adapter parametrizes now is missing from _parameters)
+            plain = [n.rpartition(".")[2] for n in rewrite.flags if n.rpartition(".")[0] == owner_path]
+            record.order = list(dict.fromkeys([*plain, *owner._parameters]))
             _own_class(owner)
             parametrize.register_parametrization(owner, name, WeightParametrization(adapted), unsafe=True)
             undo.append(lambda owner=owner, name=name, order=record.order: _unparametrize(owner, name, order, leave_parametrized=False))

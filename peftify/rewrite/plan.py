@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 
 from torch import nn
@@ -206,7 +206,9 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             _unmatched(f"train glob {pattern!r}", pattern, names, strict)
         train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]
     plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
-    plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train)
+    # a bias a method trains and a glob names too trains once: the site's count holds it
+    counted = {e.site.bias for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}
+    plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
     plan._model = weakref.ref(model)  # to preview projections when printed
     return plan
 

@@ -585,3 +585,69 @@ def test_an_existing_adapter_takes_a_file_saved_with_its_settings_only(fmt, tmp_
     resumed = build(dropout=0.1).eval()
     peftify.load_adapter(resumed, tmp_path)
     torch.testing.assert_close(output(resumed, x), output(saved, x))
+
+
+@pytest.mark.parametrize(
+    "fmt, edit, text",
+    [
+        ("native", lambda c, t: ({**c, "format_version": 99}, t), "format_version 99; this peftify reads versions 1 to 1"),
+        ("native", lambda c, t: ({**c, "format": "other"}, t), "its format is 'other', not 'peftify'"),
+        ("native", lambda c, t: ({k: v for k, v in c.items() if k != "sites"}, t), "'sites' must be a list of objects"),
+        ("native", lambda c, t: ({**c, "sites": [{**c["sites"][0], "method": "lora"}]}, t), "'sites' must be a list of objects"),
+        ("native", lambda c, t: ([c], t), "its config is a JSON list, not an object"),
+        ("peft", lambda c, t: ({**c, "target_modules": 5}, t), "target_modules must be a string or a list of strings, not 5"),
+        ("peft", lambda c, t: ([c], t), "its config is a JSON list, not an object"),
+        ("native", lambda c, t: (c, {k: v.long() for k, v in t.items()}), r"wrong kind of number \(2\): .*lora_A: file torch.int64, model torch.float32"),
+        ("peft", lambda c, t: (c, {k: v.bool() for k, v in t.items()}), r"wrong kind of number \(2\): .*file torch.bool, model torch.float32"),
+    ],
+)
+def test_a_file_edited_by_hand_is_refused_with_what_is_wrong(fmt, edit, text, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    spec = {"rules": [{"match": "model.layers.0.self_attn.q_proj", "apply": {"method": "lora", "r": 2}}]}
+    peftify.save_adapter(peftify.peftify(tiny_llama(), spec), tmp_path, format=fmt)
+    weights, config = ("adapter.safetensors", "peftify.json") if fmt == "native" else ("adapter_model.safetensors", "adapter_config.json")
+    changed, tensors = edit(json.loads((tmp_path / config).read_text()), load_file(str(tmp_path / weights)))
+    (tmp_path / config).write_text(json.dumps(changed))
+    save_file(tensors, str(tmp_path / weights))
+    for model in (tiny_llama(), peftify.peftify(tiny_llama(), spec)):  # a fresh load, and into the existing adapter
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(SpecError, match=text):
+            peftify.load_adapter(model, tmp_path)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_loading_into_an_existing_adapter_validates_the_file_and_makes_the_adapter_active(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    base, x = tiny_llama(), LLAMA_IN()
+    spec = {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2}}]}
+    model = peftify.peftify(copy.deepcopy(base), spec)
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "lora", "r": 2}}]}, adapter="other")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    peftify.set_adapter(model, "default")
+    peftify.save_adapter(model, tmp_path / "a")
+    want = output(model, x)
+    peftify.set_adapter(model, "other")
+    peftify.load_adapter(model, tmp_path / "a")  # into the existing 'default': it computes now
+    torch.testing.assert_close(output(model, x), want)
+    config = json.loads((tmp_path / "a" / "peftify.json").read_text())
+    bad = {**config, "sites": [{**s, "method": {**s["method"], "dropout": 2.0}} for s in config["sites"]]}
+    fewer = {**config, "sites": config["sites"][1:]}
+    for changed, text in ((bad, r"field 'dropout': must be in \[0, 1\)"), (fewer, "adapts other sites than 'default': only in the file \\[\\], only here")):
+        (tmp_path / "a" / "peftify.json").write_text(json.dumps(changed))
+        with pytest.raises(SpecError, match=text):
+            peftify.load_adapter(model, tmp_path / "a")
+
+
+def test_the_peft_format_says_which_training_settings_it_leaves_out(tmp_path):
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2, "train_a": False, "lr_ratio": 4.0}}]}
+    model = peftify.peftify(tiny_llama(), spec)
+    with pytest.warns(UserWarning, match=r"PEFT's config cannot hold train_a=False, lr_ratio=4.0; the file leaves them out"):
+        peftify.save_adapter(model, tmp_path, format="peft")

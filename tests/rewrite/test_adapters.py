@@ -531,3 +531,17 @@ def test_to_moves_and_casts_what_the_rewrite_keeps_aside():
     peftify.unload(model)
     assert {k: v.dtype for k, v in model.state_dict().items()} == {k: torch.float64 for k in base.state_dict()}
     torch.testing.assert_close(output(model, X), output(base.double(), X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("finish", ["merge", "unload"])
+def test_a_functional_owner_gets_its_parameter_order_back_after_adapters_come_and_go(finish):
+    torch.manual_seed(0)
+    base, x = FunctionalNet(), torch.randn(4, 16)
+    model = copy.deepcopy(base)
+    lora = {"method": "lora", "r": 2}
+    peftify.peftify(model, {"rules": [{"match": "w_in", "apply": lora}, {"match": "w_mid", "apply": lora}]}, example_inputs=x)
+    peftify.peftify(model, {"rules": [{"match": "w_mid", "apply": lora}]}, adapter="b", example_inputs=x)
+    peftify.delete_adapter(model, "default")  # w_in plain again, w_mid still parametrized
+    peftify.peftify(model, {"rules": [{"match": "w_in", "apply": lora}]}, adapter="c", example_inputs=x)
+    getattr(peftify, finish)(model)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in base.named_parameters()]

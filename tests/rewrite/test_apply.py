@@ -449,3 +449,26 @@ def test_adapters_join_in_the_mode_of_their_layer(tmp_path):
     loaded = peftify.from_pretrained(tiny_llama().train(), tmp_path, is_trainable=False)  # PEFT's inference load
     assert not any(m.training for m in loaded.modules()) and not any(p.requires_grad for p in loaded.parameters())
     torch.testing.assert_close(output(loaded, x), adapted)
+
+
+def test_plan_and_report_count_what_is_built_once():
+    """A bias a method trains and a glob names too counts once; an energy threshold's report
+    counts the singular values it kept, not the plan's bound."""
+    model = tiny_gpt2()
+    spec = {"rules": [{"match": "transformer.h.0.attn.c_attn", "apply": {"method": "lora", "r": 2, "bias": True}}], "train": ["transformer.h.0.attn.c_attn.bias"]}
+    plan = peftify.plan(model, spec)
+    peftify.peftify(model, spec)
+    actual = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.trainable_params == peftify.report(model).trainable == actual == 2 * (32 + 96) + 96
+    model = tiny_llama()
+    peftify.peftify(model, {"rules": [{"match": "model.layers.0.mlp.up_proj", "apply": {"method": "svfit", "energy": 0.9}}]})
+    r = model.model.layers[0].mlp.up_proj.adapters["default"].sigma.numel()
+    assert 0 < r < 64
+    [row] = peftify.report(model).rows
+    assert row[3] == r and row[6] == 2 * 64 * 96 + 2 * r * (64 + 96)  # x Wᵀ, and x V_r then (·) U_rᵀ
+
+
+def test_table_numbers_take_the_unit_their_digits_round_into():
+    from peftify.table import human
+
+    assert [human(n) for n in (999, 1000, 999_498, 999_698, 1_234_567, 999_500_000, 2_500_000_000_000)] == ["999", "1K", "999K", "1M", "1.23M", "1G", "2.5T"]
