@@ -137,7 +137,7 @@ def _contents(model: nn.Module, format: str, adapter: str | None) -> tuple[dict,
     if format == "peft":
         config = to_peft(plan, model)
         rename = peft_names(plan.entries, adapter)
-        experts = _experts_to_peft(tensors, plan, adapter)
+        experts = _experts_to_peft(tensors, plan, adapter, model)
         tensors = {rename.get(n, PEFT_PREFIX + n): t for n, t in tensors.items()} | experts
         live = Rewritten.of(model)
         for name in plan.train:  # each tied slot of a trained weight, as PEFT writes it (a copy: files hold no shared tensors)
@@ -352,7 +352,7 @@ def _from_peft_keys(tensors: dict, plan, adapter: str, model: nn.Module, source:
     ``.original_module.`` copy is dropped. A trained tied weight (ensure_weight_tying) is saved
     once per slot; the copies must agree, and load as the one weight."""
     theirs = {v: k for k, v in peft_names(plan.entries, adapter).items()}
-    tensors = _experts_from_peft(dict(tensors), plan, adapter)
+    tensors = _experts_from_peft(dict(tensors), plan, adapter, model)
     sites = {e.site.fqn for e in plan.entries}
     out = {}
     for key, t in tensors.items():
@@ -390,20 +390,31 @@ def _peft_expert_prefixes(plan, adapter: str) -> list[tuple]:
     ]
 
 
-def _experts_to_peft(tensors: dict, plan, adapter: str) -> dict:
+def _peft_reads_swapped(model: nn.Module, site) -> bool:
+    """PEFT takes an expert stack as (experts, out, in) unless its module says ``is_transposed``
+    (GPT-OSS); one stored the other way without the flag (Llama4) gets its factors in the
+    stored layout's roles: PEFT's A then reads what is our output side. Such a site's factors
+    trade places (and transpose) between the two formats."""
+    owner = model.get_submodule(site.weight.rpartition(".")[0])
+    return site.transposed != bool(getattr(owner, "is_transposed", False))
+
+
+def _experts_to_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> dict:
     """Takes the experts sites' per-expert LoRA factors out of `tensors` and returns them in
     PEFT's layout: A (experts·r, in) with expert-major rows, B (out, r·experts) with the expert
-    as the fastest column index."""
+    as the fastest column index (in and out as PEFT reads the stack)."""
     out = {}
     for e, ours, theirs in _peft_expert_prefixes(plan, adapter):
         a = [tensors.pop(f"{ours}.{i}.lora_A") for i in range(e.site.experts)]
         b = [tensors.pop(f"{ours}.{i}.lora_B") for i in range(e.site.experts)]
-        out[f"{theirs}.lora_A.weight"] = torch.cat(a)
+        if _peft_reads_swapped(model, e.site):
+            a, b = [t.t() for t in b], [t.t() for t in a]
+        out[f"{theirs}.lora_A.weight"] = torch.cat(a).contiguous()
         out[f"{theirs}.lora_B.weight"] = torch.stack(b, dim=-1).flatten(1)
     return out
 
 
-def _experts_from_peft(tensors: dict, plan, adapter: str) -> dict:
+def _experts_from_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> dict:
     """The inverse of `_experts_to_peft`, in place; what is absent is left for `check_state` to name."""
     for e, ours, theirs in _peft_expert_prefixes(plan, adapter):
         n = e.site.experts
@@ -413,7 +424,10 @@ def _experts_from_peft(tensors: dict, plan, adapter: str) -> dict:
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] % n or b.shape[1] % n:
             raise SpecError(f"PEFT's factors for {e.site.fqn} ({tuple(a.shape)}, {tuple(b.shape)}) do not split into its {n} experts")
         del tensors[f"{theirs}.lora_A.weight"], tensors[f"{theirs}.lora_B.weight"]
+        swapped = _peft_reads_swapped(model, e.site)
         for i, (ai, bi) in enumerate(zip(a.unflatten(0, (n, -1)), b.unflatten(1, (-1, n)).unbind(-1))):
+            if swapped:
+                ai, bi = bi.t(), ai.t()
             tensors[f"{ours}.{i}.lora_A"], tensors[f"{ours}.{i}.lora_B"] = ai.contiguous(), bi.contiguous()
     return tensors
 

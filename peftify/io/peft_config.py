@@ -320,6 +320,6 @@ def to_peft(plan, model) -> dict[str, Any]:
         "rank_pattern": {re.escape(e.site.fqn): e.method.r for e in plan.entries if e.method.r != r},
         "alpha_pattern": {re.escape(e.site.fqn): e.method.alpha for e in plan.entries if e.method.alpha != alpha},
         "modules_to_save": modules_to_save or None,
-        "fan_in_fan_out": any(e.site.transposed for e in plan.entries),
+        "fan_in_fan_out": any(e.site.transposed for e in plan.entries if not e.site.experts),  # PEFT reads expert stacks by their own flag
         "use_dora": kinds == {DoRA},
     } | ({"ensure_weight_tying": True} if tied else {})

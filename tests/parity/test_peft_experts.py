@@ -75,3 +75,39 @@ def test_expert_adapters_peft_cannot_hold_are_refused(tmp_path):
     with pytest.raises(SpecError, match="plain LoRA"):
         peftify.save_adapter(model, tmp_path / "p", format="peft")
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("intermediate", [48, 32])  # a non-square stack, and a square one where swapped factors would still fit
+def test_a_stack_stored_in_out_without_peft_s_flag_crosses_both_ways(intermediate, tmp_path):
+    """Llama4 stores its experts (experts, in, out) and sets no ``is_transposed``: PEFT gives
+    their factors the stored layout's roles, and peftify reads and writes them so."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    def llama4():
+        torch.manual_seed(0)
+        cfg = Llama4TextConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=intermediate,
+            intermediate_size_mlp=48, vocab_size=101, num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
+        )
+        model = Llama4ForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 3:
+                    p.copy_(torch.randn_like(p) * 0.2)
+        return model
+
+    x = torch.randint(1, 101, (2, 7))
+    theirs = get_peft_model(llama4(), LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=TARGETS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftify.from_pretrained(llama4(), tmp_path / "peft")
+    assert all(e.site.transposed for e in ours._peftify.plan.entries)
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-6, rtol=1e-6)
+    peftify.save_adapter(ours, tmp_path / "ours", format="peft")
+    back = PeftModel.from_pretrained(llama4(), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(x).logits, theirs(x).logits, atol=1e-6, rtol=1e-6)
