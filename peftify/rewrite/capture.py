@@ -109,7 +109,8 @@ def kept_tensors(model: nn.Module):
     non-strict export run) leaves its fake tensors in a module registered under two names
     (``self.b = self.a``), and a forward that registers a parameter, buffer or submodule on its
     first call (a mask cache), or caches a tensor as a plain attribute (``self.scale = ...`` when
-    None), would keep the trace's fakes: the model would then compute on fakes."""
+    None), would keep the trace's fakes: the model would then compute on fakes. A flag its forward
+    sets (``self.rescaled = True``) is put back too: the real weights never saw the trace."""
     registries = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
     saved = [(mod, [(r, getattr(mod, r).copy()) for r in registries], dict(mod.__dict__)) for mod in model.modules()]
     try:
@@ -122,14 +123,9 @@ def kept_tensors(model: nn.Module):
                 live.update(content)
             if mod.__dict__.keys() == attributes.keys() and all(map(operator.is_, mod.__dict__.values(), attributes.values())):
                 continue  # untouched (almost every module): no Python loop over its attributes
-            for name, value in list(mod.__dict__.items()):
-                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attributes.get(name) is not value:
-                    if name in attributes:
-                        mod.__dict__[name] = attributes[name]
-                    else:
-                        del mod.__dict__[name]
-            for name in attributes.keys() - mod.__dict__.keys():
-                mod.__dict__[name] = attributes[name]
+            # any attribute the traced forward set (RWKV's "weights are rescaled" flag) is put back
+            mod.__dict__.clear()
+            mod.__dict__.update(attributes)
 
 
 def _trace(model, args, kwargs, collapse: bool):

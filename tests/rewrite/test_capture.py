@@ -515,3 +515,20 @@ def test_a_buffer_a_forward_registers_on_its_first_call_is_not_left_fake():
     peftify.plan(net, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
     assert not dict(net.named_buffers()) and not net._non_persistent_buffers_set
     torch.testing.assert_close(net(x), torch.ones(3, 3).tril() @ net.proj(x))  # and it runs on real tensors
+
+
+def test_a_flag_the_forward_sets_is_put_back_after_the_trace():
+    class RescaledOnce(nn.Module):  # RWKV: its first eval forward rescales, and sets a flag saying so
+        def __init__(self):
+            super().__init__()
+            self.proj, self.rescaled = nn.Linear(4, 4), False
+
+        def forward(self, x):
+            first, self.rescaled = not self.rescaled, True
+            return self.proj(x) * (2.0 if first else 1.0)
+
+    net, twin, x = RescaledOnce(), RescaledOnce(), torch.randn(2, 4)
+    twin.load_state_dict(net.state_dict())
+    peftify.plan(net, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
+    assert net.rescaled is False
+    torch.testing.assert_close(net(x), twin(x))  # the first real call is the first call
