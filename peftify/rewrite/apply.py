@@ -47,6 +47,17 @@ class Trained:
     def holds(self, p: nn.Parameter) -> bool:
         return p is self.original or any(p is c for c in self.copies.values())
 
+    def adopt(self, active: str | None) -> None:
+        """Take the parameter now in the slots as the placed one (the active adapter's copy, or
+        the original): ``to_empty`` and FSDP's ``fully_shard`` put new parameter objects there."""
+        placed = self.slots[0][0]._parameters[self.slots[0][1]]
+        if placed is None or self.holds(placed):
+            return
+        if active in self.copies:
+            self.copies[active] = placed
+        else:
+            self.original = placed
+
 
 @dataclass
 class RewriteState:
@@ -94,6 +105,8 @@ def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
     state = getattr(model, "_peftify", None)
     if state is None:
         raise SpecError(f"this model has no peftify rewrite to {doing}")
+    for record in state.trained:
+        record.adopt(state.active)
     return state
 
 
@@ -290,6 +303,8 @@ def apply_plan(
     adapter over a half-precision weight trains float32 parameters (`upcast_trainable`).
     """
     rewrite: RewriteState | None = getattr(model, "_peftify", None)
+    if rewrite is not None:
+        rewrite = rewrite_state(model, "add to")  # with its records up to date
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise SpecError(f"an adapter name must be a Python identifier, not {adapter!r}", field="adapter")
     if hasattr(nn.ModuleDict(), adapter):  # each site keeps its adapters in a ModuleDict, keyed by name
@@ -490,18 +505,30 @@ def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str
 
 
 def _place(record: Trained, p: nn.Parameter) -> None:
-    _follow(p, record.slots[0][0]._parameters[record.slots[0][1]])
+    moved = _follow(p, record.slots[0][0]._parameters[record.slots[0][1]])
+    if moved is not p:  # a new object: the record holds it in p's place
+        record.original = moved if record.original is p else record.original
+        record.copies = {k: moved if c is p else c for k, c in record.copies.items()}
     for mod, name in record.slots:
-        mod._parameters[name] = p
+        mod._parameters[name] = moved
 
 
-def _follow(p: torch.Tensor, placed: torch.Tensor | None) -> None:
-    """Move and cast `p`, kept outside the module tree while another tensor filled its place, to
-    wherever ``.to()``/``.half()``/``to_empty`` took that one in the meantime."""
+def _follow(p: nn.Parameter, placed: torch.Tensor | None) -> nn.Parameter:
+    """`p`, kept outside the module tree while another tensor filled its place, moved and cast to
+    wherever ``.to()``/``.half()``/``to_empty`` took that one in the meantime: in place, or as a
+    new parameter where a placeholder on the meta device cannot take real memory."""
     if placed is None or (p.device, p.dtype) == (placed.device, placed.dtype):
-        return
+        return p
+    if p.is_meta:
+        warn(
+            "a parameter kept aside on the meta device (the original or another adapter's copy of a `train` parameter of a model "
+            "rewritten on the meta device) now takes memory, uninitialized: load its values (the base checkpoint with "
+            "peftify.disable_adapters(model), or the adapter that trains it)"
+        )
+        return nn.Parameter(torch.empty_like(p, device=placed.device, dtype=placed.dtype), requires_grad=p.requires_grad)
     with torch.no_grad():
-        p.data = torch.empty_like(p, device=placed.device, dtype=placed.dtype) if p.is_meta else p.data.to(placed.device, placed.dtype)
+        p.data = p.data.to(placed.device, placed.dtype)
+    return p
 
 
 def _place_copies(rewrite: RewriteState, adapter: str | None) -> None:
@@ -610,8 +637,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         return
     base = adapted.base_layer
     if not fold and record.original is not None:
-        for name, p in record.original.named_parameters():  # it was outside the tree: where the live layer is now
-            _follow(p, getattr(base, name, None))
+        for name, p in list(record.original.named_parameters(recurse=False)):  # it was outside the tree: where the live layer is now
+            record.original._parameters[name] = _follow(p, getattr(base, name, None))
         base = record.original  # dropping an adapter that rewrote the base weight: the original comes back
     if fold:
         weight = adapted.dense_weight()

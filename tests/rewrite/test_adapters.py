@@ -545,3 +545,35 @@ def test_a_functional_owner_gets_its_parameter_order_back_after_adapters_come_an
     peftify.peftify(model, {"rules": [{"match": "w_in", "apply": lora}]}, adapter="c", example_inputs=x)
     getattr(peftify, finish)(model)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in base.named_parameters()]
+
+
+def test_train_parameters_on_a_meta_model_follow_to_empty_and_the_loaded_adapter(tmp_path):
+    """The large-model path with a `train` parameter: `to_empty` puts new parameter objects in
+    the model, which the rewrite takes as its own; the original kept aside takes memory when it
+    comes back (with a warning), and the base checkpoint loaded with adapters disabled fills it."""
+    spec = {**A, "train": ["model.norm.weight"]}
+    torch.manual_seed(0)
+    real = tiny_llama()
+    plain = copy.deepcopy(real.state_dict())
+    peftify.peftify(real, spec)
+    randomize(real, "default")
+    with torch.no_grad():
+        real.model.norm.weight.add_(0.5)
+    peftify.save_adapter(real, tmp_path)
+    with torch.device("meta"):
+        meta = tiny_llama()
+    peftify.peftify(meta, spec)
+    meta.to_empty(device="cpu")
+    disabled = peftify.disable_adapters(meta)
+    with pytest.warns(UserWarning, match="now takes memory, uninitialized"):
+        disabled.__enter__()  # the original, a meta placeholder, comes back
+    live = meta.state_dict()  # the base checkpoint, into the rewritten names and the originals
+    for key, value in plain.items():
+        live[key if key in live else key.replace(".weight", ".base_layer.weight")].copy_(value)
+    disabled.__exit__(None, None, None)
+    meta.model.rotary_emb.inv_freq.copy_(real.model.rotary_emb.inv_freq)
+    peftify.load_adapter(meta, tmp_path)
+    torch.testing.assert_close(output(meta, X), output(real, X))
+    peftify.save_adapter(meta, tmp_path / "again")
+    with peftify.disable_adapters(meta), peftify.disable_adapters(real):
+        torch.testing.assert_close(output(meta, X), output(real, X))
