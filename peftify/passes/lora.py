@@ -76,7 +76,8 @@ class LoRA(Method):
         return self.rewrites_base
 
     def check(self, site: Site) -> None:
-        check_fits(site, self.r, "rank")
+        if self.init in SPLIT_INITS:  # it factors W: at most min(in, out) directions. Otherwise B·A may
+            check_fits(site, self.r, "rank")  # have more rank than the layer (PEFT allows it: a hidden→1 gate in "all-linear")
         if self.init in SPLIT_INITS and site.kind != "module":
             invalid("init", f"{self.init!r} rewrites the base weight, which needs a module site; {site.fqn} is functional")
         if self.dropout and site.kind != "module":  # W' = W + s·B·A is formed: no input to drop

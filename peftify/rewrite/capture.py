@@ -384,16 +384,19 @@ TRACEABLE_EXPERTS = "batched_mm"
 
 @contextlib.contextmanager
 def _traceable_experts(model: nn.Module):
-    """Temporarily run transformers' experts layers through `TRACEABLE_EXPERTS`."""
-    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_experts_implementation")}
-    previous = {key: c._experts_implementation for key, c in configs.items()}
+    """Temporarily run transformers' experts layers through `TRACEABLE_EXPERTS`, and without a
+    KV cache where a config has one (a forward that takes ``use_cache`` only through ``**kwargs``,
+    as GraniteMoE's, reads it from there)."""
+    settings = {"_experts_implementation": TRACEABLE_EXPERTS, "use_cache": False}
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}
+    previous = [(c, name, getattr(c, name)) for c in configs.values() for name in settings if hasattr(c, name)]
     try:
-        for c in configs.values():
-            c._experts_implementation = TRACEABLE_EXPERTS
+        for c, name, _ in previous:
+            setattr(c, name, settings[name])
         yield
     finally:
-        for key, c in configs.items():
-            c._experts_implementation = previous[key]
+        for c, name, value in previous:
+            setattr(c, name, value)
 
 
 @contextlib.contextmanager

@@ -194,3 +194,37 @@ def test_expert_stacks_of_a_bfloat16_model_train_float32_adapters(method):
     peftify.merge(model)
     for got, ref in zip(stacks(model), want, strict=True):
         assert got.dtype == torch.bfloat16 and (got.double() - ref).norm() <= 1e-2 * ref.norm()
+
+
+def test_a_forward_taking_use_cache_through_kwargs_is_traced_without_a_cache():
+    """GraniteMoE's forward takes ``use_cache`` only through ``**kwargs``: capture turns the cache
+    off through the config (and puts it back), so the trace finds the expert stacks and roles."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.GraniteMoeForCausalLM(T.GraniteMoeConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)).eval()
+    cap = peftify.capture(model)
+    assert cap.method == "make_fx" and model.config.use_cache is True
+    experts = {s.fqn.rpartition(".")[2]: s for s in cap.sites if s.experts and ".layers.1." in s.fqn}
+    assert {k: (s.experts, set(s.roles)) for k, s in experts.items()} == {"gate_up_proj": (4, {"mlp.up"}), "down_proj": (4, {"mlp.down"})}
+
+
+def test_a_peft_all_linear_adapter_with_a_one_wide_gate_loads():
+    """Qwen2-MoE's shared_expert_gate is hidden→1: PEFT's "all-linear" gives it r=8, more than the
+    layer's rank, which plain LoRA takes as PEFT does."""
+    import transformers as T
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    cfg = T.Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=48)
+    base = T.Qwen2MoeForCausalLM(cfg).eval()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    x = {"input_ids": torch.arange(14).view(2, 7)}
+    ours = peftify.peftify(copy.deepcopy(base), LoraConfig(r=8, target_modules="all-linear"))
+    assert ours.model.layers[0].mlp.shared_expert_gate.adapters["default"].lora_A.shape == (8, 32)
+    peftify.load_adapter_state_dict(ours, get_peft_model_state_dict(theirs))
+    torch.testing.assert_close(output(ours, x), output(theirs, x), atol=1e-5, rtol=1e-5)

@@ -148,8 +148,20 @@ def test_strict_false_warns_and_goes_on():
 
 
 def test_rank_larger_than_the_layer():
-    e = spec_error(rule("*.k_proj", r=33))
+    """A rank above min(in, out) is refused where the init factors W (PiSSA, OLoRA, and the SVD
+    methods); plain LoRA takes it, as PEFT does (a hidden→1 gate under "all-linear")."""
+    e = spec_error(rule("*.k_proj", r=33, init="pissa"))
     assert e.field == "r" and "exceeds the layer model.layers.0.self_attn.k_proj (64→32)" in str(e) and e.rule == "rule 0 ('*.k_proj')"
+    e = spec_error({"rules": [{"match": "*.k_proj", "apply": {"method": "lora_xs", "r": 33}}]})
+    assert e.field == "r" and "exceeds the layer" in str(e)
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = {"input_ids": torch.arange(12).view(2, 6) % 101}
+    want = model(**x).logits
+    plan = peftify.plan(model, rule("*.k_proj", r=33))
+    peftify.peftify(model, rule("*.k_proj", r=33))
+    torch.testing.assert_close(model(**x).logits, want)
+    assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 33 * (64 + 32)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
