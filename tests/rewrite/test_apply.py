@@ -79,7 +79,7 @@ def test_spec_error_changes_nothing():
     model = tiny_llama()
     snap = snapshot(model)
     with pytest.raises(SpecError):
-        peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 40}}]})
+        peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 40, "init": "pissa"}}]})
     assert_unchanged(model, snap)
 
 
