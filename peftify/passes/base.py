@@ -12,6 +12,7 @@ derived by the engine from these.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -334,6 +335,13 @@ def batched_svd(weights: list[torch.Tensor], ranks: list[int | None], progress: 
                     out[i] = (u[k], s[k], vh[k])
                 bar.update(len(chunk))
     return out
+
+
+def without_autocast(device_type: str):
+    """A region where autocast is off (a method's norms in float32 under autocast); where it is
+    off already, none (an empty autocast region in an exported program is not free:
+    ``torch.export.unflatten`` can fail on it)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def like_linear_under_autocast(y: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftify.codegen import lora_linear
-from peftify.passes.base import invalid, register
+from peftify.passes.base import invalid, register, without_autocast
 from peftify.passes.lora import IDENTITY_INITS, LoRA, LoRAModule
 from peftify.rewrite.sites import Site
 
@@ -54,14 +54,16 @@ class BoRAModule(LoRAModule):
         ‖V_·j‖² = Σ_i W_ij² + 2s (A ⊙ BᵀW)_·j + s² (A ⊙ BᵀB A)_·j, and with c = c_in²
         ‖(V diag c_in)_i·‖² = (W⊙W) c + 2s (B ⊙ W diag(c) Aᵀ)_i· + s² (B ⊙ B A diag(c) Aᵀ)_i·."""
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):  # norms in float32, also under autocast
-            w, a, b, s = weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
+        # detached (for reverse and forward mode alike, and no no_grad region inside autocast,
+        # which a saved program cannot hold), in float32 also under autocast
+        with without_autocast(weight.device.type):
+            w, a, b, s = weight.detach().to(dtype), self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype), self.scaling
             w2 = w.square()
             col = w2.sum(0) + 2 * s * (a * (b.t() @ w)).sum(0) + s * s * (a * ((b.t() @ b) @ a)).sum(0)
             # norms rounded to W's dtype as the magnitudes were at init: m / ‖·‖ is exactly 1 there, in bf16 too
             col_norm = col.clamp_min(1e-30).sqrt().to(weight.dtype).to(dtype)
         c_in = (self.magnitude_in.to(dtype) / col_norm).to(weight.dtype)
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        with without_autocast(weight.device.type):
             c = c_in.detach().to(dtype).square()
             row = w2 @ c + 2 * s * (b * (w @ (a * c).t())).sum(1) + s * s * (b * (b @ ((a * c) @ a.t()))).sum(1)
             row_norm = row.clamp_min(1e-30).sqrt().to(weight.dtype).to(dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftify.codegen import lora_linear
-from peftify.passes.base import invalid, register
+from peftify.passes.base import invalid, register, without_autocast
 from peftify.passes.lora import IDENTITY_INITS, LoRA, LoRAModule
 from peftify.rewrite.sites import Site
 
@@ -52,7 +52,7 @@ class DoRAModule(LoRAModule):
         """‖W + s·B·A‖ per output row, without forming W + s·B·A:
         ‖W‖² + 2s·⟨B, W Aᵀ⟩_row + s²·⟨B (A Aᵀ), B⟩_row, in float32 or wider."""
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        with torch.autocast(weight.device.type, enabled=False):  # in float32, also under autocast
+        with without_autocast(weight.device.type):  # in float32, also under autocast
             w, a, b, s = weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
             squared = w.square().sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
         # an all-zero row (a pruned unit) has m = 0: 0 / tiny keeps it 0 where PEFT's 0 / 0 is NaN

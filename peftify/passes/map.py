@@ -58,8 +58,8 @@ class MAPModule(SiteModule):
 
     def coefficients(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α/‖W‖_F, β/‖BA‖_F); ‖BA‖²_F = ⟨BᵀB, AAᵀ⟩ needs no (out × in) product."""
-        with torch.no_grad():  # W is frozen
-            w_norm = weight.to(torch.promote_types(weight.dtype, torch.float32)).norm().clamp_min(1e-30).to(weight.dtype)  # W = 0: α = 0 too
+        # W is frozen: detached (no no_grad region, which a saved program under autocast cannot hold)
+        w_norm = weight.detach().to(torch.promote_types(weight.dtype, torch.float32)).norm().clamp_min(1e-30).to(weight.dtype)  # W = 0: α = 0 too
         a, b = self.lora_A, self.lora_B
         delta_norm = ((b.t() @ b) * (a @ a.t())).sum().clamp_min(1e-30).sqrt()
         return self.alpha / w_norm, self.beta / delta_norm

@@ -89,3 +89,21 @@ def test_dynamic_shapes_are_keyed_by_the_models_own_arguments():
     longer = torch.arange(26).view(2, 13) % 101
     with torch.no_grad():
         torch.testing.assert_close(program.module()(input_ids=longer)["logits"], model(input_ids=longer).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_magnitude_methods_save_and_reload_and_float32_programs_unflatten(tmp_path):
+    """BoRA's and MAP's detached norms hold no no_grad region inside the autocast their float32
+    adapters run in (a saved program could not hold it); DoRA in float32 adds no autocast region
+    (torch.export.unflatten failed on it next to Llama's own)."""
+    torch.manual_seed(0)
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "bora", "r": 2}}, {"match": "*.v_proj", "apply": {"method": "map", "r": 2}}]}
+    model = peftify.peftify(tiny_llama(layers=1).to(torch.bfloat16), spec, progress=False).eval()
+    with torch.no_grad():
+        expected = output(model, X)
+    peftify.export(model, X, path=tmp_path / "half.pt2")
+    torch.testing.assert_close(torch.export.load(tmp_path / "half.pt2").module()(**X)["logits"], expected)
+    model = peftify.peftify(tiny_llama(layers=1), {"rules": [{"match": "lm_head", "apply": {"method": "dora", "r": 2}}]}, progress=False).eval()
+    with torch.no_grad():
+        expected = output(model, X)
+    unflat = torch.export.unflatten(peftify.export(model, X))
+    torch.testing.assert_close(unflat(**X)["logits"], expected)

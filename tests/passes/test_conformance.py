@@ -520,3 +520,26 @@ def test_a_functional_site_trains_as_the_module_site_does(name):
     for n, p in ours.items():
         if p.requires_grad:
             torch.testing.assert_close(theirs[n].grad, p.grad, rtol=1e-8, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
+def test_forward_and_reverse_mode_agree_with_tangents_on_every_trained_tensor(name):
+    """⟨J t, v⟩ = ⟨t, Jᵀ v⟩ in float64, tangents on the input and every trained tensor: forward
+    mode differentiates what the backward does (DoRA's and BoRA's detached norms in both)."""
+    from torch.func import functional_call, jvp, vjp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24)).double()
+    hp = {k: v for k, v in {"r": 4}.items() if k in {f.name for f in dataclasses.fields(METHODS[name])}}
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": name, **hp}}]}, example_inputs=(torch.randn(2, 16).double(),), progress=False)
+    params = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(5, 16, dtype=torch.float64)
+
+    def f(params, x):
+        return functional_call(model, params, (x,))
+
+    tangents, tx = {n: torch.randn_like(p) for n, p in params.items()}, torch.randn_like(x)
+    y, jt = jvp(f, (params, x), (tangents, tx))
+    v = torch.randn_like(y)
+    grads, gx = vjp(f, params, x)[1](v)
+    torch.testing.assert_close((jt * v).sum(), sum((tangents[n] * grads[n]).sum() for n in params) + (tx * gx).sum(), rtol=1e-9, atol=1e-12)
