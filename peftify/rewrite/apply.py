@@ -349,7 +349,9 @@ def apply_plan(
         for i, mod in zip(idx, mods):
             built[i] = mod
     for entry, mod in zip(plan.entries, built):  # in the mode of the layer it joins (an eval model's dropout stays off)
-        mod.train(model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training)
+        training = model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training
+        if mod.training != training:
+            mod.train(training)
     if autocast_adapter_dtype:
         for entry, mod in zip(plan.entries, built):
             if not entry.method.replaces_base:  # a structure is the layer itself: it keeps the model's dtype
@@ -418,7 +420,8 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             base = AdaptedSite.with_weight(base, None, site.transposed)
         mod.residual = None
         adapted = AdaptedSite(site, base)
-        adapted.train(mod.training)
+        if not mod.training:
+            adapted.eval()
         if site.kind == "module":
             first = model.get_submodule(site.owners[0])
             _move_hooks(first, adapted)
@@ -482,15 +485,16 @@ def _move_hooks(source: nn.Module, target: nn.Module) -> None:
     """Move the hooks a user registered on a layer to the module that now computes it (and back
     when it is restored), so they keep running and their handles keep removing them: a handle
     refers to the hook dict itself, which moves whole. `source` is left with none."""
+    ours = source.__dict__.get("_forward_pre_hooks", {})
+    for key in [k for k, hook in ours.items() if hook is _keeps_encoder_layers_off_their_fast_path]:
+        del ours[key]  # not the user's: it stays with the adapted site
+    if not any(source.__dict__.get(name) for name in _CALL_HOOKS):
+        return  # none (almost every layer): nothing to move
     for name in _CALL_HOOKS:
-        hooks = getattr(source, name, None)
-        if hooks is None:  # an attribute this torch version lacks
-            continue
-        setattr(target, name, hooks)
-        setattr(source, name, type(hooks)())
-        if name == "_forward_pre_hooks":  # ours, not the user's: it stays with the adapted site
-            for key in [k for k, hook in hooks.items() if hook is _keeps_encoder_layers_off_their_fast_path]:
-                del hooks[key]
+        if name in source.__dict__:  # not every torch version has each
+            hooks = source.__dict__[name]
+            target.__dict__[name] = hooks
+            source.__dict__[name] = None if name == "_is_full_backward_hook" else type(hooks)()
 
 
 def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str, adapter: str, copy: nn.Parameter, undo: list) -> None:
