@@ -15,6 +15,10 @@ from peftify.rewrite.sites import Site
 
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o")
 ROPES = ("auto", "none", "half")
+# modules that normalize q or k per head after the projections (Qwen3, OLMo2, Gemma3, Cohere)
+QK_NORMS = {"q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_norm", "key_norm", "q_ln", "k_ln"}
+# transformers models whose rotary embedding pairs dimensions (2j, 2j+1), not (j, j + d/2)
+INTERLEAVED_ROPE = {"gptj", "codegen", "cohere", "cohere2", "helium", "glm", "glm4", "chatglm"}
 
 
 def attention_role(site: Site) -> str | None:
@@ -68,12 +72,21 @@ class CLOVER(Method):
         cfg = getattr(model, "config", None)
         heads = self.heads or getattr(cfg, "num_attention_heads", None)
         kv = self.kv_heads or getattr(cfg, "num_key_value_heads", None) or heads
+        # q and k normalized after their projections: the per-head rewrite does not commute with it
+        norms = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in QK_NORMS] or (["use_qk_norm"] if getattr(cfg, "use_qk_norm", False) else [])
+        if norms:
+            invalid("match", f"the model normalizes q and k after their projections ({', '.join(norms[:2])}{', …' if len(norms) > 2 else ''}), which CLOVER's factoring does not commute with")
         rope = self.rope
         if rope == "auto":
             params = getattr(cfg, "rope_parameters", None) or {}
             partial = getattr(cfg, "partial_rotary_factor", None) or (params.get("partial_rotary_factor") if isinstance(params, dict) else None)
-            if partial not in (None, 1, 1.0):
-                invalid("rope", f"the model rotates only part of each head (partial_rotary_factor={partial}); CLOVER supports full rotate_half rotary embeddings")
+            partial = partial or getattr(cfg, "rotary_pct", None)
+            rotary_dim, head_dim = getattr(cfg, "rotary_dim", None), getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // heads if heads else None)
+            if partial not in (None, 1, 1.0) or (rotary_dim is not None and rotary_dim != head_dim):
+                part = f"partial_rotary_factor={partial}" if partial not in (None, 1, 1.0) else f"rotary_dim={rotary_dim} of {head_dim}"
+                invalid("rope", f"the model rotates only part of each head ({part}); CLOVER supports full rotate_half rotary embeddings")
+            if getattr(cfg, "model_type", None) in INTERLEAVED_ROPE:
+                invalid("rope", f"{cfg.model_type} rotates interleaved pairs of dimensions; CLOVER supports the rotate_half layout (give rope='half' only if the model uses it)")
             rope = "half" if params or getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_theta", None) else "none"
         return replace(self, heads=heads, kv_heads=kv, rope=rope)
 
@@ -115,8 +128,20 @@ class CLOVER(Method):
                     raise SpecError(f"clover pairs {first} with {second}: layer {layer} has {have} ({items[roles[have]][0].fqn}) but no {lack} selected", field="match")
                 if first in roles:
                     a, b = roles[first], roles[second]
+                    dims = {role: self._head_dim(items[roles[role]][0]) for role in (first, second)}
+                    if len(set(dims.values())) > 1:
+                        raise SpecError(
+                            f"clover: heads={self.heads}, kv_heads={self.kv_heads} cut layer {layer}'s {first} and {second} into heads of "
+                            f"different sizes ({', '.join(f'{r}: {d}' for r, d in dims.items())}); give the model's head counts",
+                            field="heads",
+                        )
                     out[a], out[b] = factor(items[a], items[b])
         return out
+
+    def _head_dim(self, site: Site) -> int:
+        role = attention_role(site)
+        width = site.in_features if role == "attn.o" else site.out_features
+        return width // (self.kv_heads if role in ("attn.k", "attn.v") else self.heads)
 
     def _qk(self, q_item, k_item):
         (q_site, q), (k_site, k) = q_item, k_item

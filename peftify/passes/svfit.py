@@ -17,6 +17,7 @@ from peftify.passes.base import (
     check_positive,
     dense_flops,
     frozen,
+    invalid,
     register,
     singular_flops,
     stands_in_for,
@@ -44,6 +45,12 @@ class SVFit(Method):
     def __post_init__(self):
         check_count("r", self.r)
         check_positive("energy", self.energy, upper=1.0, optional=True)
+        if self.energy is not None and self.r != SVFit.r:
+            invalid("r", f"give r or energy, not both: energy={self.energy} picks each layer's count, r={self.r} would be ignored")
+
+    @property
+    def init_needs_weights(self) -> bool:  # the count an energy threshold keeps follows from W's spectrum
+        return self.energy is not None
 
     def rank(self, site: Site) -> int:
         """The trained count, or its bound under an energy threshold."""

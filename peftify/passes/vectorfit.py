@@ -87,8 +87,11 @@ class AdaptiveFreezing:
                 continue
             site = adapted_site(model, entry.site)
             mod = site.adapters[state.current]
-            self.vectors[f"{entry.site.fqn}.sigma"] = (mod.sigma, mod.sigma0)
-            self.owners[f"{entry.site.fqn}.sigma"] = mod
+            # an experts site: each expert's σ is a vector of its own
+            per_expert = {f"{entry.site.fqn}.{i}.sigma": m for i, m in enumerate(mod.experts)} if entry.site.experts else {f"{entry.site.fqn}.sigma": mod}
+            for name, owner in per_expert.items():
+                self.vectors[name] = (owner.sigma, owner.sigma0)
+                self.owners[name] = owner
             bias = trained_bias(model, entry, site.base_layer)
             if bias is not None:
                 self.vectors[f"{entry.site.fqn}.bias"] = (bias[1], bias[1].detach().clone())

@@ -126,6 +126,35 @@ def test_clover_errors():
     assert not hasattr(model, "_peftify") and all(torch.equal(state[n], t) for n, t in model.state_dict().items())
 
 
+def small(config_class, model_class, **kw):
+    import transformers as T
+
+    cfg = getattr(T, config_class)(vocab_size=101, **kw)
+    return getattr(T, model_class)(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "make, text",
+    [  # what CLOVER's factoring does not commute with: refused, where it used to change the logits
+        (lambda: small("Qwen3Config", "Qwen3ForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "normalizes q and k after their projections"),
+        (lambda: small("CohereConfig", "CohereForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), "cohere rotates interleaved pairs"),
+        (lambda: small("GPTJConfig", "GPTJForCausalLM", n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=32), r"rotates only part of each head \(rotary_dim=4 of 8\)"),
+    ],
+)
+def test_clover_refuses_models_whose_attention_it_would_change(make, text):
+    model = make()
+    with pytest.raises(peftify.SpecError, match=text):
+        peftify.peftify(model, attn_spec())
+    assert not hasattr(model, "_peftify")
+
+
+def test_clover_refuses_head_counts_that_cut_a_pair_unevenly():
+    model = tiny_llama()  # 4 query heads of 16, 2 key/value heads
+    with pytest.raises(peftify.SpecError, match=r"cut layer 0's attn.q and attn.k into heads of different sizes \(attn.q: 16, attn.k: 8\)"):
+        peftify.peftify(model, {"rules": [{"match": "re:.*(q_proj|k_proj)$", "apply": {"method": "clover", "heads": 4, "kv_heads": 4, "rope": "none"}}]})
+    assert not hasattr(model, "_peftify")
+
+
 @pytest.mark.parametrize("pattern,count", [("plain", 16), ("banded", 16 + 2 * (15 + 14)), ("random", 16 * 3), ("top_k", 16 * 3)])
 def test_svft_supports(pattern, count):
     torch.manual_seed(0)
@@ -214,6 +243,32 @@ def test_svfit_energy_threshold_picks_the_fewest_values():
     assert peftify.report(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     with pytest.raises(peftify.SpecError, match="energy"):
         peftify.SVFit(energy=1.5)
+    with pytest.raises(peftify.SpecError, match="give r or energy, not both") as e:
+        peftify.SVFit(r=2, energy=0.9)
+    assert e.value.field == "r"
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(peftify.SpecError, match="meta device"):  # how many values it keeps follows from W
+        peftify.peftify(meta, {"rules": [{"match": "role:*", "apply": {"method": "svfit", "energy": 0.9}}]})
+
+
+def test_vectorfit_adaptive_freezing_takes_each_experts_values_as_a_vector():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=101, num_local_experts=3)).eval()
+    peftify.peftify(model, {"rules": [{"match": "*.experts.*", "apply": {"method": "vectorfit", "r": 4}}]})
+    schedule = peftify.AdaptiveFreezing(model, every=1, fraction=0.5, max_frozen=0.5)
+    assert sorted(schedule.vectors) == [f"model.layers.0.mlp.experts.{p}.{i}.sigma" for p in ("down_proj", "gate_up_proj") for i in range(3)]
+    opt = torch.optim.Adam(peftify.param_groups(model, lr=1e-2))
+    x = {"input_ids": torch.arange(14).view(2, 7)}
+    output(model, x).square().mean().backward()
+    opt.step()
+    frozen = schedule.step()
+    assert len(frozen) == 3 and all(not schedule.vectors[n][0].requires_grad for n in frozen)
+    opt.zero_grad(set_to_none=True)
+    output(model, x).square().mean().backward()
+    assert all(schedule.vectors[n][0].grad is None for n in frozen) and all(schedule.vectors[n][0].grad is not None for n in schedule.vectors if n not in frozen)
 
 
 def test_vectorfit_adaptive_freezing():
