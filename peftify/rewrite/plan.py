@@ -91,10 +91,15 @@ class Plan:
         out = [table(header, rows)]
         if self.train:
             out.append(f"also trainable: {len(self.train)} existing parameters ({human(self._train_numel)}): " + ", ".join(self.train[:6]) + (" ..." if len(self.train) > 6 else ""))
-        pct = 100 * self.trainable_params / max(self.total_params, 1)
+        # after the rewrite: the dense weights structures replace are gone and every method's
+        # trained tensors are there (frozen factors an adapter adds, LoRA-XS's say, not counted)
+        replaced = sum(e.site.in_features * e.site.out_features * e.site.stack for e in self.entries if e.method.replaces_base)
+        added = sum(e.method.trainable_params(e.site) * e.site.stack for e in self.entries)
+        after = self.total_params - replaced + added
+        pct = 100 * self.trainable_params / max(after, 1)
         out.append(
             f"{len(self.entries)} of {len(self.capture.sites)} sites rewritten; trainable {human(self.trainable_params)} "
-            f"of {human(self.total_params)} parameters ({pct:.3f}%); capture: {self.capture.method}"
+            f"of ~{human(after)} parameters after the rewrite ({pct:.3f}%); capture: {self.capture.method}"
             + (f" ({self.capture.note})" if self.capture.note else "")
         )
         return "\n".join(out)

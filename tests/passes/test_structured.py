@@ -336,6 +336,33 @@ def test_self_guided_mix_keeps_float32_in_a_bfloat16_model(cast_after, tmp_path)
     assert peftify.SelfGuided(peftify.from_pretrained(copy.deepcopy(base).bfloat16(), tmp_path), steps=1000).t == 337
 
 
+def test_self_guided_bfloat16_layers_compute_with_the_unrounded_mix():
+    """α = 0.999 rounded to bfloat16 is 1: the structure was multiplied by 0 and got no gradient.
+    The layer mixes with float32 α and 1 − α and gives (1 − α)·S(x) + α·G x."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "monarch", "init": "self_guided"}}]})
+    mod = model[0].adapters["default"]
+    schedule = peftify.SelfGuided(model, steps=1000)
+    schedule.step()
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    y = model(x)
+    alpha = float(mod.mix)
+    want = (1 - alpha) * (x.float() @ mod.structured_weight().float().T) + alpha * (x.float() @ mod.guide.float().T) + model[0].bias.float()
+    assert alpha == pytest.approx(0.999) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert mod.left.grad.abs().max() > 0 and mod.right.grad.abs().max() > 0
+
+
+def test_a_self_guided_layer_built_on_the_meta_device_takes_memory():
+    with torch.device("meta"):
+        model = tiny_llama()
+    peftify.peftify(model, structured_spec("monarch", init="self_guided"))
+    model.to_empty(device="cpu")
+    assert {float(m.adapters["default"].mix) for m in structured_sites(model)} == {1.0}  # the schedule's start
+
+
 def test_a_7b_shaped_meta_llama_plans_and_rewrites_with_monarch_without_memory():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -472,3 +472,13 @@ def test_table_numbers_take_the_unit_their_digits_round_into():
     from peftify.table import human
 
     assert [human(n) for n in (999, 1000, 999_498, 999_698, 1_234_567, 999_500_000, 2_500_000_000_000)] == ["999", "1K", "999K", "1M", "1.23M", "1G", "2.5T"]
+
+
+def test_the_plan_counts_its_percentage_against_the_parameters_after_the_rewrite():
+    import re
+
+    model = tiny_llama()
+    spec = {"rules": [{"match": "role:mlp.*", "apply": {"method": "monarch", "init": "self_guided"}}, {"match": "role:attn.q", "apply": {"method": "lora", "r": 2}}]}
+    planned = re.search(r"trainable (\S+) of ~(\S+) parameters after the rewrite \((\S+)%\)", str(peftify.plan(model, spec)))
+    reported = re.search(r"trainable (\S+) of (\S+) parameters \((\S+)%\)", str(peftify.report(peftify.peftify(model, spec))))
+    assert planned.groups() == reported.groups()

@@ -218,14 +218,15 @@ class StructuredModule(SiteModule):
         is None once the structure is installed)."""
         w = self.structured_weight()
         if self.guide is not None:
-            mix = self.mix.to(w.dtype)
-            w = mix * self.guide + (1 - mix) * w
+            w = self.mix * self.guide + (1 - self.mix) * w  # α a float32 scalar: not rounded to a half dtype
         return w
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.compute(x)
         if self.guide is not None:
-            y = torch.lerp(y, F.linear(x, self.guide), self.mix.to(y.dtype))
+            # α and 1 − α as float32 scalars: in bfloat16 α = 0.999 rounds to 1 and the structure's
+            # gradient (1 − α) to 0; a 0-dim float32 factor scales in float and keeps y's dtype
+            y = (1 - self.mix) * y + self.mix * F.linear(x, self.guide)
         return y if bias is None else y + bias
 
     saved_buffers = ("mix",)
@@ -233,8 +234,8 @@ class StructuredModule(SiteModule):
     def _apply(self, fn, recurse=True):
         mix = getattr(self, "mix", None)  # `.to(dtype)` / `.half()` cast every floating buffer: α stays float32, unrounded
         super()._apply(fn, recurse)
-        if mix is not None:
-            self.mix = mix.to(self.mix.device, torch.float32)
+        if mix is not None:  # a meta placeholder (to_empty) starts at α = 1, until a saved adapter says otherwise
+            self.mix = torch.ones((), device=self.mix.device) if mix.is_meta else mix.to(self.mix.device, torch.float32)
         return self
 
     def saved_method(self) -> Structured:
