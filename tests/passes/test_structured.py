@@ -477,3 +477,21 @@ def test_a_randomized_projection_is_the_same_each_run_and_leaves_the_random_stat
     torch.manual_seed(1)
     again = peftify.peftify(models[1], spec, example_inputs=x)[0].adapters["default"]
     assert torch.equal(first.dense_weight(), again.dense_weight())
+
+
+def test_kron_projection_of_a_padded_layer_counts_only_the_layers_own_entries(monkeypatch):
+    """13→30 pads to A (5 × 4) ⊗ B (6 × 4): a layer that is a cropped Kronecker product is
+    recovered, and on a random layer the refinement lowers the error of the plain Van Loan–
+    Pitsianis SVD of the zero-padded weight."""
+    from peftify.passes.structured import kron
+
+    torch.manual_seed(0)
+    w = torch.kron(torch.randn(5, 4, **D), torch.randn(6, 4, **D))[:30, :13]
+    mod = rewrite(linear(13, 30, w), "kron", 13, init="project", terms=1)[0].adapters["default"]
+    assert tuple(mod.a.shape) == (1, 5, 4) and mod.error < 1e-9
+    torch.testing.assert_close(mod.dense_weight(), w)
+    w = torch.randn(30, 13, **D)
+    refined = rewrite(linear(13, 30, w), "kron", 13, init="project", terms=2)[0].adapters["default"].error
+    monkeypatch.setattr(kron, "ALS_ROUNDS", 0)
+    plain = rewrite(linear(13, 30, w), "kron", 13, init="project", terms=2)[0].adapters["default"].error
+    assert refined < plain - 1e-3, (refined, plain)
