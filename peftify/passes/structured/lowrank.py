@@ -18,7 +18,8 @@ class LowRank(TwoCore):
     """Replace W (out × in) by U V, U (out × r), V (r × in): y = (x Vᵀ) Uᵀ.
 
     Costs r·(in + out) parameters and 2·r·(in + out) FLOPs per token instead of in·out.
-    `project` takes the truncated SVD (Eckart–Young: the best rank-r approximation),
+    `project` takes the truncated SVD (Eckart–Young: the best rank-r approximation; randomized,
+    so near it on a flat spectrum, where r is small against the layer),
     U = U_r √Σ_r, V = √Σ_r V_rᵀ. Paper: "Building on Efficient Foundations: Effectively Training
     LLMs with Structured Feedforward Layers" (Wei et al.), which trains such FFNs from scratch.
 
