@@ -243,7 +243,10 @@ def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, sour
     rewrite = rewrite_state(model, "load into")
     entries = rewrite.adapters[adapter].entries
     if fmt == "native":  # the file's methods, validated as a fresh load validates them
-        wanted = {site["fqn"]: Method.from_dict(site["method"]).to_dict() for site in config["sites"]}
+        try:
+            wanted = {site["fqn"]: Method.from_dict(site["method"]).to_dict() for site in config["sites"]}
+        except SpecError as e:
+            raise prefixed(f"{source}: ", e) from e
         if set(wanted) != {e.site.fqn for e in entries}:
             here = {e.site.fqn for e in entries}
             raise SpecError(
