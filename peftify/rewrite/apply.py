@@ -47,10 +47,16 @@ class Trained:
     def holds(self, p: nn.Parameter) -> bool:
         return p is self.original or any(p is c for c in self.copies.values())
 
+    @property
+    def placed(self) -> nn.Parameter | None:
+        """The parameter in the slots now."""
+        mod, name = self.slots[0]
+        return mod._parameters[name]
+
     def adopt(self, active: str | None) -> None:
         """Take the parameter now in the slots as the placed one (the active adapter's copy, or
         the original): ``to_empty`` and FSDP's ``fully_shard`` put new parameter objects there."""
-        placed = self.slots[0][0]._parameters[self.slots[0][1]]
+        placed = self.placed
         if placed is None or self.holds(placed):
             return
         if active in self.copies:
@@ -102,6 +108,8 @@ def accepts_compiled(fn):
 
 
 def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
+    """The model's rewrite (a SpecError naming what needed one if there is none), its `train`
+    records brought up to date with the parameter objects the model holds now."""
     state = getattr(model, "_peftify", None)
     if state is None:
         raise SpecError(f"this model has no peftify rewrite to {doing}")
@@ -509,7 +517,7 @@ def _install_copy(model: nn.Module, rewrite: RewriteState, plan: Plan, name: str
 
 
 def _place(record: Trained, p: nn.Parameter) -> None:
-    moved = _follow(p, record.slots[0][0]._parameters[record.slots[0][1]])
+    moved = _follow(p, record.placed)
     if moved is not p:  # a new object: the record holds it in p's place
         record.original = moved if record.original is p else record.original
         record.copies = {k: moved if c is p else c for k, c in record.copies.items()}
