@@ -62,8 +62,10 @@ def peftify(
     the model's dtype). Structures that replace a layer keep the model's dtype.
     """
     resolved = plan(model, spec, example_inputs, strict)
-    if not resolved.entries and any(rule.apply is not None for rule in resolved.spec.rules):
-        message = "this spec adapts nothing: every site its rules match is excluded (apply: null, or PEFT's modules_to_save)"
+    applies = any(rule.apply is not None for rule in resolved.spec.rules)
+    if not resolved.entries and (applies or not resolved.spec.train):  # a spec of `train` globs alone trains those
+        why = "every site its rules match is excluded (apply: null, or PEFT's modules_to_save)" if applies else "it has no rule that applies a method, and no train globs"
+        message = f"this spec adapts nothing: {why}"
         if strict:
             raise SpecError(message)
         warn(message + "; the model is left as it was")
@@ -72,8 +74,10 @@ def peftify(
 
 
 @accepts_compiled
-def set_adapter(model: nn.Module, adapter: str) -> None:
-    """Make `adapter` the one that computes and trains. A compiled model compiles once per adapter."""
+def set_adapter(model: nn.Module, adapter: str | None) -> None:
+    """Make `adapter` the one that computes and trains. A compiled model compiles once per adapter.
+    ``None`` switches every adapter off until the next `set_adapter` (`disable_adapters` does it
+    for a block)."""
     set_active(model, adapter)
 
 
@@ -140,6 +144,9 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
     SVFit/VectorFit/CLOVER, LoLDU's scaling, MAP's α), which decoupled decay would shrink
     towards zero, taking the base weight with them.
     """
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"param_groups: {name} must be a number, not {value!r}")
     mults, decays = tagged(model, "lr_mult"), tagged(model, "decay")
     groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():

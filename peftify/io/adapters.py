@@ -13,12 +13,13 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from peftify.errors import SpecError, prefixed
+from peftify.errors import SpecError, prefixed, warn
 from peftify.io.peft_config import from_peft, to_peft
 from peftify.passes.base import Method
 from peftify.rewrite.apply import (
@@ -84,12 +85,28 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     """
     from safetensors.torch import save_file
 
+    path = _directory(path)
     tensors, config, files = _contents(model, format, adapter)
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / files[0], lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / files[1], lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    other = PEFT if files == NATIVE else NATIVE
+    _replace_files(
+        path,
+        {
+            files[0]: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+            files[1]: lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+        },
+        stale=other,
+    )
     return path
+
+
+def _directory(path) -> Path:
+    """An adapter directory's path; an empty one would silently mean the working directory."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an adapter directory is a path (str or os.PathLike), not {type(path).__name__}")
+    if not os.fspath(path):
+        raise SpecError("the adapter directory is an empty path; name a directory ('.' for the working directory)", field="path")
+    return Path(path)
 
 
 @accepts_compiled
@@ -108,6 +125,8 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
     changes."""
     rewrite = rewrite_state(model, "load into")
     adapter = _named(rewrite, adapter)
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"load_adapter_state_dict takes a dict of names to tensors (what adapter_state_dict returns), not {type(state_dict).__name__}")
     odd = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if odd:
         raise SpecError(f"a state dict maps names to tensors; these entries do not: {odd[:4]}")
@@ -116,6 +135,8 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def _named(rewrite, adapter: str | None) -> str:
+    if adapter is not None and not isinstance(adapter, str):
+        raise SpecError(f"an adapter is named by a string, not {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
     if adapter is None and rewrite.active is None and len(rewrite.adapters) > 1:
         raise SpecError(f"adapters are disabled, so none is the active one; name one of {sorted(rewrite.adapters)} with adapter=...", field="adapter")
     adapter = rewrite.current if adapter is None else adapter
@@ -160,15 +181,55 @@ def _contents(model: nn.Module, format: str, adapter: str | None) -> tuple[dict,
     return tensors, config, files
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+def _replace_files(directory: Path, writes: dict, stale: tuple[str, ...] = ()) -> None:
+    """Write a directory's files as one change: each new file under a temporary name first, then
+    the files it replaces (and the `stale` ones: another format's adapter, which a load would
+    otherwise prefer or confuse with this one) moved aside and the new ones renamed into place.
+    If anything fails, the new files go and the old ones come back, so an interrupted save
+    leaves the previous adapter whole and no temporary file behind."""
+
+    def temp(name: str, tag: str) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=tag, dir=directory)
+        os.close(fd)
+        return tmp
+
+    mode = 0o666 & ~_umask()  # as a plain open() would create them (mkstemp's are private)
+    temps: dict[str, str] = {}
+    aside: dict[str, str] = {}  # name → where its old file waits
+    placed: list[str] = []
     try:
-        write(tmp)
-        os.replace(tmp, target)
+        for name, write in writes.items():
+            temps[name] = temp(name, ".tmp")
+            write(temps[name])
+            os.chmod(temps[name], mode)
+        for name in [*writes, *stale]:
+            if (directory / name).exists():
+                backup = temp(name, ".old")
+                os.replace(directory / name, backup)
+                aside[name] = backup
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+            placed.append(name)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for name in placed:
+            if name not in aside:
+                (directory / name).unlink(missing_ok=True)
+        for name, backup in aside.items():
+            os.replace(backup, directory / name)
+        for name, tmp in temps.items():
+            if name not in placed:
+                Path(tmp).unlink(missing_ok=True)
         raise
+    for backup in aside.values():
+        Path(backup).unlink(missing_ok=True)
+    if replaced := [name for name in stale if name in aside]:
+        warn(f"{str(directory)!r} held an adapter in the other format ({', '.join(replaced)}): it was removed, so that loading the directory reads this one")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def detect_format(path: Path) -> str:
@@ -195,7 +256,7 @@ def load_adapter(
     is checked against the model before anything changes: missing, unexpected or wrongly shaped
     tensors raise `SpecError` listing them, and the model is left as it was.
     """
-    path = Path(path)
+    path = _directory(path)
     fmt = detect_format(path)
     source = f"the {fmt} adapter at {str(path)!r}"
     config, tensors = _read(path, NATIVE if fmt == "native" else PEFT, source)
@@ -203,7 +264,10 @@ def load_adapter(
     rewrite = getattr(model, "_peftify", None)
     if rewrite is None or adapter not in rewrite.adapters:
         if fmt == "native":
-            spec = _resolved_spec(config)
+            try:
+                spec = _resolved_spec(config)
+            except SpecError as e:
+                raise prefixed(f"{source}: ", e) from e
             needs_trace = any(s["kind"] != "module" for s in config["sites"]) or any(r.apply is not None and r.apply.needs_roles for r in spec.rules)
         else:
             try:
@@ -254,7 +318,11 @@ def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, sour
                 field="adapter",
             )
     else:  # the method PEFT's config gives each site: the last rule matching it, as a plan resolves it
-        spec, ctx = from_peft(config, model), Context(depth=rewrite.capture.depth, width=rewrite.capture.width)
+        try:
+            spec = from_peft(config, model)
+        except SpecError as e:
+            raise prefixed(f"{source}: ", e) from e
+        ctx = Context(depth=rewrite.capture.depth, width=rewrite.capture.width)
         chosen = {e.site.fqn: [rule.apply for rule, matches in zip(spec.rules, spec.matchers) if matches(e.site, ctx)] for e in entries}
         wanted = {fqn: rules[-1].to_dict() for fqn, rules in chosen.items() if rules and rules[-1] is not None}
     differ = []
@@ -298,10 +366,16 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
     check_state(targets, tensors, source, optional)
     if config is not None:
         _check_settings(model, adapter, config, fmt, source)
+    pairs = [(p, tensors[name]) for name, p in {**optional, **targets}.items() if name in tensors]
     with torch.no_grad():
-        for name, p in {**optional, **targets}.items():
-            if name in tensors:
-                p.copy_(tensors[name])
+        olds = [p.detach().clone() for p, _ in pairs]  # all or nothing: a load that stops midway puts them back
+        try:
+            for p, value in pairs:
+                p.copy_(value)
+        except BaseException:
+            for (p, _), old in zip(pairs, olds):
+                p.copy_(old)
+            raise
     return model
 
 
@@ -327,8 +401,9 @@ def _check_config(config, fmt: str, source: str) -> None:
     sites = config.get("sites")
     if not isinstance(sites, list) or not all(isinstance(site, dict) and isinstance(site.get("fqn"), str) and isinstance(site.get("kind"), str) and isinstance(site.get("method"), dict) for site in sites):
         raise bad("its 'sites' must be a list of objects with a name ('fqn'), a 'kind' and a 'method' object")
-    if not isinstance(config.get("train", []), list):
-        raise bad("its 'train' must be a list of parameter names")
+    train = config.get("train", [])
+    if not isinstance(train, list) or not all(isinstance(name, str) for name in train):
+        raise bad(f"its 'train' must be a list of parameter names, not {train!r}")
 
 
 def _resolved_spec(config: dict) -> Spec:

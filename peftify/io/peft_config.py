@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from peftify.errors import SpecError, warn
+from peftify.passes.base import AdaptedSite
 from peftify.passes.dora import DoRA
 from peftify.passes.lora import IDENTITY_INITS, LoRA
 from peftify.rewrite.sites import parameter_names
@@ -80,6 +81,7 @@ def from_peft(config, model=None) -> Spec:
     "qa_outputs") adds that head to modules_to_save, as PEFT does.
     """
     d = _as_dict(config)
+    _check_types(d)
     if d.get("peft_type", "LORA") != "LORA":
         raise SpecError(f"only LoRA configs are supported so far, not {d['peft_type']}", field="peft_type")
     defaults = _peft_defaults()
@@ -105,11 +107,12 @@ def from_peft(config, model=None) -> Spec:
 
     names = d.get("target_modules")
     target = _target_match(names, model, d.get("task_type"))
+    layers = d.get("layers_to_transform")
     if model is not None and isinstance(target, str) and target.startswith("re:"):
-        _refuse_peft_only_layers(target[3:], model)
+        in_layers = _layer_regex(d.get("layers_pattern"), [layers] if isinstance(layers, int) else list(layers)) if layers is not None and isinstance(names, (list, tuple, set)) else None
+        _refuse_layers_peft_treats_otherwise(target[3:], model, in_layers)
         if d.get("ensure_weight_tying"):
             _refuse_tied_targets(target[3:], model)
-    layers = d.get("layers_to_transform")
     for key in ("layers_to_transform", "layers_pattern"):
         if isinstance(names, str) and d.get(key) not in (None, [], ""):
             raise SpecError(f"PEFT takes {key} with a list of target_modules only, not with {names!r}", field=key)
@@ -163,6 +166,41 @@ def from_peft(config, model=None) -> Spec:
     if bias == "all" and (model is None or any(re.fullmatch(every_bias, n) for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train
         train.append(f"re:{every_bias}")
     return Spec(rules, train)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, (list, tuple, set)) and all(isinstance(n, str) for n in v)
+
+
+# What each field PEFT's LoraConfig reads must hold (None: PEFT's default applies), as the check
+# and the words for its error
+FIELD_TYPES = {
+    "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()), "an object of names to ranks"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()), "an object of names to alphas"),
+    "modules_to_save": (_is_names, "a list of module names"),
+    "exclude_modules": (lambda v: isinstance(v, str) or _is_names(v), "a regex or a list of module names"),
+    "target_parameters": (_is_names, "a list of parameter names"),
+    "layers_to_transform": (lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)), "a layer index or a list of them"),
+    "layers_pattern": (lambda v: isinstance(v, str) or _is_names(v), "a name or a list of names"),
+}
+
+
+def _check_types(d: dict) -> None:
+    """Each field holds what PEFT's LoraConfig would accept (a hand-edited config file says which
+    field is wrong, instead of failing somewhere inside the conversion)."""
+    for key, (ok, what) in FIELD_TYPES.items():
+        if d.get(key) is not None and not ok(d[key]):
+            raise SpecError(f"PEFT's {key} must be {what}, not {d[key]!r}", field=key)
 
 
 def _output_layer(model, task_type) -> str | None:
@@ -244,18 +282,29 @@ def _refuse_tied_targets(regex: str, model) -> None:
             )
 
 
-def _refuse_peft_only_layers(regex: str, model) -> None:
-    """target_modules naming an embedding or a convolution: PEFT would adapt it, peftify has no
-    site there, and a list that also names linears would otherwise train less than PEFT silently."""
+def _refuse_layers_peft_treats_otherwise(regex: str, model, in_layers: str | None = None) -> None:
+    """target_modules naming a module that is no linear layer. An embedding or a convolution PEFT
+    would adapt, where peftify has no site; any other module (an MLP block, a norm) PEFT refuses
+    ("Target module … is not supported"), where peftify would adapt nothing there. Either way a
+    list that also names linears would silently train something other than what PEFT trains.
+    `in_layers`: layers_to_transform's filter on names, where PEFT applies one."""
     pattern = _compiled(regex, "target_modules")
-    named = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, PEFT_ONLY_LAYERS) and pattern.fullmatch(n)]
-    if named:
-        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
-        raise SpecError(
-            f"target_modules selects layers PEFT adapts but peftify does not (it adapts linear maps): {', '.join(named[:3])}{more}; "
-            "drop them from target_modules, or train them whole with modules_to_save",
-            field="target_modules",
-        )
+    matched = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
+    filtered = re.compile(in_layers) if in_layers is not None else None
+    linear = (nn.Linear, AdaptedSite)
+    for what, picked in (
+        (
+            "layers PEFT adapts but peftify does not (it adapts linear maps): {}; drop them from target_modules, or train them whole with modules_to_save",
+            [(n, m) for n, m in matched if isinstance(m, PEFT_ONLY_LAYERS)],
+        ),
+        (
+            'modules that are not linear layers: {}; PEFT refuses them ("Target module … is not supported") and peftify would adapt nothing there: name the linear layers inside them',
+            [(n, m) for n, m in matched if not isinstance(m, linear) and type(m).__name__ != "Conv1D" and (filtered is None or filtered.fullmatch(n))],
+        ),
+    ):
+        if picked:
+            named = ", ".join(f"{n} ({type(m).__name__})" for n, m in picked[:3]) + (f" and {len(picked) - 3} more" if len(picked) > 3 else "")
+            raise SpecError(f"target_modules selects {what.format(named)}", field="target_modules")
 
 
 def _and(match, extra: dict) -> dict:

@@ -407,6 +407,11 @@ class AdaptedSite(nn.Module):
             if self.replaced_by is not None or self.rewritten_by is not None or self.base_layer is None:
                 by = f"replaced by a structure (adapter {self.replaced_by!r})" if self.replaced_by is not None else f"rewritten by adapter {self.rewritten_by!r}"
                 raise AttributeError(f"{self.site.fqn}'s weight is {by}, so it cannot be set or tied (tie_weights); peftify.merge(model) first")
+            if len(self.adapters) and value.shape != self.base_layer.weight.shape:  # resize_token_embeddings of a tied head
+                raise ValueError(
+                    f"{self.site.fqn}'s adapters were built for a weight of shape {tuple(self.base_layer.weight.shape)}, not {tuple(value.shape)}: "
+                    "resize (resize_token_embeddings) before the rewrite, or after a merge"
+                )
             self.base_layer.weight = value
             return
         super().__setattr__(name, value)
@@ -432,15 +437,26 @@ class AdaptedSite(nn.Module):
         return weight
 
     def dense_weight(self) -> torch.Tensor:
-        return self.merged_weight(self.weight)
+        return self.merged_weight(self._adapted_weight())
+
+    def _adapted_weight(self) -> torch.Tensor | None:
+        """The base weight, checked to be the shape the adapters were built for: resizing a tied
+        embedding in place (resize_token_embeddings) also resizes a head it is tied to."""
+        w = self.weight
+        if w is not None and len(self.adapters) and w.shape != (self.site.out_features, self.site.in_features):
+            raise ValueError(
+                f"{self.site.fqn}'s weight is now {tuple(w.shape)}, but its adapters were built for {(self.site.out_features, self.site.in_features)} "
+                "(resize_token_embeddings on a tied head?): resize before the rewrite, or after a merge"
+            )
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.computing is not None:
-            adapter = self.adapters[self.computing]
+            adapter, weight = self.adapters[self.computing], self._adapted_weight()
             if half_compute(adapter, x):  # float32 adapter weights, the model's half compute
                 with torch.autocast(x.device.type, dtype=x.dtype):
-                    return adapter(x, self.weight, self.bias).to(x.dtype)
-            return like_linear_under_autocast(adapter(x, self.weight, self.bias))
+                    return adapter(x, weight, self.bias).to(x.dtype)
+            return like_linear_under_autocast(adapter(x, weight, self.bias))
         if self.rewritten_by is not None:
             return F.linear(x, self.dense_weight(), self.bias)
         return self.base_layer(x)

@@ -98,6 +98,8 @@ def accepts_compiled(fn):
 
     @functools.wraps(fn)
     def entry(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"peftify.{fn.__name__} takes a torch nn.Module (the model), not {type(model).__name__}")
         inner = model._orig_mod if type(model).__name__ == "OptimizedModule" else None
         if inner is None:
             return fn(model, *args, **kwargs)
@@ -413,7 +415,21 @@ def apply_plan(
         for p, flag in before:
             p.requires_grad_(flag)
         raise
+    _inputs_require_grad_under_checkpointing(model)
     return model
+
+
+def _inputs_require_grad_under_checkpointing(model: nn.Module) -> None:
+    """Reentrant activation checkpointing gives a segment's parameters gradients only if one of its
+    inputs requires grad; with the base frozen, the input embeddings' output does not, and the
+    adapters inside get none. As PEFT does, a transformers model whose checkpointing is on gets
+    its input embeddings' output marked (``enable_input_require_grads``), once. (Turned on after
+    the rewrite, transformers marks them itself only for models that take input_ids.)"""
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers ≥ 5.x; the older name warns there
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    if on is True and hasattr(model, "enable_input_require_grads") and not getattr(model, "_require_grads_hooks", None) and getattr(model, "_require_grads_hook", None) is None:
+        model.enable_input_require_grads()
 
 
 def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str, mod: SiteModule, undo: list) -> None:
@@ -444,11 +460,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             # it when several tied modules share the container); save keeps one of each.
             shared = ("base_layer", "adapters") if len(site.owners) > 1 else ("base_layer.weight",)
             adapted._tied_weights_keys = {key: site.aliases[0] for key in shared}
-        if site.kind == "module" and any(isinstance(model.get_submodule(_split(p)[0]), nn.TransformerEncoderLayer) for p in site.owners):
-            # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2.weight itself,
-            # which would run the base weight without the adapter (or None for a structure); torch
-            # skips that path when a submodule has a forward hook
-            adapted.register_forward_pre_hook(_keeps_encoder_layers_off_their_fast_path)
+        _keep_off_fast_path(model, adapted)
         if site.kind == "module":
             # every slot's module is read before any is replaced: the slots can share a parent
             # (a block registered several times, ``nn.ModuleList([block] * n)``)
@@ -480,6 +492,15 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
 
 def _keeps_encoder_layers_off_their_fast_path(module: nn.Module, args: tuple) -> None:
     return None
+
+
+def _keep_off_fast_path(model: nn.Module, adapted: AdaptedSite) -> None:
+    """nn.TransformerEncoderLayer's inference fast path reads linear1/linear2.weight itself, which
+    would run the base weight without the adapter (or None for a structure); torch skips that
+    path when a submodule has a forward hook."""
+    site = adapted.site
+    if site.kind == "module" and any(isinstance(model.get_submodule(_split(p)[0]), nn.TransformerEncoderLayer) for p in site.owners):
+        adapted.register_forward_pre_hook(_keeps_encoder_layers_off_their_fast_path)
 
 
 # A module's call hooks (forward, pre-forward, backward), as torch keeps them
@@ -570,32 +591,42 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
     """Make `adapter` (or none) compute at every site; of the parameters adapters own or train
     (their modules', their `train` copies, base biases a method trains), only its own are
     trainable. With `freeze_rest` (a rewrite) every other parameter is frozen too; a switch
-    leaves the others as the user set them (a from-scratch run trains them all)."""
-    if freeze_rest:
-        managed = list(model.parameters())
-    else:
-        managed = [p for record in rewrite.installed.values() for p in adapted_site(model, record.site).adapters.parameters()]
-        managed += [p for record in rewrite.trained for p in (record.original, *record.copies.values())]
-        managed += _trained_base_biases(model, rewrite)
-    for p in managed:
-        p.requires_grad_(False)
-    for record in rewrite.installed.values():
-        adapted_site(model, record.site).active = adapter
-    _place_copies(rewrite, adapter)
-    rewrite.active = adapter
-    if adapter is None:
-        return
-    plan = rewrite.adapters[adapter]
-    for entry in plan.entries:
-        adapted = adapted_site(model, entry.site)
-        mod = adapted.adapters[adapter]
-        for path, p in mod.named_parameters():
-            p.requires_grad_(param_meta(mod, path).get("trainable", True))
-        if (bias := trained_bias(model, entry, adapted.base_layer)) is not None and mod.trains_bias:
-            bias[1].requires_grad_(True)
-    for record in rewrite.trained:
-        if adapter in record.copies:
-            record.copies[adapter].requires_grad_(True)
+    leaves the others as the user set them (a from-scratch run trains them all). All or nothing:
+    if it stops midway (Ctrl-C, say), every site, flag and `train` copy is put back."""
+    sites = [adapted_site(model, record.site) for record in rewrite.installed.values()]
+    owned = [p for site in sites for p in site.adapters.parameters()]
+    owned += [p for record in rewrite.trained for p in (record.original, *record.copies.values())]
+    managed = list(model.parameters()) if freeze_rest else [*owned, *_trained_base_biases(model, rewrite)]
+    flags = [(p, p.requires_grad) for p in {id(p): p for p in [*managed, *owned]}.values()]
+    previous, actives = rewrite.active, [site.active for site in sites]
+    try:
+        for p in managed:
+            p.requires_grad_(False)
+        for site in sites:
+            site.active = adapter
+        _place_copies(rewrite, adapter)
+        rewrite.active = adapter
+        if adapter is None:
+            return
+        plan = rewrite.adapters[adapter]
+        for entry in plan.entries:
+            adapted = adapted_site(model, entry.site)
+            mod = adapted.adapters[adapter]
+            for path, p in mod.named_parameters():
+                p.requires_grad_(param_meta(mod, path).get("trainable", True))
+            if (bias := trained_bias(model, entry, adapted.base_layer)) is not None and mod.trains_bias:
+                bias[1].requires_grad_(True)
+        for record in rewrite.trained:
+            if adapter in record.copies:
+                record.copies[adapter].requires_grad_(True)
+    except BaseException:
+        for site, active in zip(sites, actives):
+            site.active = active
+        _place_copies(rewrite, previous)
+        rewrite.active = previous
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def _trained_base_biases(model: nn.Module, rewrite: RewriteState) -> list[nn.Parameter]:
@@ -610,38 +641,56 @@ def _trained_base_biases(model: nn.Module, rewrite: RewriteState) -> list[nn.Par
 
 def set_active(model: nn.Module, adapter: str | None) -> None:
     rewrite = rewrite_state(model, "switch")
+    if adapter is not None and not isinstance(adapter, str):
+        raise SpecError(f"an adapter is named by a string, not {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
     if adapter is not None and adapter not in rewrite.adapters:
         raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
     _activate(model, rewrite, adapter)
 
 
 def delete(model: nn.Module, adapter: str) -> None:
-    """Remove an adapter's modules; a site no adapter uses any more gets its original module back."""
+    """Remove an adapter's modules; a site no adapter uses any more gets its original module back.
+
+    If it is the active one, another adapter is switched on first, so the model computes from then
+    on what it will after the delete. A delete that stops midway (Ctrl-C, say) leaves each site
+    whole, with or without the adapter, and the adapter listed with the sites it still has: a
+    second delete finishes it."""
     rewrite = rewrite_state(model, "delete from")
-    if adapter not in rewrite.adapters:
+    if not isinstance(adapter, str) or adapter not in rewrite.adapters:
         raise SpecError(f"no adapter named {adapter!r}; this model has {sorted(rewrite.adapters)}", field="adapter")
     if len(rewrite.adapters) == 1:
         raise SpecError(f"{adapter!r} is the only adapter; peftify.merge(model) folds it in, peftify.unload(model) drops it", field="adapter")
     replaced = [e.site.fqn for e in rewrite.adapters[adapter].entries if e.method.replaces_base]
     if replaced:
         raise SpecError(f"adapter {adapter!r} replaced {len(replaced)} layers by structures ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
-    plan = rewrite.adapters.pop(adapter)
-    for record in list(rewrite.trained):
-        record.copies.pop(adapter, None)
-        if not record.copies:  # no adapter trains it any more: the original stays
-            _place(record, record.original)
-            rewrite.trained.remove(record)
-    for entry in plan.entries:
-        adapted = adapted_site(model, entry.site)
-        del adapted.adapters[adapter]
-        if not len(adapted.adapters):
-            _restore(model, rewrite.installed.pop(entry.site.fqn), adapted, fold=False)
     if rewrite.active == adapter:
-        _activate(model, rewrite, next(iter(rewrite.adapters)))
+        _activate(model, rewrite, next(a for a in rewrite.adapters if a != adapter))
+    plan = rewrite.adapters[adapter]
+    try:
+        for entry in plan.entries:
+            adapted = adapted_site(model, entry.site)
+            if len(adapted.adapters) == 1:  # only this adapter: the original module comes back
+                _restore(model, rewrite.installed[entry.site.fqn], adapted, fold=False)
+                del rewrite.installed[entry.site.fqn]
+            else:
+                del adapted.adapters[adapter]
+        for record in list(rewrite.trained):
+            record.copies.pop(adapter, None)
+            if not record.copies:  # no adapter trains it any more: the original stays
+                _place(record, record.original)
+                rewrite.trained.remove(record)
+        del rewrite.adapters[adapter]
+    except BaseException:
+        if adapter in rewrite.adapters:  # the sites it still has, for a second delete
+            kept = [e for e in plan.entries if e.site.fqn in rewrite.installed and adapter in adapted_site(model, e.site).adapters]
+            rewrite.adapters[adapter] = dataclasses.replace(plan, entries=kept)
+        raise
 
 
 def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bool) -> None:
-    """Put a site's original module(s) back; with `fold`, the active adapter's dense weight in them."""
+    """Put a site's original module(s) back; with `fold`, the active adapter's dense weight in them.
+    The merged weight is computed first; then the modules go back into their slots, the hooks
+    with them, and the weight is written last. If that stops midway, the site is adapted again."""
     site = record.site
     if site.kind == "functional":
         owner, name = _split(site.weight)
@@ -652,25 +701,52 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         for name, p in list(record.original.named_parameters(recurse=False)):  # it was outside the tree: where the live layer is now
             record.original._parameters[name] = _follow(p, getattr(base, name, None))
         base = record.original  # dropping an adapter that rewrote the base weight: the original comes back
+    originals = [base, *record.others]
+    write, untie = None, []
     if fold:
         weight = adapted.dense_weight()
         stored = weight.t() if site.transposed else weight
         own_names = {o + ".weight" for o in site.owners}
         if set(site.aliases) - own_names:  # tied to something not rewritten: untie
-            warn(f"{site.fqn}'s weight was tied to {sorted(set(site.aliases) - own_names)}; merging unties it")
+            untie = sorted(set(site.aliases) - own_names)
             old = base.weight
-            base.weight = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
-            for owner in site.owners:
-                _forget_tie(model, owner + ".weight")
+            new = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
+            write = functools.partial(setattr, base, "weight", new)
         elif base.weight is None:  # a structure replaced the layer: the dense weight is made anew
-            base.weight = nn.Parameter(stored.contiguous(), requires_grad=False)
+            write = functools.partial(setattr, base, "weight", nn.Parameter(stored.contiguous(), requires_grad=False))
         else:
-            base.weight.copy_(stored)
-    for path, original in zip(site.owners, [base, *record.others]):
-        parent, name = _split(path)
-        setattr(model.get_submodule(parent), name, original)
-        original.weight = base.weight
-    _move_hooks(adapted, base)
+            write = functools.partial(base.weight.copy_, stored)
+    slots = [(model.get_submodule(parent), name) for parent, name in map(_split, site.owners)]
+    weights = [o.weight for o in originals]
+    try:
+        for (parent, name), original in zip(slots, originals):
+            setattr(parent, name, original)
+        _move_hooks(adapted, base)
+        if write is not None:
+            write()
+        for original in originals:
+            original.weight = base.weight
+    except BaseException:
+        for original, w in zip(originals, weights):
+            original.weight = w
+        _move_hooks(base, adapted)
+        _keep_off_fast_path(model, adapted)
+        for parent, name in slots:
+            setattr(parent, name, adapted)
+        raise
+    if untie:
+        warn(f"{site.fqn}'s weight was tied to {untie}; merging unties it")
+        for owner in site.owners:
+            _forget_tie(model, owner + ".weight")
+
+
+def _still_installed(model: nn.Module, record: Installed) -> bool:
+    """Whether a site's container (or parametrization) is still in the model."""
+    site = record.site
+    if site.kind == "functional":
+        owner, name = _split(site.weight)
+        return parametrize.is_parametrized(model.get_submodule(owner), name)
+    return isinstance(model.get_submodule(site.owners[0]), AdaptedSite)
 
 
 def _forget_tie(model: nn.Module, name: str) -> None:
@@ -695,8 +771,14 @@ def unload_model(model: nn.Module) -> nn.Module:
     replaced = sorted({e.site.fqn for plan in rewrite.adapters.values() for e in plan.entries if e.method.replaces_base})
     if replaced:
         raise SpecError(f"structures replaced {len(replaced)} layers ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
+    previous = rewrite.active
     _activate(model, rewrite, None)  # nothing computes: merging folds nothing in
-    return merge_model(model, fold=False)
+    try:
+        return merge_model(model, fold=False)
+    except BaseException:
+        if getattr(model, "_peftify", None) is rewrite and previous in rewrite.adapters:
+            _activate(model, rewrite, previous)  # the sites not unloaded yet compute as before
+        raise
 
 
 def _merged_weight(model: nn.Module, site: Site) -> torch.Tensor:
@@ -721,6 +803,8 @@ def _not_finite(model: nn.Module, rewrite: RewriteState) -> list[str]:
                 bias = trained_bias(model, entry, adapted_site(model, entry.site).base_layer)
                 if bias is not None and not torch.isfinite(bias[1]).all() and entry.site.fqn not in broken:
                     broken.append(entry.site.fqn)
+            live = Rewritten.of(model)  # and its copies of `train` parameters, which stay in the model
+            broken += [name for name in rewrite.plan.train if not torch.isfinite(model.get_parameter(live.live(name))).all()]
         return broken
 
 
@@ -739,22 +823,26 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
             warn(f"adapters are disabled: none of {others} is merged in, all are dropped{kept}")
         else:
             warn(f"merging {rewrite.active!r}; the other adapters {others} are dropped{kept}")
-    merged: list[str] = []
     try:
         with torch.no_grad():
             # reversed: each step then restores exactly the state its install started from
-            for fqn, record in reversed(list(rewrite.installed.items())):
+            for record in reversed(list(rewrite.installed.values())):
                 adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
                 _restore(model, record, adapted, fold=fold and adapted.computing is not None)
-                merged.append(fqn)
     except BaseException:
-        # Each site is whole: merged (its layer holds the merged weight) or still adapted, so the
-        # model computes what it did. Forget the merged ones, and a second merge finishes.
+        # Each site is whole: merged (its layer holds the merged weight) or still adapted. Forget
+        # the merged ones (read from the model: the step may have stopped just after one), and a
+        # second call finishes.
+        total = len(rewrite.installed)
+        merged = {fqn for fqn, record in rewrite.installed.items() if not _still_installed(model, record)}
         for fqn in merged:
             rewrite.installed.pop(fqn)
         for name, plan in rewrite.adapters.items():  # new plans: one the user holds stays whole
             rewrite.adapters[name] = dataclasses.replace(plan, entries=[e for e in plan.entries if e.site.fqn not in merged])
-        warn(f"merge stopped after {len(merged)} of {len(merged) + len(rewrite.installed)} sites; the model computes as before (those merged, the rest adapted), and peftify.merge(model) merges the rest")
+        if fold:
+            warn(f"merge stopped after {len(merged)} of {total} sites; the model computes as before (those merged, the rest adapted), and peftify.merge(model) merges the rest")
+        else:
+            warn(f"unload stopped after {len(merged)} of {total} sites (those have their original layers back, the rest are still adapted); peftify.unload(model) unloads the rest")
         raise
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(rewrite.flags.get(name, p.requires_grad))

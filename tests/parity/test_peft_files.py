@@ -252,6 +252,24 @@ def test_a_lora_only_file_of_a_model_with_two_adapters_loads_as_in_peft(tmp_path
     torch.testing.assert_close(output(ours, x), output(theirs.eval(), x))
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "mlp"], ["q_proj", "input_layernorm"], r".*\.(q_proj|self_attn)"])
+def test_targets_that_are_no_linear_layers_are_refused_as_peft_refuses_them(targets):
+    """A LlamaMLP or a norm in target_modules: PEFT raises ("not supported"), peftify adapted the
+    other targets and silently nothing there."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=targets)
+    with pytest.raises(ValueError, match="not supported"):
+        get_peft_model(tiny_llama(), config)
+    model = tiny_llama()
+    with pytest.raises(SpecError, match=r"not linear layers: model\.layers\.0\.") as e:
+        peftify.peftify(model, config, progress=False)
+    assert e.value.field == "target_modules" and not hasattr(model, "_peftify")
+    in_layer_1 = LoraConfig(r=2, target_modules=["q_proj", "mlp"], layers_to_transform=[1])  # only where PEFT looks
+    with pytest.raises(SpecError, match=r"not linear layers: model\.layers\.1\.mlp \(LlamaMLP\)$|not linear layers: model\.layers\.1\.mlp \(LlamaMLP\);"):
+        peftify.peftify(tiny_llama(), in_layer_1, progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, field, text",
     [
@@ -596,6 +614,12 @@ def test_an_existing_adapter_takes_a_file_saved_with_its_settings_only(fmt, tmp_
         ("native", lambda c, t: ({**c, "sites": [{**c["sites"][0], "method": "lora"}]}, t), "'sites' must be a list of objects"),
         ("native", lambda c, t: ([c], t), "its config is a JSON list, not an object"),
         ("peft", lambda c, t: ({**c, "target_modules": 5}, t), "target_modules must be a string or a list of strings, not 5"),
+        ("native", lambda c, t: ({**c, "train": [1]}, t), r"'train' must be a list of parameter names, not \[1\]"),
+        ("native", lambda c, t: ({**c, "sites": [{**c["sites"][0], "method": {**c["sites"][0]["method"], "r": -3}}]}, t), r"^the native adapter at .*: field 'r'"),
+        ("peft", lambda c, t: ({**c, "lora_alpha": "x"}, t), r"^the peft adapter at .*PEFT's lora_alpha must be a number, not 'x'"),
+        ("peft", lambda c, t: ({**c, "rank_pattern": ["q_proj"]}, t), "PEFT's rank_pattern must be an object of names to ranks"),
+        ("peft", lambda c, t: ({**c, "modules_to_save": [1]}, t), "PEFT's modules_to_save must be a list of module names"),
+        ("peft", lambda c, t: ({**c, "lora_dropout": 1.5}, t), r"PEFT's lora_dropout must be a number in \[0, 1\)"),
         ("peft", lambda c, t: ([c], t), "its config is a JSON list, not an object"),
         ("native", lambda c, t: (c, {k: v.long() for k, v in t.items()}), r"wrong kind of number \(2\): .*lora_A: file torch.int64, model torch.float32"),
         ("peft", lambda c, t: (c, {k: v.bool() for k, v in t.items()}), r"wrong kind of number \(2\): .*file torch.bool, model torch.float32"),

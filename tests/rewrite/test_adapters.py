@@ -577,3 +577,150 @@ def test_train_parameters_on_a_meta_model_follow_to_empty_and_the_loaded_adapter
     peftify.save_adapter(meta, tmp_path / "again")
     with peftify.disable_adapters(meta), peftify.disable_adapters(real):
         torch.testing.assert_close(output(meta, X), output(real, X))
+
+
+def lifecycle_state(model):
+    """Everything a switch or a delete may change: modules, parameters, flags, the bookkeeping."""
+    rewrite = model._peftify
+    return (
+        {n: id(m) for n, m in model.named_modules()},
+        {n: (id(p), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()},
+        {fqn: apply_mod.adapted_site(model, r.site).active for fqn, r in rewrite.installed.items()},
+        peftify.adapters(model),
+    )
+
+
+def same_state(a, b) -> bool:
+    return a[0] == b[0] and a[2:] == b[2:] and a[1].keys() == b[1].keys() and all(
+        a[1][n][:2] == b[1][n][:2] and torch.equal(a[1][n][2], b[1][n][2]) for n in a[1]
+    )
+
+
+@pytest.mark.parametrize("to", ["a", None], ids=["set_adapter", "disable"])
+def test_a_switch_that_stops_midway_changes_nothing(two, monkeypatch, to):
+    """Ctrl-C while switching: every site went on computing with the adapter it had reached, the
+    output was neither adapter's, and nothing was trainable."""
+    _, model = two
+    before, out = lifecycle_state(model), output(model, X).detach()
+    # after every site has switched and every flag is off: placing `train` copies (disable), or
+    # making the third of a's parameters trainable (set_adapter)
+    fail_on_call(monkeypatch, apply_mod, "_place_copies" if to is None else "param_meta", 1 if to is None else 3, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        peftify.set_adapter(model, to)
+    assert same_state(lifecycle_state(model), before)
+    torch.testing.assert_close(output(model, X), out, rtol=0, atol=0)
+
+
+def test_a_delete_that_stops_midway_leaves_whole_sites_and_a_second_delete_finishes(two, monkeypatch):
+    """A delete interrupted after some sites: the adapter was gone from the bookkeeping but not from
+    those sites, `report` raised and a second delete said there was no such adapter."""
+    base, model = two
+    peftify.set_adapter(model, "a")
+    out_a = output(model, X).detach()
+    peftify.set_adapter(model, "b")
+    fail_on_call(monkeypatch, apply_mod, "_restore", 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        peftify.delete_adapter(model, "b")
+    assert peftify.adapters(model) == {"a": True, "b": False}  # a computes already, as after the delete
+    torch.testing.assert_close(output(model, X), out_a, rtol=0, atol=0)
+    left = [e.site.fqn for e in model._peftify.adapters["b"].entries]
+    assert left and all("b" in apply_mod.adapted_site(model, e.site).adapters for e in model._peftify.adapters["b"].entries)
+    assert len(left) < len(peftify.plan(copy.deepcopy(base), B).entries)
+    peftify.set_adapter(model, "b")  # what is left of b still works
+    peftify.report(model)
+    monkeypatch.undo()
+    peftify.delete_adapter(model, "b")
+    assert peftify.adapters(model) == {"a": True}
+    assert not any(".adapters.b." in k for k in model.state_dict())
+    torch.testing.assert_close(output(model, X), out_a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_a_load_into_an_existing_adapter_that_stops_midway_changes_nothing(fmt, tmp_path, monkeypatch):
+    """The copy of a file's tensors into an adapter the model has was not undone: a Ctrl-C left one
+    tensor loaded and the output matched neither the model before nor the file."""
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(), A)
+    randomize(model, "default")
+    peftify.save_adapter(model, tmp_path, format=fmt)
+    with torch.no_grad():  # every tensor the file holds now differs from the model's
+        for n, p in model.named_parameters():
+            if ".adapters." in n:
+                p.add_(0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fail_on_call(monkeypatch, torch.Tensor, "copy_", 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        peftify.load_adapter(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    monkeypatch.undo()
+    peftify.load_adapter(model, tmp_path)
+    assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("stop", ["the json", "the second rename"])
+def test_an_overwrite_that_stops_midway_keeps_the_previous_adapter_whole(stop, tmp_path, monkeypatch):
+    """Each of an adapter's two files was renamed into place on its own: a save stopped between
+    them left the new tensors beside the old settings, which loaded without error and computed
+    neither adapter."""
+    import os
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(), A)
+    randomize(model, "default")
+    peftify.save_adapter(model, tmp_path)
+    good = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    randomize(model, "default")
+    if stop == "the json":
+        fail_on_call(monkeypatch, Path, "write_text", 1, OSError("disk full"))
+    else:
+        fail_on_call(monkeypatch, os, "replace", 4, KeyboardInterrupt())  # two moved aside, one new file in
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        peftify.save_adapter(model, tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == good  # no temporary file left either
+
+
+def test_a_save_replaces_an_adapter_of_the_other_format_and_files_get_the_usual_mode(tmp_path):
+    """A PEFT-format save into a folder holding a native adapter left both, and loading the folder
+    read the old native one. Files were also private (0600) where a plain write gives 0644."""
+    import os
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), A)
+    peftify.save_adapter(model, tmp_path)
+    randomize(model, "default")
+    with pytest.warns(UserWarning, match=r"held an adapter in the other format \(adapter.safetensors, peftify.json\): it was removed"):
+        peftify.save_adapter(model, tmp_path, format="peft")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = peftify.from_pretrained(base, tmp_path)
+    torch.testing.assert_close(output(loaded, X), output(model, X), rtol=0, atol=0)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in tmp_path.iterdir()} == dict.fromkeys(["adapter_config.json", "adapter_model.safetensors"], 0o666 & ~mask)
+
+
+def test_paths_and_arguments_of_the_wrong_kind_are_clear_errors(tmp_path, monkeypatch):
+    """An empty path meant the working directory; a list, None or a swapped argument failed deep inside."""
+    monkeypatch.chdir(tmp_path)  # where an empty path wrote
+    model = peftify.peftify(tiny_llama(), A)
+    for call in (lambda: peftify.save_adapter(model, ""), lambda: peftify.load_adapter(tiny_llama(), "")):
+        with pytest.raises(SpecError, match="empty path") as e:
+            call()
+        assert e.value.field == "path"
+    with pytest.raises(TypeError, match="takes a torch nn.Module"):
+        peftify.save_adapter("out", model)
+    with pytest.raises(TypeError, match="is a path"):
+        peftify.save_adapter(model, 5)
+    with pytest.raises(TypeError, match="takes a torch nn.Module .* not NoneType"):
+        peftify.plan(None, A)
+    with pytest.raises(TypeError, match="a dict of names to tensors"):
+        peftify.load_adapter_state_dict(model, list(peftify.adapter_state_dict(model).items()))
+    for call in (lambda: peftify.set_adapter(model, ["default"]), lambda: peftify.delete_adapter(model, ["default"]), lambda: peftify.save_adapter(model, "x", adapter=1)):
+        with pytest.raises(SpecError, match="named by a string|no adapter named"):
+            call()
+    with pytest.raises(TypeError, match="lr must be a number"):
+        peftify.param_groups(model, lr="1e-3")
+    peftify.set_adapter(model, None)  # documented: every adapter off
+    assert peftify.adapters(model) == {"default": False}
+    assert not list(tmp_path.iterdir())

@@ -482,3 +482,72 @@ def test_the_plan_counts_its_percentage_against_the_parameters_after_the_rewrite
     planned = re.search(r"trainable (\S+) of ~(\S+) parameters after the rewrite \((\S+)%\)", str(peftify.plan(model, spec)))
     reported = re.search(r"trainable (\S+) of (\S+) parameters \((\S+)%\)", str(peftify.report(peftify.peftify(model, spec))))
     assert planned.groups() == reported.groups()
+
+
+def test_a_merge_stopped_just_after_a_layer_went_back_can_be_finished(monkeypatch):
+    """Stopped between putting a layer's original module back and recording it, a merge left the
+    layer plain but listed as adapted: a second merge, report and unload raised AttributeError,
+    and the user's hook on the layer was lost."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, ALL)
+    adapted = adapted_output(model, x)
+    calls = []
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    fail_on_call(monkeypatch, apply_mod, "_move_hooks", 1, KeyboardInterrupt())  # the first layer merged (the last installed)
+    with pytest.warns(UserWarning, match="merge stopped after 0 of"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+    assert calls and type(model.model.layers[1].mlp.down_proj).__name__ == "AdaptedSite"
+    peftify.report(model)
+    monkeypatch.undo()
+    peftify.merge(model)
+    calls.clear()
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+    assert calls and type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+
+
+def test_an_unload_that_stops_midway_keeps_the_rest_adapted_and_says_so(monkeypatch):
+    """An unload switched every adapter off before putting layers back: one that stopped midway left
+    the remaining sites adapted but inactive, and warned that the model computed as before."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), ALL)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    sites = len(model._peftify.installed)
+    fail_on_call(monkeypatch, apply_mod, "_restore", 3, RuntimeError("injected"))
+    with pytest.warns(UserWarning, match=f"unload stopped after 2 of {sites} sites .* peftify.unload\\(model\\) unloads the rest"), pytest.raises(RuntimeError, match="injected"):
+        peftify.unload(model)
+    assert peftify.adapters(model) == {"default": True}
+    assert all(apply_mod.adapted_site(model, r.site).active == "default" for r in model._peftify.installed.values())
+    assert any(p.requires_grad for p in model.parameters())
+    monkeypatch.undo()
+    peftify.unload(model)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == base.state_dict().keys()
+
+
+def test_a_safe_merge_also_refuses_a_train_parameter_that_diverged():
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    peftify.peftify(model, {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2}}], "train": ["head.*"]})
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"of head\.weight would hold NaN"):
+        peftify.merge(model, safe=True)
+    assert {n: type(m) for n, m in model.named_modules()} == types and hasattr(model, "_peftify")
+
+
+def test_a_spec_with_no_rules_is_an_error_unless_it_trains_something():
+    """{} and {"rules": []} added an adapter with no sites and froze the whole model."""
+    for spec in ({}, {"rules": []}):
+        model = FunctionalNet()
+        with pytest.raises(SpecError, match="adapts nothing: it has no rule that applies a method, and no train globs"):
+            peftify.peftify(model, spec)
+        assert not hasattr(model, "_peftify") and all(p.requires_grad for p in model.parameters())
+    model = peftify.peftify(FunctionalNet(), {"train": ["head.*"]})  # only the head trains: a choice, not a mistake
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}

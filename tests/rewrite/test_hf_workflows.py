@@ -112,3 +112,37 @@ def test_generate_with_the_kv_cache_matches_full_recomputation(merge):
         for _ in range(6):
             seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_reentrant_checkpointing_turned_on_before_the_rewrite_still_trains_the_adapters():
+    """ViT takes pixel_values, so transformers does not mark its embeddings' output as requiring
+    grad: with the base frozen, reentrant checkpointing gave the adapters no gradient (or raised
+    with no trained head). PEFT marks it when checkpointing is on; so does peftify now."""
+    from conftest import tiny_vit
+
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2, "init": "gaussian"}}], "train": ["classifier.*"]}
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_vit().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        peftify.peftify(model, spec)
+        model(pixel_values=pixels).logits.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and sum("lora_" in n for n in grads[0]) == 4
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_resizing_a_tied_embedding_under_an_adapted_head_is_a_clear_error():
+    """The head's base weight grew with the embedding (resized in place) while its LoRA B did not;
+    forward and merge then failed inside the op with an unrelated size message."""
+    model = adapted_tied_llama()
+    model.resize_token_embeddings(120)
+    ids = torch.randint(0, 101, (2, 7))
+    for call in (lambda: model(ids), lambda: peftify.merge(model)):
+        with pytest.raises(ValueError, match=r"lm_head's weight is now \(120, 64\), but its adapters were built for \(101, 64\) .*resize before the rewrite"):
+            call()
