@@ -27,7 +27,7 @@ from peftify.api import (
 from peftify.errors import SpecError
 from peftify.io.adapters import adapter_state_dict, from_pretrained, load_adapter, load_adapter_state_dict, save_adapter
 from peftify.io.export import export, load_package
-from peftify.passes import *  # every method class, METHODS, MuP, SelfGuided and the Method protocol
+from peftify.passes import *  # every method class, METHODS, MuP, SelfGuided, AdaptiveFreezing and the protocol (Method, SiteModule, register)
 from peftify.rewrite.plan import Plan
 from peftify.rewrite.sites import Capture, Site
 from peftify.rewrite.spec import Rule, Spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from peftify.rewrite.apply import (
     trained_bias,
     unload_model,
 )
+from peftify.rewrite.capture import ExampleInputs
 from peftify.rewrite.capture import capture as _capture
 from peftify.rewrite.plan import Plan, make_plan, method_label
 from peftify.rewrite.spec import Spec, as_spec
@@ -33,12 +35,13 @@ capture = accepts_compiled(_capture)
 
 
 @accepts_compiled
-def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True) -> Plan:
+def plan(model: nn.Module, spec: SpecLike, example_inputs: ExampleInputs = None, strict: bool = True) -> Plan:
     """Resolve `spec` against `model`'s sites without changing anything (a dry run).
 
     ``str(plan)`` is a table of every site to rewrite with its method, trainable parameters and
     FLOPs per token before and after. A rule matching nothing raises `SpecError` naming the
-    nearest site names (a warning instead with ``strict=False``).
+    nearest site names (a warning instead with ``strict=False``). `example_inputs` are what the
+    model is traced with (see `peftify.capture`); built from its config or signature when omitted.
     """
     spec = as_spec(spec, model)
     return make_plan(model, capture_for(model, spec, example_inputs), spec, strict=strict)
@@ -46,7 +49,7 @@ def plan(model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = T
 
 @accepts_compiled
 def peftify(
-    model: nn.Module, spec: SpecLike, example_inputs=None, strict: bool = True, adapter: str = "default", progress: bool | None = None, autocast_adapter_dtype: bool = True
+    model: nn.Module, spec: SpecLike, example_inputs: ExampleInputs = None, strict: bool = True, adapter: str = "default", progress: bool | None = None, autocast_adapter_dtype: bool = True
 ) -> nn.Module:
     """Rewrite `model` in place according to `spec` and return it (the same object).
 
@@ -60,6 +63,12 @@ def peftify(
     On a float16/bfloat16 model, adapters keep their trainable parameters in float32 and compute
     in the model's dtype under autocast, as PEFT's ``autocast_adapter_dtype=True`` does (False:
     the model's dtype). Structures that replace a layer keep the model's dtype.
+
+    - example_inputs: what the model is traced with (see `peftify.capture`); built when omitted.
+    - strict: a rule that matches nothing (or a spec that adapts nothing) raises `SpecError`;
+      False warns instead.
+    - progress: a progress bar over the layers' decompositions (SVD-based methods, projections);
+      None shows one when the work is long enough to wait for, False never.
     """
     resolved = plan(model, spec, example_inputs, strict)
     applies = any(rule.apply is not None for rule in resolved.spec.rules)
@@ -83,7 +92,7 @@ def set_adapter(model: nn.Module, adapter: str | None) -> None:
 
 @contextmanager
 @accepts_compiled
-def disable_adapters(model: nn.Module):
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block; the active adapter comes back after it."""
     rewrite = rewrite_state(model, "disable")
     active = rewrite.active
@@ -135,7 +144,8 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
 @accepts_compiled
 def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters, honouring each parameter's
-    learning-rate multiplier (e.g. LoRA+'s ``lr_ratio`` on B). Pass to any torch optimizer.
+    learning-rate multiplier (e.g. LoRA+'s ``lr_ratio`` on B): a group's learning rate is `lr`
+    times its multiplier. Pass to any torch optimizer.
 
     `weight_decay` applies to the trained matrices: LoRA's A and B, and a structure's factors
     (SLTrain's sparse values and SVFT's sparse M count as matrix entries). Other vectors and

@@ -38,7 +38,7 @@ from peftify.rewrite.apply import (
     tied_names,
     trained_record,
 )
-from peftify.rewrite.capture import capture
+from peftify.rewrite.capture import ExampleInputs, capture
 from peftify.rewrite.plan import Rewritten, make_plan
 from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, sites_from_modules
@@ -78,7 +78,8 @@ def peft_names(entries, adapter: str) -> dict[str, str]:
 
 @accepts_compiled
 def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "native", adapter: str | None = None) -> Path:
-    """Write an adapter (the active one by default) to the directory `path` ("native" or "peft").
+    """Write an adapter (the active one by default) to the directory `path`, in `format`
+    "native" (peftify's) or "peft" (what ``peft.PeftModel.from_pretrained`` loads).
 
     Each file is written to a temporary name and renamed into place, so an interrupted save
     leaves any previous adapter at `path` whole.
@@ -112,15 +113,15 @@ def _directory(path) -> Path:
 @accepts_compiled
 def adapter_state_dict(model: nn.Module, adapter: str | None = None, format: str = "native") -> dict[str, torch.Tensor]:
     """The tensors `save_adapter` writes for an adapter (the active one by default), in memory:
-    under peftify's keys ("native") or PEFT's ("peft", as ``get_peft_model_state_dict``). Like a
+    under peftify's keys (`format` "native") or PEFT's ("peft", as ``get_peft_model_state_dict``). Like a
     state dict, they share memory with the model's parameters where they can."""
     return _contents(model, format, adapter)[0]
 
 
 @accepts_compiled
 def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter: str | None = None) -> nn.Module:
-    """Load `adapter_state_dict`'s tensors (either key format, detected) into an adapter the
-    model has (the active one by default), as ``set_peft_model_state_dict``. Every tensor is
+    """Load `state_dict` (what `adapter_state_dict` returns, either key format, detected) into an
+    adapter the model has (the active one by default), as ``set_peft_model_state_dict``. Every tensor is
     checked first: missing, unexpected or wrongly shaped ones raise `SpecError`, and nothing
     changes."""
     rewrite = rewrite_state(model, "load into")
@@ -246,7 +247,7 @@ def detect_format(path: Path) -> str:
 
 @accepts_compiled
 def load_adapter(
-    model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, strict: bool = True, autocast_adapter_dtype: bool = True
+    model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs: ExampleInputs = None, strict: bool = True, autocast_adapter_dtype: bool = True
 ) -> nn.Module:
     """Load an adapter directory saved by peftify or by PEFT (the format is detected) as the
     adapter named `adapter`, and make it active.
@@ -255,6 +256,11 @@ def load_adapter(
     yet, or beside the adapters it has; an existing name gets the file's weights. Every tensor
     is checked against the model before anything changes: missing, unexpected or wrongly shaped
     tensors raise `SpecError` listing them, and the model is left as it was.
+
+    - example_inputs: what the model is traced with where the file's sites need a trace
+      (functional or expert sites, roles); see `peftify.capture`.
+    - strict: a rule of the file's spec that matches nothing raises `SpecError` (False warns).
+    - autocast_adapter_dtype: as in `peftify.peftify` (float32 adapters on a half-precision model).
     """
     path = _directory(path)
     fmt = detect_format(path)
@@ -512,10 +518,11 @@ def _experts_from_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> d
 
 @accepts_compiled
 def from_pretrained(
-    model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs=None, autocast_adapter_dtype: bool = True, is_trainable: bool = True
+    model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs: ExampleInputs = None, autocast_adapter_dtype: bool = True, is_trainable: bool = True
 ) -> nn.Module:
-    """Rewrite a fresh copy of the base model as the saved adapter says and load its weights
-    (`autocast_adapter_dtype` as in `peftify.peftify`). The adapter is trainable, ready to resume
+    """Rewrite a fresh copy of the base model as the adapter saved in directory `path` (either
+    format) says and load its weights (`example_inputs` and `autocast_adapter_dtype` as in
+    `peftify.load_adapter`). The adapter is trainable, ready to resume
     training; ``is_trainable=False`` freezes it and puts the model in eval mode for inference
     (PEFT's default; a later `set_adapter` makes an adapter trainable again)."""
     if getattr(model, "_peftify", None) is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from peftify.rewrite.apply import accepts_compiled, merge_model
-from peftify.rewrite.capture import example_arguments, kept_tensors
+from peftify.rewrite.capture import ExampleInputs, example_arguments, kept_tensors
 
 
 class _PlainOutputs(nn.Module):
@@ -56,10 +56,10 @@ def _wrapped(model: nn.Module, constants: dict) -> nn.Module:
 @accepts_compiled
 def export(
     model: nn.Module,
-    example_inputs=None,
+    example_inputs: ExampleInputs = None,
     *,
     merged: bool = False,
-    dynamic_shapes=None,
+    dynamic_shapes: dict | tuple | list | None = None,
     path: str | os.PathLike | None = None,
     package: str | os.PathLike | None = None,
 ) -> torch.export.ExportedProgram:
@@ -94,8 +94,8 @@ def export(
     return program
 
 
-def load_package(path: str | os.PathLike):
-    """Load an AOTInductor package written by `export(..., package=...)` as a callable. peftify's
+def load_package(path: str | os.PathLike) -> Callable:
+    """Load the AOTInductor package at `path` (written by `export(..., package=...)`) as a callable. peftify's
     ops are defined first: the package calls them by name, through the dispatcher."""
     from torch._inductor import aoti_load_package
 

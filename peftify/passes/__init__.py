@@ -1,6 +1,9 @@
 """Methods: one file per family, each a registered hyperparameter dataclass plus the module it
-builds (see `base` for the protocol); the structured replacements live in `structured/`, the
-spec-level scaling rules (μP) in `scaling`. Importing this package registers them all.
+builds. `base` holds the protocol (`Method`, `SiteModule`, `register`, `METHODS`) and what
+methods share; the adapters are `lora` (with rsLoRA, PiSSA/OLoRA inits, LoRA+), `dora`, `bora`,
+`map`, `lora_xs`, `svfit`, `svft`, `vectorfit` (with `AdaptiveFreezing`), `loldu` and `clover`;
+the structured replacements live in `structured/`, the spec-level scaling rules (μP) in
+`scaling`. Importing this package registers them all.
 """
 
 from peftify.passes.base import METHODS, Method, SiteModule, register

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ from peftify.rewrite.sites import Site
 METHODS: dict[str, type[Method]] = {}
 
 
-def register(name: str):
+def register(name: str) -> Callable[[type], type]:
     """Class decorator: make a method dataclass available to specs under `name`.
 
     The class is a frozen dataclass subclassing `Method`, whose ``module`` (a `SiteModule`
@@ -73,6 +74,7 @@ class Method:
         """Raise SpecError (via `invalid`) if this method cannot apply to `site`."""
 
     def trainable_params(self, site: Site) -> int:
+        """How many parameters the rewritten site trains (what the plan counts)."""
         raise NotImplementedError
 
     def trains_base_bias(self) -> bool:
@@ -107,6 +109,7 @@ class Method:
         return [self.build(site, w, svd) for (site, w), svd in progress_bar(list(zip(items, svds)), f"peftify: building {self.name}", progress)]
 
     def to_dict(self) -> dict[str, Any]:
+        """The dict form of this method in a spec (``{"method": name, **hyperparameters}``)."""
         return {"method": self.name, **dataclasses.asdict(self)}
 
     @classmethod
@@ -248,7 +251,7 @@ class SiteModule(nn.Module):
 
 class LowRankDelta(SiteModule):
     """Shared by methods whose update is W' = W + s·B·A with A, B built from frozen factors of W
-    and a small trainable core (LoRA-XS, SVFit, LoLDU): subclasses define `factors`, and the
+    and a small trainable core (LoRA-XS, SVFit, SVFT, VectorFit, LoLDU): subclasses define `factors`, and the
     forward runs the fused LoRA op, so no (out × in) update is ever formed."""
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -32,14 +32,16 @@ class LoRA(Method):
     - rslora: use alpha/√r.
     - init: "default" (A Kaiming-uniform, B = 0: output unchanged), "gaussian" (A ~ N(0, 1/r²),
       B = 0), or "pissa" (A, B from the top-r SVD of W and W replaced by the residual, "PiSSA:
-      Principal Singular Values and Singular Vectors Adaptation"; output unchanged up to rounding),
+      Principal Singular Values and Singular Vectors Adaptation of Large Language Models"; output unchanged up to rounding),
       or "olora" (B = Q[:, :r], A = R[:r] from the QR decomposition W = QR and W replaced by
       W − s·B·A, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models"), or
       "random" (A and B both Kaiming-uniform, as nn.Linear's: the output changes at init; PEFT's
       init_lora_weights=False, for debugging).
     - bias: also train the site's existing bias, where it has one (PEFT's bias="lora_only").
-    - train_a: False freezes a random A and trains only B ("Asymmetry in Low-Rank Adapters").
-    - lr_ratio: B's learning rate = lr_ratio × A's in `peftify.param_groups` ("LoRA+").
+    - train_a: False freezes a random A and trains only B ("Asymmetry in Low-Rank
+      Adapters of Foundation Models").
+    - lr_ratio: B's learning rate = lr_ratio × A's in `peftify.param_groups` ("LoRA+:
+      Efficient Low Rank Adaptation of Large Models").
     """
 
     r: int = 8

@@ -19,6 +19,8 @@ class MuP:
     with Structured Matrices", Qiu et al.; "A Spectral Condition for Feature Learning", Yang et al.).
 
         {"rules": [...], "scaling": {"method": "mup", "base_width": 256}}
+
+    - base_width: the width whose dense layer the learning rate was tuned for (default 256).
     """
 
     base_width: int = 256
@@ -38,6 +40,7 @@ class MuP:
         return dataclasses.replace(method, **changes) if changes else method
 
     def to_dict(self) -> dict[str, Any]:
+        """The dict form of a spec's ``scaling``."""
         return {"method": "mup", "base_width": self.base_width}
 
 

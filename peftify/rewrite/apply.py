@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
-from peftify.rewrite.capture import capture
+from peftify.rewrite.capture import ExampleInputs, capture
 from peftify.rewrite.plan import Entry, Plan, Rewritten
 from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, Site, parameter_names
@@ -120,7 +120,7 @@ def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
     return state
 
 
-def capture_for(model: nn.Module, spec, example_inputs=None) -> Capture:
+def capture_for(model: nn.Module, spec, example_inputs: ExampleInputs = None) -> Capture:
     """The capture `spec` is planned on: the model's own, or for a rewritten model (a new adapter)
     its first rewrite's. That one is a walk of `named_modules()` (module sites only, no roles)
     when the first adapter was loaded by name or tracing failed. A spec that selects by role then

@@ -31,8 +31,12 @@ from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
 from peftify.rewrite.sites import Capture, find_uses, is_conv1d, layer_indexer, sites_from_modules, sites_from_uses
 
+# What a model is called with for a trace: a tensor, a tuple of positional arguments, a dict of
+# keyword arguments (what a tokenizer returns), or (args, kwargs); None builds one.
+ExampleInputs = torch.Tensor | tuple | Mapping | None
 
-def capture(model: nn.Module, example_inputs=None) -> Capture:
+
+def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     """Trace `model` and return its sites (dense linear maps) with shapes, owners and roles.
 
     `example_inputs` is a tensor, a tuple of positional arguments, a dict of keyword
@@ -251,7 +255,7 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
         )
 
 
-def example_arguments(model: nn.Module, example_inputs=None) -> tuple[tuple, dict]:
+def example_arguments(model: nn.Module, example_inputs: ExampleInputs = None) -> tuple[tuple, dict]:
     """(args, kwargs) to run `model` on: `example_inputs` in any form `capture` takes, or one
     built from the model when None; HF decoders get ``use_cache=False``."""
     args, kwargs = _normalize(example_inputs) if example_inputs is not None else build_example_inputs(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 
@@ -46,7 +47,8 @@ class Plan:
         per_site = sum(e.method.trainable_params(e.site) * e.site.stack for e in self.entries)
         return per_site + self._train_numel
 
-    def rows(self):
+    def rows(self) -> Iterator[tuple]:
+        """One row of the plan's table per site (what ``str(plan)`` prints)."""
         for e in self.entries:
             s = e.site
             yield (

@@ -38,6 +38,7 @@ class Rule:
     optional: bool = False
 
     def describe(self, index: int) -> str:
+        """How errors name this rule: its index and match."""
         return f"rule {index} ({self.match!r})"
 
 
@@ -141,6 +142,7 @@ class Spec:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
+        """The dict form of this spec (what a YAML/JSON spec file holds)."""
         rules = [{"match": r.match, "apply": r.apply and r.apply.to_dict(), **({"optional": True} if r.optional else {})} for r in self.rules]
         return {"rules": rules, "train": list(self.train)} | ({"scaling": self.scaling.to_dict()} if self.scaling else {})
 

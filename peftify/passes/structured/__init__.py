@@ -1,6 +1,6 @@
-"""Structured replacements of a dense layer: one file per structure (low rank, BlockDense,
-Monarch, BTT, sparse + low rank, Kronecker), sharing init modes, μP scales and the projection
-report in `common`; `schedule` holds the self-guided training schedule. They compute through
+"""Structured replacements of a dense layer: one file per structure (`lowrank`, `blockdiag`
+(BlockDense), `monarch`, `btt`, `sltrain` (sparse + low rank), `kron`), sharing init modes, μP
+scales and the projection report in `common`; `schedule` holds the self-guided training schedule. They compute through
 the ``torch.ops.peftify`` ops of `peftify.codegen.ops`.
 """
 

@@ -10,6 +10,7 @@ import torch
 
 from peftify.passes.base import check_count, check_fits, check_positive, invalid, register
 from peftify.passes.structured.common import Factor, TwoCore, TwoCoreModule
+from peftify.rewrite.sites import Site
 
 
 @register("blockdiag")
@@ -44,29 +45,29 @@ class BlockDiag(TwoCore):
             invalid("r", f"r={self.r} must be a multiple of nblocks={self.nblocks}")
         self.check_common()
 
-    def padded(self, site) -> tuple[int, int]:
+    def padded(self, site: Site) -> tuple[int, int]:
         return site.out_features, self.nblocks * math.ceil(site.in_features / self.nblocks)
 
-    def rank(self, site) -> int:
+    def rank(self, site: Site) -> int:
         if self.r is not None:
             return self.r
         nb, (m, n) = self.nblocks, self.padded(site)
         return nb * max(1, int(self.ratio * site.in_features * site.out_features / (n / nb + m)) // nb)
 
-    def check(self, site) -> None:
+    def check(self, site: Site) -> None:
         super().check(site)
         if self.nblocks > site.in_features:
             invalid("nblocks", f"nblocks={self.nblocks} exceeds the input size of {site.fqn} ({site.in_features})")
         check_fits(site, self.r, "inner width")
 
-    def blocks(self, site) -> tuple[int, int, int]:
+    def blocks(self, site: Site) -> tuple[int, int, int]:
         return 1, self.nblocks, self.rank(site) // self.nblocks
 
-    def factors(self, site) -> list[Factor]:
+    def factors(self, site: Site) -> list[Factor]:
         nb, r, (m, n) = self.nblocks, self.rank(site), self.padded(site)
         return [Factor("v", (nb, r // nb, n // nb), n // nb, r // nb), Factor("u", (m, r), r, m)]
 
-    def project(self, site, weight, svd) -> dict[str, torch.Tensor]:
+    def project(self, site: Site, weight: torch.Tensor, svd: tuple | None) -> dict[str, torch.Tensor]:
         cores = super().project(site, weight, svd)
         m, r = cores["u"].shape
         # the op's layout (column α·nb + j is block j's α-th output) back to U's (column j·r/nb + α)

@@ -9,6 +9,7 @@ import torch
 
 from peftify.passes.base import check_count, invalid, register
 from peftify.passes.structured.common import Factor, Structured, StructuredModule, near_square_split, pad_to
+from peftify.rewrite.sites import Site
 
 
 @register("kron")
@@ -45,7 +46,7 @@ class Kron(Structured):
             object.__setattr__(self, "a_shape", (m1, n1))
         self.check_common()
 
-    def shapes(self, site) -> tuple[tuple[int, int], tuple[int, int]]:
+    def shapes(self, site: Site) -> tuple[tuple[int, int], tuple[int, int]]:
         """((m1, n1), (m2, n2))."""
         if self.a_shape is None:
             (m1, m2), (n1, n2) = near_square_split(site.out_features), near_square_split(site.in_features)
@@ -53,7 +54,7 @@ class Kron(Structured):
         m1, n1 = self.a_shape
         return (m1, n1), (math.ceil(site.out_features / m1), math.ceil(site.in_features / n1))
 
-    def check(self, site) -> None:
+    def check(self, site: Site) -> None:
         super().check(site)
         (m1, n1), (m2, n2) = self.shapes(site)
         if m1 > site.out_features or n1 > site.in_features:
@@ -61,24 +62,24 @@ class Kron(Structured):
         if self.terms > min(m1 * n1, m2 * n2):
             invalid("terms", f"terms={self.terms} exceeds min(m1·n1, m2·n2) = {min(m1 * n1, m2 * n2)} at {site.fqn}")
 
-    def padded(self, site) -> tuple[int, int]:
+    def padded(self, site: Site) -> tuple[int, int]:
         (m1, n1), (m2, n2) = self.shapes(site)
         return m1 * m2, n1 * n2
 
-    def factors(self, site) -> list[Factor]:
+    def factors(self, site: Site) -> list[Factor]:
         (m1, n1), (m2, n2) = self.shapes(site)
         return [Factor("a", (self.terms, m1, n1), n1, m1), Factor("b", (self.terms, m2, n2), n2, m2)]
 
-    def structure_flops(self, site) -> int:
+    def structure_flops(self, site: Site) -> int:
         (m1, n1), (m2, n2) = self.shapes(site)
         return 2 * self.terms * m2 * n1 * (n2 + m1)
 
-    def svd_input(self, weight, site):
+    def svd_input(self, weight: torch.Tensor, site: Site) -> tuple[torch.Tensor, int] | None:
         (m1, n1), (m2, n2) = self.shapes(site)
         w = pad_to(weight, m1 * m2, n1 * n2)
         return w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2), self.terms
 
-    def project(self, site, weight, svd) -> dict[str, torch.Tensor]:
+    def project(self, site: Site, weight: torch.Tensor, svd: tuple | None) -> dict[str, torch.Tensor]:
         (m1, n1), (m2, n2) = self.shapes(site)
         t = self.terms
         u, s, vh = self.svd_for(site, weight, svd)

@@ -42,6 +42,7 @@ class SelfGuided:
         return self.t >= self.steps
 
     def step(self) -> None:
+        """Advance one training step: α falls by 1/steps; at 0 the guides are dropped."""
         if self.done:
             return
         self.t += 1

@@ -8,6 +8,7 @@ import torch
 
 from peftify.passes.base import check_count, check_fits, check_positive, check_seed, dense_flops, invalid, register, top_svd
 from peftify.passes.structured.common import Factor, Structured, StructuredModule
+from peftify.rewrite.sites import Site
 
 SUPPORTS = ("random", "largest")
 
@@ -50,40 +51,40 @@ class SLTrain(Structured):
         check_seed("seed", self.seed)
         self.check_common()
 
-    def check(self, site) -> None:
+    def check(self, site: Site) -> None:
         super().check(site)
         check_fits(site, self.r, "rank")
         if self.support == "largest" and self.init != "project":
             invalid("support", f"'largest' places S on the projection's residual, which needs init='project', not {self.init!r}")
 
-    def rank(self, site) -> int:
+    def rank(self, site: Site) -> int:
         return self.r if self.r is not None else max(1, min(site.in_features, site.out_features) // 4)
 
-    def nnz(self, site) -> int:
+    def nnz(self, site: Site) -> int:
         return max(1, round(self.density * site.in_features * site.out_features))
 
-    def factors(self, site) -> list[Factor]:
+    def factors(self, site: Site) -> list[Factor]:
         r, n, m = self.rank(site), site.in_features, site.out_features
         per_row = max(1, round(self.density * n))
         return [Factor("v", (r, n), n, r), Factor("u", (m, r), r, m), Factor("values", (self.nnz(site),), per_row, max(1, round(self.density * m)))]
 
-    def structure_flops(self, site) -> int:
+    def structure_flops(self, site: Site) -> int:
         return dense_flops(site)  # the dense sum U V + S is formed and applied
 
-    def random_support(self, site, device) -> torch.Tensor:
+    def random_support(self, site: Site, device: torch.device) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
         index = torch.randperm(site.in_features * site.out_features, generator=g)[: self.nnz(site)].sort().values
         return index.to(device)
 
-    def fixed_buffers(self, site, weight) -> dict[str, torch.Tensor]:
+    def fixed_buffers(self, site: Site, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         if weight.device.type == "meta":
             return {"index": torch.empty(self.nnz(site), dtype=torch.long, device="meta")}
         return {"index": self.random_support(site, weight.device)}
 
-    def svd_input(self, weight, site):
+    def svd_input(self, weight: torch.Tensor, site: Site) -> tuple[torch.Tensor, int] | None:
         return weight, self.rank(site)
 
-    def project(self, site, weight, svd) -> dict[str, torch.Tensor]:
+    def project(self, site: Site, weight: torch.Tensor, svd: tuple | None) -> dict[str, torch.Tensor]:
         r = self.rank(site)
         w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
         sparse = torch.zeros_like(w)
