@@ -281,7 +281,10 @@ def load_adapter(
             except SpecError as e:
                 raise prefixed(f"{source}: ", e) from e
             needs_trace = any(uses_roles(r.match) for r in spec.rules) or bool(config.get("target_parameters"))
-        # Names alone pick module sites: a walk of named_modules() finds them without tracing.
+        # Names alone pick module sites: a walk of named_modules() finds them without tracing,
+        # unless an nn.Linear subclass has a forward of its own (Falcon's): only a trace tells
+        # whether it is still a linear map.
+        needs_trace = needs_trace or any(isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward for m in model.modules())
         if rewrite is not None:
             cap = capture_for(model, spec, example_inputs)
         else:
@@ -459,26 +462,37 @@ def _from_peft_keys(tensors: dict, plan, adapter: str, model: nn.Module, source:
     return out
 
 
-def _peft_expert_prefixes(plan, adapter: str) -> list[tuple]:
-    """(entry, our per-expert name prefix, PEFT's key prefix) of each experts site. PEFT wraps
-    every targeted parameter of one module in a ParamWrapper around the previous ones, the
-    module's first parameter innermost: its keys carry a ``base_layer.`` per parameter after it."""
+def _peft_parameter_prefixes(plan, adapter: str) -> list[tuple]:
+    """(entry, our name prefix of its factors, PEFT's key prefix) of each site PEFT targets as a
+    parameter (target_parameters): expert stacks, and weights used functionally (a router's).
+    PEFT wraps every targeted parameter of one module in a ParamWrapper around the previous
+    ones, the module's first parameter innermost: its keys carry a ``base_layer.`` per parameter
+    after it. An expert stack's factors are ours per expert, ``….experts.<i>.lora_A``."""
     by_owner: dict[str, list] = {}
     for e in plan.entries:
-        if e.site.experts:
+        if e.site.kind != "module":
             by_owner.setdefault(e.site.weight.rpartition(".")[0], []).append(e)
     return [
-        (e, f"{module_prefix(e.site)}.adapters.{adapter}.experts", PEFT_PREFIX + owner + ".base_layer" * (len(entries) - 1 - i))
+        (e, f"{module_prefix(e.site)}.adapters.{adapter}" + (".experts" if e.site.experts else ""), PEFT_PREFIX + owner + ".base_layer" * (len(entries) - 1 - i))
         for owner, entries in by_owner.items()
         for i, e in enumerate(entries)
     ]
 
 
+def _our_factor_names(e, ours: str) -> list[tuple[str, str]]:
+    """Our (A, B) names at a parameter site: one pair, or one per expert."""
+    if not e.site.experts:
+        return [(f"{ours}.lora_A", f"{ours}.lora_B")]
+    return [(f"{ours}.{i}.lora_A", f"{ours}.{i}.lora_B") for i in range(e.site.experts)]
+
+
 def _peft_reads_swapped(model: nn.Module, site) -> bool:
-    """PEFT takes an expert stack as (experts, out, in) unless its module says ``is_transposed``
-    (GPT-OSS); one stored the other way without the flag (Llama4) gets its factors in the
-    stored layout's roles: PEFT's A then reads what is our output side. Such a site's factors
-    trade places (and transpose) between the two formats."""
+    """PEFT takes a 2-D parameter as (out, in), and an expert stack as (experts, out, in) unless its
+    module says ``is_transposed`` (GPT-OSS); one stored the other way (``x @ W``; Llama4's stacks
+    without the flag) gets its factors in the stored layout's roles: PEFT's A then reads what is
+    our output side. Such a site's factors trade places (and transpose) between the two formats."""
+    if not site.experts:
+        return site.transposed
     owner = model.get_submodule(site.weight.rpartition(".")[0])
     return site.transposed != bool(getattr(owner, "is_transposed", False))
 
@@ -488,9 +502,9 @@ def _experts_to_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> dic
     PEFT's layout: A (experts·r, in) with expert-major rows, B (out, r·experts) with the expert
     as the fastest column index (in and out as PEFT reads the stack)."""
     out = {}
-    for e, ours, theirs in _peft_expert_prefixes(plan, adapter):
-        a = [tensors.pop(f"{ours}.{i}.lora_A") for i in range(e.site.experts)]
-        b = [tensors.pop(f"{ours}.{i}.lora_B") for i in range(e.site.experts)]
+    for e, ours, theirs in _peft_parameter_prefixes(plan, adapter):
+        names = _our_factor_names(e, ours)
+        a, b = [tensors.pop(n) for n, _ in names], [tensors.pop(n) for _, n in names]
         if _peft_reads_swapped(model, e.site):
             a, b = [t.t() for t in b], [t.t() for t in a]
         out[f"{theirs}.lora_A.weight"] = torch.cat(a).contiguous()
@@ -500,8 +514,8 @@ def _experts_to_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> dic
 
 def _experts_from_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> dict:
     """The inverse of `_experts_to_peft`, in place; what is absent is left for `check_state` to name."""
-    for e, ours, theirs in _peft_expert_prefixes(plan, adapter):
-        n = e.site.experts
+    for e, ours, theirs in _peft_parameter_prefixes(plan, adapter):
+        n = e.site.experts or 1
         a, b = tensors.get(f"{theirs}.lora_A.weight"), tensors.get(f"{theirs}.lora_B.weight")
         if a is None or b is None:
             continue
@@ -509,10 +523,10 @@ def _experts_from_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> d
             raise SpecError(f"PEFT's factors for {e.site.fqn} ({tuple(a.shape)}, {tuple(b.shape)}) do not split into its {n} experts")
         del tensors[f"{theirs}.lora_A.weight"], tensors[f"{theirs}.lora_B.weight"]
         swapped = _peft_reads_swapped(model, e.site)
-        for i, (ai, bi) in enumerate(zip(a.unflatten(0, (n, -1)), b.unflatten(1, (-1, n)).unbind(-1))):
+        for (name_a, name_b), ai, bi in zip(_our_factor_names(e, ours), a.unflatten(0, (n, -1)), b.unflatten(1, (-1, n)).unbind(-1)):
             if swapped:
                 ai, bi = bi.t(), ai.t()
-            tensors[f"{ours}.{i}.lora_A"], tensors[f"{ours}.{i}.lora_B"] = ai.contiguous(), bi.contiguous()
+            tensors[name_a], tensors[name_b] = ai.contiguous(), bi.contiguous()
     return tensors
 
 

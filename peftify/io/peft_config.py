@@ -16,7 +16,7 @@ from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite
 from peftify.passes.dora import DoRA
 from peftify.passes.lora import IDENTITY_INITS, LoRA
-from peftify.rewrite.sites import parameter_names
+from peftify.rewrite.sites import is_conv1d, parameter_names
 from peftify.rewrite.spec import Rule, Spec
 
 HANDLED = {
@@ -203,6 +203,20 @@ def _check_types(d: dict) -> None:
             raise SpecError(f"PEFT's {key} must be {what}, not {d[key]!r}", field=key)
 
 
+def _linear_module_names(model: nn.Module) -> set[str]:
+    """PEFT's "all-linear": the names of every nn.Linear (subclasses included) and Conv1D module,
+    and of the layers an earlier adapter rewrote (not what is inside them)."""
+    names, inside = set(), ()
+    for name, mod in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(mod, AdaptedSite):
+            inside = (*inside, name + ".")
+        if isinstance(mod, (nn.Linear, AdaptedSite)) or is_conv1d(mod):
+            names.add(name)
+    return names
+
+
 def _output_layer(model, task_type) -> str | None:
     """The layer PEFT's "all-linear" leaves out: the output embeddings of a transformers model,
     else for SEQ_CLS its classifier head ("score" or "classifier"), else none."""
@@ -242,11 +256,10 @@ def _target_match(target, model, task_type=None):
     if target is None:
         return {"role": "attn.[qv]*"}
     if _is_all_linear(target):
-        match = {"type": ["Linear", "Conv1D"]}
-        if model is None:
-            return {**match, "role": "[am]*"}  # the output layer unknown: everything but readout sites
-        head = _output_layer(model, task_type)
-        return {**match, "name": rf"re:(?!{re.escape(head)}$).*"} if head is not None else match
+        if model is None:  # the output layer unknown: every linear but readout sites
+            return {"type": ["Linear", "Conv1D"], "role": "[am]*"}
+        names = _linear_module_names(model) - {_output_layer(model, task_type)}
+        return f"re:{_names_regex(sorted(names))}" if names else {"type": ["Linear", "Conv1D"]}  # none: "matches nothing"
     if isinstance(target, str):
         return f"re:{target}"
     return f"re:{_names_regex(target)}"
@@ -325,12 +338,12 @@ def to_peft(plan, model) -> dict[str, Any]:
     kinds = {type(m) for m in methods}
     if kinds not in ({LoRA}, {DoRA}):
         raise SpecError("PEFT's format holds one LoRA or DoRA config; this rewrite uses " + ", ".join(sorted({m.name for m in methods}) or ["nothing"]), field="format")
-    experts = [e for e in plan.entries if e.site.experts]
-    if experts and (kinds != {LoRA} or any(e.method.dropout for e in experts)):
-        raise SpecError("PEFT adapts expert stacks (target_parameters) with plain LoRA without dropout only; save with format='native'", field="format")
-    functional = [e.site.fqn for e in plan.entries if e.site.kind != "module" and not e.site.experts]
-    if functional:
-        raise SpecError(f"PEFT cannot target parameters used functionally: {', '.join(functional)}; save with format='native'", field="format")
+    parameters = [e for e in plan.entries if e.site.kind != "module"]  # expert stacks, weights used functionally
+    if parameters and (kinds != {LoRA} or any(e.method.dropout for e in parameters)):
+        raise SpecError("PEFT adapts parameters (target_parameters: expert stacks, weights used functionally) with plain LoRA without dropout only; save with format='native'", field="format")
+    at_root = [e.site.fqn for e in parameters if "." not in e.site.weight]
+    if at_root:  # PEFT wraps the module holding a targeted parameter, never the model itself
+        raise SpecError(f"PEFT cannot target parameters the model's root module uses functionally: {', '.join(at_root)}; save with format='native'", field="format")
     for field in ("dropout", "rslora", "init", "bias"):
         if len({getattr(m, field) for m in methods}) > 1:
             raise SpecError(f"PEFT's format needs one {field} for all sites; this rewrite mixes them", field=field)
@@ -364,11 +377,11 @@ def to_peft(plan, model) -> dict[str, Any]:
         "use_rslora": first.rslora,
         "init_lora_weights": {v: k for k, v in INITS.items()}[first.init],
         "bias": "all" if all_biases else "lora_only" if first.bias else "none",
-        "target_modules": [e.site.fqn for e in plan.entries if not e.site.experts],
-        "target_parameters": [e.site.fqn for e in experts] or None,
+        "target_modules": [e.site.fqn for e in plan.entries if e.site.kind == "module"],
+        "target_parameters": [e.site.fqn for e in parameters] or None,
         "rank_pattern": {re.escape(e.site.fqn): e.method.r for e in plan.entries if e.method.r != r},
         "alpha_pattern": {re.escape(e.site.fqn): e.method.alpha for e in plan.entries if e.method.alpha != alpha},
         "modules_to_save": modules_to_save or None,
-        "fan_in_fan_out": any(e.site.transposed for e in plan.entries if not e.site.experts),  # PEFT reads expert stacks by their own flag
+        "fan_in_fan_out": any(e.site.transposed for e in plan.entries if e.site.kind == "module"),  # PEFT reads parameters its own way
         "use_dora": kinds == {DoRA},
     } | ({"ensure_weight_tying": True} if tied else {})

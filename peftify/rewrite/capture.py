@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
-from peftify.rewrite.sites import Capture, find_uses, is_conv1d, layer_indexer, sites_from_modules, sites_from_uses
+from peftify.rewrite.sites import Capture, Site, find_uses, is_conv1d, layer_indexer, sites_from_modules, sites_from_uses
 
 # What a model is called with for a trace: a tensor, a tuple of positional arguments, a dict of
 # keyword arguments (what a tokenizer returns), or (args, kwargs); None builds one.
@@ -70,9 +70,23 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
             s.with_prefix(first, f"{prefix}.{i}.") for i in indices for s in sites if (s.fqn + ".").startswith(first)
         ]
     collapsed = {prefix: len(model.get_submodule(prefix)) for prefix in collapsed}
+    unreached = _unreached_linears(model, sites)
+    note = ""
+    if unreached:
+        sites += unreached
+        note = f"{len(unreached)} linear layer(s) the example input did not run are sites without roles ({', '.join(s.fqn for s in unreached[:2])}{', …' if len(unreached) > 2 else ''})"
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     sites.sort(key=lambda s: order.get(s.weight, len(order)))
-    return _finish(model, Capture(sites, tracer, collapsed=collapsed))
+    return _finish(model, Capture(sites, tracer, note=note, collapsed=collapsed))
+
+
+def _unreached_linears(model: nn.Module, sites: list[Site]) -> list[Site]:
+    """The nn.Linear/Conv1D modules the trace never ran (a decoder's cross-attention traced without
+    encoder states, a vision tower without pixels). They are linear maps of the model all the
+    same, and PEFT adapts them by name or type: they are module sites, with no roles (their
+    dataflow was not seen)."""
+    used = {s.weight for s in sites} | {alias for s in sites for alias in s.aliases}
+    return [s for s in sites_from_modules(model) if s.weight not in used and used.isdisjoint(s.aliases)]
 
 
 # where a traceback frame is library code, not the model's own

@@ -1,13 +1,15 @@
 """PEFT parity on mixture-of-experts weights: `LoraConfig(target_parameters=...)` (PEFT's
 ParamWrapper) against peftify's experts sites, on the same weights, both file directions."""
 
+import copy
+
 import pytest
 import torch
 
 import peftify
 from peftify.errors import SpecError
 
-TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+TARGETS = ["experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight"]  # the stacks, and the router's weight (F.linear)
 
 
 def build():
@@ -111,3 +113,51 @@ def test_a_stack_stored_in_out_without_peft_s_flag_crosses_both_ways(intermediat
     peftify.save_adapter(ours, tmp_path / "ours", format="peft")
     back = PeftModel.from_pretrained(llama4(), tmp_path / "ours").eval()
     torch.testing.assert_close(back(x).logits, theirs(x).logits, atol=1e-6, rtol=1e-6)
+
+
+class Mixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w_in = torch.nn.Parameter(torch.randn(12, 8) / 8**0.5)  # (out, in): F.linear
+        self.w_out = torch.nn.Parameter(torch.randn(12, 8) / 12**0.5)  # (in, out): x @ w_out
+
+    def forward(self, x):
+        return torch.relu(torch.nn.functional.linear(x, self.w_in)) @ self.w_out
+
+
+class WithMixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixer = Mixer()
+
+    def forward(self, x):
+        return self.mixer(x)
+
+
+def test_weights_used_functionally_cross_to_peft_as_target_parameters(tmp_path):
+    """PEFT adapts a 2-D weight a module uses functionally through target_parameters (a router's
+    weight in PEFT's own MoE configs); peftify refused to save such sites in PEFT's format and
+    could not load PEFT's files of them."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base, x = WithMixer(), torch.randn(5, 8)
+    ours = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "mixer.*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=(x,))
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    assert {e.site.fqn: e.site.transposed for e in ours._peftify.plan.entries} == {"mixer.w_in": False, "mixer.w_out": True}
+    peftify.save_adapter(ours, tmp_path / "ours", format="peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(theirs(x), ours(x), atol=1e-6, rtol=1e-5)
+    assert (ours(x) - base(x)).abs().max() > 1e-2
+
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=[], target_parameters=["mixer.w_in", "mixer.w_out"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = peftify.load_adapter(copy.deepcopy(base), tmp_path / "peft", example_inputs=(x,))
+    torch.testing.assert_close(loaded(x), peft_model(x), atol=1e-6, rtol=1e-5)

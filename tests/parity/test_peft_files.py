@@ -28,6 +28,19 @@ def roberta_cls():
     return RobertaForSequenceClassification(cfg).eval()
 
 
+def falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=101)).eval()
+
+
+def bart_decoder():
+    from transformers import BartConfig, BartForCausalLM
+
+    cfg = BartConfig(d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=2, encoder_attention_heads=2, decoder_ffn_dim=48, encoder_ffn_dim=48, vocab_size=101, max_position_embeddings=64)
+    return BartForCausalLM(cfg).eval()
+
+
 def llama_body():  # a model whose block list is at its root: "layers.0.…"
     return tiny_llama().model
 
@@ -82,6 +95,10 @@ CASES = {
     "layers-at-root": (llama_body, LLAMA_IN, {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}),
     "layers-full-name": (tiny_llama, LLAMA_IN, {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]}),
     "upper-case-all-linear": (tiny_llama, LLAMA_IN, {"target_modules": "ALL-LINEAR"}),
+    # "all-linear" is every nn.Linear, subclasses too (Falcon's FalconLinear: it matched nothing) …
+    "all-linear-subclass": (falcon, LLAMA_IN, {"target_modules": "all-linear"}),
+    # … and those the example input does not run (a decoder's cross-attention without encoder states)
+    "all-linear-not-run": (bart_decoder, LLAMA_IN, {"target_modules": "all-linear"}),
 }
 
 
@@ -108,7 +125,7 @@ def make(case):
     torch.manual_seed(0)
     base = factory()
     cfg = LoraConfig(r=4, lora_alpha=8, **kwargs)
-    theirs = get_peft_model(copy.deepcopy(base), cfg)
+    theirs = get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg))  # PEFT resolves "all-linear" in the config it is given
     with torch.no_grad():  # trained-looking adapters: B, saved modules and biases all moved
         for n, p in theirs.named_parameters():
             if p.requires_grad:

@@ -352,11 +352,15 @@ class FirstBlocksOnly(nn.Module):
 
 @pytest.mark.parametrize("used", [slice(0, 2), slice(1, None, 2), slice(None)], ids=["first-two", "odd", "all"])
 def test_blocks_traced_once_are_copied_only_to_the_blocks_the_forward_runs(used):
-    """The repeated blocks are traced once, through their first; `blocks[:2]` over four made
-    blocks 2 and 3 sites too, though nothing runs them."""
+    """The repeated blocks are traced once, through their first; `blocks[:2]` over four gave
+    blocks 2 and 3 block 0's roles, as if they ran. They are sites (linear layers the input did
+    not reach, as PEFT would adapt them by name), without roles."""
     model = FirstBlocksOnly(used)
     cap = peftify.capture(model, torch.randn(2, 8))
-    assert [s.fqn for s in cap.sites] == [f"blocks.{i}.fc" for i in range(4)[used]]
+    ran = [f"blocks.{i}.fc" for i in range(4)[used]]
+    assert [s.fqn for s in cap.sites] == [f"blocks.{i}.fc" for i in range(4)]
+    assert {s.fqn for s in cap.sites if s.roles} == set(ran)
+    assert ("did not run" in cap.note) == (len(ran) < 4)
     assert type(model.blocks) is nn.ModuleList and len(model.blocks) == 4  # put back as it was
 
 
