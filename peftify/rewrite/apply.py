@@ -355,8 +355,9 @@ def apply_plan(
         by_method.setdefault(entry.method, []).append(i)
     built: list[SiteModule | None] = [None] * len(plan.entries)
     for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
-        mods = build_for_sites(method, [(plan.entries[i].site, weights[i]) for i in idx], progress)
-        for i, mod in zip(idx, mods):
+        items = [(plan.entries[i].site, weights[i]) for i in idx]
+        mods = _skeletons(method, items, [plan.entries[i] for i in idx], adapter, state) if state is not None else None
+        for i, mod in zip(idx, mods or build_for_sites(method, items, progress)):
             built[i] = mod
     for entry, mod in zip(plan.entries, built):  # in the mode of the layer it joins (an eval model's dropout stays off)
         training = model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training
@@ -430,6 +431,26 @@ def _inputs_require_grad_under_checkpointing(model: nn.Module) -> None:
         on = getattr(model, "is_gradient_checkpointing", False)
     if on is True and hasattr(model, "enable_input_require_grads") and not getattr(model, "_require_grads_hooks", None) and getattr(model, "_require_grads_hook", None) is None:
         model.enable_input_require_grads()
+
+
+def _skeletons(method, items: list[tuple[Site, torch.Tensor]], entries: list[Entry], adapter: str, state: dict) -> list[SiteModule] | None:
+    """A method's modules for a load whose tensors hold every parameter and buffer they have:
+    built on the meta device (no SVD, no projection: what the file holds is not computed again
+    from W), then given memory for the load to fill. None where some tensor would have to come
+    from W, or the method cannot build on meta: then the modules are built as usual."""
+    if method.init_needs_weights or any(w.is_meta for _, w in items):
+        return None
+    try:
+        mods = build_for_sites(method, [(site, w.to("meta")) for site, w in items], progress=False)
+    except Exception:  # noqa: BLE001 - a module that reads W's values in its constructor: build it for real
+        return None
+    for entry, mod in zip(entries, mods):
+        prefix = f"{module_prefix(entry.site)}.adapters.{adapter}."
+        if any(prefix + name not in state for name, _ in [*mod.named_parameters(), *mod.named_buffers()]):
+            return None
+        if any(isinstance(v, torch.Tensor) for m in mod.modules() for v in vars(m).values()):  # a tensor kept as a plain attribute
+            return None
+    return [mod.to_empty(device=w.device) for mod, (_, w) in zip(mods, items)]
 
 
 def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str, mod: SiteModule, undo: list) -> None:

@@ -724,3 +724,36 @@ def test_paths_and_arguments_of_the_wrong_kind_are_clear_errors(tmp_path, monkey
     peftify.set_adapter(model, None)  # documented: every adapter off
     assert peftify.adapters(model) == {"default": False}
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", [{"method": "monarch", "nblocks": 2}, {"method": "lora_xs", "r": 2}, {"method": "svfit", "r": 2}])
+def test_loading_a_file_that_holds_every_factor_computes_nothing_from_w(method, tmp_path, monkeypatch):
+    """A load rebuilt each layer from W before copying the file in: a projected Monarch model took
+    as long to load as to project (40 s at 2 GB), an SVD method ran its SVD again."""
+    from peftify.passes import base as base_mod
+    from peftify.passes.structured import monarch as monarch_mod
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:mlp.*", "apply": method}]}, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    peftify.save_adapter(model, tmp_path)
+
+    def real_tensors(x) -> bool:
+        return isinstance(x, torch.Tensor) and not x.is_meta or isinstance(x, (list, tuple)) and any(map(real_tensors, x))
+
+    def only_on_meta(fn):
+        def checked(*args, **kwargs):
+            assert not any(map(real_tensors, args)), "computed from W on load"
+            return fn(*args, **kwargs)
+
+        return checked
+
+    monkeypatch.setattr(base_mod, "batched_svd", only_on_meta(base_mod.batched_svd))
+    monkeypatch.setattr(monarch_mod.Monarch, "project", only_on_meta(monarch_mod.Monarch.project))
+    loaded = peftify.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(output(loaded, X), output(model, X), rtol=0, atol=0)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
