@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftify.errors import SpecError
-from peftify.passes.base import Method, SiteModule, check_count, dense_flops, invalid, register
+from peftify.passes.base import Method, SiteModule, check_count, dense_flops, invalid, progress_bar, register
 from peftify.rewrite.sites import Site
 
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o")
@@ -121,7 +121,7 @@ class CLOVER(Method):
         for i, (site, _) in enumerate(items):
             by_layer.setdefault(site.layer, {})[attention_role(site)] = i
         out: list[SiteModule | None] = [None] * len(items)
-        for layer, roles in by_layer.items():
+        for layer, roles in progress_bar(list(by_layer.items()), "peftify: clover", progress, unit="layer"):
             for first, second, factor in (("attn.q", "attn.k", self._qk), ("attn.v", "attn.o", self._vo)):
                 if (first in roles) != (second in roles):
                     have, lack = (first, second) if first in roles else (second, first)

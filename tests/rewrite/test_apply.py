@@ -387,6 +387,8 @@ def test_progress_bars_show_for_long_work_or_when_asked(capfd):
     assert "peftify: SVD" in err and "peftify: building svfit" in err
     peftify.peftify(tiny_llama(), spec, progress=False)
     assert capfd.readouterr().err == ""
+    peftify.peftify(tiny_llama(), {"rules": [{"match": "role:attn.*", "apply": {"method": "clover"}}]}, progress=True)  # it had none
+    assert "peftify: clover" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("finish", ["merge", "unload"])
