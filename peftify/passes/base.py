@@ -249,6 +249,14 @@ class SiteModule(nn.Module):
         return f"{self.method.name}({fields})"
 
 
+def plus_low_rank(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
+    """W + s·B·A, in one GEMM that accumulates into a copy of W where the dtypes agree (no
+    (out × in) temporaries: a merge of a large model reads and writes each weight once)."""
+    if isinstance(s, (int, float)) and b.dtype == a.dtype == weight.dtype and not torch.is_autocast_enabled(weight.device.type):
+        return torch.addmm(weight, b, a, alpha=s)
+    return weight + (s * (b @ a)).to(weight.dtype)
+
+
 class LowRankDelta(SiteModule):
     """Shared by methods whose update is W' = W + s·B·A with A, B built from frozen factors of W
     and a small trainable core (LoRA-XS, SVFit, SVFT, VectorFit, LoLDU): subclasses define `factors`, and the
@@ -260,7 +268,7 @@ class LowRankDelta(SiteModule):
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         a, b, s = self.factors()
-        return weight + (s * (b @ a)).to(weight.dtype)
+        return plus_low_rank(weight, b, a, s)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         a, b, s = self.factors()

@@ -10,7 +10,18 @@ import torch
 from torch import nn
 
 from peftify.codegen import lora_linear
-from peftify.passes.base import Method, SiteModule, check_count, check_fits, check_positive, dense_flops, invalid, register, tag
+from peftify.passes.base import (
+    Method,
+    SiteModule,
+    check_count,
+    check_fits,
+    check_positive,
+    dense_flops,
+    invalid,
+    plus_low_rank,
+    register,
+    tag,
+)
 from peftify.rewrite.sites import Site
 
 INITS = ("default", "gaussian", "pissa", "olora", "random")
@@ -127,7 +138,7 @@ class LoRAModule(SiteModule):
         self.lora_dropout = nn.Dropout(method.dropout) if method.dropout else None
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
+        return plus_low_rank(weight, self.lora_B, self.lora_A, self.scaling)
 
     @classmethod
     def merged_stack(cls, modules: list[SiteModule], weight: torch.Tensor) -> torch.Tensor:
