@@ -86,6 +86,12 @@ def _unreached_linears(model: nn.Module, sites: list[Site]) -> list[Site]:
     same, and PEFT adapts them by name or type: they are module sites, with no roles (their
     dataflow was not seen)."""
     used = {s.weight for s in sites} | {alias for s in sites for alias in s.aliases}
+    plain = nn.Linear.forward
+    if all(
+        (f"{path}.weight" if path else "weight") in used or not isinstance(getattr(mod, "weight", None), nn.Parameter) or not (type(mod).forward is plain or is_conv1d(mod))
+        for path, mod in model.named_modules()
+    ):
+        return []  # every linear ran (almost every model): no module walk to build sites
     return [s for s in sites_from_modules(model) if s.weight not in used and used.isdisjoint(s.aliases)]
 
 
