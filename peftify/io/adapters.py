@@ -205,9 +205,8 @@ def _replace_files(directory: Path, writes: dict, stale: tuple[str, ...] = ()) -
             os.chmod(temps[name], mode)
         for name in [*writes, *stale]:
             if (directory / name).exists():
-                backup = temp(name, ".old")
-                os.replace(directory / name, backup)
-                aside[name] = backup
+                aside[name] = temp(name, ".old")  # recorded first: a stop during the move still finds it
+                os.replace(directory / name, aside[name])
         for name, tmp in temps.items():
             os.replace(tmp, directory / name)
             placed.append(name)
@@ -216,7 +215,10 @@ def _replace_files(directory: Path, writes: dict, stale: tuple[str, ...] = ()) -
             if name not in aside:
                 (directory / name).unlink(missing_ok=True)
         for name, backup in aside.items():
-            os.replace(backup, directory / name)
+            if name in placed or not (directory / name).exists():  # the old file was moved aside: back
+                os.replace(backup, directory / name)
+            else:  # the move had not happened: only the empty placeholder to drop
+                Path(backup).unlink(missing_ok=True)
         for name, tmp in temps.items():
             if name not in placed:
                 Path(tmp).unlink(missing_ok=True)
@@ -300,9 +302,7 @@ def load_adapter(
             raise prefixed(f"{source} does not fit this model: ", e) from e
         tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
         return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
-    _load_into(model, adapter, tensors, fmt, source, config)
-    set_active(model, adapter)
-    return model
+    return _load_into(model, adapter, tensors, fmt, source, config, then=lambda: set_active(model, adapter))
 
 
 # Settings that change how a method trains, not what its tensors compute: an adapter built with
@@ -362,9 +362,10 @@ def _read(path: Path, files: tuple[str, str], source: str) -> tuple[dict, dict]:
     return config, tensors
 
 
-def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: str, config: dict | None = None) -> nn.Module:
+def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: str, config: dict | None = None, then=None) -> nn.Module:
     """Check `tensors` (and the settings in a file's `config`) against an existing adapter, then
-    copy them in."""
+    copy them in, and call `then` (making the adapter active); if either stops, the old values
+    are put back."""
     plan = rewrite_state(model, "load into").adapters[adapter]
     targets = adapter_state(model, adapter, buffers=False)
     optional = {}
@@ -381,6 +382,8 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
         try:
             for p, value in pairs:
                 p.copy_(value)
+            if then is not None:
+                then()
         except BaseException:
             for (p, _), old in zip(pairs, olds):
                 p.copy_(old)

@@ -333,6 +333,9 @@ def apply_plan(
             raise SpecError(f"adapter {site.rewritten_by!r} rewrote the base weight of {e.site.fqn} (its init, e.g. PiSSA's or OLoRA's); no other adapter can share that site", field="adapter")
         if site.replaced_by is not None:
             raise SpecError(f"adapter {site.replaced_by!r} replaced {e.site.fqn} by a structure; no other adapter can share that site", field="adapter")
+    for e in plan.entries:
+        if rewrite is not None and e.site.fqn not in rewrite.installed and (e.method.rewrites_base or e.method.replaces_base):
+            _refuse_rewriting_trained(model, rewrite, e)
     replacing = [e.site.fqn for e in plan.entries if e.method.replaces_base]
     if rewrite is not None and replacing:
         warn(
@@ -431,6 +434,23 @@ def _inputs_require_grad_under_checkpointing(model: nn.Module) -> None:
         on = getattr(model, "is_gradient_checkpointing", False)
     if on is True and hasattr(model, "enable_input_require_grads") and not getattr(model, "_require_grads_hooks", None) and getattr(model, "_require_grads_hook", None) is None:
         model.enable_input_require_grads()
+
+
+def _refuse_rewriting_trained(model: nn.Module, rewrite: RewriteState, entry: Entry) -> None:
+    """An init that rewrites a layer's weight (PiSSA, OLoRA) or a structure that replaces it
+    cannot come after an adapter that trains that weight or bias whole (`train`): it would start
+    from that adapter's copy and put a new module where the copies are swapped in and out."""
+    site = entry.site
+    owner, names = (site.owners[0], {"weight", "bias"}) if site.kind == "module" else (_split(site.weight)[0], {_split(n)[1] for n in (site.weight, site.bias) if n})
+    module = model.get_submodule(owner)
+    for record in rewrite.trained:
+        taken = [name for mod, name in record.slots if mod is module and name in names]
+        if taken:
+            raise SpecError(
+                f"adapter(s) {sorted(record.copies)} train {site.fqn}'s {taken[0]} whole (train); {entry.method.name} with this init "
+                "would rewrite that layer under them: give it an init that leaves W as it is, or add it before the adapter that trains it",
+                field="init" if entry.method.rewrites_base else "method",
+            )
 
 
 def _skeletons(method, items: list[tuple[Site, torch.Tensor]], entries: list[Entry], adapter: str, state: dict) -> list[SiteModule] | None:
@@ -747,6 +767,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             write()
         for original in originals:
             original.weight = base.weight
+        for owner in site.owners if untie else ():  # so that a later tie_weights() leaves the merged weight alone
+            _forget_tie(model, owner + ".weight")
     except BaseException:
         for original, w in zip(originals, weights):
             original.weight = w
@@ -757,8 +779,6 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         raise
     if untie:
         warn(f"{site.fqn}'s weight was tied to {untie}; merging unties it")
-        for owner in site.owners:
-            _forget_tie(model, owner + ".weight")
 
 
 def _still_installed(model: nn.Module, record: Installed) -> bool:

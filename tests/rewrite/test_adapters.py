@@ -9,6 +9,7 @@ from torch import nn
 
 import peftify
 from peftify import SpecError
+from peftify.io import adapters as adapters_mod
 from peftify.rewrite import apply as apply_mod
 
 A = {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2}}]}
@@ -653,11 +654,16 @@ def test_a_load_into_an_existing_adapter_that_stops_midway_changes_nothing(fmt, 
         peftify.load_adapter(model, tmp_path)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     monkeypatch.undo()
+    fail_on_call(monkeypatch, adapters_mod, "set_active", 1, KeyboardInterrupt())  # the switch after the copy
+    with pytest.raises(KeyboardInterrupt):
+        peftify.load_adapter(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    monkeypatch.undo()
     peftify.load_adapter(model, tmp_path)
     assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("stop", ["the json", "the second rename"])
+@pytest.mark.parametrize("stop", ["the json", "the second rename", "the first move aside"])
 def test_an_overwrite_that_stops_midway_keeps_the_previous_adapter_whole(stop, tmp_path, monkeypatch):
     """Each of an adapter's two files was renamed into place on its own: a save stopped between
     them left the new tensors beside the old settings, which loaded without error and computed
@@ -673,8 +679,10 @@ def test_an_overwrite_that_stops_midway_keeps_the_previous_adapter_whole(stop, t
     randomize(model, "default")
     if stop == "the json":
         fail_on_call(monkeypatch, Path, "write_text", 1, OSError("disk full"))
-    else:
+    elif stop == "the second rename":
         fail_on_call(monkeypatch, os, "replace", 4, KeyboardInterrupt())  # two moved aside, one new file in
+    else:  # its placeholder was left behind
+        fail_on_call(monkeypatch, os, "replace", 1, KeyboardInterrupt())
     with pytest.raises((OSError, KeyboardInterrupt)):
         peftify.save_adapter(model, tmp_path)
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == good  # no temporary file left either
@@ -757,3 +765,28 @@ def test_loading_a_file_that_holds_every_factor_computes_nothing_from_w(method, 
     loaded = peftify.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(output(loaded, X), output(model, X), rtol=0, atol=0)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_layer_whose_weight_an_adapter_trains_whole_is_not_rewritten_by_a_later_one():
+    """Adapter a trains head.bias (`train`); adapter c then put PiSSA on head: c's residual came
+    from a's copy, and a's copies were swapped into a module no longer in the model, so disabled
+    and c's outputs were wrong. Refused now; the other order works."""
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    x = torch.randn(5, 16)
+    peftify.peftify(model, {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2}}], "train": ["head.bias"]}, adapter="a")
+    state = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    for method in ({"method": "lora", "r": 2, "init": "pissa"}, {"method": "lowrank", "r": 2}):
+        with pytest.raises(SpecError, match=r"adapter\(s\) \['a'\] train head's bias whole") as e:
+            peftify.peftify(model, {"rules": [{"match": "head", "apply": method}]}, adapter="c")
+        assert e.value.field == ("init" if method["method"] == "lora" else "method")
+    assert peftify.adapters(model) == {"a": True} and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.manual_seed(0)
+    other = FunctionalNet()
+    base_out = other(x).detach()
+    peftify.peftify(other, {"rules": [{"match": "head", "apply": {"method": "lora", "r": 2, "init": "pissa"}}]}, adapter="c")
+    peftify.peftify(other, {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2}}], "train": ["head.bias"]}, adapter="a")
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+    with peftify.disable_adapters(other):
+        torch.testing.assert_close(other(x), base_out, atol=1e-5, rtol=1e-5)

@@ -553,3 +553,24 @@ def test_a_spec_with_no_rules_is_an_error_unless_it_trains_something():
         assert not hasattr(model, "_peftify") and all(p.requires_grad for p in model.parameters())
     model = peftify.peftify(FunctionalNet(), {"train": ["head.*"]})  # only the head trains: a choice, not a mistake
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+
+
+def test_a_merge_stopped_while_it_unties_a_head_still_unties_it_when_finished(monkeypatch):
+    """The tie was forgotten after the layer counted as merged: stopped there, a second merge
+    skipped the site, and a later tie_weights() tied the head back, dropping the merged update."""
+    torch.manual_seed(0)
+    model = tiny_llama(tie=True)
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2, "init": "gaussian"}}]})
+    with torch.no_grad():
+        model.lm_head.adapters["default"].lora_B.normal_(std=0.5)
+    adapted = adapted_output(model, x)
+    fail_on_call(monkeypatch, apply_mod, "_forget_tie", 1, KeyboardInterrupt())
+    with pytest.warns(UserWarning, match="merge stopped"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="merging unties it"):
+        peftify.merge(model)
+    model.tie_weights()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
