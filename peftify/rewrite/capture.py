@@ -2,9 +2,11 @@
 
 `torch.export.export(strict=False)` traces on fake tensors, so weights are never read and a
 model on the meta device is analysed with no weight memory. Repeated blocks (a ModuleList
-whose entries have identical structure) are traced once: the list is temporarily cut to its
-first entry and the sites found there are replicated to the others. This keeps capture of a
-32-layer model as cheap as capture of a 1-layer one.
+whose entries have identical structure and flags, and at least two matrices each) are traced
+once: the list is temporarily cut to its first entry and the sites found there are replicated
+to the others. This keeps capture of a 32-layer model as cheap as capture of a 1-layer one.
+When that trace ran only the first entry of another list as long (a ParameterList indexed
+beside the blocks), the model is traced whole.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
-from peftify.rewrite.sites import Capture, Site, find_uses, is_conv1d, layer_indexer, sites_from_modules, sites_from_uses
+from peftify.rewrite.sites import Capture, Site, find_uses, is_conv1d, layer_indexer, parameter_reads, sites_from_modules, sites_from_uses
 
 # What a model is called with for a trace: a tensor, a tuple of positional arguments, a dict of
 # keyword arguments (what a tokenizer returns), or (args, kwargs); None builds one.
@@ -55,9 +57,12 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     args, kwargs = example_arguments(model, example_inputs)
     try:
         try:
-            sites, collapsed, tracer = _trace(model, args, kwargs, collapse=True)
+            sites, collapsed, tracer, read = _trace(model, args, kwargs, collapse=True)
+            read = _replicated(read, collapsed)
+            if _missed_by_collapse(model, collapsed, read):
+                raise RuntimeError("another list runs alongside the blocks")
         except Exception:  # noqa: BLE001 - some models depend on their block count; trace them whole
-            sites, collapsed, tracer = _trace(model, args, kwargs, collapse=False)
+            sites, collapsed, tracer, read = _trace(model, args, kwargs, collapse=False)
     except Exception as e:
         if not given:
             raise SpecError(f"could not trace {type(model).__name__} with an example input built from its signature ({_brief(e)}); pass example_inputs=...") from e
@@ -70,29 +75,78 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
             s.with_prefix(first, f"{prefix}.{i}.") for i in indices for s in sites if (s.fqn + ".").startswith(first)
         ]
     collapsed = {prefix: len(model.get_submodule(prefix)) for prefix in collapsed}
-    unreached = _unreached_linears(model, sites)
-    note = ""
+    unreached, transformed = _unreached_linears(model, sites, read)
+    notes = []
     if unreached:
         sites += unreached
-        note = f"{len(unreached)} linear layer(s) the example input did not run are sites without roles ({', '.join(s.fqn for s in unreached[:2])}{', …' if len(unreached) > 2 else ''})"
+        notes.append(f"{len(unreached)} linear layer(s) the example input did not run are sites without roles ({_some(s.fqn for s in unreached)})")
+    if transformed:
+        notes.append(f"{len(transformed)} linear layer(s) whose weight is only used transformed are not sites ({_some(transformed)})")
+        warn(
+            f"{_some(transformed, 3)}: the forward never calls this linear layer and uses its weight only through a computation "
+            "(F.linear(x, layer.weight * c), a normalized weight): it is not a site, since an adapter on the layer would never run"
+        )
+    note = "; ".join(notes)
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     sites.sort(key=lambda s: order.get(s.weight, len(order)))
     return _finish(model, Capture(sites, tracer, note=note, collapsed=collapsed))
 
 
-def _unreached_linears(model: nn.Module, sites: list[Site]) -> list[Site]:
+def _some(names, n: int = 2) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (", …" if len(names) > n else "")
+
+
+def _unreached_linears(model: nn.Module, sites: list[Site], read: set[str]) -> tuple[list[Site], list[str]]:
     """The nn.Linear/Conv1D modules the trace never ran (a decoder's cross-attention traced without
     encoder states, a vision tower without pixels). They are linear maps of the model all the
     same, and PEFT adapts them by name or type: they are module sites, with no roles (their
-    dataflow was not seen)."""
+    dataflow was not seen). Also returned: the paths of such modules whose weight the trace did
+    read, through some computation (``F.linear(x, fc.weight * c)``): an adapter on the module
+    would never run, so they are no sites."""
     used = {s.weight for s in sites} | {alias for s in sites for alias in s.aliases}
     plain = nn.Linear.forward
     if all(
         (f"{path}.weight" if path else "weight") in used or not isinstance(getattr(mod, "weight", None), nn.Parameter) or not (type(mod).forward is plain or is_conv1d(mod))
         for path, mod in model.named_modules()
     ):
-        return []  # every linear ran (almost every model): no module walk to build sites
-    return [s for s in sites_from_modules(model) if s.weight not in used and used.isdisjoint(s.aliases)]
+        return [], []  # every linear ran (almost every model): no module walk to build sites
+    read_ids = {id(model.get_parameter(name)) for name in read}
+    unreached, transformed = [], []
+    for s in sites_from_modules(model):
+        if s.weight in used or not used.isdisjoint(s.aliases):
+            continue
+        if id(model.get_parameter(s.weight)) in read_ids:
+            transformed.append(s.fqn)
+        else:
+            unreached.append(s)
+    return unreached, transformed
+
+
+def _replicated(read: set[str], collapsed: dict[str, list[int]]) -> set[str]:
+    """The parameters a trace read, block 0's also under every block of its list the forward ran."""
+    for prefix, indices in collapsed.items():
+        first = prefix + ".0."
+        read = read | {f"{prefix}.{i}.{name[len(first):]}" for name in read if name.startswith(first) for i in indices}
+    return read
+
+
+def _missed_by_collapse(model: nn.Module, collapsed: dict[str, list[int]], read: set[str]) -> bool:
+    """Whether another list as long as a collapsed block list ran only its first entry — a
+    ParameterList or ModuleList indexed or zipped alongside the blocks (``x = block(x) @
+    self.mix[i].T``), which a trace of one block reaches only at index 0."""
+    lengths = {len(model.get_submodule(prefix)) for prefix in collapsed}
+    if not lengths:
+        return False
+    inside = tuple(prefix + "." for prefix in collapsed)
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.ParameterList)) or path in collapsed or path.startswith(inside) or len(mod) not in lengths:
+            continue
+        base = f"{path}." if path else ""
+        ran = [any(name == f"{base}{k}" or name.startswith(f"{base}{k}.") for name in read) for k in range(len(mod))]
+        if ran[0] and not all(ran[1:]):
+            return True
+    return False
 
 
 # where a traceback frame is library code, not the model's own
@@ -162,8 +216,9 @@ def _trace(model, args, kwargs, collapse: bool):
         except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
             graph, params, inputs = _trace_export(model, args, kwargs)
             tracer = "export"
-        sites, site_uses = sites_from_uses(model, find_uses(graph, params), params)
-        return infer_roles(graph, sites, site_uses, params, inputs), collapsed, tracer
+        reads = parameter_reads(graph, params)
+        sites, site_uses = sites_from_uses(model, find_uses(graph, params), params, reads)
+        return infer_roles(graph, sites, site_uses, params, inputs), collapsed, tracer, set(reads)
 
 
 @contextlib.contextmanager
@@ -260,18 +315,28 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
     old hook-based weight_norm) has no weight parameter to adapt: say so rather than skip it
     silently."""
     found = {s.fqn for s in cap.sites}
-    computed = []
+    computed, matrices = [], []
     for path, mod in model.named_modules():
         linear = isinstance(mod, nn.Linear) or is_conv1d(mod)
         if linear and path not in found and "weight" not in mod._parameters:
             by = type(mod.parametrizations["weight"][0]).__name__ if parametrize.is_parametrized(mod, "weight") else "a forward pre-hook"
             computed.append(f"{path} ({by})")
+        # a parametrized matrix the model applies itself (x @ self.w.T): as little a site as the above
+        for name, chain in getattr(mod, "parametrizations", {}).items() if parametrize.is_parametrized(mod) else ():
+            if not (linear and name == "weight") and getattr(chain, "original", None) is not None and chain.original.dim() == 2:
+                matrices.append(f"{path + '.' if path else ''}{name} ({type(chain[0]).__name__})")
     if computed:
         cap.note = "; ".join(filter(None, [cap.note, f"{len(computed)} linear layer(s) with a computed weight are not sites"]))
         warn(
             f"{', '.join(computed[:3])}{', …' if len(computed) > 3 else ''}: a linear layer whose weight is computed from other parameters "
             "is not a site; to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'), "
             "or torch.nn.utils.remove_weight_norm for the old hook-based weight_norm)"
+        )
+    if matrices:
+        cap.note = "; ".join(filter(None, [cap.note, f"{len(matrices)} parametrized matrices are not sites"]))
+        warn(
+            f"{', '.join(matrices[:3])}{', …' if len(matrices) > 3 else ''}: a matrix computed by a parametrization is not a site; "
+            "to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(module, name))"
         )
 
 
@@ -393,11 +458,17 @@ def _decoder_kwargs(model, kwargs):
 
 
 def _signature(mod: nn.Module):
+    """What blocks must share to be traced as one: their types, parameter shapes, and the flags
+    and modes (bool and str attributes) that may change what their forward does with them."""
     return (
         type(mod),
         tuple((n, tuple(p.shape), p.dtype) for n, p in mod.named_parameters()),
-        tuple((n, type(m)) for n, m in mod.named_modules()),
+        tuple((n, type(m), _flags(m)) for n, m in mod.named_modules()),
     )
+
+
+def _flags(mod: nn.Module) -> tuple:
+    return tuple((k, v) for k, v in vars(mod).items() if isinstance(v, (bool, str)) and not k.startswith("_") and k != "training")
 
 
 # transformers' mixture-of-experts layers pick a kernel by ``config._experts_implementation``; its
@@ -434,8 +505,8 @@ def _collapsed_repeats(model: nn.Module, enabled: bool = True):
         if len({id(b) for b in blocks}) != len(blocks):
             continue
         sig = _signature(blocks[0])
-        if not sig[1] or any(_signature(b) != sig for b in blocks[1:]):
-            continue
+        if sum(len(shape) >= 2 for _, shape, _ in sig[1]) < 2 or any(_signature(b) != sig for b in blocks[1:]):
+            continue  # one matrix a block (a chain of linear layers) takes its role from its neighbours
         ids = [{id(p) for p in b.parameters()} for b in blocks]
         if len(set().union(*ids)) != sum(len(i) for i in ids):  # blocks share weights
             continue

@@ -299,9 +299,38 @@ def find_uses(graph: torch.fx.Graph, params: dict[str, str]) -> list[Use]:
     return uses
 
 
-def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -> tuple[list[Site], dict[str, list[Use]]]:
+def parameter_reads(graph: torch.fx.Graph, params: dict[str, str]) -> dict[str, list[torch.fx.Node]]:
+    """For each parameter the graph reads, the nodes that consume it, seen through the view-like
+    ops of `WEIGHT_VIEWS` (a linear use's node, an embedding lookup, a product with a scale)."""
+    reads = {}
+    for node in graph.nodes:
+        if node.op != "placeholder" or node.name not in params or not node.users:
+            continue
+        consumers, pending = [], list(node.users)
+        while pending:
+            user = pending.pop()
+            if user.op == "call_function" and str(user.target) in WEIGHT_VIEWS:
+                pending.extend(user.users)
+            else:
+                consumers.append(user)
+        reads[params[node.name]] = consumers
+    return reads
+
+
+def _owner(node: torch.fx.Node) -> str:
+    """The path of the innermost module whose forward ran `node` ("" for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def sites_from_uses(
+    model: nn.Module, uses: list[Use], params: dict[str, str], reads: dict[str, list[torch.fx.Node]] | None = None
+) -> tuple[list[Site], dict[str, list[Use]]]:
     """Group uses by weight parameter into sites; decide module vs functional ownership.
-    `params` maps the graph's parameter placeholders to parameter names."""
+    `params` maps the graph's parameter placeholders to parameter names; `reads` is
+    `parameter_reads` of the graph (computed here when not given)."""
+    if reads is None:
+        reads = parameter_reads(uses[0].node.graph, params) if uses else {}
     names = parameter_names(model)
     canonical = {n: ns[0] for ns in names.values() for n in ns}
     alias_of = {n: ns for ns in names.values() for n in ns}
@@ -329,7 +358,15 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str]) -
             mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
-        module_site = len(owners) > 0 and all(u.owner in owners for u in group)
+        # A read of the weight by other code (``F.embedding(ids, self.head.weight)``, a penalty on
+        # it) would see W and not the adapted weight if only the module were swapped, and the
+        # merged weight after a merge: such a weight is a functional site, which every read sees.
+        applied = {u.node for u in group}
+        elsewhere = [
+            n for w in alias_of[weight] for n in reads.get(w, ())
+            if n not in applied and not (_owner(n) + ".weight" in alias_of[weight] or (_owner(n) == "" and "weight" in alias_of[weight]))
+        ]
+        module_site = len(owners) > 0 and all(u.owner in owners for u in group) and not elsewhere
         if module_site:
             fqn = owners[0]
             wname = fqn + ".weight"

@@ -40,7 +40,7 @@ def test_collapsed_capture_equals_full_trace():
     from peftify.rewrite import capture as cap_mod
 
     args, kwargs = cap_mod.build_example_inputs(model)
-    full, _, _ = cap_mod._trace(model, args, cap_mod._decoder_kwargs(model, kwargs), collapse=False)
+    full = cap_mod._trace(model, args, cap_mod._decoder_kwargs(model, kwargs), collapse=False)[0]
     key = lambda s: s.fqn
     assert sorted(fast.sites, key=key) == sorted(full, key=key)
 
@@ -536,3 +536,189 @@ def test_a_flag_the_forward_sets_is_put_back_after_the_trace():
     peftify.plan(net, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
     assert net.rescaled is False
     torch.testing.assert_close(net(x), twin(x))  # the first real call is the first call
+
+
+def same_as_full_trace(model, x):
+    """The capture (with repeated blocks traced once) against a trace of every block."""
+    from peftify.rewrite import capture as cap_mod
+
+    fast = peftify.capture(model, x)
+    full = cap_mod._trace(model, (x,), {}, collapse=False)[0]
+    key = lambda s: (s.fqn, s.kind, s.in_features, s.out_features, sorted(s.roles))
+    return sorted(map(key, fast.sites)) == sorted(map(key, full)), fast
+
+
+class TwoLinears(nn.Module):
+    def __init__(self, d=8, mode="mlp"):
+        super().__init__()
+        self.a, self.b, self.mode = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), mode
+
+    def forward(self, x):
+        if self.mode == "mlp":
+            return x + self.b(torch.relu(self.a(x)))
+        return x + self.b(torch.cat([self.a(x)[..., :8], x], -1))  # a per-block mode: another dataflow
+
+
+class BlocksWithAList(nn.Module):
+    """Blocks traced once, with a ParameterList indexed alongside them, or a ModuleList zipped with them."""
+
+    def __init__(self, beside):
+        super().__init__()
+        self.blocks = nn.ModuleList([TwoLinears() for _ in range(3)])
+        self.beside = beside
+        if beside == "parameters":
+            self.mix = nn.ParameterList([nn.Parameter(torch.randn(8, 8)) for _ in range(3)])
+        else:
+            self.taps = nn.ModuleList([nn.Linear(8, 4 + i) for i in range(3)])
+
+    def forward(self, x):
+        outs = []
+        if self.beside == "parameters":
+            for i, block in enumerate(self.blocks):
+                x = block(x) @ self.mix[i].T
+            return x
+        for block, tap in zip(self.blocks, self.taps):
+            x = block(x)
+            outs.append(tap(x).sum(-1))
+        return torch.stack(outs, -1)
+
+
+@pytest.mark.parametrize("beside", ["parameters", "modules"])
+def test_a_list_run_alongside_repeated_blocks_is_traced_whole(beside):
+    """Tracing one block reached only entry 0 of the other list: mix.1 and mix.2 were no sites, and
+    taps.1 and taps.2 were reported as never run, without roles."""
+    same, cap = same_as_full_trace(BlocksWithAList(beside), torch.randn(2, 8))
+    assert same and not cap.collapsed and not cap.note
+    listed = {"mix.0", "mix.1", "mix.2"} if beside == "parameters" else {"taps.0", "taps.1", "taps.2"}
+    assert listed <= {s.fqn for s in cap.sites}
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+class ModedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([TwoLinears(mode=m) for m in ("mlp", "mix", "mlp")])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("model", [Chain, ModedBlocks])
+def test_blocks_whose_roles_differ_are_not_traced_once(model):
+    """A chain of single linear layers in a ModuleList (each one's role is set by its neighbours)
+    all got block 0's `readout`; blocks alike but for a mode flag all got block 0's roles."""
+    same, cap = same_as_full_trace(model(), torch.randn(2, 8))
+    assert same and not cap.collapsed
+    if model is Chain:
+        assert [sorted(s.roles) for s in cap.sites] == [["mlp.up"], ["mlp.down", "mlp.up"], ["mlp.down"]]
+
+
+class ReadsItsHead(nn.Module):
+    """A head whose weight the forward also reads outside the head: as an embedding table, or
+    in a penalty on it."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.head, self.mlp, self.read = nn.Linear(16, 20, bias=False), nn.Linear(16, 16), read
+
+    def forward(self, ids):
+        if self.read == "embedding":
+            h = F.embedding(ids, self.head.weight)
+            return self.head(h + torch.relu(self.mlp(h)))
+        h = self.mlp(F.one_hot(ids, 16).to(self.mlp.weight.dtype))
+        return self.head(h) + self.head.weight.pow(2).sum()
+
+    def reference(self, ids, w):
+        """The forward with the head's weight `w` everywhere."""
+        if self.read == "embedding":
+            h = F.embedding(ids, w)
+            return F.linear(h + torch.relu(self.mlp(h)), w)
+        h = self.mlp(F.one_hot(ids, 16).to(self.mlp.weight.dtype))
+        return F.linear(h, w) + w.pow(2).sum()
+
+
+@pytest.mark.parametrize("read", ["embedding", "penalty"])
+def test_a_weight_read_outside_its_layer_is_a_functional_site_that_every_read_sees(read):
+    """Swapping only the head module left the other read on W: the adapted output was not W′'s,
+    and merge changed it (by 6.2); PiSSA changed the output at init, and a structure made the
+    next forward raise a TypeError."""
+    torch.manual_seed(0)
+    model = ReadsItsHead(read)
+    ids = torch.randint(0, 20 if read == "embedding" else 16, (2, 5))
+    site = peftify.capture(model, ids)["head.weight"]
+    assert site.kind == "functional" and (site.in_features, site.out_features) == (16, 20)
+    peftify.peftify(model, {"rules": [{"match": "head.weight", "apply": {"method": "lora", "r": 4, "alpha": 8}}]}, example_inputs=ids)
+    delta = next(m for m in model.modules() if hasattr(m, "lora_B"))
+    with torch.no_grad():
+        delta.lora_B.normal_()
+        w = model.head.parametrizations.weight.original.double() + 2 * (delta.lora_B.double() @ delta.lora_A.double())
+        adapted = model(ids)
+    expected = model.double().reference(ids, w)
+    model.float()
+    torch.testing.assert_close(adapted.double(), expected, rtol=1e-5, atol=1e-4)
+    peftify.merge(model)
+    assert type(model.head) is nn.Linear
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-4)
+    for apply in ({"method": "lora", "r": 4, "init": "pissa"}, {"method": "lowrank", "r": 4}):
+        with pytest.raises(SpecError, match="head.weight"):
+            peftify.peftify(ReadsItsHead(read), {"rules": [{"match": "head.weight", "apply": apply}]}, example_inputs=ids)
+
+
+class TransformsAWeight(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.body, self.fc, self.how = nn.Linear(16, 16), nn.Linear(16, 5), how
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        if self.how == "scaled":  # an equalized learning rate
+            return F.linear(h, self.fc.weight * 0.25, self.fc.bias)
+        return F.linear(F.normalize(h, dim=-1), F.normalize(self.fc.weight, dim=-1))  # a cosine classifier
+
+
+@pytest.mark.parametrize("how", ["scaled", "normalized"])
+def test_a_linear_layer_whose_weight_is_only_used_transformed_is_named_not_made_a_site(how):
+    """It was reported as a layer the input did not run and made a module site, whose adapter never
+    ran (no gradient, no effect) while merge wrote W′ into the weight and changed the output."""
+    model = TransformsAWeight(how)
+    with pytest.warns(UserWarning, match="fc: the forward never calls this linear layer and uses its weight only through a computation") as caught:
+        cap = peftify.capture(model, torch.randn(3, 16))
+    assert [s.fqn for s in cap.sites] == ["body"] and "1 linear layer(s) whose weight is only used transformed are not sites (fc)" in cap.note
+    assert caught[0].filename == __file__
+    with pytest.raises(SpecError, match="matches nothing"), pytest.warns(UserWarning, match="fc: the forward never calls"):
+        peftify.peftify(model, {"rules": [{"match": "fc", "apply": {"method": "lora", "r": 2}}]}, example_inputs=torch.randn(3, 16))
+
+
+class Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).mT
+
+
+class AppliesAParametrizedMatrix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.out = nn.Parameter(torch.randn(8, 8)), nn.Linear(8, 2)
+        parametrize.register_parametrization(self, "w", Symmetric())
+
+    def forward(self, x):
+        return self.out(torch.relu(x @ self.w.T))
+
+
+def test_a_parametrized_matrix_the_model_applies_itself_is_named_not_silently_skipped():
+    """As for a parametrized linear layer's weight, which was already named; this one was not."""
+    with pytest.warns(UserWarning, match=r"w \(Symmetric\): a matrix computed by a parametrization is not a site") as caught:
+        cap = peftify.capture(AppliesAParametrizedMatrix(), torch.randn(3, 8))
+    assert [s.fqn for s in cap.sites] == ["out"] and "1 parametrized matrices are not sites" in cap.note
+    assert caught[0].filename == __file__
