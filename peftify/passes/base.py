@@ -283,6 +283,13 @@ def stands_in_for(u: torch.Tensor, weight: torch.Tensor) -> bool:
     return u.shape[-1] == min(weight.shape) and u.dtype in (torch.float32, torch.float64) and not weight.requires_grad
 
 
+def nonzero(norm: torch.Tensor) -> torch.Tensor:
+    """A norm to divide a magnitude by, its zeros made ones: a zero weight (a pruned row or
+    column) has a zero magnitude too, and m / 1 = 0 keeps it so. (A clamp to a small value
+    rounds to 0 in float16, and 0 / 0 is NaN.)"""
+    return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
 def frozen(t: torch.Tensor) -> nn.Parameter:
     """A factor that is saved with the adapter but never trained."""
     return nn.Parameter(t.contiguous(), requires_grad=False)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftify.codegen import lora_linear
-from peftify.passes.base import invalid, register, without_autocast
+from peftify.passes.base import invalid, nonzero, register, without_autocast
 from peftify.passes.lora import IDENTITY_INITS, LoRA, LoRAModule
 from peftify.rewrite.sites import Site
 
@@ -61,12 +61,12 @@ class BoRAModule(LoRAModule):
             w2 = w.square()
             col = w2.sum(0) + 2 * s * (a * (b.t() @ w)).sum(0) + s * s * (a * ((b.t() @ b) @ a)).sum(0)
             # norms rounded to W's dtype as the magnitudes were at init: m / ‖·‖ is exactly 1 there, in bf16 too
-            col_norm = col.clamp_min(1e-30).sqrt().to(weight.dtype).to(dtype)
+            col_norm = nonzero(col.clamp_min(0).sqrt().to(weight.dtype)).to(dtype)
         c_in = (self.magnitude_in.to(dtype) / col_norm).to(weight.dtype)
         with without_autocast(weight.device.type):
             c = c_in.detach().to(dtype).square()
             row = w2 @ c + 2 * s * (b * (w @ (a * c).t())).sum(1) + s * s * (b * (b @ ((a * c) @ a.t()))).sum(1)
-            row_norm = row.clamp_min(1e-30).sqrt().to(weight.dtype).to(dtype)
+            row_norm = nonzero(row.clamp_min(0).sqrt().to(weight.dtype)).to(dtype)
         return c_in, (self.magnitude.to(dtype) / row_norm).to(weight.dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

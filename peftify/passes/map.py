@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import Method, SiteModule, check_count, check_fits, dense_flops, register
+from peftify.passes.base import Method, SiteModule, check_count, check_fits, dense_flops, nonzero, register
 from peftify.rewrite.sites import Site
 
 
@@ -59,9 +59,10 @@ class MAPModule(SiteModule):
     def coefficients(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(α/‖W‖_F, β/‖BA‖_F); ‖BA‖²_F = ⟨BᵀB, AAᵀ⟩ needs no (out × in) product."""
         # W is frozen: detached (no no_grad region, which a saved program under autocast cannot hold)
-        w_norm = weight.detach().to(torch.promote_types(weight.dtype, torch.float32)).norm().clamp_min(1e-30).to(weight.dtype)  # W = 0: α = 0 too
+        w_norm = nonzero(weight.detach().to(torch.promote_types(weight.dtype, torch.float32)).norm().to(weight.dtype))  # W = 0: α = 0 too
         a, b = self.lora_A, self.lora_B
-        delta_norm = ((b.t() @ b) * (a @ a.t())).sum().clamp_min(1e-30).sqrt()
+        squared = ((b.t() @ b) * (a @ a.t())).sum()
+        delta_norm = squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()  # a clamp, not `nonzero`: the gradient of √ at 0 is infinite
         return self.alpha / w_norm, self.beta / delta_norm
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
