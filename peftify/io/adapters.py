@@ -382,11 +382,15 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
         try:
             for p, value in pairs:
                 p.copy_(value)
+            for entry in plan.entries:
+                adapted_site(model, entry.site).adapters[adapter].loaded()
             if then is not None:
                 then()
         except BaseException:
             for (p, _), old in zip(pairs, olds):
                 p.copy_(old)
+            for entry in plan.entries:
+                adapted_site(model, entry.site).adapters[adapter].loaded()
             raise
     return model
 

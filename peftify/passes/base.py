@@ -190,7 +190,7 @@ def dense_flops(site: Site) -> int:
 
 def singular_flops(site: Site, p: int) -> int:
     """Per token: x V and (·) Uᵀ through p singular vectors, plus W's GEMM unless p is all of
-    them (see `stands_in_for`; counted for float32, where the factors stand in for W)."""
+    them (see `SingularVectors.stands_in_for`; counted for float32, where the factors stand in for W)."""
     factored = 2 * p * (site.in_features + site.out_features)
     return factored if p == min(site.in_features, site.out_features) else dense_flops(site) + factored
 
@@ -244,6 +244,10 @@ class SiteModule(nn.Module):
         """A note for `peftify.report` (e.g. what an init pruned)."""
         return ""
 
+    def loaded(self) -> None:
+        """Called after a load (`peftify.load_adapter` and the like) replaced this module's
+        tensors in place, for a module that keeps something derived from them."""
+
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.method).items())
         return f"{self.method.name}({fields})"
@@ -275,12 +279,45 @@ class LowRankDelta(SiteModule):
         return lora_linear(x, weight, bias, a, b, s)
 
 
-def stands_in_for(u: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether frozen singular vectors U (out × p) hold all of W's, so that W = U diag(σ₀) Vᵀ up
-    to rounding and a forward can run through U and V alone: two thin GEMMs instead of W's and
-    two more. Not in half precision (factors rounded to bf16 do not reproduce W) nor when W
-    itself trains (it would get no gradient)."""
-    return u.shape[-1] == min(weight.shape) and u.dtype in (torch.float32, torch.float64) and not weight.requires_grad
+FULL_PRECISION = (torch.float32, torch.float64)
+
+
+class SingularVectors(LowRankDelta):
+    """A `LowRankDelta` over W's frozen singular vectors ``u`` (out × p), ``vh`` (p × in) and
+    values ``sigma0`` (SVFit, SVFT, VectorFit). With all of them, held at float32/64 precision,
+    W = U diag(σ₀) Vᵀ up to rounding, and a forward can run through U and V alone
+    (`stands_in_for`): two thin GEMMs instead of W's and two more.
+
+    ``exact`` says whether the factors reproduce W: true when built from a float32/64 W, false
+    once they have been in half precision (a bf16 model, ``.half()``), and unknown (None) after a
+    load replaced them — a file saved from a bf16 model holds bf16-rounded factors, even when
+    loaded as float32 — until the next call outside torch.compile compares them with W."""
+
+    exact: bool | None = None
+
+    def stands_in_for(self, weight: torch.Tensor) -> bool:
+        """Whether the forward may use the factors alone: all singular vectors, at full
+        precision, reproducing W, and W frozen (a trained W would get no gradient)."""
+        if self.u.shape[-1] != min(weight.shape) or self.u.dtype not in FULL_PRECISION or weight.requires_grad:
+            return False
+        if self.exact is None and weight.device.type != "meta" and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None:
+            with torch.no_grad():
+                w = weight.to(self.u.dtype)
+                self.exact = bool(torch.linalg.matrix_norm((self.u * self.sigma0) @ self.vh - w) <= 1e-4 * torch.linalg.matrix_norm(w))
+        return bool(self.exact)
+
+    def loaded(self) -> None:
+        self.exact = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.exact = None
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.u.dtype not in FULL_PRECISION:
+            self.exact = False  # rounded: converting back to float32 does not bring the digits back
+        return out
 
 
 def nonzero(norm: torch.Tensor) -> torch.Tensor:

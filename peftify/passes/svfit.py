@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftify.passes.base import (
-    LowRankDelta,
+    FULL_PRECISION,
     Method,
+    SingularVectors,
     SiteModule,
     check_count,
     check_fits,
@@ -20,7 +21,6 @@ from peftify.passes.base import (
     invalid,
     register,
     singular_flops,
-    stands_in_for,
 )
 from peftify.rewrite.sites import Site
 
@@ -84,7 +84,7 @@ def energy_rank(sigma: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative, energy * cumulative[-1] * (1 - 1e-12)).item()) + 1
 
 
-class SingularValues(LowRankDelta):
+class SingularValues(SingularVectors):
     """Trained singular values σ over frozen singular vectors (SVFit, VectorFit)."""
 
     def __init__(self, method: Method, site: Site, weight: torch.Tensor, svd: tuple):
@@ -93,6 +93,7 @@ class SingularValues(LowRankDelta):
         self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
         self.sigma0 = frozen(s.to(weight.dtype).clone())
         self.sigma = nn.Parameter(s.to(weight.dtype).clone())
+        self.exact = weight.dtype in FULL_PRECISION and weight.device.type != "meta"
 
     def factors(self):
         return (self.sigma - self.sigma0)[:, None] * self.vh, self.u, 1.0
@@ -102,12 +103,12 @@ class SingularValues(LowRankDelta):
 
     # With all singular values, W' = U diag(σ) Vᵀ: W itself is not used.
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if stands_in_for(self.u, weight):
+        if self.stands_in_for(weight):
             return (self.u * self.sigma) @ self.vh
         return super().merged_weight(weight)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if stands_in_for(self.u, weight):
+        if self.stands_in_for(weight):
             return F.linear(F.linear(x, self.vh) * self.sigma, self.u, bias)
         return super().forward(x, weight, bias)
 

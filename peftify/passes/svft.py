@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftify.passes.base import (
-    LowRankDelta,
+    FULL_PRECISION,
     Method,
+    SingularVectors,
     check_count,
     check_fits,
     check_seed,
@@ -19,7 +20,6 @@ from peftify.passes.base import (
     invalid,
     register,
     singular_flops,
-    stands_in_for,
     tag,
 )
 from peftify.rewrite.sites import Site
@@ -106,7 +106,7 @@ def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tens
     return torch.cat([diag, diag.repeat_interleave(k)]), torch.cat([diag, off.reshape(-1)])
 
 
-class SVFTModule(LowRankDelta):
+class SVFTModule(SingularVectors):
     def __init__(self, method: SVFT, site: Site, weight: torch.Tensor, svd: tuple):
         super().__init__(method, site)
         u, s, vh = svd
@@ -115,10 +115,17 @@ class SVFTModule(LowRankDelta):
         # W's singular values, for the all-vectors forward; not saved: a loaded adapter's U and V
         # are W's singular vectors again, and these values come from the same decomposition
         self.register_buffer("sigma0", s.to(weight.dtype), persistent=False)
-        self.register_buffer("rows", rows.to(weight.device), persistent=False)
-        self.register_buffer("cols", cols.to(weight.device), persistent=False)
+        self.exact = weight.dtype in FULL_PRECISION and weight.device.type != "meta"
+        # a top_k support found from W is saved (a load onto a base that differs a little, or a
+        # rebuild by another SVD, could pick other entries); the others follow from p, k and seed
+        self.register_buffer("rows", rows.to(weight.device), persistent=method.pattern == "top_k")
+        self.register_buffer("cols", cols.to(weight.device), persistent=method.pattern == "top_k")
         self.m = nn.Parameter(torch.zeros(method.trainable_params(site), dtype=weight.dtype, device=weight.device))
         tag(self, "m", decay=True)  # the entries of the matrix M, an update that starts at zero
+
+    @property
+    def saved_buffers(self) -> tuple[str, ...]:
+        return ("rows", "cols") if self.method.pattern == "top_k" else ()
 
     def factors(self):
         terms = self.u[:, self.rows] * self.m
@@ -127,12 +134,12 @@ class SVFTModule(LowRankDelta):
 
     # With all singular vectors, W' = U (diag(σ₀) + M) Vᵀ: W itself is not used.
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if stands_in_for(self.u, weight):
+        if self.stands_in_for(weight):
             return (self.u * self.sigma0 + self.factors()[1]) @ self.vh
         return super().merged_weight(weight)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if stands_in_for(self.u, weight):
+        if self.stands_in_for(weight):
             h = F.linear(x, self.vh)  # x V
             p = self.sigma0.shape[0]  # M's first p nonzeros are its diagonal (see `support`)
             core = h * (self.sigma0 + self.m[:p])

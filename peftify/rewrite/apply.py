@@ -390,6 +390,8 @@ def apply_plan(
                     p.copy_(state[name])
                 else:
                     existing[name] = (p, state[name])
+        for mod in built:
+            mod.loaded()
 
     before = [(p, p.requires_grad) for p in model.parameters()]
     undo = []

@@ -426,3 +426,80 @@ def test_inits_that_read_the_weight_refuse_a_meta_model():
         with pytest.raises(peftify.SpecError, match=r"lora \(init='(pissa|olora)'\) computes from the weight .* meta device"):
             peftify.peftify(meta, {"rules": [rule]})
         assert not hasattr(meta, "_peftify") and not any(p.requires_grad is False for p in meta.parameters())
+
+
+def singular_modules(model):
+    return [m for m in model.modules() if isinstance(m, peftify.passes.base.SingularVectors)]
+
+
+@pytest.mark.parametrize("method", ["vectorfit", "svft"])
+def test_factors_that_were_in_half_precision_do_not_stand_in_for_w(method, tmp_path):
+    """With all singular vectors the layer runs as x V diag(σ) Uᵀ, chosen by the factors' dtype
+    alone: factors rounded to bf16 and held as float32 (a bf16-built model made float32, or a
+    file saved from a bf16 model loaded into a float32 one) then replaced W, 3e-3 off at init;
+    and a file's factors loaded onto another base computed that file's base, not this one."""
+
+    def same_llama():
+        torch.manual_seed(0)
+        return tiny_llama()
+
+    ids = {"input_ids": torch.randint(0, 101, (2, 6))}
+    spec = {"rules": [{"match": "role:attn.*", "apply": {"method": method}}]}
+    built_in_bf16 = peftify.peftify(same_llama().to(torch.bfloat16), spec).float()
+    with peftify.disable_adapters(built_in_bf16):
+        base = output(built_in_bf16, ids)
+    torch.testing.assert_close(output(built_in_bf16, ids), base, rtol=1e-6, atol=1e-6)
+    assert all(m.exact is False for m in singular_modules(built_in_bf16))
+
+    peftify.save_adapter(peftify.peftify(same_llama().to(torch.bfloat16), spec), tmp_path / "bf16")
+    peftify.save_adapter(peftify.peftify(same_llama(), spec), tmp_path / "fp32")
+    for source, exact in (("bf16", False), ("fp32", True)):
+        base = same_llama()
+        want = output(base, ids)
+        loaded = peftify.from_pretrained(base, tmp_path / source)
+        assert all(m.exact is None for m in singular_modules(loaded))  # unknown until a call compares them with W
+        torch.testing.assert_close(output(loaded, ids), want, rtol=1e-5, atol=1e-5)
+        assert all(m.exact is exact for m in singular_modules(loaded)), source  # float32 factors keep the fast path
+        loaded.load_state_dict(loaded.state_dict())
+        assert all(m.exact is None for m in singular_modules(loaded))
+        torch.testing.assert_close(output(loaded, ids), want, rtol=1e-5, atol=1e-5)
+    other = tiny_llama()  # other weights: the file's factors are not this W's
+    want = output(other, ids)
+    torch.testing.assert_close(output(peftify.from_pretrained(other, tmp_path / "fp32"), ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_top_k_support_is_saved_not_found_again_on_the_base_it_loads_onto(tmp_path):
+    """Ω of `top_k` (the best-aligned singular-vector pairs of W) was rebuilt from the base a file
+    loaded onto: a base 1e-3 away moved a third of the trained entries to other places."""
+
+    def same_llama(noise=0.0):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.add_(noise * torch.randn_like(layer.self_attn.q_proj.weight))
+        return model
+
+    spec = {"rules": [{"match": "role:attn.q", "apply": {"method": "svft", "pattern": "top_k", "k": 2}}]}
+    trained = peftify.peftify(same_llama(), spec)
+    with torch.no_grad():
+        for m in singular_modules(trained):
+            m.m.normal_()
+    peftify.save_adapter(trained, tmp_path)
+    ids = {"input_ids": torch.randint(0, 101, (2, 6))}
+    other = same_llama(noise=1e-3)
+    want = {}
+    for name, site in [(n, m) for n, m in trained.named_modules() if isinstance(m, AdaptedSite)]:
+        svft = site.adapters["default"]
+        delta = torch.zeros(svft.u.shape[1], svft.vh.shape[0]).index_put((svft.rows, svft.cols), svft.m.detach(), accumulate=True)
+        want[name] = other.get_submodule(name).weight.detach() + svft.u @ delta @ svft.vh  # W' = W + U M Vᵀ on this base
+    loaded = peftify.from_pretrained(same_llama(noise=1e-3), tmp_path)
+    for name, site in [(n, m) for n, m in loaded.named_modules() if isinstance(m, AdaptedSite)]:
+        source = trained.get_submodule(name).adapters["default"]
+        assert torch.equal(site.adapters["default"].rows, source.rows) and torch.equal(site.adapters["default"].cols, source.cols)
+        torch.testing.assert_close(site.dense_weight(), want[name], rtol=1e-5, atol=1e-5)
+    state = trained.state_dict()
+    assert any(k.endswith("adapters.default.cols") for k in state)
+    rebuilt = peftify.peftify(same_llama(noise=1e-3), spec)
+    rebuilt.load_state_dict(state)
+    torch.testing.assert_close(output(rebuilt, ids), output(trained, ids))
