@@ -326,6 +326,12 @@ def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, sour
                 f"{source} adapts other sites than {adapter!r}: only in the file {sorted(set(wanted) - here)[:4]}, only here {sorted(here - set(wanted))[:4]}",
                 field="adapter",
             )
+        train, here = set(config.get("train") or ()), set(rewrite.adapters[adapter].train)
+        if train != here:  # the tensors could still fit (a hand-edited list), but the file says another adapter
+            raise SpecError(
+                f"{source} trains other parameters than {adapter!r}: only in the file {sorted(train - here)[:4]}, only here {sorted(here - train)[:4]}",
+                field="train",
+            )
     else:  # the method PEFT's config gives each site: the last rule matching it, as a plan resolves it
         try:
             spec = from_peft(config, model)

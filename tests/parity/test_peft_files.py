@@ -681,7 +681,12 @@ def test_loading_into_an_existing_adapter_validates_the_file_and_makes_the_adapt
     config = json.loads((tmp_path / "a" / "peftify.json").read_text())
     bad = {**config, "sites": [{**s, "method": {**s["method"], "dropout": 2.0}} for s in config["sites"]]}
     fewer = {**config, "sites": config["sites"][1:]}
-    for changed, text in ((bad, r"field 'dropout': must be in \[0, 1\)"), (fewer, "adapts other sites than 'default': only in the file \\[\\], only here")):
+    trains = {**config, "train": ["lm_head.weight"]}  # the tensors still fit: only the list says another adapter
+    for changed, text in (
+        (bad, r"field 'dropout': must be in \[0, 1\)"),
+        (fewer, "adapts other sites than 'default': only in the file \\[\\], only here"),
+        (trains, r"trains other parameters than 'default': only in the file \['lm_head.weight'\], only here \[\]"),
+    ):
         (tmp_path / "a" / "peftify.json").write_text(json.dumps(changed))
         with pytest.raises(SpecError, match=text):
             peftify.load_adapter(model, tmp_path / "a")
