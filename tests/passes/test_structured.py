@@ -336,6 +336,23 @@ def test_self_guided_mix_keeps_float32_in_a_bfloat16_model(cast_after, tmp_path)
     assert peftify.SelfGuided(peftify.from_pretrained(copy.deepcopy(base).bfloat16(), tmp_path), steps=1000).t == 337
 
 
+@pytest.mark.parametrize("cast_after", [False, True], ids=["float64-model", "cast-after-rewrite"])
+def test_self_guided_mix_is_float64_in_a_float64_model(cast_after):
+    """α was float32 in a float64 model: the mix was 2e-8 off where the rest is exact."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40))
+    model = model if cast_after else model.double()
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "lowrank", "r": 4, "init": "self_guided"}}]})
+    if cast_after:
+        model.double()
+    mod = model[0].adapters["default"]
+    mod.mix.fill_(0.3)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    want = 0.7 * (x @ mod.structured_weight().T) + 0.3 * (x @ mod.guide.T) + model[0].bias
+    assert mod.mix.dtype == torch.float64
+    torch.testing.assert_close(model(x), want, rtol=1e-13, atol=1e-13)
+
+
 def test_self_guided_bfloat16_layers_compute_with_the_unrounded_mix():
     """α = 0.999 rounded to bfloat16 is 1: the structure was multiplied by 0 and got no gradient.
     The layer mixes with float32 α and 1 − α and gives (1 − α)·S(x) + α·G x."""

@@ -182,9 +182,9 @@ class StructuredModule(SiteModule):
         if method.init == "self_guided":
             self.guide = nn.Parameter(weight.detach().clone())
             tag(self, "guide", lr_mult=(method.base_width or site.in_features) / site.in_features)
-            # α, the dense guide's share: float32 in any model dtype (bfloat16 would round the
-            # schedule's small steps away, and the step a new schedule resumes at)
-            self.register_buffer("mix", torch.ones((), device=weight.device, dtype=torch.float32))
+            # α, the dense guide's share: float32 in a half-precision model (bfloat16 would round
+            # the schedule's small steps away, and the step a new schedule resumes at), float64 in a float64 one
+            self.register_buffer("mix", torch.ones((), device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32)))
         if method.init == "project" and weight.device.type != "meta":
             with torch.no_grad():
                 w = weight.to(torch.float64)
@@ -232,10 +232,11 @@ class StructuredModule(SiteModule):
     saved_buffers = ("mix",)
 
     def _apply(self, fn, recurse=True):
-        mix = getattr(self, "mix", None)  # `.to(dtype)` / `.half()` cast every floating buffer: α stays float32, unrounded
+        mix = getattr(self, "mix", None)  # `.to(dtype)` / `.half()` cast every floating buffer: α stays at least float32, unrounded
         super()._apply(fn, recurse)
         if mix is not None:  # a meta placeholder (to_empty) starts at α = 1, until a saved adapter says otherwise
-            self.mix = torch.ones((), device=self.mix.device) if mix.is_meta else mix.to(self.mix.device, torch.float32)
+            dtype = torch.promote_types(self.mix.dtype, torch.float32)
+            self.mix = torch.ones((), device=self.mix.device, dtype=dtype) if mix.is_meta else mix.to(self.mix.device, dtype)
         return self
 
     def saved_method(self) -> Structured:
