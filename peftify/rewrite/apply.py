@@ -344,8 +344,17 @@ def apply_plan(
         )
 
     bases, weights, by_method = [], [], {}
+    dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
     for i, entry in enumerate(plan.entries):
         base, weight = _base_of(model, entry.site, rewrite)
+        if weight is not None and weight.is_meta and dispatched:
+            # accelerate's hooks put an offloaded weight in place only for the call of the module
+            # (or block) they sit on, found by its parameter names, which a rewrite changes
+            raise SpecError(
+                f"{entry.site.fqn}'s weight is offloaded by accelerate (a device_map with 'cpu' or 'disk' offload, or cpu_offload): "
+                "peftify cannot rewrite an offloaded layer; load the model with every adapted layer on a device, or leave it out of the spec",
+                field="match",
+            )
         if entry.method.init_needs_weights and weight.is_meta:
             init = getattr(entry.method, "init", None)
             raise SpecError(
@@ -560,6 +569,12 @@ def _move_hooks(source: nn.Module, target: nn.Module) -> None:
     ours = source.__dict__.get("_forward_pre_hooks", {})
     for key in [k for k, hook in ours.items() if hook is _keeps_encoder_layers_off_their_fast_path]:
         del ours[key]  # not the user's: it stays with the adapted site
+    accelerate = source.__dict__.get("_hf_hook")  # a device_map's hook (moves inputs to the layer's device)
+    if accelerate is not None:
+        from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+        remove_hook_from_module(source)
+        add_hook_to_module(target, accelerate)
     if not any(source.__dict__.get(name) for name in _CALL_HOOKS):
         return  # none (almost every layer): nothing to move
     for name in _CALL_HOOKS:
@@ -796,16 +811,21 @@ def _forget_tie(model: nn.Module, name: str) -> None:
     """Drop `name` from the tied-weight mappings of the transformers models above it, so that a
     later ``tie_weights()`` (resize_token_embeddings calls it) does not tie the merged weight back
     to its source, which would throw the merged update away. Only this model's mappings change:
-    the class's, and the config's tie_word_embeddings, also cover other pairs."""
+    the class's also covers other models. The config's tie_word_embeddings, which a reload of the
+    saved checkpoint follows, is turned off only when no tied pair is left (in T5 it also ties
+    the encoder's and decoder's embeddings, which a checkpoint then would not hold)."""
     parts = name.split(".")
     for i in range(len(parts)):
         mod, key = model.get_submodule(".".join(parts[:i])), ".".join(parts[i:])
         tied = getattr(mod, "_tied_weights_keys", None)
         if isinstance(tied, dict) and key in tied:
-            mod._tied_weights_keys = {k: v for k, v in tied.items() if k != key}
+            mod._tied_weights_keys = tied = {k: v for k, v in tied.items() if k != key}
         expanded = getattr(mod, "all_tied_weights_keys", None)
         if isinstance(expanded, dict) and key in expanded:
-            mod.all_tied_weights_keys = {k: v for k, v in expanded.items() if k != key}
+            mod.all_tied_weights_keys = expanded = {k: v for k, v in expanded.items() if k != key}
+        config = getattr(mod, "config", None)
+        if getattr(config, "tie_word_embeddings", False) is True and not tied and not expanded and (isinstance(tied, dict) or isinstance(expanded, dict)):
+            config.tie_word_embeddings = False
 
 
 def unload_model(model: nn.Module) -> nn.Module:

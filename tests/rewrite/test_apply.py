@@ -259,6 +259,13 @@ def test_merge_unties_a_tied_head(tmp_path):
     assert type(model).__dict__.get("_tied_weights_keys") == {"lm_head.weight": "transformer.wte.weight"}  # the class keeps its mapping
     model.save_pretrained(tmp_path)
     torch.testing.assert_close(output(type(model).from_pretrained(tmp_path).eval(), x), adapted, atol=1e-5, rtol=1e-5)
+    # the saved config said tie_word_embeddings=True: the reloaded model's tie_weights() (and
+    # resize_token_embeddings) tied the head back to the embedding, and the merged head was lost
+    assert model.config.tie_word_embeddings is False
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    reloaded.tie_weights()
+    reloaded.resize_token_embeddings(109)
+    torch.testing.assert_close(output(reloaded, x)[..., :101], adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_tie_weights_on_an_adapted_tied_head_keeps_it_tied_and_a_replaced_head_says_why_not():

@@ -3,12 +3,16 @@ resumes, gradient checkpointing, and generation with the KV cache."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import output, tiny_llama
+from torch import nn
 from torch.utils.data import Dataset
 
 import peftify
+from peftify import SpecError
 
 LORA_ALL = {"rules": [{"match": "role:*", "apply": {"method": "lora", "r": 4, "init": "gaussian"}}]}
 
@@ -146,3 +150,42 @@ def test_resizing_a_tied_embedding_under_an_adapted_head_is_a_clear_error():
     for call in (lambda: model(ids), lambda: peftify.merge(model)):
         with pytest.raises(ValueError, match=r"lm_head's weight is now \(120, 64\), but its adapters were built for \(101, 64\) .*resize before the rewrite"):
             call()
+
+
+def test_accelerate_hooks_move_with_the_layer_and_offloaded_layers_are_refused():
+    """A device_map's hooks sit on the layer (accelerate wraps its forward): the adapted site never
+    called them, so inputs were not moved to the layer's device, and an offloaded layer computed
+    on an empty weight (NaN logits), with no error."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Count(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = {"input_ids": torch.randint(0, 101, (2, 5))}
+    counts = {name: Count() for name in ("lm_head", "model.layers.0.self_attn.q_proj")}
+    for name, hook in counts.items():
+        hooks.add_hook_to_module(model.get_submodule(name), hook)
+    peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2}}, {"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    for hook in counts.values():
+        hook.calls = 0
+    output(model, ids)
+    assert {name: hook.calls for name, hook in counts.items()} == dict.fromkeys(counts, 1)
+    peftify.merge(model)
+    output(model, ids)
+    assert {name: hook.calls for name, hook in counts.items()} == dict.fromkeys(counts, 2)
+    assert all(type(model.get_submodule(name)) is nn.Linear and model.get_submodule(name)._hf_hook is hook for name, hook in counts.items())
+
+    import accelerate
+
+    offloaded = accelerate.cpu_offload(tiny_llama(), execution_device="cpu")
+    before = {n: p.device for n, p in offloaded.named_parameters()}
+    with pytest.raises(SpecError, match="model.layers.0.self_attn.q_proj's weight is offloaded by accelerate"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the trace of an offloaded model may fail: the module walk finds the layers
+        peftify.peftify(offloaded, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}, example_inputs=ids)
+    assert not hasattr(offloaded, "_peftify") and {n: p.device for n, p in offloaded.named_parameters()} == before
