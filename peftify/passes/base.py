@@ -142,6 +142,11 @@ def check_count(field: str, value, optional: bool = False) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         invalid(field, f"must be a positive integer{' or None' if optional else ''}, got {value!r}")
+    if value > MAX_COUNT:  # no tensor is that large: torch would fail with an overflow instead
+        invalid(field, f"{value} is too large (at most {MAX_COUNT})")
+
+
+MAX_COUNT = 2**31 - 1
 
 
 def check_positive(field: str, value, upper: float | None = None, optional: bool = False) -> None:

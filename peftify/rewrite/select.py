@@ -94,11 +94,16 @@ def _layers(value) -> Predicate:
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)  # '2-5', or one layer '3'
         if not m:
             raise SpecError(f"layers range must look like '2-5' (or '3'), got {value!r}", field="layers")
-        wanted = set(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last < first:
+            raise SpecError(f"layers range {value!r} is empty: write the first layer first ('{last}-{first}')", field="layers")
+        wanted = range(first, last + 1)  # tested, not listed: '0-99999999' costs nothing
     else:
         values = [value] if isinstance(value, int) else list(value)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise SpecError(f"layers must be integers, got {value!r}", field="layers")
+        if any(v < 0 for v in values):
+            raise SpecError(f"layers are counted from 0 (-1 is not the last layer), got {value!r}", field="layers")
         wanted = set(values)
     return lambda s, c: s.layer in wanted
 
@@ -122,6 +127,8 @@ def compile_where(text: Any) -> Predicate:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as e:
         raise SpecError(f"cannot parse {text!r}: {e.msg}", field="where") from e
+    except (RecursionError, MemoryError) as e:
+        raise SpecError(f"{text[:60]!r}… is nested too deeply to parse", field="where") from e
     symbols = {n: sympy.Symbol(n, integer=True) for n in SYMBOLS}
 
     def is_predicate(node) -> bool:  # a comparison, or and/or/not of them: not a bare number or name
@@ -162,6 +169,8 @@ def compile_where(text: Any) -> Predicate:
                 raise SpecError(f"division by zero in {text!r}", field="where")
             if isinstance(node.op, ast.Pow) and not (b.is_number and abs(b) <= MAX_EXPONENT):
                 raise SpecError(f"{text!r}: an exponent must be a number up to {MAX_EXPONENT}", field="where")
+            if isinstance(node.op, ast.Pow) and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left)):
+                raise SpecError(f"{text!r}: a power of a power ({ast.unparse(node)!r}) grows without bound; write one exponent", field="where")
             if isinstance(node.op, ast.Mod):
                 return sympy.Mod(a, b)
             if isinstance(node.op, ast.FloorDiv):
@@ -175,7 +184,14 @@ def compile_where(text: Any) -> Predicate:
             return sympy.sympify(node.value)
         raise SpecError(f"unsupported expression {ast.unparse(node)!r} in {text!r}", field="where")
 
-    expr = conv(tree)
+    try:
+        expr = conv(tree)
+    except SpecError:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise SpecError(f"{text[:60]!r}… is nested too deeply", field="where") from e
+    except (TypeError, ValueError, ArithmeticError) as e:  # sympy's refusals, such as a comparison with NaN (1e400 - 1e400)
+        raise SpecError(f"{text!r} cannot be used: {e}", field="where") from e
     if not is_predicate(tree):
         raise SpecError(f"{text!r} is not a true/false predicate", field="where")
     used = {str(s) for s in expr.free_symbols}
@@ -186,7 +202,7 @@ def compile_where(text: Any) -> Predicate:
             return False
         try:
             return bool(expr.subs({symbols[n]: values[n] for n in used}))
-        except (TypeError, ZeroDivisionError) as e:  # e.g. a division by a size that is 0 here
+        except (TypeError, ValueError, ArithmeticError, RecursionError) as e:  # e.g. a division by a size that is 0 here
             raise SpecError(f"{text!r} cannot be evaluated for {site.fqn} ({e})", field="where") from e
 
     return predicate

@@ -71,6 +71,9 @@ class Spec:
             if rule.apply is not None and not isinstance(rule.apply, Method):
                 raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {rule.apply!r}", rule=rule.describe(i), field="apply")
         object.__setattr__(self, "scaling", scaling_from_dict(self.scaling))
+        # tuples: the matchers are compiled here, so rules changed in place would leave them behind
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "train", tuple(self.train))
         self._compile_matchers()
 
     def _compile_matchers(self) -> None:
@@ -129,14 +132,14 @@ class Spec:
         path = Path(path)
         if not path.is_file():
             raise SpecError(f"spec file {str(path)!r} does not exist")
-        text = path.read_text()
         try:
+            text = path.read_bytes().decode("utf-8-sig")
             if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
+                data = _load_yaml(text)
             else:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_unique_keys)
+        except SpecError as e:
+            raise SpecError(f"{str(path)!r}: {e.message}", field=e.field) from e
         except Exception as e:
             raise SpecError(f"cannot parse {str(path)!r}: {e}") from e
         return cls.from_dict(data)
@@ -145,6 +148,31 @@ class Spec:
         """The dict form of this spec (what a YAML/JSON spec file holds)."""
         rules = [{"match": r.match, "apply": r.apply and r.apply.to_dict(), **({"optional": True} if r.optional else {})} for r in self.rules]
         return {"rules": rules, "train": list(self.train)} | ({"scaling": self.scaling.to_dict()} if self.scaling else {})
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A mapping from a spec file, whose keys must not repeat (a second `r` would silently win)."""
+    d = {}
+    for key, value in pairs:
+        if key in d:
+            raise SpecError(f"the key {key!r} appears twice in one mapping", field=str(key))
+        d[key] = value
+    return d
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):  # the mapping's own keys (a `<<` merge may override)
+                own = [self.construct_object(k, deep=True) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+                for i, key in enumerate(own):
+                    if key in own[:i]:
+                        raise SpecError(f"the key {key!r} appears twice in one mapping", field=str(key))
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no Python objects
 
 
 def as_spec(spec, model=None) -> Spec:

@@ -233,6 +233,16 @@ def test_optional_rules_and_regex_train_patterns():
         ({"rules": [{"match": {"where": "-(in_features > 3) < 0"}, "apply": None}]}, "where", "is true or false, not a number"),
         ({"rules": [{"match": "*", "apply": {"method": ["lora"]}}]}, "method", "a method's name such as 'lora', got ['lora']"),
         ({"rules": [{"match": "*", "apply": {"method": {"name": "lora"}}}]}, "method", "a method's name"),
+        # a power of a power grew past any bound (six levels did not finish); a long range was a
+        # set of every layer (out of memory); the others raised TypeError or RecursionError
+        ({"rules": [{"match": {"where": "((((((2**64)**64)**64)**64)**64)**64) > in_features"}, "apply": None}]}, "where", "a power of a power"),
+        ({"rules": [{"match": {"where": "(in_features**64)**2 > 1"}, "apply": None}]}, "where", "a power of a power"),
+        ({"rules": [{"match": {"where": "1e400 - 1e400 < in_features"}, "apply": None}]}, "where", "cannot be used"),
+        ({"rules": [{"match": {"where": "in_features" + " + 1" * 3000 + " > 1"}, "apply": None}]}, "where", "nested too deeply"),
+        ({"rules": [{"match": {"where": "not " * 3000 + "in_features > 1"}, "apply": None}]}, "where", "nested too deeply"),
+        ({"rules": [{"match": {"layers": "3-1"}, "apply": None}]}, "layers", "is empty: write the first layer first ('1-3')"),
+        ({"rules": [{"match": {"layers": [-1]}, "apply": None}]}, "layers", "counted from 0"),
+        ({"rules": [{"match": "*", "apply": {"method": "lora", "r": 10**23}}]}, "r", "is too large"),  # planned, then a torch TypeError
     ],
 )
 def test_malformed_specs(spec, field, text):
@@ -280,3 +290,48 @@ def test_plan_prints_a_table_and_changes_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         peftify.plan(model, DICT)
+
+
+def test_a_long_layer_range_is_tested_not_listed():
+    """'0-99999999999' built a set of every index: out of memory (24 GB)."""
+    cap = peftify.capture(tiny_llama())
+    plan = peftify.plan(tiny_llama(), {"rules": [{"match": {"role": "mlp.*", "layers": "1-99999999999"}, "apply": {"method": "lora", "r": 2}}]})
+    assert {e.site.fqn for e in plan.entries} == {s.fqn for s in cap.sites if "mlp" in s.fqn and s.layer == 1}
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_a_key_given_twice_or_a_file_not_in_utf8_is_a_spec_error(tmp_path, suffix):
+    """A repeated key silently won (r: 4 then r: 5000 built r = 5000), and a Latin-1 file raised
+    UnicodeDecodeError."""
+    texts = {
+        "yaml": ("rules:\n  - match: '*.q_proj'\n    apply: {method: lora, r: 4, r: 5000}\n", "rules: []\nrules:\n  - {match: '*', apply: null}\n"),
+        "json": ('{"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 4, "r": 5000}}]}', '{"rules": [], "rules": [{"match": "*", "apply": null}]}'),
+    }[suffix]
+    for text, key in zip(texts, ("r", "rules")):
+        path = tmp_path / f"spec.{suffix}"
+        path.write_text(text)
+        with pytest.raises(SpecError, match=f"the key '{key}' appears twice") as e:
+            peftify.plan(tiny_llama(), path)
+        assert e.value.field == key
+    path.write_bytes('{"rules": [{"match": "*.q_proj", "apply": {"method": "lora"}}], "train": ["caf\u00e9"]}'.encode("latin-1"))
+    with pytest.raises(SpecError, match="cannot parse"):
+        peftify.plan(tiny_llama(), path)
+
+
+def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("rules:\n  - match: '*.q_proj'\n    apply: &lora {method: lora, r: 4}\n  - match: '*.k_proj'\n    apply: {<<: *lora, r: 2}\n")
+    ranks = {e.site.fqn.rsplit(".", 1)[1]: e.method.r for e in peftify.plan(tiny_llama(), path).entries}
+    assert ranks == {"q_proj": 4, "k_proj": 2}
+
+
+def test_a_specs_rules_cannot_change_behind_its_compiled_matchers():
+    """Rules were a list: replacing one left the compiled matcher of the old rule in charge (the
+    plan adapted q_proj while the spec and its saved form said k_proj)."""
+    rules = [Rule("*.q_proj", peftify.LoRA(r=2))]
+    spec = Spec(rules)
+    rules.append(Rule("*.v_proj", peftify.LoRA(r=2)))
+    assert isinstance(spec.rules, tuple) and len(spec.rules) == 1
+    with pytest.raises(TypeError):
+        spec.rules[0] = Rule("*.k_proj", peftify.LoRA(r=2))
+    assert {e.site.fqn.rsplit(".", 1)[1] for e in peftify.plan(tiny_llama(), spec).entries} == {"q_proj"}
