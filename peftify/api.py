@@ -25,11 +25,11 @@ from peftify.rewrite.apply import (
 )
 from peftify.rewrite.capture import ExampleInputs
 from peftify.rewrite.capture import capture as _capture
-from peftify.rewrite.plan import Plan, make_plan, method_label
+from peftify.rewrite.plan import Plan, check_plan_fits, make_plan, method_label
 from peftify.rewrite.spec import Spec, as_spec
 from peftify.table import human, table
 
-SpecLike = Spec | dict | str | os.PathLike  # or a peft.LoraConfig (or a Plan: its spec)
+SpecLike = Spec | dict | str | os.PathLike  # or a peft.LoraConfig, or a Plan (`peftify.peftify` applies it as printed)
 
 capture = accepts_compiled(_capture)
 
@@ -70,7 +70,11 @@ def peftify(
     - progress: a progress bar over the layers' decompositions (SVD-based methods, projections);
       None shows one when the work is long enough to wait for, False never.
     """
-    resolved = plan(model, spec, example_inputs, strict)
+    if isinstance(spec, Plan):  # applied as printed (its rules already checked, its capture kept)
+        check_plan_fits(model, spec)
+        resolved = spec
+    else:
+        resolved = plan(model, spec, example_inputs, strict)
     applies = any(rule.apply is not None for rule in resolved.spec.rules)
     if not resolved.entries and (applies or not resolved.spec.train):  # a spec of `train` globs alone trains those
         why = "every site its rules match is excluded (apply: null, or PEFT's modules_to_save)" if applies else "it has no rule that applies a method, and no train globs"

@@ -73,9 +73,18 @@ class Method:
     def check(self, site: Site) -> None:
         """Raise SpecError (via `invalid`) if this method cannot apply to `site`."""
 
+    def check_together(self, sites: list[Site]) -> None:
+        """Raise SpecError if the sites this method rewrites in one plan do not fit together (a
+        method whose sites depend on each other, such as CLOVER's pairs of projections)."""
+
     def trainable_params(self, site: Site) -> int:
         """How many parameters the rewritten site trains (what the plan counts)."""
         raise NotImplementedError
+
+    def frozen_params(self, site: Site) -> int:
+        """How many frozen parameters the rewrite adds at the site (factors it keeps, such as
+        W's singular vectors): with `trainable_params`, what the plan counts after the rewrite."""
+        return 0
 
     def trains_base_bias(self) -> bool:
         """True if the site's existing bias becomes trainable."""

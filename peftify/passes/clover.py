@@ -116,25 +116,39 @@ class CLOVER(Method):
     def flops(self, site: Site) -> int:
         return dense_flops(site) + (site.out_features if self.trainable_params(site) else 0)
 
-    def build_many(self, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
+    PAIRS = (("attn.q", "attn.k"), ("attn.v", "attn.o"))
+
+    @staticmethod
+    def _by_layer(sites: list[Site]) -> dict[object, dict[str, int]]:
         by_layer: dict[object, dict[str, int]] = {}
-        for i, (site, _) in enumerate(items):
+        for i, site in enumerate(sites):
             by_layer.setdefault(site.layer, {})[attention_role(site)] = i
-        out: list[SiteModule | None] = [None] * len(items)
-        for layer, roles in progress_bar(list(by_layer.items()), "peftify: clover", progress, unit="layer"):
-            for first, second, factor in (("attn.q", "attn.k", self._qk), ("attn.v", "attn.o", self._vo)):
+        return by_layer
+
+    def check_together(self, sites: list[Site]) -> None:
+        """Each layer's q comes with its k and its v with its o, cut into heads of one size."""
+        for layer, roles in self._by_layer(sites).items():
+            for first, second in self.PAIRS:
                 if (first in roles) != (second in roles):
                     have, lack = (first, second) if first in roles else (second, first)
-                    raise SpecError(f"clover pairs {first} with {second}: layer {layer} has {have} ({items[roles[have]][0].fqn}) but no {lack} selected", field="match")
+                    raise SpecError(f"clover pairs {first} with {second}: layer {layer} has {have} ({sites[roles[have]].fqn}) but no {lack} selected", field="match")
                 if first in roles:
-                    a, b = roles[first], roles[second]
-                    dims = {role: self._head_dim(items[roles[role]][0]) for role in (first, second)}
+                    dims = {role: self._head_dim(sites[roles[role]]) for role in (first, second)}
                     if len(set(dims.values())) > 1:
                         raise SpecError(
                             f"clover: heads={self.heads}, kv_heads={self.kv_heads} cut layer {layer}'s {first} and {second} into heads of "
                             f"different sizes ({', '.join(f'{r}: {d}' for r, d in dims.items())}); give the model's head counts",
                             field="heads",
                         )
+
+    def build_many(self, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
+        sites = [site for site, _ in items]
+        self.check_together(sites)
+        out: list[SiteModule | None] = [None] * len(items)
+        for _layer, roles in progress_bar(list(self._by_layer(sites).items()), "peftify: clover", progress, unit="layer"):
+            for (first, second), factor in zip(self.PAIRS, (self._qk, self._vo)):
+                if first in roles:
+                    a, b = roles[first], roles[second]
                     out[a], out[b] = factor(items[a], items[b])
         return out
 

@@ -34,6 +34,9 @@ class LoLDU(Method):
     def trainable_params(self, site: Site) -> int:
         return self.r
 
+    def frozen_params(self, site: Site) -> int:
+        return self.r * (site.out_features + site.in_features + 1)  # P L_r, U_r and d_r
+
     def flops(self, site: Site) -> int:
         return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features)
 

@@ -102,6 +102,9 @@ class LoRA(Method):
     def svd_rank(self, site: Site) -> int | None:
         return 0 if self.init == "pissa" else None  # the exact (full) SVD, as PEFT's "pissa"
 
+    def frozen_params(self, site: Site) -> int:
+        return 0 if self.train_a else self.r * site.in_features  # A, drawn and kept
+
     def trainable_params(self, site: Site) -> int:
         n = self.r * site.out_features + (self.r * site.in_features if self.train_a else 0)
         return n + (site.out_features if self.bias and site.bias else 0)

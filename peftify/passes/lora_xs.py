@@ -38,6 +38,9 @@ class LoRAXS(Method):
     def trainable_params(self, site: Site) -> int:
         return self.r * self.r
 
+    def frozen_params(self, site: Site) -> int:
+        return self.r * (site.out_features + site.in_features)  # U_r Σ_r and V_rᵀ
+
     def flops(self, site: Site) -> int:
         return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features + self.r)
 

@@ -72,6 +72,9 @@ class SVFit(Method):
     def trainable_params(self, site: Site) -> int:
         return self.rank(site)
 
+    def frozen_params(self, site: Site) -> int:
+        return self.rank(site) * (site.out_features + site.in_features + 1)  # U, Vᵀ and σ₀
+
     def flops(self, site: Site) -> int:
         if self.energy is not None:  # a bound: the built r may leave a residual, whose GEMM stays
             return dense_flops(site) + singular_flops(site, self.rank(site))

@@ -82,6 +82,9 @@ class SVFT(Method):
             return p + 2 * sum(p - d for d in range(1, k + 1))
         return p * (k + 1)
 
+    def frozen_params(self, site: Site) -> int:
+        return self.rank(site) * (site.out_features + site.in_features)  # U and Vᵀ
+
     def flops(self, site: Site) -> int:
         return singular_flops(site, self.rank(site))
 

@@ -51,6 +51,9 @@ class VectorFit(Method):
     def trainable_params(self, site: Site) -> int:
         return self.rank(site) + (site.out_features if self.bias and site.bias else 0)
 
+    def frozen_params(self, site: Site) -> int:
+        return self.rank(site) * (site.out_features + site.in_features + 1)  # U, Vᵀ and σ₀
+
     def flops(self, site: Site) -> int:
         return singular_flops(site, self.rank(site))
 

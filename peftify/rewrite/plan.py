@@ -94,9 +94,12 @@ class Plan:
         if self.train:
             out.append(f"also trainable: {len(self.train)} existing parameters ({human(self._train_numel)}): " + ", ".join(self.train[:6]) + (" ..." if len(self.train) > 6 else ""))
         # after the rewrite: the dense weights structures replace are gone and every method's
-        # trained tensors are there (frozen factors an adapter adds, LoRA-XS's say, not counted)
+        # trained and frozen tensors are there (an existing bias it trains was there before)
         replaced = sum(e.site.in_features * e.site.out_features * e.site.stack for e in self.entries if e.method.replaces_base)
-        added = sum(e.method.trainable_params(e.site) * e.site.stack for e in self.entries)
+        added = sum(
+            (e.method.trainable_params(e.site) + e.method.frozen_params(e.site) - (e.site.out_features if e.site.bias and e.method.trains_base_bias() else 0)) * e.site.stack
+            for e in self.entries
+        )
         after = self.total_params - replaced + added
         pct = 100 * self.trainable_params / max(after, 1)
         out.append(
@@ -185,6 +188,14 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         except SpecError as e:
             raise SpecError(e.message + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
         entries.append(Entry(site, method, i))
+    by_method: dict[Method, list[Entry]] = {}
+    for e in entries:  # as the rewrite builds them: one call per method, which may pair its sites
+        by_method.setdefault(e.method, []).append(e)
+    for method, group in by_method.items():
+        try:
+            method.check_together([e.site for e in group])
+        except SpecError as e:
+            raise SpecError(e.message, rule=spec.rules[group[0].rule].describe(group[0].rule), field=e.field) from e
     if bare and entries:
         warn(f"{bare}; until then its weight is adapted as a functional parameter (W + ΔW formed on every call)")
 
@@ -217,7 +228,28 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     counted = {e.site.bias for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}
     plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
     plan._model = weakref.ref(model)  # to preview projections when printed
+    plan._fingerprint = fingerprint(model)
     return plan
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """The model's parameters by name and shape: what a plan was made for."""
+    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters(remove_duplicate=False))
+
+
+def check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """A printed plan is applied as it is; it must have been made for this model as it is now
+    (the same parameters, names and shapes): else its sites may not be this model's."""
+    made_for = getattr(plan, "_fingerprint", None)
+    now = fingerprint(model)
+    if made_for is not None and made_for != now:
+        before, after = dict(made_for), dict(now)
+        diff = sorted(set(before) ^ set(after)) or [n for n in before if before[n] != after[n]]
+        raise SpecError(
+            f"this plan was made for another model, or for this one before it changed (first difference: {diff[0] if diff else 'the parameters’ order'}); "
+            "make the plan again with peftify.plan(model, spec), or pass the spec",
+            field="spec",
+        )
 
 
 BARE_LAYER = "the model is itself a single linear layer, which peftify cannot replace in place: wrap it (nn.Sequential(layer)) to rewrite it as a module"

@@ -110,8 +110,10 @@ def test_clover_pair_error_is_the_relative_error_of_the_products():
 def test_clover_errors():
     with pytest.raises(peftify.SpecError, match="rewrites separate attention projections"):
         peftify.peftify(tiny_llama(), {"rules": [{"match": "role:mlp.*", "apply": {"method": "clover"}}]})
-    with pytest.raises(peftify.SpecError, match="pairs attn.q with attn.k"):
-        peftify.peftify(tiny_llama(), {"rules": [{"match": "role:attn.q", "apply": {"method": "clover"}}]})
+    for call in (peftify.plan, peftify.peftify):  # the dry run refuses it too (it printed a plan), naming the rule
+        with pytest.raises(peftify.SpecError, match="pairs attn.q with attn.k") as e:
+            call(tiny_llama(), {"rules": [{"match": "role:attn.q", "apply": {"method": "clover"}}]})
+        assert e.value.rule == "rule 0 ('role:attn.q')" and e.value.field == "match"
     with pytest.raises(peftify.SpecError, match="has a bias"):
         peftify.peftify(tiny_bert(), attn_spec())
     with pytest.raises(peftify.SpecError, match="do not divide"):

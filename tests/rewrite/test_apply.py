@@ -10,6 +10,7 @@ from conftest import FunctionalNet, fail_on_call, output, tiny_gpt2, tiny_llama
 import peftify
 from peftify import SpecError
 from peftify.passes import lora as lora_mod
+from peftify.passes.base import AdaptedSite
 from peftify.rewrite import apply as apply_mod
 
 ALL = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}
@@ -581,3 +582,58 @@ def test_a_merge_stopped_while_it_unties_a_head_still_unties_it_when_finished(mo
     model.tie_weights()
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_printed_plan_is_applied_as_it_is_and_only_to_the_model_it_was_made_for():
+    """peftify(model, plan) planned again from the plan's spec: a strict=False plan failed
+    (the unmatched rule raised), an edited plan was ignored, and a plan made for another model
+    or before the model changed was applied without a word."""
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}, {"match": "*.nothing", "apply": {"method": "lora", "r": 2}}]}
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match="matches nothing"):
+        printed = peftify.plan(model, spec, strict=False)
+    printed.entries = printed.entries[:1]  # a user's edit: one site only
+    peftify.peftify(model, printed)
+    assert [name for name, m in model.named_modules() if isinstance(m, AdaptedSite)] == [printed.entries[0].site.fqn]
+
+    printed = peftify.plan(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    changed = tiny_llama()
+    changed.model.layers[1].self_attn.q_proj = torch.nn.Identity()
+    for other in (tiny_llama(layers=3), tiny_gpt2(), changed):
+        before = {n: p.clone() for n, p in other.state_dict().items()}
+        with pytest.raises(SpecError, match="this plan was made for another model, or for this one before it changed"):
+            peftify.peftify(other, printed)
+        assert not hasattr(other, "_peftify") and all(torch.equal(p, before[n]) for n, p in other.state_dict().items())
+    same_shapes = tiny_llama()  # another object with the same parameters: the plan fits it
+    peftify.peftify(same_shapes, printed)
+    assert sum(isinstance(m, AdaptedSite) for m in same_shapes.modules()) == 2
+
+
+@pytest.mark.parametrize(
+    "apply",
+    [
+        {"method": "svft"},
+        {"method": "vectorfit", "bias": False},
+        {"method": "svfit", "r": 4},
+        {"method": "lora_xs", "r": 4},
+        {"method": "loldu", "r": 4},
+        {"method": "lora", "r": 2, "train_a": False},
+        {"method": "lora", "r": 2, "bias": True},
+        {"method": "dora", "r": 2},
+    ],
+    ids=lambda a: "-".join(f"{v}" for v in a.values()),
+)
+def test_the_plans_count_after_the_rewrite_holds_frozen_factors_and_trained_biases_once(apply):
+    """Frozen factors (W's singular vectors, LoRA's drawn A) were left out of the plan's total, and
+    a trained existing bias was counted again: 87.5K planned against 132.5K for svft."""
+    import re
+
+    model = tiny_gpt2()  # biased Conv1D layers
+    spec = {"rules": [{"match": "role:attn.*", "apply": apply}]}
+    planned = re.search(r"trainable (\S+) of ~(\S+) parameters after the rewrite \((\S+)%\)", str(peftify.plan(model, spec)))
+    peftify.peftify(model, spec)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    from peftify.table import human
+
+    assert planned.groups() == (human(trainable), human(total), f"{100 * trainable / total:.3f}")
