@@ -2,11 +2,12 @@
 
 `torch.export.export(strict=False)` traces on fake tensors, so weights are never read and a
 model on the meta device is analysed with no weight memory. Repeated blocks (a ModuleList
-whose entries have identical structure and flags, and at least two matrices each) are traced
-once: the list is temporarily cut to its first entry and the sites found there are replicated
-to the others. This keeps capture of a 32-layer model as cheap as capture of a 1-layer one.
-When that trace ran only the first entry of another list as long (a ParameterList indexed
-beside the blocks), the model is traced whole.
+whose entries have identical structure, at least two matrices each) are traced once per group
+of blocks that also share their flags (bool and str attributes, such as Gemma's sliding and full
+attention layers): the list is temporarily cut to one entry per group and the sites found there
+are replicated to the group. This keeps capture of a 32-layer model as cheap as capture of a
+1- or 2-layer one. When that trace ran only the first entry of another list as long (a
+ParameterList indexed beside the blocks), the model is traced whole.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -69,11 +70,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
         warn(f"tracing failed ({_brief(e)}); falling back to the module walk: only nn.Linear/Conv1D modules are sites, with no roles")
         sites = sites_from_modules(model)
         return _finish(model, Capture(sites, "modules", note=f"trace failed: {type(e).__name__}; functional sites and roles unknown"))
-    for prefix, indices in collapsed.items():  # block 0's sites for every block the forward ran
-        first = prefix + ".0."  # a block's sites, or the block itself (a ModuleList of nn.Linear)
-        sites = [s for s in sites if not (s.fqn + ".").startswith(first)] + [
-            s.with_prefix(first, f"{prefix}.{i}.") for i in indices for s in sites if (s.fqn + ".").startswith(first)
-        ]
+    sites = [copy for s in sites for copy in _copies(s, collapsed)]  # each traced block's sites for every block of its group
     collapsed = {prefix: len(model.get_submodule(prefix)) for prefix in collapsed}
     unreached, transformed = _unreached_linears(model, sites, read)
     notes = []
@@ -123,15 +120,32 @@ def _unreached_linears(model: nn.Module, sites: list[Site], read: set[str]) -> t
     return unreached, transformed
 
 
-def _replicated(read: set[str], collapsed: dict[str, list[int]]) -> set[str]:
-    """The parameters a trace read, block 0's also under every block of its list the forward ran."""
-    for prefix, indices in collapsed.items():
-        first = prefix + ".0."
-        read = read | {f"{prefix}.{i}.{name[len(first):]}" for name in read if name.startswith(first) for i in indices}
-    return read
+def _traced_block(name: str, collapsed: dict[str, Collapse]) -> tuple[str, list[str]] | None:
+    """For a name the trace of a cut block list gave (``layers.1.…``: the block traced for group
+    1, or that block itself): its block prefix, and the prefixes of every block of the group the
+    forward ran."""
+    for prefix, c in collapsed.items():
+        if name.startswith(prefix + "."):
+            position = name[len(prefix) + 1 :].partition(".")[0]
+            return f"{prefix}.{position}.", [f"{prefix}.{i}." for i in c.groups[int(position)] if i in c.used]
+    return None
 
 
-def _missed_by_collapse(model: nn.Module, collapsed: dict[str, list[int]], read: set[str]) -> bool:
+def _copies(site: Site, collapsed: dict[str, Collapse]) -> list[Site]:
+    found = _traced_block(site.fqn, collapsed)
+    return [site] if found is None else [site.with_prefix(found[0], new) for new in found[1]]
+
+
+def _replicated(read: set[str], collapsed: dict[str, Collapse]) -> set[str]:
+    """The parameters a trace read, under every block the forward ran."""
+    out = set()
+    for name in read:
+        found = _traced_block(name, collapsed)
+        out |= {name} if found is None else {new + name[len(found[0]) :] for new in found[1]}
+    return out
+
+
+def _missed_by_collapse(model: nn.Module, collapsed: dict[str, Collapse], read: set[str]) -> bool:
     """Whether another list as long as a collapsed block list ran only its first entry — a
     ParameterList or ModuleList indexed or zipped alongside the blocks (``x = block(x) @
     self.mix[i].T``), which a trace of one block reaches only at index 0."""
@@ -494,40 +508,60 @@ def _traceable_experts(model: nn.Module):
             setattr(c, name, value)
 
 
+@dataclass
+class Collapse:
+    """A ModuleList traced through one block per group of alike blocks: `groups` holds the
+    blocks' indices, one list per traced block, in the order traced; `used`, the blocks the
+    forward reached."""
+
+    groups: list[list[int]]
+    used: set[int] | list[int] = field(default_factory=set)
+
+
 @contextlib.contextmanager
 def _collapsed_repeats(model: nn.Module, enabled: bool = True):
-    """Temporarily cut every ModuleList of identical, independent blocks to its first block."""
+    """Temporarily cut every ModuleList of independent blocks with the same parameters to one
+    block per group of blocks that also share their flags (Gemma's sliding and full attention
+    layers: two)."""
     lists = []
     for path, mod in model.named_modules() if enabled else ():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or any(path.startswith(p + ".") for p, _, _ in lists):
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or any(path.startswith(p + ".") for p, *_ in lists):
             continue
         blocks = list(mod)
         if len({id(b) for b in blocks}) != len(blocks):
             continue
-        sig = _signature(blocks[0])
-        if sum(len(shape) >= 2 for _, shape, _ in sig[1]) < 2 or any(_signature(b) != sig for b in blocks[1:]):
+        signatures = [_signature(b) for b in blocks]
+        if sum(len(shape) >= 2 for _, shape, _ in signatures[0][1]) < 2 or any(sig[:2] != signatures[0][:2] for sig in signatures[1:]):
             continue  # one matrix a block (a chain of linear layers) takes its role from its neighbours
         ids = [{id(p) for p in b.parameters()} for b in blocks]
         if len(set().union(*ids)) != sum(len(i) for i in ids):  # blocks share weights
             continue
-        lists.append((path, mod, blocks))
-    used = {path: set() for path, _, _ in lists}  # the blocks the forward reaches, filled in as it runs
+        by_flags: dict[tuple, list[int]] = {}
+        for i, sig in enumerate(signatures):
+            by_flags.setdefault(sig[2], []).append(i)
+        groups = list(by_flags.values())
+        if 2 * len(groups) > len(blocks):
+            continue  # hardly any block repeats another: nothing to gain
+        lists.append((path, mod, blocks, groups))
+    collapsed = {path: Collapse(groups) for path, _, _, groups in lists}
     try:
-        for path, mod, blocks in lists:
-            mod._modules = {"0": blocks[0]}
-            mod.__class__ = _recording(type(mod), len(blocks), used[path])
-        yield used
+        for path, mod, blocks, groups in lists:
+            mod._modules = {str(k): blocks[members[0]] for k, members in enumerate(groups)}
+            position = {i: k for k, members in enumerate(groups) for i in members}
+            mod.__class__ = _recording(type(mod), len(blocks), position, collapsed[path].used)
+        yield collapsed
     finally:
-        for path, mod, blocks in lists:
+        for path, mod, blocks, _ in lists:
             mod.__class__ = type(mod).__bases__[0]
             mod._modules = {str(i): b for i, b in enumerate(blocks)}
-            used[path] = sorted(used[path]) if used[path] and len(blocks) not in used[path] else list(range(len(blocks)))
+            used = collapsed[path].used
+            collapsed[path].used = sorted(used) if used and len(blocks) not in used else list(range(len(blocks)))
 
 
-def _recording(cls: type, n: int, used: set) -> type:
-    """`cls` (a ModuleList cut to its first block) noting which of its `n` blocks the forward
-    reaches: all when it iterates or asks the length, those of a slice (``layers[:2]``) or index.
-    `n` in `used` stands for all."""
+def _recording(cls: type, n: int, position: dict[int, int], used: set) -> type:
+    """`cls` (a ModuleList cut to one block per group) noting which of its `n` blocks the forward
+    reaches: all when it iterates or asks the length, those of a slice (``layers[:2]``) or index;
+    an index gets the block traced for its group. `n` in `used` stands for all."""
 
     class Recording(cls):
         def __iter__(self):
@@ -541,8 +575,11 @@ def _recording(cls: type, n: int, used: set) -> type:
         def __getitem__(self, idx):
             if isinstance(idx, slice):
                 used.update(range(*idx.indices(n)))
-                return cls(list(self._modules.values()))  # the one block, traced for each
-            used.add(idx % n if isinstance(idx, int) else n)
+                return cls(list(self._modules.values()))  # the blocks traced, one of each group
+            if isinstance(idx, int) and -n <= idx < n:
+                used.add(idx % n)
+                return super().__getitem__(position[idx % n])
+            used.add(n)
             return super().__getitem__(idx)
 
     Recording.__name__ = Recording.__qualname__ = cls.__name__

@@ -605,22 +605,34 @@ class Chain(nn.Module):
 
 
 class ModedBlocks(nn.Module):
-    def __init__(self):
+    def __init__(self, modes=("mlp", "mix", "mlp"), indexed=False):
         super().__init__()
-        self.blocks = nn.ModuleList([TwoLinears(mode=m) for m in ("mlp", "mix", "mlp")])
+        self.blocks = nn.ModuleList([TwoLinears(mode=m) for m in modes])
+        self.indexed = indexed
 
     def forward(self, x):
-        for block in self.blocks:
+        for i in range(len(self.blocks)) if self.indexed else ():
+            x = self.blocks[i](x)
+        for block in () if self.indexed else self.blocks:
             x = block(x)
         return x
 
 
-@pytest.mark.parametrize("model", [Chain, ModedBlocks])
-def test_blocks_whose_roles_differ_are_not_traced_once(model):
+@pytest.mark.parametrize(
+    "model, collapsed",
+    [
+        (Chain, {}),
+        (ModedBlocks, {}),  # two kinds of block among three: each traced
+        (lambda: ModedBlocks(("mlp", "mix") * 3), {"blocks": 6}),  # as Gemma's sliding and full layers: one of each kind traced
+        (lambda: ModedBlocks(("mix", "mlp", "mlp", "mix", "mlp", "mlp"), indexed=True), {"blocks": 6}),
+    ],
+    ids=["chain", "moded", "alternating", "indexed"],
+)
+def test_blocks_whose_roles_differ_are_not_traced_as_one(model, collapsed):
     """A chain of single linear layers in a ModuleList (each one's role is set by its neighbours)
     all got block 0's `readout`; blocks alike but for a mode flag all got block 0's roles."""
     same, cap = same_as_full_trace(model(), torch.randn(2, 8))
-    assert same and not cap.collapsed
+    assert same and cap.collapsed == collapsed
     if model is Chain:
         assert [sorted(s.roles) for s in cap.sites] == [["mlp.up"], ["mlp.down", "mlp.up"], ["mlp.down"]]
 
