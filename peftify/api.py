@@ -64,11 +64,16 @@ def peftify(
     in the model's dtype under autocast, as PEFT's ``autocast_adapter_dtype=True`` does (False:
     the model's dtype). Structures that replace a layer keep the model's dtype.
 
+    - spec: a `peftify.Spec`, its dict form, a path to a YAML/JSON file of it, a
+      `peft.LoraConfig`, or a `peftify.plan` (applied as printed; it must have been made for
+      this model as it is).
     - example_inputs: what the model is traced with (see `peftify.capture`); built when omitted.
     - strict: a rule that matches nothing (or a spec that adapts nothing) raises `SpecError`;
       False warns instead.
+    - adapter: the new adapter's name; it must not be taken.
     - progress: a progress bar over the layers' decompositions (SVD-based methods, projections);
       None shows one when the work is long enough to wait for, False never.
+    - autocast_adapter_dtype: see above.
     """
     if isinstance(spec, Plan):  # applied as printed (its rules already checked, its capture kept)
         check_plan_fits(model, spec)

@@ -547,11 +547,14 @@ def _experts_from_peft(tensors: dict, plan, adapter: str, model: nn.Module) -> d
 def from_pretrained(
     model: nn.Module, path: str | os.PathLike, adapter: str = "default", example_inputs: ExampleInputs = None, autocast_adapter_dtype: bool = True, is_trainable: bool = True
 ) -> nn.Module:
-    """Rewrite a fresh copy of the base model as the adapter saved in directory `path` (either
-    format) says and load its weights (`example_inputs` and `autocast_adapter_dtype` as in
-    `peftify.load_adapter`). The adapter is trainable, ready to resume
-    training; ``is_trainable=False`` freezes it and puts the model in eval mode for inference
-    (PEFT's default; a later `set_adapter` makes an adapter trainable again)."""
+    """Rewrite `model`, a base model not rewritten yet, in place as the adapter saved in
+    directory `path` (either format) says, load its weights, and return the same model.
+
+    - adapter: the name it gets in the model ("default").
+    - example_inputs, autocast_adapter_dtype: as in `peftify.load_adapter`.
+    - is_trainable: True leaves the adapter trainable, ready to resume training; False freezes
+      it and puts the model in eval mode for inference (PEFT's default; a later `set_adapter`
+      makes an adapter trainable again)."""
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("from_pretrained takes the base model, not one already rewritten; use load_adapter")
     model = load_adapter(model, path, adapter, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -71,7 +71,8 @@ def export(
     - merged: export a merged copy instead (plain aten ops, runnable without peftify); the
       model itself is left as it is. The copy holds a second set of the model's weights.
     - dynamic_shapes: as `torch.export.export` takes them for the model itself (keyed by its
-      argument names).
+      argument names). Without them the program takes only the example's shapes (a built
+      example is one sequence of 8 tokens): give them to run other batch sizes or lengths.
     - path: also `torch.export.save` the program there.
     - package: also compile it with AOTInductor into this ``.pt2`` file (run it with
       `peftify.load_package`).

@@ -42,6 +42,8 @@ def register(name: str) -> Callable[[type], type]:
     def deco(cls):
         if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
             raise TypeError(f"peftify.register({name!r}): {cls!r} is not a dataclass subclassing peftify.Method")
+        if not cls.__dataclass_params__.frozen:  # plans group sites by method, which must hash and not change
+            raise TypeError(f"peftify.register({name!r}): {cls.__qualname__} must be a frozen dataclass (@dataclass(frozen=True))")
         taken = METHODS.get(name)
         if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"peftify.register({name!r}): the name is taken by {taken.__module__}.{taken.__qualname__}; pick another")

@@ -77,8 +77,11 @@ class CLOVER(Method):
         if norms:
             invalid("match", f"the model normalizes q and k after their projections ({', '.join(norms[:2])}{', …' if len(norms) > 2 else ''}), which CLOVER's factoring does not commute with")
         rope = self.rope
+        params = getattr(cfg, "rope_parameters", None) or {}
+        rotary = bool(params or getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_theta", None))
+        if rope == "none" and rotary:
+            invalid("rope", "the model's config has rotary embeddings (rope_theta or rope_parameters): rope='none' would rewrite q and k as if nothing rotated them, which changes the attention; leave rope='auto'")
         if rope == "auto":
-            params = getattr(cfg, "rope_parameters", None) or {}
             partial = getattr(cfg, "partial_rotary_factor", None) or (params.get("partial_rotary_factor") if isinstance(params, dict) else None)
             partial = partial or getattr(cfg, "rotary_pct", None)
             rotary_dim, head_dim = getattr(cfg, "rotary_dim", None), getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // heads if heads else None)
@@ -87,7 +90,7 @@ class CLOVER(Method):
                 invalid("rope", f"the model rotates only part of each head ({part}); CLOVER supports full rotate_half rotary embeddings")
             if getattr(cfg, "model_type", None) in INTERLEAVED_ROPE:
                 invalid("rope", f"{cfg.model_type} rotates interleaved pairs of dimensions; CLOVER supports the rotate_half layout (give rope='half' only if the model uses it)")
-            rope = "half" if params or getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_theta", None) else "none"
+            rope = "half" if rotary else "none"
         return replace(self, heads=heads, kv_heads=kv, rope=rope)
 
     def check(self, site: Site) -> None:

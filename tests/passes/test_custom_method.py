@@ -111,3 +111,16 @@ def test_registering_a_taken_name_or_a_non_method_is_refused(registered):
     with pytest.raises(TypeError, match="has no module: set .*WithoutModule.module"):
         peftify.peftify(model, {"rules": [{"match": "role:mlp.down", "apply": {"method": "test_without_module"}}]}, progress=False)
     assert not any(isinstance(m, AdaptedSite) for m in model.modules())  # nothing changed
+
+
+def test_a_method_dataclass_that_is_not_frozen_is_refused():
+    """It was registered: the docs say a method is a frozen dataclass, and plans group sites by
+    their method, which must hash and stay as it was."""
+
+    @dataclass
+    class Mutable(peftify.Method):
+        r: int = 2
+
+    with pytest.raises(TypeError, match=r"must be a frozen dataclass"):
+        peftify.register("mutable_method")(Mutable)
+    assert "mutable_method" not in peftify.METHODS

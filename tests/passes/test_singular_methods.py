@@ -15,6 +15,15 @@ from peftify.passes.svfit import energy_rank
 X = {"input_ids": torch.arange(18).view(2, 9) % 101}
 
 
+def rope_free(model):
+    """`model` with its config saying nothing of rotary embeddings, for the rope='none' math (a
+    rope='none' on a config with them is refused): the tests compare logits without rotation."""
+    for name in ("rope_parameters", "rope_scaling", "rope_theta"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, None)
+    return model
+
+
 def attn_spec(**hp):
     return {"rules": [{"match": "role:attn.*", "apply": {"method": "clover", **hp}}]}
 
@@ -41,6 +50,7 @@ def test_clover_leaves_attention_logits_and_outputs_unchanged(rope):
     h = torch.randn(2, 7, 64, dtype=torch.float64)
     positions = torch.arange(7)[None].expand(2, -1)
     cos_sin = model.model.rotary_emb(h, positions) if rope == "half" else None
+    model = model if rope == "half" else rope_free(model)
     attn = model.model.layers[1].self_attn
     before = logits(attn, h, cos_sin)
     ref = output(model, X)
@@ -95,7 +105,7 @@ def test_clover_pruning_reports_parameters_removed_and_error():
 
 def test_clover_pair_error_is_the_relative_error_of_the_products():
     torch.manual_seed(0)
-    model = tiny_llama(layers=1).double()
+    model = rope_free(tiny_llama(layers=1).double())
     attn = model.model.layers[0].self_attn
     q, k = attn.q_proj.weight.detach().clone(), attn.k_proj.weight.detach().clone()
     peftify.peftify(model, attn_spec(rope="none", prune=0.5))
@@ -118,6 +128,8 @@ def test_clover_errors():
         peftify.peftify(tiny_bert(), attn_spec())
     with pytest.raises(peftify.SpecError, match="do not divide"):
         peftify.peftify(tiny_llama(), attn_spec(heads=4, kv_heads=3))
+    with pytest.raises(peftify.SpecError, match="rope='none' would rewrite q and k as if nothing rotated them"):
+        peftify.peftify(tiny_llama(), attn_spec(rope="none"))  # was accepted: the output moved by 2e-3
     for bad in ({"rope": "interleaved"}, {"prune": 1.5}, {"heads": 0}):
         with pytest.raises(peftify.SpecError, match=next(iter(bad))):
             peftify.CLOVER(**bad)
@@ -151,7 +163,7 @@ def test_clover_refuses_models_whose_attention_it_would_change(make, text):
 
 
 def test_clover_refuses_head_counts_that_cut_a_pair_unevenly():
-    model = tiny_llama()  # 4 query heads of 16, 2 key/value heads
+    model = rope_free(tiny_llama())  # 4 query heads of 16, 2 key/value heads
     with pytest.raises(peftify.SpecError, match=r"cut layer 0's attn.q and attn.k into heads of different sizes \(attn.q: 16, attn.k: 8\)"):
         peftify.peftify(model, {"rules": [{"match": "re:.*(q_proj|k_proj)$", "apply": {"method": "clover", "heads": 4, "kv_heads": 4, "rope": "none"}}]})
     assert not hasattr(model, "_peftify")

@@ -26,7 +26,7 @@ class BlockDiag(TwoCore):
     - nblocks: nb, the blocks of V (the input is zero-padded to a multiple of nb).
     - r: the inner width, a multiple of nblocks; None takes it from `ratio`.
     - ratio: when r is None, the fraction of the dense parameters to keep.
-    - init, base_width: see `Structured`.
+    - init, base_width: see `peftify.passes.structured.common.Structured` and docs/structured.md.
     """
 
     nblocks: int = 4

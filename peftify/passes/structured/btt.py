@@ -23,7 +23,7 @@ class BTT(TwoCore):
     - r: the BTT rank (rank of every block).
     - factorization: ((n1, n2), (m1, m2)) with n1·n2 ≥ in and m1·m2 ≥ out (padded), or None for
       factors near √in and √out.
-    - init, base_width: see `Structured`.
+    - init, base_width: see `peftify.passes.structured.common.Structured` and docs/structured.md.
     """
 
     r: int = 4

@@ -26,7 +26,7 @@ class Kron(Structured):
 
     - a_shape: (m1, n1), the shape of A; None for factors near √out and √in.
     - terms: the number of Kronecker products summed.
-    - init, base_width: see `Structured`.
+    - init, base_width: see `peftify.passes.structured.common.Structured` and docs/structured.md.
     """
 
     a_shape: tuple | None = None

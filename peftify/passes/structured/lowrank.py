@@ -25,7 +25,7 @@ class LowRank(TwoCore):
 
     - r: the rank; None takes it from `ratio`.
     - ratio: when r is None, the fraction of the dense parameters to keep (r = ⌊ratio·in·out/(in+out)⌋).
-    - init, base_width: see `Structured`.
+    - init, base_width: see `peftify.passes.structured.common.Structured` and docs/structured.md.
     """
 
     r: int | None = None

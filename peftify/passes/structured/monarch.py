@@ -28,7 +28,7 @@ class Monarch(TwoCore):
     Training" (Dao et al.).
 
     - nblocks: nb, blocks in each factor.
-    - init, base_width: see `Structured`.
+    - init, base_width: see `peftify.passes.structured.common.Structured` and docs/structured.md.
     """
 
     nblocks: int = 4

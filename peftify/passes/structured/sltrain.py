@@ -31,7 +31,7 @@ class SLTrain(Structured):
       largest residual entries).
     - seed: of the random support.
     - iters: rounds of `project` (each one SVD of the layer).
-    - init, base_width: see `Structured`.
+    - init, base_width: see `peftify.passes.structured.common.Structured` and docs/structured.md.
     """
 
     r: int | None = None
