@@ -335,8 +335,11 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
         if linear and path not in found and "weight" not in mod._parameters:
             by = type(mod.parametrizations["weight"][0]).__name__ if parametrize.is_parametrized(mod, "weight") else "a forward pre-hook"
             computed.append(f"{path} ({by})")
-        # a parametrized matrix the model applies itself (x @ self.w.T): as little a site as the above
-        for name, chain in getattr(mod, "parametrizations", {}).items() if parametrize.is_parametrized(mod) else ():
+        # a parametrized matrix the model's own code applies (x @ self.w.T): as little a site as
+        # the above (torch's layers, an nn.Embedding say, apply theirs as no linear map)
+        cls = type(mod).__mro__[1] if parametrize.is_parametrized(mod) else type(mod)  # the class before parametrize subclassed it
+        own_code = not cls.__module__.startswith("torch.")
+        for name, chain in getattr(mod, "parametrizations", {}).items() if own_code and parametrize.is_parametrized(mod) else ():
             if not (linear and name == "weight") and getattr(chain, "original", None) is not None and chain.original.dim() == 2:
                 matrices.append(f"{path + '.' if path else ''}{name} ({type(chain[0]).__name__})")
     if computed:
@@ -548,7 +551,7 @@ def _collapsed_repeats(model: nn.Module, enabled: bool = True):
         for path, mod, blocks, groups in lists:
             mod._modules = {str(k): blocks[members[0]] for k, members in enumerate(groups)}
             position = {i: k for k, members in enumerate(groups) for i in members}
-            mod.__class__ = _recording(type(mod), len(blocks), position, collapsed[path].used)
+            mod.__class__ = _recording(type(mod), len(blocks), position, collapsed[path].used, single=len(groups) == 1)
         yield collapsed
     finally:
         for path, mod, blocks, _ in lists:
@@ -558,10 +561,12 @@ def _collapsed_repeats(model: nn.Module, enabled: bool = True):
             collapsed[path].used = sorted(used) if used and len(blocks) not in used else list(range(len(blocks)))
 
 
-def _recording(cls: type, n: int, position: dict[int, int], used: set) -> type:
+def _recording(cls: type, n: int, position: dict[int, int], used: set, single: bool) -> type:
     """`cls` (a ModuleList cut to one block per group) noting which of its `n` blocks the forward
     reaches: all when it iterates or asks the length, those of a slice (``layers[:2]``) or index;
-    an index gets the block traced for its group. `n` in `used` stands for all."""
+    an index gets the block traced for its group. `n` in `used` stands for all. Its length is
+    1 with one group (a ``range(len(layers))`` loop traces one block); with several it is `n`,
+    so that such a loop reaches every group (each of its blocks traced again)."""
 
     class Recording(cls):
         def __iter__(self):
@@ -570,7 +575,7 @@ def _recording(cls: type, n: int, position: dict[int, int], used: set) -> type:
 
         def __len__(self):
             used.add(n)
-            return super().__len__()
+            return super().__len__() if single else n
 
         def __getitem__(self, idx):
             if isinstance(idx, slice):

@@ -233,8 +233,10 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
 
 
 def fingerprint(model: nn.Module) -> tuple:
-    """The model's parameters by name and shape: what a plan was made for."""
-    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters(remove_duplicate=False))
+    """The model's parameters by name, shape and the first name of the tensor (which are tied):
+    what a plan was made for."""
+    first: dict[int, str] = {}
+    return tuple((name, tuple(p.shape), first.setdefault(id(p), name)) for name, p in model.named_parameters(remove_duplicate=False))
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -243,7 +245,7 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     made_for = getattr(plan, "_fingerprint", None)
     now = fingerprint(model)
     if made_for is not None and made_for != now:
-        before, after = dict(made_for), dict(now)
+        before, after = ({name: rest for name, *rest in f} for f in (made_for, now))
         diff = sorted(set(before) ^ set(after)) or [n for n in before if before[n] != after[n]]
         raise SpecError(
             f"this plan was made for another model, or for this one before it changed (first difference: {diff[0] if diff else 'the parameters’ order'}); "

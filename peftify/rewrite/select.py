@@ -105,7 +105,7 @@ def _layers(value) -> Predicate:
         if any(v < 0 for v in values):
             raise SpecError(f"layers are counted from 0 (-1 is not the last layer), got {value!r}", field="layers")
         wanted = set(values)
-    return lambda s, c: s.layer in wanted
+    return lambda s, c: s.layer is not None and s.layer in wanted  # (None in a range scans it)
 
 
 MAX_EXPONENT = 64  # a predicate is cheap to evaluate: no 2 ** 10 ** 10
@@ -169,7 +169,7 @@ def compile_where(text: Any) -> Predicate:
                 raise SpecError(f"division by zero in {text!r}", field="where")
             if isinstance(node.op, ast.Pow) and not (b.is_number and abs(b) <= MAX_EXPONENT):
                 raise SpecError(f"{text!r}: an exponent must be a number up to {MAX_EXPONENT}", field="where")
-            if isinstance(node.op, ast.Pow) and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left)):
+            if isinstance(node.op, ast.Pow) and not (a.is_number and abs(a) <= 2**64) and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left)):
                 raise SpecError(f"{text!r}: a power of a power ({ast.unparse(node)!r}) grows without bound; write one exponent", field="where")
             if isinstance(node.op, ast.Mod):
                 return sympy.Mod(a, b)

@@ -163,13 +163,25 @@ def _unique_keys(pairs: list[tuple]) -> dict:
 def _load_yaml(text: str):
     import yaml
 
+    checked: set[int] = set()
+
     class UniqueKeyLoader(yaml.SafeLoader):
+        def check(self, node) -> None:
+            """A mapping's own keys, once and before PyYAML merges `<<` into it (a merge may override)."""
+            if not isinstance(node, yaml.MappingNode) or id(node) in checked:
+                return
+            checked.add(id(node))
+            own = [self.construct_object(k, deep=True) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+            for i, key in enumerate(own):
+                if key in own[:i]:
+                    raise SpecError(f"the key {key!r} appears twice in one mapping", field=str(key))
+
+        def flatten_mapping(self, node):
+            self.check(node)
+            super().flatten_mapping(node)
+
         def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):  # the mapping's own keys (a `<<` merge may override)
-                own = [self.construct_object(k, deep=True) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
-                for i, key in enumerate(own):
-                    if key in own[:i]:
-                        raise SpecError(f"the key {key!r} appears twice in one mapping", field=str(key))
+            self.check(node)
             return super().construct_mapping(node, deep)
 
     return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no Python objects

@@ -597,9 +597,10 @@ def test_a_printed_plan_is_applied_as_it_is_and_only_to_the_model_it_was_made_fo
     assert [name for name, m in model.named_modules() if isinstance(m, AdaptedSite)] == [printed.entries[0].site.fqn]
 
     printed = peftify.plan(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
-    changed = tiny_llama()
+    changed, tied = tiny_llama(), tiny_llama()
     changed.model.layers[1].self_attn.q_proj = torch.nn.Identity()
-    for other in (tiny_llama(layers=3), tiny_gpt2(), changed):
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # same names and shapes, one tensor now: merge went wrong by 2.0
+    for other in (tiny_llama(layers=3), tiny_gpt2(), changed, tied):
         before = {n: p.clone() for n, p in other.state_dict().items()}
         with pytest.raises(SpecError, match="this plan was made for another model, or for this one before it changed"):
             peftify.peftify(other, printed)

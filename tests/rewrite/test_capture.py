@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -625,8 +627,9 @@ class ModedBlocks(nn.Module):
         (ModedBlocks, {}),  # two kinds of block among three: each traced
         (lambda: ModedBlocks(("mlp", "mix") * 3), {"blocks": 6}),  # as Gemma's sliding and full layers: one of each kind traced
         (lambda: ModedBlocks(("mix", "mlp", "mlp", "mix", "mlp", "mlp"), indexed=True), {"blocks": 6}),
+        (lambda: ModedBlocks(("mlp",) * 5 + ("mix",), indexed=True), {"blocks": 6}),  # range(len(blocks)) reached block 0's group only
     ],
-    ids=["chain", "moded", "alternating", "indexed"],
+    ids=["chain", "moded", "alternating", "indexed", "indexed-5-to-1"],
 )
 def test_blocks_whose_roles_differ_are_not_traced_as_one(model, collapsed):
     """A chain of single linear layers in a ModuleList (each one's role is set by its neighbours)
@@ -734,3 +737,8 @@ def test_a_parametrized_matrix_the_model_applies_itself_is_named_not_silently_sk
         cap = peftify.capture(AppliesAParametrizedMatrix(), torch.randn(3, 8))
     assert [s.fqn for s in cap.sites] == ["out"] and "1 parametrized matrices are not sites" in cap.note
     assert caught[0].filename == __file__
+    embedding = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))  # a torch layer's parametrized table: no linear map, no warning
+    parametrize.register_parametrization(embedding[0], "weight", nn.Identity())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [s.fqn for s in peftify.capture(embedding, torch.randint(0, 10, (2, 3))).sites] == ["1"]

@@ -292,6 +292,11 @@ def test_plan_prints_a_table_and_changes_nothing():
         peftify.plan(model, DICT)
 
 
+def test_a_power_of_a_small_constant_is_a_number():
+    plan = peftify.plan(tiny_llama(), {"rules": [{"match": {"where": "in_features * out_features >= (2 ** 5) ** 2"}, "apply": {"method": "lora", "r": 2}}]})
+    assert len(plan.entries) == 15
+
+
 def test_a_long_layer_range_is_tested_not_listed():
     """'0-99999999999' built a set of every index: out of memory (24 GB)."""
     cap = peftify.capture(tiny_llama())
@@ -323,6 +328,11 @@ def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path):
     path.write_text("rules:\n  - match: '*.q_proj'\n    apply: &lora {method: lora, r: 4}\n  - match: '*.k_proj'\n    apply: {<<: *lora, r: 2}\n")
     ranks = {e.site.fqn.rsplit(".", 1)[1]: e.method.r for e in peftify.plan(tiny_llama(), path).entries}
     assert ranks == {"q_proj": 4, "k_proj": 2}
+    # a merge inside a merge, its anchor used again: PyYAML merges into the anchored mapping in place
+    path.write_text("rules:\n  - match: '*.q_proj'\n    apply: {<<: &inner {<<: &deep {method: lora, r: 8}, r: 4}, alpha: 2}\n  - match: '*.k_proj'\n    apply: *inner\n")
+    ranks = {e.site.fqn.rsplit(".", 1)[1]: e.method.r for e in peftify.plan(tiny_llama(), path).entries}
+    plain = yaml.safe_load(path.read_text())["rules"]  # what PyYAML makes of it (the merge order is its own)
+    assert ranks == {"q_proj": plain[0]["apply"]["r"], "k_proj": plain[1]["apply"]["r"]}
 
 
 def test_a_specs_rules_cannot_change_behind_its_compiled_matchers():
