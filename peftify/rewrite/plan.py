@@ -185,6 +185,13 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
                 resolved[i] = (spec.scaling.configure(method) if spec.scaling else method).resolve(model)
             method = resolved[i]
             method.check(site)
+            if site.read_by and (method.rewrites_base or method.replaces_base):
+                readers = ", ".join(r or "the model's own forward" for r in site.read_by)
+                raise SpecError(
+                    f"{site.fqn}'s weight is also read outside the layer (by {readers}); {method.name} "
+                    f"{'rewrites' if method.rewrites_base else 'removes'} that weight, so that code would read something else",
+                    field="init" if method.rewrites_base else "method",
+                )
         except SpecError as e:
             raise SpecError(e.message + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
         entries.append(Entry(site, method, i))

@@ -63,6 +63,7 @@ class Site:
     shared_input: tuple[str, ...] = ()
     attention: str | None = None
     experts: int = 0  # > 0: the weight is a stack of this many expert matrices (experts, ·, ·)
+    read_by: tuple[str, ...] = ()  # a module site: modules whose code also reads its weight ("" the model's root)
 
     @property
     def stack(self) -> int:
@@ -95,6 +96,7 @@ class Site:
             aliases=tuple(sub(a) for a in self.aliases),
             shared_input=tuple(sub(s) for s in self.shared_input),
             attention=sub(self.attention),
+            read_by=tuple(sub(r) for r in self.read_by),
         )
 
 
@@ -358,15 +360,16 @@ def sites_from_uses(
             mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
-        # A read of the weight by other code (``F.embedding(ids, self.head.weight)``, a penalty on
-        # it) would see W and not the adapted weight if only the module were swapped, and the
-        # merged weight after a merge: such a weight is a functional site, which every read sees.
+        module_site = len(owners) > 0 and all(u.owner in owners for u in group)
+        # Other code reading a module site's weight (``F.embedding(ids, self.head.weight)``, a
+        # penalty on it) sees the base weight while an adapter is on, as with PEFT's layers, and
+        # the merged weight after a merge: the plan refuses methods that rewrite or remove the
+        # weight there, and merge says so.
         applied = {u.node for u in group}
-        elsewhere = [
-            n for w in alias_of[weight] for n in reads.get(w, ())
+        read_by = sorted({
+            _owner(n) for w in alias_of[weight] for n in reads.get(w, ())
             if n not in applied and not (_owner(n) + ".weight" in alias_of[weight] or (_owner(n) == "" and "weight" in alias_of[weight]))
-        ]
-        module_site = len(owners) > 0 and all(u.owner in owners for u in group) and not elsewhere
+        }) if module_site else []
         if module_site:
             fqn = owners[0]
             wname = fqn + ".weight"
@@ -393,6 +396,7 @@ def sites_from_uses(
                 uses=len(group),
                 aliases=tuple(n for n in alias_of[weight] if n != wname),
                 experts=int(param.shape[0]) if experts else 0,
+                read_by=tuple(read_by),
             )
         )
         site_uses[fqn] = group

@@ -665,30 +665,41 @@ class ReadsItsHead(nn.Module):
 
 
 @pytest.mark.parametrize("read", ["embedding", "penalty"])
-def test_a_weight_read_outside_its_layer_is_a_functional_site_that_every_read_sees(read):
-    """Swapping only the head module left the other read on W: the adapted output was not W′'s,
-    and merge changed it (by 6.2); PiSSA changed the output at init, and a structure made the
-    next forward raise a TypeError."""
+def test_a_weight_read_outside_its_layer_stays_a_module_site_as_in_peft(read):
+    """As with PEFT's layers, the other read sees the base weight while the adapter is on; merge
+    says that it will read the merged weight from then on. PiSSA changed the output at init
+    (the read saw the residual) and a structure made the next forward raise a TypeError: both
+    are refused now."""
     torch.manual_seed(0)
     model = ReadsItsHead(read)
     ids = torch.randint(0, 20 if read == "embedding" else 16, (2, 5))
-    site = peftify.capture(model, ids)["head.weight"]
-    assert site.kind == "functional" and (site.in_features, site.out_features) == (16, 20)
-    peftify.peftify(model, {"rules": [{"match": "head.weight", "apply": {"method": "lora", "r": 4, "alpha": 8}}]}, example_inputs=ids)
-    delta = next(m for m in model.modules() if hasattr(m, "lora_B"))
+    site = peftify.capture(model, ids)["head"]
+    assert site.kind == "module" and site.read_by == ("",) and (site.in_features, site.out_features) == (16, 20)
+    peftify.peftify(model, {"rules": [{"match": "head", "apply": {"method": "lora", "r": 4, "alpha": 8}}]}, example_inputs=ids)
     with torch.no_grad():
-        delta.lora_B.normal_()
-        w = model.head.parametrizations.weight.original.double() + 2 * (delta.lora_B.double() @ delta.lora_A.double())
+        model.head.adapters["default"].lora_B.normal_()
+        delta = 2 * (model.head.adapters["default"].lora_B.double() @ model.head.adapters["default"].lora_A.double())
+        base = model.head.weight.detach().double().clone()
         adapted = model(ids)
-    expected = model.double().reference(ids, w)
+    reference = model.double()
+    with peftify.disable_adapters(reference), torch.no_grad():  # the forward with W everywhere but the head's own call
+        if read == "embedding":
+            h = F.embedding(ids, base)
+            expected = F.linear(h + torch.relu(reference.mlp(h)), base + delta)
+        else:
+            h = reference.mlp(F.one_hot(ids, 16).double())
+            expected = F.linear(h, base + delta) + base.pow(2).sum()
     model.float()
     torch.testing.assert_close(adapted.double(), expected, rtol=1e-5, atol=1e-4)
-    peftify.merge(model)
+    with pytest.warns(UserWarning, match=r"head: the weight is also read outside the layer \(by the model's own forward\)"):
+        peftify.merge(model)
     assert type(model.head) is nn.Linear
-    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-4)
-    for apply in ({"method": "lora", "r": 4, "init": "pissa"}, {"method": "lowrank", "r": 4}):
-        with pytest.raises(SpecError, match="head.weight"):
-            peftify.peftify(ReadsItsHead(read), {"rules": [{"match": "head.weight", "apply": apply}]}, example_inputs=ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).double(), model.double().reference(ids, base + delta), rtol=1e-5, atol=1e-4)
+    for apply, field in (({"method": "lora", "r": 4, "init": "pissa"}, "init"), ({"method": "lowrank", "r": 4}, "method")):
+        with pytest.raises(SpecError, match="head's weight is also read outside the layer") as e:
+            peftify.peftify(ReadsItsHead(read), {"rules": [{"match": "head", "apply": apply}]}, example_inputs=ids)
+        assert e.value.field == field
 
 
 class TransformsAWeight(nn.Module):
