@@ -23,6 +23,7 @@ from peftify.errors import SpecError, prefixed, warn
 from peftify.io.peft_config import from_peft, to_peft
 from peftify.passes.base import Method
 from peftify.rewrite.apply import (
+    _base_of,
     accepts_compiled,
     adapted_site,
     adapter_buffers,
@@ -372,7 +373,8 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
     """Check `tensors` (and the settings in a file's `config`) against an existing adapter, then
     copy them in, and call `then` (making the adapter active); if either stops, the old values
     are put back."""
-    plan = rewrite_state(model, "load into").adapters[adapter]
+    rewrite = rewrite_state(model, "load into")
+    plan = rewrite.adapters[adapter]
     targets = adapter_state(model, adapter, buffers=False)
     optional = {}
     for entry in plan.entries:
@@ -383,20 +385,21 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
     if config is not None:
         _check_settings(model, adapter, config, fmt, source)
     pairs = [(p, tensors[name]) for name, p in {**optional, **targets}.items() if name in tensors]
+    loading = [(adapted_site(model, e.site).adapters[adapter], _base_of(model, e.site, rewrite)[1]) for e in plan.entries]  # told after the copy
     with torch.no_grad():
         olds = [p.detach().clone() for p, _ in pairs]  # all or nothing: a load that stops midway puts them back
         try:
             for p, value in pairs:
                 p.copy_(value)
-            for entry in plan.entries:
-                adapted_site(model, entry.site).adapters[adapter].loaded()
+            for mod, weight in loading:
+                mod.loaded(weight)
             if then is not None:
                 then()
         except BaseException:
             for (p, _), old in zip(pairs, olds):
                 p.copy_(old)
-            for entry in plan.entries:
-                adapted_site(model, entry.site).adapters[adapter].loaded()
+            for mod, weight in loading:
+                mod.loaded(weight)
             raise
     return model
 

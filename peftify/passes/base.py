@@ -260,9 +260,10 @@ class SiteModule(nn.Module):
         """A note for `peftify.report` (e.g. what an init pruned)."""
         return ""
 
-    def loaded(self) -> None:
+    def loaded(self, weight: torch.Tensor | None = None) -> None:
         """Called after a load (`peftify.load_adapter` and the like) replaced this module's
-        tensors in place, for a module that keeps something derived from them."""
+        tensors in place, for a module that keeps something derived from them; `weight` is the
+        site's base weight as (out, in) where the caller has it."""
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.method).items())
@@ -317,13 +318,15 @@ class SingularVectors(LowRankDelta):
         if self.u.shape[-1] != min(weight.shape) or self.u.dtype not in FULL_PRECISION or weight.requires_grad:
             return False
         if self.exact is None and weight.device.type != "meta" and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None:
-            with torch.no_grad():
+            with torch.no_grad(), without_autocast(weight.device.type):  # in the factors' precision, also under autocast
                 w = weight.to(self.u.dtype)
                 self.exact = bool(torch.linalg.matrix_norm((self.u * self.sigma0) @ self.vh - w) <= 1e-4 * torch.linalg.matrix_norm(w))
         return bool(self.exact)
 
-    def loaded(self) -> None:
+    def loaded(self, weight: torch.Tensor | None = None) -> None:
         self.exact = None
+        if weight is not None and weight.dim() == 2:  # compared now, so that compiled calls take the fast path too
+            self.stands_in_for(weight)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -562,6 +565,10 @@ class ExpertStack(SiteModule):
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return type(self.experts[0]).merged_stack(list(self.experts), weight)
+
+    def loaded(self, weight: torch.Tensor | None = None) -> None:
+        for e, expert in enumerate(self.experts):
+            expert.loaded(None if weight is None else weight[e])
 
     def forward(self, x, weight, bias):
         raise RuntimeError(f"{self.site.fqn} is a stack of expert matrices; the model applies them (the parametrization gives it the merged stack)")

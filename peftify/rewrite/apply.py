@@ -399,8 +399,8 @@ def apply_plan(
                     p.copy_(state[name])
                 else:
                     existing[name] = (p, state[name])
-        for mod in built:
-            mod.loaded()
+        for mod, weight in zip(built, weights):
+            mod.loaded(weight)
 
     before = [(p, p.requires_grad) for p in model.parameters()]
     undo = []
