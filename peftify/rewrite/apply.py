@@ -90,16 +90,27 @@ class RewriteState:
         return self.adapters[self.current]
 
 
+ADDS_PARAMETERS = ("peftify", "load_adapter", "from_pretrained")  # entry points a DDP wrapper cannot take
+
+
 def accepts_compiled(fn):
     """Let a public entry point take a `torch.compile`d model: it works on the module the wrapper
     holds (so names, state-dict keys and captures are the model's own, without ``_orig_mod.``),
     and where it returns that module it returns the wrapper. The wrapper recompiles on its next
-    call after a rewrite."""
+    call after a rewrite. A DistributedDataParallel/DataParallel wrapper is looked through too,
+    except by the calls that add parameters (`ADDS_PARAMETERS`), which it would not synchronize."""
 
     @functools.wraps(fn)
     def entry(model, *args, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"peftify.{fn.__name__} takes a torch nn.Module (the model), not {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            if fn.__name__ in ADDS_PARAMETERS:  # the wrapper synchronizes the parameters it saw when built
+                raise SpecError(
+                    f"peftify.{fn.__name__} got a model wrapped in {type(model).__name__}, which synchronizes only the parameters it found "
+                    "when it was built: the adapters would train apart on each rank. Rewrite the model first, then wrap it"
+                )
+            return fn(model.module, *args, **kwargs)
         inner = model._orig_mod if type(model).__name__ == "OptimizedModule" else None
         if inner is None:
             return fn(model, *args, **kwargs)

@@ -638,3 +638,20 @@ def test_the_plans_count_after_the_rewrite_holds_frozen_factors_and_trained_bias
     from peftify.table import human
 
     assert planned.groups() == (human(trainable), human(total), f"{100 * trainable / total:.3f}")
+
+
+def test_a_data_parallel_wrapper_is_refused_by_a_rewrite_and_looked_through_by_the_rest(tmp_path):
+    """A DDP wrapper was rewritten in place: its reducer never saw the adapters, which trained
+    apart on each rank with no error, and their names began with `module.`."""
+    model = tiny_llama()
+    wrapped = torch.nn.DataParallel(model)  # DistributedDataParallel needs a process group; both are refused alike
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}
+    for call in (lambda: peftify.peftify(wrapped, spec), lambda: peftify.from_pretrained(wrapped, tmp_path)):
+        with pytest.raises(SpecError, match="wrapped in DataParallel, which synchronizes only the parameters it found when it was built"):
+            call()
+    assert not hasattr(model, "_peftify")
+    peftify.peftify(model, spec)
+    wrapped = torch.nn.DataParallel(model)
+    peftify.save_adapter(wrapped, tmp_path)  # the others work on the model inside
+    assert "q_proj" in str(peftify.report(wrapped)) and len(peftify.param_groups(wrapped, lr=1e-3)) >= 1
+    assert peftify.from_pretrained(tiny_llama(), tmp_path) is not None
