@@ -366,6 +366,17 @@ def to_peft(plan, model) -> dict[str, Any]:
     targeted = {e.site.fqn for e in plan.entries} & set(modules_to_save)
     if targeted:
         raise SpecError(f"PEFT cannot both adapt and fully train {', '.join(sorted(targeted))}; save with format='native'", field="format")
+    # PEFT matches these names by their endings: a name that ends another module's names would
+    # select that module too (a root `fc` beside `blocks.0.fc`)
+    paths = [p for p, _ in model.named_modules() if p and ".adapters." not in p + "." and not p.endswith(".base_layer") and ".parametrizations" not in p]
+    overlaps = {n: o for n in modules_to_save if (o := next((p for p in paths if p != n and p.endswith(n)), None))}
+    if overlaps:
+        n, o = next(iter(overlaps.items()))
+        raise SpecError(f"PEFT's modules_to_save selects modules by name ending: {n!r} would also select {o!r}; save with format='native'", field="format")
+    modules = [e.site.fqn for e in plan.entries if e.site.kind == "module"]
+    ambiguous = {n for n in modules + [e.site.fqn for e in plan.entries] if any(p != n and p.endswith("." + n) for p in paths)}
+    # a pattern key anchored with ^ matches the full name only, inside PEFT's (.*\.)?(key)$
+    key = lambda fqn: ("^" if fqn in ambiguous else "") + re.escape(fqn)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -377,10 +388,11 @@ def to_peft(plan, model) -> dict[str, Any]:
         "use_rslora": first.rslora,
         "init_lora_weights": {v: k for k, v in INITS.items()}[first.init],
         "bias": "all" if all_biases else "lora_only" if first.bias else "none",
-        "target_modules": [e.site.fqn for e in plan.entries if e.site.kind == "module"],
+        # a list entry matches its name or any name ending in ".name"; a string is matched whole
+        "target_modules": modules if ambiguous.isdisjoint(modules) else "(?:" + "|".join(re.escape(n) for n in modules) + ")",
         "target_parameters": [e.site.fqn for e in parameters] or None,
-        "rank_pattern": {re.escape(e.site.fqn): e.method.r for e in plan.entries if e.method.r != r},
-        "alpha_pattern": {re.escape(e.site.fqn): e.method.alpha for e in plan.entries if e.method.alpha != alpha},
+        "rank_pattern": {key(e.site.fqn): e.method.r for e in plan.entries if e.method.r != r},
+        "alpha_pattern": {key(e.site.fqn): e.method.alpha for e in plan.entries if e.method.alpha != alpha},
         "modules_to_save": modules_to_save or None,
         "fan_in_fan_out": any(e.site.transposed for e in plan.entries if e.site.kind == "module"),  # PEFT reads parameters its own way
         "use_dora": kinds == {DoRA},

@@ -11,6 +11,7 @@ from torch import nn
 
 import peftify
 from peftify import SpecError
+from peftify.passes.base import AdaptedSite
 
 LLAMA_IN = lambda: {"input_ids": torch.randint(0, 101, (2, 7))}
 
@@ -697,3 +698,57 @@ def test_the_peft_format_says_which_training_settings_it_leaves_out(tmp_path):
     model = peftify.peftify(tiny_llama(), spec)
     with pytest.warns(UserWarning, match=r"PEFT's config cannot hold train_a=False, lr_ratio=4.0; the file leaves them out"):
         peftify.save_adapter(model, tmp_path, format="peft")
+
+
+class NamesThatEndOthers(nn.Module):
+    """A root `fc` beside `blocks.i.fc`: PEFT reads target names, pattern keys and modules to save by their endings."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"fc": nn.Linear(16, 16)}) for _ in range(2)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        for block in self.blocks:
+            h = h + torch.relu(block["fc"](h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"rules": [{"match": "fc", "apply": {"method": "lora", "r": 2}}]},
+        {"rules": [{"match": "*fc", "apply": {"method": "lora", "r": 4}}, {"match": "fc", "apply": {"method": "lora", "r": 2}}]},
+    ],
+    ids=["root-only", "root-rank-differs"],
+)
+def test_a_peft_file_names_modules_whose_names_end_others_exactly(spec, tmp_path):
+    """`target_modules=["fc"]` made PEFT adapt blocks.*.fc too (176 trainable against 48), and
+    `rank_pattern={"fc": 2}` gave them rank 2, so the file did not load."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base, x = NamesThatEndOthers(), torch.randn(3, 8)
+    model = peftify.peftify(copy.deepcopy(base), spec, example_inputs=x)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+        want = model(x)
+    peftify.save_adapter(model, tmp_path, format="peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    adapted = lambda m: sorted(n.removeprefix("base_model.model.") for n, mod in m.named_modules() if hasattr(mod, "lora_A") or hasattr(mod, "lora_B"))
+    ours = sorted(n for n, mod in model.named_modules() if isinstance(mod, AdaptedSite))
+    assert adapted(theirs) == ours
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), want)
+        torch.testing.assert_close(peftify.from_pretrained(copy.deepcopy(base), tmp_path, example_inputs=x)(x), want)
+
+
+def test_a_module_to_save_whose_name_ends_another_cannot_be_written_for_peft(tmp_path):
+    model = peftify.peftify(NamesThatEndOthers(), {"rules": [{"match": "head", "apply": {"method": "lora", "r": 2}}], "train": ["fc.*"]}, example_inputs=torch.randn(3, 8))
+    with pytest.raises(SpecError, match="modules_to_save selects modules by name ending: 'fc' would also select 'blocks.0.fc'"):
+        peftify.save_adapter(model, tmp_path, format="peft")
+    peftify.save_adapter(model, tmp_path)  # the native format holds it
