@@ -88,7 +88,11 @@ def peftify(
             raise SpecError(message)
         warn(message + "; the model is left as it was")
         return model
-    return apply_plan(model, resolved, adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype)
+    apply_plan(model, resolved, adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype)
+    if type(spec).__name__.endswith("Config") and getattr(spec, "peft_type", None) is not None and getattr(spec, "inference_mode", False):
+        for p in model.parameters():  # PEFT's inference_mode: nothing trains (a later set_adapter trains the adapter again)
+            p.requires_grad_(False)
+    return model
 
 
 @accepts_compiled

@@ -108,6 +108,8 @@ def from_peft(config, model=None) -> Spec:
     names = d.get("target_modules")
     target = _target_match(names, model, d.get("task_type"))
     layers = d.get("layers_to_transform")
+    if isinstance(layers, (list, tuple)) and not layers:
+        layers = None  # PEFT: an empty list filters nothing
     if model is not None and isinstance(target, str) and target.startswith("re:"):
         in_layers = _layer_regex(d.get("layers_pattern"), [layers] if isinstance(layers, int) else list(layers)) if layers is not None and isinstance(names, (list, tuple, set)) else None
         _refuse_layers_peft_treats_otherwise(target[3:], model, in_layers)
@@ -131,6 +133,10 @@ def from_peft(config, model=None) -> Spec:
             if bad:
                 raise SpecError(f"PEFT's target_parameters take plain LoRA without dropout; {key}={d[key]!r} is not allowed with them", field=key)
         by_parameter = _names_regex(parameters)
+        # a linear layer's own weight (PEFT wraps the layer; the same LoRA as targeting its module)
+        owners = [p.removesuffix(".weight") for p in parameters if p.endswith(".weight")]
+        if owners:
+            by_parameter = f"(?:{by_parameter})|(?:{_names_regex(owners)})"
         if not names:
             target = f"re:{by_parameter}"
         elif isinstance(target, dict):

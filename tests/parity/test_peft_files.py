@@ -71,6 +71,10 @@ CASES = {
     "exclude-regex": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "k_proj"], "exclude_modules": r".*layers\.0.*"}),
     "layers": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "gate_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}),
     "layers-plain": (tiny_llama, LLAMA_IN, {"target_modules": ["k_proj"], "layers_to_transform": 0}),
+    "layers-empty": (tiny_llama, LLAMA_IN, {"target_modules": ["k_proj"], "layers_to_transform": []}),  # no filter in PEFT (was a SpecError)
+    # a linear layer's weight among target_parameters (was dropped silently; its file did not load)
+    "parameter-of-a-linear": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj"], "target_parameters": ["mlp.up_proj.weight"]}),
+    "parameter-of-a-linear-alone": (tiny_llama, LLAMA_IN, {"target_modules": [], "target_parameters": ["self_attn.q_proj.weight"]}),
     "patterns": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "rank_pattern": {"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "mlp.*": 5}}),
     "default-targets": (tiny_llama, LLAMA_IN, {}),
     "random-init": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "up_proj"], "init_lora_weights": False}),
@@ -752,3 +756,14 @@ def test_a_module_to_save_whose_name_ends_another_cannot_be_written_for_peft(tmp
     with pytest.raises(SpecError, match="modules_to_save selects modules by name ending: 'fc' would also select 'blocks.0.fc'"):
         peftify.save_adapter(model, tmp_path, format="peft")
     peftify.save_adapter(model, tmp_path)  # the native format holds it
+
+
+def test_a_config_in_inference_mode_trains_nothing_as_in_peft():
+    """inference_mode=True was ignored: 512 trainable parameters where PEFT leaves none."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], inference_mode=True)
+    theirs = get_peft_model(tiny_llama(), copy.deepcopy(cfg))
+    ours = peftify.peftify(tiny_llama(), copy.deepcopy(cfg))
+    assert sum(p.requires_grad for p in theirs.parameters()) == sum(p.requires_grad for p in ours.parameters()) == 0
+    assert sum(isinstance(m, AdaptedSite) for m in ours.modules()) == 2
