@@ -43,8 +43,18 @@ def plan(model: nn.Module, spec: SpecLike, example_inputs: ExampleInputs = None,
     nearest site names (a warning instead with ``strict=False``). `example_inputs` are what the
     model is traced with (see `peftify.capture`); built from its config or signature when omitted.
     """
+    frozen = _inference_mode(spec)
     spec = as_spec(spec, model)
-    return make_plan(model, capture_for(model, spec, example_inputs), spec, strict=strict)
+    resolved = make_plan(model, capture_for(model, spec, example_inputs), spec, strict=strict)
+    resolved.inference_mode = frozen  # applied as printed, the plan freezes what the config would
+    return resolved
+
+
+def _inference_mode(spec) -> bool:
+    """A PEFT config with ``inference_mode=True`` (nothing trains), or a plan made from one."""
+    if isinstance(spec, Plan):
+        return getattr(spec, "inference_mode", False)
+    return type(spec).__name__.endswith("Config") and getattr(spec, "peft_type", None) is not None and bool(getattr(spec, "inference_mode", False))
 
 
 @accepts_compiled
@@ -89,7 +99,7 @@ def peftify(
         warn(message + "; the model is left as it was")
         return model
     apply_plan(model, resolved, adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype)
-    if type(spec).__name__.endswith("Config") and getattr(spec, "peft_type", None) is not None and getattr(spec, "inference_mode", False):
+    if _inference_mode(spec):
         for p in model.parameters():  # PEFT's inference_mode: nothing trains (a later set_adapter trains the adapter again)
             p.requires_grad_(False)
     return model

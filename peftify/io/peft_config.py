@@ -375,7 +375,7 @@ def to_peft(plan, model) -> dict[str, Any]:
     # PEFT matches these names by their endings: a name that ends another module's names would
     # select that module too (a root `fc` beside `blocks.0.fc`)
     paths = [p for p, _ in model.named_modules() if p and ".adapters." not in p + "." and not p.endswith(".base_layer") and ".parametrizations" not in p]
-    overlaps = {n: o for n in modules_to_save if (o := next((p for p in paths if p != n and p.endswith(n)), None))}
+    overlaps = {n: o for n in modules_to_save if (o := next((p for p in paths if p != n and p.endswith(n) and p not in modules_to_save), None))}
     if overlaps:
         n, o = next(iter(overlaps.items()))
         raise SpecError(f"PEFT's modules_to_save selects modules by name ending: {n!r} would also select {o!r}; save with format='native'", field="format")

@@ -104,15 +104,15 @@ def accepts_compiled(fn):
     def entry(model, *args, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"peftify.{fn.__name__} takes a torch nn.Module (the model), not {type(model).__name__}")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = model._orig_mod if type(model).__name__ == "OptimizedModule" else model
+        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             if fn.__name__ in ADDS_PARAMETERS:  # the wrapper synchronizes the parameters it saw when built
                 raise SpecError(
-                    f"peftify.{fn.__name__} got a model wrapped in {type(model).__name__}, which synchronizes only the parameters it found "
+                    f"peftify.{fn.__name__} got a model wrapped in {type(inner).__name__}, which synchronizes only the parameters it found "
                     "when it was built: the adapters would train apart on each rank. Rewrite the model first, then wrap it"
                 )
-            return fn(model.module, *args, **kwargs)
-        inner = model._orig_mod if type(model).__name__ == "OptimizedModule" else None
-        if inner is None:
+            inner = inner.module
+        if inner is model:
             return fn(model, *args, **kwargs)
         result = fn(inner, *args, **kwargs)
         return model if result is inner else result

@@ -767,3 +767,25 @@ def test_a_config_in_inference_mode_trains_nothing_as_in_peft():
     ours = peftify.peftify(tiny_llama(), copy.deepcopy(cfg))
     assert sum(p.requires_grad for p in theirs.parameters()) == sum(p.requires_grad for p in ours.parameters()) == 0
     assert sum(isinstance(m, AdaptedSite) for m in ours.modules()) == 2
+    planned = tiny_llama()
+    peftify.peftify(planned, peftify.plan(planned, copy.deepcopy(cfg)))  # through a printed plan too
+    assert not any(p.requires_grad for p in planned.parameters())
+
+
+def test_a_task_head_and_its_pre_classifier_both_to_save_are_written_for_peft(tmp_path):
+    """DistilBERT's `classifier` ends `pre_classifier`, which is saved too: the save was refused."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=101, dim=32, n_layers=1, n_heads=2, hidden_dim=48, max_position_embeddings=32)
+    base = DistilBertForSequenceClassification(cfg).eval()
+    spec = {"rules": [{"match": "*.q_lin", "apply": {"method": "lora", "r": 2}}], "train": ["classifier.*", "pre_classifier.*"]}
+    model = peftify.peftify(copy.deepcopy(base), spec)
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+        want = output(model, x)
+    peftify.save_adapter(model, tmp_path, format="peft")
+    torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), x), want)

@@ -655,3 +655,14 @@ def test_a_data_parallel_wrapper_is_refused_by_a_rewrite_and_looked_through_by_t
     peftify.save_adapter(wrapped, tmp_path)  # the others work on the model inside
     assert "q_proj" in str(peftify.report(wrapped)) and len(peftify.param_groups(wrapped, lr=1e-3)) >= 1
     assert peftify.from_pretrained(tiny_llama(), tmp_path) is not None
+
+
+def test_a_compiled_data_parallel_model_is_refused_too_and_wrappers_come_back():
+    """torch.compile around a DDP wrapper reached the rewrite with the wrapper (an AttributeError),
+    and merge returned the module inside a DataParallel instead of the wrapper."""
+    spec = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}
+    with pytest.raises(SpecError, match="wrapped in DataParallel"):
+        peftify.peftify(torch.compile(torch.nn.DataParallel(tiny_llama())), spec)
+    model = peftify.peftify(tiny_llama(), spec)
+    wrapped = torch.nn.DataParallel(model)
+    assert peftify.merge(wrapped) is wrapped
