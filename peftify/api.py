@@ -191,7 +191,8 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
 
 @dataclass
 class Report:
-    """What a model's rewrite did, measured on the live modules."""
+    """What a model's rewrite did, measured on the live modules (a structure's note gives the
+    error it had when projected, before any training)."""
 
     rows: list[tuple]
     trainable: int

@@ -130,7 +130,7 @@ def test_projected_mlps_of_a_llama_report_their_measured_error(name):
     for row in report.rows:
         site = model.get_submodule(row[0])
         error = float((site.dense_weight().double() - dense[row[0]].double()).norm() / dense[row[0]].double().norm())
-        assert row[-1].startswith(f"rel. error {error:.3g},"), (row[-1], error)
+        assert row[-1].startswith(f"projected: rel. error {error:.3g},"), (row[-1], error)
         assert row[4] == sum(p.numel() for p in site.adapters["default"].parameters())  # params after: the structure alone
     if name in ("lowrank", "monarch", "btt", "blockdiag"):
         assert max(m.adapters["default"].error for m in structured_sites(model)) < 0.5  # a decaying spectrum projects well

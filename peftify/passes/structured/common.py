@@ -251,7 +251,8 @@ class StructuredModule(SiteModule):
     def summary(self) -> str:
         if self.error is None:
             return ""
-        return f"rel. error {self.error:.3g}, keeps {100 * self.retained:.1f}% of ‖W‖_F"
+        # measured once, when W was projected: training moves the factors on from there
+        return f"projected: rel. error {self.error:.3g}, keeps {100 * self.retained:.1f}% of ‖W‖_F"
 
 
 class TwoCore(Structured):
