@@ -157,7 +157,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
             if roles[fqn] or us[0].x not in stream:
                 continue
             reach = reachable({s for u in us for s in g.successors(u.node) if s not in site_of}) | set(outputs(fqn))  # its output values too
-            if not reach <= stream and reach & attention_inputs:
+            if not reach <= stream and reach & (attention_inputs - stream):  # not merely back into the stream (a router's weights)
                 stream |= reach
                 grown = True
 

@@ -129,6 +129,20 @@ def test_mixtral_router_is_not_an_mlp():
     assert {s.fqn: set(s.roles) for s in cap.sites if s.experts} == {f"model.layers.{i}.mlp.experts.{p}": {r} for i in (0, 1) for p, r in (("gate_up_proj", "mlp.up"), ("down_proj", "mlp.down"))}
 
 
+def test_gpt_oss_expert_stacks_are_the_mlp_in_every_layer():
+    """A router's weights reach the next attention only by joining the stream: it was taken for a
+    stem that carries the stream on, and with GPT-OSS's expert biases (picked by the router) the
+    stream then reached the down projection's input. Only the last layer's experts got roles; with
+    the collapse by groups, layers 0 and 2 of 4 had none."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, num_hidden_layers=4, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)
+    cap = peftify.capture(T.GptOssForCausalLM(cfg).eval())
+    assert cap.collapsed  # sliding and full layers: one traced block each
+    assert {s.fqn: set(s.roles) for s in cap.sites if s.experts} == {f"model.layers.{i}.mlp.experts.{p}": {r} for i in range(4) for p, r in (("gate_up_proj", "mlp.up"), ("down_proj", "mlp.down"))}
+
+
 @pytest.mark.parametrize("name", ["opt", "t5"])
 def test_lora_everywhere_preserves_and_merges(name):
     torch.manual_seed(0)
