@@ -32,7 +32,17 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
-from peftify.rewrite.sites import Capture, Site, find_uses, is_conv1d, layer_indexer, parameter_reads, sites_from_modules, sites_from_uses
+from peftify.rewrite.sites import (
+    Capture,
+    Site,
+    find_uses,
+    is_conv1d,
+    layer_indexer,
+    own_weight,
+    parameter_reads,
+    sites_from_modules,
+    sites_from_uses,
+)
 
 # What a model is called with for a trace: a tensor, a tuple of positional arguments, a dict of
 # keyword arguments (what a tokenizer returns), or (args, kwargs); None builds one.
@@ -104,7 +114,7 @@ def _unreached_linears(model: nn.Module, sites: list[Site], read: set[str]) -> t
     used = {s.weight for s in sites} | {alias for s in sites for alias in s.aliases}
     plain = nn.Linear.forward
     if all(
-        (f"{path}.weight" if path else "weight") in used or not isinstance(getattr(mod, "weight", None), nn.Parameter) or not (type(mod).forward is plain or is_conv1d(mod))
+        own_weight(path) in used or not isinstance(getattr(mod, "weight", None), nn.Parameter) or not (type(mod).forward is plain or is_conv1d(mod))
         for path, mod in model.named_modules()
     ):
         return [], []  # every linear ran (almost every model): no module walk to build sites

@@ -319,20 +319,21 @@ def parameter_reads(graph: torch.fx.Graph, params: dict[str, str]) -> dict[str, 
     return reads
 
 
+def own_weight(path: str) -> str:
+    """The name of the `weight` of the module at `path` ("" the root)."""
+    return f"{path}.weight" if path else "weight"
+
+
 def _owner(node: torch.fx.Node) -> str:
     """The path of the innermost module whose forward ran `node` ("" for the root)."""
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
 
 
-def sites_from_uses(
-    model: nn.Module, uses: list[Use], params: dict[str, str], reads: dict[str, list[torch.fx.Node]] | None = None
-) -> tuple[list[Site], dict[str, list[Use]]]:
+def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], reads: dict[str, list[torch.fx.Node]]) -> tuple[list[Site], dict[str, list[Use]]]:
     """Group uses by weight parameter into sites; decide module vs functional ownership.
     `params` maps the graph's parameter placeholders to parameter names; `reads` is
-    `parameter_reads` of the graph (computed here when not given)."""
-    if reads is None:
-        reads = parameter_reads(uses[0].node.graph, params) if uses else {}
+    `parameter_reads` of the graph."""
     names = parameter_names(model)
     canonical = {n: ns[0] for ns in names.values() for n in ns}
     alias_of = {n: ns for ns in names.values() for n in ns}
@@ -366,10 +367,8 @@ def sites_from_uses(
         # the merged weight after a merge: the plan refuses methods that rewrite or remove the
         # weight there, and merge says so.
         applied = {u.node for u in group}
-        read_by = sorted({
-            _owner(n) for w in alias_of[weight] for n in reads.get(w, ())
-            if n not in applied and not (_owner(n) + ".weight" in alias_of[weight] or (_owner(n) == "" and "weight" in alias_of[weight]))
-        }) if module_site else []
+        readers = {_owner(n) for w in alias_of[weight] for n in reads.get(w, ()) if n not in applied}
+        read_by = sorted(o for o in readers if own_weight(o) not in alias_of[weight]) if module_site else []  # a tied embedding reads its own
         if module_site:
             fqn = owners[0]
             wname = fqn + ".weight"

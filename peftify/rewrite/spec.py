@@ -171,10 +171,7 @@ def _load_yaml(text: str):
             if not isinstance(node, yaml.MappingNode) or id(node) in checked:
                 return
             checked.add(id(node))
-            own = [self.construct_object(k, deep=True) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
-            for i, key in enumerate(own):
-                if key in own[:i]:
-                    raise SpecError(f"the key {key!r} appears twice in one mapping", field=str(key))
+            _unique_keys([(self.construct_object(k, deep=True), None) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"])
 
         def flatten_mapping(self, node):
             self.check(node)
