@@ -22,6 +22,7 @@ from torch import nn
 from peftify.errors import SpecError, prefixed, warn
 from peftify.io.peft_config import from_peft, to_peft
 from peftify.passes.base import Method
+from peftify.passes.lora import pissa_iterations
 from peftify.rewrite.apply import (
     _base_of,
     accepts_compiled,
@@ -283,6 +284,12 @@ def load_adapter(
                 spec = from_peft(config, model)
             except SpecError as e:
                 raise prefixed(f"{source}: ", e) from e
+            if pissa_iterations(config.get("init_lora_weights")) is not None:
+                warn(
+                    f"{source} was made with {config['init_lora_weights']!r}: its base weights are rebuilt as W − s·B·A from a "
+                    "randomized SVD, seeded here and unseeded in PEFT, so unless peftify wrote the file from this base its "
+                    "outputs differ from the trained ones (save with PEFT's path_initial_model_for_weight_conversion instead)"
+                )
             needs_trace = any(uses_roles(r.match) for r in spec.rules) or bool(config.get("target_parameters"))
         # Names alone pick module sites: a walk of named_modules() finds them without tracing,
         # unless an nn.Linear subclass has a forward of its own (Falcon's): only a trace tells

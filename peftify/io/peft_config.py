@@ -15,7 +15,7 @@ from torch import nn
 from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite
 from peftify.passes.dora import DoRA
-from peftify.passes.lora import IDENTITY_INITS, LoRA
+from peftify.passes.lora import IDENTITY_INITS, LoRA, pissa_iterations
 from peftify.rewrite.sites import is_conv1d, parameter_names
 from peftify.rewrite.spec import Rule, Spec
 
@@ -27,7 +27,7 @@ HANDLED = {
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
 # PEFT's defaults for the fields peftify does not implement, used when peft is not installed.
 UNSUPPORTED_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16, "loftq_config": {}, "lora_bias": False}
-INITS = {True: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", False: "random"}
+INITS = {True: "default", "gaussian": "gaussian", "orthogonal": "orthogonal", "pissa": "pissa", "olora": "olora", False: "random"}
 # the heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification, …)
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 # layers PEFT's LoRA adapts that are not linear maps, so not peftify sites
@@ -92,10 +92,13 @@ def from_peft(config, model=None) -> Spec:
             continue
         raise SpecError(f"peftify cannot honour PEFT's {key}={value!r}", field=key)
     init = d.get("init_lora_weights", True)
-    if d.get("use_dora") and INITS.get(init) not in IDENTITY_INITS:
-        raise SpecError("peftify's DoRA takes init_lora_weights True or 'gaussian'", field="init_lora_weights")
-    if init not in INITS:
-        raise SpecError(f"peftify supports init_lora_weights True, False, 'gaussian', 'pissa' or 'olora', not {init!r}", field="init_lora_weights")
+    ours = INITS.get(init) if isinstance(init, (bool, str)) else None
+    if ours is None and pissa_iterations(init) is not None:
+        ours = init  # the same spelling: "pissa_niter_4"
+    if ours is None:
+        raise SpecError(f"peftify supports init_lora_weights True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>' or 'olora', not {init!r}", field="init_lora_weights")
+    if d.get("use_dora") and ours not in (*IDENTITY_INITS, "random"):
+        raise SpecError(f"peftify's DoRA takes init_lora_weights True, False, 'gaussian' or 'orthogonal', not {init!r}", field="init_lora_weights")
     bias = d.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise SpecError(f"unknown bias mode {bias!r}", field="bias")
@@ -103,7 +106,7 @@ def from_peft(config, model=None) -> Spec:
     def lora(r, alpha):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or r != int(r):
             raise SpecError(f"a LoRA rank is a whole number, not {r!r}", field="rank_pattern" if r != d.get("r", 8) else "r")
-        return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=INITS[init], bias=bias == "lora_only")
+        return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=ours, bias=bias == "lora_only")
 
     names = d.get("target_modules")
     target = _target_match(names, model, d.get("task_type"))
@@ -392,7 +395,7 @@ def to_peft(plan, model) -> dict[str, Any]:
         "lora_alpha": alpha,
         "lora_dropout": first.dropout,
         "use_rslora": first.rslora,
-        "init_lora_weights": {v: k for k, v in INITS.items()}[first.init],
+        "init_lora_weights": {v: k for k, v in INITS.items()}.get(first.init, first.init),  # "pissa_niter_4" as it is
         "bias": "all" if all_biases else "lora_only" if first.bias else "none",
         # a list entry matches its name or any name ending in ".name"; a string is matched whole
         "target_modules": modules if ambiguous.isdisjoint(modules) else "(?:" + "|".join(re.escape(n) for n in modules) + ")",

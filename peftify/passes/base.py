@@ -174,7 +174,10 @@ def check_seed(field: str, value) -> None:
 
 
 def check_fits(site: Site, r: int | None, what: str) -> None:
-    """r (of `what`) must not exceed min(in, out) of the layer."""
+    """r (of `what`) must not exceed min(in, out) of the layer, which must have some (a layer with
+    no inputs or outputs has no singular vectors either: r=None means all of none)."""
+    if min(site.in_features, site.out_features) == 0:
+        invalid("r", f"the layer {site.fqn} ({site.in_features}→{site.out_features}) has no {what}: it maps to or from zero features")
     if r is not None and r > min(site.in_features, site.out_features):
         invalid("r", f"r={r} ({what}) exceeds the layer {site.fqn} ({site.in_features}→{site.out_features})")
 

@@ -20,15 +20,15 @@ class BoRA(LoRA):
     W' = diag(m_out / ‖V_c‖_row) · V_c (each output row to its magnitude). m_in (in), m_out (out),
     A and B train; both norms are constants in the backward pass, as in DoRA.
 
-    At init m_in = ‖W‖_col, m_out = ‖W‖_row and B = 0, so W' = W. Paper: "BoRA: Bi-dimensional
+    At init m_in = ‖W‖_col, m_out = ‖W‖_row and B·A = 0, so W' = W. Paper: "BoRA: Bi-dimensional
     Weight-Decomposed Low-Rank Adaptation". Hyperparameters are LoRA's (`peftify.LoRA`), except
-    that ``init`` is "default" or "gaussian".
+    that ``init`` is one with B·A = 0 ("default", "gaussian" or "orthogonal").
     """
 
     def __post_init__(self):
         super().__post_init__()
         if self.init not in IDENTITY_INITS:
-            invalid("init", "BoRA takes init 'default' or 'gaussian'")
+            invalid("init", f"BoRA takes init {', '.join(map(repr, IDENTITY_INITS))}, got {self.init!r}")
 
     def trainable_params(self, site: Site) -> int:
         return super().trainable_params(site) + site.out_features + site.in_features

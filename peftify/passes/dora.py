@@ -21,16 +21,17 @@ class DoRA(LoRA):
     """W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm taken over each output row (PEFT's layout:
     one magnitude per output feature); m (out), A and B train, W is frozen.
 
-    At init m = ‖W‖ and B = 0, so the output is unchanged. As in the paper (and PEFT), the norm
-    is treated as a constant in the backward pass. Paper: "DoRA: Weight-Decomposed Low-Rank
-    Adaptation". Hyperparameters are LoRA's (`peftify.LoRA`), except that ``init`` is "default"
-    or "gaussian".
+    At init m = ‖W + s·B·A‖, so W' = W + s·B·A: with B·A = 0 (init "default", "gaussian",
+    "orthogonal") the output is unchanged; "random" changes it as LoRA's does. As in the paper
+    (and PEFT), the norm is treated as a constant in the backward pass. Paper: "DoRA:
+    Weight-Decomposed Low-Rank Adaptation". Hyperparameters are LoRA's (`peftify.LoRA`), except
+    that ``init`` cannot take W apart (no "pissa" or "olora").
     """
 
     def __post_init__(self):
         super().__post_init__()
-        if self.init not in IDENTITY_INITS:
-            invalid("init", "DoRA takes init 'default' or 'gaussian'")
+        if self.init not in (*IDENTITY_INITS, "random"):
+            invalid("init", f"DoRA takes init {', '.join(map(repr, IDENTITY_INITS))} or 'random', got {self.init!r}")
 
     def trainable_params(self, site: Site) -> int:
         return super().trainable_params(site) + site.out_features

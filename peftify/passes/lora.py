@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,9 +25,20 @@ from peftify.passes.base import (
 )
 from peftify.rewrite.sites import Site
 
-INITS = ("default", "gaussian", "pissa", "olora", "random")
-SPLIT_INITS = ("pissa", "olora")  # take s·B·A out of W: the base weight becomes the residual
-IDENTITY_INITS = ("default", "gaussian")  # B = 0: the output is unchanged, the rest of W's untouched
+INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "random")  # and "pissa_niter_<n>"
+IDENTITY_INITS = ("default", "gaussian", "orthogonal")  # B·A = 0: the output is unchanged, W untouched
+_FAST_PISSA = re.compile(r"pissa_niter_([1-9][0-9]{0,2})")
+
+
+def pissa_iterations(init: str) -> int | None:
+    """The power iterations of a fast-SVD PiSSA init ("pissa_niter_4" → 4, PEFT's spelling), or None."""
+    m = _FAST_PISSA.fullmatch(init) if isinstance(init, str) else None
+    return int(m.group(1)) if m else None
+
+
+def splits_weight(init: str) -> bool:
+    """Whether `init` takes s·B·A out of W (PiSSA, OLoRA): the base weight becomes the residual."""
+    return init in ("pissa", "olora") or pissa_iterations(init) is not None
 
 
 @register("lora")
@@ -42,9 +54,12 @@ class LoRA(Method):
     - dropout: dropout on the input of the LoRA branch only.
     - rslora: use alpha/√r.
     - init: "default" (A Kaiming-uniform, B = 0: output unchanged), "gaussian" (A ~ N(0, 1/r²),
-      B = 0), or "pissa" (A, B from the top-r SVD of W and W replaced by the residual, "PiSSA:
-      Principal Singular Values and Singular Vectors Adaptation of Large Language Models"; output unchanged up to rounding),
-      or "olora" (B = Q[:, :r], A = R[:r] from the QR decomposition W = QR and W replaced by
+      B = 0), "orthogonal" (A and B random with rows from complementary halves of a random r×r
+      orthogonal matrix, so B·A = 0: output unchanged; r even; PEFT's "orthogonal"), "pissa" (A, B
+      from the top-r SVD of W and W replaced by the residual, "PiSSA: Principal Singular Values
+      and Singular Vectors Adaptation of Large Language Models"; output unchanged up to rounding),
+      "pissa_niter_<n>" (the same from a randomized SVD with n power iterations, PEFT's fast
+      PiSSA: the residual is W − s·B·A, so the output is unchanged too), or "olora" (B = Q[:, :r], A = R[:r] from the QR decomposition W = QR and W replaced by
       W − s·B·A, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models"), or
       "random" (A and B both Kaiming-uniform, as nn.Linear's: the output changes at init; PEFT's
       init_lora_weights=False, for debugging).
@@ -69,8 +84,10 @@ class LoRA(Method):
         check_positive("alpha", self.alpha)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             invalid("dropout", f"must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            invalid("init", f"must be one of {INITS}, got {self.init!r}")
+        if self.init not in INITS and pissa_iterations(self.init) is None:
+            invalid("init", f"must be one of {INITS} or 'pissa_niter_<n>' (n from 1 to 999), got {self.init!r}")
+        if self.init == "orthogonal" and self.r % 2:
+            invalid("init", f"'orthogonal' pairs the rows of an r×r orthogonal matrix: r must be even, got {self.r}")
         check_positive("lr_ratio", self.lr_ratio)
         for flag in ("rslora", "bias", "train_a"):
             if not isinstance(getattr(self, flag), bool):
@@ -82,16 +99,16 @@ class LoRA(Method):
 
     @property
     def rewrites_base(self) -> bool:
-        return self.init in SPLIT_INITS
+        return splits_weight(self.init)
 
     @property
     def init_needs_weights(self) -> bool:
         return self.rewrites_base
 
     def check(self, site: Site) -> None:
-        if self.init in SPLIT_INITS:  # it factors W: at most min(in, out) directions. Otherwise B·A may
+        if self.rewrites_base:  # it factors W: at most min(in, out) directions. Otherwise B·A may
             check_fits(site, self.r, "rank")  # have more rank than the layer (PEFT allows it: a hidden→1 gate in "all-linear")
-        if self.init in SPLIT_INITS and site.kind != "module":
+        if self.rewrites_base and site.kind != "module":
             invalid("init", f"{self.init!r} rewrites the base weight, which needs a module site; {site.fqn} is functional")
         if self.dropout and site.kind != "module":  # W' = W + s·B·A is formed: no input to drop
             invalid("dropout", f"dropout acts on the layer's input, which a functional site's W' = W + s·B·A never sees; {site.fqn} is functional")
@@ -123,13 +140,19 @@ class LoRAModule(SiteModule):
         factory = {"device": weight.device, "dtype": weight.dtype}
         a, b = torch.empty(r, in_f, **factory), torch.zeros(out_f, r, **factory)
         if weight.device.type != "meta":
-            if method.init in SPLIT_INITS:
-                a, b, self.residual = _pissa(weight, svd, r, self.scaling) if method.init == "pissa" else _olora(weight, r, self.scaling)
+            if method.rewrites_base:
+                if method.init == "olora":
+                    a, b, self.residual = _olora(weight, r, self.scaling)
+                else:
+                    iterations = pissa_iterations(method.init)
+                    a, b, self.residual = _pissa(weight, svd if iterations is None else _fast_svd(weight, r, iterations), r, self.scaling)
                 # the part taken out of W, to compute W itself while this adapter is inactive
                 self.register_buffer("split_a", a.clone(), persistent=False)
                 self.register_buffer("split_b", b.clone(), persistent=False)
             elif method.init == "gaussian":
                 nn.init.normal_(a, std=1 / r)
+            elif method.init == "orthogonal":
+                a, b = _orthogonal(in_f, out_f, r, factory)
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 if method.init == "random":
@@ -170,6 +193,26 @@ def _pissa(weight: torch.Tensor, svd: tuple, r: int, scale: float):
     a = root[:, None] * vh
     residual = weight.to(u.dtype) - scale * (b @ a)
     return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)
+
+
+def _fast_svd(weight: torch.Tensor, r: int, iterations: int) -> tuple:
+    """W's top r singular triplets from `torch.svd_lowrank` with q = r (PEFT's "pissa_niter_<n>"),
+    in float32 (or float64), seeded so that rebuilding the adapter on the same W (loading a saved
+    one) takes out the same part."""
+    w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        u, sigma, v = torch.svd_lowrank(w, q=r, niter=iterations)
+    return u, sigma, v.mT
+
+
+def _orthogonal(in_f: int, out_f: int, r: int, factory: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = G_A Q_odd, B = G_B Q_even (scaled by 1/10): Q a random r×r orthogonal matrix whose odd
+    rows span A's row space and even rows B's column space, so B·A = G_B Q_even Q_oddᵀ G_Aᵀ = 0."""
+    q, _ = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))
+    a = torch.randn(r // 2, in_f, dtype=torch.float64).mT @ q[0::2]  # (in, r)
+    b = torch.randn(out_f, r // 2, dtype=torch.float64) @ q[1::2]  # (out, r)
+    return (a.mT / 10).to(**factory).contiguous(), (b / 10).to(**factory).contiguous()
 
 
 def _olora(weight: torch.Tensor, r: int, scale: float):

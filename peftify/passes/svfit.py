@@ -57,8 +57,7 @@ class SVFit(Method):
         return min(site.in_features, site.out_features) if self.energy is not None else self.r
 
     def check(self, site: Site) -> None:
-        if self.energy is None:
-            check_fits(site, self.r, "singular values")
+        check_fits(site, self.r if self.energy is None else None, "singular values")
 
     def svd_rank(self, site: Site) -> int:
         return 0 if self.energy is not None else self.r

@@ -2,6 +2,7 @@
 and adapters cross between the libraries in both directions with equal outputs and gradients."""
 
 import copy
+import json
 import re
 
 import pytest
@@ -78,6 +79,9 @@ CASES = {
     "patterns": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "rank_pattern": {"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "mlp.*": 5}}),
     "default-targets": (tiny_llama, LLAMA_IN, {}),
     "random-init": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "up_proj"], "init_lora_weights": False}),
+    "orthogonal": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "up_proj"], "init_lora_weights": "orthogonal"}),
+    "dora-random": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj", "down_proj"], "use_dora": True, "init_lora_weights": False}),
+    "dora-orthogonal": (tiny_llama, LLAMA_IN, {"target_modules": ["k_proj", "gate_proj"], "use_dora": True, "init_lora_weights": "orthogonal"}),
     "modules-to-save": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj"], "modules_to_save": ["lm_head", "model.norm"]}),
     "tied-head": (lambda: tiny_llama(tie=True), LLAMA_IN, {"target_modules": ["lm_head", "q_proj"]}),
     # a tied weight trained whole: one weight for both slots, as peftify trains it
@@ -195,12 +199,34 @@ def test_split_inits_match_peft(init):
         torch.testing.assert_close(mine.dense_weight(), other.get_delta_weight("default") + other.base_layer.weight, atol=1e-5, rtol=1e-4)
 
 
+def test_fast_pissa_files_rebuild_the_same_residual_here_and_say_so(tmp_path):
+    """A "pissa_niter_<n>" adapter saved in PEFT's format names its init; loading it rebuilds the
+    residual from peftify's seeded randomized SVD (the same one: equal outputs), with a warning
+    that a file PEFT wrote was trained on another residual."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    x = LLAMA_IN()
+    ours = peftify.peftify(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa_niter_3"))
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    peftify.save_adapter(ours, tmp_path / "a", format="peft")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa_niter_3"
+    with pytest.warns(UserWarning, match="'pissa_niter_3'.*randomized SVD"):
+        again = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(output(again, x), output(ours, x), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
         ({"use_dora": True, "init_lora_weights": "pissa"}, "init_lora_weights"),
-        ({"use_dora": True, "init_lora_weights": False}, "init_lora_weights"),
-        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
+        ({"use_dora": True, "init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
+        ({"init_lora_weights": "lora_ga"}, "init_lora_weights"),  # needs gradients PEFT gathers first
+        ({"init_lora_weights": "mica"}, "init_lora_weights"),
         ({"use_dora": True, "init_lora_weights": "olora"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),
         ({"layer_replication": [[0, 1]]}, "layer_replication"),

@@ -1,5 +1,6 @@
 """LoRA numerics against plain-torch float64 references, on every tiny model."""
 
+import copy
 import math
 
 import pytest
@@ -161,8 +162,73 @@ def test_random_init_draws_b_like_a_linear_layer_and_changes_the_output():
     b = torch.cat([m.lora_B.flatten() for m in model.modules() if hasattr(m, "lora_B")])
     assert b.abs().max() <= 8**-0.5 and abs(b.std().item() - 8**-0.5 / 3**0.5) < 0.01  # U(−c, c) has std c/√3
     assert (output(model, x) - ref).abs().max() > 1e-3
-    with pytest.raises(peftify.SpecError, match="'default' or 'gaussian'"):
-        peftify.DoRA(init="random")
+    with pytest.raises(peftify.SpecError, match="DoRA takes init .*'random', got 'pissa'"):
+        peftify.DoRA(init="pissa")
+    with pytest.raises(peftify.SpecError, match="BoRA takes init .*'orthogonal', got 'random'"):
+        peftify.BoRA(init="random")
+
+
+def test_dora_with_random_init_is_w_plus_the_update():
+    """DoRA's magnitude starts at ‖W + s·B·A‖ per row, so with both factors random (PEFT's
+    use_dora with init_lora_weights=False) W' = W + s·B·A, against float64 torch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 7)).double()
+    w = model[0].weight.detach().clone()
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "dora", "r": 4, "alpha": 6, "init": "random"}}]}, example_inputs=torch.randn(2, 12, dtype=torch.float64))
+    lin = model[0]
+    dora = lin.adapters["default"]
+    expected = w + 1.5 * dora.lora_B.detach() @ dora.lora_A.detach()
+    assert dora.lora_B.abs().min() > 0
+    torch.testing.assert_close(dora.magnitude.detach(), expected.norm(dim=1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(lin.dense_weight().detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "bora"])
+def test_orthogonal_init_has_both_factors_random_and_leaves_the_output(method):
+    """PEFT's "orthogonal": A's rows and B's columns come from complementary halves of one random
+    orthogonal r×r matrix, so A and B are both nonzero while B·A = 0; an odd r is refused."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    ref = output(model, x).detach()
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": method, "r": 6, "init": "orthogonal"}}]})
+    torch.testing.assert_close(output(model, x), ref, atol=1e-5, rtol=1e-5)
+    mods = [m for m in model.modules() if hasattr(m, "lora_B")]
+    assert len(mods) == 6
+    for m in mods:
+        a, b = m.lora_A.double(), m.lora_B.double()
+        assert a.abs().min() > 0 and b.abs().min() > 0
+        assert (b @ a).abs().max() < 1e-6 * b.norm() * a.norm()
+        assert torch.linalg.matrix_rank(a, rtol=1e-5) == 3 and torch.linalg.matrix_rank(b, rtol=1e-5) == 3  # each spans its own half
+    with pytest.raises(peftify.SpecError, match="r must be even, got 5") as e:
+        peftify.LoRA(r=5, init="orthogonal")
+    assert e.value.field == "init"
+
+
+def test_fast_pissa_takes_the_seeded_randomized_svd_out_of_w(tmp_path):
+    """"pissa_niter_<n>" (PEFT's fast PiSSA): B = U√(σ/s), A = √(σ/s)Vᵀ from torch.svd_lowrank
+    with q = r and n power iterations, and W − s·B·A exactly as the base; seeded, so a saved
+    adapter rebuilt on the same base gives the same model."""
+    model, mod, lora, w = split_init("pissa_niter_2", "model.layers.0.mlp.down_proj", alpha=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(w.float(), q=4, niter=2)
+    root = (s / 2).sqrt()
+    torch.testing.assert_close(lora.lora_B, u * root, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lora.lora_A, root[:, None] * v.T, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mod.base_layer.weight.double(), w - 2 * lora.lora_B.double() @ lora.lora_A.double(), atol=1e-6, rtol=1e-5)
+    exact = torch.linalg.svdvals(w)[:4]
+    assert torch.all(s.double() <= exact * (1 + 1e-5)) and torch.all(s.double() > 0.5 * exact)  # an approximation of the top part
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    peftify.save_adapter(model, tmp_path / "a")
+    torch.manual_seed(123)  # another random state: the rebuild is seeded
+    fresh = tiny_llama()
+    fresh.load_state_dict({k: v for k, v in peftify.unload(copy.deepcopy(model)).state_dict().items()})
+    again = peftify.from_pretrained(fresh, tmp_path / "a")
+    torch.testing.assert_close(output(again, x), output(model, x), atol=1e-6, rtol=1e-6)
+    for bad in ("pissa_niter_0", "pissa_niter_", "pissa_niter_x", "pissa_niter_1000"):
+        with pytest.raises(peftify.SpecError, match="pissa_niter_<n>"):
+            peftify.LoRA(init=bad)
 
 
 def split_init(init: str, path: str, alpha: float):
