@@ -341,6 +341,11 @@ def _and(match, extra: dict) -> dict:
     return base
 
 
+def _within(path: str, module: str) -> bool:
+    """Whether module `path` is `module` or inside it."""
+    return path == module or path.startswith(module + ".")
+
+
 def to_peft(plan, model) -> dict[str, Any]:
     """The ``adapter_config.json`` dict that makes PEFT rebuild `plan`'s rewrite of `model`."""
     methods = [e.method for e in plan.entries]
@@ -353,6 +358,17 @@ def to_peft(plan, model) -> dict[str, Any]:
     at_root = [e.site.fqn for e in parameters if "." not in e.site.weight]
     if at_root:  # PEFT wraps the module holding a targeted parameter, never the model itself
         raise SpecError(f"PEFT cannot target parameters the model's root module uses functionally: {', '.join(at_root)}; save with format='native'", field="format")
+    # PEFT's target_parameters adds the update only while the forward of the module holding the
+    # parameter runs; a weight another module applies (nn.MultiheadAttention's out_proj.weight)
+    # would load into PEFT with no effect
+    elsewhere = [(e.site.fqn, a) for e in parameters for a in e.site.applied_in if not _within(a, e.site.weight.rpartition(".")[0])]
+    if elsewhere:
+        fqn, applier = elsewhere[0]
+        raise SpecError(
+            f"PEFT adds a targeted parameter's update only inside its own module's forward, and {applier or 'the model itself'} applies {fqn} "
+            f"({len(elsewhere)} such site{'s' if len(elsewhere) > 1 else ''}): PEFT would load the adapter with no effect there; save with format='native'",
+            field="format",
+        )
     for field in ("dropout", "rslora", "init", "bias"):
         if len({getattr(m, field) for m in methods}) > 1:
             raise SpecError(f"PEFT's format needs one {field} for all sites; this rewrite mixes them", field=field)

@@ -303,15 +303,27 @@ def _base_of(model: nn.Module, site: Site, state: RewriteState | None):
         adapted = adapted_site(model, site)
         base = adapted.base_layer
         if base is not None:
-            return base, adapted.weight
+            w = base.weight if base.weight is None else _original(state, base.weight)
+            return base, w.t() if site.transposed and w is not None else w
     if site.kind == "module":
         base = model.get_submodule(site.owners[0])
-        return base, base.weight.t() if site.transposed else base.weight
+        w = _original(state, base.weight)
+        return base, w.t() if site.transposed else w
     owner, name = _split(site.weight)
     module = model.get_submodule(owner)
     # the stored weight, not the parametrized one (which has the active adapter merged in)
     w = module.parametrizations[name].original if parametrize.is_parametrized(module, name) else getattr(module, name)
+    w = _original(state, w)
     return None, w.mT if site.transposed else w  # .mT: an experts site's (experts, ·, ·) stack too
+
+
+def _original(state: RewriteState | None, p: torch.Tensor) -> torch.Tensor:
+    """`p`, or where `p` is an adapter's copy of a parameter it trains whole (`train`), the
+    original: what a new adapter builds from (its magnitudes, its SVD) whichever adapter is active."""
+    record = trained_record(state, p)
+    if record is None or p is record.original:
+        return p
+    return record.original.detach().to(p.device, p.dtype)
 
 
 def apply_plan(
@@ -345,7 +357,7 @@ def apply_plan(
         if site.replaced_by is not None:
             raise SpecError(f"adapter {site.replaced_by!r} replaced {e.site.fqn} by a structure; no other adapter can share that site", field="adapter")
     for e in plan.entries:
-        if rewrite is not None and e.site.fqn not in rewrite.installed and (e.method.rewrites_base or e.method.replaces_base):
+        if rewrite is not None and e.site.fqn not in rewrite.installed and (e.method.rewrites_base or e.method.replaces_base or e.site.kind != "module"):
             _refuse_rewriting_trained(model, rewrite, e)
     replacing = [e.site.fqn for e in plan.entries if e.method.replaces_base]
     if rewrite is not None and replacing:
@@ -461,12 +473,22 @@ def _inputs_require_grad_under_checkpointing(model: nn.Module) -> None:
 def _refuse_rewriting_trained(model: nn.Module, rewrite: RewriteState, entry: Entry) -> None:
     """An init that rewrites a layer's weight (PiSSA, OLoRA) or a structure that replaces it
     cannot come after an adapter that trains that weight or bias whole (`train`): it would start
-    from that adapter's copy and put a new module where the copies are swapped in and out."""
+    from that adapter's copy and put a new module where the copies are swapped in and out. Nor
+    can any method on a functional site, whose adapter is a parametrization: it moves the
+    parameter out of the slot the copies are swapped into."""
     site = entry.site
     owner, names = (site.owners[0], {"weight", "bias"}) if site.kind == "module" else (_split(site.weight)[0], {_split(n)[1] for n in (site.weight, site.bias) if n})
     module = model.get_submodule(owner)
     for record in rewrite.trained:
         taken = [name for mod, name in record.slots if mod is module and name in names]
+        if taken and not (entry.method.rewrites_base or entry.method.replaces_base):
+            if taken[0] != _split(site.weight)[1]:
+                continue  # a bias trained whole beside a functional weight: the parametrization leaves it in place
+            raise SpecError(
+                f"adapter(s) {sorted(record.copies)} train {site.fqn} whole (train); an adapter on this functional site is a "
+                "parametrization of that parameter, which cannot come after them: add it before the adapter that trains it",
+                field="match",
+            )
         if taken:
             raise SpecError(
                 f"adapter(s) {sorted(record.copies)} train {site.fqn}'s {taken[0]} whole (train); {entry.method.name} with this init "

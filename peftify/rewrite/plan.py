@@ -14,7 +14,7 @@ from torch import nn
 from peftify.errors import SpecError, warn
 from peftify.passes.base import Method, dense_flops, progress_bar
 from peftify.rewrite.select import Context
-from peftify.rewrite.sites import Capture, Site, parameter_names
+from peftify.rewrite.sites import Capture, Site, is_conv1d, parameter_names
 from peftify.rewrite.spec import Spec
 from peftify.table import human, table
 
@@ -153,6 +153,33 @@ class Rewritten:
         return name
 
 
+def _warn_unrun_linears_named(model: nn.Module, cap: Capture, spec: Spec, ctx: Context, chosen: dict) -> None:
+    """A rule naming a linear layer whose own forward never runs, because another module applies
+    its weight (``nn.MultiheadAttention``'s ``out_proj``), selects nothing there: the site is the
+    weight. Say so, rather than leave that layer out in silence (PEFT's LoRA on such a layer has
+    no effect either)."""
+    missed = []
+    for site in cap.sites:
+        holder, _, leaf = site.weight.rpartition(".")
+        if site.kind == "module" or leaf != "weight" or chosen.get(site.fqn, (0, None))[1] is not None:
+            continue
+        mod = model.get_submodule(holder)
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+            continue
+        as_module = replace(site, fqn=holder)
+        named = [rule for rule, matches in zip(spec.rules, spec.matchers) if matches(as_module, ctx)]
+        if named and named[-1].apply is not None:
+            missed.append(site)
+    if missed:
+        site = missed[0]
+        more = f" (and {len(missed) - 1} more such layer{'s' if len(missed) > 2 else ''})" if len(missed) > 1 else ""
+        warn(
+            f"the spec names {site.weight.rpartition('.')[0]}{more}, a linear layer whose own forward does not run: "
+            f"{site.applied_in[0] if site.applied_in and site.applied_in[0] else 'the model'} applies its weight, so its site is the "
+            f"weight {site.fqn}, which the spec does not select; it is left as it is (PEFT's LoRA there would have no effect). Name the weight to adapt it"
+        )
+
+
 def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -> Plan:
     """Resolve `spec` against the captured sites: later rules override, None excludes."""
     ctx = Context(depth=cap.depth, width=cap.width)
@@ -166,6 +193,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     for i, n in enumerate(hits):
         if n == 0 and not spec.rules[i].optional:
             _unmatched(spec.rules[i].describe(i), spec.rules[i].match, cap.sites, strict)
+    _warn_unrun_linears_named(model, cap, spec, ctx, chosen)
 
     resolved: dict[int, Method] = {}  # per rule: its method with "auto" settings fixed for this model
     entries = []

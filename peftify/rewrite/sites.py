@@ -44,7 +44,9 @@ class Site:
     ``transposed`` says the parameter is stored (in, out), as in GPT-2's ``Conv1D``.
     ``owners`` are the linear-like modules that apply the weight (several when tied);
     ``aliases`` every other name of the weight parameter; ``shared_input`` the sites fed by the
-    same activation (q/k/v, gate/up); ``attention`` an id shared by one attention's sites.
+    same activation (q/k/v, gate/up); ``attention`` an id shared by one attention's sites;
+    ``applied_in`` (a functional site) the modules whose forward applies it, which need not be
+    the module holding it (``nn.MultiheadAttention`` applies its ``out_proj.weight`` itself).
     """
 
     fqn: str
@@ -64,6 +66,7 @@ class Site:
     attention: str | None = None
     experts: int = 0  # > 0: the weight is a stack of this many expert matrices (experts, ·, ·)
     read_by: tuple[str, ...] = ()  # a module site: modules whose code also reads its weight ("" the model's root)
+    applied_in: tuple[str, ...] = ()  # a functional site: the modules whose forward applies its weight ("" the root)
 
     @property
     def stack(self) -> int:
@@ -97,6 +100,7 @@ class Site:
             shared_input=tuple(sub(s) for s in self.shared_input),
             attention=sub(self.attention),
             read_by=tuple(sub(r) for r in self.read_by),
+            applied_in=tuple(sub(a) for a in self.applied_in),
         )
 
 
@@ -396,6 +400,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
                 aliases=tuple(n for n in alias_of[weight] if n != wname),
                 experts=int(param.shape[0]) if experts else 0,
                 read_by=tuple(read_by),
+                applied_in=() if module_site else tuple(sorted({u.owner for u in group})),
             )
         )
         site_uses[fqn] = group

@@ -815,3 +815,39 @@ def test_a_task_head_and_its_pre_classifier_both_to_save_are_written_for_peft(tm
         want = output(model, x)
     peftify.save_adapter(model, tmp_path, format="peft")
     torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), x), want)
+
+
+class AttentionPool(nn.Module):
+    """nn.MultiheadAttention (SigLIP's pooling head): its own forward applies `out_proj.weight`,
+    and out_proj's forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x, need_weights=False)[0])
+
+
+def test_a_linear_whose_forward_never_runs_is_named_in_a_warning_and_not_saved_for_peft(tmp_path):
+    """PEFT adapts `out_proj` by name with no effect (the attention reads its weight); peftify's
+    site there is the weight, applied in `mha`. Naming the layer warns (it was left out in
+    silence), naming the weight adapts it, and PEFT's format refuses that site, which PEFT would
+    load with no effect (it did, silently)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    site = {s.fqn: s for s in peftify.capture(AttentionPool(), x).sites}["mha.out_proj.weight"]
+    assert site.kind == "functional" and site.applied_in == ("mha",)
+    for spec in ({"rules": [{"match": "re:.*(out_proj|fc)", "apply": {"method": "lora", "r": 2}}]}, LoraConfig(r=2, target_modules=["out_proj", "fc"])):
+        model = AttentionPool()
+        with pytest.warns(UserWarning, match=r"names mha\.out_proj, a linear layer whose own forward does not run: mha applies its weight.*mha\.out_proj\.weight"):
+            peftify.peftify(model, spec, example_inputs=x)
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.adapters.default.lora_A", "fc.adapters.default.lora_B"]
+    model = AttentionPool()
+    peftify.peftify(model, {"rules": [{"match": "mha.out_proj.weight", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
+    with pytest.raises(SpecError, match="only inside its own module's forward, and mha applies mha.out_proj.weight") as e:
+        peftify.save_adapter(model, tmp_path / "peft", format="peft")
+    assert e.value.field == "format" and not (tmp_path / "peft").exists()
+    peftify.save_adapter(model, tmp_path / "native")  # peftify's own format holds it

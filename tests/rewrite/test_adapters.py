@@ -790,3 +790,47 @@ def test_a_layer_whose_weight_an_adapter_trains_whole_is_not_rewritten_by_a_late
         other.head.bias.add_(1.0)
     with peftify.disable_adapters(other):
         torch.testing.assert_close(other(x), base_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["new-site", "site-of-another-adapter"])
+@pytest.mark.parametrize("method", [{"method": "dora", "r": 2}, {"method": "svft"}, {"method": "map", "r": 2}])
+def test_a_later_adapter_builds_from_the_original_of_a_weight_another_adapter_trains_whole(method, installed):
+    """Adapter `a` trains lm_head whole (its own copy, in the slot while `a` is active). A DoRA,
+    SVFT or MAP adapter `b` added then took its magnitudes or SVD from `a`'s trained copy, so it
+    did not start at the base output (off by ~7); it builds from the original now."""
+    torch.manual_seed(0)
+    base = tiny_llama().double().eval()
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    ref = output(base, x)
+    model = copy.deepcopy(base)
+    if installed:
+        peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": {"method": "lora", "r": 2}}]}, adapter="c")
+    peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": ["lm_head.*"]}, adapter="a")
+    with torch.no_grad():
+        model.get_parameter("lm_head.base_layer.weight" if installed else "lm_head.weight").add_(0.5)  # a's training of its copy
+    peftify.peftify(model, {"rules": [{"match": "lm_head", "apply": method}]}, adapter="b")
+    torch.testing.assert_close(output(model, x), ref, atol=1e-12, rtol=0)
+    peftify.set_adapter(model, "a")
+    assert (output(model, x) - ref).abs().max() > 1  # a's copy is still a's
+
+
+def test_an_adapter_on_a_functional_weight_another_adapter_trains_whole_is_refused():
+    """A functional site's adapter is a parametrization, which moves the parameter out of the slot
+    `a`'s copy is swapped into: it raised a bare KeyError, its rollback failed too and left
+    `peftify.adapters` raising. Now a SpecError, the model as it was; in the other order it works."""
+    torch.manual_seed(0)
+    x = {"x": torch.randn(4, 16)}
+    model = FunctionalNet()
+    peftify.peftify(model, {"rules": [{"match": "head", "apply": {"method": "lora", "r": 2}}], "train": ["w_out"]}, example_inputs=x, adapter="a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = output(model, x)
+    with pytest.raises(SpecError, match=r"\['a'\] train w_out whole .*add it before the adapter that trains it") as e:
+        peftify.peftify(model, {"rules": [{"match": "w_out", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x, adapter="b")
+    assert e.value.field == "match"
+    assert peftify.adapters(model) == {"a": True}
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(output(model, x), ref, atol=0, rtol=0)
+    other = FunctionalNet()
+    peftify.peftify(other, {"rules": [{"match": "w_out", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x, adapter="b")
+    peftify.peftify(other, {"rules": [{"match": "head", "apply": {"method": "lora", "r": 2}}], "train": ["w_out"]}, example_inputs=x, adapter="a")
+    assert set(peftify.adapters(other)) == {"a", "b"}
