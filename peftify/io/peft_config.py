@@ -341,6 +341,30 @@ def _and(match, extra: dict) -> dict:
     return base
 
 
+def _task_type(model: nn.Module, modules_to_save: list[str]) -> str | None:
+    """PEFT's task_type for a transformers model of this class, so that `AutoPeftModelForCausalLM`
+    (which refuses a file without one) and `PeftModel.from_pretrained` pick the task's class. A
+    classification task only where its head is saved whole: PEFT's class for it trains the head."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        return None
+    name = type(model).__name__
+
+    def listed(mapping: str) -> bool:
+        return any(name == v or (isinstance(v, (list, tuple)) and name in v) for v in getattr(auto, mapping, {}).values())
+
+    if listed("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        return "CAUSAL_LM"
+    if listed("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"):
+        return "SEQ_2_SEQ_LM"
+    saved = {m.rpartition(".")[2] for m in modules_to_save}
+    for task, mapping in (("SEQ_CLS", "SEQUENCE_CLASSIFICATION"), ("TOKEN_CLS", "TOKEN_CLASSIFICATION"), ("QUESTION_ANS", "QUESTION_ANSWERING")):
+        if listed(f"MODEL_FOR_{mapping}_MAPPING_NAMES") and saved & set(TASK_HEADS[task]):
+            return task
+    return None
+
+
 def _within(path: str, module: str) -> bool:
     """Whether module `path` is `module` or inside it."""
     return path == module or path.startswith(module + ".")
@@ -404,7 +428,7 @@ def to_peft(plan, model) -> dict[str, Any]:
     key = lambda fqn: ("^" if fqn in ambiguous else "") + re.escape(fqn)
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": _task_type(model, modules_to_save),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "inference_mode": True,
         "r": r,

@@ -851,3 +851,36 @@ def test_a_linear_whose_forward_never_runs_is_named_in_a_warning_and_not_saved_f
         peftify.save_adapter(model, tmp_path / "peft", format="peft")
     assert e.value.field == "format" and not (tmp_path / "peft").exists()
     peftify.save_adapter(model, tmp_path / "native")  # peftify's own format holds it
+
+
+def test_peft_files_name_the_task_so_auto_peft_classes_load_them(tmp_path):
+    """AutoPeftModelForCausalLM refused our files ("Cannot infer the auto class"): they said
+    task_type null. A causal LM's file now says CAUSAL_LM and loads with equal outputs; a sequence
+    classifier's says SEQ_CLS only where its head is saved whole (PEFT's class for it trains the
+    head), else nothing."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    randomize_trainable(model)
+    peftify.save_adapter(model, tmp_path / "a", format="peft")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(tmp_path / "base")
+    theirs = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    x = LLAMA_IN()
+    torch.testing.assert_close(output(theirs, x), output(model, x), atol=1e-5, rtol=1e-5)
+
+    for train, task in ((["classifier.*"], "SEQ_CLS"), ([], None)):
+        cls = peftify.peftify(bert_cls(), {"rules": [{"match": "*.query", "apply": {"method": "lora", "r": 2}}], "train": train})
+        peftify.save_adapter(cls, tmp_path / str(task), format="peft")
+        assert json.loads((tmp_path / str(task) / "adapter_config.json").read_text())["task_type"] == task
+
+
+def randomize_trainable(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
