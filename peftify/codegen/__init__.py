@@ -32,6 +32,21 @@ if "peftify" not in torch.ops.__dict__:
     torch.ops._dir.append("peftify")
 
 
+_PLAIN_SUBCLASSES = ("DTensor", "FakeTensor", "FunctionalTensor", "AsyncCollectiveTensor")
+
+
+def packed(t: object) -> str | None:
+    """The class name of a weight stored packed in a tensor subclass (torchao's quantized
+    ``Int8Tensor``, ``Float8Tensor``, …), which computes through its own ``F.linear`` but whose
+    values no other op reads; None for a plain tensor (a DTensor shard or a fake tensor is plain)."""
+    cls = type(t)
+    if not isinstance(t, torch.Tensor) or cls in (torch.Tensor, torch.nn.Parameter) or cls.__name__ in _PLAIN_SUBCLASSES:
+        return None
+    # a wrapper subclass (what torch.utils._python_dispatch.is_traceable_wrapper_subclass asks,
+    # which torch.compile does not trace faithfully)
+    return cls.__name__ if hasattr(cls, "__tensor_flatten__") else None
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peftify.codegen import reference
+from peftify.codegen import packed, reference
 
 # False: CUDA tensors take the plain-torch path too (cuBLAS GEMMs), e.g. to compare or debug.
 USE_TRITON = True
@@ -192,8 +192,13 @@ def lora_linear(
     y = x Wᵀ + b + s·(x_d Aᵀ)Bᵀ, x_d = dropout(x) (or x itself when `x_dropped` is None).
 
     `weight` is (out, in) and frozen, `lora_a` (r, in), `lora_b` (out, r). On CUDA the base GEMM
-    and the low-rank term are one Triton GEMM over [x | x_d Aᵀ]·[W | sB]ᵀ.
+    and the low-rank term are one Triton GEMM over [x | x_d Aᵀ]·[W | sB]ᵀ. A quantized weight
+    (torchao's tensor subclasses) takes its own ``F.linear``, the update added beside it.
     """
+    if packed(weight):  # a quantized weight (torchao) computes through its own F.linear; the update beside it
+        x_d = x if x_dropped is None else x_dropped
+        update = F.linear(F.linear(x_d, lora_a.to(x_d.dtype)), lora_b.to(x_d.dtype))
+        return F.linear(x, weight, bias) + scale * update.to(x.dtype)
     args = _autocast(x, weight, bias, lora_a, lora_b, float(scale), x_dropped)
     if torch.compiler.is_compiling():
         return torch.ops.peftify.lora_linear(*args)[0]

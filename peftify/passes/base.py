@@ -71,6 +71,9 @@ class Method:
     # its init computes from W's values what its adapter file does not hold, so it cannot build
     # from a meta-device weight that is loaded later
     init_needs_weights: ClassVar[bool] = False
+    # it computes with W only through F.linear (and reads none of W's values), so W may be
+    # quantized: a tensor subclass such as torchao's Int8Tensor
+    takes_packed_weight: ClassVar[bool] = False
 
     def check(self, site: Site) -> None:
         """Raise SpecError (via `invalid`) if this method cannot apply to `site`."""

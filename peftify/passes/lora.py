@@ -105,6 +105,10 @@ class LoRA(Method):
     def init_needs_weights(self) -> bool:
         return self.rewrites_base
 
+    @property
+    def takes_packed_weight(self) -> bool:
+        return type(self).module is LoRAModule and not self.rewrites_base  # not DoRA's or BoRA's (their norms read W)
+
     def check(self, site: Site) -> None:
         if self.rewrites_base:  # it factors W: at most min(in, out) directions. Otherwise B·A may
             check_fits(site, self.r, "rank")  # have more rank than the layer (PEFT allows it: a hidden→1 gate in "all-linear")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from peftify.codegen import packed
 from peftify.errors import SpecError, warn
 from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
 from peftify.rewrite.capture import ExampleInputs, capture
@@ -909,6 +910,17 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
     `fold`), drop the others, and restore module types, state-dict keys and ``requires_grad`` flags.
     With `safe`, first check every merged weight is finite; if one is not, change nothing and raise."""
     rewrite = rewrite_state(model, "merge")
+    quantized = [
+        (record.site.fqn, kind)
+        for record in rewrite.installed.values()
+        if fold and (adapted := adapted_site(model, record.site)).computing is not None and adapted.base_layer is not None
+        and (kind := packed(adapted.base_layer.weight))
+    ]  # fmt: skip
+    if quantized:
+        raise ValueError(
+            f"{quantized[0][0]}'s weight is quantized ({quantized[0][1]}; {len(quantized)} such site{'s' if len(quantized) > 1 else ''}): merging would "
+            "write a dense weight in its place and lose the quantization; peftify.unload(model) drops the adapters, or dequantize the model first"
+        )
     if fold and safe and (broken := _not_finite(model, rewrite)):
         raise ValueError(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
     if fold and len(rewrite.adapters) > 1:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from peftify.codegen import packed
 from peftify.errors import PACKAGE_DIR, SpecError, warn
 from peftify.rewrite.roles import infer_roles
 from peftify.rewrite.sites import (
@@ -280,6 +281,9 @@ def _trace_make_fx(model, args, kwargs):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    # a quantized weight (a torchao tensor subclass) may not become a fake tensor; the trace needs
+    # only its shape, dtype and device: a plain tensor of those, taking no memory, stands in
+    state = {n: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape) if packed(t) else t for n, t in state.items()}
     fn = _Traced(model, args, kwargs)
     with warnings.catch_warnings(), _without_stack_traces():
         warnings.simplefilter("ignore")

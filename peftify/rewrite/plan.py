@@ -11,6 +11,7 @@ from difflib import SequenceMatcher
 
 from torch import nn
 
+from peftify.codegen import packed
 from peftify.errors import SpecError, warn
 from peftify.passes.base import Method, dense_flops, progress_bar
 from peftify.rewrite.select import Context
@@ -153,6 +154,23 @@ class Rewritten:
         return name
 
 
+def _check_packed(model: nn.Module, live: Rewritten, site: Site, method: Method) -> None:
+    """A quantized weight (a torchao tensor subclass) computes only through its own F.linear: a
+    method that reads W's values (norms, an SVD, a projection) or adds to W (a functional site's
+    W + ΔW) cannot take it."""
+    kind = packed(model.get_parameter(live.live(site.weight)))
+    if kind is None:
+        return
+    if site.kind != "module":
+        raise SpecError(f"{site.fqn} is quantized ({kind}) and used functionally, where an adapter forms W + ΔW, which a quantized weight cannot hold", field="match")
+    if not method.takes_packed_weight:
+        raise SpecError(
+            f"{site.fqn}'s weight is quantized ({kind}), and peftify adapts a quantized layer with LoRA only (an init that leaves W as it is): "
+            f"{method.name}{f' with init={method.init!r}' if hasattr(method, 'init') else ''} reads W's values or replaces the layer; dequantize the model first",
+            field="method",
+        )
+
+
 def _warn_unrun_linears_named(model: nn.Module, cap: Capture, spec: Spec, ctx: Context, chosen: dict) -> None:
     """A rule naming a linear layer whose own forward never runs, because another module applies
     its weight (``nn.MultiheadAttention``'s ``out_proj``), selects nothing there: the site is the
@@ -195,6 +213,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             _unmatched(spec.rules[i].describe(i), spec.rules[i].match, cap.sites, strict)
     _warn_unrun_linears_named(model, cap, spec, ctx, chosen)
 
+    live = Rewritten.of(model)
     resolved: dict[int, Method] = {}  # per rule: its method with "auto" settings fixed for this model
     entries = []
     bare = BARE_LAYER if type(model).__name__ in ("Linear", "Conv1D") else ""
@@ -213,6 +232,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
                 resolved[i] = (spec.scaling.configure(method) if spec.scaling else method).resolve(model)
             method = resolved[i]
             method.check(site)
+            _check_packed(model, live, site, method)
             if site.read_by and (method.rewrites_base or method.replaces_base):
                 readers = ", ".join(r or "the model's own forward" for r in site.read_by)
                 raise SpecError(
@@ -257,6 +277,9 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             raise SpecError(f"train glob {pattern!r} names only weights that structures replace ({gone[0]}: {entry.method.name}, rule {entry.rule}); nothing of them is left to train", field="train")
         if not found:
             _unmatched(f"train glob {pattern!r}", pattern, names, strict)
+        quantized = [(n, kind) for n in found if (kind := packed(model.get_parameter(rewritten.live(n))))]
+        if quantized:
+            raise SpecError(f"train glob {pattern!r} names {quantized[0][0]}, which is quantized ({quantized[0][1]}): no optimizer can update it; dequantize it first", field="train")
         train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]
     plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
     # a bias a method trains and a glob names too trains once: the site's count holds it
