@@ -53,7 +53,6 @@ def test_lora_over_a_quantized_base_equals_the_dequantized_weights_plus_the_upda
     def reference(x):
         def site(name, h):
             mod = getattr(model, name)
-            lora = mod.adapters["default"]
             return F.linear(h, dequantized(mod.base_layer.weight), mod.base_layer.bias.double()) + 2.0 * h @ a[name].T @ b[name].T
 
         return F.linear(site("down", F.gelu(site("up", x))) + x, dequantized(model.head.weight), model.head.bias.double())
