@@ -106,6 +106,18 @@ def fail_on_call(monkeypatch, owner, name: str, n: int, error: Exception) -> dic
     return calls
 
 
+def lm_losses(model, ids: torch.Tensor, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    """The causal-LM loss of `model` on `ids` over `steps` optimizer steps (each loss before its step)."""
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def output(model, inputs):
     out = model(**inputs)
     if isinstance(out, torch.Tensor):

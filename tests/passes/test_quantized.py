@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import output, tiny_llama
+from conftest import lm_losses, output, tiny_llama
 from torch import nn
 
 import peftify
@@ -136,13 +136,7 @@ def test_lora_on_a_quantized_llama_trains():
     ids = torch.randint(0, 101, (4, 12))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and peftify.codegen.packed(p) is None}
     opt = torch.optim.AdamW(peftify.param_groups(model, lr=1e-2))
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(model, ids, opt, 8)
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     copy.deepcopy(model)  # a quantized, adapted model still copies

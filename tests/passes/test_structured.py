@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import lm_losses, output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftify
@@ -245,13 +245,7 @@ def test_training_from_scratch_with_mup_lowers_the_loss():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(peftify.param_groups(model, lr=3e-3))
     ids = torch.arange(64).view(4, 16) % 7  # a periodic sequence: learnable
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(model, ids, opt, 30)
     assert losses[-1] < 0.5 * losses[0], losses[::6]
 
 
