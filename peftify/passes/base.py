@@ -554,9 +554,29 @@ class AdaptedSite(nn.Module):
         new._modules = dict(base._modules)
         if weight is None:
             new._parameters["weight"] = None
+            new.__dict__["_peftify_class"] = type(base)
+            new.__class__ = ReplacedLayer
         else:
             new.weight = nn.Parameter((weight.t() if transposed else weight).to(base.weight.dtype).contiguous(), requires_grad=False)
         return new
+
+
+class ReplacedLayer(nn.Module):
+    """What is left of a layer a structure replaced: its bias and attributes, no weight. It is no
+    ``nn.Linear`` any more, so tools that walk a model's linear layers (torchao's ``quantize_``)
+    pass it by; a merge that writes the dense weight back gives it its own class again (`restore`)."""
+
+    def restore(self, weight: nn.Parameter) -> nn.Module:
+        """The layer as its own class again, holding `weight`."""
+        self.weight = weight
+        self.__class__ = self.__dict__.pop("_peftify_class")
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a structure replaced this layer and its weight is gone; the structure computes it (peftify.merge gives the layer back)")
+
+    def extra_repr(self) -> str:
+        return f"was {self.__dict__['_peftify_class'].__name__}"
 
 
 class ExpertStack(SiteModule):

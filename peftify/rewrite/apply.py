@@ -20,7 +20,16 @@ from torch.nn.utils import parametrize
 
 from peftify.codegen import packed
 from peftify.errors import SpecError, warn
-from peftify.passes.base import AdaptedSite, SiteModule, WeightParametrization, build_for_sites, param_meta, tag, upcast_trainable
+from peftify.passes.base import (
+    AdaptedSite,
+    ReplacedLayer,
+    SiteModule,
+    WeightParametrization,
+    build_for_sites,
+    param_meta,
+    tag,
+    upcast_trainable,
+)
 from peftify.rewrite.capture import ExampleInputs, capture
 from peftify.rewrite.plan import Entry, Plan, Rewritten
 from peftify.rewrite.select import Context, uses_roles
@@ -798,14 +807,11 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
     if fold:
         weight = adapted.dense_weight()
         stored = weight.t() if site.transposed else weight
-        own_names = {o + ".weight" for o in site.owners}
-        if set(site.aliases) - own_names:  # tied to something not rewritten: untie
-            untie = sorted(set(site.aliases) - own_names)
+        untie = sorted(set(site.aliases) - {o + ".weight" for o in site.owners})  # tied to something not rewritten
+        if untie or isinstance(base, ReplacedLayer):  # untied, or a structure replaced the layer: a new dense weight
             old = base.weight
             new = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
-            write = functools.partial(setattr, base, "weight", new)
-        elif base.weight is None:  # a structure replaced the layer: the dense weight is made anew
-            write = functools.partial(setattr, base, "weight", nn.Parameter(stored.contiguous(), requires_grad=False))
+            write = functools.partial(base.restore, new) if isinstance(base, ReplacedLayer) else functools.partial(setattr, base, "weight", new)
         else:
             write = functools.partial(base.weight.copy_, stored)
     slots = [(model.get_submodule(parent), name) for parent, name in map(_split, site.owners)]

@@ -158,7 +158,10 @@ def _check_packed(model: nn.Module, live: Rewritten, site: Site, method: Method)
     """A quantized weight (a torchao tensor subclass) computes only through its own F.linear: a
     method that reads W's values (norms, an SVD, a projection) or adds to W (a functional site's
     W + ΔW) cannot take it."""
-    kind = packed(model.get_parameter(live.live(site.weight)))
+    try:
+        kind = packed(model.get_parameter(live.live(site.weight)))
+    except AttributeError:  # a structure replaced the layer: no weight is left
+        return
     if kind is None:
         return
     if site.kind != "module":

@@ -140,3 +140,17 @@ def test_lora_on_a_quantized_llama_trains():
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     copy.deepcopy(model)  # a quantized, adapted model still copies
+
+
+def test_quantizing_a_structured_model_passes_the_replaced_layers_by():
+    """A structure left a weightless nn.Linear (its bias) in the tree: torchao's quantize_ took it
+    for a linear layer and failed halfway (`up` quantized, `head` not). It is a ReplacedLayer now,
+    which merge turns back into the Linear."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    model = peftify.peftify(MLP(), {"rules": [{"match": "down", "apply": {"method": "lowrank", "r": 4}}]}, example_inputs=x)
+    assert not [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is None]
+    structured = output(model, {"x": x})
+    quantized(model)
+    assert peftify.codegen.packed(model.head.weight) == "Int8Tensor" and type(model.down.base_layer).__name__ == "ReplacedLayer"
+    torch.testing.assert_close(output(model, {"x": x}), structured, atol=0.05, rtol=0.05)  # int8 rounding of up and head only

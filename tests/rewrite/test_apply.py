@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from conftest import FunctionalNet, fail_on_call, output, tiny_gpt2, tiny_llama
+from torch import nn
 
 import peftify
 from peftify import SpecError
@@ -343,6 +344,35 @@ def test_a_rewritten_model_pickles_and_stays_usable():
     torch.testing.assert_close(output(loaded, x), output(model, x))
     peftify.merge(loaded)
     assert list(loaded.state_dict()) == keys
+    torch.testing.assert_close(output(loaded, x), output(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_structured_model_keeps_no_weightless_linear_pickles_and_merges_back_to_linear():
+    """What a structure leaves of the layer (its bias) is a ReplacedLayer, not an nn.Linear whose
+    weight is None (which tools walking linear layers trip on); it pickles, and merge gives each
+    layer back as the nn.Linear it was, with the structure's dense weight."""
+    import io
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "monarch", "nblocks": 2}}]})
+    replaced = [n for n, m in model.named_modules() if type(m).__name__ == "ReplacedLayer"]
+    assert len(replaced) == 6 and not [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is None]
+    assert "was Linear" in repr(model.model.layers[0].mlp.up_proj)
+    with pytest.raises(RuntimeError, match="a structure replaced this layer"):
+        model.model.layers[0].mlp.up_proj.base_layer(torch.randn(2, 64))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(output(loaded, x), output(model, x))
+    dense = loaded.model.layers[1].mlp.down_proj.dense_weight().detach().clone()
+    peftify.merge(loaded)
+    assert list(loaded.state_dict()) == keys
+    assert all(type(m) is nn.Linear for n, m in loaded.named_modules() if n.endswith(("up_proj", "gate_proj", "down_proj")))
+    torch.testing.assert_close(loaded.model.layers[1].mlp.down_proj.weight, dense, atol=0, rtol=0)
     torch.testing.assert_close(output(loaded, x), output(model, x), atol=1e-5, rtol=1e-5)
 
 
