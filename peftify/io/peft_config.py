@@ -390,7 +390,8 @@ def to_peft(plan, model) -> dict[str, Any]:
         fqn, applier = elsewhere[0]
         raise SpecError(
             f"PEFT adds a targeted parameter's update only inside its own module's forward, and {applier or 'the model itself'} applies {fqn} "
-            f"({len(elsewhere)} such site{'s' if len(elsewhere) > 1 else ''}): PEFT would load the adapter with no effect there; save with format='native'",
+            f"({len(elsewhere)} such site{'s' if len(elsewhere) > 1 else ''}): PEFT would load the adapter with no effect there; save with format='native' "
+            "(a module whose forward is called directly, module.forward(x), looks the same to the trace: call the module instead)",
             field="format",
         )
     for field in ("dropout", "rslora", "init", "bias"):
@@ -426,6 +427,14 @@ def to_peft(plan, model) -> dict[str, Any]:
     ambiguous = {n for n in modules + [e.site.fqn for e in plan.entries] if any(p != n and p.endswith("." + n) for p in paths)}
     # a pattern key anchored with ^ matches the full name only, inside PEFT's (.*\.)?(key)$
     key = lambda fqn: ("^" if fqn in ambiguous else "") + re.escape(fqn)
+    init = {v: k for k, v in INITS.items()}.get(first.init, first.init)  # "pissa_niter_4" as it is
+    if first.init == "orthogonal" and parameters:
+        init = True  # PEFT's orthogonal init fails on a targeted parameter; the file's values replace any init
+    if pissa_iterations(first.init) is not None:
+        warn(
+            f"PEFT rebuilds a {first.init!r} adapter's base weights from its own unseeded randomized SVD, so PeftModel.from_pretrained "
+            "computes other outputs than this model (peftify's loads rebuild the same ones); save with format='native', or use init='pissa'"
+        )
     return {
         "peft_type": "LORA",
         "task_type": _task_type(model, modules_to_save),
@@ -435,7 +444,7 @@ def to_peft(plan, model) -> dict[str, Any]:
         "lora_alpha": alpha,
         "lora_dropout": first.dropout,
         "use_rslora": first.rslora,
-        "init_lora_weights": {v: k for k, v in INITS.items()}.get(first.init, first.init),  # "pissa_niter_4" as it is
+        "init_lora_weights": init,
         "bias": "all" if all_biases else "lora_only" if first.bias else "none",
         # a list entry matches its name or any name ending in ".name"; a string is matched whole
         "target_modules": modules if ambiguous.isdisjoint(modules) else "(?:" + "|".join(re.escape(n) for n in modules) + ")",

@@ -357,6 +357,19 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.contiguous(), requires_grad=False)
 
 
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int = 0):
+    """Draw random numbers on `device` from `seed`, and leave every generator as it was (the
+    caller's CPU and CUDA random states alike): a randomized SVD that gives the same factors on
+    every run, on the same device."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U (… × out × r), σ (… × r), Vᴴ (… × r × in) of the top r singular triplets (r = 0: all),
     in float32 (float64 for float64 weights); batched over leading dimensions. Randomized
@@ -371,8 +384,7 @@ def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, t
     if 4 * (r + 8) < k:
         # a fixed seed, and the caller's random state left as it was: a projection is the same
         # on every run (a saved adapter rebuilt on its base finds the same factors)
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if w.is_cuda else []):
-            torch.manual_seed(0)
+        with seeded(w.device):
             u, s, v = torch.svd_lowrank(w, q=r + 8, niter=4)
         return u[..., :r], s[..., :r], v[..., :r].mT
     u, s, vh = torch.linalg.svd(w, full_matrices=False)

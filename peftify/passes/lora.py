@@ -21,13 +21,14 @@ from peftify.passes.base import (
     invalid,
     plus_low_rank,
     register,
+    seeded,
     tag,
 )
 from peftify.rewrite.sites import Site
 
 INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "random")  # and "pissa_niter_<n>"
 IDENTITY_INITS = ("default", "gaussian", "orthogonal")  # B·A = 0: the output is unchanged, W untouched
-_FAST_PISSA = re.compile(r"pissa_niter_([1-9][0-9]{0,2})")
+_FAST_PISSA = re.compile(r"pissa_niter_([0-9]{1,4})")  # PEFT takes any count, 0 and 04 too
 
 
 def pissa_iterations(init: str) -> int | None:
@@ -85,7 +86,7 @@ class LoRA(Method):
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             invalid("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS and pissa_iterations(self.init) is None:
-            invalid("init", f"must be one of {INITS} or 'pissa_niter_<n>' (n from 1 to 999), got {self.init!r}")
+            invalid("init", f"must be one of {INITS} or 'pissa_niter_<n>' (n from 0 to 9999), got {self.init!r}")
         if self.init == "orthogonal" and self.r % 2:
             invalid("init", f"'orthogonal' pairs the rows of an r×r orthogonal matrix: r must be even, got {self.r}")
         check_positive("lr_ratio", self.lr_ratio)
@@ -110,6 +111,7 @@ class LoRA(Method):
         return type(self).module is LoRAModule and not self.rewrites_base  # not DoRA's or BoRA's (their norms read W)
 
     def check(self, site: Site) -> None:
+        check_fits(site, None, "directions to adapt")  # a layer with zero inputs or outputs
         if self.rewrites_base:  # it factors W: at most min(in, out) directions. Otherwise B·A may
             check_fits(site, self.r, "rank")  # have more rank than the layer (PEFT allows it: a hidden→1 gate in "all-linear")
         if self.rewrites_base and site.kind != "module":
@@ -204,8 +206,7 @@ def _fast_svd(weight: torch.Tensor, r: int, iterations: int) -> tuple:
     in float32 (or float64), seeded so that rebuilding the adapter on the same W (loading a saved
     one) takes out the same part."""
     w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
-    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-        torch.manual_seed(0)
+    with seeded(w.device):
         u, sigma, v = torch.svd_lowrank(w, q=r, niter=iterations)
     return u, sigma, v.mT
 

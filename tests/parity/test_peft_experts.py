@@ -161,3 +161,20 @@ def test_weights_used_functionally_cross_to_peft_as_target_parameters(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     loaded = peftify.load_adapter(copy.deepcopy(base), tmp_path / "peft", example_inputs=(x,))
     torch.testing.assert_close(loaded(x), peft_model(x), atol=1e-6, rtol=1e-5)
+
+
+def test_orthogonal_lora_on_expert_stacks_saves_a_file_peft_builds(tmp_path):
+    """PEFT's "orthogonal" init reads a layer's weight, which its wrapper of a targeted parameter
+    lacks: the file said "orthogonal" and PeftModel.from_pretrained raised AttributeError. The
+    file's values replace any init, so it says True for such adapters; outputs are equal."""
+    from peft import PeftModel
+
+    x = torch.randint(1, 101, (2, 7))
+    ours = peftify.peftify(build(), {"rules": [{"match": "*.experts.gate_up_proj", "apply": {"method": "lora", "r": 2, "init": "orthogonal"}}]})
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    peftify.save_adapter(ours, tmp_path / "a", format="peft")
+    theirs = PeftModel.from_pretrained(build(), tmp_path / "a")
+    torch.testing.assert_close(theirs(x).logits, ours(x).logits, atol=1e-6, rtol=1e-6)

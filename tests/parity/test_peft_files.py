@@ -884,3 +884,11 @@ def randomize_trainable(model):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_a_fast_pissa_adapter_saved_for_peft_warns_that_peft_rebuilds_another_base(tmp_path):
+    from peft import LoraConfig
+
+    model = peftify.peftify(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_2"))
+    with pytest.warns(UserWarning, match="unseeded randomized SVD, so PeftModel.from_pretrained computes other outputs"):
+        peftify.save_adapter(model, tmp_path / "a", format="peft")

@@ -226,9 +226,10 @@ def test_fast_pissa_takes_the_seeded_randomized_svd_out_of_w(tmp_path):
     fresh.load_state_dict({k: v for k, v in peftify.unload(copy.deepcopy(model)).state_dict().items()})
     again = peftify.from_pretrained(fresh, tmp_path / "a")
     torch.testing.assert_close(output(again, x), output(model, x), atol=1e-6, rtol=1e-6)
-    for bad in ("pissa_niter_0", "pissa_niter_", "pissa_niter_x", "pissa_niter_1000"):
+    for bad in ("pissa_niter_", "pissa_niter_x", "pissa_niter_-1", "pissa_niter_12345", "pissa_niter_4 "):
         with pytest.raises(peftify.SpecError, match="pissa_niter_<n>"):
             peftify.LoRA(init=bad)
+    assert peftify.LoRA(init="pissa_niter_0").rewrites_base and peftify.LoRA(init="pissa_niter_04").rewrites_base  # as PEFT takes them
 
 
 def split_init(init: str, path: str, alpha: float):

@@ -522,10 +522,14 @@ def test_a_top_k_support_is_saved_not_found_again_on_the_base_it_loads_onto(tmp_
     torch.testing.assert_close(output(rebuilt, ids), output(trained, ids))
 
 
-@pytest.mark.parametrize("method", [{"method": "vectorfit"}, {"method": "svft"}, {"method": "svfit", "energy": 0.9}, {"method": "lora_xs", "r": 1}])
-def test_a_layer_with_no_features_is_refused_by_singular_vector_methods(method):
+@pytest.mark.parametrize(
+    "method",
+    [{"method": "vectorfit"}, {"method": "svft"}, {"method": "svfit", "energy": 0.9}, {"method": "lora_xs", "r": 1}, {"method": "lora"}, {"method": "dora"}],
+)
+def test_a_layer_with_no_features_is_refused(method):
     """A 0→5 layer has no singular vectors: r=None (all of them) was zero of them and the batched
-    SVD divided by its size (ZeroDivisionError). Now a SpecError naming r, the model untouched."""
+    SVD divided by its size (ZeroDivisionError); LoRA and DoRA built and their forward failed to
+    reshape an empty input. Now a SpecError naming r, the model untouched."""
     model = torch.nn.Sequential(torch.nn.Linear(0, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(peftify.SpecError, match=r"0→5\) has no .*zero features") as e:
