@@ -144,7 +144,10 @@ def _traced_block(name: str, collapsed: dict[str, Collapse]) -> tuple[str, list[
 
 def _copies(site: Site, collapsed: dict[str, Collapse]) -> list[Site]:
     found = _traced_block(site.fqn, collapsed)
-    return [site] if found is None else [site.with_prefix(found[0], new) for new in found[1]]
+    if found is None:  # a site outside the blocks, applied in them too (a shared root weight): by every block
+        applied = {a.removesuffix(".") for a in _replicated({a + "." for a in site.applied_in}, collapsed)}  # a block itself too
+        return [site if applied == set(site.applied_in) else replace(site, applied_in=tuple(sorted(applied)))]
+    return [site.with_prefix(found[0], new) for new in found[1]]
 
 
 def _replicated(read: set[str], collapsed: dict[str, Collapse]) -> set[str]:

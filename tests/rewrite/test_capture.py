@@ -753,3 +753,36 @@ def test_a_parametrized_matrix_the_model_applies_itself_is_named_not_silently_sk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [s.fqn for s in peftify.capture(embedding, torch.randint(0, 10, (2, 3))).sites] == ["1"]
+
+
+class _SharedWeightBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, shared):
+        return x + self.fc2(torch.relu(self.fc1(x))) + F.linear(x, shared)
+
+
+class _SharedWeightNet(nn.Module):
+    """A weight held at the root and applied inside every block's forward."""
+
+    def __init__(self, n=6):
+        super().__init__()
+        self.shared = nn.Parameter(torch.randn(8, 8) / 3)
+        self.blocks = nn.ModuleList(_SharedWeightBlock() for _ in range(n))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x, self.shared)
+        return x
+
+
+def test_applied_in_names_every_block_that_applies_a_shared_weight():
+    """With the blocks traced once, a root weight applied in each was recorded as applied in
+    blocks.0 only; now in every block, as a whole trace records it."""
+    cap = peftify.capture(_SharedWeightNet(), torch.randn(2, 8))
+    assert cap.collapsed == {"blocks": 6}
+    site = {s.fqn: s for s in cap.sites}["shared"]
+    assert site.kind == "functional" and site.applied_in == tuple(f"blocks.{i}" for i in range(6))
+    assert {s.fqn: s.applied_in for s in cap.sites}["blocks.3.fc1"] == ()  # module sites name no applier
