@@ -261,7 +261,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     # shared parameter is what trains)
     # (a rewritten model's as it had them before: a new adapter's globs see no other adapter's
     # parameters, and name a parameter a container now holds as they would on the plain model)
-    rewritten = Rewritten.of(model)
+    rewritten = live
     groups = [[o for n in names if (o := rewritten.original(n)) is not None] for names in parameter_names(model).values()]
     canonical = {n: group[0] for group in groups for n in group}
     names = [o for n, _ in model.named_parameters(remove_duplicate=False) if (o := rewritten.original(n)) is not None]
