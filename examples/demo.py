@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import random
 import time
@@ -20,6 +21,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers imports torchao where it is installed (the test extras have it), which logs that its
+# CUDA kernels do not load on a CPU build of torch, and torch that its enums are registered twice
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 import torch
 from torch import nn

@@ -32,7 +32,7 @@ if "peftify" not in torch.ops.__dict__:
     torch.ops._dir.append("peftify")
 
 
-_PLAIN_SUBCLASSES = ("DTensor", "FakeTensor", "FunctionalTensor", "AsyncCollectiveTensor")
+_PLAIN_SUBCLASSES = ("DTensor", "FakeTensor", "FunctionalTensor")
 
 
 def packed(t: object) -> str | None:
@@ -43,8 +43,9 @@ def packed(t: object) -> str | None:
     if not isinstance(t, torch.Tensor) or cls in (torch.Tensor, torch.nn.Parameter) or cls.__name__ in _PLAIN_SUBCLASSES:
         return None
     # a wrapper subclass (what torch.utils._python_dispatch.is_traceable_wrapper_subclass asks,
-    # which torch.compile does not trace faithfully)
-    return cls.__name__ if hasattr(cls, "__tensor_flatten__") else None
+    # which torch.compile does not trace faithfully) that decodes to a plain tensor: a quantized
+    # one, not any wrapper (a nested tensor, torch's TwoTensor)
+    return cls.__name__ if hasattr(cls, "__tensor_flatten__") and cls.dequantize is not torch.Tensor.dequantize else None
 
 
 def lora_linear(

@@ -86,10 +86,17 @@ def _addmm_lowrank(x, w, z, u, bias, scale):
 def _lora_setup(ctx, inputs, output):
     # the dispatcher drops a trailing argument left at its default (x_dropped=None)
     x, weight, _bias, lora_a, lora_b, scale, x_dropped = (*inputs, None)[:7]
-    ctx.save_for_backward(x, x_dropped, weight, lora_a, lora_b, output[1])
+    ctx.save_for_backward(_kept_input(ctx, x, x_dropped), x_dropped, weight, lora_a, lora_b, output[1])
     ctx.scale = scale
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
+
+
+def _kept_input(ctx, x, x_dropped):
+    """x, for the backward, where it reads it: the LoRA branch's input when no dropout made
+    another, and a trained W's gradient. With dropout and W frozen (every method's case) the
+    dropped input alone is kept, as PEFT keeps it: one (tokens × in) tensor less per layer."""
+    return x if x_dropped is None or ctx.needs_input_grad[1] else None
 
 
 def _lora_backward(ctx, grad_y, _grad_xa):
@@ -136,7 +143,7 @@ class _EagerLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, x_dropped):
         y, xa = _lora_forward(x, weight, bias, lora_a, lora_b, scale, x_dropped)
-        ctx.save_for_backward(x, x_dropped, weight, lora_a, lora_b, xa)
+        ctx.save_for_backward(_kept_input(ctx, x, x_dropped), x_dropped, weight, lora_a, lora_b, xa)
         if _forward_ad_active():
             ctx.save_for_forward(x, weight, bias, lora_a, lora_b, x_dropped)
         ctx.scale = scale

@@ -26,15 +26,16 @@ def lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, scale, need
     LoRA branch sees x itself; then ∂x = ∂y W + s·(∂y B) A is one `addmm` call."""
     need_x, need_w, need_b, need_a, need_bl, need_xd = need
     same = x_d is None
-    x2 = x.reshape(-1, x.shape[-1])
+    shape = x_d.shape if x is None else x.shape  # x is None where only a trained W would read it (the forward kept x_d)
+    x2 = None if x is None else x.reshape(-1, x.shape[-1])
     xd2 = x2 if same else x_d.reshape(-1, x_d.shape[-1])
     g = grad_y.reshape(-1, grad_y.shape[-1])
     gb = g @ lora_b if (need_x and same) or need_xd or need_a else None  # (tokens, r)
     grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bl = None
     if need_x and same:
-        grad_x = addmm(g, weight.t(), gb, lora_a.t(), None, scale).view(x.shape)
+        grad_x = addmm(g, weight.t(), gb, lora_a.t(), None, scale).view(shape)
     elif need_x:
-        grad_x = (g @ weight).view(x.shape)
+        grad_x = (g @ weight).view(shape)
     if need_xd:
         grad_xd = scaled_mm(xd2, gb, lora_a, scale).view(x_d.shape)
     if need_w:

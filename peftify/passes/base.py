@@ -119,8 +119,7 @@ class Method:
         """Modules for every site this method rewrites in one plan. A method whose sites depend
         on each other (pairs of projections) overrides this."""
         ranks = [self.svd_rank(site) for site, _ in items]
-        svds = batched_svd([w for _, w in items], ranks, progress)
-        return [self.build(site, w, svd) for (site, w), svd in progress_bar(list(zip(items, svds)), f"peftify: building {self.name}", progress)]
+        return build_in_waves(items, lambda wave: batched_svd([items[i][1] for i in wave], [ranks[i] for i in wave], False), self.build, self.name, progress)
 
     def to_dict(self) -> dict[str, Any]:
         """The dict form of this method in a spec (``{"method": name, **hyperparameters}``)."""
@@ -362,11 +361,12 @@ def seeded(device: torch.device, seed: int = 0):
     """Draw random numbers on `device` from `seed`, and leave every generator as it was (the
     caller's CPU and CUDA random states alike): a randomized SVD that gives the same factors on
     every run, on the same device."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    accelerator = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    with torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"):
         torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
+        if accelerator is not None:  # that device's generator alone (torch.manual_seed would seed every device)
+            with accelerator.device(device) if hasattr(accelerator, "device") else contextlib.nullcontext():
+                accelerator.manual_seed(seed)
         yield
 
 
@@ -401,6 +401,46 @@ def progress_bar(items: list | None, desc: str, progress: bool | None, **kwargs)
 
 SVD_BATCH_BYTES = 1 << 30  # how much stacked weight one batched SVD call may take
 CPU_BATCH_NUMEL = 1 << 20  # on CPU, only weights up to this size are stacked
+
+
+WAVE_BYTES = 1 << 28  # the weights (as float32) whose decompositions are held at once while building
+
+
+def build_in_waves(
+    items: list[tuple[Site, torch.Tensor]],
+    decompose: Callable[[list[int]], list],
+    build: Callable[[Site, torch.Tensor, Any], SiteModule],
+    name: str,
+    progress: bool | None,
+) -> list[SiteModule]:
+    """`build(site, weight, svd)` for every item, with `decompose(indices)` giving the items' SVDs
+    (None where none is needed) a wave at a time: consecutive items of at most `WAVE_BYTES` of
+    weights, so that the decompositions of the whole model are never held at once (a 7B model's
+    would take several times its weights). Each module's tensors are compacted (`compact`)."""
+    waves, size = [[]], 0
+    for i, (_, w) in enumerate(items):
+        if waves[-1] and size + 4 * w.numel() > WAVE_BYTES:
+            waves.append([])
+            size = 0
+        waves[-1].append(i)
+        size += 4 * w.numel()
+    built: list[SiteModule] = []
+    with progress_bar(None, f"peftify: building {name}", progress, total=len(items), unit="layer") as bar:
+        for wave in waves:
+            for i, svd in zip(wave, decompose(wave)):
+                built.append(compact(build(*items[i], svd)))
+                bar.update()
+    return built
+
+
+def compact(module: nn.Module) -> nn.Module:
+    """`module` with each tensor in storage of its own size: a factor sliced from a larger
+    decomposition (R[:r] of a QR, Vᴴ[:r] of a full SVD) would keep all of it alive, in memory and
+    in ``torch.save``."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type != "meta" and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
+    return module
 
 
 def batched_svd(weights: list[torch.Tensor], ranks: list[int | None], progress: bool | None = None) -> list[tuple | None]:
@@ -479,6 +519,9 @@ class AdaptedSite(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.rewritten_by: str | None = None  # the adapter whose init replaced the base weight
+        # that adapter's original layer, kept outside the module tree (no state-dict keys) until
+        # unload puts it back; `_apply` casts and moves it with the model
+        self.__dict__["kept_original"] = None
         self.replaced_by: str | None = None  # the structure that stands for the layer (always computes)
 
     @property
@@ -555,6 +598,12 @@ class AdaptedSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}"
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.__dict__.get("kept_original") is not None:  # model.to(torch.bfloat16) casts it too, not at unload
+            self.__dict__["kept_original"]._apply(fn, recurse)
+        return out
 
     @staticmethod
     def with_weight(base: nn.Module, weight: torch.Tensor | None, transposed: bool) -> nn.Module:

@@ -546,6 +546,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             _move_hooks(first, adapted)
             undo.append(lambda adapted=adapted, first=first: _move_hooks(adapted, first))
         adapted.rewritten_by = adapter if record.original is not None else None
+        adapted.__dict__["kept_original"] = record.original  # no submodule: no state-dict keys
         adapted.replaced_by = adapter if entry.method.replaces_base else None
         if site.kind == "module" and site.aliases:
             # A tied weight now also sits under `<fqn>.base_layer.weight`. transformers'
@@ -808,7 +809,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         weight = adapted.dense_weight()
         stored = weight.t() if site.transposed else weight
         untie = sorted(set(site.aliases) - {o + ".weight" for o in site.owners})  # tied to something not rewritten
-        if untie or isinstance(base, ReplacedLayer):  # untied, or a structure replaced the layer: a new dense weight
+        if untie or base.weight is None:  # untied, or a structure replaced the layer: a new dense weight
             old = base.weight
             new = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
             write = functools.partial(base.restore, new) if isinstance(base, ReplacedLayer) else functools.partial(setattr, base, "weight", new)

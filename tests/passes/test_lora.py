@@ -394,3 +394,46 @@ def test_the_merged_weight_is_one_gemm_into_a_copy_of_w_and_equals_the_formula()
     mixed = plus_low_rank(w.to(torch.bfloat16), b.float(), a.float(), 0.5)  # float32 adapters over a bfloat16 weight
     assert mixed.dtype == torch.bfloat16
     torch.testing.assert_close(mixed.double(), reference, atol=0.1, rtol=0.02)
+
+
+def test_with_dropout_the_backward_keeps_the_dropped_input_not_x():
+    """The op kept x beside dropout(x), though with W frozen only a trained W's gradient reads x:
+    one (tokens × in) activation more per layer than PEFT keeps. Gradients stay those of a plain
+    float64 autograd graph."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(6, 16) > 0.5).double() * 2  # inverted dropout, p = 0.5
+    w = torch.randn(8, 16, dtype=torch.float64)
+    a, b = torch.randn(2, 16, dtype=torch.float64, requires_grad=True), torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    x_d = x * mask
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_linear(x, w, None, a, b, 2.0, x_d)
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved) and any(t.data_ptr() == x_d.data_ptr() for t in saved)
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    (x @ w.T + 2.0 * (x * mask) @ a.T @ b.T).square().sum().backward()
+    for got, t in zip(grads, (x, a, b)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-12, atol=1e-12)
+    w.requires_grad_(True)  # a trained W reads x: then it is kept
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear(x, w, None, a, b, 2.0, x * mask)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+
+
+def test_the_original_a_split_init_keeps_aside_is_cast_with_the_model():
+    """PiSSA keeps the original layer outside the module tree until unload; model.to(bfloat16)
+    left it in float32 (three times the bf16 weight memory instead of two) until unload cast it."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2, "init": "pissa"}}]})
+    model.to(torch.bfloat16)
+    kept = [r.original for r in model._peftify.installed.values()]
+    assert len(kept) == 2 and all(m.weight.dtype == torch.bfloat16 for m in kept)
+    assert "kept_original" not in str(list(model.state_dict()))
+    peftify.unload(model)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, original.to(torch.bfloat16), atol=0, rtol=0)

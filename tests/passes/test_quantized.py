@@ -154,3 +154,15 @@ def test_quantizing_a_structured_model_passes_the_replaced_layers_by():
     quantized(model)
     assert peftify.codegen.packed(model.head.weight) == "Int8Tensor" and type(model.down.base_layer).__name__ == "ReplacedLayer"
     torch.testing.assert_close(output(model, {"x": x}), structured, atol=0.05, rtol=0.05)  # int8 rounding of up and head only
+
+
+def test_only_quantized_wrapper_tensors_count_as_packed():
+    """A tensor subclass that wraps others without quantizing (torch's TwoTensor, a nested tensor)
+    is a plain weight to peftify: DoRA was refused on a TwoTensor weight as "quantized"."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a = torch.randn(4, 3)
+    assert peftify.codegen.packed(TwoTensor(a, a.clone())) is None
+    assert peftify.codegen.packed(torch.nested.nested_tensor([a, a[:2]], layout=torch.jagged)) is None
+    assert peftify.codegen.packed(nn.Parameter(a)) is None and peftify.codegen.packed(a) is None
+    assert peftify.codegen.packed(quantized(MLP()).up.weight) == "Int8Tensor"

@@ -536,3 +536,41 @@ def test_a_layer_with_no_features_is_refused(method):
         peftify.peftify(model, {"rules": [{"match": "0", "apply": method}]}, example_inputs=torch.randn(2, 0))
     assert e.value.field == "r"
     assert type(model[0]) is torch.nn.Linear and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("apply", [{"method": "lora", "r": 2, "init": "olora"}, {"method": "lora_xs", "r": 3}, {"method": "svfit", "r": 3}, {"method": "lowrank", "r": 3}])
+def test_factors_own_their_storage(apply):
+    """Factors sliced from a decomposition (R[:r] of OLoRA's QR, Vᴴ[:r] of a full SVD) kept the
+    whole of it alive: OLoRA's A and B held Q and R (4 MiB each for 32 KiB at 1024², r=8), in
+    memory and in torch.save. Every tensor a method builds now has storage of its own size."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": apply}]})
+    tensors = [t for m in model.modules() if isinstance(m, AdaptedSite) for ad in m.adapters.values() for t in [*ad.parameters(), *ad.buffers()]]
+    assert tensors and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
+
+
+def test_decompositions_are_held_a_wave_at_a_time(monkeypatch):
+    """The SVDs of every site were computed before any module was built, so the whole model's
+    decompositions were held at once (peak memory growing with the layer count: +820 MiB for
+    128 MiB of weights). They are computed a wave of WAVE_BYTES at a time now; the modules are the
+    ones one wave builds."""
+    from peftify.passes import base
+
+    spec = {"rules": [{"match": "role:mlp.*", "apply": {"method": "svfit", "r": 3}}, {"match": "role:attn.*", "apply": {"method": "lowrank", "r": 4}}]}
+    torch.manual_seed(0)
+    whole = peftify.peftify(tiny_llama(layers=3), spec)
+    calls = []
+    real = base.batched_svd
+    monkeypatch.setattr(base, "batched_svd", lambda weights, ranks, progress=None: calls.append([w.numel() for w in weights]) or real(weights, ranks, progress))
+    from peftify.passes.structured import common
+
+    monkeypatch.setattr(common, "batched_svd", base.batched_svd)
+    monkeypatch.setattr(base, "WAVE_BYTES", 4 * 64 * 64 * 2)  # two of the 64×64 attention weights
+    torch.manual_seed(0)
+    waved = peftify.peftify(tiny_llama(layers=3), spec)
+    assert sum(map(len, calls)) == 3 * 7 and len(calls) > 3
+    assert all(len(call) == 1 or 4 * sum(call) <= base.WAVE_BYTES for call in calls)
+    for (n, p), (m, q) in zip(whole.state_dict().items(), waved.state_dict().items()):
+        assert n == m
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.passes.base import Method, SiteModule, batched_svd, check_count, dense_flops, invalid, progress_bar, tag, top_svd
+from peftify.passes.base import Method, SiteModule, batched_svd, build_in_waves, check_count, dense_flops, invalid, tag, top_svd
 from peftify.rewrite.sites import Site
 
 INITS = ("auto", "project", "mup", "self_guided")
@@ -102,14 +102,16 @@ class Structured(Method):
         return svd if svd is not None else top_svd(*self.svd_input(weight, site))
 
     def build_many(self, items: list[tuple[Site, torch.Tensor]], progress: bool | None = None) -> list[SiteModule]:
-        svds: list = [None] * len(items)
-        if self.init == "project":
-            wanted = [self.svd_input(w, s) if w.device.type != "meta" else None for s, w in items]
-            idx = [i for i, x in enumerate(wanted) if x is not None]
-            done = batched_svd([wanted[i][0] for i in idx], [wanted[i][1] for i in idx], progress)
-            for i, svd in zip(idx, done):
-                svds[i] = svd
-        return [self.module(self, s, w, svd) for (s, w), svd in progress_bar(list(zip(items, svds)), f"peftify: building {self.name}", progress)]
+        def decompose(wave: list[int]) -> list:
+            svds: list = [None] * len(wave)
+            if self.init == "project":
+                wanted = [self.svd_input(items[i][1], items[i][0]) if items[i][1].device.type != "meta" else None for i in wave]
+                idx = [k for k, x in enumerate(wanted) if x is not None]
+                for k, svd in zip(idx, batched_svd([wanted[k][0] for k in idx], [wanted[k][1] for k in idx], False)):
+                    svds[k] = svd
+            return svds
+
+        return build_in_waves(items, decompose, lambda s, w, svd: self.module(self, s, w, svd), self.name, progress)
 
     def lr_mult(self, site: Site, factor: Factor) -> float:
         base = self.base_width or site.in_features
