@@ -429,7 +429,7 @@ def to_peft(plan, model) -> dict[str, Any]:
     key = lambda fqn: ("^" if fqn in ambiguous else "") + re.escape(fqn)
     init = {v: k for k, v in INITS.items()}.get(first.init, first.init)  # "pissa_niter_4" as it is
     if first.init == "orthogonal" and parameters:
-        init = True  # PEFT's orthogonal init fails on a targeted parameter; the file's values replace any init
+        init = True  # PEFT's orthogonal init reads the holder's .weight, which an expert stack lacks; the file's values replace any init
     if pissa_iterations(first.init) is not None:
         warn(
             f"PEFT rebuilds a {first.init!r} adapter's base weights from its own unseeded randomized SVD, so PeftModel.from_pretrained "

@@ -105,7 +105,7 @@ class Method:
 
     def svd_rank(self, site: Site) -> int | None:
         """How many leading singular triplets of W its init needs (0: all of them; None: no SVD).
-        The engine computes them for all sites at once, batched where shapes repeat."""
+        The engine computes them a wave of layers at a time, batched where shapes repeat."""
         return None
 
     def build(self, site: Site, weight: torch.Tensor, svd: tuple | None = None) -> SiteModule:
@@ -119,7 +119,7 @@ class Method:
         """Modules for every site this method rewrites in one plan. A method whose sites depend
         on each other (pairs of projections) overrides this."""
         ranks = [self.svd_rank(site) for site, _ in items]
-        return build_in_waves(items, lambda wave: batched_svd([items[i][1] for i in wave], [ranks[i] for i in wave], False), self.build, self.name, progress)
+        return build_in_waves(items, lambda wave: batched_svd([items[i][1] for i in wave], [ranks[i] for i in wave]), self.build, self.name, progress)
 
     def to_dict(self) -> dict[str, Any]:
         """The dict form of this method in a spec (``{"method": name, **hyperparameters}``)."""
@@ -443,31 +443,27 @@ def compact(module: nn.Module) -> nn.Module:
     return module
 
 
-def batched_svd(weights: list[torch.Tensor], ranks: list[int | None], progress: bool | None = None) -> list[tuple | None]:
-    """`top_svd` of many weights: equal shapes (and ranks) stacked into batched calls, with a
-    progress bar over the weights. None where the rank is None."""
+def batched_svd(weights: list[torch.Tensor], ranks: list[int | None]) -> list[tuple | None]:
+    """`top_svd` of many weights: equal shapes (and ranks) stacked into batched calls. None where
+    the rank is None. (`build_in_waves` calls it a wave at a time, under its progress bar.)"""
     groups: dict[tuple, list[int]] = {}
     for i, (w, r) in enumerate(zip(weights, ranks)):
         if r is not None:
             groups.setdefault((tuple(w.shape), w.dtype, w.device, r), []).append(i)
     out: list[tuple | None] = [None] * len(weights)
-    total = sum(map(len, groups.values()))
-    with progress_bar(None, "peftify: SVD", progress, total=total, unit="weight") as bar:
-        for (shape, _, _, r), idx in groups.items():
-            numel = math.prod(shape)
-            # LAPACK loops over a CPU batch anyway: stacking big weights only adds a copy (measured
-            # 1.25x slower at 7B shapes); small ones gain a little from fewer calls
-            big_on_cpu = weights[idx[0]].device.type == "cpu" and numel > CPU_BATCH_NUMEL
-            per_call = 1 if big_on_cpu else max(1, SVD_BATCH_BYTES // (4 * numel))
-            for start in range(0, len(idx), per_call):
-                chunk = idx[start : start + per_call]
-                stacked = weights[chunk[0]][None] if len(chunk) == 1 else torch.stack([weights[i] for i in chunk])  # a view when alone
-                u, s, vh = top_svd(stacked, r)
-                for k, i in enumerate(chunk):
-                    out[i] = (u[k], s[k], vh[k])
-                bar.update(len(chunk))
+    for (shape, _, _, r), idx in groups.items():
+        numel = math.prod(shape)
+        # LAPACK loops over a CPU batch anyway: stacking big weights only adds a copy (measured
+        # 1.25x slower at 7B shapes); small ones gain a little from fewer calls
+        big_on_cpu = weights[idx[0]].device.type == "cpu" and numel > CPU_BATCH_NUMEL
+        per_call = 1 if big_on_cpu else max(1, SVD_BATCH_BYTES // (4 * numel))
+        for start in range(0, len(idx), per_call):
+            chunk = idx[start : start + per_call]
+            stacked = weights[chunk[0]][None] if len(chunk) == 1 else torch.stack([weights[i] for i in chunk])  # a view when alone
+            u, s, vh = top_svd(stacked, r)
+            for k, i in enumerate(chunk):
+                out[i] = (u[k], s[k], vh[k])
     return out
-
 
 def without_autocast(device_type: str):
     """A region where autocast is off (a method's norms in float32 under autocast); where it is

@@ -55,8 +55,8 @@ class LoRA(Method):
     - dropout: dropout on the input of the LoRA branch only.
     - rslora: use alpha/√r.
     - init: "default" (A Kaiming-uniform, B = 0: output unchanged), "gaussian" (A ~ N(0, 1/r²),
-      B = 0), "orthogonal" (A and B random with rows from complementary halves of a random r×r
-      orthogonal matrix, so B·A = 0: output unchanged; r even; PEFT's "orthogonal"), "pissa" (A, B
+      B = 0), "orthogonal" (A and B random, A's columns and B's rows in complementary halves of a
+      random orthogonal basis of ℝ^r, so B·A = 0: output unchanged; r even; PEFT's "orthogonal"), "pissa" (A, B
       from the top-r SVD of W and W replaced by the residual, "PiSSA: Principal Singular Values
       and Singular Vectors Adaptation of Large Language Models"; output unchanged up to rounding),
       "pissa_niter_<n>" (the same from a randomized SVD with n power iterations, PEFT's fast
@@ -212,8 +212,9 @@ def _fast_svd(weight: torch.Tensor, r: int, iterations: int) -> tuple:
 
 
 def _orthogonal(in_f: int, out_f: int, r: int, factory: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = G_A Q_odd, B = G_B Q_even (scaled by 1/10): Q a random r×r orthogonal matrix whose odd
-    rows span A's row space and even rows B's column space, so B·A = G_B Q_even Q_oddᵀ G_Aᵀ = 0."""
+    """A = (G_A Q_odd)ᵀ/10, B = G_B Q_even/10 with G Gaussian and Q a random r×r orthogonal matrix:
+    A's columns lie in the span of Q's odd rows and B's rows in that of its even rows, so
+    B·A = G_B Q_even Q_oddᵀ G_Aᵀ / 100 = 0 (PEFT's "orthogonal")."""
     q, _ = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))
     a = torch.randn(r // 2, in_f, dtype=torch.float64).mT @ q[0::2]  # (in, r)
     b = torch.randn(out_f, r // 2, dtype=torch.float64) @ q[1::2]  # (out, r)

@@ -107,7 +107,7 @@ class Structured(Method):
             if self.init == "project":
                 wanted = [self.svd_input(items[i][1], items[i][0]) if items[i][1].device.type != "meta" else None for i in wave]
                 idx = [k for k, x in enumerate(wanted) if x is not None]
-                for k, svd in zip(idx, batched_svd([wanted[k][0] for k in idx], [wanted[k][1] for k in idx], False)):
+                for k, svd in zip(idx, batched_svd([wanted[k][0] for k in idx], [wanted[k][1] for k in idx])):
                     svds[k] = svd
             return svds
 
