@@ -103,6 +103,8 @@ def _lora_backward(ctx, grad_y, _grad_xa):
     if grad_y is None:
         return (None,) * len(ctx.needs_input_grad)
     x, x_d, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    if torch.is_grad_enabled():  # a backward that is differentiated again (create_graph): xa from x and A, not a constant
+        xa = None
     need_x, need_w, need_b, need_a, need_bl, _scale, need_xd = (*ctx.needs_input_grad, False)[:7]
     grads = reference.lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, ctx.scale, (need_x, need_w, need_b, need_a, need_bl, need_xd), addmm=_addmm_lowrank)
     return (*grads[:5], None, grads[5])[: len(ctx.needs_input_grad)]

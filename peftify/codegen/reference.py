@@ -23,7 +23,8 @@ def scaled_mm(like: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
 def lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, scale, need, addmm=addmm_lowrank):
     """Gradients of y = x Wᵀ + b + s·(x_d Aᵀ)Bᵀ for (x, W, b, A, B, x_d), each only where `need`
     asks for it (W is frozen in every method, so its GEMM is skipped). x_d is None when the
-    LoRA branch sees x itself; then ∂x = ∂y W + s·(∂y B) A is one `addmm` call."""
+    LoRA branch sees x itself; then ∂x = ∂y W + s·(∂y B) A is one `addmm` call. `xa` (x_d Aᵀ, kept
+    by the forward) is None where it must be recomputed to be differentiated again."""
     need_x, need_w, need_b, need_a, need_bl, need_xd = need
     same = x_d is None
     shape = x_d.shape if x is None else x.shape  # x is None where only a trained W would read it (the forward kept x_d)
@@ -45,5 +46,5 @@ def lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, scale, need
     if need_a:
         grad_a = scaled_mm(lora_a, gb.t(), xd2, scale)
     if need_bl:
-        grad_bl = scaled_mm(lora_b, g.t(), xa, scale)
+        grad_bl = scaled_mm(lora_b, g.t(), xd2 @ lora_a.t() if xa is None else xa, scale)
     return grad_x, grad_w, grad_b, grad_a, grad_bl, grad_xd

@@ -437,3 +437,24 @@ def test_the_original_a_split_init_keeps_aside_is_cast_with_the_model():
     assert "kept_original" not in str(list(model.state_dict()))
     peftify.unload(model)
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, original.to(torch.bfloat16), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_double_backward_through_the_lora_op_equals_plain_autograd(dropped):
+    """A gradient of a gradient (create_graph=True: gradient penalties, Hessian-vector products)
+    took x Aᵀ, kept by the forward, as a constant: the second derivatives for x and A were wrong
+    (off by ~1e8 here). With create_graph the backward recomputes it from x and A."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 16, dtype=torch.float64)
+    a, b = torch.randn(2, 16, dtype=torch.float64, requires_grad=True), torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(4, 16) > 0.3).double() / 0.7 if dropped else torch.ones(4, 16, dtype=torch.float64)
+
+    def second(forward):
+        g = torch.autograd.grad(forward().pow(3).sum(), (x, a, b), create_graph=True)
+        return torch.autograd.grad(sum(gg.square().sum() for gg in g), (x, a, b))
+
+    ours = second(lambda: lora_linear(x, w, None, a, b, 1.5, x * mask if dropped else None))
+    plain = second(lambda: x @ w.T + 1.5 * (x * mask) @ a.T @ b.T)
+    for got, want in zip(ours, plain):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-6)
