@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,8 +180,12 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
     towards zero, taking the base weight with them.
     """
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars too
             raise TypeError(f"param_groups: {name} must be a number, not {value!r}")
+        # torch's optimizers check only their default lr, not each group's: a negative one climbs the loss
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"param_groups: {name} must be a finite number ≥ 0, not {value!r}")
+    lr, weight_decay = float(lr), float(weight_decay)
     mults, decays = tagged(model, "lr_mult"), tagged(model, "decay")
     groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():

@@ -729,6 +729,14 @@ def test_paths_and_arguments_of_the_wrong_kind_are_clear_errors(tmp_path, monkey
             call()
     with pytest.raises(TypeError, match="lr must be a number"):
         peftify.param_groups(model, lr="1e-3")
+    # torch's optimizers check their default lr only: a negative or NaN group lr went unnoticed
+    for kwargs in ({"lr": -1e-2}, {"lr": float("nan")}, {"lr": float("inf")}, {"weight_decay": -1.0}, {"weight_decay": float("nan")}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a finite number ≥ 0"):
+            peftify.param_groups(model, **kwargs)
+    import numpy as np
+
+    groups = peftify.param_groups(model, lr=np.float32(1e-3), weight_decay=np.int64(0))  # numpy scalars are numbers
+    assert all(type(g["lr"]) is float and type(g["weight_decay"]) is float for g in groups) and groups
     peftify.set_adapter(model, None)  # documented: every adapter off
     assert peftify.adapters(model) == {"default": False}
     assert not list(tmp_path.iterdir())
