@@ -170,7 +170,8 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
 def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters, honouring each parameter's
     learning-rate multiplier (e.g. LoRA+'s ``lr_ratio`` on B): a group's learning rate is `lr`
-    times its multiplier. Pass to any torch optimizer.
+    times its multiplier. Pass to any torch optimizer. `lr` and `weight_decay` are finite numbers
+    ≥ 0 (`ValueError` otherwise: torch checks only an optimizer's default lr, not its groups').
 
     `weight_decay` applies to the trained matrices: LoRA's A and B, and a structure's factors
     (SLTrain's sparse values and SVFT's sparse M count as matrix entries). Other vectors and
