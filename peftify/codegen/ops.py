@@ -209,7 +209,7 @@ def lora_linear(
         update = F.linear(F.linear(x_d, lora_a.to(x_d.dtype)), lora_b.to(x_d.dtype))
         return F.linear(x, weight, bias) + scale * update.to(x.dtype)
     args = _autocast(x, weight, bias, lora_a, lora_b, float(scale), x_dropped)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the op itself: a saved trace calls it by name
         return torch.ops.peftify.lora_linear(*args)[0]
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func.grad/vmap
         return _FunctorchLoRALinear.apply(*args)[0]

@@ -94,7 +94,7 @@ def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tens
     p, k = vh.shape[0], method.k
     diag = torch.arange(p)
     if method.pattern == "plain":
-        return diag, diag
+        return diag, diag.clone()  # two buffers, not one tensor twice (torch.jit.trace refuses shared ones)
     if method.pattern == "banded":
         rows = [diag] + [torch.arange(p - d) + (d if s > 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
         cols = [diag] + [torch.arange(p - d) + (d if s < 0 else 0) for d in range(1, k + 1) for s in (1, -1)]

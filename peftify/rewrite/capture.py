@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peftify.codegen import packed
 from peftify.errors import PACKAGE_DIR, SpecError, warn
+from peftify.passes.base import AdaptedSite
 from peftify.rewrite.roles import infer_roles
 from peftify.rewrite.sites import (
     Capture,
@@ -456,8 +457,9 @@ def build_example_inputs(model: nn.Module):
         for mod in model.modules():
             if isinstance(mod, nn.Embedding):
                 return (torch.zeros((2, 8), dtype=torch.long, device=device),), {}
-            if isinstance(mod, nn.Linear):
-                return (torch.zeros((2, mod.in_features), dtype=dtype, device=device),), {}
+            if isinstance(mod, (nn.Linear, AdaptedSite)):  # a rewritten first layer too (a structure left no Linear)
+                features = mod.site.in_features if isinstance(mod, AdaptedSite) else mod.in_features
+                return (torch.zeros((2, features), dtype=dtype, device=device),), {}
     raise SpecError(
         f"cannot build an example input for {type(model).__name__}.forward{inspect.signature(model.forward)}; "
         "pass example_inputs=... (a tensor, a tuple of arguments or a dict of keyword arguments)"

@@ -107,3 +107,34 @@ def test_half_precision_magnitude_methods_save_and_reload_and_float32_programs_u
         expected = output(model, X)
     unflat = torch.export.unflatten(peftify.export(model, X))
     torch.testing.assert_close(unflat(**X)["logits"], expected)
+
+
+def test_jit_trace_of_lora_and_svft_saves_and_reloads():
+    """torch.jit.trace recorded LoRA's eager autograd.Function, which torch.jit.save cannot write
+    ("Could not export Python function call"); it records the op now. SVFT's plain pattern held one
+    index tensor as two buffers, which the tracer refuses as parameter sharing."""
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "lora", "r": 2, "init": "random"}}, {"match": "2", "apply": {"method": "svft"}}]}, example_inputs=x)
+    with torch.no_grad():
+        model[2].adapters["default"].m.add_(0.1)
+    traced = torch.jit.trace(model.eval(), x, check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+def test_export_without_inputs_builds_them_from_a_first_layer_a_structure_replaced():
+    """The input was built from the first nn.Linear, which a structure's layer no longer is: it took
+    the second layer's width and failed in the op ("do not chain")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "monarch", "nblocks": 2}}]}, example_inputs=torch.randn(2, 16))
+    program = peftify.export(model.eval())
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(program.module()(x), model(x), atol=1e-6, rtol=1e-6)
