@@ -313,7 +313,7 @@ def _base_of(model: nn.Module, site: Site, state: RewriteState | None):
         adapted = adapted_site(model, site)
         base = adapted.base_layer
         if base is not None:
-            w = base.weight if base.weight is None else _original(state, base.weight)
+            w = _original(state, base.weight)  # None where a structure replaced the layer
             return base, w.t() if site.transposed and w is not None else w
     if site.kind == "module":
         base = model.get_submodule(site.owners[0])
