@@ -184,7 +184,11 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
         if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars too
             raise TypeError(f"param_groups: {name} must be a number, not {value!r}")
         # torch's optimizers check only their default lr, not each group's: a negative one climbs the loss
-        if not math.isfinite(value) or value < 0:
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite or value < 0:
             raise ValueError(f"param_groups: {name} must be a finite number ≥ 0, not {value!r}")
     lr, weight_decay = float(lr), float(weight_decay)
     mults, decays = tagged(model, "lr_mult"), tagged(model, "decay")

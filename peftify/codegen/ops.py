@@ -103,7 +103,9 @@ def _lora_backward(ctx, grad_y, _grad_xa):
     if grad_y is None:
         return (None,) * len(ctx.needs_input_grad)
     x, x_d, weight, lora_a, lora_b, xa = ctx.saved_tensors
-    if torch.is_grad_enabled():  # a backward that is differentiated again (create_graph): xa from x and A, not a constant
+    # a backward that is differentiated again (create_graph): xa from x and A, not a constant (torch.func's
+    # transforms run every backward with grad on, and their saved xa carries the outer levels already)
+    if torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
         xa = None
     need_x, need_w, need_b, need_a, need_bl, _scale, need_xd = (*ctx.needs_input_grad, False)[:7]
     grads = reference.lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, ctx.scale, (need_x, need_w, need_b, need_a, need_bl, need_xd), addmm=_addmm_lowrank)

@@ -109,10 +109,11 @@ def test_half_precision_magnitude_methods_save_and_reload_and_float32_programs_u
     torch.testing.assert_close(unflat(**X)["logits"], expected)
 
 
-def test_jit_trace_of_lora_and_svft_saves_and_reloads():
+def test_jit_trace_of_lora_and_svft_saves_and_reloads(tmp_path):
     """torch.jit.trace recorded LoRA's eager autograd.Function, which torch.jit.save cannot write
     ("Could not export Python function call"); it records the op now. SVFT's plain pattern held one
-    index tensor as two buffers, which the tracer refuses as parameter sharing."""
+    index tensor as two buffers, which the tracer refuses as parameter sharing. A fresh process
+    loads the trace once it has defined the ops (TorchScript does not look them up by name)."""
     import io
 
     torch.manual_seed(0)
@@ -127,6 +128,14 @@ def test_jit_trace_of_lora_and_svft_saves_and_reloads():
     buf.seek(0)
     loaded = torch.jit.load(buf)
     torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=1e-6)
+    torch.jit.save(traced, str(tmp_path / "traced.pt"))
+    torch.save((x, model(x).detach()), tmp_path / "io.pt")
+    run_fresh(
+        "import torch, peftify.codegen.ops\n"
+        f"m = torch.jit.load({str(tmp_path / 'traced.pt')!r})\n"
+        f"x, y = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "torch.testing.assert_close(m(x), y, atol=1e-6, rtol=1e-6)"
+    )
 
 
 def test_export_without_inputs_builds_them_from_a_first_layer_a_structure_replaced():

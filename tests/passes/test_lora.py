@@ -458,3 +458,33 @@ def test_double_backward_through_the_lora_op_equals_plain_autograd(dropped):
     plain = second(lambda: x @ w.T + 1.5 * (x * mask) @ a.T @ b.T)
     for got, want in zip(ours, plain):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-6)
+
+
+def test_first_order_gradients_reuse_the_forwards_x_a(monkeypatch):
+    """Only a backward that is itself differentiated recomputes x Aᵀ: torch.func's transforms run
+    every backward with grad mode on, and per-sample gradients paid one GEMM more per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMM.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    a, b = torch.randn(2, 16), torch.randn(8, 2)
+
+    def loss(a, b):
+        return lora_linear(x, w, None, a, b, 2.0).square().sum()
+
+    with CountMM():
+        torch.func.grad(loss, argnums=(0, 1))(a, b)
+    with_func = CountMM.n
+    CountMM.n = 0
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    with CountMM():
+        loss(a, b).backward()
+    assert with_func == CountMM.n  # forward: x Aᵀ and the fused GEMM; backward: ∂y B, ∂A and ∂B

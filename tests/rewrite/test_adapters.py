@@ -730,7 +730,7 @@ def test_paths_and_arguments_of_the_wrong_kind_are_clear_errors(tmp_path, monkey
     with pytest.raises(TypeError, match="lr must be a number"):
         peftify.param_groups(model, lr="1e-3")
     # torch's optimizers check their default lr only: a negative or NaN group lr went unnoticed
-    for kwargs in ({"lr": -1e-2}, {"lr": float("nan")}, {"lr": float("inf")}, {"weight_decay": -1.0}, {"weight_decay": float("nan")}):
+    for kwargs in ({"lr": -1e-2}, {"lr": float("nan")}, {"lr": float("inf")}, {"lr": 10**400}, {"weight_decay": -1.0}, {"weight_decay": float("nan")}):
         with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a finite number ≥ 0"):
             peftify.param_groups(model, **kwargs)
     import numpy as np
