@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, warn
 from peftify.passes.base import Method, SiteModule, check_count, dense_flops, invalid, progress_bar, register
 from peftify.rewrite.sites import Site
 
@@ -18,7 +18,10 @@ ROPES = ("auto", "none", "half")
 # modules that normalize q or k per head after the projections (Qwen3, OLMo2, Gemma3, Cohere)
 QK_NORMS = {"q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_norm", "key_norm", "q_ln", "k_ln"}
 # transformers models whose rotary embedding pairs dimensions (2j, 2j+1), not (j, j + d/2)
-INTERLEAVED_ROPE = {"gptj", "codegen", "cohere", "cohere2", "helium", "glm", "glm4", "chatglm"}
+INTERLEAVED_ROPE = {
+    "gptj", "codegen", "cohere", "cohere2", "helium", "glm", "glm4", "chatglm", "ernie4_5", "ernie4_5_moe", "ernie4_5_vl_moe_text",
+    "llama4", "llama4_text", "moonshine", "moonshine_streaming", "blt", "blt_global_transformer", "blt_local_decoder", "blt_local_encoder",
+}  # fmt: skip
 
 
 def attention_role(site: Site) -> str | None:
@@ -78,10 +81,15 @@ class CLOVER(Method):
             invalid("match", f"the model normalizes q and k after their projections ({', '.join(norms[:2])}{', …' if len(norms) > 2 else ''}), which CLOVER's factoring does not commute with")
         rope = self.rope
         params = getattr(cfg, "rope_parameters", None) or {}
-        rotary = bool(params or getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_theta", None))
+        rotary = any(getattr(cfg, key, None) for key in ("rope_scaling", "rope_theta", "rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor"))
+        rotary = rotary or bool(params)
         if rope == "none" and rotary:
-            invalid("rope", "the model's config has rotary embeddings (rope_theta or rope_parameters): rope='none' would rewrite q and k as if nothing rotated them, which changes the attention; leave rope='auto'")
+            invalid("rope", "the model's config has rotary embeddings (rope_theta, rope_parameters or rotary_dim): rope='none' would rewrite q and k as if nothing rotated them, which changes the attention; leave rope='auto'")
+        if rope == "auto" and cfg is None:
+            warn("clover: rope='auto' reads the model's config, and this model has none: it assumes no rotary embedding (pass rope='half' for rotate_half rotary embeddings)")
         if rope == "auto":
+            rope = "half" if rotary else "none"
+        if rope == "half" and cfg is not None:  # what the config says the rotation is, given or found
             partial = getattr(cfg, "partial_rotary_factor", None) or (params.get("partial_rotary_factor") if isinstance(params, dict) else None)
             partial = partial or getattr(cfg, "rotary_pct", None)
             rotary_dim, head_dim = getattr(cfg, "rotary_dim", None), getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // heads if heads else None)
@@ -89,8 +97,7 @@ class CLOVER(Method):
                 part = f"partial_rotary_factor={partial}" if partial not in (None, 1, 1.0) else f"rotary_dim={rotary_dim} of {head_dim}"
                 invalid("rope", f"the model rotates only part of each head ({part}); CLOVER supports full rotate_half rotary embeddings")
             if getattr(cfg, "model_type", None) in INTERLEAVED_ROPE:
-                invalid("rope", f"{cfg.model_type} rotates interleaved pairs of dimensions; CLOVER supports the rotate_half layout (give rope='half' only if the model uses it)")
-            rope = "half" if rotary else "none"
+                invalid("rope", f"{cfg.model_type} rotates interleaved pairs of dimensions; CLOVER supports the rotate_half layout")
         return replace(self, heads=heads, kv_heads=kv, rope=rope)
 
     def check(self, site: Site) -> None:
@@ -109,6 +116,9 @@ class CLOVER(Method):
         count = self.kv_heads if role in ("attn.k", "attn.v") else self.heads
         if width % count or (self.rope == "half" and (width // count) % 2):
             invalid("heads", f"{site.fqn}: {width} features do not split into {count} heads" + (" of even size" if self.rope == "half" else ""))
+        other = site.out_features if role == "attn.o" else site.in_features  # the model's width
+        if width // count > other:
+            invalid("heads", f"{site.fqn}: heads of {width // count} features are wider than the model's {other}; clover factors each head within it")
 
     def trainable_params(self, site: Site) -> int:
         role = attention_role(site)
@@ -123,23 +133,26 @@ class CLOVER(Method):
 
     @staticmethod
     def _by_layer(sites: list[Site]) -> dict[object, dict[str, int]]:
+        """Each attention's sites by role: capture's attention id, else the layer index (an encoder's
+        and a decoder's block 0, or a self- and a cross-attention, share a layer index)."""
         by_layer: dict[object, dict[str, int]] = {}
         for i, site in enumerate(sites):
-            by_layer.setdefault(site.layer, {})[attention_role(site)] = i
+            by_layer.setdefault(site.attention if site.attention is not None else site.layer, {})[attention_role(site)] = i
         return by_layer
 
     def check_together(self, sites: list[Site]) -> None:
-        """Each layer's q comes with its k and its v with its o, cut into heads of one size."""
+        """Each attention's q comes with its k and its v with its o, cut into heads of one size."""
         for layer, roles in self._by_layer(sites).items():
+            where = f"attention {layer}" if isinstance(layer, str) else f"layer {layer}"
             for first, second in self.PAIRS:
                 if (first in roles) != (second in roles):
                     have, lack = (first, second) if first in roles else (second, first)
-                    raise SpecError(f"clover pairs {first} with {second}: layer {layer} has {have} ({sites[roles[have]].fqn}) but no {lack} selected", field="match")
+                    raise SpecError(f"clover pairs {first} with {second}: {where} has {have} ({sites[roles[have]].fqn}) but no {lack} selected", field="match")
                 if first in roles:
                     dims = {role: self._head_dim(sites[roles[role]]) for role in (first, second)}
                     if len(set(dims.values())) > 1:
                         raise SpecError(
-                            f"clover: heads={self.heads}, kv_heads={self.kv_heads} cut layer {layer}'s {first} and {second} into heads of "
+                            f"clover: heads={self.heads}, kv_heads={self.kv_heads} cut {where}'s {first} and {second} into heads of "
                             f"different sizes ({', '.join(f'{r}: {d}' for r, d in dims.items())}); give the model's head counts",
                             field="heads",
                         )

@@ -148,23 +148,59 @@ def small(config_class, model_class, **kw):
 
 
 @pytest.mark.parametrize(
-    "make, text",
+    "make, text, hp",
     [  # what CLOVER's factoring does not commute with: refused, where it used to change the logits
-        (lambda: small("Qwen3Config", "Qwen3ForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "normalizes q and k after their projections"),
-        (lambda: small("CohereConfig", "CohereForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), "cohere rotates interleaved pairs"),
-        (lambda: small("GPTJConfig", "GPTJForCausalLM", n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=32), r"rotates only part of each head \(rotary_dim=4 of 8\)"),
+        (lambda: small("Qwen3Config", "Qwen3ForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "normalizes q and k after their projections", None),
+        (lambda: small("CohereConfig", "CohereForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), "cohere rotates interleaved pairs", None),
+        (lambda: small("GPTJConfig", "GPTJForCausalLM", n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=32), r"rotates only part of each head \(rotary_dim=4 of 8\)", None),
+        # found by a probe: each changed the output at init (by 1.7e-3 to 2.5e-3)
+        (lambda: small("Ernie4_5Config", "Ernie4_5ForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8), "ernie4_5 rotates interleaved pairs", None),
+        (lambda: small("GPTJConfig", "GPTJForCausalLM", n_embd=32, n_layer=1, n_head=4, rotary_dim=8, n_positions=32), "rope='none' would rewrite", {"rope": "none"}),
+        (lambda: small("StableLmConfig", "StableLmForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.25), r"only part of each head \(partial_rotary_factor=0.25\)", {"rope": "half"}),
+        # heads wider than the model: a bare RuntimeError in the factoring
+        (lambda: small("LlamaConfig", "LlamaForCausalLM", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32), "heads of 32 features are wider than the model's 16", None),
     ],
 )
-def test_clover_refuses_models_whose_attention_it_would_change(make, text):
+def test_clover_refuses_models_whose_attention_it_would_change(make, text, hp):
     model = make()
     with pytest.raises(peftify.SpecError, match=text):
-        peftify.peftify(model, attn_spec())
+        peftify.peftify(model, attn_spec(**(hp or {})))
     assert not hasattr(model, "_peftify")
+
+
+def test_clover_pairs_the_projections_of_each_attention_not_each_layer_index():
+    """T5's encoder block 0 and decoder block 0 (self- and cross-attention) share layer index 0:
+    pairing by layer overwrote one attention's sites with another's (AttributeError on None).
+    Paired by capture's attention id, every attention is rewritten and the output is unchanged."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)).double().eval()
+    x = {"input_ids": torch.randint(0, 64, (2, 7)), "decoder_input_ids": torch.randint(0, 64, (2, 5))}
+    ref = output(model, x)
+    peftify.peftify(model, attn_spec(), example_inputs=x)
+    assert len(peftify.report(model).rows) == 24  # encoder self, decoder self and cross: 3 × 2 layers × 4
+    torch.testing.assert_close(output(model, x), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_clover_without_a_config_says_what_auto_assumes():
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16, bias=False) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+            return self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 16))
+
+    with pytest.warns(UserWarning, match="rope='auto' reads the model's config, and this model has none"):
+        peftify.peftify(Attention(), {"rules": [{"match": "*", "apply": {"method": "clover", "heads": 2}}]}, example_inputs=torch.randn(2, 5, 16))
 
 
 def test_clover_refuses_head_counts_that_cut_a_pair_unevenly():
     model = rope_free(tiny_llama())  # 4 query heads of 16, 2 key/value heads
-    with pytest.raises(peftify.SpecError, match=r"cut layer 0's attn.q and attn.k into heads of different sizes \(attn.q: 16, attn.k: 8\)"):
+    with pytest.raises(peftify.SpecError, match=r"cut attention model.layers.0.self_attn's attn.q and attn.k into heads of different sizes \(attn.q: 16, attn.k: 8\)"):
         peftify.peftify(model, {"rules": [{"match": "re:.*(q_proj|k_proj)$", "apply": {"method": "clover", "heads": 4, "kv_heads": 4, "rope": "none"}}]})
     assert not hasattr(model, "_peftify")
 
