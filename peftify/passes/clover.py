@@ -24,6 +24,15 @@ INTERLEAVED_ROPE = {
 }  # fmt: skip
 
 
+def _partial_rotary(params) -> float | None:
+    """A partial rotary factor in a config's rope_parameters, also nested per layer type
+    ({"full_attention": {..., "partial_rotary_factor": 0.5}})."""
+    if not isinstance(params, dict):
+        return None
+    found = [params.get("partial_rotary_factor")] + [v.get("partial_rotary_factor") for v in params.values() if isinstance(v, dict)]
+    return next((f for f in found if f not in (None, 1, 1.0)), None)
+
+
 def attention_role(site: Site) -> str | None:
     found = [r for r in ROLES if r in site.roles]
     return found[0] if len(found) == 1 else None
@@ -90,7 +99,7 @@ class CLOVER(Method):
         if rope == "auto":
             rope = "half" if rotary else "none"
         if rope == "half" and cfg is not None:  # what the config says the rotation is, given or found
-            partial = getattr(cfg, "partial_rotary_factor", None) or (params.get("partial_rotary_factor") if isinstance(params, dict) else None)
+            partial = getattr(cfg, "partial_rotary_factor", None) or _partial_rotary(params)
             partial = partial or getattr(cfg, "rotary_pct", None)
             rotary_dim, head_dim = getattr(cfg, "rotary_dim", None), getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // heads if heads else None)
             if partial not in (None, 1, 1.0) or (rotary_dim is not None and rotary_dim != head_dim):
@@ -116,9 +125,12 @@ class CLOVER(Method):
         count = self.kv_heads if role in ("attn.k", "attn.v") else self.heads
         if width % count or (self.rope == "half" and (width // count) % 2):
             invalid("heads", f"{site.fqn}: {width} features do not split into {count} heads" + (" of even size" if self.rope == "half" else ""))
-        other = site.out_features if role == "attn.o" else site.in_features  # the model's width
-        if width // count > other:
-            invalid("heads", f"{site.fqn}: heads of {width // count} features are wider than the model's {other}; clover factors each head within it")
+        # an SVD factors each head within the width it reads (K's and V's inputs, the group's O
+        # outputs); the rotary Q–K factoring needs no SVD
+        head, group = width // count, self.heads // self.kv_heads
+        other = {"attn.v": site.in_features, "attn.k": site.in_features if self.rope != "half" else head, "attn.o": group * site.out_features}.get(role, head)
+        if head > other:
+            invalid("heads", f"{site.fqn}: heads of {head} features are wider than the {other} features clover factors each of them within")
 
     def trainable_params(self, site: Site) -> int:
         role = attention_role(site)
@@ -133,17 +145,19 @@ class CLOVER(Method):
 
     @staticmethod
     def _by_layer(sites: list[Site]) -> dict[object, dict[str, int]]:
-        """Each attention's sites by role: capture's attention id, else the layer index (an encoder's
-        and a decoder's block 0, or a self- and a cross-attention, share a layer index)."""
+        """Each attention's sites by role, keyed by capture's attention id and the layer index: an
+        encoder's and a decoder's block 0 (or a self- and a cross-attention) share a layer index,
+        and the blocks of a model that applies attention in one shared module share an id."""
         by_layer: dict[object, dict[str, int]] = {}
         for i, site in enumerate(sites):
-            by_layer.setdefault(site.attention if site.attention is not None else site.layer, {})[attention_role(site)] = i
+            by_layer.setdefault((site.attention, site.layer), {})[attention_role(site)] = i
         return by_layer
 
     def check_together(self, sites: list[Site]) -> None:
         """Each attention's q comes with its k and its v with its o, cut into heads of one size."""
         for layer, roles in self._by_layer(sites).items():
-            where = f"attention {layer}" if isinstance(layer, str) else f"layer {layer}"
+            attention, index = layer
+            where = f"attention {attention or 'of the model'}" + (f" in layer {index}" if index is not None else "")
             for first, second in self.PAIRS:
                 if (first in roles) != (second in roles):
                     have, lack = (first, second) if first in roles else (second, first)

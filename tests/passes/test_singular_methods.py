@@ -158,7 +158,7 @@ def small(config_class, model_class, **kw):
         (lambda: small("GPTJConfig", "GPTJForCausalLM", n_embd=32, n_layer=1, n_head=4, rotary_dim=8, n_positions=32), "rope='none' would rewrite", {"rope": "none"}),
         (lambda: small("StableLmConfig", "StableLmForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.25), r"only part of each head \(partial_rotary_factor=0.25\)", {"rope": "half"}),
         # heads wider than the model: a bare RuntimeError in the factoring
-        (lambda: small("LlamaConfig", "LlamaForCausalLM", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32), "heads of 32 features are wider than the model's 16", None),
+        (lambda: small("LlamaConfig", "LlamaForCausalLM", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32), "heads of 32 features are wider than the 16 features", None),
     ],
 )
 def test_clover_refuses_models_whose_attention_it_would_change(make, text, hp):
@@ -200,7 +200,7 @@ def test_clover_without_a_config_says_what_auto_assumes():
 
 def test_clover_refuses_head_counts_that_cut_a_pair_unevenly():
     model = rope_free(tiny_llama())  # 4 query heads of 16, 2 key/value heads
-    with pytest.raises(peftify.SpecError, match=r"cut attention model.layers.0.self_attn's attn.q and attn.k into heads of different sizes \(attn.q: 16, attn.k: 8\)"):
+    with pytest.raises(peftify.SpecError, match=r"cut attention model.layers.0.self_attn in layer 0's attn.q and attn.k into heads of different sizes \(attn.q: 16, attn.k: 8\)"):
         peftify.peftify(model, {"rules": [{"match": "re:.*(q_proj|k_proj)$", "apply": {"method": "clover", "heads": 4, "kv_heads": 4, "rope": "none"}}]})
     assert not hasattr(model, "_peftify")
 
@@ -612,3 +612,65 @@ def test_decompositions_are_held_a_wave_at_a_time(monkeypatch):
     for (n, p), (m, q) in zip(whole.state_dict().items(), waved.state_dict().items()):
         assert n == m
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+class _SharedCore(torch.nn.Module):
+    """One attention core module that every block calls: every site gets the attention id 'core'."""
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class _CoreBlock(torch.nn.Module):
+    def __init__(self, core):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16, bias=False) for _ in range(4))
+        self.__dict__["core"] = core  # not a submodule of each block
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return x + self.o(self.core(q, k, v).transpose(1, 2).reshape(b, t, 16))
+
+
+class _SharedCoreNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.core = _SharedCore()
+        self.layers = torch.nn.ModuleList(_CoreBlock(self.core) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_clover_pairs_blocks_that_share_one_attention_module():
+    """Pairing by attention id alone let blocks that call one shared attention core overwrite each
+    other (AttributeError); the pairs are keyed by id and layer."""
+    torch.manual_seed(0)
+    model = _SharedCoreNet().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert {s.attention for s in peftify.capture(model, x).sites} == {"core"}
+    ref = model(x)
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "clover", "heads": 2, "rope": "none"}}]}, example_inputs=x)
+    assert len(peftify.report(model).rows) == 8
+    torch.testing.assert_close(model(x), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_clover_takes_wide_heads_where_no_svd_needs_them_narrow():
+    """The rotary Q–K factoring uses no SVD, so heads wider than the model are fine there (a tiny
+    Gemma keeps its default head_dim=256); the V–O pair's SVD is what refuses them."""
+    model = small("GemmaConfig", "GemmaForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1).double()
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    ref = output(model, x)
+    peftify.peftify(model, {"rules": [{"match": "role:attn.[qk]", "apply": {"method": "clover"}}]})
+    torch.testing.assert_close(output(model, x), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_clover_reads_a_partial_rotary_factor_nested_per_layer_type():
+    cfg = type("Config", (), {"num_attention_heads": 4, "rope_parameters": {"full_attention": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}})()
+    holder = torch.nn.Module()
+    holder.config = cfg
+    with pytest.raises(peftify.SpecError, match=r"partial_rotary_factor=0.5"):
+        peftify.CLOVER().resolve(holder)
