@@ -37,11 +37,6 @@ def pissa_iterations(init: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def splits_weight(init: str) -> bool:
-    """Whether `init` takes s·B·A out of W (PiSSA, OLoRA): the base weight becomes the residual."""
-    return init in ("pissa", "olora") or pissa_iterations(init) is not None
-
-
 @register("lora")
 @dataclass(frozen=True)
 class LoRA(Method):
@@ -100,7 +95,8 @@ class LoRA(Method):
 
     @property
     def rewrites_base(self) -> bool:
-        return splits_weight(self.init)
+        # PiSSA and OLoRA take s·B·A out of W: the base weight becomes the residual
+        return self.init in ("pissa", "olora") or pissa_iterations(self.init) is not None
 
     @property
     def init_needs_weights(self) -> bool:
