@@ -236,6 +236,24 @@ def test_mup_init_scales_and_learning_rates_follow_the_factor_dimensions():
     assert {g["lr_mult"] for g in peftify.param_groups(projected)} == {1.0}  # fine-tuning a projection: no μP multipliers
 
 
+def test_mup_kron_counts_its_terms_in_the_summing_factor():
+    # Y = Σ_t A_t X B_tᵀ sums `terms` independent products through A: its σ is divided by √terms,
+    # so a sum of 16 terms starts as large as one term (not √16 = 4× larger), and its learning rate
+    # by terms, as for a fan-in of terms·n1
+    x = torch.randn(512, 1024)
+    rms = {}
+    for terms in (1, 16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1024, 1024))
+        peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "kron", "terms": terms, "init": "mup"}}]}, example_inputs=(x[:2],))
+        mod = model[0].adapters["default"]
+        assert mod.a.shape == (terms, 32, 32) and mod.a.std().item() == pytest.approx(spectral_std(32, 32) / terms**0.5, rel=0.1)
+        assert [g["lr_mult"] for g in peftify.param_groups(model) if any(p is mod.a for p in g["params"])] == [1024 / (2 * 32 * terms)]
+        with torch.no_grad():
+            rms[terms] = (model(x).square().mean() / x.square().mean()).sqrt().item()
+    assert rms[16] == pytest.approx(rms[1], rel=0.25)
+
+
 def test_training_from_scratch_with_mup_lowers_the_loss():
     torch.manual_seed(0)
     model = tiny_llama()
@@ -307,6 +325,70 @@ def test_self_guided_training_saves_and_resumes_mid_anneal_and_after(tmp_path):
     again = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "done")
     assert all(m.adapters["default"].guide is None for m in structured_sites(again))
     torch.testing.assert_close(output(again, X), output(model, X), rtol=0, atol=0)
+
+
+def test_self_guided_resumes_with_another_length_and_drops_the_guides():
+    """A schedule resumed with a different `steps` started as done (t rounded up to steps) and
+    never dropped the guides; it goes on from the layers' α by 1/steps a step and drops them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "lowrank", "r": 4, "init": "self_guided"}}]}, example_inputs=(torch.randn(2, 32),))
+    first = peftify.SelfGuided(model, steps=10)
+    for _ in range(9):
+        first.step()
+    resumed = peftify.SelfGuided(model, steps=4)
+    assert resumed.alpha == pytest.approx(0.1, abs=1e-6) and not resumed.done
+    resumed.step()
+    assert resumed.done and model[0].adapters["default"].guide is None
+    resumed.step()  # past the end: nothing more to do
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(32, 32))
+    peftify.peftify(fresh, {"rules": [{"match": "0", "apply": {"method": "lowrank", "r": 4, "init": "self_guided"}}]}, example_inputs=(torch.randn(2, 32),))
+    mix = fresh[0].adapters["default"].mix
+    for bad in (1.5, -0.2):
+        mix.fill_(bad)
+        with pytest.raises(peftify.SpecError, match=r"\[0, 1\]") as err:
+            peftify.SelfGuided(fresh, steps=4)
+        assert err.value.field == "mix"
+    mix.fill_(0.0)  # a file saved at α = 0 before its guides were dropped: the first step drops them
+    ended = peftify.SelfGuided(fresh, steps=4)
+    assert not ended.done and ended.alpha == 0.0
+    ended.step()
+    assert ended.done and fresh[0].adapters["default"].guide is None
+
+
+def test_self_guided_schedules_the_active_adapter_alone():
+    """With two self-guided adapters, stepping the active one's schedule annealed the other's
+    layers too (its untrained structure took over its layer: outputs up to 1.0 off) and dropped
+    their guides for good."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model, x = Two(), torch.randn(4, 32)
+    rule = lambda name: {"rules": [{"match": name, "apply": {"method": "lowrank", "r": 4, "init": "self_guided"}}]}
+    peftify.peftify(model, rule("fc"), example_inputs=(x,), adapter="a")
+    with pytest.warns(UserWarning, match="compute under every adapter"):
+        peftify.peftify(model, rule("fc2"), example_inputs=(x,), adapter="b")
+    a, b = model.fc.adapters["a"], model.fc2.adapters["b"]
+    fc_before = model.fc(x).detach()
+    schedule = peftify.SelfGuided(model, steps=2)
+    assert schedule.modules == [b]
+    schedule.step()
+    schedule.step()
+    assert b.guide is None and a.guide is not None and float(a.mix) == 1.0
+    torch.testing.assert_close(model.fc(x), fc_before, rtol=0, atol=0)
+    peftify.set_adapter(model, "a")
+    assert peftify.SelfGuided(model, steps=2).modules == [a]
+    peftify.set_adapter(model, "b")
+    with pytest.raises(peftify.SpecError, match="adapter 'b' of this model has no self-guided"):
+        peftify.SelfGuided(model, steps=2)
 
 
 @pytest.mark.parametrize("cast_after", [False, True], ids=["bf16-model", "cast-after-rewrite"])

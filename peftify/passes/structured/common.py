@@ -22,12 +22,16 @@ INITS = ("auto", "project", "mup", "self_guided")
 @dataclasses.dataclass(frozen=True)
 class Factor:
     """One trained tensor of a structure: its shape and the fan-in/fan-out of its own blocks
-    (what the μP rule scales by)."""
+    (what the μP rule scales by). ``terms``: how many independent products the structure sums
+    through this factor (Kronecker's terms): σ is divided by √terms, so that the sum starts as
+    large as one term, and the Adam multiplier's fan-in is terms·fan_in, because the aligned
+    updates of every term add up."""
 
     name: str
     shape: tuple[int, ...]
     fan_in: int
     fan_out: int
+    terms: int = 1
 
 
 class Structured(Method):
@@ -40,7 +44,8 @@ class Structured(Method):
       - "mup": from scratch, each factor ~ N(0, σ²) with σ = fan_in^-½·min(1, √(fan_out/fan_in))
         over the factor's own block dimensions, and Adam learning-rate multiplier
         base_width / (num_factors · fan_in) ("Compute Better Spent: Replacing Dense Layers with
-        Structured Matrices", Qiu et al.);
+        Structured Matrices", Qiu et al.); a factor summed over `Factor.terms` products has σ/√terms
+        and fan-in terms·fan_in for its multiplier;
       - "self_guided": "mup" factors plus a trainable dense guide G = W, output α·Gx + (1−α)·S(x)
         with α annealed 1 → 0 by `peftify.SelfGuided` ("Building on Efficient Foundations",
         Wei et al.);
@@ -115,7 +120,7 @@ class Structured(Method):
 
     def lr_mult(self, site: Site, factor: Factor) -> float:
         base = self.base_width or site.in_features
-        return base / (self.num_factors * factor.fan_in)
+        return base / (self.num_factors * factor.terms * factor.fan_in)
 
 
 def spectral_std(fan_in: int, fan_out: int) -> float:
@@ -170,7 +175,7 @@ class StructuredModule(SiteModule):
             values = {f.name: torch.empty(f.shape, **factory) for f in factors} | method.fixed_buffers(site, weight)
             if weight.device.type != "meta":
                 for f in factors:
-                    nn.init.normal_(values[f.name], std=spectral_std(f.fan_in, f.fan_out))
+                    nn.init.normal_(values[f.name], std=spectral_std(f.fan_in, f.fan_out) / math.sqrt(f.terms))
         names = {f.name for f in factors}
         for name, value in values.items():
             if name not in names:  # fixed, not trained: a sparse support

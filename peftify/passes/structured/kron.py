@@ -68,7 +68,7 @@ class Kron(Structured):
 
     def factors(self, site: Site) -> list[Factor]:
         (m1, n1), (m2, n2) = self.shapes(site)
-        return [Factor("a", (self.terms, m1, n1), n1, m1), Factor("b", (self.terms, m2, n2), n2, m2)]
+        return [Factor("a", (self.terms, m1, n1), n1, m1, terms=self.terms), Factor("b", (self.terms, m2, n2), n2, m2)]  # Σ_t A_t Z_t
 
     def structure_flops(self, site: Site) -> int:
         (m1, n1), (m2, n2) = self.shapes(site)

@@ -13,7 +13,9 @@ class SelfGuided:
     Effectively Training LLMs with Structured Feedforward Layers", Wei et al.): each such layer
     computes α·G x + (1−α)·S(x) with a trainable dense guide G; every `step` lowers α linearly,
     α = 1 − t/steps, and at α = 0 the guides are dropped — removed from the model and, when
-    `optimizer` is given, from its parameter groups and state, so their memory is freed.
+    `optimizer` is given, from its parameter groups and state, so their memory is freed. It
+    schedules the active adapter's layers; on a model whose layers are mid-anneal (a loaded
+    adapter) it resumes at their α, with this schedule's `steps`.
 
         schedule = peftify.SelfGuided(model, steps=1000, optimizer=opt)
         for batch in data:
@@ -22,15 +24,27 @@ class SelfGuided:
 
     def __init__(self, model: nn.Module, steps: int, optimizer: torch.optim.Optimizer | None = None):
         from peftify.passes.structured.common import StructuredModule
+        from peftify.rewrite.apply import adapted_site
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise SpecError(f"steps must be a positive integer, got {steps!r}", field="steps")
-        self.modules = [m for m in model.modules() if isinstance(m, StructuredModule) and m.guide is not None]
+        state = getattr(model, "_peftify", None)
+        # the active adapter's layers alone: another adapter's structure may stand for its layer too,
+        # and annealing it would move that layer towards its untrained factors
+        layers = [adapted_site(model, e.site).adapters[state.current] for e in state.plan.entries] if state is not None else []
+        self.modules = [m for layer in layers for m in layer.modules() if isinstance(m, StructuredModule) and m.guide is not None]
         if not self.modules:
-            raise SpecError("this model has no self-guided structured layers (init='self_guided')")
-        # resume where the layers are (a model loaded mid-anneal keeps its α): α = 1 − t/steps
+            which = f"adapter {state.current!r} of this model" if state is not None else "this model"
+            raise SpecError(f"{which} has no self-guided structured layers (init='self_guided') whose guides are still there")
+        mixes = sorted({float(m.mix) for m in self.modules})
+        if not 0.0 <= mixes[0] <= mixes[-1] <= 1.0 or mixes[-1] - mixes[0] > 1e-6:
+            raise SpecError(f"the self-guided layers' α (their `mix` buffers) must agree and lie in [0, 1], got {mixes[0]:g} to {mixes[-1]:g}", field="mix")
+        # resume where the layers are (a model loaded mid-anneal keeps its α, α = 1 − t/steps),
+        # with any `steps`: t need not be whole, and it is rounded only where float32 α blurred it
         self.steps, self.optimizer = steps, optimizer
-        self.t = round((1.0 - float(self.modules[0].mix)) * steps)
+        t = (1.0 - mixes[0]) * steps
+        self.t = round(t) if abs(t - round(t)) < 1e-3 else t
+        self.dropped = False
 
     @property
     def alpha(self) -> float:
@@ -39,20 +53,22 @@ class SelfGuided:
 
     @property
     def done(self) -> bool:
-        return self.t >= self.steps
+        """Whether the guides are dropped (the step that brings α to 0 drops them)."""
+        return self.dropped
 
     def step(self) -> None:
         """Advance one training step: α falls by 1/steps; at 0 the guides are dropped."""
-        if self.done:
+        if self.dropped:
             return
-        self.t += 1
-        if not self.done:
+        self.t = min(self.t + 1, self.steps)
+        if self.t < self.steps:
             for m in self.modules:
                 m.mix.fill_(self.alpha)
             return
         guides = {id(m.guide) for m in self.modules}
         for m in self.modules:
             m.drop_guide()
+        self.dropped = True
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 kept = [p for p in group["params"] if id(p) not in guides]
