@@ -275,14 +275,14 @@ class CLOVERModule(SiteModule):
         self.residual = new_weight.to(weight.dtype)
         self.register_buffer("original", weight, persistent=False)  # the weight before, to compute it while inactive
         self.sigma = nn.Parameter(sigma.to(weight.dtype)) if sigma is not None else None
+        # a pruned direction's rows of the new weight are zero (on both sides of the pair), so its
+        # σ scales nothing and gets no gradient: no mask, and the state dict alone says what is pruned
         self.removed, self.error = removed, error
-        if sigma is not None:
-            self.register_buffer("keep", (sigma != 0).to(weight.dtype), persistent=False)
 
     def scale(self) -> torch.Tensor | None:
         if self.sigma is None:
             return None
-        s = self.sigma * self.keep
+        s = self.sigma
         if self.method.rope == "half" and attention_role(self.site) == "attn.k":
             s = s.view(self.method.kv_heads, -1).repeat(1, 2).reshape(-1)
         return s

@@ -92,15 +92,33 @@ def test_clover_pruning_reports_parameters_removed_and_error():
         removed[eps] = sum(m.removed for m in mods)
         for m in mods:
             if eps and m.sigma is not None:
-                dropped = (m.keep == 0).sum().item()
+                dropped = (m.sigma == 0).sum().item()
                 per = 2 * 64 * 3 if "attn.k" in m.site.roles else 64 + 2 * 64  # per frequency 2 K rows + 2x2 Q rows; V row + 2 O columns
                 assert m.removed == dropped * (per + 1)
-                assert (m.sigma[m.keep == 0] == 0).all()
         rows = {r[0]: r for r in peftify.report(model).rows}
         v_note = rows["model.layers.0.self_attn.v_proj"][-1]
         assert (v_note == "") == (eps == 0.0) and (not eps or f"pruned {mods[2].removed:,} params" in v_note), v_note
     assert removed[0.0] == 0 < removed[0.01] < removed[0.6]
     assert errors[0.0] < 1e-9 < errors[0.01] < errors[0.6] / 10, errors  # the 1e-3 directions cost little; cutting into real ones costs more
+
+
+def test_clover_pruned_state_dict_loads_into_a_twin_from_another_base():
+    """What CLOVER pruned was a mask outside the state dict: a twin rewritten from another base
+    (say `LlamaForCausalLM(config)`) kept its own mask after `load_state_dict` and computed logits
+    0.23 apart, with every key matched. The pruned directions are the zero rows of the saved weights."""
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(), attn_spec(prune=0.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # trained (a pruned σ moved too: it scales zero rows)
+    torch.manual_seed(7)
+    twin = peftify.peftify(tiny_llama(), attn_spec(prune=0.5))
+    twin.load_state_dict(model.state_dict())
+    assert sum(m.adapters["default"].removed for m in model.modules() if isinstance(m, AdaptedSite)) > 0
+    torch.testing.assert_close(output(twin, X), output(model, X), rtol=1e-6, atol=1e-6)
+    merged = peftify.merge(copy.deepcopy(model))
+    torch.testing.assert_close(output(merged, X), output(model, X), rtol=1e-5, atol=1e-5)
 
 
 def test_clover_pair_error_is_the_relative_error_of_the_products():
@@ -110,7 +128,7 @@ def test_clover_pair_error_is_the_relative_error_of_the_products():
     q, k = attn.q_proj.weight.detach().clone(), attn.k_proj.weight.detach().clone()
     peftify.peftify(model, attn_spec(rope="none", prune=0.5))
     kmod = attn.k_proj.adapters["default"]
-    new_q, new_k = attn.q_proj.base_layer.weight, (kmod.sigma * kmod.keep)[:, None] * attn.k_proj.base_layer.weight
+    new_q, new_k = attn.q_proj.base_layer.weight, kmod.sigma[:, None] * attn.k_proj.base_layer.weight
     before = torch.stack([q.view(2, 2, 16, 64)[i // 2, i % 2].t() @ k.view(2, 16, 64)[i // 2] for i in range(4)])
     after = torch.stack([new_q.view(2, 2, 16, 64)[i // 2, i % 2].t() @ new_k.view(2, 16, 64)[i // 2] for i in range(4)])
     assert kmod.removed > 0
