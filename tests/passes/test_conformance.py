@@ -67,7 +67,7 @@ def svft_ref(w, mod):
 def clover_ref(w, mod):
     if mod.sigma is None:
         return w
-    sigma = mod.sigma * mod.keep
+    sigma = mod.sigma
     if mod.method.rope == "half" and "attn.k" in mod.site.roles:  # one σ per rotary frequency: both dims of the pair
         sigma = torch.cat([sigma.view(mod.method.kv_heads, -1)] * 2, 1).flatten()
     return torch.diag(sigma) @ w
