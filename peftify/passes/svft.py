@@ -132,7 +132,10 @@ class SVFTModule(SingularVectors):
 
     def factors(self):
         terms = self.u[:, self.rows] * self.m
-        um = terms.new_zeros(self.u.shape).index_add(1, self.cols, terms)  # U·M, M sparse
+        # U·M (M sparse) summed in float32 at least: Inductor leaves a half-precision index_add to
+        # aten, and an AOTInductor package then fails to call it (torch 2.13)
+        acc = torch.promote_types(terms.dtype, torch.float32)
+        um = terms.new_zeros(self.u.shape, dtype=acc).index_add(1, self.cols, terms.to(acc)).to(terms.dtype)
         return self.vh, um, 1.0
 
     # With all singular vectors, W' = U (diag(σ₀) + M) Vᵀ: W itself is not used.

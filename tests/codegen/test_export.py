@@ -6,6 +6,7 @@ import sys
 
 import torch
 from conftest import output, tiny_llama
+from torch import nn
 
 import peftify
 
@@ -147,3 +148,19 @@ def test_export_without_inputs_builds_them_from_a_first_layer_a_structure_replac
     program = peftify.export(model.eval())
     x = torch.randn(2, 16)
     torch.testing.assert_close(program.module()(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_half_precision_svft_package_runs(tmp_path):
+    """SVFT's U·M summed its sparse entries with a bfloat16 index_add, which Inductor leaves to
+    aten and an AOTInductor package then failed to call ("Mismatch between ints consumed and
+    num_ints"); it sums in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24))
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "svft", "r": 8, "pattern": "banded", "k": 1}}]}, example_inputs=(torch.randn(2, 32),), progress=False)
+    with torch.no_grad():
+        model[0].adapters["default"].m.normal_()
+    model.bfloat16().eval()
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    peftify.export(model, (x,), package=tmp_path / "svft.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(peftify.load_package(tmp_path / "svft.pt2")(x), model(x), atol=2e-2, rtol=2e-2)
