@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
@@ -594,6 +595,22 @@ class AdaptedSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # An init that rewrote the base weight (PiSSA, OLoRA, CLOVER) keeps what it took out of
+        # the original outside the state dict (as large as the weight). A checkpoint from another
+        # base (a model built from its config) computes right once loaded, but the original
+        # that disabling and unloading give back is still this model's own.
+        loaded, w = state_dict.get(prefix + "base_layer.weight"), getattr(self.base_layer, "weight", None)
+        comparable = isinstance(loaded, torch.Tensor) and w is not None and loaded.shape == w.shape and not (loaded.is_meta or w.is_meta)
+        if self.rewritten_by is not None and comparable and not torch.equal(loaded.to(w.device, w.dtype), w):
+            warnings.warn(
+                f"peftify: the state dict's base weight of {self.site.fqn} differs from the one adapter {self.rewritten_by!r} was split from at its init: "
+                "the model computes the loaded adapter, but with adapters disabled and after unload it gives this model's weight from before the load, "
+                "not the checkpoint's base. Load onto the base model the adapter was made from (peftify.load_adapter takes the adapter alone)",
+                stacklevel=2,
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

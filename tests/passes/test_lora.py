@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -488,3 +489,27 @@ def test_first_order_gradients_reuse_the_forwards_x_a(monkeypatch):
     with CountMM():
         loss(a, b).backward()
     assert with_func == CountMM.n  # forward: x Aᵀ and the fused GEMM; backward: ∂y B, ∂A and ∂B
+
+
+@pytest.mark.parametrize("apply", [{"method": "lora", "r": 4, "init": "pissa"}, {"method": "clover"}], ids=["pissa", "clover"])
+def test_a_state_dict_from_another_base_warns_that_the_kept_original_is_this_models(apply):
+    """PiSSA and CLOVER keep the weight they split outside the state dict. A full state dict from
+    a model rewritten from another base (one built from its config) computed right, but with
+    adapters disabled and after unload gave this model's weights, 0.9 off the checkpoint's base,
+    in silence. The load warns; a checkpoint of the same base loads quietly."""
+    spec = {"rules": [{"match": "role:attn.*", "apply": apply}]}
+    torch.manual_seed(0)
+    trained = peftify.peftify(tiny_llama(), spec, progress=False)
+    state = trained.state_dict()
+    torch.manual_seed(0)
+    same = peftify.peftify(tiny_llama(), spec, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)
+    torch.manual_seed(7)
+    other = peftify.peftify(tiny_llama(), spec, progress=False)
+    with pytest.warns(UserWarning, match="differs from the one adapter 'default' was split from") as caught:
+        other.load_state_dict(state)
+    assert len([w for w in caught if "differs" in str(w.message)]) == 8  # q, k, v, o in each of 2 layers
+    x = {"input_ids": torch.arange(18).view(2, 9) % 101}
+    torch.testing.assert_close(output(other, x), output(trained, x), rtol=1e-5, atol=1e-5)  # what it computes is the checkpoint's
