@@ -362,7 +362,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         out_f, in_f = param.shape[-2:][::-1] if first.transposed else param.shape[-2:]
         owners = []
         for u in group:
-            mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()))
+            mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()) <= _PLAIN_LINEAR_OPS and _only_its_linear(model, u, params))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
         module_site = len(owners) > 0 and all(u.owner in owners for u in group)
@@ -413,10 +413,10 @@ def is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and isinstance(w := getattr(mod, "weight", None), torch.Tensor) and w.dim() == 2
 
 
-def _linear_like(model: nn.Module, path: str, traced_ops: Callable[[], set[str]] | None = None):
+def _linear_like(model: nn.Module, path: str, plain_forward: Callable[[], bool] | None = None):
     """The module at `path` if its forward is a linear map of its own ``weight``: an nn.Linear,
-    a subclass that keeps nn.Linear's forward or whose traced forward (`traced_ops()`) only does
-    ops within `_PLAIN_LINEAR_OPS`, or transformers' Conv1D (GPT-2)."""
+    a subclass that keeps nn.Linear's forward or whose traced forward is x Wᵀ + b all the same
+    (`plain_forward()`), or transformers' Conv1D (GPT-2)."""
     try:
         mod = model.get_submodule(path) if path else model
     except AttributeError:
@@ -425,9 +425,42 @@ def _linear_like(model: nn.Module, path: str, traced_ops: Callable[[], set[str]]
         return None
     if is_conv1d(mod) or type(mod).forward is nn.Linear.forward:
         return mod
-    if isinstance(mod, nn.Linear) and traced_ops is not None and traced_ops() <= _PLAIN_LINEAR_OPS:
+    if isinstance(mod, nn.Linear) and plain_forward is not None and plain_forward():
         return mod
     return None
+
+
+def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str]) -> bool:
+    """Whether the traced forward of the module applying `use` computes x Wᵀ + b of its own
+    weight and bias and nothing else (FalconLinear's ``x @ W.T + b``): a module site's container
+    computes adapter(x, W, b) in the forward's place. Not so for a forward that adds another
+    parameter, leaves its bias out, scales an addmm, computes W x, or moves the output's
+    features from the last dim; such a layer stays a functional site (its weight rewritten where
+    its forward reads it)."""
+    node, target = use.node, str(use.node.target)
+    if target in ("aten.mm.default", "aten.matmul.default") and use.x is not node.args[0]:
+        return False
+    if target == "aten.addmm.default" and (node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1):
+        return False
+    bias = getattr(model.get_submodule(use.owner), "bias", None)
+    if (bias is None) != (use.bias is None) or (use.bias is not None and model.get_parameter(use.bias) is not bias):
+        return False
+    result = next(iter(node.users)) if target in ("aten.mm.default", "aten.matmul.default") and use.bias else node  # x @ W + b
+    keeps = {op for op, swaps in WEIGHT_VIEWS.items() if not swaps}
+    x_views, n = set(), use.x
+    while isinstance(n, torch.fx.Node) and n.op == "call_function" and _owner(n) == use.owner and str(n.target) in keeps:
+        x_views.add(n)
+        n = n.args[0]
+    out, out_views = result, set()
+    while len(out.users) == 1 and (user := next(iter(out.users))).op == "call_function" and _owner(user) == use.owner and str(user.target) in keeps:
+        out = user
+        out_views.add(out)
+    val = out.meta.get("val")
+    if val is None or val.dim() == 0 or val.shape[-1] != node.meta["val"].shape[-1]:
+        return False
+    allowed = {node, result} | x_views | out_views
+    others = (n for n in node.graph.nodes if n.op == "call_function" and _owner(n) == use.owner and n not in allowed)
+    return all(str(n.target) in WEIGHT_VIEWS and _param_behind(n, params, matrix=False) is not None for n in others)  # views of W or b
 
 
 def ops_by_owner(graph: torch.fx.Graph, params: dict[str, str]) -> dict[str, set[str]]:

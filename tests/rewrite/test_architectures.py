@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import output
 from torch import nn
 
@@ -305,6 +306,55 @@ def test_linear_subclasses_are_module_sites_and_can_be_replaced(kind):
 def test_a_linear_subclass_doing_more_than_a_linear_map_stays_functional():
     sites = {s.fqn: s.kind for s in peftify.capture(Subclassed(ScaledForward)).sites}
     assert sites == {"up.weight": "functional", "down.weight": "functional"}
+
+
+class OffsetForward(nn.Linear):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.offset = nn.Parameter(torch.randn(args[1]))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.offset
+
+
+class BiaslessForward(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class ScaledAddmm(nn.Linear):
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight.t(), alpha=2, beta=0.5)
+
+
+class TransposedOutput(nn.Linear):
+    def forward(self, x):
+        return super().forward(x).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("kind", [OffsetForward, BiaslessForward, ScaledAddmm, TransposedOutput])
+def test_a_linear_subclass_whose_forward_is_not_its_linear_map_is_rewritten_where_it_reads_the_weight(kind):
+    """Their forwards use only products, views and `add`s of parameters, which passed for x Wᵀ + b:
+    they became module sites whose container computed adapter(x, W, b) alone, and lost the offset,
+    the left-out bias, addmm's alpha and beta, or the transpose (up to 1.0 off at init, and merge
+    kept it). They are functional sites: the forward runs as written, on the adapted weight."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(kind(8, 6)), torch.randn(3, 8)
+    assert [s.kind for s in peftify.capture(model, example_inputs=(x,)).sites] == ["functional"]
+    ref = model(x).detach()
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
+    delta = model[0].parametrizations.weight[0].adapted.adapters["default"]
+    w = model[0].parametrizations.weight.original + delta.scaling * delta.lora_B @ delta.lora_A
+    with torch.no_grad():
+        plain = nn.Sequential(kind(8, 6))
+        plain.load_state_dict({k.replace("parametrizations.weight.original", "weight"): v for k, v in model.state_dict().items() if "adapted" not in k})
+        plain[0].weight.copy_(w)
+        adapted = model(x)
+        torch.testing.assert_close(adapted, plain(x))  # the subclass's own forward, on W + s·B·A
+        assert (adapted - ref).abs().max() > 1e-3
+    peftify.merge(model)
+    assert type(model[0]) is kind
+    torch.testing.assert_close(model(x), adapted)
 
 
 def test_multihead_attention_out_proj_is_functional():
