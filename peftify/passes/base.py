@@ -698,9 +698,12 @@ class WeightParametrization(nn.Module):
     the owner's code keeps calling ``F.linear(x, self.w)`` and gets the merged weight.
     """
 
-    def __init__(self, adapted: AdaptedSite):
+    def __init__(self, adapted: AdaptedSite, shared: bool = False):
         super().__init__()
-        self.adapted = adapted
+        if shared:  # another holder of the weight: the container lives under the first one (one set of state-dict keys)
+            self.__dict__["adapted"] = adapted
+        else:
+            self.adapted = adapted
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         t = self.adapted.site.transposed

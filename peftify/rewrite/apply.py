@@ -42,6 +42,9 @@ class Installed:
     others: list[nn.Module] = field(default_factory=list)  # original modules of tied co-owners
     order: list[str] = field(default_factory=list)  # a functional owner's parameter order
     original: nn.Module | None = None  # the base module, when an init replaced its weight (PiSSA)
+    # a functional weight's other holders (a custom head holding the embedding's weight): each
+    # one's path, attribute name and parameter order
+    holders: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
 
 @dataclass(eq=False)  # records are found and removed by identity: comparing tensors would raise
@@ -576,6 +579,20 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             _own_class(owner)
             parametrize.register_parametrization(owner, name, WeightParametrization(adapted), unsafe=True)
             undo.append(lambda owner=owner, name=name, order=record.order: _unparametrize(owner, name, order, leave_parametrized=False))
+            # every other module holding the same parameter reads it through the same container
+            # (they would read the base weight while the adapter is on, and W' after a merge)
+            seen = {(id(owner), name)}
+            for alias in site.aliases:
+                path, attr = _split(alias)
+                holder = model.get_submodule(path)
+                if (id(holder), attr) in seen or parametrize.is_parametrized(holder, attr):
+                    continue
+                seen.add((id(holder), attr))
+                order = [n.rpartition(".")[2] for n in rewrite.flags if n.rpartition(".")[0] == path] + list(holder._parameters)
+                record.holders.append((path, attr, list(dict.fromkeys(order))))
+                _own_class(holder)
+                parametrize.register_parametrization(holder, attr, WeightParametrization(adapted, shared=True), unsafe=True)
+                undo.append(lambda holder=holder, attr=attr, order=record.holders[-1][2]: _unparametrize(holder, attr, order, leave_parametrized=False))
         rewrite.installed[site.fqn] = record
         undo.append(lambda: rewrite.installed.pop(site.fqn, None))
     adapted = adapted_site(model, site)
@@ -797,6 +814,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
     if site.kind == "functional":
         owner, name = _split(site.weight)
         _unparametrize(model.get_submodule(owner), name, record.order, leave_parametrized=fold)
+        for path, attr, order in getattr(record, "holders", ()):  # the folded weight is written into the shared parameter already
+            _unparametrize(model.get_submodule(path), attr, order, leave_parametrized=False)
         return
     base = adapted.base_layer
     if not fold and record.original is not None:

@@ -698,3 +698,50 @@ def test_a_compiled_data_parallel_model_is_refused_too_and_wrappers_come_back():
     model = peftify.peftify(tiny_llama(), spec)
     wrapped = torch.nn.DataParallel(model)
     assert peftify.merge(wrapped) is wrapped
+
+
+class TiedHead(nn.Module):
+    """A custom head that holds the embedding's weight and applies it functionally."""
+
+    def forward(self, h):
+        return torch.nn.functional.linear(h, self.weight)
+
+
+class TiedCustomLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mid, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), TiedHead()
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.embed(ids))))
+
+
+def test_a_functional_weight_held_by_two_modules_is_adapted_in_both(tmp_path):
+    """The weight was parametrized on its first holder only: the head (its second holder) kept
+    reading the base weight while the adapter was on, and the merge then gave it W′ (outputs
+    1.7 apart, in silence). Every holder reads W′ now, and the tie survives merge and unload."""
+    torch.manual_seed(0)
+    model, ids = TiedCustomLM(), torch.randint(0, 10, (2, 5))
+    base = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    spec = {"rules": [{"match": "embed.weight", "apply": {"method": "lora", "r": 2, "init": "random"}}]}
+    peftify.peftify(model, spec, example_inputs=(ids,))
+    lora = model.embed.parametrizations.weight[0].adapted.adapters["default"]
+    w = (base.embed.weight.double() + lora.scaling * lora.lora_B.double() @ lora.lora_A.double()).detach().requires_grad_()
+    mid = copy.deepcopy(base.mid).double()
+    want = torch.nn.functional.linear(torch.tanh(mid(torch.nn.functional.embedding(ids, w))), w)
+    got = model(ids)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(lora.lora_B.grad.double(), lora.scaling * w.grad @ lora.lora_A.double().T, rtol=1e-4, atol=1e-6)  # through both uses
+    peftify.save_adapter(model, tmp_path)
+    loaded = peftify.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(ids), got)
+    peftify.unload(loaded)
+    assert loaded.head.weight is loaded.embed.weight and list(loaded.state_dict()) == keys
+    torch.testing.assert_close(loaded(ids), base(ids), rtol=0, atol=0)
+    peftify.merge(model)
+    assert model.head.weight is model.embed.weight and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(ids), got)
