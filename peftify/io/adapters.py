@@ -48,6 +48,7 @@ from peftify.rewrite.spec import Rule, Spec
 
 NATIVE = ("adapter.safetensors", "peftify.json")
 PEFT = ("adapter_model.safetensors", "adapter_config.json")
+PEFT_PICKLED = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False)
 PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 
@@ -242,11 +243,11 @@ def detect_format(path: Path) -> str:
         raise SpecError(f"adapter directory {str(path)!r} does not exist")
     if (path / NATIVE[1]).is_file() and (path / NATIVE[0]).is_file():
         return "native"
-    if (path / PEFT[1]).is_file() and (path / PEFT[0]).is_file():
+    if _holds_adapter(path):
         return "peft"
-    inside = sorted(d.name for d in path.iterdir() if d.is_dir() and any((d / files[1]).is_file() for files in (NATIVE, PEFT))) if path.is_dir() else []
+    inside = sorted(d.name for d in path.iterdir() if d.is_dir() and _holds_adapter(d)) if path.is_dir() else []
     hint = f"; it has adapters in {', '.join(inside)} (PEFT saves each adapter but 'default' in a folder of its name): load {str(path / inside[0])!r}" if inside else ""
-    raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({', '.join(PEFT)}){hint}")
+    raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({PEFT[0]} or {PEFT_PICKLED}, {PEFT[1]}){hint}")
 
 
 @accepts_compiled
@@ -364,13 +365,23 @@ def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, sour
         )
 
 
+def _holds_adapter(path: Path) -> bool:
+    native = (path / NATIVE[1]).is_file() and (path / NATIVE[0]).is_file()
+    return native or ((path / PEFT[1]).is_file() and ((path / PEFT[0]).is_file() or (path / PEFT_PICKLED).is_file()))
+
+
 def _read(path: Path, files: tuple[str, str], source: str) -> tuple[dict, dict]:
-    """The config and tensors of an adapter directory; a damaged file is named in the error."""
+    """The config and tensors of an adapter directory; a damaged file is named in the error. A
+    PEFT directory saved without safetensors holds a pickled ``adapter_model.bin``, read with
+    ``weights_only`` (tensors only, no code)."""
     from safetensors.torch import load_file
 
     try:
         config = json.loads((path / files[1]).read_text())
-        tensors = load_file(str(path / files[0]))
+        if files == PEFT and not (path / files[0]).is_file():
+            tensors = torch.load(path / PEFT_PICKLED, map_location="cpu", weights_only=True)
+        else:
+            tensors = load_file(str(path / files[0]))
     except Exception as e:  # JSON, safetensors and OS errors alike: the file cannot be used
         raise SpecError(f"{source} cannot be read, its files may be damaged or incomplete ({type(e).__name__}: {e})") from e
     return config, tensors

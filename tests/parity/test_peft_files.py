@@ -553,7 +553,7 @@ def test_load_into_a_rewritten_model_and_not_a_directory(tmp_path):
     with pytest.raises(SpecError, match="neither a peftify adapter.*it has adapters in a .*: load '.*/a'"):
         peftify.load_adapter(tiny_llama(), tmp_path)  # a folder of adapters, as PEFT saves adapters not named 'default'
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SpecError, match=r"neither a peftify adapter \(adapter.safetensors, peftify.json\) nor a PEFT one \(adapter_model.safetensors, adapter_config.json\)$"):
+    with pytest.raises(SpecError, match=r"neither a peftify adapter \(adapter.safetensors, peftify.json\) nor a PEFT one \(adapter_model.safetensors or adapter_model.bin, adapter_config.json\)$"):
         peftify.load_adapter(tiny_llama(), tmp_path / "empty")
     with pytest.raises(SpecError, match="does not exist"):
         peftify.load_adapter(tiny_llama(), tmp_path / "nothing-here")
@@ -892,3 +892,28 @@ def test_a_fast_pissa_adapter_saved_for_peft_warns_that_peft_rebuilds_another_ba
     model = peftify.peftify(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_2"))
     with pytest.warns(UserWarning, match="unseeded randomized SVD, so PeftModel.from_pretrained computes other outputs"):
         peftify.save_adapter(model, tmp_path / "a", format="peft")
+
+
+def test_a_peft_adapter_saved_without_safetensors_loads(tmp_path):
+    """PEFT's `save_pretrained(safe_serialization=False)` writes adapter_model.bin: it was said
+    to hold no PEFT adapter at all, and a folder of such adapters pointed at one that failed alike."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="other")
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "other" / "adapter_model.bin").is_file() and not (tmp_path / "other" / "adapter_model.safetensors").exists()
+    with pytest.raises(SpecError, match="it has adapters in other"):
+        peftify.from_pretrained(copy.deepcopy(base), tmp_path)
+    ours = peftify.from_pretrained(copy.deepcopy(base), tmp_path / "other")
+    x = LLAMA_IN()
+    torch.testing.assert_close(output(ours, x), output(theirs, x), rtol=1e-5, atol=1e-5)
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "adapter_config.json").write_text((tmp_path / "other" / "adapter_config.json").read_text())
+    with pytest.raises(SpecError, match=r"it has adapters in other \(PEFT"):  # not the folder without weights
+        peftify.from_pretrained(copy.deepcopy(base), tmp_path)
