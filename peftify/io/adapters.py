@@ -4,7 +4,8 @@ native: ``adapter.safetensors`` (every parameter the rewrite adds or trains, by 
         rewritten model) + ``peftify.json`` (format version, peftify version, the spec).
 peft:   ``adapter_model.safetensors`` with PEFT's keys (``base_model.model.<fqn>.lora_A.weight``,
         ``…base_layer.bias``, ``base_model.model.<module>.<param>`` for modules_to_save) +
-        ``adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads.
+        ``adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads. PEFT's
+        pickled ``adapter_model.bin`` (``safe_serialization=False``) is read too.
 """
 
 from __future__ import annotations
