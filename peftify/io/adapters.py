@@ -482,7 +482,11 @@ def _from_peft_keys(tensors: dict, plan, adapter: str, model: nn.Module, source:
             continue
         layer = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.bias")
         if key.endswith(".base_layer.bias") and layer not in sites:
-            continue  # bias="lora_only" of a model with several adapters: a layer another adapter adapts (PEFT skips it too)
+            # the bias of a layer another adapter adapts (PEFT wrapped it): this adapter's own under
+            # bias="all" (a `train` glob), else bias="lora_only" saved it (PEFT skips it too)
+            if layer + ".bias" in plan.train:
+                out[layer + ".bias"] = t
+            continue
         out[theirs.get(key, key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", "."))] = t
     live = Rewritten.of(model)
     for name in plan.train:

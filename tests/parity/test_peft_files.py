@@ -917,3 +917,31 @@ def test_a_peft_adapter_saved_without_safetensors_loads(tmp_path):
     (tmp_path / "config-only" / "adapter_config.json").write_text((tmp_path / "other" / "adapter_config.json").read_text())
     with pytest.raises(SpecError, match=r"it has adapters in other \(PEFT"):  # not the folder without weights
         peftify.from_pretrained(copy.deepcopy(base), tmp_path)
+
+
+def test_a_second_peft_adapter_with_bias_all_loads_the_biases_of_layers_the_first_adapts(tmp_path):
+    """PEFT saves the biases of layers another adapter wraps as `<layer>.base_layer.bias`. Those
+    keys were dropped as bias="lora_only" leftovers, and a bias="all" adapter's file then lacked
+    six tensors it holds."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = bert_cls().eval()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    theirs.add_adapter("two", LoraConfig(r=2, target_modules=["key", "dense"], task_type="SEQ_CLS", bias="all"))
+    theirs.set_adapter("two")
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path)
+    x = {"input_ids": torch.randint(0, 101, (2, 7))}
+    want_two = output(theirs, x)
+    theirs.set_adapter("default")
+    want_default = output(theirs, x)
+    alone = peftify.from_pretrained(copy.deepcopy(base).eval(), tmp_path / "two")
+    torch.testing.assert_close(output(alone, x), want_two, rtol=1e-5, atol=1e-5)
+    both = peftify.from_pretrained(copy.deepcopy(base).eval(), tmp_path)
+    torch.testing.assert_close(output(both, x), want_default, rtol=1e-5, atol=1e-5)
+    peftify.load_adapter(both, tmp_path / "two", adapter="two")
+    torch.testing.assert_close(output(both, x), want_two, rtol=1e-5, atol=1e-5)
