@@ -430,6 +430,13 @@ def to_peft(plan, model) -> dict[str, Any]:
     init = {v: k for k, v in INITS.items()}.get(first.init, first.init)  # "pissa_niter_4" as it is
     if first.init == "orthogonal" and parameters:
         init = True  # PEFT's orthogonal init reads the holder's .weight, which an expert stack lacks; the file's values replace any init
+    conv1d = [e.site.fqn for e in plan.entries if e.site.kind == "module" and e.site.transposed]
+    if first.init == "olora" and conv1d:  # PEFT 0.21 factors the stored (in, out) weight: its A and B have each other's widths
+        raise SpecError(
+            f"PEFT cannot build OLoRA on layers that store their weight transposed (Conv1D, fan_in_fan_out: {', '.join(conv1d[:3])}): "
+            "PeftModel.from_pretrained would fail on the file; save with format='native'",
+            field="format",
+        )
     if pissa_iterations(first.init) is not None:
         warn(
             f"PEFT rebuilds a {first.init!r} adapter's base weights from its own unseeded randomized SVD, so PeftModel.from_pretrained "

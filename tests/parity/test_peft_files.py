@@ -595,6 +595,12 @@ def test_peft_format_refuses_what_peft_cannot_hold(tmp_path):
         peftify.save_adapter(mixed, tmp_path / "y", format="onnx")
     with pytest.raises(SpecError, match="no peftify rewrite to save"):
         peftify.save_adapter(tiny_llama(), tmp_path / "z")
+    # PEFT 0.21's OLoRA factors GPT-2's stored (in, out) Conv1D weight: its own model fails, and
+    # so did PeftModel.from_pretrained on the file we wrote, which we wrote without a word
+    olora = peftify.peftify(tiny_gpt2(), {"rules": [{"match": "*.c_attn", "apply": {"method": "lora", "r": 2, "init": "olora"}}]})
+    with pytest.raises(SpecError, match="PEFT cannot build OLoRA on layers that store their weight transposed"):
+        peftify.save_adapter(olora, tmp_path / "w", format="peft")
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("dora", [False, True])
