@@ -161,11 +161,16 @@ def from_peft(config, model=None) -> Spec:
     exclude = d.get("exclude_modules")
     if exclude:
         rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
-    heads = TASK_HEADS.get(d.get("task_type") or "", [])
+    heads, listed = TASK_HEADS.get(d.get("task_type") or "", []), list(d.get("modules_to_save") or [])
     if model is not None:  # as in PEFT, a head the model does not have is no error
         params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-        heads = [h for h in heads if any(re.fullmatch(rf"{_suffix_regex([h])}\..+", n) for n in params)]
-    saved = list(dict.fromkeys([*(d.get("modules_to_save") or []), *heads]))
+        present = lambda name: any(re.fullmatch(rf"{_suffix_regex([name])}\..+", n) for n in params)
+        heads = [h for h in heads if present(h)]
+        absent = [m for m in listed if not present(m)]
+        if absent:  # a config shared across models: PEFT passes over such names in silence
+            warn(f"modules_to_save names {', '.join(map(repr, absent))}, which no module of this model has: PEFT ignores {'it' if len(absent) == 1 else 'them'}, and so does peftify")
+            listed = [m for m in listed if m not in absent]
+    saved = list(dict.fromkeys([*listed, *heads]))
     if saved:  # PEFT trains these whole and puts no LoRA inside them
         rules.append(Rule(f"re:(?:.*\\.)?(?:{'|'.join(map(re.escape, saved))})(?:\\..*)?", None, optional=True))
     train = [rf"re:{_suffix_regex(saved)}\..+"] if saved else []

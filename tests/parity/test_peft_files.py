@@ -108,6 +108,8 @@ CASES = {
     "all-linear-subclass": (falcon, LLAMA_IN, {"target_modules": "all-linear"}),
     # … and those the example input does not run (a decoder's cross-attention without encoder states)
     "all-linear-not-run": (bart_decoder, LLAMA_IN, {"target_modules": "all-linear"}),
+    # a config shared across models: PEFT passes over a modules_to_save name the model lacks (we warn)
+    "saved-absent": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj"], "modules_to_save": ["classifier"]}),
 }
 
 
@@ -951,3 +953,14 @@ def test_a_second_peft_adapter_with_bias_all_loads_the_biases_of_layers_the_firs
     torch.testing.assert_close(output(both, x), want_default, rtol=1e-5, atol=1e-5)
     peftify.load_adapter(both, tmp_path / "two", adapter="two")
     torch.testing.assert_close(output(both, x), want_two, rtol=1e-5, atol=1e-5)
+
+
+def test_a_modules_to_save_name_the_model_lacks_warns_and_is_passed_over():
+    """It was a SpecError about an internal `train` regex matching nothing, where PEFT passes over it."""
+    from peft import LoraConfig
+
+    from peftify.io.peft_config import from_peft
+
+    with pytest.warns(UserWarning, match="modules_to_save names 'classifier', which no module of this model has"):
+        spec = from_peft(LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["classifier", "norm"]), tiny_llama())
+    assert spec.train == [r"re:.*(?:norm)\..+"]
