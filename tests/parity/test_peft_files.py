@@ -963,4 +963,4 @@ def test_a_modules_to_save_name_the_model_lacks_warns_and_is_passed_over():
 
     with pytest.warns(UserWarning, match="modules_to_save names 'classifier', which no module of this model has"):
         spec = from_peft(LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["classifier", "norm"]), tiny_llama())
-    assert spec.train == [r"re:.*(?:norm)\..+"]
+    assert list(spec.train) == [r"re:.*(?:norm)\..+"]
