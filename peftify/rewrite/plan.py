@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from peftify.codegen import packed
 from peftify.errors import SpecError, warn
@@ -147,8 +148,10 @@ class Rewritten:
     def live(self, name: str) -> str:
         """Where the parameter `name` (as the model had it) is now."""
         owner, _, leaf = name.rpartition(".")
-        if owner in self.owners:
-            return f"{owner}.base_layer.{leaf}"
+        parts = owner.split(".")
+        for i in range(len(parts), 0, -1):  # under a module site: its parameter, or one a parametrization of it stores
+            if (site := ".".join(parts[:i])) in self.owners:
+                return ".".join([site, "base_layer", *parts[i:], leaf])
         if name in self.functional:
             return f"{owner}.parametrizations.{leaf}.original" if owner else f"parametrizations.{leaf}.original"
         return name
@@ -236,6 +239,10 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             method = resolved[i]
             method.check(site)
             _check_packed(model, live, site, method)
+            if site.kind == "module" and site.bias and method.trains_base_bias():
+                layer = model.get_submodule(live.live(site.weight).rpartition(".")[0])
+                if parametrize.is_parametrized(layer, "bias"):  # what its forward reads is computed: no parameter to train there
+                    raise SpecError(f"{site.fqn}'s bias carries a parametrization, so {method.name} cannot train it; pass bias=False, or remove the parametrization", field="bias")
             if site.read_by and (method.rewrites_base or method.replaces_base):
                 readers = ", ".join(r or "the model's own forward" for r in site.read_by)
                 raise SpecError(

@@ -745,3 +745,42 @@ def test_a_functional_weight_held_by_two_modules_is_adapted_in_both(tmp_path):
     peftify.merge(model)
     assert model.head.weight is model.embed.weight and list(model.state_dict()) == keys
     torch.testing.assert_close(model(ids), got)
+
+
+def test_a_layer_whose_bias_is_parametrized():
+    """LoRA's bias=True left such a bias untrained in silence (what the forward reads is
+    computed), and a `train` glob over the layer failed inside with an AttributeError (its
+    parametrization's parameter was looked up outside the container)."""
+    from torch.nn.utils import parametrize
+
+    class Triple(nn.Module):
+        def forward(self, b):
+            return 3 * b
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        parametrize.register_parametrization(model[0], "bias", Triple())
+        return model
+
+    x = torch.randn(3, 4)
+    model = make()
+    snap = snapshot(model)
+    with pytest.raises(SpecError, match="0's bias carries a parametrization, so lora cannot train it") as err:
+        peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "lora", "r": 2, "bias": True}}]}, example_inputs=(x,))
+    assert err.value.field == "bias"
+    assert_unchanged(model, snap)
+    ref = model(x).detach()
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "lora", "r": 2}}], "train": ["0.parametrizations.*"]}, example_inputs=(x,))
+    stored = model[0].base_layer.parametrizations.bias.original
+    assert stored.requires_grad and {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "0.base_layer.parametrizations.bias.original", "0.adapters.default.lora_A", "0.adapters.default.lora_B"}
+    torch.testing.assert_close(model(x), ref)
+    model(x).sum().backward()
+    plain = make()
+    plain(x).sum().backward()
+    torch.testing.assert_close(stored.grad, plain[0].parametrizations.bias.original.grad)  # B = 0: the plain layer's gradient
+    assert stored.grad.abs().sum() > 0
+    peftify.merge(model)
+    assert type(model[0]).__name__ == "ParametrizedLinear" and parametrize.is_parametrized(model[0], "bias")
+    torch.testing.assert_close(model(x), ref)
