@@ -347,10 +347,12 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
     old hook-based weight_norm) has no weight parameter to adapt: say so rather than skip it
     silently."""
     found = {s.fqn for s in cap.sites}
-    computed, matrices = [], []
+    computed, matrices, buffered = [], [], []
     for path, mod in model.named_modules():
         linear = isinstance(mod, nn.Linear) or is_conv1d(mod)
-        if linear and path not in found and "weight" not in mod._parameters:
+        if linear and path not in found and isinstance(mod._buffers.get("weight"), torch.Tensor):
+            buffered.append(path)
+        elif linear and path not in found and "weight" not in mod._parameters:
             by = type(mod.parametrizations["weight"][0]).__name__ if parametrize.is_parametrized(mod, "weight") else "a forward pre-hook"
             computed.append(f"{path} ({by})")
         # a parametrized matrix the model's own code applies (x @ self.w.T): as little a site as
@@ -366,6 +368,12 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
             f"{', '.join(computed[:3])}{', …' if len(computed) > 3 else ''}: a linear layer whose weight is computed from other parameters "
             "is not a site; to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'), "
             "or torch.nn.utils.remove_weight_norm for the old hook-based weight_norm)"
+        )
+    if buffered:
+        cap.note = "; ".join(filter(None, [cap.note, f"{len(buffered)} linear layer(s) with a buffer for a weight are not sites"]))
+        warn(
+            f"{', '.join(buffered[:3])}{', …' if len(buffered) > 3 else ''}: a linear layer whose weight is a buffer, not a parameter, is not a site; "
+            "to rewrite it, register the weight as an nn.Parameter (requires_grad=False keeps it frozen)"
         )
     if matrices:
         cap.note = "; ".join(filter(None, [cap.note, f"{len(matrices)} parametrized matrices are not sites"]))

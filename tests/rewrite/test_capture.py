@@ -164,6 +164,18 @@ def test_a_linear_with_a_computed_weight_is_named_not_silently_skipped():
     assert [s.fqn for s in peftify.capture(model, torch.randn(3, 4)).sites] == ["0", "2"]
 
 
+def test_a_linear_whose_weight_is_a_buffer_is_named_as_such():
+    """It was said to be computed by "a forward pre-hook", with advice to remove a parametrization."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    w = model[0].weight.detach()
+    del model[0].weight
+    model[0].register_buffer("weight", w)
+    with pytest.warns(UserWarning, match=r"^peftify: 0: a linear layer whose weight is a buffer, not a parameter, is not a site.*nn.Parameter") as caught:
+        cap = peftify.capture(model, torch.randn(3, 4))
+    assert [s.fqn for s in cap.sites] == ["2"] and "1 linear layer(s) with a buffer for a weight" in cap.note
+    assert not any("computed" in str(w.message) for w in caught)
+
+
 def test_an_uninitialized_lazy_module_is_a_spec_error():
     model = nn.Sequential(nn.LazyLinear(4))
     with pytest.raises(SpecError, match="0.weight, 0.bias are not initialized yet.*run the model once"):
