@@ -784,3 +784,37 @@ def test_a_layer_whose_bias_is_parametrized():
     peftify.merge(model)
     assert type(model[0]).__name__ == "ParametrizedLinear" and parametrize.is_parametrized(model[0], "bias")
     torch.testing.assert_close(model(x), ref)
+
+
+def test_a_reader_of_a_weight_the_merge_unties_is_told_it_keeps_the_base_weight():
+    """b's weight is tied to what a's parametrization reads: the merge warned both that a "reads
+    the merged weight from now on" and that it unties the weight; only the second held."""
+    from torch.nn.utils import parametrize
+
+    class Triple(nn.Module):
+        def forward(self, w):
+            return 3 * w
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            parametrize.register_parametrization(self.a, "weight", Triple())
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(3, 4)
+    base = model.b.weight.detach().clone()
+    with pytest.warns(UserWarning, match="computed from other parameters"):
+        peftify.peftify(model, {"rules": [{"match": "b", "apply": {"method": "lora", "r": 2}}]}, example_inputs=(x,))
+    with torch.no_grad():
+        model.b.adapters["default"].lora_B.normal_()
+    with pytest.warns(UserWarning) as caught:
+        peftify.merge(model)
+    messages = [str(w.message) for w in caught]
+    assert any("read outside the layer (by a.parametrizations.weight.0)" in m and m.endswith("keeps the base weight: the merge unties it") for m in messages)
+    assert not any("reads the merged weight" in m for m in messages)
+    assert torch.equal(model.a.parametrizations.weight.original, base) and not torch.equal(model.b.weight, base)
