@@ -443,9 +443,12 @@ def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str]) -> bool
     if target == "aten.addmm.default" and (node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1):
         return False
     bias = getattr(model.get_submodule(use.owner), "bias", None)
-    if (bias is None) != (use.bias is None) or (use.bias is not None and model.get_parameter(use.bias) is not bias):
+    added = _bias_added(node, params)  # x @ W + b, F.linear(x, W) + b
+    inside = use.bias if target in ("aten.linear.default", "aten.addmm.default") else None  # F.linear(x, W, b)
+    used = inside or added
+    if (inside and added) or (bias is None) != (used is None) or (used is not None and model.get_parameter(used) is not bias):
         return False
-    result = next(iter(node.users)) if target in ("aten.mm.default", "aten.matmul.default") and use.bias else node  # x @ W + b
+    result = next(iter(node.users)) if added else node
     keeps = {op for op, swaps in WEIGHT_VIEWS.items() if not swaps}
     x_views, n = set(), use.x
     while isinstance(n, torch.fx.Node) and n.op == "call_function" and _owner(n) == use.owner and str(n.target) in keeps:

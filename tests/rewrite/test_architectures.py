@@ -276,6 +276,11 @@ class PlainForward(nn.Linear):
         return x @ self.weight.T + self.bias
 
 
+class BiasAddedAfter(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight) + self.bias
+
+
 class ScaledForward(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
@@ -290,7 +295,7 @@ class Subclassed(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("kind", [PlainForward, type("NoForward", (nn.Linear,), {})])
+@pytest.mark.parametrize("kind", [PlainForward, BiasAddedAfter, type("NoForward", (nn.Linear,), {})])
 def test_linear_subclasses_are_module_sites_and_can_be_replaced(kind):
     torch.manual_seed(0)
     model, x = Subclassed(kind), torch.randn(3, 8)
@@ -332,7 +337,12 @@ class TransposedOutput(nn.Linear):
         return super().forward(x).transpose(-1, -2)
 
 
-@pytest.mark.parametrize("kind", [OffsetForward, BiaslessForward, ScaledAddmm, TransposedOutput])
+class BiasTwice(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.bias
+
+
+@pytest.mark.parametrize("kind", [OffsetForward, BiaslessForward, ScaledAddmm, TransposedOutput, BiasTwice])
 def test_a_linear_subclass_whose_forward_is_not_its_linear_map_is_rewritten_where_it_reads_the_weight(kind):
     """Their forwards use only products, views and `add`s of parameters, which passed for x Wᵀ + b:
     they became module sites whose container computed adapter(x, W, b) alone, and lost the offset,
