@@ -357,6 +357,19 @@ def test_self_guided_resumes_with_another_length_and_drops_the_guides():
     assert ended.done and fresh[0].adapters["default"].guide is None
 
 
+def test_self_guided_finds_the_rewritten_model_inside_a_wrapper():
+    """A schedule given an outer model (a larger model holding the rewritten one, a DDP wrapper)
+    found no self-guided layers for a while today."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(32, 32))
+    peftify.peftify(inner, {"rules": [{"match": "0", "apply": {"method": "lowrank", "r": 4, "init": "self_guided"}}]}, example_inputs=(torch.randn(2, 32),))
+    outer = nn.Sequential(inner, nn.ReLU())
+    schedule = peftify.SelfGuided(outer, steps=2)
+    assert schedule.modules == [inner[0].adapters["default"]]
+    schedule.step()
+    assert float(inner[0].adapters["default"].mix) == 0.5
+
+
 def test_self_guided_schedules_the_active_adapter_alone():
     """With two self-guided adapters, stepping the active one's schedule annealed the other's
     layers too (its untrained structure took over its layer: outputs up to 1.0 off) and dropped

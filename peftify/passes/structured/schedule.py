@@ -28,13 +28,14 @@ class SelfGuided:
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise SpecError(f"steps must be a positive integer, got {steps!r}", field="steps")
-        state = getattr(model, "_peftify", None)
-        # the active adapter's layers alone: another adapter's structure may stand for its layer too,
-        # and annealing it would move that layer towards its untrained factors
-        layers = [adapted_site(model, e.site).adapters[state.current] for e in state.plan.entries] if state is not None else []
+        # every rewritten model inside `model` (itself, or one a wrapper holds: DDP, a larger model);
+        # of each, the active adapter's layers alone: another adapter's structure may stand for its
+        # layer too, and annealing it would move that layer towards its untrained factors
+        rewritten = [(m, m._peftify) for m in model.modules() if getattr(m, "_peftify", None) is not None]
+        layers = [adapted_site(m, e.site).adapters[state.current] for m, state in rewritten for e in state.plan.entries]
         self.modules = [m for layer in layers for m in layer.modules() if isinstance(m, StructuredModule) and m.guide is not None]
         if not self.modules:
-            which = f"adapter {state.current!r} of this model" if state is not None else "this model"
+            which = f"adapter {', '.join(sorted({repr(s.current) for _, s in rewritten}))} of this model" if rewritten else "this model"
             raise SpecError(f"{which} has no self-guided structured layers (init='self_guided') whose guides are still there")
         mixes = sorted({float(m.mix) for m in self.modules})
         if not 0.0 <= mixes[0] <= mixes[-1] <= 1.0 or mixes[-1] - mixes[0] > 1e-6:
