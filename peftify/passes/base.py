@@ -603,7 +603,7 @@ class AdaptedSite(nn.Module):
         # that disabling and unloading give back is still this model's own.
         loaded, w = state_dict.get(prefix + "base_layer.weight"), getattr(self.base_layer, "weight", None)
         comparable = isinstance(loaded, torch.Tensor) and w is not None and loaded.shape == w.shape and not (loaded.is_meta or w.is_meta)
-        if self.rewritten_by is not None and comparable and not torch.equal(loaded.to(w.device, w.dtype), w):
+        if self.rewritten_by is not None and comparable and not _same_base(loaded.to(w.device), w):
             warnings.warn(
                 f"peftify: the state dict's base weight of {self.site.fqn} differs from the one adapter {self.rewritten_by!r} was split from at its init: "
                 "the model computes the loaded adapter, but with adapters disabled and after unload it gives this model's weight from before the load, "
@@ -691,6 +691,15 @@ def build_for_sites(method: Method, items: list[tuple[Site, torch.Tensor]], prog
         flat += [(site.expert(e), w) for e, w in enumerate(weight.unbind(0))] if site.experts else [(site, weight)]
     built = iter(method.build_many(flat, progress))
     return [ExpertStack(method, site, [next(built) for _ in range(site.experts)]) if site.experts else next(built) for site, _ in items]
+
+
+def _same_base(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two residuals of a split weight (PiSSA's W − s·B·A) look like splits of one base:
+    within 5% in Frobenius norm. Splits of one base differ by rounding (a checkpoint saved in
+    bfloat16, a model built in bfloat16) and by the decomposition's own numerics; another base
+    (a model built from its config) differs by about as much as the weight itself."""
+    a, b = a.double(), b.double()
+    return bool(torch.linalg.vector_norm(a - b) <= 0.05 * torch.linalg.vector_norm(b))
 
 
 class WeightParametrization(nn.Module):

@@ -127,7 +127,8 @@ class Rewritten:
     def of(cls, model: nn.Module) -> Rewritten:
         rewrite = getattr(model, "_peftify", None)
         sites = [record.site for record in rewrite.installed.values()] if rewrite is not None else []
-        return cls(frozenset(o for s in sites if s.kind == "module" for o in s.owners), frozenset(s.weight for s in sites if s.kind != "module"))
+        # a functional weight's other names too: each module holding it is parametrized
+        return cls(frozenset(o for s in sites if s.kind == "module" for o in s.owners), frozenset(n for s in sites if s.kind != "module" for n in (s.weight, *s.aliases)))
 
     def original(self, name: str) -> str | None:
         """The name a parameter had before the rewrite; None for an adapter's own parameter."""

@@ -506,6 +506,7 @@ def test_a_state_dict_from_another_base_warns_that_the_kept_original_is_this_mod
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(state)
+        same.load_state_dict({k: v.bfloat16() for k, v in state.items()})  # the same base, saved in bfloat16
     torch.manual_seed(7)
     other = peftify.peftify(tiny_llama(), spec, progress=False)
     with pytest.warns(UserWarning, match="differs from the one adapter 'default' was split from") as caught:

@@ -742,6 +742,10 @@ def test_a_functional_weight_held_by_two_modules_is_adapted_in_both(tmp_path):
     peftify.unload(loaded)
     assert loaded.head.weight is loaded.embed.weight and list(loaded.state_dict()) == keys
     torch.testing.assert_close(loaded(ids), base(ids), rtol=0, atol=0)
+    second = peftify.peftify(copy.deepcopy(loaded), spec, example_inputs=(ids,))
+    peftify.peftify(second, {"rules": [{"match": "mid", "apply": {"method": "lora", "r": 2}}], "train": ["head.weight"]}, example_inputs=(ids,), adapter="b")
+    trained = {n for n, p in second.named_parameters() if p.requires_grad}  # the tied weight, by its other holder's name
+    assert trained == {"embed.parametrizations.weight.original", "mid.adapters.b.lora_A", "mid.adapters.b.lora_B"}
     peftify.merge(model)
     assert model.head.weight is model.embed.weight and list(model.state_dict()) == keys
     torch.testing.assert_close(model(ids), got)
