@@ -27,7 +27,7 @@ from peftify.rewrite.apply import (
 )
 from peftify.rewrite.capture import ExampleInputs
 from peftify.rewrite.capture import capture as _capture
-from peftify.rewrite.plan import Plan, check_plan_fits, make_plan, method_label
+from peftify.rewrite.plan import Plan, check_plan_fits, flops_per_token, make_plan, method_label
 from peftify.rewrite.spec import Spec, as_spec
 from peftify.table import human, table
 
@@ -233,10 +233,10 @@ def report(model: nn.Module) -> Report:
             e.site.fqn,
             method_label(e),
             dense,
-            sum(p.numel() for p in own if p.requires_grad) + (bias[1].numel() if bias is not None else 0),
+            sum(p.numel() for p in own if p.requires_grad) + (bias[1].numel() if bias is not None and bias[1].requires_grad else 0),
             (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),
             dense_flops(e.site),
-            mod.flops(),  # as the module is now (the values an energy threshold kept; a self-guided layer without its guide: the structure)
+            flops_per_token(e.site, mod.flops()),  # as the module is now (the values an energy threshold kept; a self-guided layer without its guide: the structure)
             mod.summary(),
         ))
     cap = state.capture

@@ -42,7 +42,7 @@ class LoRAXS(Method):
         return self.r * (site.out_features + site.in_features)  # U_r Σ_r and V_rᵀ
 
     def flops(self, site: Site) -> int:
-        return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features + self.r)
+        return dense_flops(site) + 2 * self.r * (site.in_features + site.out_features)  # R·Vᵀ is formed once a call, not per token
 
 
 class LoRAXSModule(LowRankDelta):

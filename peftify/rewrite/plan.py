@@ -28,6 +28,12 @@ class Entry:
     rule: int
 
 
+def flops_per_token(site: Site, method_flops: int) -> int:
+    """What a site costs per token: the method's own count on a module site; the dense product on
+    a functional site, where W' is formed once per call and the model's code applies it."""
+    return method_flops if site.kind == "module" else dense_flops(site)
+
+
 def method_label(entry: Entry) -> str:
     """The method as plans and reports name it, with how its site holds the weight."""
     s = entry.site
@@ -61,7 +67,7 @@ class Plan:
                 s.in_features * s.out_features * s.stack,
                 e.method.trainable_params(s) * s.stack,
                 dense_flops(s),
-                e.method.flops(s),
+                flops_per_token(s, e.method.flops(s)),
             )
 
     def notes(self) -> list[str]:

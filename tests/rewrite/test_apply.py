@@ -822,3 +822,31 @@ def test_a_reader_of_a_weight_the_merge_unties_is_told_it_keeps_the_base_weight(
     assert any("read outside the layer (by a.parametrizations.weight.0)" in m and m.endswith("keeps the base weight: the merge unties it") for m in messages)
     assert not any("reads the merged weight" in m for m in messages)
     assert torch.equal(model.a.parametrizations.weight.original, base) and not torch.equal(model.b.weight, base)
+
+
+def test_report_figures_for_functional_sites_lora_xs_and_disabled_biases():
+    """Three figures were off: a functional site's FLOPs per token were the module formula's,
+    while W' is formed once per call and the dense product runs per token; LoRA-XS counted a
+    2·r² per token for R·Vᵀ, which it forms once per call; and with adapters disabled a row still
+    counted the bias its method trains, which was frozen then (the rows no longer summed to the total)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, x = FunctionalNet(), torch.randn(64, 16)
+    peftify.peftify(model, {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 4}}, {"match": "head", "apply": {"method": "lora_xs", "r": 2}}]}, example_inputs=(x[:2],))
+    rows = {r[0]: r for r in peftify.report(model).rows}
+    plan_rows = {r[0]: r for r in model._peftify.plan.rows()}
+    assert rows["w_in"][-2] == plan_rows["w_in"][-1] == 2 * 16 * 24  # dense, per token
+    assert rows["head"][-2] == plan_rows["head"][-1] == 2 * 16 * 3 + 2 * 2 * (16 + 3)
+    counts = []
+    for tokens in (32, 64):  # per token: the difference of two counts (what a call costs once cancels)
+        with FlopCounterMode(display=False) as counter:
+            torch.nn.functional.linear(x[:tokens], model.w_in, model.b_in)  # reading w_in forms W
+        counts.append(counter.get_total_flops())
+    assert (counts[1] - counts[0]) / 32 == rows["w_in"][-2]
+    lin = nn.Sequential(nn.Linear(8, 8))
+    peftify.peftify(lin, {"rules": [{"match": "0", "apply": {"method": "lora", "r": 2, "bias": True}}]}, example_inputs=(torch.randn(2, 8),))
+    assert peftify.report(lin).rows[0][3] == 2 * 2 * 8 + 8
+    with peftify.disable_adapters(lin):
+        report = peftify.report(lin)
+        assert report.rows[0][3] == 0 == report.trainable
