@@ -329,6 +329,15 @@ class SingularVectors(LowRankDelta):
                 self.exact = bool(torch.linalg.matrix_norm((self.u * self.sigma0) @ self.vh - w) <= 1e-4 * torch.linalg.matrix_norm(w))
         return bool(self.exact)
 
+    def flops(self) -> int:
+        return super().flops() + self.kept_w_flops()
+
+    def kept_w_flops(self) -> int:
+        """W's GEMM where all singular vectors are kept but do not stand in for W (half precision,
+        or factors not checked yet), which `singular_flops` counts out."""
+        whole = self.u.shape[-1] == min(self.site.in_features, self.site.out_features)
+        return dense_flops(self.site) if whole and not (self.exact and self.u.dtype in FULL_PRECISION) else 0
+
     def loaded(self, weight: torch.Tensor | None = None) -> None:
         self.exact = None
         if weight is not None and weight.dim() == 2:  # compared now, so that compiled calls take the fast path too

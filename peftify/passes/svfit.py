@@ -101,7 +101,7 @@ class SingularValues(SingularVectors):
         return (self.sigma - self.sigma0)[:, None] * self.vh, self.u, 1.0
 
     def flops(self) -> int:  # the values an energy threshold kept, not the plan's bound
-        return singular_flops(self.site, self.sigma.numel())
+        return singular_flops(self.site, self.sigma.numel()) + self.kept_w_flops()
 
     # With all singular values, W' = U diag(σ) Vᵀ: W itself is not used.
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

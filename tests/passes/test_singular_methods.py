@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import output, tiny_bert, tiny_llama
+from torch import nn
 
 import peftify
 from peftify.passes.base import AdaptedSite, batched_svd, top_svd
@@ -692,3 +693,17 @@ def test_clover_reads_a_partial_rotary_factor_nested_per_layer_type():
     holder.config = cfg
     with pytest.raises(peftify.SpecError, match=r"partial_rotary_factor=0.5"):
         peftify.CLOVER().resolve(holder)
+
+
+@pytest.mark.parametrize("method", ["vectorfit", "svft", "svfit"])
+def test_report_counts_ws_gemm_where_half_precision_keeps_it(method):
+    """With all singular vectors the factors stand in for W in float32 only; in bfloat16 W's GEMM
+    runs too, and the report left it out (16,384 FLOPs per token where 24,576 ran)."""
+    flops = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64, bias=False)).to(dtype)
+        hp = {"r": 64} if method == "svfit" else {}
+        peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": method, **hp}}]}, example_inputs=(torch.randn(2, 64, dtype=dtype),))
+        flops[dtype] = peftify.report(model).rows[0][-2]
+    assert flops == {torch.float32: 2 * 64 * (64 + 64), torch.bfloat16: 2 * 64 * 64 + 2 * 64 * (64 + 64)}
