@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -167,13 +168,18 @@ def check_positive(field: str, value, upper: float | None = None, optional: bool
     """A positive, finite number, at most `upper` (or None where `optional`)."""
     if value is None and optional:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
-        invalid(field, f"must be a number in (0, {upper}], got {value!r}" if upper else f"must be a positive number, got {value!r}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or value <= 0 or (upper is not None and value > upper) or not math.isfinite(value if isinstance(value, float) else 0.0) or value > sys.float_info.max:
+        got = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        invalid(field, f"must be a number in (0, {upper}], got {got}" if upper else f"must be a positive finite number, got {got}")
 
 
 def check_seed(field: str, value) -> None:
+    """A seed torch's generators take: an integer in [-2⁶³, 2⁶⁴)."""
     if not isinstance(value, int) or isinstance(value, bool):
         invalid(field, f"must be an integer, got {value!r}")
+    if not -(2**63) <= value < 2**64:
+        invalid(field, f"must be an integer in [-2**63, 2**64), got {value}")
 
 
 def check_fits(site: Site, r: int | None, what: str) -> None:

@@ -51,11 +51,11 @@ def scaling_from_dict(d: Any) -> MuP | None:
     """A scaling rule from its dict form (None stays None)."""
     if d is None or isinstance(d, MuP):
         return d
-    if not isinstance(d, dict) or d.get("method") not in SCALINGS:
+    if not isinstance(d, dict) or not isinstance(d.get("method"), str) or d["method"] not in SCALINGS:
         raise SpecError(f"scaling must be a dict with 'method' in {sorted(SCALINGS)}, got {d!r}", field="scaling")
     d = dict(d)
     cls = SCALINGS[d.pop("method")]
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise SpecError(f"{cls.__name__} has no setting {min(unknown)!r}", field="scaling")
+        raise SpecError(f"{cls.__name__} has no setting {min(unknown, key=repr)!r}", field="scaling")
     return cls(**d)

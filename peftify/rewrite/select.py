@@ -42,7 +42,7 @@ def compile_match(match: Any) -> Predicate:
     if isinstance(match, dict):
         unknown = set(match) - set(MATCH_KEYS)
         if unknown:
-            raise SpecError(f"unknown match key(s) {sorted(unknown)}; use {list(MATCH_KEYS)}", field="match")
+            raise SpecError(f"unknown match key(s) {sorted(unknown, key=repr)}; use {list(MATCH_KEYS)}", field="match")
         if not match:
             raise SpecError("an empty match dict would select every site; use '*' to mean that", field="match")
         parts = []

@@ -130,7 +130,11 @@ class Spec:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Spec:
         path = Path(path)
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as e:  # a name longer than the system takes, say
+            raise SpecError(f"spec file {str(path)[:200]!r} cannot be looked up ({e.strerror})") from e
+        if not found:
             raise SpecError(f"spec file {str(path)!r} does not exist")
         try:
             text = path.read_bytes().decode("utf-8-sig")

@@ -243,6 +243,13 @@ def test_optional_rules_and_regex_train_patterns():
         ({"rules": [{"match": {"layers": "3-1"}, "apply": None}]}, "layers", "is empty: write the first layer first ('1-3')"),
         ({"rules": [{"match": {"layers": [-1]}, "apply": None}]}, "layers", "counted from 0"),
         ({"rules": [{"match": "*", "apply": {"method": "lora", "r": 10**23}}]}, "r", "is too large"),  # planned, then a torch TypeError
+        # from a fuzzer: each raised a TypeError, OverflowError or ValueError (the last two at rewrite time, after the plan)
+        ({"rules": [{"match": {1: "x", None: "y"}, "apply": None}]}, "match", "unknown match key(s) [1, None]"),
+        ({"rules": [], "scaling": {"method": ["mup"]}}, "scaling", "with 'method' in ['mup']"),
+        ({"rules": [], "scaling": {"method": "mup", 1: 2, "x": 3}}, "scaling", "MuP has no setting"),
+        ({"rules": [{"match": "*", "apply": {"method": "lora", "alpha": 10**400}}]}, "alpha", "must be a positive finite number"),
+        ({"rules": [{"match": "*", "apply": {"method": "sltrain", "seed": 2**64}}]}, "seed", "in [-2**63, 2**64)"),
+        ({"rules": [{"match": "*.q_proj", "apply": {"method": "btt", "factorization": [[1, 100000], [1, 100000]]}}]}, "factorization", "to more than twice its size"),
     ],
 )
 def test_malformed_specs(spec, field, text):
@@ -271,6 +278,8 @@ def test_spec_object_errors():
 def test_spec_files_missing_or_unparsable(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         peftify.plan(tiny_llama(), tmp_path / "missing.yaml")
+    with pytest.raises(SpecError, match="cannot be looked up"):  # an OSError: the name is too long
+        peftify.plan(tiny_llama(), "x" * 300 + ".yaml")
     (tmp_path / "bad.yaml").write_text("rules: [\n")
     with pytest.raises(SpecError, match="cannot parse"):
         peftify.plan(tiny_llama(), tmp_path / "bad.yaml")

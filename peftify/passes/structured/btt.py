@@ -53,6 +53,8 @@ class BTT(TwoCore):
         (n1, n2), (m1, m2) = self.split(site)
         if n1 * n2 < site.in_features or m1 * m2 < site.out_features:
             invalid("factorization", f"{self.factorization} does not cover the layer {site.fqn} ({site.in_features}→{site.out_features})")
+        if n1 * n2 > 2 * site.in_features or m1 * m2 > 2 * site.out_features:  # mostly padding: zeros to compute, and a factor that may not fit in memory
+            invalid("factorization", f"{self.factorization} pads the layer {site.fqn} ({site.in_features}→{site.out_features}) to more than twice its size")
         if self.r > min(m2, n2):
             invalid("r", f"r={self.r} exceeds the block size {m2}×{n2} of {site.fqn}")
 
