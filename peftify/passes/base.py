@@ -535,6 +535,8 @@ class AdaptedSite(nn.Module):
         # unload puts it back; `_apply` casts and moves it with the model
         self.__dict__["kept_original"] = None
         self.replaced_by: str | None = None  # the structure that stands for the layer (always computes)
+        # what code written for the layer reads of it (a forward hook that moved here), as PEFT's layers have them
+        self.in_features, self.out_features = site.in_features, site.out_features
 
     @property
     def weight(self) -> torch.Tensor | None:
