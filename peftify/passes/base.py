@@ -101,6 +101,10 @@ class Method:
         """Forward FLOPs per token (one row of x) of the rewritten site."""
         raise NotImplementedError
 
+    def flops_for(self, site: Site, dtype: torch.dtype) -> int:
+        """`flops` for a weight of `dtype`, where what runs depends on the precision."""
+        return self.flops(site)
+
     def resolve(self, model: nn.Module) -> Method:
         """This method with any model-dependent setting ("auto") fixed, before planning."""
         return self
@@ -214,6 +218,12 @@ def tagged(model: nn.Module, key: str) -> dict[int, object]:
 
 def dense_flops(site: Site) -> int:
     return 2 * site.in_features * site.out_features
+
+
+def with_kept_w(site: Site, p: int, dtype: torch.dtype, flops: int) -> int:
+    """`flops` plus W's GEMM where all p singular vectors are kept but cannot stand in for W: a
+    half-precision weight (see `SingularVectors.stands_in_for`)."""
+    return flops + (dense_flops(site) if p == min(site.in_features, site.out_features) and dtype not in FULL_PRECISION else 0)
 
 
 def singular_flops(site: Site, p: int) -> int:

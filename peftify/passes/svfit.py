@@ -21,6 +21,7 @@ from peftify.passes.base import (
     invalid,
     register,
     singular_flops,
+    with_kept_w,
 )
 from peftify.rewrite.sites import Site
 
@@ -78,6 +79,9 @@ class SVFit(Method):
         if self.energy is not None:  # a bound: the built r may leave a residual, whose GEMM stays
             return dense_flops(site) + singular_flops(site, self.rank(site))
         return singular_flops(site, self.r)
+
+    def flops_for(self, site: Site, dtype: torch.dtype) -> int:
+        return self.flops(site) if self.energy is not None else with_kept_w(site, self.r, dtype, self.flops(site))  # a bound counts W already
 
 
 def energy_rank(sigma: torch.Tensor, energy: float) -> int:

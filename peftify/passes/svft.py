@@ -21,6 +21,7 @@ from peftify.passes.base import (
     register,
     singular_flops,
     tag,
+    with_kept_w,
 )
 from peftify.rewrite.sites import Site
 
@@ -87,6 +88,9 @@ class SVFT(Method):
 
     def flops(self, site: Site) -> int:
         return singular_flops(site, self.rank(site))
+
+    def flops_for(self, site: Site, dtype: torch.dtype) -> int:
+        return with_kept_w(site, self.rank(site), dtype, self.flops(site))
 
 
 def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

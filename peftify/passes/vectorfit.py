@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import Method, check_count, check_fits, invalid, register, singular_flops, tag
+from peftify.passes.base import Method, check_count, check_fits, invalid, register, singular_flops, tag, with_kept_w
 from peftify.passes.svfit import SingularValues
 from peftify.rewrite.sites import Site
 
@@ -56,6 +56,9 @@ class VectorFit(Method):
 
     def flops(self, site: Site) -> int:
         return singular_flops(site, self.rank(site))
+
+    def flops_for(self, site: Site, dtype: torch.dtype) -> int:
+        return with_kept_w(site, self.rank(site), dtype, self.flops(site))
 
 
 VectorFit.module = SingularValues

@@ -958,14 +958,20 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         else:
             warn(f"merging {rewrite.active!r}; the other adapters {others} are dropped{kept}")
     read = [r.site for r in rewrite.installed.values() if r.site.read_by and fold and adapted_site(model, r.site).computing is not None]
-    unties = lambda site: site.kind == "module" and bool(set(site.aliases) - {o + ".weight" for o in site.owners})  # as `_restore` decides
-    for group, after in (([s for s in read if not unties(s)], "reads the merged weight from now on"), ([s for s in read if unties(s)], "keeps the base weight: the merge unties it")):
-        if group:
-            readers = ", ".join(sorted({r or "the model's own forward" for s in group for r in s.read_by}))
-            warn(
-                f"{', '.join(s.fqn for s in group[:3])}{', …' if len(group) > 3 else ''}: the weight is also read outside the layer (by {readers}), "
-                f"which saw the base weight while the adapter was on and {after}"
-            )
+    untied = lambda site: sorted(set(site.aliases) - {o + ".weight" for o in site.owners}) if site.kind == "module" else []  # as `_restore` decides
+    kept = [s for s in read if not untied(s)]
+    if kept:
+        readers = ", ".join(sorted({r or "the model's own forward" for s in kept for r in s.read_by}))
+        warn(
+            f"{', '.join(s.fqn for s in kept[:3])}{', …' if len(kept) > 3 else ''}: the weight is also read outside the layer (by {readers}), "
+            "which saw the base weight while the adapter was on and reads the merged weight from now on"
+        )
+    for s in (s for s in read if untied(s)):  # which name the reader uses decides what it reads now
+        readers = ", ".join(sorted(r or "the model's own forward" for r in s.read_by))
+        warn(
+            f"{s.fqn}: the weight is also read outside the layer (by {readers}), which saw the base weight while the adapter was on; "
+            f"the merge unties it: code reading {s.fqn}.weight reads the merged weight from now on, and code reading {', '.join(untied(s))} the base weight"
+        )
     try:
         with torch.no_grad():
             # reversed: each step then restores exactly the state its install started from

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -57,6 +58,7 @@ class Plan:
 
     def rows(self) -> Iterator[tuple]:
         """One row of the plan's table per site (what ``str(plan)`` prints)."""
+        at_precision = getattr(self, "_flops", {})  # a plan pickled before it had them: the method's float32 count
         for e in self.entries:
             s = e.site
             yield (
@@ -67,7 +69,7 @@ class Plan:
                 s.in_features * s.out_features * s.stack,
                 e.method.trainable_params(s) * s.stack,
                 dense_flops(s),
-                flops_per_token(s, e.method.flops(s)),
+                flops_per_token(s, at_precision[s.fqn] if s.fqn in at_precision else e.method.flops(s)),
             )
 
     def notes(self) -> list[str]:
@@ -302,9 +304,17 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     # a bias a method trains and a glob names too trains once: the site's count holds it
     counted = {e.site.bias for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}
     plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
+    plan._flops = {e.site.fqn: e.method.flops_for(e.site, _weight_dtype(model, rewritten, e.site)) for e in entries}  # at the weights' precision
     plan._model = weakref.ref(model)  # to preview projections when printed
     plan._fingerprint = fingerprint(model)
     return plan
+
+
+def _weight_dtype(model: nn.Module, live: Rewritten, site: Site) -> torch.dtype:
+    try:
+        return model.get_parameter(live.live(site.weight)).dtype
+    except AttributeError:  # a structure replaced the layer: no weight is left
+        return torch.float32
 
 
 def fingerprint(model: nn.Module) -> tuple:

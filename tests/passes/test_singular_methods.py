@@ -706,4 +706,5 @@ def test_report_counts_ws_gemm_where_half_precision_keeps_it(method):
         hp = {"r": 64} if method == "svfit" else {}
         peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": method, **hp}}]}, example_inputs=(torch.randn(2, 64, dtype=dtype),))
         flops[dtype] = peftify.report(model).rows[0][-2]
+        assert model._peftify.plan.rows().__next__()[-1] == flops[dtype]  # the plan counts at the weight's precision too
     assert flops == {torch.float32: 2 * 64 * (64 + 64), torch.bfloat16: 2 * 64 * 64 + 2 * 64 * (64 + 64)}
