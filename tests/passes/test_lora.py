@@ -512,5 +512,13 @@ def test_a_state_dict_from_another_base_warns_that_the_kept_original_is_this_mod
     with pytest.warns(UserWarning, match="differs from the one adapter 'default' was split from") as caught:
         other.load_state_dict(state)
     assert len([w for w in caught if "differs" in str(w.message)]) == 8  # q, k, v, o in each of 2 layers
+    torch.manual_seed(0)
+    near = tiny_llama()
+    with torch.no_grad():
+        for p in near.parameters():
+            p.mul_(1 + 0.03 * torch.randn_like(p))  # a base 3% apart (another fine-tune of it, say)
+    near = peftify.peftify(near, spec, progress=False)
+    with pytest.warns(UserWarning, match="differs from the one adapter"):
+        near.load_state_dict(state)
     x = {"input_ids": torch.arange(18).view(2, 9) % 101}
     torch.testing.assert_close(output(other, x), output(trained, x), rtol=1e-5, atol=1e-5)  # what it computes is the checkpoint's

@@ -366,6 +366,7 @@ def test_self_guided_finds_the_rewritten_model_inside_a_wrapper():
     outer = nn.Sequential(inner, nn.ReLU())
     schedule = peftify.SelfGuided(outer, steps=2)
     assert schedule.modules == [inner[0].adapters["default"]]
+    assert peftify.SelfGuided(torch.compile(inner), steps=2).modules == schedule.modules  # the wrapper shows its model's state too: once
     schedule.step()
     assert float(inner[0].adapters["default"].mix) == 0.5
 

@@ -249,6 +249,8 @@ def test_optional_rules_and_regex_train_patterns():
         ({"rules": [], "scaling": {"method": "mup", 1: 2, "x": 3}}, "scaling", "MuP has no setting"),
         ({"rules": [{"match": "*", "apply": {"method": "lora", "alpha": 10**400}}]}, "alpha", "must be a positive finite number"),
         ({"rules": [{"match": "*", "apply": {"method": "sltrain", "seed": 2**64}}]}, "seed", "in [-2**63, 2**64)"),
+        ({"rules": [{"match": "*", "apply": {"method": "svft", "seed": 10**5000}}]}, "seed", "got an integer of 16610 bits"),  # too long to print
+        ({"rules": [{"match": "*", "apply": {"method": "lora", "alpha": 10**5000}}]}, "alpha", "got an integer of 16610 bits"),
         ({"rules": [{"match": "*.q_proj", "apply": {"method": "btt", "factorization": [[1, 100000], [1, 100000]]}}]}, "factorization", "to more than twice its size"),
     ],
 )

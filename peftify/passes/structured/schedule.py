@@ -31,7 +31,7 @@ class SelfGuided:
         # every rewritten model inside `model` (itself, or one a wrapper holds: DDP, a larger model);
         # of each, the active adapter's layers alone: another adapter's structure may stand for its
         # layer too, and annealing it would move that layer towards its untrained factors
-        rewritten = [(m, m._peftify) for m in model.modules() if getattr(m, "_peftify", None) is not None]
+        rewritten = list({id(m._peftify): (m, m._peftify) for m in model.modules() if getattr(m, "_peftify", None) is not None}.values())  # a compiled wrapper shows its model's too
         layers = [adapted_site(m, e.site).adapters[state.current] for m, state in rewritten for e in state.plan.entries]
         self.modules = [m for layer in layers for m in layer.modules() if isinstance(m, StructuredModule) and m.guide is not None]
         if not self.modules:
