@@ -100,10 +100,9 @@ def peftify(
             raise SpecError(message)
         warn(message + "; the model is left as it was")
         return model
-    apply_plan(model, resolved, adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype)
-    if _inference_mode(spec):
-        for p in model.parameters():  # PEFT's inference_mode: nothing trains (a later set_adapter trains the adapter again)
-            p.requires_grad_(False)
+    # PEFT's inference_mode: nothing trains (a later set_adapter trains the adapter again)
+    freeze = (lambda: [p.requires_grad_(False) for p in model.parameters()]) if _inference_mode(spec) else None
+    apply_plan(model, resolved, adapter=adapter, progress=progress, autocast_adapter_dtype=autocast_adapter_dtype, finish=freeze)
     return model
 
 

@@ -10,6 +10,7 @@ peft:   ``adapter_model.safetensors`` with PEFT's keys (``base_model.model.<fqn>
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -198,6 +199,9 @@ def _replace_files(directory: Path, writes: dict, stale: tuple[str, ...] = ()) -
         os.close(fd)
         return tmp
 
+    for name in [*writes, *stale]:  # what an earlier save left when stopped or killed past its own clean-up
+        for leftover in [*directory.glob(f".{glob.escape(name)}.*.old"), *directory.glob(f".{glob.escape(name)}.*.tmp")]:
+            leftover.unlink(missing_ok=True)
     mode = 0o666 & ~_umask()  # as a plain open() would create them (mkstemp's are private)
     temps: dict[str, str] = {}
     aside: dict[str, str] = {}  # name → where its old file waits
@@ -268,6 +272,11 @@ def load_adapter(
     - strict: a rule of the file's spec that matches nothing raises `SpecError` (False warns).
     - autocast_adapter_dtype: as in `peftify.peftify` (float32 adapters on a half-precision model).
     """
+    return _load(model, path, adapter, example_inputs, strict, autocast_adapter_dtype)
+
+
+def _load(model: nn.Module, path, adapter: str, example_inputs: ExampleInputs, strict: bool, autocast_adapter_dtype: bool, finish=None) -> nn.Module:
+    """`load_adapter`; `finish` runs inside a new adapter's all-or-nothing install (see `apply_plan`)."""
     path = _directory(path)
     fmt = detect_format(path)
     source = f"the {fmt} adapter at {str(path)!r}"
@@ -311,7 +320,7 @@ def load_adapter(
         except SpecError as e:  # the file's rules name the model it was saved from
             raise prefixed(f"{source} does not fit this model: ", e) from e
         tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
-        return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype)
+        return apply_plan(model, plan, adapter=adapter, state=tensors, source=source, autocast_adapter_dtype=autocast_adapter_dtype, finish=finish)
     return _load_into(model, adapter, tensors, fmt, source, config, then=lambda: set_active(model, adapter))
 
 
@@ -583,9 +592,9 @@ def from_pretrained(
       makes an adapter trainable again)."""
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("from_pretrained takes the base model, not one already rewritten; use load_adapter")
-    model = load_adapter(model, path, adapter, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)
-    if not is_trainable:  # and in eval mode, as PEFT loads it
+    def for_inference() -> None:  # and in eval mode, as PEFT loads it
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-    return model
+
+    return _load(model, path, adapter, example_inputs, True, autocast_adapter_dtype, finish=None if is_trainable else for_inference)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -340,13 +341,22 @@ def _original(state: RewriteState | None, p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_plan(
-    model: nn.Module, plan: Plan, adapter: str = "default", progress: bool | None = None, state: dict[str, torch.Tensor] | None = None, source: str = "", autocast_adapter_dtype: bool = True
+    model: nn.Module,
+    plan: Plan,
+    adapter: str = "default",
+    progress: bool | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    source: str = "",
+    autocast_adapter_dtype: bool = True,
+    finish: Callable[[], None] | None = None,
 ) -> nn.Module:
     """Install `plan` as adapter `adapter` and make it the active one.
 
     With `state` (full names → tensors, e.g. a saved adapter), the tensors are checked against
     what the plan builds before anything changes, then loaded. With `autocast_adapter_dtype`, an
     adapter over a half-precision weight trains float32 parameters (`upcast_trainable`).
+    `finish` runs last, inside the rewrite's all-or-nothing (a caller's freezing, say): if it
+    stops, the model is put back as it was, its parameters' flags and modules' modes too.
     """
     rewrite: RewriteState | None = getattr(model, "_peftify", None)
     if rewrite is not None:
@@ -439,6 +449,7 @@ def apply_plan(
             mod.loaded(weight)
 
     before = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
     undo = []
     try:
         if rewrite is None:
@@ -460,17 +471,22 @@ def apply_plan(
         previous = rewrite.active
         undo.append(lambda: _activate(model, rewrite, previous))
         _activate(model, rewrite, adapter, freeze_rest=True)
+        if _inputs_require_grad_under_checkpointing(model):
+            undo.append(model.disable_input_require_grads)
+        if finish is not None:
+            finish()
     except BaseException:
         for step in reversed(undo):
             step()
         for p, flag in before:
             p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
         raise
-    _inputs_require_grad_under_checkpointing(model)
     return model
 
 
-def _inputs_require_grad_under_checkpointing(model: nn.Module) -> None:
+def _inputs_require_grad_under_checkpointing(model: nn.Module) -> bool:
     """Reentrant activation checkpointing gives a segment's parameters gradients only if one of its
     inputs requires grad; with the base frozen, the input embeddings' output does not, and the
     adapters inside get none. As PEFT does, a transformers model whose checkpointing is on gets
@@ -481,6 +497,8 @@ def _inputs_require_grad_under_checkpointing(model: nn.Module) -> None:
         on = getattr(model, "is_gradient_checkpointing", False)
     if on is True and hasattr(model, "enable_input_require_grads") and not getattr(model, "_require_grads_hooks", None) and getattr(model, "_require_grads_hook", None) is None:
         model.enable_input_require_grads()
+        return True
+    return False
 
 
 def _refuse_rewriting_trained(model: nn.Module, rewrite: RewriteState, entry: Entry) -> None:
@@ -993,6 +1011,10 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         else:
             warn(f"unload stopped after {len(merged)} of {total} sites (those have their original layers back, the rest are still adapted); peftify.unload(model) unloads the rest")
         raise
+    # every site is restored: if what is left stops midway, a second call finds no site and finishes
+    rewrite.installed.clear()
+    for name, plan in rewrite.adapters.items():
+        rewrite.adapters[name] = dataclasses.replace(plan, entries=[])
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(rewrite.flags.get(name, p.requires_grad))
     del model._peftify

@@ -574,6 +574,7 @@ def _collapsed_repeats(model: nn.Module, enabled: bool = True):
             continue  # hardly any block repeats another: nothing to gain
         lists.append((path, mod, blocks, groups))
     collapsed = {path: Collapse(groups) for path, _, _, groups in lists}
+    classes = {id(mod): type(mod) for _, mod, _, _ in lists}  # what each list is put back as, however far the cutting got
     try:
         for path, mod, blocks, groups in lists:
             mod._modules = {str(k): blocks[members[0]] for k, members in enumerate(groups)}
@@ -582,7 +583,7 @@ def _collapsed_repeats(model: nn.Module, enabled: bool = True):
         yield collapsed
     finally:
         for path, mod, blocks, _ in lists:
-            mod.__class__ = type(mod).__bases__[0]
+            mod.__class__ = classes[id(mod)]
             mod._modules = {str(i): b for i, b in enumerate(blocks)}
             used = collapsed[path].used
             collapsed[path].used = sorted(used) if used and len(blocks) not in used else list(range(len(blocks)))

@@ -3,7 +3,9 @@ and adapters cross between the libraries in both directions with equal outputs a
 
 import copy
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -581,6 +583,25 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         peftify.save_adapter(model, tmp_path / "a")
     assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == good  # no temp files left either
+    monkeypatch.undo()
+    # stopped while it removed the old files it had moved aside (after the new ones were in place),
+    # a save left them behind for good; the next save to the directory clears them
+    fail_on_unlink = {"n": 0}
+    real_unlink = Path.unlink
+
+    def flaky_unlink(self, missing_ok=False):
+        if self.name.endswith(".old") and fail_on_unlink["n"] == 0:
+            fail_on_unlink["n"] += 1
+            raise KeyboardInterrupt
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", flaky_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        peftify.save_adapter(model, tmp_path / "a")
+    monkeypatch.undo()
+    assert any(name.endswith(".old") for name in os.listdir(tmp_path / "a"))
+    peftify.save_adapter(model, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(good)
 
 
 def test_peft_format_refuses_what_peft_cannot_hold(tmp_path):

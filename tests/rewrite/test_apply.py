@@ -851,3 +851,66 @@ def test_report_figures_for_functional_sites_lora_xs_and_disabled_biases():
     with peftify.disable_adapters(lin):
         report = peftify.report(lin)
         assert report.rows[0][3] == 0 == report.trainable
+
+
+def test_an_interrupt_in_the_last_steps_of_a_load_or_rewrite_changes_nothing(monkeypatch, tmp_path):
+    """Found by injecting Ctrl-C at every call: from_pretrained's freezing for inference, a PEFT
+    config's inference_mode and the hook for gradient checkpointing ran after the rewrite's
+    all-or-nothing had ended; interrupted there, the model kept its adapter (a retry then said it
+    already had one)."""
+    torch.manual_seed(0)
+    saved = peftify.peftify(tiny_llama(), ALL)
+    peftify.save_adapter(saved, tmp_path)
+    model = tiny_llama().train()
+    snap = snapshot(model)
+    fail_on_call(monkeypatch, type(model), "eval", 1, KeyboardInterrupt("injected"))
+    with pytest.raises(KeyboardInterrupt):
+        peftify.from_pretrained(model, tmp_path, is_trainable=False)
+    assert_unchanged(model, snap)
+    assert all(m.training for m in model.modules())
+    monkeypatch.undo()
+    peftify.from_pretrained(model, tmp_path, is_trainable=False)  # a retry works
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_an_interrupt_while_cutting_repeated_blocks_for_the_trace_puts_the_list_back(monkeypatch):
+    """The trace cuts a list of identical blocks to one; stopped while it swapped the list's class,
+    the list came back as a plain nn.Module (not subscriptable: the model no longer ran)."""
+    from peftify.rewrite import capture as capture_mod
+
+    torch.manual_seed(0)
+    model, x = tiny_llama(), {"input_ids": torch.randint(0, 101, (2, 7))}
+    before = output(model, x)
+    fail_on_call(monkeypatch, capture_mod, "_recording", 1, KeyboardInterrupt("injected"))
+    with pytest.raises(KeyboardInterrupt):
+        peftify.capture(model)
+    assert type(model.model.layers) is nn.ModuleList and len(model.model.layers) == 2
+    torch.testing.assert_close(output(model, x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("unload", [False, True], ids=["merge", "unload"])
+def test_an_interrupt_after_every_site_is_restored_leaves_a_merge_a_second_call_finishes(unload, monkeypatch):
+    """Interrupted while resetting the flags, merge and unload left a rewrite state naming sites
+    already restored: a second call failed (AttributeError), and unload's own recovery hid the interrupt."""
+    torch.manual_seed(0)
+    model, x = tiny_llama(), {"input_ids": torch.randint(0, 101, (2, 7))}
+    keys = list(model.state_dict())
+    peftify.peftify(model, ALL)
+    expected = output(model, x) if unload else adapted_output(model, x)
+    calls = {"n": 0}
+    real = torch.Tensor.requires_grad_
+
+    def flaky(self, flag=True):
+        if getattr(model, "_peftify", None) is not None and not any(isinstance(m, AdaptedSite) for m in model.modules()):
+            calls["n"] += 1
+            if calls["n"] == 3:  # every site restored: in the flags' reset
+                raise KeyboardInterrupt("injected")
+        return real(self, flag)
+
+    monkeypatch.setattr(torch.Tensor, "requires_grad_", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        peftify.unload(model) if unload else peftify.merge(model)
+    monkeypatch.undo()
+    peftify.unload(model) if unload else peftify.merge(model)
+    assert getattr(model, "_peftify", None) is None and list(model.state_dict()) == keys
+    torch.testing.assert_close(output(model, x), expected, rtol=1e-5, atol=1e-5)
