@@ -818,6 +818,9 @@ def delete(model: nn.Module, adapter: str) -> None:
                 rewrite.trained.remove(record)
         del rewrite.adapters[adapter]
     except BaseException:
+        for fqn, record in list(rewrite.installed.items()):  # a site restored just before the stop
+            if not _still_installed(model, record):
+                del rewrite.installed[fqn]
         if adapter in rewrite.adapters:  # the sites it still has, for a second delete
             kept = [e for e in plan.entries if e.site.fqn in rewrite.installed and adapter in adapted_site(model, e.site).adapters]
             rewrite.adapters[adapter] = dataclasses.replace(plan, entries=kept)
@@ -830,10 +833,25 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
     with them, and the weight is written last. If that stops midway, the site is adapted again."""
     site = record.site
     if site.kind == "functional":
-        owner, name = _split(site.weight)
-        _unparametrize(model.get_submodule(owner), name, record.order, leave_parametrized=fold)
-        for path, attr, order in getattr(record, "holders", ()):  # the folded weight is written into the shared parameter already
-            _unparametrize(model.get_submodule(path), attr, order, leave_parametrized=False)
+        owner_path, name = _split(site.weight)
+        owner = model.get_submodule(owner_path)
+        original = owner.parametrizations[name].original
+        merged = getattr(owner, name).detach().clone() if fold else None  # W′, formed before anything changes
+        try:
+            # the other holders first: none of them may read the parameter through the adapter
+            # once it holds W′; then the first, whose parametrization the site is found by
+            for path, attr, order in getattr(record, "holders", ()):
+                _unparametrize(model.get_submodule(path), attr, order, leave_parametrized=False)
+            _unparametrize(owner, name, record.order, leave_parametrized=False)
+        finally:
+            # stopped inside torch's removal, the parameter must not be lost; once the site no
+            # longer reads through the adapter, it holds W′ (merged), never W (the adapter dropped)
+            if not parametrize.is_parametrized(owner, name):
+                if name not in owner._parameters:
+                    owner._parameters[name] = original
+                if merged is not None:
+                    with torch.no_grad():
+                        original.copy_(merged)
         return
     base = adapted.base_layer
     if not fold and record.original is not None:

@@ -914,3 +914,43 @@ def test_an_interrupt_after_every_site_is_restored_leaves_a_merge_a_second_call_
     peftify.unload(model) if unload else peftify.merge(model)
     assert getattr(model, "_peftify", None) is None and list(model.state_dict()) == keys
     torch.testing.assert_close(output(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupt_inside_torchs_removal_of_a_parametrization_loses_no_weight(monkeypatch):
+    """Stopped inside torch's remove_parametrizations (as it registered the parameter back), a
+    delete or merge of a functional site left the model without the weight at all: its forward
+    failed, the interrupt surfaced as a KeyError and a second call failed too. The site is whole
+    now: the weight back, holding W′ after a merge."""
+    real = nn.Module.register_parameter
+
+    def interrupted(self, name, param):
+        if name == "w_shared":
+            monkeypatch.setattr(nn.Module, "register_parameter", real)  # once
+            raise KeyboardInterrupt("injected")
+        return real(self, name, param)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    model = FunctionalNet()
+    peftify.peftify(model, {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2}}]}, example_inputs=(x,))
+    peftify.peftify(model, {"rules": [{"match": "w_shared", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,), adapter="b")
+    peftify.set_adapter(model, "default")
+    without_b = model(x).detach()
+    monkeypatch.setattr(nn.Module, "register_parameter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        peftify.delete_adapter(model, "b")
+    torch.testing.assert_close(model(x), without_b, rtol=0, atol=0)
+    peftify.delete_adapter(model, "b")  # a second call finishes
+    assert peftify.adapters(model) == {"default": True}
+
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    peftify.peftify(model, {"rules": [{"match": "w_shared", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
+    adapted = model(x).detach()
+    monkeypatch.setattr(nn.Module, "register_parameter", interrupted)
+    with pytest.warns(UserWarning, match="merge stopped after 1 of 1 sites"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)  # W′ in place, not W
+    peftify.merge(model)
+    assert getattr(model, "_peftify", None) is None
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
