@@ -679,7 +679,8 @@ class ReplacedLayer(nn.Module):
     def restore(self, weight: nn.Parameter) -> nn.Module:
         """The layer as its own class again, holding `weight`."""
         self.weight = weight
-        self.__class__ = self.__dict__.pop("_peftify_class")
+        self.__class__ = self.__dict__["_peftify_class"]
+        del self.__dict__["_peftify_class"]  # after: a stop in between leaves what a second merge needs
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -724,6 +724,18 @@ def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametr
     owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
 
 
+def _finish_removal(owner: nn.Module, name: str, original: nn.Parameter, order: list[str]) -> None:
+    """What torch's remove_parametrizations does after its property is gone, if a stop cut it
+    short there: the parameter registered again, the empty parametrization container and class
+    dropped, the parameters in their order."""
+    if name not in owner._parameters:
+        owner._parameters[name] = original
+    if not parametrize.is_parametrized(owner) and "parametrizations" in owner._modules:
+        del owner._modules["parametrizations"]
+        owner.__class__ = type(owner).__bases__[0]
+    owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
+
+
 def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, freeze_rest: bool = False) -> None:
     """Make `adapter` (or none) compute at every site; of the parameters adapters own or train
     (their modules', their `train` copies, base biases a method trains), only its own are
@@ -836,22 +848,30 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         owner_path, name = _split(site.weight)
         owner = model.get_submodule(owner_path)
         original = owner.parametrizations[name].original
-        merged = getattr(owner, name).detach().clone() if fold else None  # W′, formed before anything changes
+        holders = [(model.get_submodule(path), attr, order) for path, attr, order in getattr(record, "holders", ())]
+        # W′ is written into the stored parameter first, while the parametrization still reads
+        # it: a stop before the first holder's parametrization is gone puts W back (the site
+        # adapted, as before); a stop after it finishes the removal (the site merged)
+        merged, previous = (getattr(owner, name).detach().clone(), original.detach().clone()) if fold else (None, None)
         try:
-            # the other holders first: none of them may read the parameter through the adapter
-            # once it holds W′; then the first, whose parametrization the site is found by
-            for path, attr, order in getattr(record, "holders", ()):
-                _unparametrize(model.get_submodule(path), attr, order, leave_parametrized=False)
-            _unparametrize(owner, name, record.order, leave_parametrized=False)
-        finally:
-            # stopped inside torch's removal, the parameter must not be lost; once the site no
-            # longer reads through the adapter, it holds W′ (merged), never W (the adapter dropped)
-            if not parametrize.is_parametrized(owner, name):
-                if name not in owner._parameters:
-                    owner._parameters[name] = original
+            with torch.no_grad():
                 if merged is not None:
-                    with torch.no_grad():
-                        original.copy_(merged)
+                    original.copy_(merged)
+            _unparametrize(owner, name, record.order, leave_parametrized=False)
+            for holder, attr, order in holders:
+                _unparametrize(holder, attr, order, leave_parametrized=False)
+        except BaseException:
+            if parametrize.is_parametrized(owner, name):
+                with torch.no_grad():
+                    if previous is not None:
+                        original.copy_(previous)
+            else:  # no holder may read the parameter through the adapter once it holds W′
+                _finish_removal(owner, name, original, record.order)
+                for holder, attr, order in holders:
+                    if parametrize.is_parametrized(holder, attr):
+                        _unparametrize(holder, attr, order, leave_parametrized=False)
+                    _finish_removal(holder, attr, original, order)
+            raise
         return
     base = adapted.base_layer
     if not fold and record.original is not None:
@@ -859,7 +879,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             record.original._parameters[name] = _follow(p, getattr(base, name, None))
         base = record.original  # dropping an adapter that rewrote the base weight: the original comes back
     originals = [base, *record.others]
-    write, untie = None, []
+    write, unwrite, untie = None, None, []
     if fold:
         weight = adapted.dense_weight()
         stored = weight.t() if site.transposed else weight
@@ -868,10 +888,13 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             old = base.weight
             new = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
             write = functools.partial(base.restore, new) if isinstance(base, ReplacedLayer) else functools.partial(setattr, base, "weight", new)
-        else:
+        else:  # in place (it stays tied to whatever shares it); a stop after it copies the old values back
+            previous = base.weight.detach().clone()
             write = functools.partial(base.weight.copy_, stored)
+            unwrite = functools.partial(base.weight.copy_, previous)
     slots = [(model.get_submodule(parent), name) for parent, name in map(_split, site.owners)]
     weights = [o.weight for o in originals]
+    replaced = isinstance(base, ReplacedLayer)
     try:
         for (parent, name), original in zip(slots, originals):
             setattr(parent, name, original)
@@ -883,6 +906,11 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         for owner in site.owners if untie else ():  # so that a later tie_weights() leaves the merged weight alone
             _forget_tie(model, owner + ".weight")
     except BaseException:
+        if unwrite is not None:
+            unwrite()
+        if replaced and not isinstance(base, ReplacedLayer):  # its class was given back: the structure stands for it again
+            base.__dict__["_peftify_class"] = type(base)
+            base.__class__ = ReplacedLayer
         for original, w in zip(originals, weights):
             original.weight = w
         _move_hooks(base, adapted)
@@ -935,8 +963,8 @@ def unload_model(model: nn.Module) -> nn.Module:
     try:
         return merge_model(model, fold=False)
     except BaseException:
-        if getattr(model, "_peftify", None) is rewrite and previous in rewrite.adapters:
-            _activate(model, rewrite, previous)  # the sites not unloaded yet compute as before
+        if getattr(model, "_peftify", None) is rewrite and previous in rewrite.adapters and rewrite.installed:
+            _activate(model, rewrite, previous)  # the sites not unloaded yet compute as before (none left: all are unloaded)
         raise
 
 

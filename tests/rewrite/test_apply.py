@@ -954,3 +954,76 @@ def test_an_interrupt_inside_torchs_removal_of_a_parametrization_loses_no_weight
     peftify.merge(model)
     assert getattr(model, "_peftify", None) is None
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_merge_stopped_around_a_functional_sites_removal_leaves_it_whole(where, monkeypatch):
+    """W′ is written into the stored weight first, then the parametrization goes: stopped before
+    it went, W comes back (the site adapted as before); after, the site is merged. Before, a stop
+    there kept W in a site counted as merged: the adapter was lost (outputs 15 apart)."""
+    real = apply_mod._unparametrize
+
+    def stopped(*args, **kwargs):
+        monkeypatch.setattr(apply_mod, "_unparametrize", real)
+        if where == "after":
+            real(*args, **kwargs)
+        raise KeyboardInterrupt("injected")
+
+    torch.manual_seed(0)
+    model, x = FunctionalNet(), torch.randn(3, 16)
+    peftify.peftify(model, {"rules": [{"match": "w_shared", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
+    adapted = model(x).detach()
+    monkeypatch.setattr(apply_mod, "_unparametrize", stopped)
+    with pytest.warns(UserWarning, match=f"merge stopped after {1 if where == 'after' else 0} of 1 sites"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    peftify.merge(model)
+    assert type(model) is FunctionalNet and getattr(model, "_peftify", None) is None
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merge_stopped_after_writing_a_module_sites_weight_puts_the_old_values_back(monkeypatch):
+    """The merged weight is written in place; stopped after that, the site was put back adapted
+    over W′, counting the update twice (and a second merge folded it in again)."""
+    torch.manual_seed(0)
+    model, x = tiny_llama(), {"input_ids": torch.randint(0, 101, (2, 7))}
+    peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2, "init": "random"}}]})
+    adapted = output(model, x)
+    real = nn.Module.register_parameter
+
+    def stopped(self, name, param):
+        if name == "weight" and type(self) is nn.Linear:  # `original.weight = base.weight`, after the write
+            monkeypatch.setattr(nn.Module, "register_parameter", real)
+            raise KeyboardInterrupt("injected")
+        return real(self, name, param)
+
+    monkeypatch.setattr(nn.Module, "register_parameter", stopped)
+    with pytest.warns(UserWarning, match="merge stopped"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    torch.testing.assert_close(output(model, x), adapted, rtol=1e-5, atol=1e-5)
+    peftify.merge(model)
+    torch.testing.assert_close(output(model, x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_structure_merge_stopped_as_the_layer_gets_its_class_back_can_be_finished(monkeypatch):
+    """The class to give back was popped before the assignment: stopped there, a second merge
+    failed with KeyError '_peftify_class'."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(3, 16)
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "monarch", "nblocks": 4}}]}, example_inputs=(x,))
+    structured = model(x).detach()
+    real = nn.Module.__setattr__
+
+    def stopped(self, name, value):
+        if name == "__class__":
+            monkeypatch.setattr(nn.Module, "__setattr__", real)
+            raise KeyboardInterrupt("injected")
+        return real(self, name, value)
+
+    monkeypatch.setattr(nn.Module, "__setattr__", stopped)
+    with pytest.warns(UserWarning, match="merge stopped"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    torch.testing.assert_close(model(x), structured)
+    peftify.merge(model)
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), structured, rtol=1e-5, atol=1e-5)

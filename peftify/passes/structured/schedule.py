@@ -66,10 +66,13 @@ class SelfGuided:
             for m in self.modules:
                 m.mix.fill_(self.alpha)
             return
-        guides = {id(m.guide) for m in self.modules}
+        # the guides, kept until every one is out of the optimizer too: a step stopped midway and
+        # taken again still knows those of the layers it had dropped
+        self._guides = getattr(self, "_guides", None) or [m.guide for m in self.modules if m.guide is not None]
+        guides = {id(g) for g in self._guides}
         for m in self.modules:
-            m.drop_guide()
-        self.dropped = True
+            if m.guide is not None:
+                m.drop_guide()
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 kept = [p for p in group["params"] if id(p) not in guides]
@@ -77,3 +80,4 @@ class SelfGuided:
                     if id(p) in guides:
                         self.optimizer.state.pop(p, None)
                 group["params"] = kept
+        self._guides, self.dropped = None, True
