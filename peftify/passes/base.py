@@ -555,7 +555,7 @@ class AdaptedSite(nn.Module):
         self.__dict__["kept_original"] = None
         self.replaced_by: str | None = None  # the structure that stands for the layer (always computes)
         # what code written for the layer reads of it (a forward hook that moved here), as PEFT's layers have them
-        self.in_features, self.out_features = site.in_features, site.out_features
+        self.__dict__.update(in_features=site.in_features, out_features=site.out_features)  # plain attributes (nn.Module's __setattr__ costs more)
 
     @property
     def weight(self) -> torch.Tensor | None:

@@ -58,7 +58,7 @@ class Plan:
 
     def rows(self) -> Iterator[tuple]:
         """One row of the plan's table per site (what ``str(plan)`` prints)."""
-        at_precision = getattr(self, "_flops", {})  # a plan pickled before it had them: the method's float32 count
+        at_precision = getattr(self, "_flops", {})  # where the precision matters (a plan pickled before it had them: none)
         for e in self.entries:
             s = e.site
             yield (
@@ -304,7 +304,8 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     # a bias a method trains and a glob names too trains once: the site's count holds it
     counted = {e.site.bias for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}
     plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
-    plan._flops = {e.site.fqn: e.method.flops_for(e.site, _weight_dtype(model, rewritten, e.site)) for e in entries}  # at the weights' precision
+    # at the weights' precision, for the methods whose count depends on it
+    plan._flops = {e.site.fqn: e.method.flops_for(e.site, _weight_dtype(model, rewritten, e.site)) for e in entries if type(e.method).flops_for is not Method.flops_for}
     plan._model = weakref.ref(model)  # to preview projections when printed
     plan._fingerprint = fingerprint(model)
     return plan
