@@ -596,7 +596,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             record.order = list(dict.fromkeys([*plain, *owner._parameters]))
             _own_class(owner)
             parametrize.register_parametrization(owner, name, WeightParametrization(adapted), unsafe=True)
-            undo.append(lambda owner=owner, name=name, order=record.order: _unparametrize(owner, name, order, leave_parametrized=False))
+            undo.append(lambda owner=owner, name=name, order=record.order: _unparametrize(owner, name, order))
             # every other module holding the same parameter reads it through the same container
             # (they would read the base weight while the adapter is on, and W' after a merge)
             seen = {(id(owner), name)}
@@ -610,7 +610,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
                 record.holders.append((path, attr, list(dict.fromkeys(order))))
                 _own_class(holder)
                 parametrize.register_parametrization(holder, attr, WeightParametrization(adapted, shared=True), unsafe=True)
-                undo.append(lambda holder=holder, attr=attr, order=record.holders[-1][2]: _unparametrize(holder, attr, order, leave_parametrized=False))
+                undo.append(lambda holder=holder, attr=attr, order=record.holders[-1][2]: _unparametrize(holder, attr, order))
         rewrite.installed[site.fqn] = record
         undo.append(lambda: rewrite.installed.pop(site.fqn, None))
     adapted = adapted_site(model, site)
@@ -717,11 +717,13 @@ def _own_class(owner: nn.Module) -> None:
         owner.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
 
 
-def _unparametrize(owner: nn.Module, name: str, order: list[str], leave_parametrized: bool) -> None:
-    """Remove a parametrization and put the parameter back in its original state-dict position."""
+def _unparametrize(owner: nn.Module, name: str, order: list[str]) -> None:
+    """Remove a parametrization (the stored parameter back as it is) and put the parameter back
+    in its original state-dict position."""
+    original = owner.parametrizations[name].original
     _own_class(owner)
-    parametrize.remove_parametrizations(owner, name, leave_parametrized=leave_parametrized)
-    owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters} | owner._parameters
+    parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
+    _finish_removal(owner, name, original, order)
 
 
 def _finish_removal(owner: nn.Module, name: str, original: nn.Parameter, order: list[str]) -> None:
@@ -857,9 +859,9 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             with torch.no_grad():
                 if merged is not None:
                     original.copy_(merged)
-            _unparametrize(owner, name, record.order, leave_parametrized=False)
+            _unparametrize(owner, name, record.order)
             for holder, attr, order in holders:
-                _unparametrize(holder, attr, order, leave_parametrized=False)
+                _unparametrize(holder, attr, order)
         except BaseException:
             if parametrize.is_parametrized(owner, name):
                 with torch.no_grad():
@@ -869,7 +871,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
                 _finish_removal(owner, name, original, record.order)
                 for holder, attr, order in holders:
                     if parametrize.is_parametrized(holder, attr):
-                        _unparametrize(holder, attr, order, leave_parametrized=False)
+                        _unparametrize(holder, attr, order)
                     _finish_removal(holder, attr, original, order)
             raise
         return
