@@ -10,7 +10,6 @@ peft:   ``adapter_model.safetensors`` with PEFT's keys (``base_model.model.<fqn>
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -199,8 +198,11 @@ def _replace_files(directory: Path, writes: dict, stale: tuple[str, ...] = ()) -
         os.close(fd)
         return tmp
 
-    for name in [*writes, *stale]:  # what an earlier save left when stopped or killed past its own clean-up
-        for leftover in [*directory.glob(f".{glob.escape(name)}.*.old"), *directory.glob(f".{glob.escape(name)}.*.tmp")]:
+    # what an earlier save left when stopped or killed past its own clean-up: names `temp` makes
+    # (mkstemp's 8 random characters), not a user's own hidden files
+    ours = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(?:tmp|old)" for name in [*writes, *stale]))
+    for leftover in directory.iterdir() if directory.is_dir() else ():
+        if ours.fullmatch(leftover.name):
             leftover.unlink(missing_ok=True)
     mode = 0o666 & ~_umask()  # as a plain open() would create them (mkstemp's are private)
     temps: dict[str, str] = {}

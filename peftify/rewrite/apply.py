@@ -881,7 +881,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             record.original._parameters[name] = _follow(p, getattr(base, name, None))
         base = record.original  # dropping an adapter that rewrote the base weight: the original comes back
     originals = [base, *record.others]
-    write, unwrite, untie = None, None, []
+    write, in_place, untie = None, None, []
     if fold:
         weight = adapted.dense_weight()
         stored = weight.t() if site.transposed else weight
@@ -890,10 +890,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             old = base.weight
             new = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
             write = functools.partial(base.restore, new) if isinstance(base, ReplacedLayer) else functools.partial(setattr, base, "weight", new)
-        else:  # in place (it stays tied to whatever shares it); a stop after it copies the old values back
-            previous = base.weight.detach().clone()
-            write = functools.partial(base.weight.copy_, stored)
-            unwrite = functools.partial(base.weight.copy_, previous)
+        else:  # in place (it stays tied to whatever shares it), as the very last step: once done, the site is merged
+            in_place = base.weight
     slots = [(model.get_submodule(parent), name) for parent, name in map(_split, site.owners)]
     weights = [o.weight for o in originals]
     replaced = isinstance(base, ReplacedLayer)
@@ -907,9 +905,11 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             original.weight = base.weight
         for owner in site.owners if untie else ():  # so that a later tie_weights() leaves the merged weight alone
             _forget_tie(model, owner + ".weight")
+        if in_place is not None:
+            in_place.copy_(stored)
     except BaseException:
-        if unwrite is not None:
-            unwrite()
+        if in_place is not None and in_place.equal(stored.to(in_place.dtype)):
+            raise  # stopped just after the write: every other step was done before it, the site is merged
         if replaced and not isinstance(base, ReplacedLayer):  # its class was given back: the structure stands for it again
             base.__dict__["_peftify_class"] = type(base)
             base.__class__ = ReplacedLayer

@@ -600,8 +600,11 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
         peftify.save_adapter(model, tmp_path / "a")
     monkeypatch.undo()
     assert any(name.endswith(".old") for name in os.listdir(tmp_path / "a"))
+    users = [".peftify.json.user.tmp", ".adapter_config.json.x.tmp", ".adapter.safetensors.bak.old"]  # a user's own hidden files
+    for name in users:
+        (tmp_path / "a" / name).write_text("mine")
     peftify.save_adapter(model, tmp_path / "a")
-    assert sorted(os.listdir(tmp_path / "a")) == sorted(good)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted([*good, *users])  # only names the save itself makes are cleared
 
 
 def test_peft_format_refuses_what_peft_cannot_hold(tmp_path):

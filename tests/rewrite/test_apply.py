@@ -982,23 +982,27 @@ def test_a_merge_stopped_around_a_functional_sites_removal_leaves_it_whole(where
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
 
 
-def test_a_merge_stopped_after_writing_a_module_sites_weight_puts_the_old_values_back(monkeypatch):
-    """The merged weight is written in place; stopped after that, the site was put back adapted
-    over W′, counting the update twice (and a second merge folded it in again)."""
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_merge_stopped_around_a_module_sites_write_counts_the_update_once(when, monkeypatch):
+    """The merged weight is written in place; a stop after that once put the site back adapted
+    over W′, counting the update twice (and a second merge folded it in again). The write is the
+    last step: stopped before it, the site is adapted as before; after it, merged."""
     torch.manual_seed(0)
     model, x = tiny_llama(), {"input_ids": torch.randint(0, 101, (2, 7))}
     peftify.peftify(model, {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2, "init": "random"}}]})
     adapted = output(model, x)
-    real = nn.Module.register_parameter
+    real = torch.Tensor.copy_
 
-    def stopped(self, name, param):
-        if name == "weight" and type(self) is nn.Linear:  # `original.weight = base.weight`, after the write
-            monkeypatch.setattr(nn.Module, "register_parameter", real)
+    def stopped(self, src, *args, **kwargs):
+        if isinstance(self, nn.Parameter) and self.shape == (64, 64):  # the first q_proj's merged weight
+            monkeypatch.setattr(torch.Tensor, "copy_", real)
+            if when == "after":
+                real(self, src, *args, **kwargs)
             raise KeyboardInterrupt("injected")
-        return real(self, name, param)
+        return real(self, src, *args, **kwargs)
 
-    monkeypatch.setattr(nn.Module, "register_parameter", stopped)
-    with pytest.warns(UserWarning, match="merge stopped"), pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(torch.Tensor, "copy_", stopped)
+    with pytest.warns(UserWarning, match=f"merge stopped after {1 if when == 'after' else 0} of 2 sites"), pytest.raises(KeyboardInterrupt):
         peftify.merge(model)
     torch.testing.assert_close(output(model, x), adapted, rtol=1e-5, atol=1e-5)
     peftify.merge(model)
