@@ -352,6 +352,14 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
     def traced_ops(graph):  # one pass over the graph, and only if a Linear subclass overrides forward
         return ops_by_owner(graph, params)
 
+    @functools.cache
+    def owned(graph):  # the ops each module's own forward ran, in one pass too
+        nodes: dict[str, list[torch.fx.Node]] = {}
+        for n in graph.nodes:
+            if n.op == "call_function":
+                nodes.setdefault(_owner(n), []).append(n)
+        return nodes
+
     sites, site_uses = [], {}
     for weight, group in by_weight.items():
         param = model.get_parameter(weight)
@@ -362,7 +370,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         out_f, in_f = param.shape[-2:][::-1] if first.transposed else param.shape[-2:]
         owners = []
         for u in group:
-            mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()) <= _PLAIN_LINEAR_OPS and _only_its_linear(model, u, params))
+            mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()) <= _PLAIN_LINEAR_OPS and _only_its_linear(model, u, params, owned(u.node.graph).get(u.owner, [])))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
         module_site = len(owners) > 0 and all(u.owner in owners for u in group)
@@ -430,8 +438,8 @@ def _linear_like(model: nn.Module, path: str, plain_forward: Callable[[], bool] 
     return None
 
 
-def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str]) -> bool:
-    """Whether the traced forward of the module applying `use` computes x Wᵀ + b of its own
+def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str], inside: list[torch.fx.Node]) -> bool:
+    """Whether the traced forward of the module applying `use` (its ops: `inside`) computes x Wᵀ + b of its own
     weight and bias and nothing else (FalconLinear's ``x @ W.T + b``): a module site's container
     computes adapter(x, W, b) in the forward's place. Not so for a forward that adds another
     parameter, leaves its bias out, scales an addmm, computes W x, or moves the output's
@@ -444,9 +452,9 @@ def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str]) -> bool
         return False
     bias = getattr(model.get_submodule(use.owner), "bias", None)
     added = _bias_added(node, params)  # x @ W + b, F.linear(x, W) + b
-    inside = use.bias if target in ("aten.linear.default", "aten.addmm.default") else None  # F.linear(x, W, b)
-    used = inside or added
-    if (inside and added) or (bias is None) != (used is None) or (used is not None and model.get_parameter(used) is not bias):
+    in_op = use.bias if target in ("aten.linear.default", "aten.addmm.default") else None  # F.linear(x, W, b)
+    used = in_op or added
+    if (in_op and added) or (bias is None) != (used is None) or (used is not None and model.get_parameter(used) is not bias):
         return False
     result = next(iter(node.users)) if added else node
     keeps = {op for op, swaps in WEIGHT_VIEWS.items() if not swaps}
@@ -462,7 +470,7 @@ def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str]) -> bool
     if val is None or val.dim() == 0 or val.shape[-1] != node.meta["val"].shape[-1]:
         return False
     allowed = {node, result} | x_views | out_views
-    others = (n for n in node.graph.nodes if n.op == "call_function" and _owner(n) == use.owner and n not in allowed)
+    others = (n for n in inside if n not in allowed)
     return all(str(n.target) in WEIGHT_VIEWS and _param_behind(n, params, matrix=False) is not None for n in others)  # views of W or b
 
 
