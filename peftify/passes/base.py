@@ -229,10 +229,11 @@ def dense_flops(site: Site) -> int:
     return 2 * site.in_features * site.out_features
 
 
-def with_kept_w(site: Site, p: int, dtype: torch.dtype, flops: int) -> int:
-    """`flops` plus W's GEMM where all p singular vectors are kept but cannot stand in for W: a
-    half-precision weight (see `SingularVectors.stands_in_for`)."""
-    return flops + (dense_flops(site) if p == min(site.in_features, site.out_features) and dtype not in FULL_PRECISION else 0)
+def w_gemm_kept(site: Site, p: int, stands_in: bool) -> int:
+    """W's GEMM where all p singular vectors are kept but do not stand in for W (a half-precision
+    weight, or factors not checked yet: see `SingularVectors.stands_in_for`), which
+    `singular_flops` counts out; else 0."""
+    return dense_flops(site) if p == min(site.in_features, site.out_features) and not stands_in else 0
 
 
 def singular_flops(site: Site, p: int) -> int:
@@ -358,10 +359,7 @@ class SingularVectors(LowRankDelta):
         return super().flops() + self.kept_w_flops()
 
     def kept_w_flops(self) -> int:
-        """W's GEMM where all singular vectors are kept but do not stand in for W (half precision,
-        or factors not checked yet), which `singular_flops` counts out."""
-        whole = self.u.shape[-1] == min(self.site.in_features, self.site.out_features)
-        return dense_flops(self.site) if whole and not (self.exact and self.u.dtype in FULL_PRECISION) else 0
+        return w_gemm_kept(self.site, self.u.shape[-1], bool(self.exact) and self.u.dtype in FULL_PRECISION)
 
     def loaded(self, weight: torch.Tensor | None = None) -> None:
         self.exact = None

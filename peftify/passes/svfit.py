@@ -21,7 +21,7 @@ from peftify.passes.base import (
     invalid,
     register,
     singular_flops,
-    with_kept_w,
+    w_gemm_kept,
 )
 from peftify.rewrite.sites import Site
 
@@ -81,7 +81,7 @@ class SVFit(Method):
         return singular_flops(site, self.r)
 
     def flops_for(self, site: Site, dtype: torch.dtype) -> int:
-        return self.flops(site) if self.energy is not None else with_kept_w(site, self.r, dtype, self.flops(site))  # a bound counts W already
+        return self.flops(site) + (0 if self.energy is not None else w_gemm_kept(site, self.r, dtype in FULL_PRECISION))  # a bound counts W already
 
 
 def energy_rank(sigma: torch.Tensor, energy: float) -> int:

@@ -21,7 +21,7 @@ from peftify.passes.base import (
     register,
     singular_flops,
     tag,
-    with_kept_w,
+    w_gemm_kept,
 )
 from peftify.rewrite.sites import Site
 
@@ -90,7 +90,7 @@ class SVFT(Method):
         return singular_flops(site, self.rank(site))
 
     def flops_for(self, site: Site, dtype: torch.dtype) -> int:
-        return with_kept_w(site, self.rank(site), dtype, self.flops(site))
+        return self.flops(site) + w_gemm_kept(site, self.rank(site), dtype in FULL_PRECISION)
 
 
 def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftify.passes.base import Method, check_count, check_fits, invalid, register, singular_flops, tag, with_kept_w
+from peftify.passes.base import FULL_PRECISION, Method, check_count, check_fits, invalid, register, singular_flops, tag, w_gemm_kept
 from peftify.passes.svfit import SingularValues
 from peftify.rewrite.sites import Site
 
@@ -58,7 +58,7 @@ class VectorFit(Method):
         return singular_flops(site, self.rank(site))
 
     def flops_for(self, site: Site, dtype: torch.dtype) -> int:
-        return with_kept_w(site, self.rank(site), dtype, self.flops(site))
+        return self.flops(site) + w_gemm_kept(site, self.rank(site), dtype in FULL_PRECISION)
 
 
 VectorFit.module = SingularValues
