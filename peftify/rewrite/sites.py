@@ -334,6 +334,12 @@ def _owner(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+def _call(node: torch.fx.Node) -> str:
+    """Which call of a module ran `node`: the tracer keys a module's second call ``…proj@1``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack)[-1] if stack else ""
+
+
 def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], reads: dict[str, list[torch.fx.Node]]) -> tuple[list[Site], dict[str, list[Use]]]:
     """Group uses by weight parameter into sites; decide module vs functional ownership.
     `params` maps the graph's parameter placeholders to parameter names; `reads` is
@@ -353,11 +359,11 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         return ops_by_owner(graph, params)
 
     @functools.cache
-    def owned(graph):  # the ops each module's own forward ran, in one pass too
+    def owned(graph):  # the ops each call of a module's own forward ran, in one pass too
         nodes: dict[str, list[torch.fx.Node]] = {}
         for n in graph.nodes:
             if n.op == "call_function":
-                nodes.setdefault(_owner(n), []).append(n)
+                nodes.setdefault(_call(n), []).append(n)
         return nodes
 
     sites, site_uses = [], {}
@@ -370,7 +376,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         out_f, in_f = param.shape[-2:][::-1] if first.transposed else param.shape[-2:]
         owners = []
         for u in group:
-            mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()) <= _PLAIN_LINEAR_OPS and _only_its_linear(model, u, params, owned(u.node.graph).get(u.owner, [])))
+            mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()) <= _PLAIN_LINEAR_OPS and _only_its_linear(model, u, params, owned(u.node.graph).get(_call(u.node), [])))
             if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
         module_site = len(owners) > 0 and all(u.owner in owners for u in group)
@@ -439,7 +445,7 @@ def _linear_like(model: nn.Module, path: str, plain_forward: Callable[[], bool] 
 
 
 def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str], inside: list[torch.fx.Node]) -> bool:
-    """Whether the traced forward of the module applying `use` (its ops: `inside`) computes x Wᵀ + b of its own
+    """Whether the traced forward of the module applying `use` (its ops in that call: `inside`) computes x Wᵀ + b of its own
     weight and bias and nothing else (FalconLinear's ``x @ W.T + b``): a module site's container
     computes adapter(x, W, b) in the forward's place. Not so for a forward that adds another
     parameter, leaves its bias out, scales an addmm, computes W x, or moves the output's
@@ -459,11 +465,11 @@ def _only_its_linear(model: nn.Module, use: Use, params: dict[str, str], inside:
     result = next(iter(node.users)) if added else node
     keeps = {op for op, swaps in WEIGHT_VIEWS.items() if not swaps}
     x_views, n = set(), use.x
-    while isinstance(n, torch.fx.Node) and n.op == "call_function" and _owner(n) == use.owner and str(n.target) in keeps:
+    while isinstance(n, torch.fx.Node) and n.op == "call_function" and _call(n) == _call(node) and str(n.target) in keeps:
         x_views.add(n)
         n = n.args[0]
     out, out_views = result, set()
-    while len(out.users) == 1 and (user := next(iter(out.users))).op == "call_function" and _owner(user) == use.owner and str(user.target) in keeps:
+    while len(out.users) == 1 and (user := next(iter(out.users))).op == "call_function" and _call(user) == _call(node) and str(user.target) in keeps:
         out = user
         out_views.add(out)
     val = out.meta.get("val")

@@ -9,6 +9,7 @@ from conftest import output
 from torch import nn
 
 import peftify
+from peftify.passes.base import AdaptedSite
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48, "vocab_size": 101}
 
@@ -365,6 +366,39 @@ def test_a_linear_subclass_whose_forward_is_not_its_linear_map_is_rewritten_wher
     peftify.merge(model)
     assert type(model[0]) is kind
     torch.testing.assert_close(model(x), adapted)
+
+
+class SharedProjection(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.proj, self.out = kind(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        return self.out(torch.tanh(self.proj(x)) * self.proj(y))
+
+
+class AppliedTwice(nn.Linear):
+    def forward(self, x):
+        return F.linear(F.linear(x, self.weight, self.bias), self.weight, self.bias)
+
+
+@pytest.mark.parametrize("kind", [PlainForward, BiasAddedAfter])
+def test_a_plain_linear_subclass_called_twice_stays_a_module_site(kind):
+    """Each call's ops are checked alone: taken together, the second call's product counted as
+    something else the forward did, and a shared FalconLinear became a functional site (other
+    state-dict keys, a rule naming the layer matched nothing, PiSSA and structures refused)."""
+    torch.manual_seed(0)
+    model, x, y = SharedProjection(kind), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    ref = model(x, y).detach()
+    peftify.peftify(model, {"rules": [{"match": "proj", "apply": {"method": "lora", "r": 2, "init": "pissa"}}]}, example_inputs=(x, y))
+    assert isinstance(model.proj, AdaptedSite) and "proj.base_layer.weight" in model.state_dict()
+    torch.testing.assert_close(model(x, y), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_linear_subclass_applying_its_weight_twice_in_one_call_stays_functional():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(AppliedTwice(8, 8)), torch.randn(3, 8)
+    assert [s.kind for s in peftify.capture(model, example_inputs=(x,)).sites] == ["functional"]
 
 
 def test_multihead_attention_out_proj_is_functional():
