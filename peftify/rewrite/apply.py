@@ -908,8 +908,11 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         if in_place is not None:
             in_place.copy_(stored)
     except BaseException:
-        if in_place is not None and in_place.equal(stored.to(in_place.dtype)):
-            raise  # stopped just after the write: every other step was done before it, the site is merged
+        if in_place is not None and in_place.equal(stored.to(in_place.dtype)) and not adapted.dense_weight().equal(weight):
+            # stopped just after the write: every other step was done before it, the site is
+            # merged. (An update that leaves W′ as it is, an untrained one, would find W′ == W
+            # before the write too; adapted again over W′ it computes the same.)
+            raise
         if replaced and not isinstance(base, ReplacedLayer):  # its class was given back: the structure stands for it again
             base.__dict__["_peftify_class"] = type(base)
             base.__class__ = ReplacedLayer

@@ -1009,6 +1009,30 @@ def test_a_merge_stopped_around_a_module_sites_write_counts_the_update_once(when
     torch.testing.assert_close(output(model, x), adapted, rtol=1e-5, atol=1e-5)
 
 
+def test_a_merge_of_an_untrained_adapter_stopped_before_its_write_puts_the_site_back(monkeypatch):
+    """W′ == W before the write when the update is still zero: that read as "written", and a
+    merge stopped while moving the hooks left the layer plain, its user hook on the discarded
+    container, never to fire again."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)), torch.randn(3, 8)
+    ref = model(x).detach()
+    calls = []
+    model[2].register_forward_hook(lambda *a: calls.append(1))
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=(x,))
+    fail_on_call(monkeypatch, apply_mod, "_move_hooks", 1, KeyboardInterrupt())
+    with pytest.warns(UserWarning, match="merge stopped after 0 of 2"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    monkeypatch.undo()
+    assert sum(isinstance(m, AdaptedSite) for m in model) == 2
+    calls.clear()
+    torch.testing.assert_close(model(x), ref)
+    assert calls
+    peftify.merge(model)
+    calls.clear()
+    torch.testing.assert_close(model(x), ref)
+    assert calls and type(model[2]) is nn.Linear
+
+
 def test_a_structure_merge_stopped_as_the_layer_gets_its_class_back_can_be_finished(monkeypatch):
     """The class to give back was popped before the assignment: stopped there, a second merge
     failed with KeyError '_peftify_class'."""
