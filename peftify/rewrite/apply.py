@@ -243,7 +243,8 @@ def adapter_params(model: nn.Module, entry: Entry, adapter: str, mod: SiteModule
 def adapter_buffers(entry: Entry, adapter: str, mod: SiteModule) -> dict[str, torch.Tensor]:
     """The training state an adapter keeps in buffers (a self-guided layer's mix), by full name."""
     prefix = module_prefix(entry.site)
-    return {f"{prefix}.adapters.{adapter}.{n}": b for n in mod.saved_buffers if (b := getattr(mod, n, None)) is not None}
+    kept = (n for n in mod.saved_buffers if n not in mod._non_persistent_buffers_set)
+    return {f"{prefix}.adapters.{adapter}.{n}": b for n in kept if (b := getattr(mod, n, None)) is not None}
 
 
 def base_params(site: Site, base: nn.Module | None) -> dict[str, nn.Parameter]:

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import lm_losses, output, scalar_loss, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
@@ -369,6 +370,33 @@ def test_self_guided_finds_the_rewritten_model_inside_a_wrapper():
     assert peftify.SelfGuided(torch.compile(inner), steps=2).modules == schedule.modules  # the wrapper shows its model's state too: once
     schedule.step()
     assert float(inner[0].adapters["default"].mix) == 0.5
+
+
+def test_self_guided_training_under_ddp_goes_on_after_the_guides_are_dropped():
+    """Dropping a guide removed the layer's `mix` buffer; DDP, which broadcasts the buffers it
+    finds before each forward, then failed an internal assert on a model with no buffer left.
+    α stays, at 0, outside the state dict."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "monarch", "nblocks": 2, "init": "self_guided"}}]}, example_inputs=(torch.randn(2, 16),))
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = torch.optim.SGD(peftify.param_groups(model, lr=1e-2))
+        schedule = peftify.SelfGuided(model, steps=2, optimizer=opt)
+        for _ in range(3):
+            ddp(torch.randn(4, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
+    finally:
+        dist.destroy_process_group()
+    assert schedule.done and model[0].adapters["default"].guide is None
+    assert not any("mix" in k or "guide" in k for k in model.state_dict())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), model[2](F.gelu(F.linear(x, model[0].adapters["default"].dense_weight(), model[0].bias))))
 
 
 def test_self_guided_schedules_the_active_adapter_alone():
