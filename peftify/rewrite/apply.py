@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -105,6 +106,16 @@ class RewriteState:
 
 
 ADDS_PARAMETERS = ("peftify", "load_adapter", "from_pretrained")  # entry points a DDP wrapper cannot take
+# entry points that replace, write or save the parameters FSDP keeps its own copies of
+CHANGES_PARAMETERS = (*ADDS_PARAMETERS, "load_adapter_state_dict", "merge", "unload", "delete_adapter", "save_adapter", "export")
+
+
+def sharded_by_fsdp(model: nn.Module) -> list[str]:
+    """The modules of `model` that FSDP shards (``fully_shard``, or the FullyShardedDataParallel
+    wrapper); none unless torch's FSDP was imported, which sharding needs."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)) if isinstance(k, type))
+    return [name or "the model" for name, m in model.named_modules() if kinds and isinstance(m, kinds)]
 
 
 def accepts_compiled(fn):
@@ -112,7 +123,8 @@ def accepts_compiled(fn):
     holds (so names, state-dict keys and captures are the model's own, without ``_orig_mod.``),
     and where it returns that module it returns the wrapper. The wrapper recompiles on its next
     call after a rewrite. A DistributedDataParallel/DataParallel wrapper is looked through too,
-    except by the calls that add parameters (`ADDS_PARAMETERS`), which it would not synchronize."""
+    except by the calls that add parameters (`ADDS_PARAMETERS`), which it would not synchronize.
+    A model FSDP shards is refused by the calls that change or save parameters."""
 
     @functools.wraps(fn)
     def entry(model, *args, **kwargs):
@@ -126,6 +138,16 @@ def accepts_compiled(fn):
                     "when it was built: the adapters would train apart on each rank. Rewrite the model first, then wrap it"
                 )
             inner = inner.module
+        if fn.__name__ in CHANGES_PARAMETERS and (sharded := sharded_by_fsdp(inner)):
+            # it swaps its sharded parameters back in around each forward and at state_dict():
+            # a merged weight was silently replaced by the stale shard, an adapter added after
+            # sharding failed in its first forward
+            raise SpecError(
+                f"peftify.{fn.__name__} got a model sharded by FSDP ({', '.join(sharded[:3])}{', …' if len(sharded) > 3 else ''}), which keeps its own copies of "
+                "the parameters it manages. Rewrite or load adapters before sharding; to merge, unload, save or export, gather the full state dict "
+                "(torch.distributed.checkpoint.state_dict.get_model_state_dict with StateDictOptions(full_state_dict=True)) into an unsharded "
+                f"copy of the rewritten model and call peftify.{fn.__name__} on that"
+            )
         if inner is model:
             return fn(model, *args, **kwargs)
         result = fn(inner, *args, **kwargs)

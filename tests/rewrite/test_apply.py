@@ -1033,6 +1033,47 @@ def test_a_merge_of_an_untrained_adapter_stopped_before_its_write_puts_the_site_
     assert calls and type(model[2]) is nn.Linear
 
 
+def test_a_model_sharded_by_fsdp_is_refused_by_the_calls_that_change_or_save_its_parameters(tmp_path):
+    """FSDP swaps its own sharded parameters back in: a merged weight was silently replaced by the
+    stale shard at the next state_dict() (the merged model computed the base), an adapter added
+    after sharding failed in its first forward, and a save failed inside torch. The way the error
+    gives (a full state dict into an unsharded copy) merges right."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    spec = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "init": "random"}}]}
+    x = torch.randn(3, 16)
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+
+    reference = peftify.merge(peftify.peftify(net(), spec, example_inputs=(x,)))(x)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        model = peftify.peftify(net(), spec, example_inputs=(x,))
+        fully_shard(model[0])
+        fully_shard(model)
+        model(x)
+        for call in (peftify.merge, peftify.unload, peftify.delete_adapter, peftify.save_adapter):
+            args = {peftify.delete_adapter: ("default",), peftify.save_adapter: (tmp_path,)}.get(call, ())
+            with pytest.raises(SpecError, match=rf"peftify.{call.__name__} got a model sharded by FSDP \(the model, 0\)"):
+                call(model, *args)
+        assert isinstance(model[0], AdaptedSite) and not any(tmp_path.iterdir())
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        unsharded = peftify.peftify(net(), spec, example_inputs=(x,))
+        unsharded.load_state_dict(full)
+        torch.testing.assert_close(peftify.merge(unsharded)(x), reference)
+        plain = net()
+        fully_shard(plain)
+        with pytest.raises(SpecError, match="Rewrite or load adapters before sharding"):
+            peftify.peftify(plain, spec, example_inputs=(x,))
+        assert not hasattr(plain, "_peftify")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_structure_merge_stopped_as_the_layer_gets_its_class_back_can_be_finished(monkeypatch):
     """The class to give back was popped before the assignment: stopped there, a second merge
     failed with KeyError '_peftify_class'."""
