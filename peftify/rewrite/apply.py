@@ -874,22 +874,26 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         owner = model.get_submodule(owner_path)
         original = owner.parametrizations[name].original
         holders = [(model.get_submodule(path), attr, order) for path, attr, order in getattr(record, "holders", ())]
-        # W′ is written into the stored parameter first, while the parametrization still reads
-        # it: a stop before the first holder's parametrization is gone puts W back (the site
+        # the holders share one stored parameter, unless something untied them (to_empty after
+        # building on meta gives each its own): W′ goes into each
+        kept = {id(p): p for p in [original, *(h.parametrizations[attr].original for h, attr, _ in holders)]}.values()
+        # W′ is written into the stored parameters first, while the parametrizations still read
+        # them: a stop before the first holder's parametrization is gone puts W back (the site
         # adapted, as before); a stop after it finishes the removal (the site merged)
-        merged, previous = (getattr(owner, name).detach().clone(), original.detach().clone()) if fold else (None, None)
+        merged = getattr(owner, name).detach().clone() if fold else None
+        previous = [(p, p.detach().clone()) for p in kept] if fold else []
         try:
             with torch.no_grad():
-                if merged is not None:
-                    original.copy_(merged)
+                for p, _ in previous:
+                    p.copy_(merged)
             _unparametrize(owner, name, record.order)
             for holder, attr, order in holders:
                 _unparametrize(holder, attr, order)
         except BaseException:
             if parametrize.is_parametrized(owner, name):
                 with torch.no_grad():
-                    if previous is not None:
-                        original.copy_(previous)
+                    for p, old in previous:
+                        p.copy_(old)
             else:  # no holder may read the parameter through the adapter once it holds W′
                 _finish_removal(owner, name, original, record.order)
                 for holder, attr, order in holders:

@@ -751,6 +751,26 @@ def test_a_functional_weight_held_by_two_modules_is_adapted_in_both(tmp_path):
     torch.testing.assert_close(model(ids), got)
 
 
+def test_a_functional_weight_whose_holders_were_untied_merges_into_each():
+    """`to_empty` after building on meta gives each holder its own stored weight; the forward
+    stayed right, but merge wrote W′ into the first holder only (outputs 0.3 apart, in silence)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 5))
+    spec = {"rules": [{"match": "embed.weight", "apply": {"method": "lora", "r": 2, "init": "random"}}]}
+    model = peftify.peftify(TiedCustomLM(), spec, example_inputs=(ids,))
+    state = copy.deepcopy(model.state_dict())
+    with torch.device("meta"):
+        meta = TiedCustomLM()
+    peftify.peftify(meta, spec, example_inputs=(ids.to("meta"),))
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(state)
+    assert meta.embed.parametrizations.weight.original is not meta.head.parametrizations.weight.original
+    adapted = model(ids)
+    torch.testing.assert_close(meta(ids), adapted)
+    peftify.merge(meta)
+    torch.testing.assert_close(meta(ids), adapted)
+
+
 def test_a_layer_whose_bias_is_parametrized():
     """LoRA's bias=True left such a bias untrained in silence (what the forward reads is
     computed), and a `train` glob over the layer failed inside with an AttributeError (its
