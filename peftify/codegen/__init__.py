@@ -48,6 +48,12 @@ def packed(t: object) -> str | None:
     return cls.__name__ if hasattr(cls, "__tensor_flatten__") and cls.dequantize is not torch.Tensor.dequantize else None
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled`` for a device type, False for one without autocast (meta,
+    where a forward only works out shapes), for which torch raises instead."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

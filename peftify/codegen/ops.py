@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peftify.codegen import packed, reference
+from peftify.codegen import autocast_enabled, packed, reference
 
 # False: CUDA tensors take the plain-torch path too (cuBLAS GEMMs), e.g. to compare or debug.
 USE_TRITON = True
@@ -190,7 +190,7 @@ def _autocast(*tensors):
     """Under autocast, the floating tensors (but float64) in autocast's dtype, as `F.linear`'s
     inputs would be: autocast does not see custom ops, and mixed dtypes would not multiply."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.codegen import lora_linear
+from peftify.codegen import autocast_enabled, lora_linear
 from peftify.errors import SpecError
 from peftify.rewrite.sites import Site
 
@@ -305,7 +305,7 @@ class SiteModule(nn.Module):
 def plus_low_rank(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
     """W + s·B·A, in one GEMM that accumulates into a copy of W where the dtypes agree (no
     (out × in) temporaries: a merge of a large model reads and writes each weight once)."""
-    if isinstance(s, (int, float)) and b.dtype == a.dtype == weight.dtype and not torch.is_autocast_enabled(weight.device.type):
+    if isinstance(s, (int, float)) and b.dtype == a.dtype == weight.dtype and not autocast_enabled(weight.device.type):
         return torch.addmm(weight, b, a, alpha=s)
     return weight + (s * (b @ a)).to(weight.dtype)
 
@@ -502,14 +502,14 @@ def without_autocast(device_type: str):
     """A region where autocast is off (a method's norms in float32 under autocast); where it is
     off already, none (an empty autocast region in an exported program is not free:
     ``torch.export.unflatten`` can fail on it)."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def like_linear_under_autocast(y: torch.Tensor) -> torch.Tensor:
     """`y` in the dtype `nn.Linear` would output: under autocast that is autocast's dtype, which a
     method's float32 magnitudes, coefficients or bias would otherwise promote back to float32."""
     device = y.device.type
-    if y.dtype == torch.float32 and torch.is_autocast_enabled(device):
+    if y.dtype == torch.float32 and autocast_enabled(device):
         return y.to(torch.get_autocast_dtype(device))
     return y
 
@@ -528,10 +528,17 @@ def upcast_trainable(module: SiteModule) -> None:
     module.upcast = bool(params)
 
 
+def half_region(like: torch.Tensor):
+    """Autocast to `like`'s half dtype, where `half_compute` says an adapter computes under it;
+    on a device without autocast (meta: a forward that only works out shapes) none."""
+    device = like.device.type
+    return torch.autocast(device, dtype=like.dtype) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+
+
 def half_compute(adapter: SiteModule, like: torch.Tensor) -> bool:
     """Whether an upcast adapter must compute under autocast to `like`'s half dtype (its float32
     weights meet a half-precision input and base weight)."""
-    return adapter.upcast and like.dtype in HALF and not torch.is_autocast_enabled(like.device.type)
+    return adapter.upcast and like.dtype in HALF and not autocast_enabled(like.device.type)
 
 
 class AdaptedSite(nn.Module):
@@ -595,7 +602,7 @@ class AdaptedSite(nn.Module):
             if weight is None:  # a structure replaced the layer
                 return adapter.merged_weight(weight)
             if half_compute(adapter, weight):
-                with torch.autocast(weight.device.type, dtype=weight.dtype):
+                with half_region(weight):
                     return adapter.merged_weight(weight).to(weight.dtype)
             return adapter.merged_weight(weight).to(weight.dtype)
         if self.rewritten_by is not None:  # inactive: the weight as it was before the rewrite
@@ -620,7 +627,7 @@ class AdaptedSite(nn.Module):
         if self.computing is not None:
             adapter, weight = self.adapters[self.computing], self._adapted_weight()
             if half_compute(adapter, x):  # float32 adapter weights, the model's half compute
-                with torch.autocast(x.device.type, dtype=x.dtype):
+                with half_region(x):
                     return adapter(x, weight, self.bias).to(x.dtype)
             return like_linear_under_autocast(adapter(x, weight, self.bias))
         if self.rewritten_by is not None:

@@ -316,12 +316,14 @@ def test_output_can_be_modified_in_place(name):
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
 def test_zero_tokens_give_an_empty_output_and_zero_gradients(name):
-    """An empty batch (as `nn.Linear` takes it): an empty output, zero gradients."""
+    """An empty batch (as `nn.Linear` takes it): an empty output, zero gradients. On the meta
+    device, the shapes (torch raised for meta's autocast state)."""
     torch.manual_seed(0)
     model = peftify.peftify(torch.nn.Sequential(torch.nn.Linear(16, 24)), spec(name, r=4), progress=False)
     x = torch.randn(0, 16, requires_grad=True)
     y = model(x)
     assert y.shape == (0, 24)
+    assert copy.deepcopy(model).to("meta")(torch.randn(5, 16, device="meta")).shape == (5, 24)  # shapes alone
     y.sum().backward()
     assert x.grad.shape == (0, 16)
     for n, p in model.named_parameters():
@@ -368,6 +370,8 @@ def test_half_precision_model_trains_float32_adapter_weights(name):
     assert (y.double() - ref).norm() <= 3e-2 * ref.norm()
     y.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    on_meta = output(copy.deepcopy(model).to("meta"), {k: v.to("meta") for k, v in X.items()})  # shapes alone: meta has no autocast
+    assert on_meta.shape == y.shape and on_meta.dtype == y.dtype
     adapted = y.detach().double()
     peftify.merge(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
