@@ -210,6 +210,10 @@ def _refuse_peft_layers(model: nn.Module) -> None:
         )
 
 
+HOOKS = tuple(f"_{kind}_hooks" for kind in ("forward_pre", "forward", "backward_pre", "backward", "state_dict_pre", "state_dict", "load_state_dict_pre", "load_state_dict_post"))
+HOOKS += ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 @contextlib.contextmanager
 def kept_tensors(model: nn.Module):
     """Put the model back as it was before tracing. torch.func.functional_call (which make_fx and
@@ -217,9 +221,12 @@ def kept_tensors(model: nn.Module):
     (``self.b = self.a``), and a forward that registers a parameter, buffer or submodule on its
     first call (a mask cache), or caches a tensor as a plain attribute (``self.scale = ...`` when
     None), would keep the trace's fakes: the model would then compute on fakes. A flag its forward
-    sets (``self.rescaled = True``) is put back too: the real weights never saw the trace."""
-    registries = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
-    saved = [(mod, [(r, getattr(mod, r).copy()) for r in registries], dict(mod.__dict__)) for mod in model.modules()]
+    sets (``self.rescaled = True``) is put back too: the real weights never saw the trace. So are
+    the hooks a first forward installs (transformers' output capturing): with the flag that says
+    so put back, and the hooks left, the next forward installed them twice, and LLaVA's hidden
+    states came out misaligned (its forward failed after a failed capture)."""
+    registries = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *HOOKS)
+    saved = [(mod, [(r, getattr(mod, r).copy()) for r in registries if r in mod.__dict__], dict(mod.__dict__)) for mod in model.modules()]
     try:
         yield
     finally:

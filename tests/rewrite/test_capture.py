@@ -552,6 +552,30 @@ def test_a_flag_the_forward_sets_is_put_back_after_the_trace():
     torch.testing.assert_close(net(x), twin(x))  # the first real call is the first call
 
 
+def test_hooks_the_forward_installs_on_its_first_call_are_taken_off_after_the_trace():
+    """transformers installs its output-capturing hooks on a model's first forward, with a flag
+    saying so. The trace put the flag back but left the hooks: the next forward installed them
+    again, and a LLaVA counted its hidden states twice (its forward failed after a capture)."""
+
+    class LazilyHooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.seen = nn.Linear(4, 4), []
+
+        def forward(self, x):
+            if not getattr(self, "hooked", False):
+                self.proj.register_forward_hook(lambda *args: self.seen.append(1))
+                self.hooked = True
+            return self.proj(x)
+
+    net, x = LazilyHooked(), torch.randn(2, 4)
+    peftify.plan(net, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x)
+    assert not net.proj._forward_hooks and not hasattr(net, "hooked")
+    net.seen.clear()  # what the trace's own call appended
+    net(x)
+    assert net.seen == [1]
+
+
 def same_as_full_trace(model, x):
     """The capture (with repeated blocks traced once) against a trace of every block."""
     from peftify.rewrite import capture as cap_mod
