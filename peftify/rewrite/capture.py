@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.hooks import RemovableHandle
 
 from peftify.codegen import packed
 from peftify.errors import PACKAGE_DIR, SpecError, warn
@@ -210,6 +211,7 @@ def _refuse_peft_layers(model: nn.Module) -> None:
         )
 
 
+# a module's hook registries, each keyed by the id of the hook's handle
 HOOKS = tuple(f"_{kind}_hooks" for kind in ("forward_pre", "forward", "backward_pre", "backward", "state_dict_pre", "state_dict", "load_state_dict_pre", "load_state_dict_post"))
 HOOKS += ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
@@ -225,11 +227,17 @@ def kept_tensors(model: nn.Module):
     the hooks a first forward installs (transformers' output capturing): with the flag that says
     so put back, and the hooks left, the next forward installed them twice, and LLaVA's hidden
     states came out misaligned (its forward failed after a failed capture)."""
-    registries = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *HOOKS)
-    saved = [(mod, [(r, getattr(mod, r).copy()) for r in registries if r in mod.__dict__], dict(mod.__dict__)) for mod in model.modules()]
+    registries = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
+    saved = [(mod, [(r, getattr(mod, r).copy()) for r in registries], dict(mod.__dict__)) for mod in model.modules()]
+    first_hook = RemovableHandle.next_id  # hooks are keyed by their handle's id, counted up from here
     try:
         yield
     finally:
+        if RemovableHandle.next_id != first_hook:
+            for mod, _, _ in saved:
+                for registry in (mod.__dict__.get(r) for r in HOOKS):
+                    for key in [k for k in registry or () if isinstance(k, int) and k >= first_hook]:
+                        del registry[key]
         for mod, contents, attributes in saved:
             for registry, content in contents:
                 live = getattr(mod, registry)
