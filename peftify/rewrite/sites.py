@@ -29,6 +29,9 @@ _KEEPING = (
     "detach.default", "alias.default", "contiguous.default", "clone.default",
 )
 WEIGHT_VIEWS = {f"aten.{op}": True for op in _TRANSPOSING} | {f"aten.{op}": False for op in _KEEPING}
+# In-place scalings of a parameter (RWKV rescales some layers' weights once, in eval mode): what
+# they return is the parameter itself, so the product after them applies the layer's own weight.
+_IN_PLACE_SCALINGS = {f"aten.{op}_.{overload}" for op in ("mul", "div") for overload in ("Tensor", "Scalar")}
 # What a subclass of nn.Linear that overrides `forward` may do inside it and still count as a
 # linear module (Falcon's ``FalconLinear``: x @ W.T + b): products, views, and `add` of a parameter.
 _PLAIN_LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "expand", "_unsafe_view", "add"} | {op.split(".")[1] for op in WEIGHT_VIEWS}
@@ -171,6 +174,9 @@ def _param_behind(node, params: dict[str, str], matrix: bool = True):
             if node.name not in params or (matrix and val is not None and val.dim() != 2):
                 return None  # a stacked (experts, ·, ·) weight is `_expert_use`'s
             return params[node.name], swapped
+        if node.op == "call_function" and str(node.target) in _IN_PLACE_SCALINGS:
+            node = node.args[0]
+            continue
         swaps = WEIGHT_VIEWS.get(str(node.target)) if node.op == "call_function" else None
         if swaps is None:
             return None

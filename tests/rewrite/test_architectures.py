@@ -1,6 +1,7 @@
 """Capture and roles on more architectures than the core four, and on weights shared by modules."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ def build(name):
         "roberta_mlm": (T.RobertaConfig, T.RobertaForMaskedLM, {"max_position_embeddings": 64, "pad_token_id": 1}),
         "electra_cls": (T.ElectraConfig, T.ElectraForSequenceClassification, {"embedding_size": 16, "max_position_embeddings": 64, "num_labels": 3}),
         "bloom": (T.BloomConfig, T.BloomForCausalLM, {"n_layer": 2, "n_head": 2}),
+        "rwkv": (T.RwkvConfig, T.RwkvForCausalLM, {"attention_hidden_size": 32, "context_length": 64, "rescale_every": 1}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
     config, model, extra = cases[name]
@@ -65,6 +67,21 @@ def test_bloom_attention_with_baddbmm_scores():
     r = roles(peftify.capture(build("bloom")))
     assert r["transformer.h.1.self_attention.query_key_value"] == {"attn.qkv"} and r["transformer.h.1.self_attention.dense"] == {"attn.o"}
     assert r["transformer.h.1.mlp.dense_4h_to_h"] == {"mlp.down"}
+
+
+def test_rwkv_layers_rescaled_in_place_in_eval_mode_are_sites():
+    """RWKV's first eval forward divides some layers' weights in place, then calls the layers:
+    they were taken for weights used only through a computation, no sites (PEFT adapts them)."""
+    torch.manual_seed(0)
+    model, x = build("rwkv"), {"input_ids": torch.randint(0, 101, (2, 6))}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never calls this linear layer")
+        cap = peftify.capture(model)
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert {s.fqn for s in cap.sites} == linears and {s.kind for s in cap.sites} == {"module"}
+    ref = output(copy.deepcopy(model), x)
+    peftify.peftify(model, {"rules": [{"match": "rwkv.*", "apply": {"method": "lora", "r": 2}}]})
+    torch.testing.assert_close(output(model, x), ref)
 
 
 def test_activation_added_into_the_residual_stream_is_not_an_mlp():
