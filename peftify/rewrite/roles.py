@@ -34,13 +34,14 @@ _SDPA = {
 _SOFTMAX = {"aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default"}
 _MATMUL = {"aten.matmul.default", "aten.bmm.default"}
 _BADDBMM = "aten.baddbmm.default"  # scores = bias + q kᵀ in one op (Bloom's ALiBi)
+_EINSUM = "aten.einsum.default"  # scores and mix as einsums of two operands (ProphetNet)
 # Other products (attention, matmuls of activations) end a search for a site's producers, as
 # does any op reading a matrix parameter (MoE experts through custom grouped-GEMM ops).
 _BARRIERS = {f"aten.{op}.default" for op in ("mm", "bmm", "matmul", "linear", "addmm", "baddbmm", "einsum")} | _SDPA
 _ACTIVATIONS = {
     f"aten.{op}.default"
-    for op in ("silu", "silu_", "gelu", "gelu_", "relu", "relu_", "tanh", "sigmoid", "hardswish", "mish", "elu", "softplus", "leaky_relu", "hardtanh", "relu6")
-}
+    for op in ("silu", "silu_", "gelu", "gelu_", "relu", "relu_", "tanh", "sigmoid", "hardswish", "mish", "elu", "softplus", "leaky_relu", "hardtanh", "relu6", "erf")
+}  # erf: a GELU written out, x·½(1 + erf(x/√2)) (ESM)
 
 
 def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, list[Use]], params: dict[str, str], inputs: set[str] = frozenset()) -> list[Site]:
@@ -78,7 +79,8 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         return found
 
     def consumers(node):
-        """Nearest sites downstream of `node` that take it (transformed) as their input activation."""
+        """Nearest sites downstream of `node` that take it (transformed) as their input activation;
+        another product (a convolution that is the real output projection: SqueezeBERT) ends the search."""
         found, seen, stack = [], set(), [node]
         while stack:
             n = stack.pop()
@@ -86,7 +88,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
                 if s in site_of:  # entered through its activation: weights never flow from here
                     found.append(site_of[s])
                     continue
-                if s not in seen:
+                if s not in seen and s not in barriers:
                     seen.add(s)
                     stack.append(s)
         return found
@@ -113,10 +115,16 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         if target in _SDPA:
             attentions.append((node.args[0], node.args[1], node.args[2], node))
         elif target in _SOFTMAX:
-            scores, mix = nearest(node, _MATMUL | {_BADDBMM}, forward=False), nearest(node, _MATMUL, forward=True)
-            if scores is not None and mix is not None:
-                q, k = scores.args[1:3] if str(scores.target) == _BADDBMM else scores.args[:2]
-                attentions.append((q, k, mix.args[1], mix))
+            scores, mix = nearest(node, _MATMUL | {_BADDBMM, _EINSUM}, forward=False), nearest(node, _MATMUL | {_EINSUM}, forward=True)
+            if scores is None or mix is None:
+                continue
+            if str(scores.target) == _EINSUM or str(mix.target) == _EINSUM:
+                qk, v = _einsum_scores(scores), _einsum_values(mix, node, g)
+                if qk is not None and v is not None:
+                    attentions.append((*qk, v, mix))
+                continue
+            q, k = scores.args[1:3] if str(scores.target) == _BADDBMM else scores.args[:2]
+            attentions.append((q, k, mix.args[1], mix))
     for i, (q, k, v, out) in enumerate(attentions):
         stack = out.meta.get("nn_module_stack") or {}
         attn_id = list(stack.values())[-1][0] if stack else f"attention{i}"
@@ -181,7 +189,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
         def adds_back(into, fqn=fqn):
             return _reaches(g, outputs(fqn), site_of, lambda n: n is not output and n in into)
 
-        if attention and not adds_back(stream) and not adds_back(reachable(upstream({u.x for p in prods for u in site_uses[p]}))):
+        if attentions and not adds_back(stream) and not adds_back(reachable(upstream({u.x for p in prods for u in site_uses[p]}))):
             continue
         roles[fqn].add("mlp.down")
         gated = not all(prods.values())
@@ -203,6 +211,40 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
     shared = {f: tuple(sorted(set(g_))) for g_ in by_input.values() if len(set(g_)) > 1 for f in g_}
 
     return [replace(s, roles=frozenset(roles[s.fqn]), attention=attention.get(s.fqn), shared_input=shared.get(s.fqn, ())) for s in sites]
+
+
+def _einsum_pair(node):
+    """An einsum of two operands: (their subscripts, the output's, the operands), letters only
+    (an ellipsis dropped); a matmul as (("ij", "jk"), "ik", operands). None otherwise."""
+    if str(node.target) in _MATMUL:
+        return ("ij", "jk"), "ik", node.args[:2]
+    if str(node.target) != _EINSUM or len(node.args) < 2 or not isinstance(node.args[0], str) or len(node.args[1]) != 2 or "->" not in node.args[0]:
+        return None
+    inputs, out = node.args[0].replace(" ", "").replace("...", "").split("->")
+    return tuple(inputs.split(",")), out, node.args[1]
+
+
+def _einsum_scores(node):
+    """(q, k) of attention scores computed by `node`: q is the operand that carries the scores'
+    query index (their second-last), k the one that carries the key index (their last)."""
+    pair = _einsum_pair(node)
+    if pair is None or len(pair[1]) < 2:
+        return None
+    (a, b), out, (x, y) = pair
+    if out[-2] in a and out[-1] in b:
+        return x, y
+    return (y, x) if out[-2] in b and out[-1] in a else None
+
+
+def _einsum_values(node, softmax, g):
+    """v of an attention's mix computed by `node`: the operand the softmax does not reach."""
+    import networkx as nx
+
+    pair = _einsum_pair(node)
+    if pair is None:
+        return None
+    free = [t for t in pair[2] if isinstance(t, torch.fx.Node) and t is not softmax and softmax not in nx.ancestors(g, t)]
+    return free[0] if len(free) == 1 else None
 
 
 def _reads_matrix(node, params) -> bool:

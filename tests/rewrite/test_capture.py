@@ -81,6 +81,46 @@ def test_vit_roles():
     assert roles["classifier"] == {"readout"}
 
 
+class HandWrittenBlock(nn.Module):
+    """Attention and MLP in the spellings models use besides matmul and F.gelu: einsum products
+    in either operand order (ProphetNet), a GELU written with erf (ESM), or projections that are
+    convolutions (SqueezeBERT), then a pooler and a classifier."""
+
+    def __init__(self, how, d=16):
+        super().__init__()
+        self.how = how
+        self.q, self.k, self.v, self.o = (nn.Conv1d(d, d, 1) if how == "conv" else nn.Linear(d, d) for _ in range(4))
+        self.up, self.down, self.pool, self.head = nn.Linear(d, 32), nn.Linear(32, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        if self.how == "conv":
+            c = x.transpose(1, 2)
+            q, k, v = (f(c).transpose(1, 2) for f in (self.q, self.k, self.v))
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.how == "einsum":
+            a = torch.einsum("bjd,bid->bij", k, q).softmax(-1)  # k first: q is what carries the scores' row index
+            h = torch.einsum("bjd,bij->bid", v, a)
+        else:
+            h = (q @ k.transpose(1, 2)).softmax(-1) @ v
+        x = x + (self.o(h.transpose(1, 2)).transpose(1, 2) if self.how == "conv" else self.o(h))
+        u = self.up(x)
+        u = u * 0.5 * (1.0 + torch.erf(u / 2**0.5)) if self.how == "erf" else F.gelu(u)
+        x = x + self.down(u)
+        return self.head(torch.tanh(self.pool(x[:, 0])))
+
+
+@pytest.mark.parametrize("how", ["einsum", "erf", "conv"])
+def test_roles_of_attention_and_mlps_written_out_by_hand(how):
+    """Einsum attention gave no attention roles (ProphetNet's o projection became a readout), an
+    erf GELU no MLP roles (ESM), and behind a convolutional attention the pooler was its attn.o
+    (SqueezeBERT)."""
+    roles = roles_by_fqn(peftify.capture(HandWrittenBlock(how), torch.randn(2, 5, 16)))
+    want = {"q": {"attn.q"}, "k": {"attn.k"}, "v": {"attn.v"}, "o": {"attn.o"}} if how != "conv" else {}
+    want |= {"up": {"mlp.up"}, "down": {"mlp.down"}, "pool": set(), "head": {"readout"}}
+    assert roles == want
+
+
 def test_functional_sites_orientation_and_tied_uses():
     cap = peftify.capture(FunctionalNet())
     by = {s.fqn: s for s in cap.sites}
