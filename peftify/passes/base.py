@@ -254,6 +254,9 @@ class SiteModule(nn.Module):
 
     peft_names: ClassVar[dict[str, str]] = {}  # own parameter → its key in PEFT's files, if PEFT has the method
     saved_buffers: ClassVar[tuple[str, ...]] = ()  # training state kept in buffers, saved with the parameters
+    # an init that rewrites W into a residual fixed up to a transform of its rows alone or its
+    # columns alone (CLOVER's), not of both: a checkpoint's residual is compared on one side
+    one_sided_split: ClassVar[bool] = False
     upcast = False  # trainable parameters held in float32 over a half-precision base (`upcast_trainable`)
     trains_bias = True  # False once the base bias its method trains is frozen (VectorFit's AdaptiveFreezing)
 
@@ -645,8 +648,8 @@ class AdaptedSite(nn.Module):
         loaded, w = state_dict.get(prefix + "base_layer.weight"), getattr(self.base_layer, "weight", None)
         comparable = isinstance(loaded, torch.Tensor) and w is not None and loaded.shape == w.shape and not (loaded.is_meta or w.is_meta)
         if self.rewritten_by is not None and comparable:
-            own = self.weight  # (out, in), as the original is
-            if not _same_base(loaded.t() if self.site.transposed else loaded, own, self.adapters[self.rewritten_by].original_weight(own)):
+            own, adapter = self.weight, self.adapters[self.rewritten_by]  # (out, in), as the original is
+            if not _same_base(loaded.t() if self.site.transposed else loaded, own, adapter.original_weight(own), adapter.one_sided_split):
                 warnings.warn(
                     f"peftify: the state dict's base weight of {self.site.fqn} differs from the one adapter {self.rewritten_by!r} was split from at its init: "
                     "the model computes the loaded adapter, but with adapters disabled and after unload it gives this model's weight from before the load, "
@@ -737,25 +740,29 @@ def build_for_sites(method: Method, items: list[tuple[Site, torch.Tensor]], prog
     return [ExpertStack(method, site, [next(built) for _ in range(site.experts)]) if site.experts else next(built) for site, _ in items]
 
 
-def _same_base(loaded: torch.Tensor, own: torch.Tensor, original: torch.Tensor, probes: int = 16) -> bool:
+def _same_base(loaded: torch.Tensor, own: torch.Tensor, original: torch.Tensor, one_side: bool = False, probes: int = 16) -> bool:
     """Whether a checkpoint's base weight and this model's (`own`) look like two splits of one
-    base weight (`original`, this model's before its split): their Gram matrices, Mᵀ M or M Mᵀ,
-    within 2% of the larger of own's and the original's. A split is fixed only up to the signs
-    and rotations of singular vectors, which rounding decides (CLOVER's rewritten rows, PiSSA's
-    residual at near-equal singular values, a model built in float16 from the same weights:
-    the weights 0.7–1.5 apart); those leave the Gram on one side unchanged. Measured on tiny
-    Llamas, rounding moves the Grams by at most 1.3%, a base 3% apart by 2.8–16%, another
-    base by 17% or more. The Grams are sketched with a few fixed random probes (cheap on a 7B's
-    layers)."""
+    base weight (`original`, this model's before its split): their Gram matrices Mᵀ M and M Mᵀ
+    (with `one_side`, either of them) within 2% of the larger of own's and the original's.
+
+    Rounding decides a split up to the signs and rotations of singular vectors (PiSSA's residual
+    at near-equal singular values, a model built in float16 from the same weights: residuals up
+    to 1.5 apart), which leave both Grams as they were. CLOVER's rewritten weight is fixed up to
+    a transform of its rows (q, k, v) or of its columns (o), which leaves one. A base with its
+    rows permuted (another rotary layout) or its columns rotated keeps one Gram and changes the
+    other: so both must agree unless the split is one-sided. Measured on tiny Llamas: rounding
+    moves the Grams by at most 1.3%, a base 3% apart by 2.8–16%, another base by 17% or more;
+    bases 1–2% apart may pass. The Grams are sketched with a few fixed random probes (cheap on a
+    7B's layers)."""
     dtype = torch.float64 if original.dtype == torch.float64 else torch.float32
     mats = [t.detach().to(original.device, dtype) for t in (loaded, own, original)]
     gen = torch.Generator(device="cpu").manual_seed(0)
+    agree = []
     for a, b, w in (mats, [m.T for m in mats]):  # Mᵀ M, then M Mᵀ
         z = torch.randn(w.shape[1], probes, generator=gen, dtype=dtype).to(w.device)
         ga, gb, gw = (m.T @ (m @ z) for m in (a, b, w))
-        if torch.linalg.vector_norm(ga - gb) <= 0.02 * max(torch.linalg.vector_norm(gw), torch.linalg.vector_norm(gb)):
-            return True
-    return False
+        agree.append(bool(torch.linalg.vector_norm(ga - gb) <= 0.02 * max(torch.linalg.vector_norm(gw), torch.linalg.vector_norm(gb))))
+    return any(agree) if one_side else all(agree)
 
 
 class WeightParametrization(nn.Module):

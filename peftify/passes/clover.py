@@ -270,6 +270,8 @@ class CLOVERModule(SiteModule):
     """One projection of a CLOVER pair: its rewritten weight becomes the base; the pair's σ
     (on the K or V side) scales its output."""
 
+    one_sided_split = True  # q, k, v rewritten up to a transform of their rows, o of its columns
+
     def __init__(self, method: CLOVER, site: Site, weight: torch.Tensor, new_weight: torch.Tensor, sigma, removed: int, error: float):
         super().__init__(method, site)
         self.residual = new_weight.to(weight.dtype)

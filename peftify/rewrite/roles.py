@@ -119,7 +119,7 @@ def infer_roles(graph: torch.fx.Graph, sites: list[Site], site_uses: dict[str, l
             if scores is None or mix is None:
                 continue
             if str(scores.target) == _EINSUM or str(mix.target) == _EINSUM:
-                qk, v = _einsum_scores(scores), _einsum_values(mix, node, g)
+                qk, v = _einsum_scores(scores, node), _einsum_values(mix, node, g)
                 if qk is not None and v is not None:
                     attentions.append((*qk, v, mix))
                 continue
@@ -224,16 +224,22 @@ def _einsum_pair(node):
     return tuple(inputs.split(",")), out, node.args[1]
 
 
-def _einsum_scores(node):
-    """(q, k) of attention scores computed by `node`: q is the operand that carries the scores'
-    query index (their second-last), k the one that carries the key index (their last)."""
+def _einsum_scores(node, softmax):
+    """(q, k) of attention scores computed by `node`: k is the operand that carries the key index
+    (the one the softmax normalizes over: the last, or the second-last of scores laid out keys
+    by queries), q the one that carries the other of the last two."""
     pair = _einsum_pair(node)
-    if pair is None or len(pair[1]) < 2:
+    val = softmax.args[0].meta.get("val") if isinstance(softmax.args[0], torch.fx.Node) else None
+    if pair is None or len(pair[1]) < 2 or val is None or len(softmax.args) < 2:
         return None
     (a, b), out, (x, y) = pair
-    if out[-2] in a and out[-1] in b:
+    dim = softmax.args[1] - val.dim() if softmax.args[1] >= 0 else softmax.args[1]  # from the end: an ellipsis counts no letters
+    if dim not in (-1, -2):
+        return None
+    key, query = out[dim], out[-3 - dim]  # -1 ↔ -2
+    if query in a and key in b and key not in a:
         return x, y
-    return (y, x) if out[-2] in b and out[-1] in a else None
+    return (y, x) if query in b and key in a and key not in b else None
 
 
 def _einsum_values(node, softmax, g):

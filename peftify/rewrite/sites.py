@@ -30,7 +30,8 @@ _KEEPING = (
 )
 WEIGHT_VIEWS = {f"aten.{op}": True for op in _TRANSPOSING} | {f"aten.{op}": False for op in _KEEPING}
 # In-place scalings of a parameter (RWKV rescales some layers' weights once, in eval mode): what
-# they return is the parameter itself, so the product after them applies the layer's own weight.
+# they return is the parameter itself, so the product after them applies the layer's own weight
+# (a module site then; a functional one could not keep the scaling, and is no site).
 _IN_PLACE_SCALINGS = {f"aten.{op}_.{overload}" for op in ("mul", "div") for overload in ("Tensor", "Scalar")}
 # What a subclass of nn.Linear that overrides `forward` may do inside it and still count as a
 # linear module (Falcon's ``FalconLinear``: x @ W.T + b): products, views, and `add` of a parameter.
@@ -365,11 +366,12 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         return ops_by_owner(graph, params)
 
     @functools.cache
-    def owned(graph):  # the ops each call of a module's own forward ran, in one pass too
+    def owned(graph):  # the ops each call of a module's forward ran, its children's too, in one pass
         nodes: dict[str, list[torch.fx.Node]] = {}
         for n in graph.nodes:
             if n.op == "call_function":
-                nodes.setdefault(_call(n), []).append(n)
+                for call in n.meta.get("nn_module_stack") or ("",):
+                    nodes.setdefault(call, []).append(n)
         return nodes
 
     sites, site_uses = [], {}
@@ -380,12 +382,16 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         if param.dim() != 2 and not experts:
             continue
         out_f, in_f = param.shape[-2:][::-1] if first.transposed else param.shape[-2:]
-        owners = []
+        owners, every_use_own = [], True
         for u in group:
             mod = _linear_like(model, u.owner, lambda u=u: traced_ops(u.node.graph).get(u.owner, set()) <= _PLAIN_LINEAR_OPS and _only_its_linear(model, u, params, owned(u.node.graph).get(_call(u.node), [])))
-            if mod is not None and u.owner + ".weight" in alias_of[weight] and u.owner not in owners:
+            if mod is None or u.owner + ".weight" not in alias_of[weight]:
+                every_use_own = False  # another module's read, or a call of the layer that computes more than x Wᵀ + b
+            elif u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
-        module_site = len(owners) > 0 and all(u.owner in owners for u in group)
+        module_site = len(owners) > 0 and every_use_own
+        if not module_site and any(str(n.target) in _IN_PLACE_SCALINGS for w in alias_of[weight] for n in reads.get(w, ())):
+            continue  # scaled in place by the forward: parametrized, each read would compute W′ anew without the scaling
         # Other code reading a module site's weight (``F.embedding(ids, self.head.weight)``, a
         # penalty on it) sees the base weight while an adapter is on, as with PEFT's layers, and
         # the merged weight after a merge: the plan refuses methods that rewrite or remove the

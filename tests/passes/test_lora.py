@@ -544,5 +544,18 @@ def test_a_state_dict_from_another_base_warns_that_the_kept_original_is_this_mod
     near = peftify.peftify(near, spec, progress=False)
     with pytest.warns(UserWarning, match="differs from the one adapter"):
         near.load_state_dict(state)
+    torch.manual_seed(0)
+    permuted = tiny_llama()  # the same weights, q and k rows in another order (another rotary layout)
+    with torch.no_grad():
+        for layer in permuted.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.copy_(proj.weight.flip(0))
+    permuted = peftify.peftify(permuted, spec, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        permuted.load_state_dict(state)
+    flagged = {str(w.message).split(" of ")[1].split(" differs")[0] for w in caught if "differs" in str(w.message)}
+    if apply["method"] == "lora" and apply["r"] == 4:  # a residual keeps the Gram of its columns, not of its rows
+        assert {f.rsplit(".", 1)[1] for f in flagged} == {"q_proj", "k_proj"}
     x = {"input_ids": torch.arange(18).view(2, 9) % 101}
     torch.testing.assert_close(output(other, x), output(trained, x), rtol=1e-5, atol=1e-5)  # what it computes is the checkpoint's

@@ -395,6 +395,7 @@ def test_self_guided_training_under_ddp_goes_on_after_the_guides_are_dropped():
         dist.destroy_process_group()
     assert schedule.done and model[0].adapters["default"].guide is None
     assert not any("mix" in k or "guide" in k for k in model.state_dict())
+    assert float(copy.deepcopy(model).to("meta").to_empty(device="cpu")[0].adapters["default"].mix) == 0.0  # not back at 1
     x = torch.randn(3, 16)
     torch.testing.assert_close(model(x), model[2](F.gelu(F.linear(x, model[0].adapters["default"].dense_weight(), model[0].bias))))
 

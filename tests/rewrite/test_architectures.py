@@ -418,6 +418,52 @@ def test_a_linear_subclass_applying_its_weight_twice_in_one_call_stays_functiona
     assert [s.kind for s in peftify.capture(model, example_inputs=(x,)).sites] == ["functional"]
 
 
+class BiasOnlyOnMatrices(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias if x.dim() == 2 else None)
+
+
+class NormedLinear(nn.Linear):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.norm = nn.LayerNorm(args[1])
+
+    def forward(self, x):
+        return self.norm(F.linear(x, self.weight, self.bias))
+
+
+class RescaledInPlace(nn.Linear):
+    def forward(self, x):
+        with torch.no_grad():
+            self.weight.mul_(0.5)
+        return F.linear(x, self.weight, self.bias)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.proj, self.out = kind(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.proj(x[0]) + self.proj(x).sum(0))
+
+
+@pytest.mark.parametrize("kind", [BiasOnlyOnMatrices, NormedLinear, RescaledInPlace])
+def test_a_linear_subclass_that_is_not_its_linear_map_in_every_call_or_through_a_child_stays_functional(kind):
+    """Checked call by call, a layer was a module site when one of its calls was x Wᵀ + b (its
+    container then computed that in the other calls too: 0.6 off), and a call's child modules
+    (a norm after the product) went unchecked (0.07–1.4 off). A weight the forward scales in
+    place is no site at all: parametrized, each read would compute W′ anew without the scaling."""
+    torch.manual_seed(0)
+    model, x = CalledTwice(kind), torch.randn(2, 3, 8)
+    kinds = {s.fqn: s.kind for s in peftify.capture(model, example_inputs=(x,)).sites}
+    assert kinds == ({"out": "module"} if kind is RescaledInPlace else {"proj.weight": "functional", "out": "module"})
+    ref = copy.deepcopy(model)
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=(x,))
+    for _ in range(2):  # RescaledInPlace keeps halving its weight, in both
+        torch.testing.assert_close(model(x), ref(x))
+
+
 def test_multihead_attention_out_proj_is_functional():
     """MultiheadAttention reads out_proj.weight itself and never calls out_proj's forward, so
     wrapping out_proj would change nothing: it must be a functional (parametrized) site."""

@@ -101,6 +101,9 @@ class HandWrittenBlock(nn.Module):
         if self.how == "einsum":
             a = torch.einsum("bjd,bid->bij", k, q).softmax(-1)  # k first: q is what carries the scores' row index
             h = torch.einsum("bjd,bij->bid", v, a)
+        elif self.how == "einsum-keys-by-queries":
+            a = torch.einsum("bjd,bid->bji", k, q).softmax(-2)  # normalized over the keys, the second-last index
+            h = torch.einsum("bji,bjd->bid", a, v)
         else:
             h = (q @ k.transpose(1, 2)).softmax(-1) @ v
         x = x + (self.o(h.transpose(1, 2)).transpose(1, 2) if self.how == "conv" else self.o(h))
@@ -110,7 +113,7 @@ class HandWrittenBlock(nn.Module):
         return self.head(torch.tanh(self.pool(x[:, 0])))
 
 
-@pytest.mark.parametrize("how", ["einsum", "erf", "conv"])
+@pytest.mark.parametrize("how", ["einsum", "einsum-keys-by-queries", "erf", "conv"])
 def test_roles_of_attention_and_mlps_written_out_by_hand(how):
     """Einsum attention gave no attention roles (ProphetNet's o projection became a readout), an
     erf GELU no MLP roles (ESM), and behind a convolutional attention the pooler was its attn.o

@@ -241,9 +241,9 @@ class StructuredModule(SiteModule):
     def _apply(self, fn, recurse=True):
         mix = getattr(self, "mix", None)  # `.to(dtype)` / `.half()` cast every floating buffer: α stays at least float32, unrounded
         super()._apply(fn, recurse)
-        if mix is not None:  # a meta placeholder (to_empty) starts at α = 1, until a saved adapter says otherwise
+        if mix is not None:  # a meta placeholder (to_empty) starts at α = 1 (0 once the guide is gone), until a saved adapter says otherwise
             dtype = torch.promote_types(self.mix.dtype, torch.float32)
-            self.mix = torch.ones((), device=self.mix.device, dtype=dtype) if mix.is_meta else mix.to(self.mix.device, dtype)
+            self.mix = torch.full((), float(self.guide is not None), device=self.mix.device, dtype=dtype) if mix.is_meta else mix.to(self.mix.device, dtype)
         return self
 
     def saved_method(self) -> Structured:
