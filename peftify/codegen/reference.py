@@ -11,6 +11,8 @@ def addmm_lowrank(x: Tensor, w: Tensor, z: Tensor, u: Tensor, bias: Tensor | Non
     """y = x Wᵀ + scale·z Uᵀ (+ bias), the low-rank term accumulated into the GEMM's output in
     place (``addmm_``), so there is no elementwise pass for the scale or the sum."""
     y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # in torch.func: vmap has no batching rule for addmm_ (a slow loop)
+        return torch.addmm(y, z, u.t(), alpha=scale)
     return y.addmm_(z, u.t(), alpha=scale)
 
 

@@ -559,3 +559,26 @@ def test_a_state_dict_from_another_base_warns_that_the_kept_original_is_this_mod
         assert {f.rsplit(".", 1)[1] for f in flagged} == {"q_proj", "k_proj"}
     x = {"input_ids": torch.arange(18).view(2, 9) % 101}
     torch.testing.assert_close(output(other, x), output(trained, x), rtol=1e-5, atol=1e-5)  # what it computes is the checkpoint's
+
+
+def test_per_sample_gradients_of_lora_take_no_slow_vmap_loop():
+    """The update was accumulated with addmm_, for which vmap has no batching rule: per-sample
+    gradients ran torch's slow per-example loop (11× the time) and warned."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(torch.randn(2, 16),))
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    x, y = torch.randn(5, 16), torch.randn(5, 4)
+
+    def loss(p, xi, yi):
+        return (functional_call(model, p, (xi[None],)) - yi).square().sum()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="There is a performance drop")
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(5):
+        one = grad(loss)(params, x[i], y[i])
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], one[k])
