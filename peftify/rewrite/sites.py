@@ -390,7 +390,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
             elif u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
         module_site = len(owners) > 0 and every_use_own
-        if not module_site and any(str(n.target) in _IN_PLACE_SCALINGS for w in alias_of[weight] for n in reads.get(w, ())):
+        if not module_site and any(_scales_in_place(n, params) for w in alias_of[weight] for n in reads.get(w, ())):
             continue  # scaled in place by the forward: parametrized, each read would compute W′ anew without the scaling
         # Other code reading a module site's weight (``F.embedding(ids, self.head.weight)``, a
         # penalty on it) sees the base weight while an adapter is on, as with PEFT's layers, and
@@ -431,6 +431,20 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         )
         site_uses[fqn] = group
     return sites, site_uses
+
+
+_ALIASES = {f"aten.{op}" for op in (*_TRANSPOSING, "view.default", "reshape.default", "alias.default", "detach.default", "contiguous.default")}
+
+
+def _scales_in_place(node: torch.fx.Node, params: dict[str, str]) -> bool:
+    """Whether `node` scales a parameter itself in place (through views of it, not a copy: a
+    scaled ``W.clone()`` leaves W as it is)."""
+    if node.op != "call_function" or str(node.target) not in _IN_PLACE_SCALINGS:
+        return False
+    n = node.args[0]
+    while isinstance(n, torch.fx.Node) and n.op == "call_function" and str(n.target) in _ALIASES:
+        n = n.args[0]
+    return isinstance(n, torch.fx.Node) and n.op == "placeholder" and n.name in params
 
 
 def is_conv1d(mod: nn.Module) -> bool:

@@ -464,6 +464,26 @@ def test_a_linear_subclass_that_is_not_its_linear_map_in_every_call_or_through_a
         torch.testing.assert_close(model(x), ref(x))
 
 
+class ScaledCopy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.linear(x, self.proj.weight.clone().mul_(0.5), self.proj.bias)  # W itself is left as it is
+
+
+def test_a_scaled_copy_of_a_weight_is_still_a_functional_site():
+    """Only a weight scaled in place itself is no site; a scaled copy of it (a dequantize-style
+    scale) was dropped too, and LoRA could not be put there."""
+    torch.manual_seed(0)
+    model, x = ScaledCopy(), torch.randn(3, 8)
+    peftify.peftify(model, {"rules": [{"match": "proj.weight", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
+    lora = model.proj.parametrizations.weight[0].adapted.adapters["default"]
+    w = model.proj.parametrizations.weight.original + lora.scaling * lora.lora_B @ lora.lora_A
+    torch.testing.assert_close(model(x), F.linear(x, 0.5 * w, model.proj.bias))
+
+
 def test_multihead_attention_out_proj_is_functional():
     """MultiheadAttention reads out_proj.weight itself and never calls out_proj's forward, so
     wrapping out_proj would change nothing: it must be a functional (parametrized) site."""
