@@ -174,7 +174,11 @@ def from_peft(config, model=None) -> Spec:
     if saved:  # PEFT trains these whole and puts no LoRA inside them
         rules.append(Rule(f"re:(?:.*\\.)?(?:{'|'.join(map(re.escape, saved))})(?:\\..*)?", None, optional=True))
     train = [rf"re:{_suffix_regex(saved)}\..+"] if saved else []
-    if train and model is not None and not d.get("ensure_weight_tying"):
+    # PEFT keeps a modules_to_save weight tied only when ensure_weight_tying is set and one of the
+    # names is an input or output embedding's; otherwise (T5's `shared`, Whisper's `proj_out`) it
+    # warns and trains an untied copy, whatever its config says
+    tied = d.get("ensure_weight_tying") and any(str(m).split(".")[-1] in PEFT_TIED_NAMES for m in listed)
+    if train and model is not None and not tied:
         _refuse_untied_copies(train[0][3:], model)
     every_bias = r".*\.bias"
     if bias == "all" and (model is None or any(re.fullmatch(every_bias, n) for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train
@@ -279,17 +283,22 @@ def _target_match(target, model, task_type=None):
     return f"re:{_names_regex(target)}"
 
 
+PEFT_TIED_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
+
+
 def _refuse_untied_copies(regex: str, model) -> None:
-    """PEFT (ensure_weight_tying=False) trains a modules_to_save module as its own copy, which
-    unties a tied weight; peftify trains the shared weight, as PEFT's ensure_weight_tying=True."""
+    """PEFT (ensure_weight_tying=False, or a listed module that is no embed_tokens/lm_head) trains
+    a modules_to_save module as its own copy, which unties a tied weight; peftify trains the
+    shared weight, as PEFT's ensure_weight_tying=True does for those names."""
     rx = _compiled(regex, "modules_to_save")
     for tied in parameter_names(model).values():
         listed = [n for n in tied if rx.fullmatch(n)]
         if listed and len(tied) > 1:
             raise SpecError(
                 f"PEFT trained {', '.join(listed)} (modules_to_save) as an untied copy of the weight it shares with "
-                f"{', '.join(n for n in tied if n not in listed) or 'another listed module'} (ensure_weight_tying=False); "
-                "peftify trains a tied weight as one, as PEFT's ensure_weight_tying=True does, and cannot reproduce this adapter",
+                f"{', '.join(n for n in tied if n not in listed) or 'another listed module'} (ensure_weight_tying=False, or a module "
+                f"not named {' or '.join(PEFT_TIED_NAMES)}, which PEFT does not keep tied); peftify trains a tied weight as one, "
+                "as PEFT's ensure_weight_tying=True does for those names, and cannot reproduce this adapter",
                 field="modules_to_save",
             )
 

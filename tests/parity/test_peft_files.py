@@ -369,6 +369,28 @@ def test_untied_copies_of_a_tied_weight_are_refused(saved, tmp_path):
     assert {n: (id(p), p.requires_grad) for n, p in base.named_parameters()} == before
 
 
+def test_ensure_weight_tying_on_a_module_peft_does_not_tie_is_an_untied_copy(tmp_path):
+    """PEFT keeps a modules_to_save weight tied only for embed_tokens/lm_head; T5's `shared`
+    (Whisper's `proj_out`) it trains as an untied copy, though the file says
+    ensure_weight_tying=True. peftify trained the tied weight, and changed every embedding with
+    it (logits 5.1 apart from PEFT's model, in silence)."""
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+
+    def t5():
+        torch.manual_seed(0)
+        return T.T5ForConditionalGeneration(T.T5Config(d_model=32, d_kv=16, d_ff=48, num_layers=1, num_heads=2, vocab_size=101, decoder_start_token_id=0)).eval()
+
+    config = lambda: LoraConfig(r=2, target_modules=["q"], modules_to_save=["shared"], ensure_weight_tying=True)
+    with pytest.warns(UserWarning, match="no tied modules are added"):  # PEFT's own word for it
+        get_peft_model(t5(), config()).save_pretrained(tmp_path / "peft")
+    for load in (lambda m: peftify.from_pretrained(m, tmp_path / "peft"), lambda m: peftify.peftify(m, config())):
+        base = t5()
+        with pytest.raises(SpecError, match="which PEFT does not keep tied") as e:
+            load(base)
+        assert e.value.field == "modules_to_save" and getattr(base, "_peftify", None) is None
+
+
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS"])
 def test_a_task_type_trains_the_head_as_peft_does(task_type):
     """PEFT's classification models add their head to modules_to_save; without it the head of a
