@@ -505,14 +505,22 @@ def _own_tokenizer_features(model: nn.Module, device) -> dict | None:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
+_DECODER_INPUTS = {"decoder_input_ids", "decoder_inputs_embeds", "labels"}
+
+
 def _decoder_kwargs(model, kwargs):
-    """HF decoders trace only without a KV cache."""
+    """HF decoders trace only without a KV cache. An encoder-decoder given its encoder's inputs
+    alone (what a tokenizer returns) gets a few decoder tokens too: T5 and Whisper do not make
+    them from the encoder's (BART does), and their trace failed."""
     try:
-        accepts = "use_cache" in inspect.signature(model.forward).parameters
+        accepts = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        accepts = False
-    if accepts and "use_cache" not in kwargs:
+        accepts = {}
+    if "use_cache" in accepts and "use_cache" not in kwargs:
         kwargs = {**kwargs, "use_cache": False}
+    tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "decoder_input_ids" in accepts and tensors and not _DECODER_INPUTS & kwargs.keys():
+        kwargs = {**kwargs, "decoder_input_ids": torch.zeros((tensors[0].shape[0], 4), dtype=torch.long, device=tensors[0].device)}
     return kwargs
 
 

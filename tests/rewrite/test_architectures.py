@@ -63,6 +63,21 @@ def test_t5_encoder_decoder_with_cross_attention():
     assert len(cap.sites) == 33
 
 
+@pytest.mark.parametrize("name", ["t5", "whisper"])
+def test_an_encoder_decoder_given_its_encoders_inputs_alone_gets_decoder_tokens(name):
+    """What a tokenizer (or a feature extractor) returns has no decoder inputs; T5 and Whisper do
+    not make them from the encoder's, so the trace failed and fell back to the module walk,
+    with no roles ("role:attn.*" matched nothing)."""
+    model = build(name)
+    encoder = {"input_ids": torch.randint(1, 101, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    if name == "whisper":
+        encoder = {"input_features": torch.randn(2, 8, 32)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*falling back to the module walk")
+        given = peftify.capture(model, example_inputs=encoder)
+    assert roles(given) == roles(peftify.capture(model)) and given.method != "modules"
+
+
 def test_bloom_attention_with_baddbmm_scores():
     r = roles(peftify.capture(build("bloom")))
     assert r["transformer.h.1.self_attention.query_key_value"] == {"attn.qkv"} and r["transformer.h.1.self_attention.dense"] == {"attn.o"}
