@@ -294,7 +294,7 @@ def _load(model: nn.Module, path, adapter: str, example_inputs: ExampleInputs, s
             needs_trace = any(s["kind"] != "module" for s in config["sites"]) or any(r.apply is not None and r.apply.needs_roles for r in spec.rules)
         else:
             try:
-                spec = from_peft(config, model)
+                spec = from_peft(config, model, in_file={k.removeprefix(PEFT_PREFIX) for k in tensors})
             except SpecError as e:
                 raise prefixed(f"{source}: ", e) from e
             if pissa_iterations(config.get("init_lora_weights")) is not None:
@@ -331,7 +331,7 @@ def _load(model: nn.Module, path, adapter: str, example_inputs: ExampleInputs, s
 TRAINING_ONLY = ("dropout", "lr_ratio", "train_a", "bias", "base_width")
 
 
-def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, source: str) -> None:
+def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, source: str, in_file: set[str] | None = None) -> None:
     """An existing adapter takes a file's tensors only if it was built with the file's settings:
     tensors of the same shapes under another alpha, rslora, init or seed compute something else."""
     rewrite = rewrite_state(model, "load into")
@@ -355,7 +355,7 @@ def _check_settings(model: nn.Module, adapter: str, config: dict, fmt: str, sour
             )
     else:  # the method PEFT's config gives each site: the last rule matching it, as a plan resolves it
         try:
-            spec = from_peft(config, model)
+            spec = from_peft(config, model, in_file=in_file)
         except SpecError as e:
             raise prefixed(f"{source}: ", e) from e
         ctx = Context(depth=rewrite.capture.depth, width=rewrite.capture.width)
@@ -410,10 +410,11 @@ def _load_into(model: nn.Module, adapter: str, tensors: dict, fmt: str, source: 
     for entry in plan.entries:
         adapted = adapted_site(model, entry.site)
         optional.update(base_params(entry.site, adapted.base_layer) | adapter_buffers(entry, adapter, adapted.adapters[adapter]))
+    in_file = {k.removeprefix(PEFT_PREFIX) for k in tensors}
     tensors = _from_peft_keys(tensors, plan, adapter, model, source) if fmt == "peft" else _from_native_keys(tensors, plan, adapter)
     check_state(targets, tensors, source, optional)
     if config is not None:
-        _check_settings(model, adapter, config, fmt, source)
+        _check_settings(model, adapter, config, fmt, source, in_file)
     pairs = [(p, tensors[name]) for name, p in {**optional, **targets}.items() if name in tensors]
     loading = [(adapted_site(model, e.site).adapters[adapter], _base_of(model, e.site, rewrite)[1]) for e in plan.entries]  # told after the copy
     with torch.no_grad():

@@ -63,7 +63,7 @@ def _pattern_regex(key: str) -> str:
     return rf"(?:.*\.)?(?:{key})"
 
 
-def from_peft(config, model=None) -> Spec:
+def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
     """An equivalent spec for a `peft.LoraConfig` (or its dict).
 
     target_modules: a string is a full-match regex, a list matches exact names or dotted
@@ -78,9 +78,11 @@ def from_peft(config, model=None) -> Spec:
     full is adapted in any layer, and target_parameters in every layer). exclude_modules,
     rank_pattern/alpha_pattern, bias and the LoRA fields map one to one. A task_type whose PEFT
     model trains a head (SEQ_CLS and TOKEN_CLS: "classifier" or "score"; QUESTION_ANS:
-    "qa_outputs") adds that head to modules_to_save, as PEFT does.
+    "qa_outputs") adds that head to modules_to_save, as PEFT does. `in_file` (loading a file)
+    is the names of the parameters the file holds.
     """
     d = _as_dict(config)
+    peft_tied = bool(getattr(config, "modules_to_tie", None))  # a LoraConfig get_peft_model tied modules_to_save with
     _check_types(d)
     if d.get("peft_type", "LORA") != "LORA":
         raise SpecError(f"only LoRA configs are supported so far, not {d['peft_type']}", field="peft_type")
@@ -175,10 +177,14 @@ def from_peft(config, model=None) -> Spec:
         rules.append(Rule(f"re:(?:.*\\.)?(?:{'|'.join(map(re.escape, saved))})(?:\\..*)?", None, optional=True))
     train = [rf"re:{_suffix_regex(saved)}\..+"] if saved else []
     # PEFT keeps a modules_to_save weight tied only when ensure_weight_tying is set and one of the
-    # names is an input or output embedding's; otherwise (T5's `shared`, Whisper's `proj_out`) it
+    # names is embed_tokens or lm_head (it then lists the input embedding in their place, and
+    # saves the weight under every tied name); otherwise (T5's `shared`, Whisper's `proj_out`) it
     # warns and trains an untied copy, whatever its config says
-    tied = d.get("ensure_weight_tying") and any(str(m).split(".")[-1] in PEFT_TIED_NAMES for m in listed)
-    if train and model is not None and not tied:
+    if in_file is not None and model is not None:  # a file: the tie shows in the names it holds
+        tied = any(len(in_file.intersection(names)) > 1 for names in parameter_names(model).values())
+    else:
+        tied = peft_tied or any(str(m).split(".")[-1] in PEFT_TIED_NAMES for m in listed)
+    if train and model is not None and not (d.get("ensure_weight_tying") and tied):
         _refuse_untied_copies(train[0][3:], model)
     every_bias = r".*\.bias"
     if bias == "all" and (model is None or any(re.fullmatch(every_bias, n) for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train

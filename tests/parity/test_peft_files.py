@@ -391,6 +391,36 @@ def test_ensure_weight_tying_on_a_module_peft_does_not_tie_is_an_untied_copy(tmp
         assert e.value.field == "modules_to_save" and getattr(base, "_peftify", None) is None
 
 
+def test_a_gpt2_head_peft_kept_tied_loads_and_one_it_untied_is_refused(tmp_path):
+    """With ensure_weight_tying PEFT ties GPT-2's lm_head (and saves the weight as
+    `transformer.wte` in its config, under both names in the file), but trains `transformer.wte`
+    named directly as an untied copy: the two files have the same config, and only the file's
+    names tell them apart. The tied one was refused for a while today."""
+    from peft import LoraConfig, get_peft_model
+
+    def base():
+        torch.manual_seed(0)
+        return tiny_gpt2()
+
+    x = {"input_ids": torch.randint(0, 101, (2, 6))}
+    for listed, tied in ((["lm_head"], True), (["transformer.wte"], False)):
+        config = LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=listed, ensure_weight_tying=True)
+        theirs = get_peft_model(base(), config).eval()
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / listed[0])
+        if tied:
+            loaded = peftify.from_pretrained(base(), tmp_path / listed[0])
+            torch.testing.assert_close(output(loaded, x), output(theirs, x))
+            ours = peftify.peftify(base(), config)  # the config get_peft_model changed in place: tied too
+            assert ours.transformer.wte.weight.requires_grad and ours.lm_head.weight is ours.transformer.wte.weight
+        else:
+            with pytest.raises(SpecError, match="untied copy"):
+                peftify.from_pretrained(base(), tmp_path / listed[0])
+
+
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS"])
 def test_a_task_type_trains_the_head_as_peft_does(task_type):
     """PEFT's classification models add their head to modules_to_save; without it the head of a
