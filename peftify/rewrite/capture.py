@@ -71,12 +71,12 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     args, kwargs = example_arguments(model, example_inputs)
     try:
         try:
-            sites, collapsed, tracer, read = _trace(model, args, kwargs, collapse=True)
-            read = _replicated(read, collapsed)
-            if _missed_by_collapse(model, collapsed, read):
-                raise RuntimeError("another list runs alongside the blocks")
-        except Exception:  # noqa: BLE001 - some models depend on their block count; trace them whole
-            sites, collapsed, tracer, read = _trace(model, args, kwargs, collapse=False)
+            sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, kwargs)
+        except Exception:
+            decoder = _with_decoder_tokens(model, kwargs) if given else None
+            if decoder is None:
+                raise
+            sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, decoder)
     except Exception as e:
         if not given:
             raise SpecError(f"could not trace {type(model).__name__} with an example input built from its signature ({_brief(e)}); pass example_inputs=...") from e
@@ -100,6 +100,17 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     sites.sort(key=lambda s: order.get(s.weight, len(order)))
     return _finish(model, Capture(sites, tracer, note=note, collapsed=collapsed))
+
+
+def _trace_blocks_once_or_all(model, args, kwargs):
+    try:
+        sites, collapsed, tracer, read = _trace(model, args, kwargs, collapse=True)
+        read = _replicated(read, collapsed)
+        if _missed_by_collapse(model, collapsed, read):
+            raise RuntimeError("another list runs alongside the blocks")
+        return sites, collapsed, tracer, read
+    except Exception:  # noqa: BLE001 - some models depend on their block count; trace them whole
+        return _trace(model, args, kwargs, collapse=False)
 
 
 def _some(names, n: int = 2) -> str:
@@ -505,23 +516,36 @@ def _own_tokenizer_features(model: nn.Module, device) -> dict | None:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
+def _decoder_kwargs(model, kwargs):
+    """HF decoders trace only without a KV cache."""
+    try:
+        accepts = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts and "use_cache" not in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    return kwargs
+
+
 _DECODER_INPUTS = {"decoder_input_ids", "decoder_inputs_embeds", "labels"}
 
 
-def _decoder_kwargs(model, kwargs):
-    """HF decoders trace only without a KV cache. An encoder-decoder given its encoder's inputs
-    alone (what a tokenizer returns) gets a few decoder tokens too: T5 and Whisper do not make
-    them from the encoder's (BART does), and their trace failed."""
+def _with_decoder_tokens(model, kwargs) -> dict | None:
+    """For an encoder-decoder given its encoder's inputs alone (what a tokenizer returns), whose
+    trace failed: the same with decoder tokens, as many as the encoder's (T5 and Whisper do not
+    make them from the encoder's as BART does; a classification head reads the encoder's token
+    positions in the decoder's states). None for any other model or input."""
     try:
         accepts = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        accepts = {}
-    if "use_cache" in accepts and "use_cache" not in kwargs:
-        kwargs = {**kwargs, "use_cache": False}
+        return None
+    tokens = kwargs.get("input_ids")
     tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "decoder_input_ids" in accepts and tensors and not _DECODER_INPUTS & kwargs.keys():
-        kwargs = {**kwargs, "decoder_input_ids": torch.zeros((tensors[0].shape[0], 4), dtype=torch.long, device=tensors[0].device)}
-    return kwargs
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or "decoder_input_ids" not in accepts or not tensors or _DECODER_INPUTS & kwargs.keys():
+        return None
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        tokens = torch.zeros((tensors[0].shape[0], 4), dtype=torch.long, device=tensors[0].device)
+    return {**kwargs, "decoder_input_ids": tokens}
 
 
 def _signature(mod: nn.Module):
