@@ -442,9 +442,19 @@ def _scales_in_place(node: torch.fx.Node, params: dict[str, str]) -> bool:
     if node.op != "call_function" or str(node.target) not in _IN_PLACE_SCALINGS:
         return False
     n = node.args[0]
-    while isinstance(n, torch.fx.Node) and n.op == "call_function" and str(n.target) in _ALIASES:
+    while isinstance(n, torch.fx.Node) and n.op == "call_function" and (str(n.target) in _ALIASES or _same_dtype_cast(n)):
         n = n.args[0]
     return isinstance(n, torch.fx.Node) and n.op == "placeholder" and n.name in params
+
+
+def _same_dtype_cast(node: torch.fx.Node) -> bool:
+    """A cast to the dtype a tensor has already (``W.to(torch.float32)`` of a float32 W), which
+    returns the tensor itself."""
+    if str(node.target) not in ("aten.to.dtype", "aten.to.dtype_layout", "aten.type_as.default") or node.kwargs.get("copy"):
+        return False
+    source, out = node.args[0], node.meta.get("val")
+    before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    return isinstance(before, torch.Tensor) and isinstance(out, torch.Tensor) and before.dtype == out.dtype and before.device == out.device
 
 
 def is_conv1d(mod: nn.Module) -> bool:

@@ -34,6 +34,7 @@ def build(name):
         "electra_cls": (T.ElectraConfig, T.ElectraForSequenceClassification, {"embedding_size": 16, "max_position_embeddings": 64, "num_labels": 3}),
         "bloom": (T.BloomConfig, T.BloomForCausalLM, {"n_layer": 2, "n_head": 2}),
         "rwkv": (T.RwkvConfig, T.RwkvForCausalLM, {"attention_hidden_size": 32, "context_length": 64, "rescale_every": 1}),
+        "bart_cls": (T.BartConfig, T.BartForSequenceClassification, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "max_position_embeddings": 64, "num_labels": 3}),
         "whisper": (T.WhisperConfig, T.WhisperForConditionalGeneration, {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "num_mel_bins": 8, "max_source_positions": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}),
     }
     config, model, extra = cases[name]
@@ -63,19 +64,26 @@ def test_t5_encoder_decoder_with_cross_attention():
     assert len(cap.sites) == 33
 
 
-@pytest.mark.parametrize("name", ["t5", "whisper"])
+@pytest.mark.parametrize("name", ["t5", "whisper", "bart_cls"])
 def test_an_encoder_decoder_given_its_encoders_inputs_alone_gets_decoder_tokens(name):
     """What a tokenizer (or a feature extractor) returns has no decoder inputs; T5 and Whisper do
     not make them from the encoder's, so the trace failed and fell back to the module walk,
-    with no roles ("role:attn.*" matched nothing)."""
+    with no roles ("role:attn.*" matched nothing). Only a trace that fails gets them, as many as
+    the encoder's: BART makes its own (its classifier reads the encoder's eos positions in the
+    decoder's states), and an export keeps the inputs it is given."""
     model = build(name)
-    encoder = {"input_ids": torch.randint(1, 101, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    ids = torch.cat([torch.randint(3, 101, (2, 5)), torch.full((2, 1), 2)], 1)  # BART's classifier needs an eos
+    encoder = {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     if name == "whisper":
         encoder = {"input_features": torch.randn(2, 8, 32)}
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*falling back to the module walk")
         given = peftify.capture(model, example_inputs=encoder)
-    assert roles(given) == roles(peftify.capture(model)) and given.method != "modules"
+    full = {**encoder, "decoder_input_ids": ids[:, :4]} if name != "bart_cls" else encoder
+    assert roles(given) == roles(peftify.capture(model, example_inputs=full)) and given.method != "modules"
+    if name == "bart_cls":
+        program = peftify.export(model, encoder)
+        assert [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"] == ["input_ids", "attention_mask"]
 
 
 def test_bloom_attention_with_baddbmm_scores():
@@ -454,6 +462,13 @@ class RescaledInPlace(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class RescaledThroughACast(nn.Linear):
+    def forward(self, x):
+        with torch.no_grad():
+            self.weight.to(torch.float32).mul_(0.5)  # a float32 weight: the cast is the weight itself
+        return F.linear(x, self.weight, self.bias)
+
+
 class CalledTwice(nn.Module):
     def __init__(self, kind):
         super().__init__()
@@ -463,7 +478,7 @@ class CalledTwice(nn.Module):
         return self.out(self.proj(x[0]) + self.proj(x).sum(0))
 
 
-@pytest.mark.parametrize("kind", [BiasOnlyOnMatrices, NormedLinear, RescaledInPlace])
+@pytest.mark.parametrize("kind", [BiasOnlyOnMatrices, NormedLinear, RescaledInPlace, RescaledThroughACast])
 def test_a_linear_subclass_that_is_not_its_linear_map_in_every_call_or_through_a_child_stays_functional(kind):
     """Checked call by call, a layer was a module site when one of its calls was x Wᵀ + b (its
     container then computed that in the other calls too: 0.6 off), and a call's child modules
@@ -472,7 +487,7 @@ def test_a_linear_subclass_that_is_not_its_linear_map_in_every_call_or_through_a
     torch.manual_seed(0)
     model, x = CalledTwice(kind), torch.randn(2, 3, 8)
     kinds = {s.fqn: s.kind for s in peftify.capture(model, example_inputs=(x,)).sites}
-    assert kinds == ({"out": "module"} if kind is RescaledInPlace else {"proj.weight": "functional", "out": "module"})
+    assert kinds == ({"out": "module"} if kind in (RescaledInPlace, RescaledThroughACast) else {"proj.weight": "functional", "out": "module"})
     ref = copy.deepcopy(model)
     peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=(x,))
     for _ in range(2):  # RescaledInPlace keeps halving its weight, in both
