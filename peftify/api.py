@@ -190,6 +190,8 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
         if not finite or value < 0:
             raise ValueError(f"param_groups: {name} must be a finite number ≥ 0, not {value!r}")
     lr, weight_decay = float(lr), float(weight_decay)
+    if not any(getattr(m, "_peftify", None) is not None for m in model.modules()):
+        warn(f"{type(model).__name__} has no peftify rewrite: the groups hold every parameter that requires grad (call peftify.peftify first to train adapters)")
     mults, decays = tagged(model, "lr_mult"), tagged(model, "decay")
     groups: dict[tuple[float, float], list] = {}
     for p in model.parameters():

@@ -91,6 +91,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     from safetensors.torch import save_file
 
     path = _directory(path)
+    if path.exists() and not path.is_dir():
+        raise SpecError(f"{str(path)!r} is a file; an adapter is saved into a directory (its files inside it)", field="path")
     tensors, config, files = _contents(model, format, adapter)
     path.mkdir(parents=True, exist_ok=True)
     other = PEFT if files == NATIVE else NATIVE
@@ -254,6 +256,11 @@ def detect_format(path: Path) -> str:
         return "peft"
     inside = sorted(d.name for d in path.iterdir() if d.is_dir() and _holds_adapter(d)) if path.is_dir() else []
     hint = f"; it has adapters in {', '.join(inside)} (PEFT saves each adapter but 'default' in a folder of its name): load {str(path / inside[0])!r}" if inside else ""
+    if not inside and path.is_dir() and any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+        hint = (
+            "; it holds a whole model's weights (what transformers' Trainer checkpoints of a rewritten model hold): rewrite the base "
+            "with the same spec and load_state_dict those weights into it, or save the adapter alone with peftify.save_adapter"
+        )
     raise SpecError(f"{str(path)!r} holds neither a peftify adapter ({', '.join(NATIVE)}) nor a PEFT one ({PEFT[0]} or {PEFT_PICKLED}, {PEFT[1]}){hint}")
 
 

@@ -185,7 +185,7 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
     else:
         tied = peft_tied or any(str(m).split(".")[-1] in PEFT_TIED_NAMES for m in listed)
     if train and model is not None and not (d.get("ensure_weight_tying") and tied):
-        _refuse_untied_copies(train[0][3:], model)
+        _refuse_untied_copies(train[0][3:], model, from_file=in_file is not None)
     every_bias = r".*\.bias"
     if bias == "all" and (model is None or any(re.fullmatch(every_bias, n) for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train
         train.append(f"re:{every_bias}")
@@ -292,7 +292,7 @@ def _target_match(target, model, task_type=None):
 PEFT_TIED_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
 
 
-def _refuse_untied_copies(regex: str, model) -> None:
+def _refuse_untied_copies(regex: str, model, from_file: bool = True) -> None:
     """PEFT (ensure_weight_tying=False, or a listed module that is no embed_tokens/lm_head) trains
     a modules_to_save module as its own copy, which unties a tied weight; peftify trains the
     shared weight, as PEFT's ensure_weight_tying=True does for those names."""
@@ -304,7 +304,8 @@ def _refuse_untied_copies(regex: str, model) -> None:
                 f"PEFT trained {', '.join(listed)} (modules_to_save) as an untied copy of the weight it shares with "
                 f"{', '.join(n for n in tied if n not in listed) or 'another listed module'} (ensure_weight_tying=False, or a module "
                 f"not named {' or '.join(PEFT_TIED_NAMES)}, which PEFT does not keep tied); peftify trains a tied weight as one, "
-                "as PEFT's ensure_weight_tying=True does for those names, and cannot reproduce this adapter",
+                "as PEFT's ensure_weight_tying=True does for those names, and cannot reproduce this adapter"
+                + ("" if from_file else f" (to train it tied, name {' or '.join(PEFT_TIED_NAMES)} with ensure_weight_tying=True)"),
                 field="modules_to_save",
             )
 

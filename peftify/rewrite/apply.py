@@ -838,7 +838,9 @@ def delete(model: nn.Module, adapter: str) -> None:
     if replaced:
         raise SpecError(f"adapter {adapter!r} replaced {len(replaced)} layers by structures ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
     if rewrite.active == adapter:
-        _activate(model, rewrite, next(a for a in rewrite.adapters if a != adapter))
+        successor = next(a for a in rewrite.adapters if a != adapter)
+        _activate(model, rewrite, successor)
+        warn(f"adapter {adapter!r} was the active one; {successor!r} is active now (peftify.set_adapter picks another)")
     plan = rewrite.adapters[adapter]
     try:
         for entry in plan.entries:

@@ -419,6 +419,8 @@ def test_a_gpt2_head_peft_kept_tied_loads_and_one_it_untied_is_refused(tmp_path)
         else:
             with pytest.raises(SpecError, match="untied copy"):
                 peftify.from_pretrained(base(), tmp_path / listed[0])
+    with pytest.raises(SpecError, match="to train it tied, name embed_tokens or lm_head with ensure_weight_tying=True"):
+        peftify.peftify(base(), LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"]))  # a config: how to get what it wants
 
 
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS"])

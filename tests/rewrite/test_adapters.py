@@ -181,7 +181,8 @@ def test_delete_adapter(two):
 
 def test_deleting_the_active_adapter_activates_another(two):
     _, model = two
-    peftify.delete_adapter(model, "b")
+    with pytest.warns(UserWarning, match="adapter 'b' was the active one; 'a' is active now"):  # as PEFT warns
+        peftify.delete_adapter(model, "b")
     assert peftify.adapters(model) == {"a": True}
 
 
@@ -842,3 +843,21 @@ def test_an_adapter_on_a_functional_weight_another_adapter_trains_whole_is_refus
     peftify.peftify(other, {"rules": [{"match": "w_out", "apply": {"method": "lora", "r": 2}}]}, example_inputs=x, adapter="b")
     peftify.peftify(other, {"rules": [{"match": "head", "apply": {"method": "lora", "r": 2}}], "train": ["w_out"]}, example_inputs=x, adapter="a")
     assert set(peftify.adapters(other)) == {"a", "b"}
+
+
+def test_what_a_peft_user_gets_wrong_is_named(tmp_path):
+    """From a PEFT user's first hour: param_groups on a model never rewritten took every
+    parameter in silence; a save to a path that is a file failed inside pathlib; a Trainer
+    checkpoint (a whole model) was "neither a peftify adapter nor a PEFT one"."""
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match="LlamaForCausalLM has no peftify rewrite: the groups hold every parameter"):
+        groups = peftify.param_groups(model, lr=1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    peftify.peftify(model, A)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SpecError, match="is a file; an adapter is saved into a directory"):
+        peftify.save_adapter(model, tmp_path / "file")
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SpecError, match="holds a whole model's weights .* load_state_dict those weights"):
+        peftify.from_pretrained(tiny_llama(), tmp_path / "checkpoint-6")
