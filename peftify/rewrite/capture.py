@@ -103,6 +103,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
 
 
 def _trace_blocks_once_or_all(model, args, kwargs):
+    """The trace with each group of repeated blocks run once, or of the whole model where that
+    misses something or fails."""
     try:
         sites, collapsed, tracer, read = _trace(model, args, kwargs, collapse=True)
         read = _replicated(read, collapsed)
