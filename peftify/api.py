@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftify.errors import SpecError, warn
-from peftify.passes.base import dense_flops, tagged
+from peftify.passes.base import AdaptedSite, WeightParametrization, dense_flops, tagged
 from peftify.rewrite.apply import (
     accepts_compiled,
     adapted_site,
@@ -190,7 +190,7 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
         if not finite or value < 0:
             raise ValueError(f"param_groups: {name} must be a finite number ≥ 0, not {value!r}")
     lr, weight_decay = float(lr), float(weight_decay)
-    if not any(getattr(m, "_peftify", None) is not None for m in model.modules()):
+    if not any(getattr(m, "_peftify", None) is not None or isinstance(m, (AdaptedSite, WeightParametrization)) for m in model.modules()):  # a part of a rewritten model too
         warn(f"{type(model).__name__} has no peftify rewrite: the groups hold every parameter that requires grad (call peftify.peftify first to train adapters)")
     mults, decays = tagged(model, "lr_mult"), tagged(model, "decay")
     groups: dict[tuple[float, float], list] = {}

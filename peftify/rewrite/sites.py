@@ -450,7 +450,8 @@ def _scales_in_place(node: torch.fx.Node, params: dict[str, str]) -> bool:
 def _same_dtype_cast(node: torch.fx.Node) -> bool:
     """A cast to the dtype a tensor has already (``W.to(torch.float32)`` of a float32 W), which
     returns the tensor itself."""
-    if str(node.target) not in ("aten.to.dtype", "aten.to.dtype_layout", "aten.type_as.default") or node.kwargs.get("copy"):
+    copy = node.kwargs.get("copy") or (str(node.target) == "aten.to.dtype" and len(node.args) > 3 and node.args[3])  # to(self, dtype, non_blocking, copy)
+    if str(node.target) not in ("aten.to.dtype", "aten.to.dtype_layout", "aten.type_as.default") or copy:
         return False
     source, out = node.args[0], node.meta.get("val")
     before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None

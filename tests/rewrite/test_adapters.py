@@ -1,6 +1,7 @@
 """Named adapters: several on one model, switched, disabled, deleted, saved one by one."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -854,6 +855,9 @@ def test_what_a_peft_user_gets_wrong_is_named(tmp_path):
         groups = peftify.param_groups(model, lr=1e-3)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     peftify.peftify(model, A)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peftify.param_groups(model.model)  # a part of a rewritten model: no warning
     (tmp_path / "file").write_text("")
     with pytest.raises(SpecError, match="is a file; an adapter is saved into a directory"):
         peftify.save_adapter(model, tmp_path / "file")

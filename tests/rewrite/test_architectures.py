@@ -503,11 +503,17 @@ class ScaledCopy(nn.Module):
         return F.linear(x, self.proj.weight.clone().mul_(0.5), self.proj.bias)  # W itself is left as it is
 
 
-def test_a_scaled_copy_of_a_weight_is_still_a_functional_site():
+class ScaledCastCopy(ScaledCopy):
+    def forward(self, x):
+        return F.linear(x, self.proj.weight.to(torch.float32, copy=True).mul_(0.5), self.proj.bias)
+
+
+@pytest.mark.parametrize("kind", [ScaledCopy, ScaledCastCopy])
+def test_a_scaled_copy_of_a_weight_is_still_a_functional_site(kind):
     """Only a weight scaled in place itself is no site; a scaled copy of it (a dequantize-style
     scale) was dropped too, and LoRA could not be put there."""
     torch.manual_seed(0)
-    model, x = ScaledCopy(), torch.randn(3, 8)
+    model, x = kind(), torch.randn(3, 8)
     peftify.peftify(model, {"rules": [{"match": "proj.weight", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
     lora = model.proj.parametrizations.weight[0].adapted.adapters["default"]
     w = model.proj.parametrizations.weight.original + lora.scaling * lora.lora_B @ lora.lora_A
