@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from peftify.errors import SpecError
 from peftify.rewrite.apply import accepts_compiled, merge_model
-from peftify.rewrite.capture import ExampleInputs, example_arguments, kept_tensors
+from peftify.rewrite.capture import ExampleInputs, example_arguments, kept_tensors, with_decoder_tokens
 
 
 class _PlainOutputs(nn.Module):
@@ -85,7 +86,16 @@ def export(
     if merged and getattr(model, "_peftify", None) is not None:
         model = merge_model(copy.deepcopy(model))
     with kept_tensors(model):
-        program = torch.export.export(_wrapped(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        try:
+            program = torch.export.export(_wrapped(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as e:
+            if with_decoder_tokens(model, kwargs) is None:
+                raise
+            # the program takes the inputs it is given: a trace may add decoder tokens, an export not
+            raise SpecError(
+                f"{type(model).__name__} is an encoder-decoder and example_inputs hold no decoder inputs, and its forward failed without them "
+                f"({type(e).__name__}: {str(e)[:200]}); pass decoder_input_ids too (the program then takes them as an input)"
+            ) from e
     if path is not None:
         torch.export.save(program, Path(path))
     if package is not None:

@@ -73,7 +73,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
         try:
             sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, kwargs)
         except Exception:
-            decoder = _with_decoder_tokens(model, kwargs) if given else None
+            decoder = with_decoder_tokens(model, kwargs) if given else None
             if decoder is None:
                 raise
             sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, decoder)
@@ -532,11 +532,12 @@ def _decoder_kwargs(model, kwargs):
 _DECODER_INPUTS = {"decoder_input_ids", "decoder_inputs_embeds", "labels"}
 
 
-def _with_decoder_tokens(model, kwargs) -> dict | None:
-    """For an encoder-decoder given its encoder's inputs alone (what a tokenizer returns), whose
-    trace failed: the same with decoder tokens, as many as the encoder's (T5 and Whisper do not
-    make them from the encoder's as BART does; a classification head reads the encoder's token
-    positions in the decoder's states). None for any other model or input."""
+def with_decoder_tokens(model, kwargs) -> dict | None:
+    """For an encoder-decoder given its encoder's inputs alone (what a tokenizer returns): the
+    same with decoder tokens, as many as the encoder's (a classification head reads the encoder's
+    token positions in the decoder's states). None for any other model or input. Capture traces
+    with them where a trace without them failed (T5 and Whisper do not make them from the
+    encoder's, as BART does); export, whose program takes the inputs given, says to pass them."""
     try:
         accepts = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

@@ -84,6 +84,9 @@ def test_an_encoder_decoder_given_its_encoders_inputs_alone_gets_decoder_tokens(
     if name == "bart_cls":
         program = peftify.export(model, encoder)
         assert [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"] == ["input_ids", "attention_mask"]
+    if name == "t5":
+        with pytest.raises(peftify.SpecError, match="pass decoder_input_ids too"):
+            peftify.export(model, encoder)
 
 
 def test_bloom_attention_with_baddbmm_scores():
