@@ -837,10 +837,10 @@ def delete(model: nn.Module, adapter: str) -> None:
     replaced = [e.site.fqn for e in rewrite.adapters[adapter].entries if e.method.replaces_base]
     if replaced:
         raise SpecError(f"adapter {adapter!r} replaced {len(replaced)} layers by structures ({', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''}), whose dense weights are gone; peftify.merge(model) turns them back into dense layers", field="adapter")
-    if rewrite.active == adapter:
+    if rewrite.active == adapter:  # told first: a warning raised as an error (-W error) leaves all as it was
         successor = next(a for a in rewrite.adapters if a != adapter)
+        warn(f"adapter {adapter!r} is the active one; {successor!r} becomes active (peftify.set_adapter picks another)")
         _activate(model, rewrite, successor)
-        warn(f"adapter {adapter!r} was the active one; {successor!r} is active now (peftify.set_adapter picks another)")
     plan = rewrite.adapters[adapter]
     try:
         for entry in plan.entries:
@@ -878,7 +878,8 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         holders = [(model.get_submodule(path), attr, order) for path, attr, order in getattr(record, "holders", ())]
         # the holders share one stored parameter, unless something untied them (to_empty after
         # building on meta gives each its own): W′ goes into each
-        kept = {id(p): p for p in [original, *(h.parametrizations[attr].original for h, attr, _ in holders)]}.values()
+        own = [h.parametrizations[attr].original for h, attr, _ in holders]
+        kept = {id(p): p for p in [original, *own]}.values()
         # W′ is written into the stored parameters first, while the parametrizations still read
         # them: a stop before the first holder's parametrization is gone puts W back (the site
         # adapted, as before); a stop after it finishes the removal (the site merged)
@@ -898,10 +899,10 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
                         p.copy_(old)
             else:  # no holder may read the parameter through the adapter once it holds W′
                 _finish_removal(owner, name, original, record.order)
-                for holder, attr, order in holders:
+                for (holder, attr, order), stored in zip(holders, own):
                     if parametrize.is_parametrized(holder, attr):
                         _unparametrize(holder, attr, order)
-                    _finish_removal(holder, attr, original, order)
+                    _finish_removal(holder, attr, stored, order)
             raise
         return
     base = adapted.base_layer

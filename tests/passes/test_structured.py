@@ -400,6 +400,31 @@ def test_self_guided_training_under_ddp_goes_on_after_the_guides_are_dropped():
     torch.testing.assert_close(model(x), model[2](F.gelu(F.linear(x, model[0].adapters["default"].dense_weight(), model[0].bias))))
 
 
+def test_a_self_guided_drop_stopped_midway_is_done_again_by_the_next_step(monkeypatch):
+    """The guide went before α's buffer was made non-persistent: a stop in between left a layer
+    with no guide but α in its state dict (and adapter file), and the next step passed it by."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lowrank", "r": 4, "init": "self_guided"}}]}, example_inputs=(torch.randn(2, 16),))
+    schedule = peftify.SelfGuided(model, steps=1)
+    real = nn.Module.register_buffer
+    calls = {"n": 0}
+
+    def stopped(self, name, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second layer's
+            raise KeyboardInterrupt("injected")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "register_buffer", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        schedule.step()
+    monkeypatch.undo()
+    schedule.step()
+    assert schedule.done and all(m.adapters["default"].guide is None for m in model)
+    assert not any("mix" in k or "guide" in k for k in model.state_dict())
+
+
 def test_self_guided_schedules_the_active_adapter_alone():
     """With two self-guided adapters, stepping the active one's schedule annealed the other's
     layers too (its untrained structure took over its layer: outputs up to 1.0 off) and dropped

@@ -182,7 +182,7 @@ def test_delete_adapter(two):
 
 def test_deleting_the_active_adapter_activates_another(two):
     _, model = two
-    with pytest.warns(UserWarning, match="adapter 'b' was the active one; 'a' is active now"):  # as PEFT warns
+    with pytest.warns(UserWarning, match="adapter .b. is the active one; .a. becomes active"):  # as PEFT warns
         peftify.delete_adapter(model, "b")
     assert peftify.adapters(model) == {"a": True}
 
@@ -865,3 +865,16 @@ def test_what_a_peft_user_gets_wrong_is_named(tmp_path):
     (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"")
     with pytest.raises(SpecError, match="holds a whole model's weights .* load_state_dict those weights"):
         peftify.from_pretrained(tiny_llama(), tmp_path / "checkpoint-6")
+
+
+def test_deleting_the_active_adapter_under_warnings_as_errors_changes_nothing(two):
+    """The warning came after the switch: raised as an error (-W error), it left the other
+    adapter active and the deleted one still there."""
+    _, model = two
+    before = (peftify.adapters(model), {n: p.requires_grad for n, p in model.named_parameters()}, output(model, X).detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="is the active one"):
+            peftify.delete_adapter(model, "b")
+    assert peftify.adapters(model) == before[0] and {n: p.requires_grad for n, p in model.named_parameters()} == before[1]
+    torch.testing.assert_close(output(model, X), before[2], rtol=0, atol=0)

@@ -771,6 +771,37 @@ def test_a_functional_weight_whose_holders_were_untied_merges_into_each():
     torch.testing.assert_close(meta(ids), adapted)
 
 
+def test_a_merge_of_untied_holders_stopped_inside_a_holders_removal_keeps_them_apart(monkeypatch):
+    """Stopped inside torch's removal of the head's parametrization, the finish gave the head
+    the embedding's stored parameter: the two were tied again (values right, the head's own
+    parameter object lost)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 5))
+    spec = {"rules": [{"match": "embed.weight", "apply": {"method": "lora", "r": 2, "init": "random"}}]}
+    state = peftify.peftify(TiedCustomLM(), spec, example_inputs=(ids,)).state_dict()
+    with torch.device("meta"):
+        model = TiedCustomLM()
+    peftify.peftify(model, spec, example_inputs=(ids.to("meta"),))
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    adapted = model(ids).detach()
+    real = nn.Module.register_parameter
+
+    def interrupted(self, name, param):
+        if self is model.head:
+            monkeypatch.setattr(nn.Module, "register_parameter", real)  # once
+            raise KeyboardInterrupt("injected")
+        return real(self, name, param)
+
+    monkeypatch.setattr(nn.Module, "register_parameter", interrupted)
+    with pytest.warns(UserWarning, match="merge stopped"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    monkeypatch.undo()
+    peftify.merge(model)
+    assert model.head.weight is not model.embed.weight
+    torch.testing.assert_close(model(ids), adapted)
+
+
 def test_a_layer_whose_bias_is_parametrized():
     """LoRA's bias=True left such a bias untrained in silence (what the forward reads is
     computed), and a `train` glob over the layer failed inside with an AttributeError (its

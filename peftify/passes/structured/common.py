@@ -252,11 +252,12 @@ class StructuredModule(SiteModule):
 
     def drop_guide(self) -> None:
         """End of self-guided training: the structure alone computes; the guide's memory is freed."""
-        self.guide = None
         # α stays, at 0, in a buffer the state dict and adapter files leave out: DDP broadcasts
         # the buffers it finds before each forward, and a model whose only buffers were these
-        # would give it an empty list, which fails its assert
+        # would give it an empty list, which fails its assert. The guide goes last: a drop
+        # stopped before it is done again by the next step
         self.register_buffer("mix", torch.zeros_like(self.mix), persistent=False)
+        self.guide = None
 
     def summary(self) -> str:
         if self.error is None:
