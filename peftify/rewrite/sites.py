@@ -366,6 +366,10 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
         return ops_by_owner(graph, params)
 
     @functools.cache
+    def written(graph):
+        return written_in_place(graph, params)
+
+    @functools.cache
     def owned(graph):  # the ops each call of a module's forward ran, its children's too, in one pass
         nodes: dict[str, list[torch.fx.Node]] = {}
         for n in graph.nodes:
@@ -390,8 +394,8 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
             elif u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
         module_site = len(owners) > 0 and every_use_own
-        if not module_site and any(_scales_in_place(n, params) for w in alias_of[weight] for n in reads.get(w, ())):
-            continue  # scaled in place by the forward: parametrized, each read would compute W′ anew without the scaling
+        if not module_site and not written(first.node.graph).isdisjoint(alias_of[weight]):
+            continue  # changed in place by the forward: parametrized, each read would compute W′ anew without the change
         # Other code reading a module site's weight (``F.embedding(ids, self.head.weight)``, a
         # penalty on it) sees the base weight while an adapter is on, as with PEFT's layers, and
         # the merged weight after a merge: the plan refuses methods that rewrite or remove the
@@ -433,29 +437,26 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
     return sites, site_uses
 
 
-_ALIASES = {f"aten.{op}" for op in (*_TRANSPOSING, "view.default", "reshape.default", "alias.default", "detach.default", "contiguous.default")}
-
-
-def _scales_in_place(node: torch.fx.Node, params: dict[str, str]) -> bool:
-    """Whether `node` scales a parameter itself in place (through views of it, not a copy: a
-    scaled ``W.clone()`` leaves W as it is)."""
-    if node.op != "call_function" or str(node.target) not in _IN_PLACE_SCALINGS:
-        return False
-    n = node.args[0]
-    while isinstance(n, torch.fx.Node) and n.op == "call_function" and (str(n.target) in _ALIASES or _same_dtype_cast(n)):
-        n = n.args[0]
-    return isinstance(n, torch.fx.Node) and n.op == "placeholder" and n.name in params
-
-
-def _same_dtype_cast(node: torch.fx.Node) -> bool:
-    """A cast to the dtype a tensor has already (``W.to(torch.float32)`` of a float32 W), which
-    returns the tensor itself."""
-    copy = node.kwargs.get("copy") or (str(node.target) == "aten.to.dtype" and len(node.args) > 3 and node.args[3])  # to(self, dtype, non_blocking, copy)
-    if str(node.target) not in ("aten.to.dtype", "aten.to.dtype_layout", "aten.type_as.default") or copy:
-        return False
-    source, out = node.args[0], node.meta.get("val")
-    before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
-    return isinstance(before, torch.Tensor) and isinstance(out, torch.Tensor) and before.dtype == out.dtype and before.device == out.device
+def written_in_place(graph: torch.fx.Graph, params: dict[str, str]) -> set[str]:
+    """The parameters an op of the graph writes in place (``W.div_(2)``, ``W[0].mul_(2)``,
+    ``W.data.copy_(…)``): the op's first argument shares the parameter's (fake) storage, whatever
+    aliases it there (a view, a slice, ``.data``, a cast to its own dtype; not a copy)."""
+    storages = {}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name in params and isinstance(val := node.meta.get("val"), torch.Tensor):
+            storages[val.untyped_storage()._cdata] = params[node.name]
+    written = set()
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not target._opname.endswith("_"):
+            continue
+        schema = target._schema.arguments
+        into = node.args[0] if node.args else None
+        if schema and schema[0].alias_info is not None and schema[0].alias_info.is_write and isinstance(into, torch.fx.Node):
+            val = into.meta.get("val")
+            if isinstance(val, torch.Tensor) and (name := storages.get(val.untyped_storage()._cdata)) is not None:
+                written.add(name)
+    return written
 
 
 def is_conv1d(mod: nn.Module) -> bool:

@@ -561,6 +561,50 @@ def test_a_state_dict_from_another_base_warns_that_the_kept_original_is_this_mod
     torch.testing.assert_close(output(other, x), output(trained, x), rtol=1e-5, atol=1e-5)  # what it computes is the checkpoint's
 
 
+@pytest.mark.parametrize("seed_b", [0, 1], ids=["same-base", "other-base"])
+def test_the_base_check_tells_residuals_of_a_decaying_spectrum_apart(seed_b):
+    """A trained weight's singular values decay (here σᵢ = 1/i): PiSSA's residual at r = 16 of
+    64 is 17% of W. Measured against the original's Gram, the residuals of two unrelated bases
+    (1.4 apart) agreed, and the load said nothing."""
+
+    def layer(seed):
+        g = torch.Generator().manual_seed(seed)
+        u, v = (torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0] for _ in range(2))
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64)).double()
+        with torch.no_grad():
+            model[0].weight.copy_(u @ torch.diag(torch.arange(1, 65, dtype=torch.float64).reciprocal()) @ v.T)
+        return model
+
+    spec = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 16, "init": "pissa"}}]}
+    x = torch.randn(2, 64, dtype=torch.float64)
+    state = peftify.peftify(layer(0), spec, example_inputs=(x,), progress=False).state_dict()
+    target = peftify.peftify(layer(seed_b), spec, example_inputs=(x,), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target.load_state_dict(state)
+    assert any("differs from the one adapter" in str(w.message) for w in caught) == (seed_b != 0)
+
+
+def test_after_a_load_from_another_base_disabled_adapters_give_this_models_weight_as_unload_does():
+    """The load's warning says so; disabled adapters gave the checkpoint's residual plus this
+    model's split instead, neither base (1.1 and 0.9 off them, relative)."""
+    x = torch.eye(64, dtype=torch.float64)
+    spec = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 16, "init": "pissa"}}]}
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)).double())
+    own = models[1][0].weight.detach().clone()
+    state = peftify.peftify(models[0], spec, example_inputs=(x[:2],), progress=False).state_dict()
+    model = peftify.peftify(models[1], spec, example_inputs=(x[:2],), progress=False)
+    with pytest.warns(UserWarning, match="differs from the one adapter"):
+        model.load_state_dict(state)
+    with peftify.disable_adapters(model):
+        torch.testing.assert_close(model(x).T, own, rtol=0, atol=1e-12)
+    peftify.unload(model)
+    torch.testing.assert_close(model(x).T, own, rtol=0, atol=1e-12)
+
+
 def test_per_sample_gradients_of_lora_take_no_slow_vmap_loop():
     """The update was accumulated with addmm_, for which vmap has no batching rule: per-sample
     gradients ran torch's slow per-example loop (11× the time) and warned."""
