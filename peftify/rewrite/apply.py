@@ -1048,12 +1048,13 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         )
     if fold and safe and (broken := _not_finite(model, rewrite)):
         raise ValueError(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
-    if fold and len(rewrite.adapters) > 1:
+    # a single adapter dropped this way too (PEFT's merge_and_unload inside disable_adapter merges it)
+    if fold and (len(rewrite.adapters) > 1 or rewrite.active is None):
         others = sorted(set(rewrite.adapters) - {rewrite.active})
         structures = [a for a in others if any(e.method.replaces_base for e in rewrite.adapters[a].entries)]
         kept = f"; the structures of {structures} are the layers now and are merged in" if structures else ""
         if rewrite.active is None:
-            warn(f"adapters are disabled: none of {others} is merged in, all are dropped{kept}")
+            warn(f"adapters are disabled: none of {others} is merged in, all are dropped{kept} (set_adapter first, or leave the disable_adapters block, to merge one)")
         else:
             warn(f"merging {rewrite.active!r}; the other adapters {others} are dropped{kept}")
     read = [r.site for r in rewrite.installed.values() if r.site.read_by and fold and adapted_site(model, r.site).computing is not None]

@@ -152,6 +152,18 @@ def test_with_adapters_disabled_saving_needs_a_name_and_merge_says_nothing_is_me
     torch.testing.assert_close(output(model, X), output(base, X))
 
 
+def test_a_single_adapter_merged_with_adapters_disabled_is_dropped_with_a_warning():
+    """PEFT's merge_and_unload inside disable_adapter merges the adapter; peftify's merge keeps
+    what the model computes there, the base, and dropped the trained adapter in silence."""
+    torch.manual_seed(0)
+    base = fresh(tiny_llama)
+    model = peftify.peftify(copy.deepcopy(base), A)
+    with peftify.disable_adapters(model):
+        with pytest.warns(UserWarning, match=r"adapters are disabled: none of \['default'\] is merged in, all are dropped \(set_adapter first"):
+            peftify.merge(model)
+    torch.testing.assert_close(output(model, X), output(base, X))
+
+
 def test_a_structure_added_as_a_second_adapter_says_it_computes_under_every_adapter():
     model = peftify.peftify(fresh(tiny_llama), A)
     with pytest.warns(UserWarning, match="adapter 'b' replaces 2 layers by structures.*compute under every adapter"):
