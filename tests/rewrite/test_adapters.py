@@ -158,9 +158,8 @@ def test_a_single_adapter_merged_with_adapters_disabled_is_dropped_with_a_warnin
     torch.manual_seed(0)
     base = fresh(tiny_llama)
     model = peftify.peftify(copy.deepcopy(base), A)
-    with peftify.disable_adapters(model):
-        with pytest.warns(UserWarning, match=r"adapters are disabled: none of \['default'\] is merged in, all are dropped \(set_adapter first"):
-            peftify.merge(model)
+    with peftify.disable_adapters(model), pytest.warns(UserWarning, match=r"adapters are disabled: none of \['default'\] is merged in, all are dropped \(set_adapter first"):
+        peftify.merge(model)
     torch.testing.assert_close(output(model, X), output(base, X))
 
 
