@@ -51,7 +51,8 @@ def packed(t: object) -> str | None:
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled`` for a device type, False for one without autocast (meta,
     where a forward only works out shapes), for which torch raises instead."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # the first test, whether autocast is on for any device, is the cheap one (a decoding step asks per layer)
+    return torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def lora_linear(

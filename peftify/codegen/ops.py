@@ -189,6 +189,8 @@ class _FunctorchLoRALinear(torch.autograd.Function):
 def _autocast(*tensors):
     """Under autocast, the floating tensors (but float64) in autocast's dtype, as `F.linear`'s
     inputs would be: autocast does not see custom ops, and mixed dtypes would not multiply."""
+    if not torch._C._is_any_autocast_enabled():
+        return tensors
     device = tensors[0].device.type
     if not autocast_enabled(device):
         return tensors
@@ -215,7 +217,24 @@ def lora_linear(
         return torch.ops.peftify.lora_linear(*args)[0]
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func.grad/vmap
         return _FunctorchLoRALinear.apply(*args)[0]
+    if not _use_triton(args[0]) and not _recorded(*args[:5], args[6]):
+        return _lora_inference(*args)
     return _EagerLoRALinear.apply(*args)
+
+
+def _recorded(*operands: Tensor | None) -> bool:
+    """Whether autograd (backward or forward mode) may see a call on these operands."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)) or _forward_ad_active()
+
+
+def _lora_inference(x, weight, bias, lora_a, lora_b, scale, x_dropped):
+    """`_lora_forward` where no autograd records the call (generation under no_grad): the same
+    GEMMs without the autograd.Function and its reshapes, ~30 µs less per call on CPU, which is
+    what a tiny layer's decoding step costs."""
+    y = F.linear(x, weight, bias)
+    xa = F.linear(x if x_dropped is None else x_dropped, lora_a)
+    y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_b.t(), alpha=scale)
+    return y
 
 
 def _btt_shapes(x: Tensor, core0: Tensor, core1: Tensor) -> tuple[int, int, int, int]:

@@ -511,8 +511,7 @@ def without_autocast(device_type: str):
 def like_linear_under_autocast(y: torch.Tensor) -> torch.Tensor:
     """`y` in the dtype `nn.Linear` would output: under autocast that is autocast's dtype, which a
     method's float32 magnitudes, coefficients or bias would otherwise promote back to float32."""
-    device = y.device.type
-    if y.dtype == torch.float32 and autocast_enabled(device):
+    if y.dtype == torch.float32 and torch._C._is_any_autocast_enabled() and autocast_enabled(device := y.device.type):
         return y.to(torch.get_autocast_dtype(device))
     return y
 
@@ -622,7 +621,7 @@ class AdaptedSite(nn.Module):
         """The base weight, checked to be the shape the adapters were built for: resizing a tied
         embedding in place (resize_token_embeddings) also resizes a head it is tied to."""
         w = self.weight
-        if w is not None and len(self.adapters) and w.shape != (self.site.out_features, self.site.in_features):
+        if w is not None and w.shape != (self.site.out_features, self.site.in_features) and len(self.adapters):
             raise ValueError(
                 f"{self.site.fqn}'s weight is now {tuple(w.shape)}, but its adapters were built for {(self.site.out_features, self.site.in_features)} "
                 "(resize_token_embeddings on a tied head?): resize before the rewrite, or after a merge"
@@ -630,8 +629,9 @@ class AdaptedSite(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.computing is not None:
-            adapter, weight = self.adapters[self.computing], self._adapted_weight()
+        computing = self.computing
+        if computing is not None:
+            adapter, weight = self.adapters[computing], self._adapted_weight()
             if half_compute(adapter, x):  # float32 adapter weights, the model's half compute
                 with half_region(x):
                     return adapter(x, weight, self.bias).to(x.dtype)

@@ -10,6 +10,7 @@ from conftest import MODELS, output, scalar_loss, tiny_gpt2, tiny_llama
 
 import peftify
 from peftify import LoRA
+from peftify.codegen import ops as ops_module
 from peftify.codegen.ops import lora_linear
 from peftify.passes.base import AdaptedSite
 
@@ -87,6 +88,35 @@ def test_lora_linear_matches_autograd_reference_float64(bias, dropped, call):
         torch.testing.assert_close(gg, ww, rtol=0, atol=1e-11)
     assert torch.autograd.gradcheck(lambda *t: call(t[0], w, b, t[1], t[2], 0.7, xd), (x, a, bl))
     torch.library.opcheck(torch.ops.peftify.lora_linear.default, (x, w, b, a, bl, 0.7, xd))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropped", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (7,), "transposed"])
+def test_lora_linear_without_autograd_matches_the_reference(bias, dropped, shape, monkeypatch):
+    """Under no_grad (generation) the op runs its GEMMs without the autograd.Function; inside
+    forward-mode AD, which no_grad does not stop, it keeps the Function and its tangents."""
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64}
+    x = torch.randn(5, 3, 7, **f64).transpose(0, 1) if shape == "transposed" else torch.randn(*shape, **f64)  # a non-contiguous input too
+    xd = torch.randn_like(x) if dropped else None
+    w, b = torch.randn(6, 7, **f64), torch.randn(6, **f64) if bias else None
+    a, bl = torch.randn(2, 7, **f64, requires_grad=True), torch.randn(6, 2, **f64, requires_grad=True)
+    ref = (x @ w.T + (b if b is not None else 0) + 0.7 * ((x if xd is None else xd) @ a.T) @ bl.T).detach()
+    calls = []
+    monkeypatch.setattr(ops_module._EagerLoRALinear, "apply", lambda *args, f=ops_module._EagerLoRALinear.apply: calls.append(1) or f(*args))
+    with torch.no_grad():
+        y = lora_linear(x, w, b, a, bl, 0.7, xd)
+    assert not calls and not y.requires_grad
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    import torch.autograd.forward_ad as fwad
+
+    tangent = torch.randn_like(bl)
+    with torch.no_grad(), fwad.dual_level():
+        y = lora_linear(x, w, b, a, fwad.make_dual(bl.detach(), tangent), 0.7, xd)
+        got = fwad.unpack_dual(y).tangent
+    torch.testing.assert_close(fwad.unpack_dual(y).primal, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, 0.7 * ((x if xd is None else xd) @ a.detach().T) @ tangent.T, rtol=0, atol=1e-12)
 
 
 def test_gradients_equal_a_plain_float64_model():
