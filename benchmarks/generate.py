@@ -1,7 +1,7 @@
 """Greedy generation with an unmerged LoRA adapter: peftify against PEFT and the frozen base,
 per-call overhead being what decoding one token at a time pays on every adapted layer.
 
-Llama from a config (random weights), LoRA r=8 on every attention/MLP linear, batch 1, an
+Llama from a config (random weights), LoRA (or `--method dora`) r=8 on every attention/MLP linear, batch 1, an
 8-token prompt, `--new` tokens generated greedily under no_grad. Variants run interleaved in one
 process; medians.
 
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--new", type=int, default=32, help="tokens to generate")
+    parser.add_argument("--method", choices=["lora", "dora"], default="lora")
     args = parser.parse_args()
 
     import peft
@@ -40,8 +41,8 @@ def main() -> None:
         hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000
     )
     base = LlamaForCausalLM(config).eval()
-    ours = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:*", "apply": {"method": "lora", "r": 8}}]}, progress=False)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, target_modules="all-linear")).eval()
+    ours = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:*", "apply": {"method": args.method, "r": 8}}]}, progress=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, target_modules="all-linear", use_dora=args.method == "dora")).eval()
     prompt = torch.randint(0, 1000, (1, 8))
 
     def generate(model):
@@ -53,7 +54,7 @@ def main() -> None:
 
     assert torch.equal(generate(ours)(), generate(theirs)())  # B = 0 in both: the base's tokens
     times = interleaved({"frozen base": generate(base), "peftify": generate(ours), "PEFT": generate(theirs)}, repeats=args.repeats)
-    print(f"hidden {args.hidden}, {args.layers} layers, {args.new} new tokens, torch threads {torch.get_num_threads()}")
+    print(f"{args.method}, hidden {args.hidden}, {args.layers} layers, {args.new} new tokens, torch threads {torch.get_num_threads()}")
     for name, t in times.items():
         print(f"  {name:12s} {t * 1e3:8.1f} ms  {t / times['frozen base']:.3f}x base  {t / times['PEFT']:.3f}x PEFT")
 
