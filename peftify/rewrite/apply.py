@@ -601,6 +601,7 @@ def _install(model: nn.Module, rewrite: RewriteState, entry: Entry, adapter: str
             shared = ("base_layer", "adapters") if len(site.owners) > 1 else ("base_layer.weight",)
             adapted._tied_weights_keys = {key: site.aliases[0] for key in shared}
         _keep_off_fast_path(model, adapted)
+        undo.append(lambda site=site: _let_encoders_nest_again(model, site))  # after the slots are given back (undo runs backwards)
         if site.kind == "module":
             # every slot's module is read before any is replaced: the slots can share a parent
             # (a block registered several times, ``nn.ModuleList([block] * n)``)
@@ -651,10 +652,40 @@ def _keeps_encoder_layers_off_their_fast_path(module: nn.Module, args: tuple) ->
 def _keep_off_fast_path(model: nn.Module, adapted: AdaptedSite) -> None:
     """nn.TransformerEncoderLayer's inference fast path reads linear1/linear2.weight itself, which
     would run the base weight without the adapter (or None for a structure); torch skips that
-    path when a submodule has a forward hook."""
+    path when a submodule has a forward hook. Its nn.TransformerEncoder, which looks at the first
+    layer's weights alone, would still pack a padded batch into a nested tensor, which only the
+    fast path takes: it is told not to (``use_nested_tensor``) until no adapted layer is left."""
     site = adapted.site
     if site.kind == "module" and any(isinstance(model.get_submodule(_split(p)[0]), nn.TransformerEncoderLayer) for p in site.owners):
         adapted.register_forward_pre_hook(_keeps_encoder_layers_off_their_fast_path)
+        for encoder in _encoders_of(model, site):
+            if encoder.__dict__.get("use_nested_tensor"):
+                encoder.use_nested_tensor = False
+                encoder.__dict__["_peftify_nested_tensor_off"] = True
+
+
+def _encoders_of(model: nn.Module, site: Site) -> list[nn.TransformerEncoder]:
+    """The nn.TransformerEncoders above the site's layers."""
+    found = {}
+    for owner in site.owners:
+        parts = owner.split(".")
+        for depth in range(len(parts)):
+            module = model.get_submodule(".".join(parts[:depth]))
+            if isinstance(module, nn.TransformerEncoder):
+                found[id(module)] = module
+    return list(found.values())
+
+
+def _let_encoders_nest_again(model: nn.Module, site: Site) -> None:
+    """Give back ``use_nested_tensor`` to the encoders `_keep_off_fast_path` turned it off in,
+    once none of their layers is adapted."""
+    if site.kind != "module":
+        return
+    for encoder in _encoders_of(model, site):
+        adapted = any(_keeps_encoder_layers_off_their_fast_path in m._forward_pre_hooks.values() for m in encoder.modules() if isinstance(m, AdaptedSite))
+        if encoder.__dict__.get("_peftify_nested_tensor_off") and not adapted:
+            encoder.use_nested_tensor = True
+            del encoder.__dict__["_peftify_nested_tensor_off"]
 
 
 # A module's call hooks (forward, pre-forward, backward), as torch keeps them
@@ -937,6 +968,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             _forget_tie(model, owner + ".weight")
         if in_place is not None:
             in_place.copy_(stored)
+        _let_encoders_nest_again(model, site)
     except BaseException:
         if in_place is not None and in_place.equal(stored.to(in_place.dtype)) and not adapted.dense_weight().equal(weight):
             # stopped just after the write: every other step was done before it, the site is

@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import output
+from conftest import fail_on_call, output
 from torch import nn
 
 import peftify
 from peftify.passes.base import AdaptedSite
+from peftify.rewrite import apply as apply_mod
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48, "vocab_size": 101}
 
@@ -304,6 +305,34 @@ def test_torch_transformer_encoder_inference_runs_the_adapters(apply):
     peftify.merge(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("match", ["role:mlp.*", "layers.1.linear*"])
+def test_torch_transformer_encoder_with_a_padding_mask_runs_adapted_mlps(match, monkeypatch):
+    """nn.TransformerEncoder packs a padded batch into a nested tensor after looking at its first
+    layer alone, and only the layers' fast path takes one: with adapted MLPs (which keep the
+    layers off it) an eval forward with a padding mask raised. The encoder stops packing while a
+    layer is adapted, and packs again after the merge; a failed rewrite leaves it packing."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True), num_layers=2).eval()
+    x, pad = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    spec = {"rules": [{"match": match, "apply": {"method": "lora", "r": 2, "init": "random"}}]}
+    fail_on_call(monkeypatch, apply_mod, "_install", 2, RuntimeError("injected"))
+    with pytest.raises(RuntimeError, match="injected"):
+        peftify.peftify(model, spec, example_inputs=(x,), progress=False)
+    assert model.use_nested_tensor is True and "_peftify_nested_tensor_off" not in model.__dict__
+    monkeypatch.undo()
+    peftify.peftify(model, spec, example_inputs=(x,), progress=False)
+    assert model.use_nested_tensor is False
+    adapted = model(x, src_key_padding_mask=pad)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, src_key_padding_mask=pad), adapted)
+    peftify.merge(model)
+    assert model.use_nested_tensor is True and "_peftify_nested_tensor_off" not in model.__dict__
+    with torch.no_grad():
+        merged = model(x, src_key_padding_mask=pad)  # the nested path: padded positions come back 0
+    torch.testing.assert_close(merged[~pad], adapted[~pad], atol=1e-5, rtol=1e-5)
 
 
 def test_weight_shared_by_linears_with_different_biases_is_refused():
