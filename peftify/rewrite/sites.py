@@ -440,11 +440,13 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
 def written_in_place(graph: torch.fx.Graph, params: dict[str, str]) -> set[str]:
     """The parameters an op of the graph writes in place (``W.div_(2)``, ``W[0].mul_(2)``,
     ``W.data.copy_(…)``): the op's first argument shares the parameter's (fake) storage, whatever
-    aliases it there (a view, a slice, ``.data``, a cast to its own dtype; not a copy)."""
-    storages = {}
+    aliases it there (a view, a slice, ``.data``, a cast to its own dtype; not a copy), and its
+    bytes overlap the parameter's (q, k and v may be chunks of one fused tensor; columns of it
+    interleave, and count as overlapping)."""
+    storages: dict[int, list[tuple[range, str]]] = {}
     for node in graph.nodes:
         if node.op == "placeholder" and node.name in params and isinstance(val := node.meta.get("val"), torch.Tensor):
-            storages[val.untyped_storage()._cdata] = params[node.name]
+            storages.setdefault(val.untyped_storage()._cdata, []).append((_bytes(val), params[node.name]))
     written = set()
     for node in graph.nodes:
         target = node.target
@@ -454,9 +456,19 @@ def written_in_place(graph: torch.fx.Graph, params: dict[str, str]) -> set[str]:
         into = node.args[0] if node.args else None
         if schema and schema[0].alias_info is not None and schema[0].alias_info.is_write and isinstance(into, torch.fx.Node):
             val = into.meta.get("val")
-            if isinstance(val, torch.Tensor) and (name := storages.get(val.untyped_storage()._cdata)) is not None:
-                written.add(name)
+            if isinstance(val, torch.Tensor):
+                span = _bytes(val)
+                written |= {name for held, name in storages.get(val.untyped_storage()._cdata, ()) if held.start < span.stop and span.start < held.stop}
     return written
+
+
+def _bytes(t: torch.Tensor) -> range:
+    """The bytes of its storage a tensor spans, from its first element to its last."""
+    size = t.element_size()
+    if t.numel() == 0:
+        return range(0)
+    start = int(t.storage_offset()) * size
+    return range(start, start + (sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride())) + 1) * size)
 
 
 def is_conv1d(mod: nn.Module) -> bool:

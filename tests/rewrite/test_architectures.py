@@ -577,6 +577,32 @@ def test_a_weight_changed_in_place_through_any_alias_is_no_functional_site(chang
     assert peftify.capture(model, example_inputs=(x,)).sites == []
 
 
+class ChunksOfOneTensor(nn.Module):
+    """q, k and v as views of one fused tensor, a buffer in the same storage after them."""
+
+    def __init__(self, written):
+        super().__init__()
+        flat = torch.randn(3 * 8 * 8 + 8)
+        q, k, v = flat[:192].view(24, 8).chunk(3)
+        self.q, self.k, self.v = nn.Parameter(q), nn.Parameter(k), nn.Parameter(v)
+        self.register_buffer("running", flat[192:])
+        self.written, self.head = written, nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            getattr(self, self.written).mul_(0.9)
+        return self.head(F.linear(x, self.q) + F.linear(x, self.k) + F.linear(x, self.v))
+
+
+@pytest.mark.parametrize("written", ["q", "v", "running"])
+def test_an_in_place_write_drops_only_the_parameter_it_overlaps(written):
+    """Parameters viewing one storage were told apart by the storage alone: a write to q
+    dropped v and kept q, and a running buffer's update after a weight dropped the weight."""
+    model, x = ChunksOfOneTensor(written), torch.randn(5, 8)
+    sites = {s.fqn for s in peftify.capture(model, example_inputs=(x,)).sites}
+    assert sites == {"head", "q", "k", "v"} - {written}
+
+
 def test_multihead_attention_out_proj_is_functional():
     """MultiheadAttention reads out_proj.weight itself and never calls out_proj's forward, so
     wrapping out_proj would change nothing: it must be a functional (parametrized) site."""
