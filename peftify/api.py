@@ -244,7 +244,13 @@ def report(model: nn.Module) -> Report:
     note = f"; capture: {cap.method}" + (f" ({cap.note})" if cap.note else "") + f"; adapters: {', '.join(f'{n} (active)' if n == state.active else n for n in state.adapters)}"
     if state.active is None:
         note += f" (disabled; the rows are {state.current!r}'s)"
-    return Report(rows, sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()), note)
+    # the total counts what PEFT's modules_to_save wrappers hold as parameters too: the original of
+    # each parameter a spec trains whole, and every adapter's copy, where only one fills its slots
+    held = {id(p): p for p in model.parameters()}
+    for record in state.trained:
+        for p in (record.original, *record.copies.values()):
+            held.setdefault(id(p), p)
+    return Report(rows, sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in held.values()), note)
 
 
 __all__ = ["adapters", "capture", "delete_adapter", "disable_adapters", "merge", "param_groups", "peftify", "plan", "report", "set_adapter", "unload"]

@@ -47,3 +47,22 @@ def test_outputs_and_gradients_equal_peft(case, rslora):
         torch.testing.assert_close(m.lora_A.grad, peft_mods[n].lora_A["default"].weight.grad, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(m.lora_B.grad, peft_mods[n].lora_B["default"].weight.grad, atol=1e-6, rtol=1e-4)
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_report_counts_equal_pefts_with_modules_to_save_and_two_adapters(tied):
+    """`report().total` is PEFT's `get_nb_trainable_parameters` total, which counts the original
+    of a modules_to_save weight and each adapter's copy; peftify keeps the original and the
+    inactive copies aside and counted the one in the model only (2048 short per copy here)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama(tie=tied)
+    configs = [LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=tied) for _ in range(2)]
+    theirs = get_peft_model(copy.deepcopy(base), configs[0])
+    theirs.add_adapter("b", configs[1])
+    ours = peftify.peftify(base, configs[0])
+    ours = peftify.peftify(ours, configs[1], adapter="b")
+    peftify.set_adapter(ours, "default")
+    report = peftify.report(ours)
+    assert (report.trainable, report.total) == theirs.get_nb_trainable_parameters()
