@@ -162,6 +162,15 @@ def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
     state = getattr(model, "_peftify", None)
     if state is None:
         raise SpecError(f"this model has no peftify rewrite to {doing}")
+    if state.trained and doing not in ("merge", "unload", "report", "list"):
+        live = {id(m) for m in model.modules()}
+        replaced = any(id(m) not in live for record in state.trained for m, _ in record.slots)
+        if replaced or any(record.placed is not None and record.placed.shape != record.original.shape for record in state.trained):
+            trained = sorted({n for plan in state.adapters.values() for n in plan.train})
+            raise SpecError(
+                f"cannot {doing}: a parameter the adapters train whole ({', '.join(trained)}), or the module holding it, was replaced or resized after the "
+                "rewrite (resize_token_embeddings); resize before the rewrite, or peftify.merge(model) first"
+            )
     for record in state.trained:
         record.adopt(state.active)
     return state

@@ -152,6 +152,24 @@ def test_resizing_a_tied_embedding_under_an_adapted_head_is_a_clear_error():
             call()
 
 
+@pytest.mark.parametrize("tie, train", [(False, "lm_head.*"), (False, "model.embed_tokens.*"), (True, "model.embed_tokens.*")])
+def test_resizing_a_weight_trained_whole_is_a_clear_error_and_merge_keeps_the_resized_model(tie, train, tmp_path):
+    """resize_token_embeddings after a rewrite that trains the embedding or the head whole
+    replaces the head's module, or the embedding's weight: save_adapter then failed with an
+    AttributeError, and disabled adapters with an IndexError or in silence on the trained head.
+    Those calls say what happened; merge keeps the resized, trained model."""
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(tie=tie), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}], "train": [train]})
+    model.resize_token_embeddings(120)
+    ids = torch.tensor([[1, 2, 119]])
+    logits = model(ids).logits
+    for call in (lambda: peftify.save_adapter(model, tmp_path / "a"), lambda: peftify.disable_adapters(model).__enter__(), lambda: peftify.set_adapter(model, None)):
+        with pytest.raises(SpecError, match=r"replaced or resized after the rewrite \(resize_token_embeddings\); resize before the rewrite, or peftify.merge"):
+            call()
+    peftify.merge(model)
+    torch.testing.assert_close(model(ids).logits, logits)
+
+
 def test_accelerate_hooks_move_with_the_layer_and_offloaded_layers_are_refused():
     """A device_map's hooks sit on the layer (accelerate wraps its forward): the adapted site never
     called them, so inputs were not moved to the layer's device, and an offloaded layer computed
