@@ -674,23 +674,19 @@ def _keep_off_fast_path(model: nn.Module, adapted: AdaptedSite) -> None:
 
 
 def _encoders_of(model: nn.Module, site: Site) -> list[nn.TransformerEncoder]:
-    """The nn.TransformerEncoders above the site's layers."""
-    found = {}
-    for owner in site.owners:
-        parts = owner.split(".")
-        for depth in range(len(parts)):
-            module = model.get_submodule(".".join(parts[:depth]))
-            if isinstance(module, nn.TransformerEncoder):
-                found[id(module)] = module
-    return list(found.values())
+    """The nn.TransformerEncoders that run the site's encoder layer (one layer object may sit in
+    several)."""
+    layers = {id(model.get_submodule(_split(p)[0])) for p in site.owners}
+    return [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and any(id(layer) in layers for layer in m.layers)]
 
 
-def _let_encoders_nest_again(model: nn.Module, site: Site) -> None:
-    """Give back ``use_nested_tensor`` to the encoders `_keep_off_fast_path` turned it off in,
-    once none of their layers is adapted."""
-    if site.kind != "module":
+def _let_encoders_nest_again(model: nn.Module, site: Site | None = None) -> None:
+    """Give back ``use_nested_tensor`` to the encoders `_keep_off_fast_path` turned it off in
+    (those of `site`, or all), once none of their layers is adapted."""
+    if site is not None and site.kind != "module":
         return
-    for encoder in _encoders_of(model, site):
+    encoders = _encoders_of(model, site) if site is not None else [m for m in model.modules() if "_peftify_nested_tensor_off" in m.__dict__]
+    for encoder in encoders:
         adapted = any(_keeps_encoder_layers_off_their_fast_path in m._forward_pre_hooks.values() for m in encoder.modules() if isinstance(m, AdaptedSite))
         if encoder.__dict__.get("_peftify_nested_tensor_off") and not adapted:
             encoder.use_nested_tensor = True
@@ -977,7 +973,6 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             _forget_tie(model, owner + ".weight")
         if in_place is not None:
             in_place.copy_(stored)
-        _let_encoders_nest_again(model, site)
     except BaseException:
         if in_place is not None and in_place.equal(stored.to(in_place.dtype)) and not adapted.dense_weight().equal(weight):
             # stopped just after the write: every other step was done before it, the site is
@@ -994,6 +989,7 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         for parent, name in slots:
             setattr(parent, name, adapted)
         raise
+    _let_encoders_nest_again(model, site)
     if untie:
         warn(f"{site.fqn}'s weight was tied to {untie}; merging unties it")
 
@@ -1140,5 +1136,6 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         rewrite.adapters[name] = dataclasses.replace(plan, entries=[])
     for name, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(rewrite.flags.get(name, p.requires_grad))
+    _let_encoders_nest_again(model)  # those a stop after a site's last step left off
     del model._peftify
     return model

@@ -441,12 +441,12 @@ def written_in_place(graph: torch.fx.Graph, params: dict[str, str]) -> set[str]:
     """The parameters an op of the graph writes in place (``W.div_(2)``, ``W[0].mul_(2)``,
     ``W.data.copy_(…)``): the op's first argument shares the parameter's (fake) storage, whatever
     aliases it there (a view, a slice, ``.data``, a cast to its own dtype; not a copy), and its
-    bytes overlap the parameter's (q, k and v may be chunks of one fused tensor; columns of it
-    interleave, and count as overlapping)."""
-    storages: dict[int, list[tuple[range, str]]] = {}
+    bytes overlap the parameter's (q, k and v may be chunks of one fused tensor: rows or columns
+    of it)."""
+    storages: dict[int, list[tuple[torch.Tensor, str]]] = {}
     for node in graph.nodes:
         if node.op == "placeholder" and node.name in params and isinstance(val := node.meta.get("val"), torch.Tensor):
-            storages.setdefault(val.untyped_storage()._cdata, []).append((_bytes(val), params[node.name]))
+            storages.setdefault(val.untyped_storage()._cdata, []).append((val, params[node.name]))
     written = set()
     for node in graph.nodes:
         target = node.target
@@ -457,9 +457,22 @@ def written_in_place(graph: torch.fx.Graph, params: dict[str, str]) -> set[str]:
         if schema and schema[0].alias_info is not None and schema[0].alias_info.is_write and isinstance(into, torch.fx.Node):
             val = into.meta.get("val")
             if isinstance(val, torch.Tensor):
-                span = _bytes(val)
-                written |= {name for held, name in storages.get(val.untyped_storage()._cdata, ()) if held.start < span.stop and span.start < held.stop}
+                written |= {name for held, name in storages.get(val.untyped_storage()._cdata, ()) if _overlap(held, val)}
     return written
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor, exact_below: int = 1 << 20) -> bool:
+    """Whether two views of one storage share a byte: their spans must meet, and where they
+    interleave (column chunks, every other row) and are small enough, their elements too;
+    larger interleaved views count as overlapping."""
+    spans = [_bytes(t) for t in (a, b)]
+    if not (spans[0].start < spans[1].stop and spans[1].start < spans[0].stop):
+        return False
+    if all(len(s) == t.numel() * t.element_size() for s, t in zip(spans, (a, b))) or a.numel() + b.numel() > exact_below:
+        return True  # views that fill their spans share the bytes where the spans meet
+    starts = [_element_bytes(t) for t in (a, b)]
+    sizes = [t.element_size() for t in (a, b)]
+    return bool(torch.isin(starts[0][:, None] + torch.arange(sizes[0]), starts[1][:, None] + torch.arange(sizes[1])).any())
 
 
 def _bytes(t: torch.Tensor) -> range:
@@ -469,6 +482,14 @@ def _bytes(t: torch.Tensor) -> range:
         return range(0)
     start = int(t.storage_offset()) * size
     return range(start, start + (sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride())) + 1) * size)
+
+
+def _element_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The storage byte at which each element of `t` starts."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        offsets = offsets[..., None] + torch.arange(int(n)) * int(st)
+    return (offsets.reshape(-1) + int(t.storage_offset())) * t.element_size()
 
 
 def is_conv1d(mod: nn.Module) -> bool:

@@ -335,6 +335,40 @@ def test_torch_transformer_encoder_with_a_padding_mask_runs_adapted_mlps(match, 
     torch.testing.assert_close(merged[~pad], adapted[~pad], atol=1e-5, rtol=1e-5)
 
 
+class TwoEncodersSharingALayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        make = lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2)
+        self.first, self.second = make(), make()
+        self.second.layers[1] = self.first.layers[0]
+
+    def forward(self, x, src_key_padding_mask=None):
+        return self.second(self.first(x, src_key_padding_mask=src_key_padding_mask), src_key_padding_mask=src_key_padding_mask)
+
+
+def test_every_encoder_running_an_adapted_layer_stops_packing_and_a_stopped_merge_gives_it_back(monkeypatch):
+    """A layer registered in two encoders: only the first (its first path) stopped packing, and the
+    second's eval forward with a padding mask raised. A merge stopped after a site's last step
+    left packing off for good, the second merge finding that site merged."""
+    torch.manual_seed(0)
+    model = TwoEncodersSharingALayer().eval()
+    x, pad = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    peftify.peftify(model, {"rules": [{"match": "first.layers.0.linear*", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,), progress=False)
+    assert (model.first.use_nested_tensor, model.second.use_nested_tensor) == (False, False)
+    with torch.no_grad():
+        adapted = model(x, src_key_padding_mask=pad)
+    fail_on_call(monkeypatch, apply_mod, "_let_encoders_nest_again", 1, KeyboardInterrupt())
+    with pytest.warns(UserWarning, match="merge stopped after 1 of 2 sites"), pytest.raises(KeyboardInterrupt):
+        peftify.merge(model)
+    monkeypatch.undo()
+    peftify.merge(model)
+    assert (model.first.use_nested_tensor, model.second.use_nested_tensor) == (True, True)
+    with torch.no_grad():
+        merged = model(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(merged[~pad], adapted[~pad], atol=1e-5, rtol=1e-5)
+
+
 def test_weight_shared_by_linears_with_different_biases_is_refused():
     model = SharedLinears(bias=True)
     with pytest.raises(peftify.SpecError, match="shared by a, b, which have different biases"):
@@ -580,10 +614,10 @@ def test_a_weight_changed_in_place_through_any_alias_is_no_functional_site(chang
 class ChunksOfOneTensor(nn.Module):
     """q, k and v as views of one fused tensor, a buffer in the same storage after them."""
 
-    def __init__(self, written):
+    def __init__(self, written, columns):
         super().__init__()
         flat = torch.randn(3 * 8 * 8 + 8)
-        q, k, v = flat[:192].view(24, 8).chunk(3)
+        q, k, v = flat[:192].view(8, 24).chunk(3, dim=1) if columns else flat[:192].view(24, 8).chunk(3)
         self.q, self.k, self.v = nn.Parameter(q), nn.Parameter(k), nn.Parameter(v)
         self.register_buffer("running", flat[192:])
         self.written, self.head = written, nn.Linear(8, 4)
@@ -594,11 +628,13 @@ class ChunksOfOneTensor(nn.Module):
         return self.head(F.linear(x, self.q) + F.linear(x, self.k) + F.linear(x, self.v))
 
 
+@pytest.mark.parametrize("columns", [False, True], ids=["row-chunks", "column-chunks"])
 @pytest.mark.parametrize("written", ["q", "v", "running"])
-def test_an_in_place_write_drops_only_the_parameter_it_overlaps(written):
+def test_an_in_place_write_drops_only_the_parameter_it_overlaps(written, columns):
     """Parameters viewing one storage were told apart by the storage alone: a write to q
-    dropped v and kept q, and a running buffer's update after a weight dropped the weight."""
-    model, x = ChunksOfOneTensor(written), torch.randn(5, 8)
+    dropped v and kept q, and a running buffer's update after a weight dropped the weight.
+    Column chunks interleave in the storage: only their elements tell them apart."""
+    model, x = ChunksOfOneTensor(written, columns), torch.randn(5, 8)
     sites = {s.fqn for s in peftify.capture(model, example_inputs=(x,)).sites}
     assert sites == {"head", "q", "k", "v"} - {written}
 
