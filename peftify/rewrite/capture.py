@@ -19,6 +19,7 @@ import logging
 import operator
 import os
 import sys
+import threading
 import traceback
 import warnings
 from collections import Counter
@@ -51,6 +52,12 @@ from peftify.rewrite.sites import (
 # keyword arguments (what a tokenizer returns), or (args, kwargs); None builds one.
 ExampleInputs = torch.Tensor | tuple | Mapping | None
 
+# One trace at a time in a process: make_fx's and torch.export's tracing state (the dispatch-mode
+# stack) is the process's, and so are the settings a trace changes for its duration (torch.fx's
+# stack traces, a logger's level, warning filters); two threads tracing at once failed, lost roles
+# in silence, or left those settings changed. peftify.export takes it too.
+TRACING = threading.RLock()
+
 
 def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     """Trace `model` and return its sites (dense linear maps) with shapes, owners and roles.
@@ -70,13 +77,14 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     given = example_inputs is not None
     args, kwargs = example_arguments(model, example_inputs)
     try:
-        try:
-            sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, kwargs)
-        except Exception:
-            decoder = with_decoder_tokens(model, kwargs) if given else None
-            if decoder is None:
-                raise
-            sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, decoder)
+        with TRACING:
+            try:
+                sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, kwargs)
+            except Exception:
+                decoder = with_decoder_tokens(model, kwargs) if given else None
+                if decoder is None:
+                    raise
+                sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, decoder)
     except Exception as e:
         if not given:
             raise SpecError(f"could not trace {type(model).__name__} with an example input built from its signature ({_brief(e)}); pass example_inputs=...") from e

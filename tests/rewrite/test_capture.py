@@ -865,3 +865,39 @@ def test_applied_in_names_every_block_that_applies_a_shared_weight():
     site = {s.fqn: s for s in cap.sites}["shared"]
     assert site.kind == "functional" and site.applied_in == tuple(f"blocks.{i}" for i in range(6))
     assert {s.fqn: s.applied_in for s in cap.sites}["blocks.3.fc1"] == ()  # module sites name no applier
+
+
+def test_captures_from_two_threads_at_once_give_the_sequential_result_and_leave_settings_as_they_were():
+    """make_fx's tracing state is the process's: two threads capturing at once raised (a dispatch
+    mode slot already occupied), or lost roles in silence, and left torch.fx's stack traces off,
+    a torch logger at CRITICAL and every later warning ignored. Traces take turns."""
+    import logging
+    import threading
+
+    import torch.fx.config
+
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(tiny_llama())
+    describe = lambda cap: sorted((s.fqn, tuple(sorted(s.roles))) for s in cap.sites)
+    want = describe(peftify.capture(models[0]))
+    settings = lambda: (torch.fx.config.do_not_emit_stack_traces, len(warnings.filters), logging.getLogger("torch._subclasses.fake_tensor").level)
+    before = settings()
+    for _ in range(3):
+        got, start = [None, None], threading.Barrier(2)
+
+        def run(i, got=got, start=start):
+            start.wait()
+            try:
+                got[i] = describe(peftify.capture(models[i]))
+            except Exception as e:  # noqa: BLE001 (the assert below reports it)
+                got[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [want, want]
+    assert settings() == before
