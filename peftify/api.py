@@ -245,11 +245,14 @@ def report(model: nn.Module) -> Report:
     if state.active is None:
         note += f" (disabled; the rows are {state.current!r}'s)"
     # the total counts what PEFT's modules_to_save wrappers hold as parameters too: the original of
-    # each parameter a spec trains whole, and every adapter's copy, where only one fills its slots
+    # each parameter a spec trains whole, and every adapter's copy, where only one fills its slots.
+    # A bias trained without its module's weight is PEFT's bias="all", which trains it in place.
     held = {id(p): p for p in model.parameters()}
+    whole = {id(m) for record in state.trained for m, name in record.slots if name != "bias"}
     for record in state.trained:
-        for p in (record.original, *record.copies.values()):
-            held.setdefault(id(p), p)
+        if any(name != "bias" or id(m) in whole for m, name in record.slots):
+            for p in (record.original, *record.copies.values()):
+                held.setdefault(id(p), p)
     return Report(rows, sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in held.values()), note)
 
 

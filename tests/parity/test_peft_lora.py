@@ -66,3 +66,20 @@ def test_report_counts_equal_pefts_with_modules_to_save_and_two_adapters(tied):
     peftify.set_adapter(ours, "default")
     report = peftify.report(ours)
     assert (report.trainable, report.total) == theirs.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("task", [None, "SEQ_CLS"])
+def test_report_counts_equal_pefts_with_bias_all(task):
+    """PEFT trains bias="all" in place, where a modules_to_save head (SEQ_CLS's classifier) gets a
+    copy of its bias with its weight: counting every trained-whole original and copy made the
+    total 640 too high."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    base = (BertForSequenceClassification if task else BertModel)(config)
+    lora = LoraConfig(r=4, target_modules=["query", "value"], bias="all", task_type=task)
+    theirs = get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
+    report = peftify.report(peftify.peftify(base, lora))
+    assert (report.trainable, report.total) == theirs.get_nb_trainable_parameters()
