@@ -108,6 +108,7 @@ class RewriteState:
 ADDS_PARAMETERS = ("peftify", "load_adapter", "from_pretrained")  # entry points a DDP wrapper cannot take
 # entry points that replace, write or save the parameters FSDP keeps its own copies of
 CHANGES_PARAMETERS = (*ADDS_PARAMETERS, "load_adapter_state_dict", "merge", "unload", "delete_adapter", "save_adapter", "export")
+SWAPS_PARAMETERS = ("set_adapter", "disable_adapters")  # so do these, where adapters train parameters whole
 
 
 def sharded_by_fsdp(model: nn.Module) -> list[str]:
@@ -138,6 +139,13 @@ def accepts_compiled(fn):
                     "when it was built: the adapters would train apart on each rank. Rewrite the model first, then wrap it"
                 )
             inner = inner.module
+        trained = getattr(getattr(inner, "_peftify", None), "trained", None)
+        if fn.__name__ in SWAPS_PARAMETERS and trained and (sharded := sharded_by_fsdp(inner)):
+            raise SpecError(
+                f"peftify.{fn.__name__} got a model sharded by FSDP ({', '.join(sharded[:3])}{', …' if len(sharded) > 3 else ''}): switching adapters swaps "
+                "the parameters they train whole (the spec's train, PEFT's modules_to_save) in and out of the model, and FSDP keeps its own sharded "
+                "copies of them (a forward after two switches failed inside FSDP). Switch before sharding, or shard one model per adapter"
+            )
         if fn.__name__ in CHANGES_PARAMETERS and (sharded := sharded_by_fsdp(inner)):
             # it swaps its sharded parameters back in around each forward and at state_dict():
             # a merged weight was silently replaced by the stale shard, an adapter added after

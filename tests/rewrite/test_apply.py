@@ -1088,7 +1088,9 @@ def test_a_model_sharded_by_fsdp_is_refused_by_the_calls_that_change_or_save_its
     """FSDP swaps its own sharded parameters back in: a merged weight was silently replaced by the
     stale shard at the next state_dict() (the merged model computed the base), an adapter added
     after sharding failed in its first forward, and a save failed inside torch. The way the error
-    gives (a full state dict into an unsharded copy) merges right."""
+    gives (a full state dict into an unsharded copy) merges right. Switching adapters that train a
+    parameter whole swaps it, which FSDP's own copy does not follow (a forward after two switches
+    failed inside FSDP)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -1121,6 +1123,14 @@ def test_a_model_sharded_by_fsdp_is_refused_by_the_calls_that_change_or_save_its
         with pytest.raises(SpecError, match="Rewrite or load adapters before sharding"):
             peftify.peftify(plain, spec, example_inputs=(x,))
         assert not hasattr(plain, "_peftify")
+        peftify.set_adapter(model, None)  # no parameter trained whole: switching swaps none
+        peftify.set_adapter(model, "default")
+        trains = peftify.peftify(net(), {**spec, "rules": [{"match": "0", "apply": spec["rules"][0]["apply"]}], "train": ["2.*"]}, example_inputs=(x,))
+        fully_shard(trains)
+        for call in (lambda: peftify.set_adapter(trains, None), lambda: peftify.disable_adapters(trains).__enter__()):
+            with pytest.raises(SpecError, match="switching adapters swaps the parameters they train whole"):
+                call()
+        trains(x)
     finally:
         dist.destroy_process_group()
 
