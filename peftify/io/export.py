@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 
 from peftify.errors import SpecError
 from peftify.rewrite.apply import accepts_compiled, merge_model
-from peftify.rewrite.capture import TRACING, ExampleInputs, example_arguments, kept_tensors, with_decoder_tokens
+from peftify.rewrite.capture import ExampleInputs, example_arguments, kept_tensors, tracing_turn, with_decoder_tokens
 
 
 class _PlainOutputs(nn.Module):
@@ -85,7 +85,7 @@ def export(
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     if merged and getattr(model, "_peftify", None) is not None:
         model = merge_model(copy.deepcopy(model))
-    with TRACING, kept_tensors(model):
+    with tracing_turn(), kept_tensors(model):
         try:
             program = torch.export.export(_wrapped(model, constants), args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:

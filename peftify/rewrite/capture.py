@@ -55,8 +55,34 @@ ExampleInputs = torch.Tensor | tuple | Mapping | None
 # One trace at a time in a process: make_fx's and torch.export's tracing state (the dispatch-mode
 # stack) is the process's, and so are the settings a trace changes for its duration (torch.fx's
 # stack traces, a logger's level, warning filters); two threads tracing at once failed, lost roles
-# in silence, or left those settings changed. peftify.export takes it too.
-TRACING = threading.RLock()
+# in silence, or left those settings changed. peftify.export takes its turn too.
+_TRACING = threading.RLock()
+# how long a trace waits for another thread's; then it goes ahead, saying so (the other may be
+# waiting on it: a forward that hands a capture to a worker thread and joins it)
+TRACE_WAIT_S = 60.0
+
+
+def _fresh_lock_after_fork() -> None:
+    global _TRACING
+    _TRACING = threading.RLock()  # a thread of the parent that held it does not exist in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+
+
+@contextlib.contextmanager
+def tracing_turn():
+    """Wait for any other thread's trace to end (at most `TRACE_WAIT_S`), and trace."""
+    lock = _TRACING
+    if not lock.acquire(timeout=TRACE_WAIT_S):
+        warn(f"another thread has been tracing a model for {TRACE_WAIT_S:.0f} s; tracing alongside it (two traces at once may fail or lose roles)")
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
@@ -77,7 +103,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     given = example_inputs is not None
     args, kwargs = example_arguments(model, example_inputs)
     try:
-        with TRACING:
+        with tracing_turn():
             try:
                 sites, collapsed, tracer, read = _trace_blocks_once_or_all(model, args, kwargs)
             except Exception:

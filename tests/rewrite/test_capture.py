@@ -901,3 +901,69 @@ def test_captures_from_two_threads_at_once_give_the_sequential_result_and_leave_
             t.join()
         assert got == [want, want]
     assert settings() == before
+
+
+def test_a_capture_handed_to_a_worker_thread_inside_a_traced_forward_goes_ahead_after_a_wait(monkeypatch):
+    """Traces take turns: a forward that hands a capture to a worker thread and joins it waited on
+    itself for good. After `TRACE_WAIT_S` the worker traces alongside, saying so."""
+    import threading
+
+    from peftify.rewrite import capture as capture_mod
+
+    monkeypatch.setattr(capture_mod, "TRACE_WAIT_S", 0.2)
+    inner, done = nn.Sequential(nn.Linear(4, 4)), []
+
+    class HandsOff(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            worker = threading.Thread(target=lambda: done.append(peftify.capture(inner, example_inputs=(torch.randn(2, 4),))))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                worker.start()
+                worker.join(timeout=30)
+            assert not worker.is_alive() and any("another thread has been tracing" in str(w.message) for w in caught)
+            return self.proj(x)
+
+    sites = peftify.capture(HandsOff(), example_inputs=(torch.randn(2, 4),)).sites
+    assert [s.fqn for s in sites] == ["proj"] and [s.fqn for s in done[0].sites] == ["0"]
+
+
+def test_a_child_forked_while_another_thread_traces_can_trace():
+    """The child inherited the trace lock held by a thread it does not have, and waited for good."""
+    import multiprocessing
+    import threading
+
+    from peftify.rewrite import capture as capture_mod
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with capture_mod.tracing_turn():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(30)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_capture_a_tiny_model)
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        release.set()
+        holder.join()
+
+
+def _capture_a_tiny_model():
+    from peftify.rewrite import capture as capture_mod
+
+    assert capture_mod._TRACING.acquire(timeout=1)  # not the parent's, held by a thread the child does not have
+    capture_mod._TRACING.release()
+    sites = peftify.capture(nn.Sequential(nn.Linear(4, 4)), example_inputs=(torch.randn(2, 4),)).sites
+    assert [s.fqn for s in sites] == ["0"]
