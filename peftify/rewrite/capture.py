@@ -57,14 +57,12 @@ ExampleInputs = torch.Tensor | tuple | Mapping | None
 # stack traces, a logger's level, warning filters); two threads tracing at once failed, lost roles
 # in silence, or left those settings changed. peftify.export takes its turn too.
 _TRACING = threading.RLock()
-# how long a trace waits for another thread's; then it goes ahead, saying so (the other may be
-# waiting on it: a forward that hands a capture to a worker thread and joins it)
-TRACE_WAIT_S = 60.0
+_THREADS_BEFORE: set[threading.Thread] | None = None  # the threads there were when the running trace began
 
 
 def _fresh_lock_after_fork() -> None:
-    global _TRACING
-    _TRACING = threading.RLock()  # a thread of the parent that held it does not exist in the child
+    global _TRACING, _THREADS_BEFORE
+    _TRACING, _THREADS_BEFORE = threading.RLock(), None  # the parent's tracing thread is not in the child
 
 
 if hasattr(os, "register_at_fork"):
@@ -73,16 +71,23 @@ if hasattr(os, "register_at_fork"):
 
 @contextlib.contextmanager
 def tracing_turn():
-    """Wait for any other thread's trace to end (at most `TRACE_WAIT_S`), and trace."""
-    lock = _TRACING
-    if not lock.acquire(timeout=TRACE_WAIT_S):
-        warn(f"another thread has been tracing a model for {TRACE_WAIT_S:.0f} s; tracing alongside it (two traces at once may fail or lose roles)")
+    """Wait for another thread's trace to end, and trace. A thread started during the running
+    trace does not wait: the traced forward may have started it and be waiting on it (a capture
+    handed to a worker thread and joined)."""
+    global _THREADS_BEFORE
+    before = _THREADS_BEFORE
+    if before is not None and threading.current_thread() not in before:
         yield
         return
-    try:
-        yield
-    finally:
-        lock.release()
+    with _TRACING:
+        outermost = _THREADS_BEFORE is None
+        if outermost:
+            _THREADS_BEFORE = set(threading.enumerate())
+        try:
+            yield
+        finally:
+            if outermost:
+                _THREADS_BEFORE = None
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
@@ -127,8 +132,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     if transformed:
         notes.append(f"{len(transformed)} linear layer(s) whose weight is only used transformed are not sites ({_some(transformed)})")
         warn(
-            f"{_some(transformed, 3)}: the forward never calls this linear layer and uses its weight only through a computation "
-            "(F.linear(x, layer.weight * c), a normalized weight): it is not a site, since an adapter on the layer would never run"
+            f"{_some(transformed, 3)}: the model uses this linear layer's weight only through a computation (F.linear(x, layer.weight * c), "
+            "a normalized or fake-quantized weight), not as x Wᵀ + b: it is not a site, since an adapter on the layer would not change that computation"
         )
     note = "; ".join(notes)
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
@@ -162,13 +167,17 @@ def _unreached_linears(model: nn.Module, sites: list[Site], read: set[str]) -> t
     read, through some computation (``F.linear(x, fc.weight * c)``): an adapter on the module
     would never run, so they are no sites."""
     used = {s.weight for s in sites} | {alias for s in sites for alias in s.aliases}
-    plain = nn.Linear.forward
-    if all(
-        own_weight(path) in used or not isinstance(getattr(mod, "weight", None), nn.Parameter) or not (type(mod).forward is plain or is_conv1d(mod))
+    # the stored weight, not `mod.weight`: that would run a parametrization (spectral_norm's power
+    # iteration advances in train mode) for a layer that is no site anyway
+    linears = [
+        (path, mod)
         for path, mod in model.named_modules()
-    ):
+        if own_weight(path) not in used and isinstance(mod._parameters.get("weight"), nn.Parameter) and (isinstance(mod, nn.Linear) or is_conv1d(mod))
+    ]
+    if not linears:
         return [], []  # every linear ran (almost every model): no module walk to build sites
     read_ids = {id(model.get_parameter(name)) for name in read}
+    used_ids = {id(model.get_parameter(name)) for name in used}
     unreached, transformed = [], []
     for s in sites_from_modules(model):
         if s.weight in used or not used.isdisjoint(s.aliases):
@@ -177,6 +186,13 @@ def _unreached_linears(model: nn.Module, sites: list[Site], read: set[str]) -> t
             transformed.append(s.fqn)
         else:
             unreached.append(s)
+    # a subclass with a forward of its own that reads its weight only transformed (a QAT layer's
+    # fake-quantized weight, F.linear(x, self.weight * c)) is no site either
+    walked = {s.fqn for s in unreached} | set(transformed)
+    for path, mod in linears:
+        weight = id(mod._parameters["weight"])
+        if path not in walked and type(mod).forward is not nn.Linear.forward and weight in read_ids and weight not in used_ids:
+            transformed.append(path)
     return unreached, transformed
 
 
@@ -415,8 +431,7 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
         if linear and path not in found and isinstance(mod._buffers.get("weight"), torch.Tensor):
             buffered.append(path)
         elif linear and path not in found and "weight" not in mod._parameters:
-            by = type(mod.parametrizations["weight"][0]).__name__ if parametrize.is_parametrized(mod, "weight") else "a forward pre-hook"
-            computed.append(f"{path} ({by})")
+            computed.append(f"{path} ({_computed_by(mod)})")
         # a parametrized matrix the model's own code applies (x @ self.w.T): as little a site as
         # the above (torch's layers, an nn.Embedding say, apply theirs as no linear map)
         cls = type(mod).__mro__[1] if parametrize.is_parametrized(mod) else type(mod)  # the class before parametrize subclassed it
@@ -428,8 +443,7 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
         cap.note = "; ".join(filter(None, [cap.note, f"{len(computed)} linear layer(s) with a computed weight are not sites"]))
         warn(
             f"{', '.join(computed[:3])}{', …' if len(computed) > 3 else ''}: a linear layer whose weight is computed from other parameters "
-            "is not a site; to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'), "
-            "or torch.nn.utils.remove_weight_norm for the old hook-based weight_norm)"
+            "is not a site; to rewrite it, remove what computes it first (as said for each)"
         )
     if buffered:
         cap.note = "; ".join(filter(None, [cap.note, f"{len(buffered)} linear layer(s) with a buffer for a weight are not sites"]))
@@ -443,6 +457,19 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
             f"{', '.join(matrices[:3])}{', …' if len(matrices) > 3 else ''}: a matrix computed by a parametrization is not a site; "
             "to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(module, name))"
         )
+
+
+def _computed_by(mod: nn.Module) -> str:
+    """What computes a layer's weight, and how to remove it."""
+    if parametrize.is_parametrized(mod, "weight"):
+        return f"{type(mod.parametrizations['weight'][0]).__name__}: torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+    if "weight_mask" in mod._buffers:
+        return "pruned: torch.nn.utils.prune.remove(layer, 'weight')"
+    if "weight_u" in mod._buffers:
+        return "the hook-based spectral_norm: torch.nn.utils.remove_spectral_norm(layer)"
+    if "weight_g" in mod._parameters:
+        return "the hook-based weight_norm: torch.nn.utils.remove_weight_norm(layer)"
+    return "a forward pre-hook: remove the hook"
 
 
 def example_arguments(model: nn.Module, example_inputs: ExampleInputs = None) -> tuple[tuple, dict]:

@@ -506,8 +506,10 @@ def _linear_like(model: nn.Module, path: str, plain_forward: Callable[[], bool] 
         mod = model.get_submodule(path) if path else model
     except AttributeError:
         return None
-    if not isinstance(getattr(mod, "weight", None), nn.Parameter):
+    if not isinstance(mod._parameters.get("weight"), nn.Parameter):  # not `mod.weight`: that would run a parametrization
         return None
+    if "bias" not in mod._parameters and isinstance(mod.__dict__.get("bias"), torch.Tensor):
+        return None  # a bias computed by a forward pre-hook (torch's prune): the hook stays with the layer, which a container would not run
     if is_conv1d(mod) or type(mod).forward is nn.Linear.forward:
         return mod
     if isinstance(mod, nn.Linear) and plain_forward is not None and plain_forward():

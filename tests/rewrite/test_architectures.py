@@ -102,7 +102,7 @@ def test_rwkv_layers_rescaled_in_place_in_eval_mode_are_sites():
     torch.manual_seed(0)
     model, x = build("rwkv"), {"input_ids": torch.randint(0, 101, (2, 6))}
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*never calls this linear layer")
+        warnings.filterwarnings("error", message=".*weight only through a computation")
         cap = peftify.capture(model)
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert {s.fqn for s in cap.sites} == linears and {s.kind for s in cap.sites} == {"module"}
@@ -637,6 +637,24 @@ def test_an_in_place_write_drops_only_the_parameter_it_overlaps(written, columns
     model, x = ChunksOfOneTensor(written, columns), torch.randn(5, 8)
     sites = {s.fqn for s in peftify.capture(model, example_inputs=(x,)).sites}
     assert sites == {"head", "q", "k", "v"} - {written}
+
+
+def test_a_linear_with_a_pruned_bias_is_a_functional_site_that_keeps_its_pruning():
+    """torch's prune computes the bias in a forward pre-hook: as a module site the hook moved to
+    the container, which has no bias_orig, and the next forward raised AttributeError."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double(), torch.randn(5, 4, dtype=torch.float64)
+    prune.l1_unstructured(model[0], "bias", amount=0.5)
+    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
+    first, last = model[0].parametrizations.weight[0].adapted.adapters["default"], model[2].adapters["default"]
+    hidden = F.linear(x, model[0].parametrizations.weight.original + first.scaling * first.lora_B @ first.lora_A, model[0].bias_orig * model[0].bias_mask).relu()
+    want = F.linear(hidden, model[2].base_layer.weight + last.scaling * last.lora_B @ last.lora_A, model[2].base_layer.bias)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)
+    peftify.merge(model)
+    assert hasattr(model[0], "bias_mask") and type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)
 
 
 def test_multihead_attention_out_proj_is_functional():
