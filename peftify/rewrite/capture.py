@@ -57,12 +57,14 @@ ExampleInputs = torch.Tensor | tuple | Mapping | None
 # stack traces, a logger's level, warning filters); two threads tracing at once failed, lost roles
 # in silence, or left those settings changed. peftify.export takes its turn too.
 _TRACING = threading.RLock()
-_THREADS_BEFORE: set[threading.Thread] | None = None  # the threads there were when the running trace began
+# how long a trace waits for another thread's before it goes ahead (the other may be waiting on
+# it: a forward that hands a capture to a worker thread and joins it); no real trace takes as long
+TRACE_WAIT_S = 300.0
 
 
 def _fresh_lock_after_fork() -> None:
-    global _TRACING, _THREADS_BEFORE
-    _TRACING, _THREADS_BEFORE = threading.RLock(), None  # the parent's tracing thread is not in the child
+    global _TRACING
+    _TRACING = threading.RLock()  # the parent's thread that held it is not in the child
 
 
 if hasattr(os, "register_at_fork"):
@@ -71,23 +73,16 @@ if hasattr(os, "register_at_fork"):
 
 @contextlib.contextmanager
 def tracing_turn():
-    """Wait for another thread's trace to end, and trace. A thread started during the running
-    trace does not wait: the traced forward may have started it and be waiting on it (a capture
-    handed to a worker thread and joined)."""
-    global _THREADS_BEFORE
-    before = _THREADS_BEFORE
-    if before is not None and threading.current_thread() not in before:
+    """Wait for any other thread's trace to end (at most `TRACE_WAIT_S`), and trace."""
+    lock = _TRACING
+    if not lock.acquire(timeout=TRACE_WAIT_S):
+        warn(f"another thread has been tracing a model for {TRACE_WAIT_S:.0f} s; tracing alongside it (two traces at once may fail or lose roles)")
         yield
         return
-    with _TRACING:
-        outermost = _THREADS_BEFORE is None
-        if outermost:
-            _THREADS_BEFORE = set(threading.enumerate())
-        try:
-            yield
-        finally:
-            if outermost:
-                _THREADS_BEFORE = None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
