@@ -420,13 +420,15 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
     old hook-based weight_norm) has no weight parameter to adapt: say so rather than skip it
     silently."""
     found = {s.fqn for s in cap.sites}
-    computed, matrices, buffered = [], [], []
+    computed, matrices, buffered, unrun_pruned = [], [], [], []
     for path, mod in model.named_modules():
         linear = isinstance(mod, nn.Linear) or is_conv1d(mod)
         if linear and path not in found and isinstance(mod._buffers.get("weight"), torch.Tensor):
             buffered.append(path)
         elif linear and path not in found and "weight" not in mod._parameters:
             computed.append(f"{path} ({_computed_by(mod)})")
+        elif linear and path not in found and own_weight(path) not in found and "bias" not in mod._parameters and isinstance(mod.__dict__.get("bias"), torch.Tensor):
+            unrun_pruned.append(path)  # a functional site where the input runs it; this one it did not
         # a parametrized matrix the model's own code applies (x @ self.w.T): as little a site as
         # the above (torch's layers, an nn.Embedding say, apply theirs as no linear map)
         cls = type(mod).__mro__[1] if parametrize.is_parametrized(mod) else type(mod)  # the class before parametrize subclassed it
@@ -439,6 +441,12 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
         warn(
             f"{', '.join(computed[:3])}{', …' if len(computed) > 3 else ''}: a linear layer whose weight is computed from other parameters "
             "is not a site; to rewrite it, remove what computes it first (as said for each)"
+        )
+    if unrun_pruned:
+        cap.note = "; ".join(filter(None, [cap.note, f"{len(unrun_pruned)} linear layer(s) with a computed bias the example input did not run are not sites"]))
+        warn(
+            f"{', '.join(unrun_pruned[:3])}{', …' if len(unrun_pruned) > 3 else ''}: a linear layer whose bias a forward pre-hook computes (torch's prune) "
+            "is a site only where the example input runs it, and this one it did not: pass example inputs that reach it, or torch.nn.utils.prune.remove(layer, 'bias')"
         )
     if buffered:
         cap.note = "; ".join(filter(None, [cap.note, f"{len(buffered)} linear layer(s) with a buffer for a weight are not sites"]))

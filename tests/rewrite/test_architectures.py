@@ -647,7 +647,9 @@ def test_a_linear_with_a_pruned_bias_is_a_functional_site_that_keeps_its_pruning
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double(), torch.randn(5, 4, dtype=torch.float64)
     prune.l1_unstructured(model[0], "bias", amount=0.5)
-    peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*bias a forward pre-hook computes")
+        peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "init": "random"}}]}, example_inputs=(x,))
     first, last = model[0].parametrizations.weight[0].adapted.adapters["default"], model[2].adapters["default"]
     hidden = F.linear(x, model[0].parametrizations.weight.original + first.scaling * first.lora_B @ first.lora_A, model[0].bias_orig * model[0].bias_mask).relu()
     want = F.linear(hidden, model[2].base_layer.weight + last.scaling * last.lora_B @ last.lora_A, model[2].base_layer.bias)
@@ -655,6 +657,27 @@ def test_a_linear_with_a_pruned_bias_is_a_functional_site_that_keeps_its_pruning
     peftify.merge(model)
     assert hasattr(model[0], "bias_mask") and type(model[0]) is nn.Linear
     torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)
+
+
+class RunsOneOfTwo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def test_a_linear_with_a_pruned_bias_the_input_did_not_run_is_named():
+    """It is a functional site only where the trace sees it applied: unrun, it went unmentioned
+    (before the pruned bias made it a functional site, it was a module site that failed on apply)."""
+    from torch.nn.utils import prune
+
+    model = RunsOneOfTwo()
+    prune.l1_unstructured(model.b, "bias", amount=0.5)
+    with pytest.warns(UserWarning, match=r"b: a linear layer whose bias a forward pre-hook computes .* did not: pass example inputs that reach it"):
+        cap = peftify.capture(model, torch.randn(2, 8))
+    assert [s.fqn for s in cap.sites] == ["a"] and "1 linear layer(s) with a computed bias the example input did not run are not sites" in cap.note
 
 
 def test_multihead_attention_out_proj_is_functional():
