@@ -436,30 +436,33 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
         for name, chain in getattr(mod, "parametrizations", {}).items() if own_code and parametrize.is_parametrized(mod) else ():
             if not (linear and name == "weight") and getattr(chain, "original", None) is not None and chain.original.dim() == 2:
                 matrices.append(f"{path + '.' if path else ''}{name} ({type(chain[0]).__name__})")
-    if computed:
-        cap.note = "; ".join(filter(None, [cap.note, f"{len(computed)} linear layer(s) with a computed weight are not sites"]))
-        warn(
-            f"{', '.join(computed[:3])}{', …' if len(computed) > 3 else ''}: a linear layer whose weight is computed from other parameters "
-            "is not a site; to rewrite it, remove what computes it first (as said for each)"
-        )
-    if unrun_pruned:
-        cap.note = "; ".join(filter(None, [cap.note, f"{len(unrun_pruned)} linear layer(s) with a computed bias the example input did not run are not sites"]))
-        warn(
-            f"{', '.join(unrun_pruned[:3])}{', …' if len(unrun_pruned) > 3 else ''}: a linear layer whose bias a forward pre-hook computes (torch's prune) "
-            "is a site only where the example input runs it, and this one it did not: pass example inputs that reach it, or torch.nn.utils.prune.remove(layer, 'bias')"
-        )
-    if buffered:
-        cap.note = "; ".join(filter(None, [cap.note, f"{len(buffered)} linear layer(s) with a buffer for a weight are not sites"]))
-        warn(
-            f"{', '.join(buffered[:3])}{', …' if len(buffered) > 3 else ''}: a linear layer whose weight is a buffer, not a parameter, is not a site; "
-            "to rewrite it, register the weight as an nn.Parameter (requires_grad=False keeps it frozen)"
-        )
-    if matrices:
-        cap.note = "; ".join(filter(None, [cap.note, f"{len(matrices)} parametrized matrices are not sites"]))
-        warn(
-            f"{', '.join(matrices[:3])}{', …' if len(matrices) > 3 else ''}: a matrix computed by a parametrization is not a site; "
-            "to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(module, name))"
-        )
+    _name(cap, computed, "linear layer(s) with a computed weight are not sites", "a linear layer whose weight is computed from other parameters is not a site; to rewrite it, remove what computes it first (as said for each)")
+    _name(
+        cap,
+        unrun_pruned,
+        "linear layer(s) with a computed bias the example input did not run are not sites",
+        "a linear layer whose bias a forward pre-hook computes (torch's prune) is a site only where the example input runs it, and this one it did not: "
+        "pass example inputs that reach it, or torch.nn.utils.prune.remove(layer, 'bias')",
+    )
+    _name(
+        cap,
+        buffered,
+        "linear layer(s) with a buffer for a weight are not sites",
+        "a linear layer whose weight is a buffer, not a parameter, is not a site; to rewrite it, register the weight as an nn.Parameter (requires_grad=False keeps it frozen)",
+    )
+    _name(
+        cap,
+        matrices,
+        "parametrized matrices are not sites",
+        "a matrix computed by a parametrization is not a site; to rewrite it, remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(module, name))",
+    )
+
+
+def _name(cap: Capture, names: list[str], note: str, says: str) -> None:
+    """Count `names` in the capture's note, and warn what is said of them."""
+    if names:
+        cap.note = "; ".join(filter(None, [cap.note, f"{len(names)} {note}"]))
+        warn(f"{', '.join(names[:3])}{', …' if len(names) > 3 else ''}: {says}")
 
 
 def _computed_by(mod: nn.Module) -> str:
