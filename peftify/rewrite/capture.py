@@ -39,6 +39,7 @@ from peftify.rewrite.roles import infer_roles
 from peftify.rewrite.sites import (
     Capture,
     Site,
+    bias_computed_by_hook,
     find_uses,
     is_conv1d,
     layer_indexer,
@@ -427,7 +428,7 @@ def _warn_computed_weights(model: nn.Module, cap: Capture) -> None:
             buffered.append(path)
         elif linear and path not in found and "weight" not in mod._parameters:
             computed.append(f"{path} ({_computed_by(mod)})")
-        elif linear and path not in found and own_weight(path) not in found and "bias" not in mod._parameters and isinstance(mod.__dict__.get("bias"), torch.Tensor):
+        elif linear and path not in found and own_weight(path) not in found and bias_computed_by_hook(mod):
             unrun_pruned.append(path)  # a functional site where the input runs it; this one it did not
         # a parametrized matrix the model's own code applies (x @ self.w.T): as little a site as
         # the above (torch's layers, an nn.Embedding say, apply theirs as no linear map)

@@ -498,6 +498,11 @@ def is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and isinstance(w := getattr(mod, "weight", None), torch.Tensor) and w.dim() == 2
 
 
+def bias_computed_by_hook(mod: nn.Module) -> bool:
+    """Whether a layer's bias is a plain tensor a forward pre-hook sets (torch's prune), not a parameter."""
+    return "bias" not in mod._parameters and isinstance(mod.__dict__.get("bias"), torch.Tensor)
+
+
 def _linear_like(model: nn.Module, path: str, plain_forward: Callable[[], bool] | None = None):
     """The module at `path` if its forward is a linear map of its own ``weight``: an nn.Linear,
     a subclass that keeps nn.Linear's forward or whose traced forward is x Wᵀ + b all the same
@@ -508,8 +513,8 @@ def _linear_like(model: nn.Module, path: str, plain_forward: Callable[[], bool] 
         return None
     if not isinstance(mod._parameters.get("weight"), nn.Parameter):  # not `mod.weight`: that would run a parametrization
         return None
-    if "bias" not in mod._parameters and isinstance(mod.__dict__.get("bias"), torch.Tensor):
-        return None  # a bias computed by a forward pre-hook (torch's prune): the hook stays with the layer, which a container would not run
+    if bias_computed_by_hook(mod):
+        return None  # the hook stays with the layer, which a container would not run
     if is_conv1d(mod) or type(mod).forward is nn.Linear.forward:
         return mod
     if isinstance(mod, nn.Linear) and plain_forward is not None and plain_forward():
