@@ -7,6 +7,7 @@ field peftify cannot honour raises `SpecError` naming it; fields at PEFT's defau
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -105,9 +106,9 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
     if bias not in ("none", "all", "lora_only"):
         raise SpecError(f"unknown bias mode {bias!r}", field="bias")
 
-    def lora(r, alpha):
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or r != int(r):
-            raise SpecError(f"a LoRA rank is a whole number, not {r!r}", field="rank_pattern" if r != d.get("r", 8) else "r")
+    def lora(r, alpha, field="r"):
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r != int(r):
+            raise SpecError(f"a LoRA rank is a whole number, not {r!r}", field=field)
         return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=ours, bias=bias == "lora_only")
 
     names = d.get("target_modules")
@@ -159,7 +160,7 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
             if rk is None and ak is None:
                 continue
             looks = "".join(f"(?={_pattern_regex(k)}$)" for k in (rk, ak) if k is not None)
-            rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha), optional=True))
+            rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r"), optional=True))
     exclude = d.get("exclude_modules")
     if exclude:
         rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))

@@ -341,6 +341,15 @@ def test_configs_peft_cannot_build_are_spec_errors_that_change_nothing(kwargs, f
     assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
 
 
+@pytest.mark.parametrize("fields, field", [({"r": float("nan")}, "r"), ({"r": float("inf")}, "r"), ({"rank_pattern": {"q_proj": float("nan")}}, "rank_pattern")])
+def test_a_rank_that_is_no_finite_number_is_a_spec_error(fields, field):
+    """A hand-edited adapter_config.json with r NaN or Infinity (JSON as Python writes it) raised
+    a bare ValueError / OverflowError from int()."""
+    with pytest.raises(SpecError, match="a LoRA rank is a whole number, not (nan|inf)") as e:
+        peftify.Spec.from_peft({"peft_type": "LORA", "target_modules": ["q_proj"], **fields})
+    assert e.value.field == field
+
+
 @pytest.mark.parametrize("target", [r".*\.k_proj", "all-linear"])
 def test_layers_with_a_string_of_target_modules_are_refused_as_in_peft(target):
     from peft import LoraConfig
