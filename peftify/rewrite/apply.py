@@ -345,6 +345,11 @@ def check_state(expected: dict, given: dict, source: str, optional: dict | None 
             if items
         ]
         raise SpecError(f"{source} does not fit this model; " + "; ".join(parts))
+    if on_meta := sorted(k for k in shared if expected[k].is_meta):  # a copy into them would be dropped in silence
+        raise SpecError(
+            f"{source} cannot be loaded into parameters on the meta device, which hold no values ({len(on_meta)}: {', '.join(on_meta[:4])}{' ...' if len(on_meta) > 4 else ''}); "
+            "materialize the model first (to_empty, then its weights), then load the adapter"
+        )
 
 
 def _kind(t: torch.Tensor) -> str:

@@ -593,6 +593,22 @@ def test_train_parameters_on_a_meta_model_follow_to_empty_and_the_loaded_adapter
         torch.testing.assert_close(output(meta, X), output(real, X))
 
 
+def test_an_adapter_is_not_loaded_into_parameters_on_the_meta_device(tmp_path):
+    """A copy into a meta parameter does nothing: from_pretrained and load_adapter on a meta model
+    succeeded and kept no value of the file (after to_empty the adapter was garbage)."""
+    torch.manual_seed(0)
+    real = peftify.peftify(tiny_llama(), A)
+    randomize(real, "default")
+    peftify.save_adapter(real, tmp_path)
+    with torch.device("meta"):
+        fresh, rewritten = tiny_llama(), peftify.peftify(tiny_llama(), A)
+    for load, model in ((peftify.from_pretrained, fresh), (peftify.load_adapter, rewritten)):
+        before = model.state_dict().keys(), getattr(model, "_peftify", None)
+        with pytest.raises(SpecError, match=r"cannot be loaded into parameters on the meta device, .*lora_A.*to_empty"):
+            load(model, tmp_path)
+        assert (model.state_dict().keys(), getattr(model, "_peftify", None)) == before
+
+
 def lifecycle_state(model):
     """Everything a switch or a delete may change: modules, parameters, flags, the bookkeeping."""
     rewrite = model._peftify
