@@ -10,10 +10,10 @@ peft:   ``adapter_model.safetensors`` with PEFT's keys (``base_model.model.<fqn>
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from peftify.errors import SpecError, prefixed, warn
+from peftify.io.files import finish_save, locked, replace_files
 from peftify.io.peft_config import from_peft, to_peft
 from peftify.passes.base import Method
 from peftify.passes.lora import pissa_iterations
@@ -85,8 +86,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     """Write an adapter (the active one by default) to the directory `path`, in `format`
     "native" (peftify's) or "peft" (what ``peft.PeftModel.from_pretrained`` loads).
 
-    Each file is written to a temporary name and renamed into place, so an interrupted save
-    leaves any previous adapter at `path` whole.
+    The files are written as one change (see `peftify.io.files`): a save stopped at any point,
+    even by a killed process, leaves the directory holding the previous adapter or this one,
+    whole, never parts of both.
     """
     from safetensors.torch import save_file
 
@@ -95,15 +97,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
         raise SpecError(f"{str(path)!r} is a file; an adapter is saved into a directory (its files inside it)", field="path")
     tensors, config, files = _contents(model, format, adapter)
     path.mkdir(parents=True, exist_ok=True)
-    other = PEFT if files == NATIVE else NATIVE
-    _replace_files(
-        path,
-        {
-            files[0]: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
-            files[1]: lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
-        },
-        stale=other,
-    )
+    writes = {
+        files[0]: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+        files[1]: lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+    }
+    with locked(path):
+        removed = replace_files(path, writes, stale=PEFT if files == NATIVE else NATIVE)
+    if removed:
+        warn(f"{str(path)!r} held an adapter in the other format ({', '.join(removed)}): it was removed, so that loading the directory reads this one")
     return path
 
 
@@ -188,65 +189,6 @@ def _contents(model: nn.Module, format: str, adapter: str | None) -> tuple[dict,
     return tensors, config, files
 
 
-def _replace_files(directory: Path, writes: dict, stale: tuple[str, ...] = ()) -> None:
-    """Write a directory's files as one change: each new file under a temporary name first, then
-    the files it replaces (and the `stale` ones: another format's adapter, which a load would
-    otherwise prefer or confuse with this one) moved aside and the new ones renamed into place.
-    If anything fails, the new files go and the old ones come back, so an interrupted save
-    leaves the previous adapter whole and no temporary file behind."""
-
-    def temp(name: str, tag: str) -> str:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=tag, dir=directory)
-        os.close(fd)
-        return tmp
-
-    # what an earlier save left when stopped or killed past its own clean-up: names `temp` makes
-    # (mkstemp's 8 random characters), not a user's own hidden files
-    ours = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.(?:tmp|old)" for name in [*writes, *stale]))
-    for leftover in directory.iterdir() if directory.is_dir() else ():
-        if ours.fullmatch(leftover.name):
-            leftover.unlink(missing_ok=True)
-    mode = 0o666 & ~_umask()  # as a plain open() would create them (mkstemp's are private)
-    temps: dict[str, str] = {}
-    aside: dict[str, str] = {}  # name → where its old file waits
-    placed: list[str] = []
-    try:
-        for name, write in writes.items():
-            temps[name] = temp(name, ".tmp")
-            write(temps[name])
-            os.chmod(temps[name], mode)
-        for name in [*writes, *stale]:
-            if (directory / name).exists():
-                aside[name] = temp(name, ".old")  # recorded first: a stop during the move still finds it
-                os.replace(directory / name, aside[name])
-        for name, tmp in temps.items():
-            os.replace(tmp, directory / name)
-            placed.append(name)
-    except BaseException:
-        for name in placed:
-            if name not in aside:
-                (directory / name).unlink(missing_ok=True)
-        for name, backup in aside.items():
-            if name in placed or not (directory / name).exists():  # the old file was moved aside: back
-                os.replace(backup, directory / name)
-            else:  # the move had not happened: only the empty placeholder to drop
-                Path(backup).unlink(missing_ok=True)
-        for name, tmp in temps.items():
-            if name not in placed:
-                Path(tmp).unlink(missing_ok=True)
-        raise
-    for backup in aside.values():
-        Path(backup).unlink(missing_ok=True)
-    if replaced := [name for name in stale if name in aside]:
-        warn(f"{str(directory)!r} held an adapter in the other format ({', '.join(replaced)}): it was removed, so that loading the directory reads this one")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def detect_format(path: Path) -> str:
     if not path.exists():
         raise SpecError(f"adapter directory {str(path)!r} does not exist")
@@ -287,9 +229,15 @@ def load_adapter(
 def _load(model: nn.Module, path, adapter: str, example_inputs: ExampleInputs, strict: bool, autocast_adapter_dtype: bool, finish=None) -> nn.Module:
     """`load_adapter`; `finish` runs inside a new adapter's all-or-nothing install (see `apply_plan`)."""
     path = _directory(path)
-    fmt = detect_format(path)
-    source = f"the {fmt} adapter at {str(path)!r}"
-    config, tensors = _read(path, NATIVE if fmt == "native" else PEFT, source)
+    with locked(path) if path.is_dir() else contextlib.nullcontext():
+        if path.is_dir():
+            try:
+                finish_save(path, (*NATIVE, *PEFT))
+            except OSError as e:
+                raise SpecError(f"{str(path)!r} holds a save that was stopped after writing its files, and finishing it failed ({e}); make the directory writable and load again") from e
+        fmt = detect_format(path)
+        source = f"the {fmt} adapter at {str(path)!r}"
+        config, tensors = _read(path, NATIVE if fmt == "native" else PEFT, source)
     _check_config(config, fmt, source)
     rewrite = getattr(model, "_peftify", None)
     if rewrite is None or adapter not in rewrite.adapters:

@@ -692,29 +692,36 @@ def test_a_load_into_an_existing_adapter_that_stops_midway_changes_nothing(fmt, 
     assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("stop", ["the json", "the second rename", "the first move aside"])
-def test_an_overwrite_that_stops_midway_keeps_the_previous_adapter_whole(stop, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["the json", "the commit", "the first file put in place", "the second file put in place", "the journal's removal"])
+def test_an_overwrite_that_stops_midway_leaves_one_adapter_whole(stop, tmp_path, monkeypatch):
     """Each of an adapter's two files was renamed into place on its own: a save stopped between
     them left the new tensors beside the old settings, which loaded without error and computed
-    neither adapter."""
+    neither adapter. Stopped before its commit, a save leaves the previous adapter; after it,
+    the next load finishes it."""
     import os
     from pathlib import Path
 
     torch.manual_seed(0)
-    model = peftify.peftify(tiny_llama(), A)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), A)
     randomize(model, "default")
     peftify.save_adapter(model, tmp_path)
-    good = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    good, old = {f.name: f.read_bytes() for f in tmp_path.iterdir()}, output(model, X)
     randomize(model, "default")
     if stop == "the json":
         fail_on_call(monkeypatch, Path, "write_text", 1, OSError("disk full"))
-    elif stop == "the second rename":
-        fail_on_call(monkeypatch, os, "replace", 4, KeyboardInterrupt())  # two moved aside, one new file in
-    else:  # its placeholder was left behind
-        fail_on_call(monkeypatch, os, "replace", 1, KeyboardInterrupt())
+    elif stop == "the journal's removal":
+        fail_on_call(monkeypatch, os, "unlink", 1, KeyboardInterrupt())
+    else:
+        fail_on_call(monkeypatch, os, "replace", ["the commit", "the first file put in place", "the second file put in place"].index(stop) + 1, KeyboardInterrupt())
     with pytest.raises((OSError, KeyboardInterrupt)):
         peftify.save_adapter(model, tmp_path)
-    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == good  # no temporary file left either
+    monkeypatch.undo()
+    if stop in ("the json", "the commit"):
+        assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == good  # no temporary file left either
+    loaded = output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), X)
+    torch.testing.assert_close(loaded, old if stop in ("the json", "the commit") else output(model, X), rtol=0, atol=0)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(good)
 
 
 def test_a_save_replaces_an_adapter_of_the_other_format_and_files_get_the_usual_mode(tmp_path):

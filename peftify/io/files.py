@@ -1,0 +1,116 @@
+"""A directory's files replaced as one change, even across a killed process.
+
+A save writes every new file under a temporary name, flushes it to disk, then commits by renaming
+a journal into place (``.peftify-save.json``: which temporary file becomes which name, which old
+files go). Only then are the files renamed over the old ones. A save stopped before its commit
+leaves the previous files as they were; one stopped after it is finished by the next save or
+load of the directory. Saves and loads of one directory take turns (an advisory lock on the
+directory where the system has one), so another process's save is never read half done."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from peftify.errors import SpecError
+
+JOURNAL = ".peftify-save.json"
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (``flock``; nothing where the system has none)."""
+    fd = None
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):  # Windows, or a file system without locks: no turns to take
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], stale: tuple[str, ...] = ()) -> list[str]:
+    """Write `writes` (file name → a function writing that file at the path it is given) into
+    `directory` as one change, and remove the `stale` names; returns the stale names that were
+    there. Call it with the directory locked."""
+    finish_save(directory, (*writes, *stale))
+    mode = 0o666 & ~_umask()  # as a plain open() would create them (mkstemp's are private)
+    made: list[str] = []
+    try:
+        place = {}
+        for name, write in writes.items():
+            made.append(_temporary(directory, name))
+            write(made[-1])
+            os.chmod(made[-1], mode)
+            _flush(made[-1])
+            place[name] = Path(made[-1]).name
+        removed = [name for name in stale if (directory / name).exists()]
+        made.append(_temporary(directory, JOURNAL))
+        Path(made[-1]).write_text(json.dumps({"place": place, "remove": removed}))
+        _flush(made[-1])
+        os.replace(made[-1], directory / JOURNAL)  # the commit: from here on the save is finished, if not now then later
+    except BaseException:
+        if not (directory / JOURNAL).exists():  # not committed: the previous files stand
+            for path in made:
+                Path(path).unlink(missing_ok=True)
+        raise
+    _flush(directory)
+    finish_save(directory, (*writes, *stale))
+    return removed
+
+
+def finish_save(directory: Path, names: tuple[str, ...]) -> None:
+    """Finish a save that was stopped after its commit, and drop the temporary files of saves of
+    `names` stopped before theirs (names `_temporary` makes, not a user's own hidden files)."""
+    journal = directory / JOURNAL
+    if journal.is_file():
+        try:
+            todo = json.loads(journal.read_text())
+            place, remove = dict(todo["place"]), list(todo["remove"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise SpecError(f"{str(journal)!r}, the record of a save that was stopped, is damaged ({e}); remove it and save again") from e
+        for name, temporary in place.items():
+            if (directory / temporary).exists():
+                os.replace(directory / temporary, directory / name)
+        for name in remove:
+            (directory / name).unlink(missing_ok=True)
+        journal.unlink()
+        _flush(directory)
+    leftover = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in (*names, JOURNAL)))  # mkstemp's 8 characters
+    for path in directory.iterdir() if directory.is_dir() else ():
+        if leftover.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
+def _temporary(directory: Path, name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return path
+
+
+def _flush(path) -> None:
+    """Put a file's contents (a directory's entries) on disk, so that a commit never names files
+    a power cut could leave empty; where the system cannot, nothing."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
