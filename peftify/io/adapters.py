@@ -42,7 +42,7 @@ from peftify.rewrite.apply import (
     tied_names,
     trained_record,
 )
-from peftify.rewrite.capture import ExampleInputs, capture
+from peftify.rewrite.capture import ExampleInputs, capture, refuse_rewritten_parts
 from peftify.rewrite.plan import Rewritten, make_plan
 from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, sites_from_modules
@@ -266,6 +266,7 @@ def _load(model: nn.Module, path, adapter: str, example_inputs: ExampleInputs, s
         if rewrite is not None:
             cap = capture_for(model, spec, example_inputs)
         else:
+            refuse_rewritten_parts(model)
             cap = capture(model, example_inputs) if needs_trace else Capture(sites_from_modules(model), "modules", note="loading by name")
         if fmt == "native":
             present = {site.fqn for site in cap.sites}

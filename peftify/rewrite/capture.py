@@ -97,6 +97,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> Capture:
     """
     if getattr(model, "_peftify", None) is not None:
         raise SpecError("this model is already rewritten by peftify; its original capture is kept with the rewrite (peftify.plan and peftify.peftify(..., adapter=...) use it)")
+    refuse_rewritten_parts(model)
     _refuse_peft_layers(model)
     lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
@@ -251,6 +252,21 @@ def _brief(error: Exception) -> str:
     if own:
         brief += f" at {os.path.basename(own[-1].filename)}:{own[-1].lineno} ({(own[-1].line or '').strip()})"
     return brief
+
+
+def refuse_rewritten_parts(model: nn.Module) -> None:
+    """A model that holds layers another peftify call rewrote (a submodule rewritten on its own,
+    or a submodule of a rewritten model) would have its adapters adapted, and its merge undo
+    the wrong rewrite. Rewrites of one model go through that model."""
+    from peftify.passes.base import AdaptedSite
+
+    rewritten = [name for name, mod in model.named_modules() if isinstance(mod, AdaptedSite)]
+    if rewritten:
+        raise SpecError(
+            f"{type(model).__name__} holds layers another peftify call rewrote ({', '.join(rewritten[:3])}{', …' if len(rewritten) > 3 else ''}): "
+            "rewrite a model through the object that was rewritten (more adapters: peftify.peftify(that_model, spec, adapter=...)), "
+            "or merge or unload that rewrite first"
+        )
 
 
 def _refuse_peft_layers(model: nn.Module) -> None:

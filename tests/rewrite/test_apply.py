@@ -1157,3 +1157,31 @@ def test_a_structure_merge_stopped_as_the_layer_gets_its_class_back_can_be_finis
     peftify.merge(model)
     assert type(model[0]) is nn.Linear
     torch.testing.assert_close(model(x), structured, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_holding_layers_another_call_rewrote_is_refused(tmp_path):
+    """peftify on a model whose submodule was rewritten on its own adapted that adapter's
+    base weight and lora_A as new layers; on a submodule of a rewritten model it was accepted,
+    and the outer merge then raised inside torch and left the model computing something else."""
+    torch.manual_seed(0)
+    lora = {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]}
+    x = {"input_ids": torch.randint(0, 101, (2, 5))}
+    outer = tiny_llama()
+    peftify.peftify(outer.model.layers[0], {"rules": [{"match": "self_attn.q_proj", "apply": {"method": "lora", "r": 2}}]}, example_inputs=((), {"hidden_states": torch.randn(2, 5, 64), "position_embeddings": (torch.ones(2, 5, 16), torch.zeros(2, 5, 16)), "attention_mask": None}))
+    whole = tiny_llama()
+    peftify.peftify(whole, lora)
+    peftify.save_adapter(whole, tmp_path)
+    inner = whole.model.layers[1]
+    for model, call in [
+        (outer, lambda m: peftify.peftify(m, lora)),
+        (outer, lambda m: peftify.capture(m)),
+        (outer, lambda m: peftify.from_pretrained(m, tmp_path)),
+        (inner, lambda m: peftify.peftify(m, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=torch.randn(2, 5, 64))),
+    ]:
+        before = {n: (id(p), p.requires_grad) for n, p in model.named_parameters()}
+        with pytest.raises(SpecError, match=r"holds layers another peftify call rewrote \(.*q_proj.*\): rewrite a model through the object that was rewritten"):
+            call(model)
+        assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
+    expected = output(whole, x)
+    peftify.merge(whole)  # the outer rewrite is whole
+    torch.testing.assert_close(output(whole, x), expected)
