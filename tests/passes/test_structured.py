@@ -328,6 +328,46 @@ def test_self_guided_training_saves_and_resumes_mid_anneal_and_after(tmp_path):
     torch.testing.assert_close(output(again, X), output(model, X), rtol=0, atol=0)
 
 
+def test_self_guided_built_before_a_load_goes_on_from_the_loaded_alpha(tmp_path):
+    """A schedule built before a checkpoint is loaded (a Trainer callback, then
+    train(resume_from_checkpoint=...)) overwrote the loaded α with its own count: α 0.875 where
+    the uninterrupted run had 0.375, and the guides dropped late."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32))
+    spec = {"rules": [{"match": "0", "apply": {"method": "lowrank", "r": 4, "init": "self_guided"}}]}
+    peftify.peftify(model, spec, example_inputs=(torch.randn(2, 32),))
+    first = peftify.SelfGuided(model, steps=8)
+    for _ in range(4):
+        first.step()
+    saved = copy.deepcopy(model.state_dict())
+    peftify.save_adapter(model, tmp_path)
+    for load in (lambda m: m.load_state_dict(saved), lambda m: peftify.load_adapter(m, tmp_path)):
+        again = nn.Sequential(nn.Linear(32, 32))
+        peftify.peftify(again, spec, example_inputs=(torch.randn(2, 32),))
+        schedule = peftify.SelfGuided(again, steps=8)
+        load(again)
+        schedule.step()
+        assert schedule.t == 5 and float(again[0].adapters["default"].mix) == pytest.approx(0.375, abs=1e-7)
+        for _ in range(3):
+            schedule.step()
+        assert schedule.done and again[0].adapters["default"].guide is None
+
+
+@pytest.mark.parametrize("steps", [100_000, 3_000_000])
+def test_self_guided_resumes_at_the_whole_step_on_long_anneals(steps):
+    """t was rebuilt from float32 α and rounded only within 1e-3 of a whole step: from 35k steps
+    on, float32 blurs t more than that, and a resumed schedule ran a fraction of a step off and
+    dropped the guides a step late."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "lowrank", "r": 2, "init": "self_guided"}}]}, example_inputs=(torch.randn(2, 8),))
+    schedule = peftify.SelfGuided(model, steps=steps)
+    for t in (1, 201, 301, 12_345, steps // 2 + 7, steps - 3):
+        schedule.t = t - 1
+        schedule.step()
+        assert peftify.SelfGuided(model, steps=steps).t == t
+
+
 def test_self_guided_resumes_with_another_length_and_drops_the_guides():
     """A schedule resumed with a different `steps` started as done (t rounded up to steps) and
     never dropped the guides; it goes on from the layers' α by 1/steps a step and drops them."""

@@ -15,7 +15,8 @@ class SelfGuided:
     α = 1 − t/steps, and at α = 0 the guides are dropped — removed from the model and, when
     `optimizer` is given, from its parameter groups and state, so their memory is freed. It
     schedules the active adapter's layers; on a model whose layers are mid-anneal (a loaded
-    adapter) it resumes at their α, with this schedule's `steps`.
+    adapter) it resumes at their α, with this schedule's `steps`, and a schedule built before
+    such a load (a Trainer resuming inside ``train()``) goes on from the loaded α at its next step.
 
         schedule = peftify.SelfGuided(model, steps=1000, optimizer=opt)
         for batch in data:
@@ -40,12 +41,25 @@ class SelfGuided:
         mixes = sorted({float(m.mix) for m in self.modules})
         if not 0.0 <= mixes[0] <= mixes[-1] <= 1.0 or mixes[-1] - mixes[0] > 1e-6:
             raise SpecError(f"the self-guided layers' α (their `mix` buffers) must agree and lie in [0, 1], got {mixes[0]:g} to {mixes[-1]:g}", field="mix")
-        # resume where the layers are (a model loaded mid-anneal keeps its α, α = 1 − t/steps),
-        # with any `steps`: t need not be whole, and it is rounded only where float32 α blurred it
         self.steps, self.optimizer = steps, optimizer
-        t = (1.0 - mixes[0]) * steps
-        self.t = round(t) if abs(t - round(t)) < 1e-3 else t
+        self.t = self._resumed_t(mixes[0])
+        self._written = self._mix_versions()
         self.dropped = False
+
+    def _resumed_t(self, alpha: float) -> float:
+        """The step at the layers' α = 1 − t/steps (a model loaded mid-anneal keeps its α), with
+        any `steps`: t need not be whole; it is rounded where α's precision cannot tell it from a
+        whole step (float32 α blurs t by steps·2⁻²⁴: 0.006 steps at 100k)."""
+        t = (1.0 - alpha) * self.steps
+        blur = max(1e-3, self.steps * torch.finfo(self.modules[0].mix.dtype).eps)
+        return round(t) if abs(t - round(t)) <= blur else t
+
+    def _mix_versions(self) -> list:
+        """Each layer's α tensor and its version counter, which any write to it moves."""
+        return [(m.mix, _version(m.mix)) for m in self.modules]
+
+    def _alpha_written_since(self) -> bool:
+        return any(m.mix is not mix or _version(mix) != version for m, (mix, version) in zip(self.modules, self._written))
 
     @property
     def alpha(self) -> float:
@@ -61,10 +75,13 @@ class SelfGuided:
         """Advance one training step: α falls by 1/steps; at 0 the guides are dropped."""
         if self.dropped:
             return
+        if self._alpha_written_since():  # α written since (a checkpoint loaded after this schedule was built): go on from it
+            self.t = self._resumed_t(float(self.modules[0].mix))
         self.t = min(self.t + 1, self.steps)
         if self.t < self.steps:
             for m in self.modules:
                 m.mix.fill_(self.alpha)
+            self._written = self._mix_versions()
             return
         # the guides, kept until every one is out of the optimizer too: a step stopped midway and
         # taken again still knows those of the layers it had dropped
@@ -81,3 +98,10 @@ class SelfGuided:
                         self.optimizer.state.pop(p, None)
                 group["params"] = kept
         self._guides, self.dropped = None, True
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
