@@ -61,6 +61,10 @@ _TRACING = threading.RLock()
 # how long a trace waits for another thread's before it goes ahead (the other may be waiting on
 # it: a forward that hands a capture to a worker thread and joins it); no real trace takes as long
 TRACE_WAIT_S = 300.0
+# after this long waiting, a trace says so (a log record: the other trace's warning filters,
+# process-wide, would hide a warning)
+TRACE_WAIT_NOTICE_S = 10.0
+LOG = logging.getLogger("peftify")
 
 
 def _fresh_lock_after_fork() -> None:
@@ -76,10 +80,13 @@ if hasattr(os, "register_at_fork"):
 def tracing_turn():
     """Wait for any other thread's trace to end (at most `TRACE_WAIT_S`), and trace."""
     lock = _TRACING
-    if not lock.acquire(timeout=TRACE_WAIT_S):
-        warn(f"another thread has been tracing a model for {TRACE_WAIT_S:.0f} s; tracing alongside it (two traces at once may fail or lose roles)")
-        yield
-        return
+    notice = min(TRACE_WAIT_NOTICE_S, TRACE_WAIT_S)
+    if not lock.acquire(timeout=notice):
+        LOG.warning("peftify: waiting for another thread's trace of a model to end (at most %.0f s more)", TRACE_WAIT_S - notice)
+        if not lock.acquire(timeout=TRACE_WAIT_S - notice):
+            LOG.warning("peftify: another thread has been tracing a model for %.0f s; tracing alongside it (two traces at once may fail or lose roles)", TRACE_WAIT_S)
+            yield
+            return
     try:
         yield
     finally:
@@ -258,8 +265,6 @@ def refuse_rewritten_parts(model: nn.Module) -> None:
     """A model that holds layers another peftify call rewrote (a submodule rewritten on its own,
     or a submodule of a rewritten model) would have its adapters adapted, and its merge undo
     the wrong rewrite. Rewrites of one model go through that model."""
-    from peftify.passes.base import AdaptedSite
-
     rewritten = [name for name, mod in model.named_modules() if isinstance(mod, AdaptedSite)]
     if rewritten:
         raise SpecError(

@@ -952,14 +952,18 @@ def test_captures_from_two_threads_at_once_give_the_sequential_result_and_leave_
     assert settings() == before
 
 
-def test_a_capture_handed_to_a_worker_thread_inside_a_traced_forward_goes_ahead_after_a_wait(monkeypatch):
+def test_a_capture_handed_to_a_worker_thread_inside_a_traced_forward_goes_ahead_after_a_wait(monkeypatch, caplog):
     """Traces take turns: a forward that hands a capture to a worker thread and joins it waited on
-    itself for good. After `TRACE_WAIT_S` the worker traces alongside."""
+    itself for good. After `TRACE_WAIT_S` the worker traces alongside, saying so in log records
+    (its warnings were swallowed by the other trace's filters, and the wait was silent)."""
+    import logging
     import threading
 
     from peftify.rewrite import capture as capture_mod
 
-    monkeypatch.setattr(capture_mod, "TRACE_WAIT_S", 0.2)
+    monkeypatch.setattr(capture_mod, "TRACE_WAIT_S", 0.4)
+    monkeypatch.setattr(capture_mod, "TRACE_WAIT_NOTICE_S", 0.1)
+    caplog.set_level(logging.WARNING, logger="peftify")
     inner, done = nn.Sequential(nn.Linear(4, 4)), []
 
     class HandsOff(nn.Module):
@@ -976,6 +980,8 @@ def test_a_capture_handed_to_a_worker_thread_inside_a_traced_forward_goes_ahead_
 
     sites = peftify.capture(HandsOff(), example_inputs=(torch.randn(2, 4),)).sites
     assert [s.fqn for s in sites] == ["proj"] and [s.fqn for s in done[0].sites] == ["0"]
+    said = [r.getMessage() for r in caplog.records if r.name == "peftify"]
+    assert len(said) == 2 and "waiting for another thread's trace" in said[0] and "tracing alongside it" in said[1]
 
 
 def test_captures_from_a_thread_pool_take_turns():
