@@ -47,6 +47,7 @@ from peftify.rewrite.sites import (
     parameter_reads,
     sites_from_modules,
     sites_from_uses,
+    written_in_place,
 )
 
 # What a model is called with for a trace: a tensor, a tuple of positional arguments, a dict of
@@ -340,6 +341,10 @@ def _trace(model, args, kwargs, collapse: bool):
         except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
             graph, params, inputs = _trace_export(model, args, kwargs)
             tracer = "export"
+        if collapsed and any(name.startswith(prefix + ".") for name in written_in_place(graph, params) for prefix in collapsed):
+            # which block's weight the forward changes (the traced one, another by index, all) the
+            # trace of one block per group cannot tell
+            raise RuntimeError("a parameter of the blocks is written in place")
         reads = parameter_reads(graph, params)
         sites, site_uses = sites_from_uses(model, find_uses(graph, params), params, reads)
         return infer_roles(graph, sites, site_uses, params, inputs), collapsed, tracer, set(reads)

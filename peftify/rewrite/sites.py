@@ -453,26 +453,41 @@ def written_in_place(graph: torch.fx.Graph, params: dict[str, str]) -> set[str]:
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not target._opname.endswith("_"):
             continue
         schema = target._schema.arguments
-        into = node.args[0] if node.args else None
-        if schema and schema[0].alias_info is not None and schema[0].alias_info.is_write and isinstance(into, torch.fx.Node):
-            val = into.meta.get("val")
+        if not (schema and schema[0].alias_info is not None and schema[0].alias_info.is_write and node.args):
+            continue
+        into = node.args[0]  # a tensor, or a list of them (``torch._foreach_mul_``)
+        for arg in into if isinstance(into, (list, tuple)) else [into]:
+            val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
             if isinstance(val, torch.Tensor):
                 written |= {name for held, name in storages.get(val.untyped_storage()._cdata, ()) if _overlap(held, val)}
     return written
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor, exact_below: int = 1 << 20) -> bool:
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two views of one storage share a byte: their spans must meet, and where they
-    interleave (column chunks, every other row) and are small enough, their elements too;
-    larger interleaved views count as overlapping."""
+    interleave (column chunks, every other row), their contiguous runs of bytes too."""
     spans = [_bytes(t) for t in (a, b)]
     if not (spans[0].start < spans[1].stop and spans[1].start < spans[0].stop):
         return False
-    if all(len(s) == t.numel() * t.element_size() for s, t in zip(spans, (a, b))) or a.numel() + b.numel() > exact_below:
+    if all(len(s) == t.numel() * t.element_size() for s, t in zip(spans, (a, b))):
         return True  # views that fill their spans share the bytes where the spans meet
-    starts = [_element_bytes(t) for t in (a, b)]
-    sizes = [t.element_size() for t in (a, b)]
-    return bool(torch.isin(starts[0][:, None] + torch.arange(sizes[0]), starts[1][:, None] + torch.arange(sizes[1])).any())
+    (starts, length), (others, other_length) = _runs(a), _runs(b)
+    others = others.sort().values
+    last = torch.searchsorted(others, starts + length) - 1  # per run of `a`, the last run of `b` starting before its end
+    return bool(((last >= 0) & (others[last.clamp(min=0)] + other_length > starts)).any())
+
+
+def _runs(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A view's bytes as runs of one length: the storage byte each run starts at, and the length
+    (a column chunk of a (d, 3d) tensor: d runs of d elements)."""
+    dims = sorted(((int(st), int(n)) for n, st in zip(t.shape, t.stride()) if n > 1 and st != 0), reverse=True)
+    run = 1
+    while dims and dims[-1][0] == run:  # the innermost dims that lie end to end
+        run *= dims.pop()[1]
+    offsets = torch.zeros((), dtype=torch.int64)
+    for st, n in dims:
+        offsets = offsets[..., None] + torch.arange(n) * st
+    return (offsets.reshape(-1) + int(t.storage_offset())) * t.element_size(), run * t.element_size()
 
 
 def _bytes(t: torch.Tensor) -> range:
@@ -482,14 +497,6 @@ def _bytes(t: torch.Tensor) -> range:
         return range(0)
     start = int(t.storage_offset()) * size
     return range(start, start + (sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride())) + 1) * size)
-
-
-def _element_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The storage byte at which each element of `t` starts."""
-    offsets = torch.zeros((), dtype=torch.int64)
-    for n, st in zip(t.shape, t.stride()):
-        offsets = offsets[..., None] + torch.arange(int(n)) * int(st)
-    return (offsets.reshape(-1) + int(t.storage_offset())) * t.element_size()
 
 
 def is_conv1d(mod: nn.Module) -> bool:

@@ -1,5 +1,6 @@
 """Capture and roles on more architectures than the core four, and on weights shared by modules."""
 
+import contextlib
 import copy
 import warnings
 
@@ -599,8 +600,16 @@ class ChangedThroughAnAlias(nn.Module):
 
 @pytest.mark.parametrize(
     "change",
-    [lambda w: w.view_as(w).div_(2), lambda w: w[:].div_(2), lambda w: w.data.div_(2), lambda w: w[0].mul_(2), lambda w: w.clamp_(-0.1, 0.1), lambda w: w.add_(0.01)],
-    ids=["view_as", "slice", "data", "row", "clamp_", "add_"],
+    [
+        lambda w: w.view_as(w).div_(2),
+        lambda w: w[:].div_(2),
+        lambda w: w.data.div_(2),
+        lambda w: w[0].mul_(2),
+        lambda w: w.clamp_(-0.1, 0.1),
+        lambda w: w.add_(0.01),
+        lambda w: torch._foreach_mul_([w], 0.5),
+    ],
+    ids=["view_as", "slice", "data", "row", "clamp_", "add_", "foreach"],
 )
 def test_a_weight_changed_in_place_through_any_alias_is_no_functional_site(change):
     """Only a mul_/div_ of the weight or of a transpose of it was seen: through another view, a
@@ -614,13 +623,13 @@ def test_a_weight_changed_in_place_through_any_alias_is_no_functional_site(chang
 class ChunksOfOneTensor(nn.Module):
     """q, k and v as views of one fused tensor, a buffer in the same storage after them."""
 
-    def __init__(self, written, columns):
+    def __init__(self, written, columns, d=8):
         super().__init__()
-        flat = torch.randn(3 * 8 * 8 + 8)
-        q, k, v = flat[:192].view(8, 24).chunk(3, dim=1) if columns else flat[:192].view(24, 8).chunk(3)
+        flat = torch.randn(3 * d * d + d)
+        q, k, v = flat[: 3 * d * d].view(d, 3 * d).chunk(3, dim=1) if columns else flat[: 3 * d * d].view(3 * d, d).chunk(3)
         self.q, self.k, self.v = nn.Parameter(q), nn.Parameter(k), nn.Parameter(v)
-        self.register_buffer("running", flat[192:])
-        self.written, self.head = written, nn.Linear(8, 4)
+        self.register_buffer("running", flat[3 * d * d :])
+        self.written, self.head = written, nn.Linear(d, 4)
 
     def forward(self, x):
         with torch.no_grad():
@@ -628,15 +637,58 @@ class ChunksOfOneTensor(nn.Module):
         return self.head(F.linear(x, self.q) + F.linear(x, self.k) + F.linear(x, self.v))
 
 
+@pytest.mark.parametrize("d", [8, 1024])
 @pytest.mark.parametrize("columns", [False, True], ids=["row-chunks", "column-chunks"])
 @pytest.mark.parametrize("written", ["q", "v", "running"])
-def test_an_in_place_write_drops_only_the_parameter_it_overlaps(written, columns):
+def test_an_in_place_write_drops_only_the_parameter_it_overlaps(written, columns, d):
     """Parameters viewing one storage were told apart by the storage alone: a write to q
     dropped v and kept q, and a running buffer's update after a weight dropped the weight.
-    Column chunks interleave in the storage: only their elements tell them apart."""
-    model, x = ChunksOfOneTensor(written, columns), torch.randn(5, 8)
+    Column chunks interleave in the storage: their runs of bytes tell them apart (from 2²⁰
+    elements on, interleaved views were taken to overlap, and k and v were dropped too)."""
+    with torch.device("meta") if d > 8 else contextlib.nullcontext():
+        model = ChunksOfOneTensor(written, columns, d)
+    x = torch.randn(5, d, device=model.q.device)
     sites = {s.fqn for s in peftify.capture(model, example_inputs=(x,)).sites}
     assert sites == {"head", "q", "k", "v"} - {written}
+
+
+class WritingBlock(nn.Module):
+    def __init__(self, index, writer):
+        super().__init__()
+        self.w, self.w2 = nn.Parameter(torch.randn(8, 8) / 3), nn.Parameter(torch.randn(8, 8) / 3)
+        self.index, self.writer = index, writer  # numbers: blocks that differ in them are traced as one
+
+    def forward(self, x):
+        if self.index == self.writer:
+            with torch.no_grad():
+                self.w.mul_(0.5)
+        return x + F.linear(torch.relu(F.linear(x, self.w)), self.w2)
+
+
+class WritingBlocks(nn.Module):
+    def __init__(self, block_writes=None, root_writes=None):
+        super().__init__()
+        self.layers = nn.ModuleList([WritingBlock(i, block_writes) for i in range(4)])
+        self.root_writes = root_writes
+
+    def forward(self, x):
+        if self.root_writes is not None:
+            with torch.no_grad():
+                self.layers[self.root_writes].w.mul_(0.5)
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("kw, written", [({"block_writes": 0}, 0), ({"root_writes": 0}, 0), ({"root_writes": 3}, 3)])
+def test_a_weight_one_of_repeated_blocks_writes_in_place_drops_that_weight_alone(kw, written):
+    """Repeated blocks are traced one per group: a write to the traced block's weight dropped
+    every block's (block 0 wrote), and a write through an index (layers[3]) fell on the traced
+    block and dropped every block's but the written one's, whose write the rewrite then lost."""
+    torch.manual_seed(0)
+    model, x = WritingBlocks(**kw), torch.randn(2, 3, 8)
+    sites = {s.fqn for s in peftify.capture(model, x).sites}
+    assert sites == {f"layers.{i}.w" for i in range(4) if i != written} | {f"layers.{i}.w2" for i in range(4)}
 
 
 def test_a_linear_with_a_pruned_bias_is_a_functional_site_that_keeps_its_pruning():
