@@ -121,7 +121,8 @@ class SVFTModule(SingularVectors):
         self.u, self.vh = frozen(u.to(weight.dtype)), frozen(vh.to(weight.dtype))
         # W's singular values, for the all-vectors forward; not saved: a loaded adapter's U and V
         # are W's singular vectors again, and these values come from the same decomposition
-        self.register_buffer("sigma0", s.to(weight.dtype), persistent=False)
+        # (used with all singular vectors in float32/64 alone: float32 at least, float16 could overflow)
+        self.register_buffer("sigma0", s.to(torch.promote_types(weight.dtype, torch.float32)), persistent=False)
         self.exact = weight.dtype in FULL_PRECISION and weight.device.type != "meta"
         # a top_k support found from W is saved (a load onto a base that differs a little, or a
         # rebuild by another SVD, could pick other entries); the others follow from p, k and seed

@@ -328,6 +328,22 @@ def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> 
     return out
 
 
+def _refuse_half_overflow(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
+    """float16 holds nothing past 65504: an init that computes a norm or singular values of a
+    large float16 weight (DoRA's magnitude, SVFit's σ, OLoRA's factors) overflowed there, and
+    the layer computed NaN in silence."""
+    if weight.dtype != torch.float16 or weight.is_meta:
+        return  # the other dtypes reach past 1e38
+    held = [*mod.named_parameters(), *mod.named_buffers(), ("the residual weight", getattr(mod, "residual", None))]  # PiSSA's and OLoRA's new base
+    bad = [name for name, t in held if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad and torch.isfinite(weight).all():  # a weight's own infinities are its own
+        raise SpecError(
+            f"{entry.method.name} at {entry.site.fqn} computes from its float16 weight values float16 cannot hold (past 65504: {', '.join(bad)}, "
+            "from the weight's norms or singular values): rewrite the model in bfloat16 or float32, or leave the layer out",
+            field="method",
+        )
+
+
 def check_state(expected: dict, given: dict, source: str, optional: dict | None = None) -> None:
     """Raise SpecError listing every missing, unexpected or wrongly shaped tensor."""
     optional = {k: v for k, v in (optional or {}).items() if k in given}
@@ -462,6 +478,8 @@ def apply_plan(
         mods = _skeletons(method, items, [plan.entries[i] for i in idx], adapter, state) if state is not None else None
         for i, mod in zip(idx, mods or build_for_sites(method, items, progress)):
             built[i] = mod
+            if mods is None:  # computed from W, not left for a file to fill
+                _refuse_half_overflow(plan.entries[i], mod, weights[i])
     for entry, mod in zip(plan.entries, built):  # in the mode of the layer it joins (an eval model's dropout stays off)
         training = model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training
         if mod.training != training:

@@ -10,6 +10,7 @@ from conftest import output, tiny_bert, tiny_llama
 from torch import nn
 
 import peftify
+from peftify import SpecError
 from peftify.passes.base import AdaptedSite, batched_svd, top_svd
 from peftify.passes.svfit import energy_rank
 
@@ -708,3 +709,36 @@ def test_report_counts_ws_gemm_where_half_precision_keeps_it(method):
         flops[dtype] = peftify.report(model).rows[0][-2]
         assert model._peftify.plan.rows().__next__()[-1] == flops[dtype]  # the plan counts at the weight's precision too
     assert flops == {torch.float32: 2 * 64 * (64 + 64), torch.bfloat16: 2 * 64 * 64 + 2 * 64 * (64 + 64)}
+
+
+@pytest.mark.parametrize(
+    "spec, refused",
+    [
+        ({"method": "dora", "r": 2}, "magnitude"),
+        ({"method": "bora", "r": 2}, "magnitude"),
+        ({"method": "map", "r": 2}, "alpha"),
+        ({"method": "lora_xs", "r": 2}, None),  # U_r Σ_r fits here (its gradient may not: float16 training)
+        ({"method": "svfit", "r": 2}, "sigma"),
+        ({"method": "vectorfit"}, "sigma"),
+        ({"method": "lora", "r": 2}, None),
+        ({"method": "svft"}, None),
+        ({"method": "loldu", "r": 2}, None),
+    ],
+)
+def test_a_float16_weight_whose_norms_float16_cannot_hold_is_refused(spec, refused):
+    """Row norms, ‖W‖_F or singular values past 65504 of a finite float16 weight were cast to
+    float16 (inf): the layer computed NaN in silence. Methods that keep no such value work."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16)).half()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(16, 64) * 1e4)  # row norms ~8e4, σ_max ~1.1e5, all entries finite
+    x = (torch.randn(3, 64) * 1e-4).half()
+    want = model(x)
+    if refused is None:
+        peftify.peftify(model, {"rules": [{"match": "0", "apply": spec}]}, example_inputs=(x,))
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+        return
+    before = {n: (id(p), p.clone()) for n, p in model.named_parameters()}
+    with pytest.raises(SpecError, match=rf"{spec['method']} at 0 computes from its float16 weight values float16 cannot hold \(past 65504: .*{refused}"):
+        peftify.peftify(model, {"rules": [{"match": "0", "apply": spec}]}, example_inputs=(x,))
+    assert not hasattr(model, "_peftify") and all(id(p) == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
