@@ -266,30 +266,34 @@ def refuse_rewritten_parts(model: nn.Module) -> None:
     """A model that holds layers another peftify call rewrote (a submodule rewritten on its own,
     or a submodule of a rewritten model) would have its adapters adapted, and its merge undo
     the wrong rewrite. Rewrites of one model go through that model."""
-    rewritten = [name for name, mod in model.named_modules() if isinstance(mod, AdaptedSite)]
-    if rewritten:
-        raise SpecError(
-            f"{type(model).__name__} holds layers another peftify call rewrote ({', '.join(rewritten[:3])}{', …' if len(rewritten) > 3 else ''}): "
-            "rewrite a model through the object that was rewritten (more adapters: peftify.peftify(that_model, spec, adapter=...)), "
-            "or merge or unload that rewrite first"
-        )
+    _refuse_layers_of(
+        model,
+        AdaptedSite,
+        "layers another peftify call rewrote",
+        "rewrite a model through the object that was rewritten (more adapters: peftify.peftify(that_model, spec, adapter=...)), or merge or unload that rewrite first",
+    )
 
 
 def _refuse_peft_layers(model: nn.Module) -> None:
     """A model PEFT has wrapped holds PEFT's own layers, whose lora_A/lora_B are linears too:
     peftify would adapt the adapter. It rewrites the plain base model instead."""
-    peft = sys.modules.get("peft")  # a model can only hold PEFT layers once peft is imported
-    if peft is None:
+    if "peft" not in sys.modules:  # a model can only hold PEFT layers once peft is imported
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    wrapped = [name for name, mod in model.named_modules() if isinstance(mod, BaseTunerLayer)]
-    if wrapped:
-        raise SpecError(
-            f"{type(model).__name__} holds PEFT adapter layers ({', '.join(wrapped[:3])}{', …' if len(wrapped) > 3 else ''}); "
-            "peftify rewrites a plain model: call merge_and_unload() (keep the adapter in the weights) or unload() first, "
-            "or load the PEFT adapter into the base model with peftify.load_adapter(base, path)"
-        )
+    _refuse_layers_of(
+        model,
+        BaseTunerLayer,
+        "PEFT adapter layers",
+        "peftify rewrites a plain model: call merge_and_unload() (keep the adapter in the weights) or unload() first, "
+        "or load the PEFT adapter into the base model with peftify.load_adapter(base, path)",
+    )
+
+
+def _refuse_layers_of(model: nn.Module, kind: type, holds: str, instead: str) -> None:
+    found = [name for name, mod in model.named_modules() if isinstance(mod, kind)]
+    if found:
+        raise SpecError(f"{type(model).__name__} holds {holds} ({_some(found, 3)}): {instead}")
 
 
 # a module's hook registries, each keyed by the id of the hook's handle
