@@ -11,6 +11,7 @@ maps of one shape (a mixture-of-experts layer's gate/up or down projections).
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -469,21 +470,29 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     spans = [_bytes(t) for t in (a, b)]
     if not (spans[0].start < spans[1].stop and spans[1].start < spans[0].stop):
         return False
-    if all(len(s) == t.numel() * t.element_size() for s, t in zip(spans, (a, b))):
-        return True  # views that fill their spans share the bytes where the spans meet
-    (starts, length), (others, other_length) = _runs(a), _runs(b)
+    views = (a, b)
+    for i in (0, 1):  # a view that fills its span (W, a block of rows) overlaps any view with its first or last byte there
+        other = spans[1 - i]
+        if len(spans[i]) == views[i].numel() * views[i].element_size() and (other.start in spans[i] or other.stop - 1 in spans[i]):
+            return True
+    runs = [_runs(t) for t in (a, b)]
+    if any(r is None for r in runs):
+        return True  # millions of interleaved runs on both sides: taken to overlap, rather than spend seconds and gigabytes
+    (starts, length), (others, other_length) = runs
     others = others.sort().values
     last = torch.searchsorted(others, starts + length) - 1  # per run of `a`, the last run of `b` starting before its end
     return bool(((last >= 0) & (others[last.clamp(min=0)] + other_length > starts)).any())
 
 
-def _runs(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _runs(t: torch.Tensor, most: int = 1 << 22) -> tuple[torch.Tensor, int] | None:
     """A view's bytes as runs of one length: the storage byte each run starts at, and the length
-    (a column chunk of a (d, 3d) tensor: d runs of d elements)."""
+    (a column chunk of a (d, 3d) tensor: d runs of d elements); None past `most` runs."""
     dims = sorted(((int(st), int(n)) for n, st in zip(t.shape, t.stride()) if n > 1 and st != 0), reverse=True)
     run = 1
     while dims and dims[-1][0] == run:  # the innermost dims that lie end to end
         run *= dims.pop()[1]
+    if math.prod(n for _, n in dims) > most:
+        return None
     offsets = torch.zeros((), dtype=torch.int64)
     for st, n in dims:
         offsets = offsets[..., None] + torch.arange(n) * st

@@ -366,6 +366,11 @@ def test_self_guided_resumes_at_the_whole_step_on_long_anneals(steps):
         schedule.t = t - 1
         schedule.step()
         assert peftify.SelfGuided(model, steps=steps).t == t
+    schedule.t = 2
+    schedule.step()
+    model.double()  # new α tensors holding the float32 α (3 steps in): no load, and t stays whole
+    schedule.step()
+    assert schedule.t == 4 and model[0].adapters["default"].mix.dtype == torch.float64
 
 
 def test_self_guided_resumes_with_another_length_and_drops_the_guides():

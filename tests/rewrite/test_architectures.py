@@ -691,6 +691,47 @@ def test_a_weight_one_of_repeated_blocks_writes_in_place_drops_that_weight_alone
     assert sites == {f"layers.{i}.w" for i in range(4) if i != written} | {f"layers.{i}.w2" for i in range(4)}
 
 
+class ClampsItsTemperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.temperature.clamp_(0.01, 100.0)
+        return x + torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) * self.temperature, -1) @ x
+
+
+class TemperatureBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([ClampsItsTemperature() for _ in range(6)])
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def test_repeated_blocks_that_write_a_vector_or_scalar_in_place_are_still_traced_once():
+    """A write to a matrix makes capture trace every block; one to a 1-D or 0-D parameter (a
+    clamped temperature) cannot change which matrices are sites, and traced 32 blocks whole."""
+    cap = peftify.capture(TemperatureBlocks(), torch.randn(1, 3, 8))
+    assert cap.collapsed == {"layers": 6} and len(cap.sites) == 12
+
+
+def test_overlap_of_large_views_is_decided_without_building_their_runs():
+    """W against an interleaved view of it built one index per run (8192² float: 2.6 s and
+    1.2 GB); a view filling its span overlaps any view that starts or ends inside it."""
+    from peftify.rewrite.sites import _overlap
+
+    w = torch.empty(8192, 8192, device="meta")
+    assert _overlap(w, w[:, ::2]) and _overlap(w[:, ::2], w[100:200]) and not _overlap(w[:4096], w[4096:])
+    assert _overlap(w[:, ::2], w[:, 1::2])  # millions of runs on both sides: taken to overlap
+    assert not _overlap(w[:1024, ::2], w[:1024, 1::2])  # a million runs: decided exactly
+
+
 def test_a_linear_with_a_pruned_bias_is_a_functional_site_that_keeps_its_pruning():
     """torch's prune computes the bias in a forward pre-hook: as a module site the hook moved to
     the container, which has no bias_orig, and the next forward raised AttributeError."""

@@ -43,7 +43,7 @@ class SelfGuided:
             raise SpecError(f"the self-guided layers' α (their `mix` buffers) must agree and lie in [0, 1], got {mixes[0]:g} to {mixes[-1]:g}", field="mix")
         self.steps, self.optimizer = steps, optimizer
         self.t = self._resumed_t(mixes[0])
-        self._written = self._mix_versions()
+        self._note_written(mixes[0])
         self.dropped = False
 
     def _resumed_t(self, alpha: float) -> float:
@@ -54,12 +54,22 @@ class SelfGuided:
         blur = max(1e-3, self.steps * torch.finfo(self.modules[0].mix.dtype).eps)
         return round(t) if abs(t - round(t)) <= blur else t
 
-    def _mix_versions(self) -> list:
-        """Each layer's α tensor and its version counter, which any write to it moves."""
-        return [(m.mix, _version(m.mix)) for m in self.modules]
+    def _note_written(self, alpha: float) -> None:
+        """Remember the α the layers hold: each one's tensor and version counter (which any
+        write moves), and the value, to within its dtype's precision."""
+        self._written = [(m.mix, _version(m.mix)) for m in self.modules]
+        self._written_alpha, self._written_eps = alpha, torch.finfo(self.modules[0].mix.dtype).eps
 
-    def _alpha_written_since(self) -> bool:
-        return any(m.mix is not mix or _version(mix) != version for m, (mix, version) in zip(self.modules, self._written))
+    def _alpha_loaded(self) -> float | None:
+        """The α the layers took since this schedule last wrote one (a checkpoint loaded after it
+        was built), or None where they hold its own, perhaps cast (``model.double()``: new tensors)."""
+        if all(m.mix is mix and version is not None and _version(mix) == version for m, (mix, version) in zip(self.modules, self._written)):
+            return None  # no write at all: no value to read (on a GPU, a sync)
+        alpha = float(self.modules[0].mix)
+        if abs(alpha - self._written_alpha) <= 2 * self._written_eps:
+            self._note_written(self._written_alpha)
+            return None
+        return alpha
 
     @property
     def alpha(self) -> float:
@@ -75,13 +85,13 @@ class SelfGuided:
         """Advance one training step: α falls by 1/steps; at 0 the guides are dropped."""
         if self.dropped:
             return
-        if self._alpha_written_since():  # α written since (a checkpoint loaded after this schedule was built): go on from it
-            self.t = self._resumed_t(float(self.modules[0].mix))
+        if (loaded := self._alpha_loaded()) is not None:  # go on from a checkpoint's α
+            self.t = self._resumed_t(loaded)
         self.t = min(self.t + 1, self.steps)
         if self.t < self.steps:
             for m in self.modules:
                 m.mix.fill_(self.alpha)
-            self._written = self._mix_versions()
+            self._note_written(self.alpha)
             return
         # the guides, kept until every one is out of the optimizer too: a step stopped midway and
         # taken again still knows those of the layers it had dropped
