@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -41,19 +42,29 @@ def register(name: str) -> Callable[[type], type]:
     refused; redefining the same class (a re-run notebook cell) replaces it.
     """
 
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"peftify.register({name!r}): a method's name is an identifier (letters, digits, _), as specs spell it")
+
     def deco(cls):
         if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
             raise TypeError(f"peftify.register({name!r}): {cls!r} is not a dataclass subclassing peftify.Method")
         if not cls.__dataclass_params__.frozen:  # plans group sites by method, which must hash and not change
             raise TypeError(f"peftify.register({name!r}): {cls.__qualname__} must be a frozen dataclass (@dataclass(frozen=True))")
-        taken = METHODS.get(name)
-        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"peftify.register({name!r}): the name is taken by {taken.__module__}.{taken.__qualname__}; pick another")
+        same = lambda other: (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__)
+        taken = next((m for n, m in METHODS.items() if n.lower() == name.lower() and not same(m)), None)
+        if taken is not None:  # a case variant too: 'LoRA' beside 'lora' would be one typo from the other
+            raise ValueError(f"peftify.register({name!r}): the name is taken by {taken.__module__}.{taken.__qualname__} (as {taken.name!r}); pick another")
+        if isinstance(cls.__dict__.get("name"), str) and cls.__dict__["name"] != name and METHODS.get(cls.__dict__["name"]) is cls:
+            raise ValueError(f"peftify.register({name!r}): {cls.__qualname__} is registered as {cls.name!r} already; a method has one name")
         cls.name = name
         METHODS[name] = cls
         return cls
 
     return deco
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def invalid(field: str, message: str):
@@ -86,7 +97,7 @@ class Method:
 
     def trainable_params(self, site: Site) -> int:
         """How many parameters the rewritten site trains (what the plan counts)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} ({type(self).__qualname__}) defines no trainable_params(site)")
 
     def frozen_params(self, site: Site) -> int:
         """How many frozen parameters the rewrite adds at the site (factors it keeps, such as
@@ -99,7 +110,7 @@ class Method:
 
     def flops(self, site: Site) -> int:
         """Forward FLOPs per token (one row of x) of the rewritten site."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} ({type(self).__qualname__}) defines no flops(site)")
 
     def flops_for(self, site: Site, dtype: torch.dtype) -> int:
         """`flops` for a weight of `dtype`, where what runs depends on the precision."""
@@ -149,10 +160,12 @@ class Method:
         for key in d:
             if key not in names:
                 raise SpecError(f"{name} has no hyperparameter {key!r}; it takes {sorted(names)}", field=key)
-        try:
-            return method(**d)
-        except TypeError as e:
-            raise SpecError(str(e), field="method") from e
+        try:  # lists (all JSON and YAML have) as tuples: a method is a frozen, hashable dataclass
+            return method(**{k: _tuples(v) for k, v in d.items()})
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as e:  # a method's own check that raised no SpecError
+            raise SpecError(f"{name}: {e}", field="method") from e
 
 
 def check_count(field: str, value, optional: bool = False) -> None:
@@ -253,7 +266,6 @@ class SiteModule(nn.Module):
     """
 
     peft_names: ClassVar[dict[str, str]] = {}  # own parameter → its key in PEFT's files, if PEFT has the method
-    saved_buffers: ClassVar[tuple[str, ...]] = ()  # training state kept in buffers, saved with the parameters
     # an init that rewrites W into a residual fixed up to a transform of its rows alone or its
     # columns alone (CLOVER's), not of both: a checkpoint's residual is compared on one side
     one_sided_split: ClassVar[bool] = False
@@ -266,6 +278,13 @@ class SiteModule(nn.Module):
         self.site = site
         self.residual: torch.Tensor | None = None
 
+    @property
+    def saved_buffers(self) -> tuple[str, ...]:
+        """The module's own buffers its adapter file holds (training state, a random draw): by
+        default every persistent one; a method that rebuilds some from its hyperparameters and W
+        names the others."""
+        return tuple(n for n in self._buffers if n not in self._non_persistent_buffers_set)
+
     def saved_method(self) -> Method:
         """The method a saved file records: what rebuilds this module as it is now."""
         return self.method
@@ -276,7 +295,7 @@ class SiteModule(nn.Module):
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The dense (out, in) weight this adapter computes, given the base weight."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} (method {self.method.name!r}) defines no merged_weight(weight)")
 
     def original_weight(self, residual: torch.Tensor) -> torch.Tensor:
         """For a method that set ``residual``: the weight before it was rewritten."""

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -328,6 +329,39 @@ def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> 
     return out
 
 
+def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
+    """A user's method (not peftify's own, which its tests check) must compute in `forward`
+    what `merged_weight` says, bias included: merge writes the one, training ran the other, and
+    a difference changed the model in silence. One probe of two rows, in eval mode."""
+    if type(entry.method).__module__.startswith("peftify.") or weight.is_meta or entry.site.experts:
+        return
+    out_f, in_f = weight.shape
+    g = torch.Generator(device=weight.device).manual_seed(0)  # not the global generator: a user's seeds stay as they were
+    x, bias = (torch.randn(shape, generator=g, device=weight.device, dtype=weight.dtype) for shape in ((2, in_f), (out_f,)))
+    training = mod.training
+    try:
+        with torch.no_grad():
+            mod.eval()
+            y = mod(x, weight, bias)
+            try:
+                want = F.linear(x, mod.merged_weight(weight), bias)
+            except NotImplementedError:
+                return  # merge says so, if it is asked for
+    finally:
+        mod.train(training)
+    if not isinstance(y, torch.Tensor) or y.shape != want.shape:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise SpecError(f"{entry.method.name}'s forward at {entry.site.fqn} gives {got} for an input of {tuple(x.shape)}, not {tuple(want.shape)}", field="method")
+    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    gap = float((y.to(want.dtype) - want).abs().max())
+    if gap > tolerance * (float(want.abs().max()) + 1e-6):
+        raise SpecError(
+            f"{entry.method.name}'s forward at {entry.site.fqn} computes something other than x·merged_weight(W)ᵀ + bias "
+            f"({gap:.3g} apart on a probe input): merge would change the model. Make them agree (a forward that leaves out the bias?)",
+            field="method",
+        )
+
+
 def _refuse_half_overflow(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
     """float16 holds nothing past 65504: an init that computes a norm or singular values of a
     large float16 weight (DoRA's magnitude, SVFit's σ, OLoRA's factors) overflowed there, and
@@ -480,6 +514,7 @@ def apply_plan(
             built[i] = mod
             if mods is None:  # computed from W, not left for a file to fill
                 _refuse_half_overflow(plan.entries[i], mod, weights[i])
+                _check_own_method(plan.entries[i], mod, weights[i])
     for entry, mod in zip(plan.entries, built):  # in the mode of the layer it joins (an eval model's dropout stays off)
         training = model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training
         if mod.training != training:

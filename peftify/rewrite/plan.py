@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from peftify.codegen import packed
 from peftify.errors import SpecError, warn
-from peftify.passes.base import Method, dense_flops, progress_bar
+from peftify.passes.base import Method, dense_flops, invalid, progress_bar
 from peftify.rewrite.select import Context
 from peftify.rewrite.sites import Capture, Site, is_conv1d, parameter_names
 from peftify.rewrite.spec import Spec
@@ -246,6 +246,9 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
             if i not in resolved:
                 resolved[i] = (spec.scaling.configure(method) if spec.scaling else method).resolve(model)
             method = resolved[i]
+            if method.replaces_base and site.kind != "module":
+                what = f"a stack of {site.experts} expert matrices" if site.experts else "a parameter used functionally"
+                invalid("method", f"{method.name} replaces the layer's weight, which needs a module site; {site.fqn} is {what} (a later rule with apply: null excludes it)")
             method.check(site)
             _check_packed(model, live, site, method)
             if site.kind == "module" and site.bias and method.trains_base_bias():

@@ -70,6 +70,8 @@ class Spec:
                 raise SpecError(f"optional must be true or false, got {rule.optional!r}", rule=rule.describe(i), field="optional")
             if rule.apply is not None and not isinstance(rule.apply, Method):
                 raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {rule.apply!r}", rule=rule.describe(i), field="apply")
+            if rule.apply is not None and not isinstance(getattr(type(rule.apply), "name", None), str):
+                raise SpecError(f"{type(rule.apply).__qualname__} is not registered: decorate it with @peftify.register('its_name')", rule=rule.describe(i), field="apply")
         object.__setattr__(self, "scaling", scaling_from_dict(self.scaling))
         # tuples: the matchers are compiled here, so rules changed in place would leave them behind
         object.__setattr__(self, "rules", tuple(self.rules))

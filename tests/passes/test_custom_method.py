@@ -2,6 +2,7 @@
 `peftify.Method`, `peftify.SiteModule`), works everywhere a built-in one does; bad registrations
 are refused."""
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -124,3 +125,188 @@ def test_a_method_dataclass_that_is_not_frozen_is_refused():
     with pytest.raises(TypeError, match=r"must be a frozen dataclass"):
         peftify.register("mutable_method")(Mutable)
     assert "mutable_method" not in peftify.METHODS
+
+
+def test_register_takes_an_identifier_once_and_no_case_variant_of_another_method(registered):
+    """A name a spec cannot spell (123, '', 'with space') was accepted, 'LoRA' beside 'lora'
+    shadowed it by a case, and a second name silently renamed the first."""
+    for bad in (123, "", "with space"):
+        with pytest.raises(ValueError, match="a method's name is an identifier"):
+            peftify.register(bad)
+    with pytest.raises(ValueError, match=re.escape("register('LoRA'): the name is taken by peftify.passes.lora.LoRA (as 'lora')")):
+        peftify.register("LoRA")(OutputScale)
+    with pytest.raises(ValueError, match=f"OutputScale is registered as '{NAME}' already; a method has one name"):
+        peftify.register("test_another_name")(OutputScale)
+    assert OutputScale.name == NAME and "test_another_name" not in METHODS
+
+
+@dataclass(frozen=True)
+class Unregistered(peftify.Method):
+    def trainable_params(self, site):
+        return 0
+
+    def flops(self, site):
+        return 0
+
+
+def test_a_method_never_registered_is_a_spec_error():
+    """It failed later with AttributeError: 'Unregistered' object has no attribute 'name'."""
+    with pytest.raises(peftify.SpecError, match=r"rule 0 .*field 'apply': Unregistered is not registered: decorate it with @peftify.register"):
+        peftify.Spec([peftify.Rule("*", Unregistered())])
+
+
+@dataclass(frozen=True)
+class Checked(peftify.Method):
+    """Checks its own hyperparameters in __post_init__ with a plain ValueError, and takes a tuple."""
+
+    r: int = 1
+    shape: tuple = (2, 2)
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+
+    def trainable_params(self, site):
+        return 0
+
+    def flops(self, site):
+        return 0
+
+
+def test_a_methods_own_value_error_is_a_spec_error_and_lists_become_tuples():
+    """A ValueError from __post_init__ escaped spec handling, with no rule named; a tuple
+    hyperparameter given as a list (all JSON and YAML have) made planning fail: unhashable."""
+    peftify.register("test_checked")(Checked)
+    try:
+        with pytest.raises(peftify.SpecError, match=r"rule 0 \('\*'\), field 'method': test_checked: r must be >= 1, got 0"):
+            peftify.Spec.from_dict({"rules": [{"match": "*", "apply": {"method": "test_checked", "r": 0}}]})
+        spec = peftify.Spec.from_dict({"rules": [{"match": "*", "apply": {"method": "test_checked", "shape": [4, [1, 2]]}}]})
+        assert spec.rules[0].apply.shape == (4, (1, 2)) and hash(spec.rules[0].apply)
+    finally:
+        METHODS.pop("test_checked", None)
+
+
+class Drifting(OutputScaleModule):
+    """Trains as diag(ℓ) W but merges as W: what merge writes is not what was trained."""
+
+    def merged_weight(self, weight):
+        return weight + 0 * self.scale[:, None]
+
+    def forward(self, x, weight, bias):
+        return super().forward(x, weight, bias) * 1.5
+
+
+class DropsTheBias(OutputScaleModule):
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight) * self.scale
+
+
+class WrongWidth(OutputScaleModule):
+    def forward(self, x, weight, bias):
+        return super().forward(x, weight, bias)[..., :-1]
+
+
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        (Drifting, r"forward at model\.layers\.0\.mlp\.down_proj computes something other than x·merged_weight\(W\)ᵀ \+ bias"),
+        (DropsTheBias, r"computes something other than x·merged_weight\(W\)ᵀ \+ bias .*a forward that leaves out the bias"),
+        (WrongWidth, r"forward at model\.layers\.0\.mlp\.down_proj gives \(2, 63\) for an input of \(2, 96\), not \(2, 64\)"),
+    ],
+)
+def test_a_methods_forward_that_is_not_its_merged_weight_is_refused(module, message):
+    """Nothing checked that a user's forward computes what merged_weight says: training ran one
+    map and merge wrote another (0.54 apart, also with safe=True), and a forward that dropped
+    the bias or gave the wrong width was accepted (the width failed in a later forward)."""
+
+    @dataclass(frozen=True)
+    class Method(OutputScale):
+        pass
+
+    Method.module = module
+    peftify.register("test_inconsistent")(Method)
+    try:
+        model = tiny_llama(layers=1)
+        before = {n: id(p) for n, p in model.named_parameters()}
+        with pytest.raises(peftify.SpecError, match=message):
+            peftify.peftify(model, {"rules": [{"match": "role:mlp.down", "apply": {"method": "test_inconsistent"}}]}, progress=False)
+        assert {n: id(p) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
+    finally:
+        METHODS.pop("test_inconsistent", None)
+
+
+@dataclass(frozen=True)
+class SharedRandom(peftify.Method):
+    """VeRA-like: frozen random A, B drawn unseeded, kept as buffers; trained d."""
+
+    r: int = 2
+
+    def trainable_params(self, site):
+        return self.r
+
+    def flops(self, site):
+        return 2 * site.in_features * site.out_features
+
+
+class SharedRandomModule(peftify.SiteModule):
+    def __init__(self, method, site, weight):
+        super().__init__(method, site)
+        self.register_buffer("a", torch.randn(method.r, weight.shape[1], dtype=weight.dtype))
+        self.register_buffer("b", torch.randn(weight.shape[0], method.r, dtype=weight.dtype))
+        self.d = nn.Parameter(torch.zeros(method.r, dtype=weight.dtype))
+
+    def merged_weight(self, weight):
+        return weight + self.b @ (self.d[:, None] * self.a)
+
+
+SharedRandom.module = SharedRandomModule
+
+
+def test_a_methods_persistent_buffers_are_saved_with_its_parameters(tmp_path):
+    """Buffers a user's module registers (persistent, as torch's default) were left out of the
+    file and drawn anew at load: the loaded adapter computed something else (0.84 apart)."""
+    peftify.register("test_shared_random")(SharedRandom)
+    try:
+        torch.manual_seed(0)
+        base = tiny_llama(layers=1)
+        model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:mlp.*", "apply": {"method": "test_shared_random"}}]}, progress=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".d"):
+                    p.fill_(0.5)
+        peftify.save_adapter(model, tmp_path)
+        assert any(k.endswith(".a") for k in peftify.adapter_state_dict(model))
+        x = {"input_ids": torch.randint(0, 101, (2, 5))}
+        torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), x), output(model, x), rtol=0, atol=0)
+    finally:
+        METHODS.pop("test_shared_random", None)
+
+
+def test_a_method_without_flops_says_so_by_name():
+    @dataclass(frozen=True)
+    class NoFlops(peftify.Method):
+        def trainable_params(self, site):
+            return 0
+
+    with pytest.raises(NotImplementedError, match="method 'test_no_flops' \\(.*NoFlops\\) defines no flops\\(site\\)"):
+        peftify.register("test_no_flops")(NoFlops)().flops(None)
+    METHODS.pop("test_no_flops", None)
+
+
+def test_a_users_structure_on_a_functional_site_is_a_spec_error():
+    """The refusal lived in the built-in structures' own check: a user's method that replaces the
+    layer was planned on a functional site and failed inside the engine (AttributeError)."""
+    from conftest import FunctionalNet
+
+    @dataclass(frozen=True)
+    class Replacing(OutputScale):
+        replaces_base = True
+
+    Replacing.module = OutputScaleModule
+    peftify.register("test_replacing")(Replacing)
+    try:
+        model = FunctionalNet()
+        with pytest.raises(peftify.SpecError, match=r"test_replacing replaces the layer's weight, which needs a module site; w_in is a parameter used functionally"):
+            peftify.plan(model, {"rules": [{"match": "w_in", "apply": {"method": "test_replacing"}}]}, example_inputs=torch.randn(2, 16))
+    finally:
+        METHODS.pop("test_replacing", None)

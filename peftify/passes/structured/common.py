@@ -65,11 +65,6 @@ class Structured(Method):
     def resolve(self, model: nn.Module) -> Structured:
         return dataclasses.replace(self, init="project") if self.init == "auto" else self
 
-    def check(self, site: Site) -> None:
-        if site.kind != "module":
-            what = f"a stack of {site.experts} expert matrices" if site.experts else "a parameter used functionally"
-            invalid("method", f"{self.name} replaces the layer's weight, which needs a module site; {site.fqn} is {what} (a later rule with apply: null excludes it)")
-
     def factors(self, site: Site) -> list[Factor]:
         raise NotImplementedError
 
