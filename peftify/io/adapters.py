@@ -101,8 +101,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
         files[0]: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
         files[1]: lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     }
-    with locked(path):
-        removed = replace_files(path, writes, stale=PEFT if files == NATIVE else NATIVE)
+    with locked(path) as nested:
+        removed = replace_files(path, writes, stale=PEFT if files == NATIVE else NATIVE, nested=nested)
     if removed:
         warn(f"{str(path)!r} held an adapter in the other format ({', '.join(removed)}): it was removed, so that loading the directory reads this one")
     return path
@@ -229,10 +229,10 @@ def load_adapter(
 def _load(model: nn.Module, path, adapter: str, example_inputs: ExampleInputs, strict: bool, autocast_adapter_dtype: bool, finish=None) -> nn.Module:
     """`load_adapter`; `finish` runs inside a new adapter's all-or-nothing install (see `apply_plan`)."""
     path = _directory(path)
-    with locked(path) if path.is_dir() else contextlib.nullcontext():
+    with locked(path) if path.is_dir() else contextlib.nullcontext() as nested:
         if path.is_dir():
             try:
-                finish_save(path, (*NATIVE, *PEFT))
+                finish_save(path, (*NATIVE, *PEFT), nested)
             except OSError as e:
                 raise SpecError(f"{str(path)!r} holds a save that was stopped after writing its files, and finishing it failed ({e}); make the directory writable and load again") from e
         fmt = detect_format(path)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,30 +22,61 @@ from peftify.errors import SpecError
 
 JOURNAL = ".peftify-save.json"
 
+_HELD = threading.local()  # the directories this thread holds locked, by (device, inode)
+_FDS: set[int] = set()  # the descriptors holding them, in this process
+
+
+def _close_inherited_locks() -> None:
+    # a forked child (a DataLoader worker) would keep its copies of them, and with them the
+    # locks, until it exits: the parent's own descriptors keep the locks held
+    for fd in list(_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 @contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `directory` (``flock``; nothing where the system has none)."""
+def locked(directory: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on `directory` (``flock``; nothing where the system has none).
+    Yields whether this thread held it already: a save from a signal handler (a preemption
+    checkpoint) during another save goes ahead inside it rather than wait on itself for good."""
+    try:
+        key = (os.stat(directory).st_dev, os.stat(directory).st_ino)
+    except OSError:
+        key = None
+    held = _HELD.__dict__.setdefault("keys", set())
+    if key is not None and key in held:
+        yield True
+        return
     fd = None
     try:
         import fcntl
 
         fd = os.open(directory, os.O_RDONLY)
+        _FDS.add(fd)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if key is not None:
+            held.add(key)
     except (ImportError, OSError):  # Windows, or a file system without locks: no turns to take
         pass
     try:
-        yield
+        yield False
     finally:
+        held.discard(key)
         if fd is not None:
+            _FDS.discard(fd)
             os.close(fd)
 
 
-def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], stale: tuple[str, ...] = ()) -> list[str]:
+def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], stale: tuple[str, ...] = (), nested: bool = False) -> list[str]:
     """Write `writes` (file name → a function writing that file at the path it is given) into
     `directory` as one change, and remove the `stale` names; returns the stale names that were
-    there. Call it with the directory locked."""
-    finish_save(directory, (*writes, *stale))
+    there. Call it with the directory locked (`nested`: inside another save of this thread)."""
+    finish_save(directory, (*writes, *stale), nested)
     mode = 0o666 & ~_umask()  # as a plain open() would create them (mkstemp's are private)
     made: list[str] = []
     try:
@@ -66,13 +98,15 @@ def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], s
                 Path(path).unlink(missing_ok=True)
         raise
     _flush(directory)
-    finish_save(directory, (*writes, *stale))
+    finish_save(directory, (*writes, *stale), nested)
     return removed
 
 
-def finish_save(directory: Path, names: tuple[str, ...]) -> None:
+def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -> None:
     """Finish a save that was stopped after its commit, and drop the temporary files of saves of
-    `names` stopped before theirs (names `_temporary` makes, not a user's own hidden files)."""
+    `names` stopped before theirs (names `_temporary` makes, not a user's own hidden files):
+    not inside another save of this thread (`nested`), whose files they may be, and not where
+    the directory is read-only (a load still reads the adapter in place)."""
     journal = directory / JOURNAL
     if journal.is_file():
         try:
@@ -85,12 +119,15 @@ def finish_save(directory: Path, names: tuple[str, ...]) -> None:
                 os.replace(directory / temporary, directory / name)
         for name in remove:
             (directory / name).unlink(missing_ok=True)
-        journal.unlink()
+        journal.unlink(missing_ok=True)  # a save nested in this one (a signal handler's) may have finished it
         _flush(directory)
+    if nested:
+        return
     leftover = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in (*names, JOURNAL)))  # mkstemp's 8 characters
     for path in directory.iterdir() if directory.is_dir() else ():
         if leftover.fullmatch(path.name):
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
 def _temporary(directory: Path, name: str) -> str:

@@ -8,6 +8,7 @@ field peftify cannot honour raises `SpecError` naming it; fields at PEFT's defau
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any
 
@@ -106,10 +107,15 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
     if bias not in ("none", "all", "lora_only"):
         raise SpecError(f"unknown bias mode {bias!r}", field="bias")
 
-    def lora(r, alpha, field="r"):
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r != int(r):
-            raise SpecError(f"a LoRA rank is a whole number, not {r!r}", field=field)
-        return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=ours, bias=bias == "lora_only")
+    def lora(r, alpha, rank_field="r", alpha_field="lora_alpha"):
+        if not _finite(r) or r != int(r):
+            raise SpecError(f"a LoRA rank is a whole number, not {r!r}", field=rank_field)
+        if not _finite(alpha):
+            raise SpecError(f"a LoRA alpha is a finite number, not {alpha!r}", field=alpha_field)
+        try:
+            return (DoRA if d.get("use_dora") else LoRA)(r=int(r), alpha=float(alpha), dropout=float(d.get("lora_dropout", 0.0)), rslora=bool(d.get("use_rslora", False)), init=ours, bias=bias == "lora_only")
+        except SpecError as e:  # named as the config names the value
+            raise SpecError(e.message, field={"r": rank_field, "alpha": alpha_field}.get(e.field, e.field)) from e
 
     names = d.get("target_modules")
     target = _target_match(names, model, d.get("task_type"))
@@ -160,7 +166,7 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
             if rk is None and ak is None:
                 continue
             looks = "".join(f"(?={_pattern_regex(k)}$)" for k in (rk, ak) if k is not None)
-            rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r"), optional=True))
+            rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r", "alpha_pattern" if ak else "lora_alpha"), optional=True))
     exclude = d.get("exclude_modules")
     if exclude:
         rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
@@ -218,6 +224,16 @@ FIELD_TYPES = {
     "layers_to_transform": (lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)), "a layer index or a list of them"),
     "layers_pattern": (lambda v: isinstance(v, str) or _is_names(v), "a name or a list of names"),
 }
+
+
+def _finite(value) -> bool:
+    """A real number a float holds (an int past 1e308 does not), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _check_types(d: dict) -> None:

@@ -33,7 +33,7 @@ from peftify.passes.base import (
     tag,
     upcast_trainable,
 )
-from peftify.rewrite.capture import ExampleInputs, capture
+from peftify.rewrite.capture import ExampleInputs, capture, refuse_rewritten_parts
 from peftify.rewrite.plan import Entry, Plan, Rewritten
 from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, Site, parameter_names
@@ -195,6 +195,8 @@ def capture_for(model: nn.Module, spec, example_inputs: ExampleInputs = None) ->
     rewrite = getattr(model, "_peftify", None)
     if rewrite is None:
         return capture(model, example_inputs)
+    # a part of this model rewritten by a call of its own: an adapter over it would wrap that one
+    refuse_rewritten_parts(model, frozenset(id(adapted_site(model, record.site)) for record in rewrite.installed.values()))
     walk = rewrite.capture
     if walk.method != "modules":
         return walk

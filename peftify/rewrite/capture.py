@@ -23,7 +23,7 @@ import threading
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -262,13 +262,14 @@ def _brief(error: Exception) -> str:
     return brief
 
 
-def refuse_rewritten_parts(model: nn.Module) -> None:
+def refuse_rewritten_parts(model: nn.Module, own: frozenset[int] = frozenset()) -> None:
     """A model that holds layers another peftify call rewrote (a submodule rewritten on its own,
     or a submodule of a rewritten model) would have its adapters adapted, and its merge undo
-    the wrong rewrite. Rewrites of one model go through that model."""
+    the wrong rewrite. Rewrites of one model go through that model. `own`: the ids of the
+    model's own rewritten layers, when it has some."""
     _refuse_layers_of(
         model,
-        AdaptedSite,
+        lambda mod: isinstance(mod, AdaptedSite) and id(mod) not in own,
         "layers another peftify call rewrote",
         "rewrite a model through the object that was rewritten (more adapters: peftify.peftify(that_model, spec, adapter=...)), or merge or unload that rewrite first",
     )
@@ -283,15 +284,15 @@ def _refuse_peft_layers(model: nn.Module) -> None:
 
     _refuse_layers_of(
         model,
-        BaseTunerLayer,
+        lambda mod: isinstance(mod, BaseTunerLayer),
         "PEFT adapter layers",
         "peftify rewrites a plain model: call merge_and_unload() (keep the adapter in the weights) or unload() first, "
         "or load the PEFT adapter into the base model with peftify.load_adapter(base, path)",
     )
 
 
-def _refuse_layers_of(model: nn.Module, kind: type, holds: str, instead: str) -> None:
-    found = [name for name, mod in model.named_modules() if isinstance(mod, kind)]
+def _refuse_layers_of(model: nn.Module, refused: Callable[[nn.Module], bool], holds: str, instead: str) -> None:
+    found = [name for name, mod in model.named_modules() if refused(mod)]
     if found:
         raise SpecError(f"{type(model).__name__} holds {holds} ({_some(found, 3)}): {instead}")
 

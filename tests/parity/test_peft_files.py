@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 
 import pytest
 import torch
@@ -341,11 +342,24 @@ def test_configs_peft_cannot_build_are_spec_errors_that_change_nothing(kwargs, f
     assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
 
 
-@pytest.mark.parametrize("fields, field", [({"r": float("nan")}, "r"), ({"r": float("inf")}, "r"), ({"rank_pattern": {"q_proj": float("nan")}}, "rank_pattern")])
-def test_a_rank_that_is_no_finite_number_is_a_spec_error(fields, field):
-    """A hand-edited adapter_config.json with r NaN or Infinity (JSON as Python writes it) raised
-    a bare ValueError / OverflowError from int()."""
-    with pytest.raises(SpecError, match="a LoRA rank is a whole number, not (nan|inf)") as e:
+@pytest.mark.parametrize(
+    "fields, field, text",
+    [
+        ({"r": float("nan")}, "r", "rank is a whole number"),
+        ({"r": float("inf")}, "r", "rank is a whole number"),
+        ({"r": 10**400}, "r", "rank is a whole number"),
+        ({"rank_pattern": {"q_proj": float("nan")}}, "rank_pattern", "rank is a whole number"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern", "positive integer"),
+        ({"lora_alpha": None}, "lora_alpha", "alpha is a finite number"),
+        ({"lora_alpha": 10**400}, "lora_alpha", "alpha is a finite number"),
+        ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern", "alpha is a finite number"),
+    ],
+)
+def test_a_rank_or_alpha_that_is_no_finite_number_is_a_spec_error(fields, field, text):
+    """A hand-edited adapter_config.json with r or alpha NaN, Infinity, null or past float's
+    range raised a bare ValueError / OverflowError / TypeError, and a pattern's bad value was
+    blamed on r or alpha."""
+    with pytest.raises(SpecError, match=text) as e:
         peftify.Spec.from_peft({"peft_type": "LORA", "target_modules": ["q_proj"], **fields})
     assert e.value.field == field
 
@@ -730,6 +744,80 @@ def test_a_stopped_save_that_cannot_be_finished_is_a_spec_error(tmp_path, monkey
     monkeypatch.undo()
     peftify.from_pretrained(tiny_llama(), tmp_path)  # finished now: the journal is gone
     assert not (tmp_path / files.JOURNAL).exists()
+
+
+def test_a_read_only_directory_with_a_dead_saves_temporary_file_loads(tmp_path, monkeypatch):
+    """The load's clean-up of a killed save's temporary file raised PermissionError there, and the
+    load refused an adapter that was whole."""
+    from peftify.io import files
+
+    model = peftify.peftify(tiny_llama(), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    peftify.save_adapter(model, tmp_path)
+    (tmp_path / ".adapter.safetensors.k3j9x0ab.tmp").write_text("half a file")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files.os, "unlink", read_only)
+    peftify.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="times itself out with SIGALRM")
+def test_a_save_from_a_signal_handler_during_a_save_goes_ahead(tmp_path, monkeypatch):
+    """A second save of the directory in the same thread (a preemption handler checkpointing
+    while the loop saves) waited on the first one's lock for good."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "*.q_proj", "apply": {"method": "lora", "r": 2}}]})
+    real, nested = safetensors.torch.save_file, []
+
+    def save_and_interrupt(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        if not nested:  # the handler, once, while the outer save writes its tensors
+            nested.append("started")
+            peftify.save_adapter(model, tmp_path)
+            nested.append("done")
+
+    def stuck(*args):
+        raise TimeoutError("the nested save waited on the outer one's lock")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_and_interrupt)
+    previous = signal.signal(signal.SIGALRM, stuck)  # a regression fails the test, not the whole run
+    signal.alarm(60)
+    try:
+        peftify.save_adapter(model, tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    monkeypatch.undo()
+    assert nested == ["started", "done"] and sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "peftify.json"]
+    x = LLAMA_IN()
+    torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), x), output(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+def test_a_child_forked_during_a_save_does_not_keep_the_directory_locked(tmp_path):
+    """A DataLoader worker forked while a save held the lock kept its copy of the descriptor,
+    and every later save of that directory waited until the worker exited."""
+    import time
+
+    from peftify.io.files import locked
+
+    with locked(tmp_path):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(5)
+            os._exit(0)
+    start = time.perf_counter()
+    try:
+        with locked(tmp_path):
+            waited = time.perf_counter() - start
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert waited < 2
 
 
 def test_saves_and_loads_of_one_directory_take_turns(tmp_path):

@@ -1182,6 +1182,10 @@ def test_a_model_holding_layers_another_call_rewrote_is_refused(tmp_path):
         with pytest.raises(SpecError, match=r"holds layers another peftify call rewrote \(.*q_proj.*\): rewrite a model through the object that was rewritten"):
             call(model)
         assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
+    peftify.peftify(whole.model.layers[0].mlp, {"rules": [{"match": "up_proj", "apply": {"method": "lora", "r": 2}}]}, example_inputs=torch.randn(2, 5, 64))
+    with pytest.raises(SpecError, match=r"holds layers another peftify call rewrote \(model\.layers\.0\.mlp\.up_proj\)"):
+        peftify.peftify(whole, {"rules": [{"match": "*.up_proj", "apply": {"method": "lora", "r": 2}}]}, adapter="b")  # it wrapped that rewrite
+    peftify.merge(whole.model.layers[0].mlp)
     expected = output(whole, x)
     peftify.merge(whole)  # the outer rewrite is whole
     torch.testing.assert_close(output(whole, x), expected)
