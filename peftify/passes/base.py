@@ -280,10 +280,11 @@ class SiteModule(nn.Module):
 
     @property
     def saved_buffers(self) -> tuple[str, ...]:
-        """The module's own buffers its adapter file holds (training state, a random draw): by
-        default every persistent one; a method that rebuilds some from its hyperparameters and W
+        """The buffers its adapter file holds (training state, a random draw), by their path in
+        the module: by default every persistent one, its submodules' too (an expert stack's
+        experts say their own); a method that rebuilds some from its hyperparameters and W
         names the others."""
-        return tuple(n for n in self._buffers if n not in self._non_persistent_buffers_set)
+        return _persistent_buffers(self)
 
     def saved_method(self) -> Method:
         """The method a saved file records: what rebuilds this module as it is now."""
@@ -330,6 +331,13 @@ def plus_low_rank(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: flo
     if isinstance(s, (int, float)) and b.dtype == a.dtype == weight.dtype and not autocast_enabled(weight.device.type):
         return torch.addmm(weight, b, a, alpha=s)
     return weight + (s * (b @ a)).to(weight.dtype)
+
+
+def _persistent_buffers(module: nn.Module) -> tuple[str, ...]:
+    own = [n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set]
+    for name, child in module.named_children():
+        own += [f"{name}.{n}" for n in (child.saved_buffers if isinstance(child, SiteModule) else _persistent_buffers(child))]
+    return tuple(own)
 
 
 class LowRankDelta(SiteModule):

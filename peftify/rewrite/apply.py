@@ -286,7 +286,16 @@ def adapter_buffers(entry: Entry, adapter: str, mod: SiteModule) -> dict[str, to
     """The training state an adapter keeps in buffers (a self-guided layer's mix), by full name."""
     prefix = module_prefix(entry.site)
     kept = (n for n in mod.saved_buffers if n not in mod._non_persistent_buffers_set)
-    return {f"{prefix}.adapters.{adapter}.{n}": b for n in kept if (b := getattr(mod, n, None)) is not None}
+    return {f"{prefix}.adapters.{adapter}.{n}": b for n in kept if (b := _buffer(mod, n)) is not None}
+
+
+def _buffer(mod: nn.Module, path: str) -> torch.Tensor | None:
+    """The buffer at `path` (``experts.0.a``), None where it is gone (a self-guided guide's mix once dropped)."""
+    owner, _, name = path.rpartition(".")
+    try:
+        return getattr(mod.get_submodule(owner) if owner else mod, name, None)
+    except AttributeError:
+        return None
 
 
 def base_params(site: Site, base: nn.Module | None) -> dict[str, nn.Parameter]:
@@ -340,13 +349,14 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     out_f, in_f = weight.shape
     g = torch.Generator(device=weight.device).manual_seed(0)  # not the global generator: a user's seeds stay as they were
     x, bias = (torch.randn(shape, generator=g, device=weight.device, dtype=weight.dtype) for shape in ((2, in_f), (out_f,)))
+    bias = bias if entry.site.bias else None  # a method for bias-free layers may leave it out
     training = mod.training
     try:
         with torch.no_grad():
             mod.eval()
             y = mod(x, weight, bias)
             try:
-                want = F.linear(x, mod.merged_weight(weight), bias)
+                want = F.linear(x, mod.merged_weight(weight).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
             except NotImplementedError:
                 return  # merge says so, if it is asked for
     finally:

@@ -226,7 +226,7 @@ def test_a_methods_forward_that_is_not_its_merged_weight_is_refused(module, mess
     Method.module = module
     peftify.register("test_inconsistent")(Method)
     try:
-        model = tiny_llama(layers=1)
+        model = tiny_llama(layers=1, mlp_bias=True)
         before = {n: id(p) for n, p in model.named_parameters()}
         with pytest.raises(peftify.SpecError, match=message):
             peftify.peftify(model, {"rules": [{"match": "role:mlp.down", "apply": {"method": "test_inconsistent"}}]}, progress=False)
@@ -310,3 +310,89 @@ def test_a_users_structure_on_a_functional_site_is_a_spec_error():
             peftify.plan(model, {"rules": [{"match": "w_in", "apply": {"method": "test_replacing"}}]}, example_inputs=torch.randn(2, 16))
     finally:
         METHODS.pop("test_replacing", None)
+
+
+class Float32Scale(OutputScaleModule):
+    """Keeps its scale in float32 over a half-precision weight: merged_weight comes back float32."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.scale.data = self.scale.data.float()
+
+    def forward(self, x, weight, bias):
+        y = F.linear(x, weight) * self.scale.to(x.dtype)
+        return y if bias is None else y + bias
+
+
+class IgnoresTheBias(OutputScaleModule):
+    """For bias-free layers only (as CLOVER is): its forward leaves the bias out."""
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight) * self.scale
+
+
+@pytest.mark.parametrize("module, dtype", [(Float32Scale, torch.bfloat16), (Float32Scale, torch.float16), (IgnoresTheBias, torch.float32)])
+def test_the_forward_check_takes_a_float32_merged_weight_and_a_layer_without_bias(module, dtype):
+    """The probe raised a dtype error for a merged weight in float32 over a half-precision
+    model, and refused a method for bias-free layers (a random bias was always passed)."""
+
+    @dataclass(frozen=True)
+    class Method(OutputScale):
+        pass
+
+    Method.module = module
+    peftify.register("test_probe_passes")(Method)
+    try:
+        torch.manual_seed(0)
+        model = tiny_llama(layers=1).to(dtype)  # Llama's linears have no bias
+        x = {"input_ids": torch.randint(0, 101, (2, 5))}
+        peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "test_probe_passes", "init": 1.5}}]}, progress=False)
+        adapted = output(model, x)
+        peftify.merge(model)
+        torch.testing.assert_close(output(model, x), adapted, rtol=2e-2, atol=2e-2)
+    finally:
+        METHODS.pop("test_probe_passes", None)
+
+
+class Holder(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.register_buffer("a", a)
+
+
+class NestedRandomModule(SharedRandomModule):
+    """Its random A in a child module."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.holder = Holder(self.a)
+        del self.a
+
+    def merged_weight(self, weight):
+        return weight + self.b @ (self.d[:, None] * self.holder.a)
+
+
+def test_a_methods_buffers_in_submodules_are_saved_too(tmp_path):
+    """Only the module's own buffers were saved: one in a child module (or an expert stack's
+    experts) was drawn anew at load (0.83 apart)."""
+
+    @dataclass(frozen=True)
+    class Nested(SharedRandom):
+        pass
+
+    Nested.module = NestedRandomModule
+    peftify.register("test_nested_random")(Nested)
+    try:
+        torch.manual_seed(0)
+        base = tiny_llama(layers=1)
+        model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:mlp.*", "apply": {"method": "test_nested_random"}}]}, progress=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".d"):
+                    p.fill_(0.5)
+        peftify.save_adapter(model, tmp_path)
+        assert any(k.endswith(".holder.a") for k in peftify.adapter_state_dict(model))
+        x = {"input_ids": torch.randint(0, 101, (2, 5))}
+        torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), x), output(model, x), rtol=0, atol=0)
+    finally:
+        METHODS.pop("test_nested_random", None)
