@@ -50,6 +50,9 @@ def register(name: str) -> Callable[[type], type]:
             raise TypeError(f"peftify.register({name!r}): {cls!r} is not a dataclass subclassing peftify.Method")
         if not cls.__dataclass_params__.frozen:  # plans group sites by method, which must hash and not change
             raise TypeError(f"peftify.register({name!r}): {cls.__qualname__} must be a frozen dataclass (@dataclass(frozen=True))")
+        unhashable = [f.name for f in dataclasses.fields(cls) if f.default_factory in (list, dict, set)]
+        if unhashable:
+            raise TypeError(f"peftify.register({name!r}): {cls.__qualname__}'s {', '.join(unhashable)} default to a list, dict or set, which cannot hash: use a tuple")
         same = lambda other: (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__)
         taken = next((m for n, m in METHODS.items() if n.lower() == name.lower() and not same(m)), None)
         if taken is not None:  # a case variant too: 'LoRA' beside 'lora' would be one typo from the other

@@ -477,7 +477,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
             return True
     runs = [_runs(t) for t in (a, b)]
     if any(r is None for r in runs):
-        return True  # millions of interleaved runs on both sides: taken to overlap, rather than spend seconds and gigabytes
+        return True  # millions of interleaved runs on a side: taken to overlap, rather than spend seconds and gigabytes
     (starts, length), (others, other_length) = runs
     others = others.sort().values
     last = torch.searchsorted(others, starts + length) - 1  # per run of `a`, the last run of `b` starting before its end

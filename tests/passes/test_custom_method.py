@@ -4,7 +4,7 @@ are refused."""
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -125,6 +125,14 @@ def test_a_method_dataclass_that_is_not_frozen_is_refused():
     with pytest.raises(TypeError, match=r"must be a frozen dataclass"):
         peftify.register("mutable_method")(Mutable)
     assert "mutable_method" not in peftify.METHODS
+
+    @dataclass(frozen=True)
+    class ListDefault(peftify.Method):
+        shape: list = field(default_factory=list)
+
+    with pytest.raises(TypeError, match=r"ListDefault's shape default to a list, dict or set, which cannot hash: use a tuple"):
+        peftify.register("list_default_method")(ListDefault)  # planning failed later: unhashable type: 'list'
+    assert "list_default_method" not in peftify.METHODS
 
 
 def test_register_takes_an_identifier_once_and_no_case_variant_of_another_method(registered):
