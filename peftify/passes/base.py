@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftify.codegen import autocast_enabled, lora_linear
-from peftify.errors import SpecError
+from peftify.errors import SpecError, shown
 from peftify.rewrite.sites import Site
 
 METHODS: dict[str, type[Method]] = {}
@@ -167,8 +167,8 @@ class Method:
             return method(**{k: _tuples(v) for k, v in d.items()})
         except SpecError:
             raise
-        except (TypeError, ValueError) as e:  # a method's own check that raised no SpecError
-            raise SpecError(f"{name}: {e}", field="method") from e
+        except (TypeError, ValueError, RecursionError) as e:  # a method's own check that raised no SpecError; lists nested thousands deep
+            raise SpecError(f"{name}: {type(e).__name__ if isinstance(e, RecursionError) else e}", field="method") from e
 
 
 def check_count(field: str, value, optional: bool = False) -> None:
@@ -176,9 +176,9 @@ def check_count(field: str, value, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        invalid(field, f"must be a positive integer{' or None' if optional else ''}, got {value!r}")
+        invalid(field, f"must be a positive integer{' or None' if optional else ''}, got {shown(value)}")
     if value > MAX_COUNT:  # no tensor is that large: torch would fail with an overflow instead
-        invalid(field, f"{value} is too large (at most {MAX_COUNT})")
+        invalid(field, f"{shown(value)} is too large (at most {MAX_COUNT})")
 
 
 MAX_COUNT = 2**31 - 1
@@ -200,15 +200,6 @@ def check_seed(field: str, value) -> None:
         invalid(field, f"must be an integer, got {value!r}")
     if not -(2**63) <= value < 2**64:
         invalid(field, f"must be an integer in [-2**63, 2**64), got {shown(value)}")
-
-
-def shown(value) -> str:
-    """A value for an error message, at most 40 characters (Python will not even print an integer
-    of over 4300 digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_fits(site: Site, r: int | None, what: str) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, shown
 from peftify.passes.base import Method
 
 
@@ -52,7 +52,7 @@ def scaling_from_dict(d: Any) -> MuP | None:
     if d is None or isinstance(d, MuP):
         return d
     if not isinstance(d, dict) or not isinstance(d.get("method"), str) or d["method"] not in SCALINGS:
-        raise SpecError(f"scaling must be a dict with 'method' in {sorted(SCALINGS)}, got {d!r}", field="scaling")
+        raise SpecError(f"scaling must be a dict with 'method' in {sorted(SCALINGS)}, got {shown(d)}", field="scaling")
     d = dict(d)
     cls = SCALINGS[d.pop("method")]
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, shown
 from peftify.rewrite.sites import Site
 
 SYMBOLS = ("in_features", "out_features", "layer", "depth", "width")
@@ -69,7 +69,7 @@ def uses_roles(match: Any) -> bool:
 
 def _string(value, field):
     if not isinstance(value, str):
-        raise SpecError(f"must be a string, got {value!r}", field=field)
+        raise SpecError(f"must be a string, got {shown(value)}", field=field)
     return value
 
 
@@ -89,21 +89,21 @@ def _role(pattern: str) -> Predicate:
 
 def _layers(value) -> Predicate:
     if isinstance(value, bool) or not isinstance(value, (int, list, tuple, str)):
-        raise SpecError(f"layers must be an int, a list of ints or a range 'a-b', got {value!r}", field="layers")
+        raise SpecError(f"layers must be an int, a list of ints or a range 'a-b', got {shown(value)}", field="layers")
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)  # '2-5', or one layer '3'
+        m = re.fullmatch(r"\s*(\d{1,18})\s*(?:-\s*(\d{1,18})\s*)?", value)  # '2-5', or one layer '3' (no number past int64)
         if not m:
-            raise SpecError(f"layers range must look like '2-5' (or '3'), got {value!r}", field="layers")
+            raise SpecError(f"layers range must look like '2-5' (or '3'), got {shown(value)}", field="layers")
         first, last = int(m.group(1)), int(m.group(2) or m.group(1))
         if last < first:
-            raise SpecError(f"layers range {value!r} is empty: write the first layer first ('{last}-{first}')", field="layers")
+            raise SpecError(f"layers range {shown(value)} is empty: write the first layer first ('{last}-{first}')", field="layers")
         wanted = range(first, last + 1)  # tested, not listed: '0-99999999' costs nothing
     else:
         values = [value] if isinstance(value, int) else list(value)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise SpecError(f"layers must be integers, got {value!r}", field="layers")
+            raise SpecError(f"layers must be integers, got {shown(value)}", field="layers")
         if any(v < 0 for v in values):
-            raise SpecError(f"layers are counted from 0 (-1 is not the last layer), got {value!r}", field="layers")
+            raise SpecError(f"layers are counted from 0 (-1 is not the last layer), got {shown(value)}", field="layers")
         wanted = set(values)
     return lambda s, c: s.layer is not None and s.layer in wanted  # (None in a range scans it)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftify.errors import SpecError
+from peftify.errors import SpecError, shown
 from peftify.passes.base import Method
 from peftify.passes.scaling import MuP, scaling_from_dict
 from peftify.rewrite.select import Predicate, compile_match
@@ -39,7 +39,7 @@ class Rule:
 
     def describe(self, index: int) -> str:
         """How errors name this rule: its index and match."""
-        return f"rule {index} ({self.match!r})"
+        return f"rule {index} ({shown(self.match)})"
 
 
 @dataclass(frozen=True)
@@ -103,22 +103,22 @@ class Spec:
             raise SpecError("rules must be a list", field="rules")
         rules = []
         for i, r in enumerate(raw_rules):
-            where = f"rule {i}" + (f" ({r.get('match')!r})" if isinstance(r, dict) else "")
+            where = f"rule {i}" + (f" ({shown(r.get('match'))})" if isinstance(r, dict) else "")
             if not isinstance(r, dict):
-                raise SpecError(f"a rule must be a dict with 'match' and 'apply', got {r!r}", rule=where)
+                raise SpecError(f"a rule must be a dict with 'match' and 'apply', got {shown(r)}", rule=where)
             _check_keys(r, "rule", where)
             unknown = set(r) - set(RULE_KEYS)
             if unknown or "match" not in r or "apply" not in r:
                 raise SpecError(f"a rule needs 'match' and 'apply' (and may have 'optional'), got keys {sorted(r)}", rule=where, field=(sorted(unknown) or ["match" if "match" not in r else "apply"])[0])
             apply = r["apply"]
             if apply is not None and not isinstance(apply, dict):
-                raise SpecError(f"apply must be a dict with 'method' or null, got {apply!r}", rule=where, field="apply")
+                raise SpecError(f"apply must be a dict with 'method' or null, got {shown(apply)}", rule=where, field="apply")
             try:
                 method = None if apply is None else Method.from_dict(apply)
             except SpecError as e:
                 raise SpecError(e.message, rule=where, field=e.field) from e
             if not isinstance(r.get("optional", False), bool):
-                raise SpecError(f"optional must be true or false, got {r['optional']!r}", rule=where, field="optional")
+                raise SpecError(f"optional must be true or false, got {shown(r['optional'])}", rule=where, field="optional")
             rules.append(Rule(r["match"], method, r.get("optional", False)))
         return cls(rules, d.get("train", []), d.get("scaling"))
 

@@ -356,3 +356,31 @@ def test_a_specs_rules_cannot_change_behind_its_compiled_matchers():
     with pytest.raises(TypeError):
         spec.rules[0] = Rule("*.k_proj", peftify.LoRA(r=2))
     assert {e.site.fqn.rsplit(".", 1)[1] for e in peftify.plan(tiny_llama(), spec).entries} == {"q_proj"}
+
+
+def _nested(depth: int):
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "rule, field",
+    [
+        ({"match": {"name": "*", "layers": "0-" + "9" * 5000}, "apply": {"method": "lora"}}, "layers"),
+        ({"match": 10**5000, "apply": {"method": "lora"}}, "match"),
+        ({"match": "*", "apply": 10**5000}, "apply"),
+        ({"match": "*", "apply": {"method": "lora"}, "optional": 10**5000}, "optional"),
+        ({"match": "*", "apply": {"method": "lora", "r": 10**5000}}, "r"),
+        ({"match": "*", "apply": {"method": "kron", "a_shape": _nested(3000)}}, "method"),
+        ({"match": _nested(3000), "apply": {"method": "lora"}}, "match"),
+    ],
+    ids=["layers-5000-digits", "match-int", "apply-int", "optional-int", "r-int", "deep-hyperparameter", "deep-match"],
+)
+def test_huge_or_deeply_nested_values_are_spec_errors(rule, field):
+    """Error messages printed such values with repr(): an integer past 4300 digits raised
+    ValueError there, and lists nested thousands deep RecursionError, instead of a SpecError."""
+    with pytest.raises(SpecError) as e:
+        peftify.Spec.from_dict({"rules": [rule]})
+    assert e.value.field == field and len(str(e.value)) < 500
