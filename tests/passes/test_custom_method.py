@@ -2,6 +2,7 @@
 `peftify.Method`, `peftify.SiteModule`), works everywhere a built-in one does; bad registrations
 are refused."""
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
@@ -46,6 +47,17 @@ class OutputScaleModule(peftify.SiteModule):
 
 
 OutputScale.module = OutputScaleModule
+
+
+@dataclass(frozen=True)
+class NoCounts(peftify.Method):
+    """Counts nothing, computes nothing: for what registering and specs refuse."""
+
+    def trainable_params(self, site):
+        return 0
+
+    def flops(self, site):
+        return 0
 
 
 @pytest.fixture
@@ -101,12 +113,8 @@ def test_registering_a_taken_name_or_a_non_method_is_refused(registered):
 
     @peftify.register("test_without_module")
     @dataclass(frozen=True)
-    class WithoutModule(peftify.Method):
-        def trainable_params(self, site):
-            return 0
-
-        def flops(self, site):
-            return 0
+    class WithoutModule(NoCounts):
+        pass
 
     model = tiny_llama(layers=1)
     with pytest.raises(TypeError, match="has no module: set .*WithoutModule.module"):
@@ -148,23 +156,14 @@ def test_register_takes_an_identifier_once_and_no_case_variant_of_another_method
     assert OutputScale.name == NAME and "test_another_name" not in METHODS
 
 
-@dataclass(frozen=True)
-class Unregistered(peftify.Method):
-    def trainable_params(self, site):
-        return 0
-
-    def flops(self, site):
-        return 0
-
-
 def test_a_method_never_registered_is_a_spec_error():
     """It failed later with AttributeError: 'Unregistered' object has no attribute 'name'."""
-    with pytest.raises(peftify.SpecError, match=r"rule 0 .*field 'apply': Unregistered is not registered: decorate it with @peftify.register"):
-        peftify.Spec([peftify.Rule("*", Unregistered())])
+    with pytest.raises(peftify.SpecError, match=r"rule 0 .*field 'apply': NoCounts is not registered: decorate it with @peftify.register"):
+        peftify.Spec([peftify.Rule("*", NoCounts())])
 
 
 @dataclass(frozen=True)
-class Checked(peftify.Method):
+class Checked(NoCounts):
     """Checks its own hyperparameters in __post_init__ with a plain ValueError, and takes a tuple."""
 
     r: int = 1
@@ -173,12 +172,6 @@ class Checked(peftify.Method):
     def __post_init__(self):
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
-
-    def trainable_params(self, site):
-        return 0
-
-    def flops(self, site):
-        return 0
 
 
 def test_a_methods_own_value_error_is_a_spec_error_and_lists_become_tuples():
@@ -192,6 +185,22 @@ def test_a_methods_own_value_error_is_a_spec_error_and_lists_become_tuples():
         assert spec.rules[0].apply.shape == (4, (1, 2)) and hash(spec.rules[0].apply)
     finally:
         METHODS.pop("test_checked", None)
+
+
+@contextlib.contextmanager
+def scale_computed_by(module: type, name: str = "test_scale_variant"):
+    """OutputScale computed by `module`, registered as `name` while the block runs."""
+
+    @dataclass(frozen=True)
+    class Variant(OutputScale):
+        pass
+
+    Variant.module = module
+    peftify.register(name)(Variant)
+    try:
+        yield name
+    finally:
+        METHODS.pop(name, None)
 
 
 class Drifting(OutputScaleModule):
@@ -227,20 +236,12 @@ def test_a_methods_forward_that_is_not_its_merged_weight_is_refused(module, mess
     map and merge wrote another (0.54 apart, also with safe=True), and a forward that dropped
     the bias or gave the wrong width was accepted (the width failed in a later forward)."""
 
-    @dataclass(frozen=True)
-    class Method(OutputScale):
-        pass
-
-    Method.module = module
-    peftify.register("test_inconsistent")(Method)
-    try:
+    with scale_computed_by(module) as name:
         model = tiny_llama(layers=1, mlp_bias=True)
         before = {n: id(p) for n, p in model.named_parameters()}
         with pytest.raises(peftify.SpecError, match=message):
-            peftify.peftify(model, {"rules": [{"match": "role:mlp.down", "apply": {"method": "test_inconsistent"}}]}, progress=False)
+            peftify.peftify(model, {"rules": [{"match": "role:mlp.down", "apply": {"method": name}}]}, progress=False)
         assert {n: id(p) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
-    finally:
-        METHODS.pop("test_inconsistent", None)
 
 
 @dataclass(frozen=True)
@@ -268,26 +269,6 @@ class SharedRandomModule(peftify.SiteModule):
 
 
 SharedRandom.module = SharedRandomModule
-
-
-def test_a_methods_persistent_buffers_are_saved_with_its_parameters(tmp_path):
-    """Buffers a user's module registers (persistent, as torch's default) were left out of the
-    file and drawn anew at load: the loaded adapter computed something else (0.84 apart)."""
-    peftify.register("test_shared_random")(SharedRandom)
-    try:
-        torch.manual_seed(0)
-        base = tiny_llama(layers=1)
-        model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:mlp.*", "apply": {"method": "test_shared_random"}}]}, progress=False)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith(".d"):
-                    p.fill_(0.5)
-        peftify.save_adapter(model, tmp_path)
-        assert any(k.endswith(".a") for k in peftify.adapter_state_dict(model))
-        x = {"input_ids": torch.randint(0, 101, (2, 5))}
-        torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), x), output(model, x), rtol=0, atol=0)
-    finally:
-        METHODS.pop("test_shared_random", None)
 
 
 def test_a_method_without_flops_says_so_by_name():
@@ -344,22 +325,14 @@ def test_the_forward_check_takes_a_float32_merged_weight_and_a_layer_without_bia
     """The probe raised a dtype error for a merged weight in float32 over a half-precision
     model, and refused a method for bias-free layers (a random bias was always passed)."""
 
-    @dataclass(frozen=True)
-    class Method(OutputScale):
-        pass
-
-    Method.module = module
-    peftify.register("test_probe_passes")(Method)
-    try:
+    with scale_computed_by(module) as name:
         torch.manual_seed(0)
         model = tiny_llama(layers=1).to(dtype)  # Llama's linears have no bias
         x = {"input_ids": torch.randint(0, 101, (2, 5))}
-        peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": "test_probe_passes", "init": 1.5}}]}, progress=False)
+        peftify.peftify(model, {"rules": [{"match": "role:mlp.*", "apply": {"method": name, "init": 1.5}}]}, progress=False)
         adapted = output(model, x)
         peftify.merge(model)
         torch.testing.assert_close(output(model, x), adapted, rtol=2e-2, atol=2e-2)
-    finally:
-        METHODS.pop("test_probe_passes", None)
 
 
 class Holder(nn.Module):
@@ -380,27 +353,31 @@ class NestedRandomModule(SharedRandomModule):
         return weight + self.b @ (self.d[:, None] * self.holder.a)
 
 
-def test_a_methods_buffers_in_submodules_are_saved_too(tmp_path):
-    """Only the module's own buffers were saved: one in a child module (or an expert stack's
-    experts) was drawn anew at load (0.83 apart)."""
+@dataclass(frozen=True)
+class NestedRandom(SharedRandom):
+    pass
 
-    @dataclass(frozen=True)
-    class Nested(SharedRandom):
-        pass
 
-    Nested.module = NestedRandomModule
-    peftify.register("test_nested_random")(Nested)
+NestedRandom.module = NestedRandomModule
+
+
+@pytest.mark.parametrize("method, key", [(SharedRandom, ".a"), (NestedRandom, ".holder.a")], ids=["own-buffers", "a-submodule's-buffers"])
+def test_a_methods_persistent_buffers_are_saved_with_its_parameters(method, key, tmp_path):
+    """Buffers a user's module registers (persistent, as torch's default) were left out of the
+    file and drawn anew at load: the loaded adapter computed something else (0.84 apart); then
+    only the module's own were saved, not a child module's (or an expert stack's experts')."""
+    peftify.register("test_random_buffers")(method)
     try:
         torch.manual_seed(0)
         base = tiny_llama(layers=1)
-        model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:mlp.*", "apply": {"method": "test_nested_random"}}]}, progress=False)
+        model = peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "role:mlp.*", "apply": {"method": "test_random_buffers"}}]}, progress=False)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith(".d"):
                     p.fill_(0.5)
         peftify.save_adapter(model, tmp_path)
-        assert any(k.endswith(".holder.a") for k in peftify.adapter_state_dict(model))
+        assert any(k.endswith(key) for k in peftify.adapter_state_dict(model))
         x = {"input_ids": torch.randint(0, 101, (2, 5))}
         torch.testing.assert_close(output(peftify.from_pretrained(copy.deepcopy(base), tmp_path), x), output(model, x), rtol=0, atol=0)
     finally:
-        METHODS.pop("test_nested_random", None)
+        METHODS.pop("test_random_buffers", None)
