@@ -45,7 +45,8 @@ def locked(directory: Path) -> Iterator[bool]:
     Yields whether this thread held it already: a save from a signal handler (a preemption
     checkpoint) during another save goes ahead inside it rather than wait on itself for good."""
     try:
-        key = (os.stat(directory).st_dev, os.stat(directory).st_ino)
+        stat = os.stat(directory)
+        key = (stat.st_dev, stat.st_ino)
     except OSError:
         key = None
     held = _HELD.__dict__.setdefault("keys", set())

@@ -290,10 +290,9 @@ def adapter_buffers(entry: Entry, adapter: str, mod: SiteModule) -> dict[str, to
 
 
 def _buffer(mod: nn.Module, path: str) -> torch.Tensor | None:
-    """The buffer at `path` (``experts.0.a``), None where it is gone (a self-guided guide's mix once dropped)."""
-    owner, _, name = path.rpartition(".")
+    """The buffer at `path` (``experts.0.a``), None where there is none (a dropped guide's mix)."""
     try:
-        return getattr(mod.get_submodule(owner) if owner else mod, name, None)
+        return mod.get_buffer(path)
     except AttributeError:
         return None
 
