@@ -42,13 +42,13 @@ def warn(message: str) -> None:
     warnings.warn(f"peftify: {message}", stacklevel=level)
 
 
-def shown(value) -> str:
-    """A value for an error message, at most 40 characters (Python will not even print an integer
-    of over 4300 digits)."""
+def shown(value, width: int = 40) -> str:
+    """A value for an error message, at most `width` characters (Python will not even print an
+    integer of over 4300 digits)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
         return f"an integer of {value.bit_length()} bits"
     try:
         text = repr(value)
     except (RecursionError, ValueError):  # nested thousands deep, or holding such an integer
         return f"a {type(value).__name__} too deep or large to show"
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."

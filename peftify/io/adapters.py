@@ -98,7 +98,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     tensors, config, files = _contents(model, format, adapter)
     path.mkdir(parents=True, exist_ok=True)
     writes = {
-        files[0]: lambda f: save_file(tensors, f, metadata={"format": "pt"}),
+        files[0]: lambda f: save_file(_unshared(tensors), f, metadata={"format": "pt"}),
         files[1]: lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     }
     with locked(path) as nested:
@@ -106,6 +106,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     if removed:
         warn(f"{str(path)!r} held an adapter in the other format ({', '.join(removed)}): it was removed, so that loading the directory reads this one")
     return path
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (a buffer a method's module also holds in a
+    child, one random matrix all its layers share): each one after the first is written as a copy."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen and t.numel() else t
+        seen.add(storage)
+    return out
 
 
 def _directory(path) -> Path:

@@ -50,9 +50,9 @@ def register(name: str) -> Callable[[type], type]:
             raise TypeError(f"peftify.register({name!r}): {cls!r} is not a dataclass subclassing peftify.Method")
         if not cls.__dataclass_params__.frozen:  # plans group sites by method, which must hash and not change
             raise TypeError(f"peftify.register({name!r}): {cls.__qualname__} must be a frozen dataclass (@dataclass(frozen=True))")
-        unhashable = [f.name for f in dataclasses.fields(cls) if f.default_factory in (list, dict, set)]
+        unhashable = [f.name for f in dataclasses.fields(cls) if (f.compare if f.hash is None else f.hash) and not _hashable_default(f)]
         if unhashable:
-            raise TypeError(f"peftify.register({name!r}): {cls.__qualname__}'s {', '.join(unhashable)} default to a list, dict or set, which cannot hash: use a tuple")
+            raise TypeError(f"peftify.register({name!r}): {cls.__qualname__}'s {', '.join(unhashable)} default to a value that cannot hash (a list, a dict): use a tuple")
         same = lambda other: (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__)
         taken = next((m for n, m in METHODS.items() if n.lower() == name.lower() and not same(m)), None)
         if taken is not None:  # a case variant too: 'LoRA' beside 'lora' would be one typo from the other
@@ -66,8 +66,27 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
+def _hashable_default(f: dataclasses.Field) -> bool:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    try:
+        hash(default)
+    except TypeError:
+        return False
+    return True
+
+
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _beyond_reason(value, depth: int = 0) -> bool:
+    """An integer of thousands of digits (Python refuses to print those past 4300, so a method's
+    own message about it would fail), or lists nested 16 deep."""
+    if isinstance(value, int):
+        return value.bit_length() > 8192
+    if isinstance(value, (list, tuple)):
+        return depth >= 16 or any(_beyond_reason(v, depth + 1) for v in value)
+    return False
 
 
 def invalid(field: str, message: str):
@@ -152,7 +171,7 @@ class Method:
         if name is None:
             raise SpecError("an `apply` dict needs a 'method' key", field="method")
         if not isinstance(name, str):
-            raise SpecError(f"method must be a method's name such as 'lora', got {name!r}", field="method")
+            raise SpecError(f"method must be a method's name such as 'lora', got {shown(name)}", field="method")
         if name not in METHODS:
             import difflib
 
@@ -160,15 +179,17 @@ class Method:
             raise SpecError(f"unknown method {name!r}; known: {sorted(METHODS)}" + (f" (did you mean {near[0]!r}?)" if near else ""), field="method")
         method = METHODS[name]
         names = {f.name for f in dataclasses.fields(method)}
-        for key in d:
+        for key, value in d.items():
             if key not in names:
-                raise SpecError(f"{name} has no hyperparameter {key!r}; it takes {sorted(names)}", field=key)
+                raise SpecError(f"{name} has no hyperparameter {shown(key)}; it takes {sorted(names)}", field=key if isinstance(key, str) else shown(key))
+            if _beyond_reason(value):  # no hyperparameter takes one, and messages could not even print it
+                raise SpecError(f"{name}'s {key}: got {shown(value)}, which no hyperparameter takes", field=key)
         try:  # lists (all JSON and YAML have) as tuples: a method is a frozen, hashable dataclass
             return method(**{k: _tuples(v) for k, v in d.items()})
         except SpecError:
             raise
-        except (TypeError, ValueError, RecursionError) as e:  # a method's own check that raised no SpecError; lists nested thousands deep
-            raise SpecError(f"{name}: {type(e).__name__ if isinstance(e, RecursionError) else e}", field="method") from e
+        except (TypeError, ValueError) as e:  # a method's own check that raised no SpecError
+            raise SpecError(f"{name}: {e}", field="method") from e
 
 
 def check_count(field: str, value, optional: bool = False) -> None:
@@ -303,7 +324,7 @@ class SiteModule(nn.Module):
         return torch.stack([m.merged_weight(w) for m, w in zip(modules, weight.unbind(0))])
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, self.merged_weight(weight), bias)
+        return F.linear(x, self.merged_weight(weight).to(x.dtype), bias)  # a float32 update over a half-precision W too
 
     def summary(self) -> str:
         """A note for `peftify.report` (e.g. what an init pruned)."""

@@ -285,16 +285,18 @@ def adapter_params(model: nn.Module, entry: Entry, adapter: str, mod: SiteModule
 def adapter_buffers(entry: Entry, adapter: str, mod: SiteModule) -> dict[str, torch.Tensor]:
     """The training state an adapter keeps in buffers (a self-guided layer's mix), by full name."""
     prefix = module_prefix(entry.site)
-    kept = (n for n in mod.saved_buffers if n not in mod._non_persistent_buffers_set)
-    return {f"{prefix}.adapters.{adapter}.{n}": b for n in kept if (b := _buffer(mod, n)) is not None}
+    return {f"{prefix}.adapters.{adapter}.{n}": b for n in mod.saved_buffers if (b := _saved_buffer(mod, n)) is not None}
 
 
-def _buffer(mod: nn.Module, path: str) -> torch.Tensor | None:
-    """The buffer at `path` (``experts.0.a``), None where there is none (a dropped guide's mix)."""
+def _saved_buffer(mod: nn.Module, path: str) -> torch.Tensor | None:
+    """The persistent buffer at `path` (``experts.0.a``), None where there is none (a dropped
+    guide's mix) or it is not persistent: its own module says so."""
+    owner, _, name = path.rpartition(".")
     try:
-        return mod.get_buffer(path)
+        holder = mod.get_submodule(owner)
     except AttributeError:
         return None
+    return None if name in holder._non_persistent_buffers_set else holder._buffers.get(name)
 
 
 def base_params(site: Site, base: nn.Module | None) -> dict[str, nn.Parameter]:
@@ -360,9 +362,12 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
                 return  # merge says so, if it is asked for
     finally:
         mod.train(training)
-    if not isinstance(y, torch.Tensor) or y.shape != want.shape:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise SpecError(f"{entry.method.name}'s forward at {entry.site.fqn} gives {got} for an input of {tuple(x.shape)}, not {tuple(want.shape)}", field="method")
+    if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != x.dtype:
+        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise SpecError(
+            f"{entry.method.name}'s forward at {entry.site.fqn} gives {got} for an input of {tuple(x.shape)} {x.dtype}, not {tuple(want.shape)} {x.dtype}",
+            field="method",
+        )
     tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
     gap = float((y.to(want.dtype) - want).abs().max())
     if gap > tolerance * (float(want.abs().max()) + 1e-6):

@@ -91,7 +91,7 @@ def _layers(value) -> Predicate:
     if isinstance(value, bool) or not isinstance(value, (int, list, tuple, str)):
         raise SpecError(f"layers must be an int, a list of ints or a range 'a-b', got {shown(value)}", field="layers")
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d{1,18})\s*(?:-\s*(\d{1,18})\s*)?", value)  # '2-5', or one layer '3' (no number past int64)
+        m = re.fullmatch(r"\s*0*(\d{1,18})\s*(?:-\s*0*(\d{1,18})\s*)?", value)  # '2-5', or one layer '3' (no number past int64)
         if not m:
             raise SpecError(f"layers range must look like '2-5' (or '3'), got {shown(value)}", field="layers")
         first, last = int(m.group(1)), int(m.group(2) or m.group(1))

@@ -26,6 +26,9 @@ SPEC_KEYS = ("rules", "train", "scaling")
 RULE_KEYS = ("match", "apply", "optional")
 
 
+RULE_WIDTH = 300  # how much of a rule's match its errors show (a regex, a dict with `where`)
+
+
 @dataclass(frozen=True)
 class Rule:
     """One rule: every site that `match` selects gets `apply` (a method, or None to exclude).
@@ -39,7 +42,7 @@ class Rule:
 
     def describe(self, index: int) -> str:
         """How errors name this rule: its index and match."""
-        return f"rule {index} ({shown(self.match)})"
+        return f"rule {index} ({shown(self.match, RULE_WIDTH)})"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class Spec:
         if not isinstance(self.rules, (list, tuple)):
             raise SpecError(f"rules must be a list, not {type(self.rules).__name__}", field="rules")
         if not isinstance(self.train, (list, tuple)) or not all(isinstance(t, str) for t in self.train):
-            raise SpecError(f"train must be a list of globs, got {self.train!r}", field="train")
+            raise SpecError(f"train must be a list of globs, got {shown(self.train)}", field="train")
         for pattern in self.train:
             if pattern.startswith("re:"):
                 try:
@@ -67,9 +70,9 @@ class Spec:
             if not isinstance(rule, Rule):
                 raise SpecError(f"expected a Rule, got {type(rule).__name__}", rule=f"rule {i}")
             if not isinstance(rule.optional, bool):
-                raise SpecError(f"optional must be true or false, got {rule.optional!r}", rule=rule.describe(i), field="optional")
+                raise SpecError(f"optional must be true or false, got {shown(rule.optional)}", rule=rule.describe(i), field="optional")
             if rule.apply is not None and not isinstance(rule.apply, Method):
-                raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {rule.apply!r}", rule=rule.describe(i), field="apply")
+                raise SpecError(f"apply must be a method such as peftify.LoRA(...) or None, got {shown(rule.apply)}", rule=rule.describe(i), field="apply")
             if rule.apply is not None and not isinstance(getattr(type(rule.apply), "name", None), str):
                 raise SpecError(f"{type(rule.apply).__qualname__} is not registered: decorate it with @peftify.register('its_name')", rule=rule.describe(i), field="apply")
         object.__setattr__(self, "scaling", scaling_from_dict(self.scaling))
@@ -103,7 +106,7 @@ class Spec:
             raise SpecError("rules must be a list", field="rules")
         rules = []
         for i, r in enumerate(raw_rules):
-            where = f"rule {i}" + (f" ({shown(r.get('match'))})" if isinstance(r, dict) else "")
+            where = f"rule {i}" + (f" ({shown(r.get('match'), RULE_WIDTH)})" if isinstance(r, dict) else "")
             if not isinstance(r, dict):
                 raise SpecError(f"a rule must be a dict with 'match' and 'apply', got {shown(r)}", rule=where)
             _check_keys(r, "rule", where)

@@ -138,9 +138,21 @@ def test_a_method_dataclass_that_is_not_frozen_is_refused():
     class ListDefault(peftify.Method):
         shape: list = field(default_factory=list)
 
-    with pytest.raises(TypeError, match=r"ListDefault's shape default to a list, dict or set, which cannot hash: use a tuple"):
-        peftify.register("list_default_method")(ListDefault)  # planning failed later: unhashable type: 'list'
+    @dataclass(frozen=True)
+    class MadeList(peftify.Method):
+        shape: list = field(default_factory=lambda: [2, 2])
+
+    for cls in (ListDefault, MadeList):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}'s shape default to a value that cannot hash \(a list, a dict\): use a tuple"):
+            peftify.register("list_default_method")(cls)  # planning failed later: unhashable type: 'list'
     assert "list_default_method" not in peftify.METHODS
+
+    @dataclass(frozen=True)
+    class Notes(NoCounts):
+        notes: list = field(default_factory=list, compare=False)  # not hashed: fine
+
+    assert peftify.register("test_notes_method")(Notes) is Notes
+    METHODS.pop("test_notes_method", None)
 
 
 def test_register_takes_an_identifier_once_and_no_case_variant_of_another_method(registered):
@@ -223,12 +235,18 @@ class WrongWidth(OutputScaleModule):
         return super().forward(x, weight, bias)[..., :-1]
 
 
+class WrongDtype(OutputScaleModule):
+    def forward(self, x, weight, bias):
+        return super().forward(x, weight, bias).double()
+
+
 @pytest.mark.parametrize(
     "module, message",
     [
         (Drifting, r"forward at model\.layers\.0\.mlp\.down_proj computes something other than x·merged_weight\(W\)ᵀ \+ bias"),
         (DropsTheBias, r"computes something other than x·merged_weight\(W\)ᵀ \+ bias .*a forward that leaves out the bias"),
-        (WrongWidth, r"forward at model\.layers\.0\.mlp\.down_proj gives \(2, 63\) for an input of \(2, 96\), not \(2, 64\)"),
+        (WrongWidth, r"forward at model\.layers\.0\.mlp\.down_proj gives \(2, 63\) torch.float32 for an input of \(2, 96\) torch.float32, not \(2, 64\) torch.float32"),
+        (WrongDtype, r"gives \(2, 64\) torch.float64 for an input of \(2, 96\) torch.float32"),
     ],
 )
 def test_a_methods_forward_that_is_not_its_merged_weight_is_refused(module, message):
@@ -313,6 +331,16 @@ class Float32Scale(OutputScaleModule):
         return y if bias is None else y + bias
 
 
+class Float32Merged(OutputScaleModule):
+    """No forward of its own: the default one gets a float32 merged weight over a half-precision W."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.scale.data = self.scale.data.float()
+
+    forward = peftify.SiteModule.forward
+
+
 class IgnoresTheBias(OutputScaleModule):
     """For bias-free layers only (as CLOVER is): its forward leaves the bias out."""
 
@@ -320,7 +348,7 @@ class IgnoresTheBias(OutputScaleModule):
         return F.linear(x, weight) * self.scale
 
 
-@pytest.mark.parametrize("module, dtype", [(Float32Scale, torch.bfloat16), (Float32Scale, torch.float16), (IgnoresTheBias, torch.float32)])
+@pytest.mark.parametrize("module, dtype", [(Float32Scale, torch.bfloat16), (Float32Scale, torch.float16), (Float32Merged, torch.bfloat16), (IgnoresTheBias, torch.float32)])
 def test_the_forward_check_takes_a_float32_merged_weight_and_a_layer_without_bias(module, dtype):
     """The probe raised a dtype error for a merged weight in float32 over a half-precision
     model, and refused a method for bias-free layers (a random bias was always passed)."""
@@ -353,15 +381,31 @@ class NestedRandomModule(SharedRandomModule):
         return weight + self.b @ (self.d[:, None] * self.holder.a)
 
 
+class AliasedRandomModule(NestedRandomModule):
+    """Its random A its own buffer and a child's too (one tensor, two names: safetensors refused it)."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.register_buffer("a", self.holder.a)
+
+
 @dataclass(frozen=True)
 class NestedRandom(SharedRandom):
     pass
 
 
+@dataclass(frozen=True)
+class AliasedRandom(SharedRandom):
+    pass
+
+
 NestedRandom.module = NestedRandomModule
+AliasedRandom.module = AliasedRandomModule
 
 
-@pytest.mark.parametrize("method, key", [(SharedRandom, ".a"), (NestedRandom, ".holder.a")], ids=["own-buffers", "a-submodule's-buffers"])
+@pytest.mark.parametrize(
+    "method, key", [(SharedRandom, ".a"), (NestedRandom, ".holder.a"), (AliasedRandom, ".holder.a")], ids=["own-buffers", "a-submodule's-buffers", "one-buffer-two-names"]
+)
 def test_a_methods_persistent_buffers_are_saved_with_its_parameters(method, key, tmp_path):
     """Buffers a user's module registers (persistent, as torch's default) were left out of the
     file and drawn anew at load: the loaded adapter computed something else (0.84 apart); then

@@ -373,10 +373,12 @@ def _nested(depth: int):
         ({"match": "*", "apply": 10**5000}, "apply"),
         ({"match": "*", "apply": {"method": "lora"}, "optional": 10**5000}, "optional"),
         ({"match": "*", "apply": {"method": "lora", "r": 10**5000}}, "r"),
-        ({"match": "*", "apply": {"method": "kron", "a_shape": _nested(3000)}}, "method"),
+        ({"match": "*", "apply": {"method": "kron", "a_shape": _nested(3000)}}, "a_shape"),
+        ({"match": "*", "apply": {"method": "clover", "rope": 10**5000}}, "rope"),
+        ({"match": "*", "apply": {"method": 10**5000}}, "method"),
         ({"match": _nested(3000), "apply": {"method": "lora"}}, "match"),
     ],
-    ids=["layers-5000-digits", "match-int", "apply-int", "optional-int", "r-int", "deep-hyperparameter", "deep-match"],
+    ids=["layers-5000-digits", "match-int", "apply-int", "optional-int", "r-int", "deep-hyperparameter", "rope-int", "method-int", "deep-match"],
 )
 def test_huge_or_deeply_nested_values_are_spec_errors(rule, field):
     """Error messages printed such values with repr(): an integer past 4300 digits raised
@@ -384,3 +386,16 @@ def test_huge_or_deeply_nested_values_are_spec_errors(rule, field):
     with pytest.raises(SpecError) as e:
         peftify.Spec.from_dict({"rules": [rule]})
     assert e.value.field == field and len(str(e.value)) < 500
+    with pytest.raises(SpecError, match="train must be a list of globs, got an integer of 16610 bits") as e:
+        peftify.Spec.from_dict({"rules": [], "train": 10**5000})
+
+
+def test_a_rule_is_named_by_its_whole_match_and_layers_may_have_leading_zeros():
+    """Error messages cut a rule's match at 40 characters (two rules could read the same), and
+    a layers range of more than 18 digits refused layer 1 written with leading zeros."""
+    long = "model.layers.0.self_attn.a_projection_with_a_long_name"
+    with pytest.raises(SpecError) as e:
+        peftify.Spec.from_dict({"rules": [{"match": long, "apply": {"method": "lora", "r": 0}}]})
+    assert e.value.rule == f"rule 0 ({long!r})"
+    plan = peftify.plan(tiny_llama(), {"rules": [{"match": {"name": "*.q_proj", "layers": "0" * 21 + "1"}, "apply": {"method": "lora"}}]})
+    assert [e.site.fqn for e in plan.entries] == ["model.layers.1.self_attn.q_proj"]
