@@ -84,8 +84,8 @@ def _beyond_reason(value, depth: int = 0) -> bool:
     own message about it would fail), or lists nested 16 deep."""
     if isinstance(value, int):
         return value.bit_length() > 8192
-    if isinstance(value, (list, tuple)):
-        return depth >= 16 or any(_beyond_reason(v, depth + 1) for v in value)
+    if isinstance(value, (list, tuple, dict)):
+        return depth >= 16 or any(_beyond_reason(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
     return False
 
 
@@ -188,8 +188,8 @@ class Method:
             return method(**{k: _tuples(v) for k, v in d.items()})
         except SpecError:
             raise
-        except (TypeError, ValueError) as e:  # a method's own check that raised no SpecError
-            raise SpecError(f"{name}: {e}", field="method") from e
+        except (TypeError, ValueError, RecursionError) as e:  # a method's own check that raised no SpecError
+            raise SpecError(f"{name}: {type(e).__name__ if isinstance(e, RecursionError) else e}", field="method") from e
 
 
 def check_count(field: str, value, optional: bool = False) -> None:

@@ -352,8 +352,8 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     x, bias = (torch.randn(shape, generator=g, device=weight.device, dtype=weight.dtype) for shape in ((2, in_f), (out_f,)))
     bias = bias if entry.site.bias else None  # a method for bias-free layers may leave it out
     training = mod.training
-    try:
-        with torch.no_grad():
+    try:  # without autocast, which the rewrite may run under: a forward must give its input's dtype
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False) if torch.amp.is_autocast_available(weight.device.type) else contextlib.nullcontext():
             mod.eval()
             y = mod(x, weight, bias)
             try:
@@ -365,7 +365,8 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != x.dtype:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise SpecError(
-            f"{entry.method.name}'s forward at {entry.site.fqn} gives {got} for an input of {tuple(x.shape)} {x.dtype}, not {tuple(want.shape)} {x.dtype}",
+            f"{entry.method.name}'s forward at {entry.site.fqn} gives {got} for an input of {tuple(x.shape)} {x.dtype}, not {tuple(want.shape)} {x.dtype}"
+            + (" (outside autocast the next layer would get it: give the input's dtype, as nn.Linear does)" if isinstance(y, torch.Tensor) and y.shape == want.shape else ""),
             field="method",
         )
     tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2

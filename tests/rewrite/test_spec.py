@@ -358,6 +358,13 @@ def test_a_specs_rules_cannot_change_behind_its_compiled_matchers():
     assert {e.site.fqn.rsplit(".", 1)[1] for e in peftify.plan(tiny_llama(), spec).entries} == {"q_proj"}
 
 
+def _nested_dict(depth: int):
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 def _nested(depth: int):
     value: list = []
     for _ in range(depth):
@@ -375,10 +382,11 @@ def _nested(depth: int):
         ({"match": "*", "apply": {"method": "lora", "r": 10**5000}}, "r"),
         ({"match": "*", "apply": {"method": "kron", "a_shape": _nested(3000)}}, "a_shape"),
         ({"match": "*", "apply": {"method": "clover", "rope": 10**5000}}, "rope"),
+        ({"match": "*", "apply": {"method": "btt", "factorization": _nested_dict(2000)}}, "factorization"),
         ({"match": "*", "apply": {"method": 10**5000}}, "method"),
         ({"match": _nested(3000), "apply": {"method": "lora"}}, "match"),
     ],
-    ids=["layers-5000-digits", "match-int", "apply-int", "optional-int", "r-int", "deep-hyperparameter", "rope-int", "method-int", "deep-match"],
+    ids=["layers-5000-digits", "match-int", "apply-int", "optional-int", "r-int", "deep-hyperparameter", "rope-int", "deep-dict", "method-int", "deep-match"],
 )
 def test_huge_or_deeply_nested_values_are_spec_errors(rule, field):
     """Error messages printed such values with repr(): an integer past 4300 digits raised
