@@ -67,9 +67,12 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def _hashable_default(f: dataclasses.Field) -> bool:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return _hashable(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+
+
+def _hashable(value) -> bool:
     try:
-        hash(default)
+        hash(value)
     except TypeError:
         return False
     return True
@@ -178,12 +181,15 @@ class Method:
             near = [m for m in METHODS if m == str(name).lower()] or difflib.get_close_matches(str(name).lower(), METHODS, n=3)
             raise SpecError(f"unknown method {name!r}; known: {sorted(METHODS)}" + (f" (did you mean {near[0]!r}?)" if near else ""), field="method")
         method = METHODS[name]
-        names = {f.name for f in dataclasses.fields(method)}
+        fields = {f.name: f for f in dataclasses.fields(method)}
         for key, value in d.items():
-            if key not in names:
-                raise SpecError(f"{name} has no hyperparameter {shown(key)}; it takes {sorted(names)}", field=key if isinstance(key, str) else shown(key))
+            if key not in fields:
+                raise SpecError(f"{name} has no hyperparameter {shown(key)}; it takes {sorted(fields)}", field=key if isinstance(key, str) else shown(key))
             if _beyond_reason(value):  # no hyperparameter takes one, and messages could not even print it
                 raise SpecError(f"{name}'s {key}: got {shown(value)}, which no hyperparameter takes", field=key)
+            f = fields[key]
+            if (f.compare if f.hash is None else f.hash) and not _hashable(_tuples(value)):  # plans group sites by method
+                raise SpecError(f"{name}'s {key} must be a number, a string or a list, not {shown(value)}", field=key)
         try:  # lists (all JSON and YAML have) as tuples: a method is a frozen, hashable dataclass
             return method(**{k: _tuples(v) for k, v in d.items()})
         except SpecError:

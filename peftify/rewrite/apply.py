@@ -32,6 +32,7 @@ from peftify.passes.base import (
     param_meta,
     tag,
     upcast_trainable,
+    without_autocast,
 )
 from peftify.rewrite.capture import ExampleInputs, capture, refuse_rewritten_parts
 from peftify.rewrite.plan import Entry, Plan, Rewritten
@@ -352,8 +353,8 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     x, bias = (torch.randn(shape, generator=g, device=weight.device, dtype=weight.dtype) for shape in ((2, in_f), (out_f,)))
     bias = bias if entry.site.bias else None  # a method for bias-free layers may leave it out
     training = mod.training
-    try:  # without autocast, which the rewrite may run under: a forward must give its input's dtype
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False) if torch.amp.is_autocast_available(weight.device.type) else contextlib.nullcontext():
+    try:  # outside autocast (see apply_plan): a forward must give its input's dtype
+        with torch.no_grad():
             mod.eval()
             y = mod(x, weight, bias)
             try:
@@ -524,14 +525,20 @@ def apply_plan(
         weights.append(weight.detach())
         by_method.setdefault(entry.method, []).append(i)
     built: list[SiteModule | None] = [None] * len(plan.entries)
-    for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
-        items = [(plan.entries[i].site, weights[i]) for i in idx]
-        mods = _skeletons(method, items, [plan.entries[i] for i in idx], adapter, state) if state is not None else None
-        for i, mod in zip(idx, mods or build_for_sites(method, items, progress)):
-            built[i] = mod
-            if mods is None:  # computed from W, not left for a file to fill
-                _refuse_half_overflow(plan.entries[i], mod, weights[i])
-                _check_own_method(plan.entries[i], mod, weights[i])
+    # inits compute in their own precision, not in a caller's autocast (PiSSA's residual in
+    # bfloat16 moved a float32 model's output by 1e-3), and a user's forward is probed as it runs
+    # outside one: it must give its input's dtype
+    with contextlib.ExitStack() as no_autocast:
+        for device in {w.device.type for w in weights}:
+            no_autocast.enter_context(without_autocast(device))
+        for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
+            items = [(plan.entries[i].site, weights[i]) for i in idx]
+            mods = _skeletons(method, items, [plan.entries[i] for i in idx], adapter, state) if state is not None else None
+            for i, mod in zip(idx, mods or build_for_sites(method, items, progress)):
+                built[i] = mod
+                if mods is None:  # computed from W, not left for a file to fill
+                    _refuse_half_overflow(plan.entries[i], mod, weights[i])
+                    _check_own_method(plan.entries[i], mod, weights[i])
     for entry, mod in zip(plan.entries, built):  # in the mode of the layer it joins (an eval model's dropout stays off)
         training = model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training
         if mod.training != training:

@@ -186,6 +186,21 @@ class Checked(NoCounts):
             raise ValueError(f"r must be >= 1, got {self.r}")
 
 
+def test_a_dict_hyperparameter_is_a_spec_error():
+    """A dict reached planning, which groups sites by method, and failed there: unhashable type."""
+
+    @dataclass(frozen=True)
+    class Options(NoCounts):
+        opts: tuple = ()
+
+    peftify.register("test_options")(Options)
+    try:
+        with pytest.raises(peftify.SpecError, match=r"field 'opts': test_options's opts must be a number, a string or a list, not \{'a': 1\}"):
+            peftify.Spec.from_dict({"rules": [{"match": "*", "apply": {"method": "test_options", "opts": {"a": 1}}}]})
+    finally:
+        METHODS.pop("test_options", None)
+
+
 def test_a_methods_own_value_error_is_a_spec_error_and_lists_become_tuples():
     """A ValueError from __post_init__ escaped spec handling, with no rule named; a tuple
     hyperparameter given as a list (all JSON and YAML have) made planning fail: unhashable."""

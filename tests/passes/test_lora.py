@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import MODELS, output, scalar_loss, tiny_gpt2, tiny_llama
+from torch import nn
 
 import peftify
 from peftify import LoRA
@@ -656,3 +657,19 @@ def test_per_sample_gradients_of_lora_take_no_slow_vmap_loop():
         one = grad(loss)(params, x[i], y[i])
         for k in params:
             torch.testing.assert_close(per_sample[k][i], one[k])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_init_that_rewrites_w_under_autocast_computes_in_float32(init):
+    """Under torch.autocast(bfloat16) PiSSA's and OLoRA's residual W − s·B·A ran its product in
+    bfloat16: a float32 model's output moved by 1e-3 at init, and merge gave W back 5e-3 off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    x, w = torch.randn(4, 16), model[0].weight.detach().clone()
+    want = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peftify.peftify(model, {"rules": [{"match": "0", "apply": {"method": "lora", "r": 2, "init": init}}]}, example_inputs=(x,))
+        assert torch.is_autocast_enabled("cpu")
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+    peftify.merge(model)
+    torch.testing.assert_close(model[0].weight, w, rtol=0, atol=1e-6)
