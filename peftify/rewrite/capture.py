@@ -346,13 +346,13 @@ def _trace(model, args, kwargs, collapse: bool):
         except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
             graph, params, inputs = _trace_export(model, args, kwargs)
             tracer = "export"
-        written = [name for name in written_in_place(graph, params) if model.get_parameter(name).dim() >= 2]  # matrices: sites or not
-        if collapsed and any(name.startswith(prefix + ".") for name in written for prefix in collapsed):
-            # which block's weight the forward changes (the traced one, another by index, all) the
+        written = written_in_place(graph, params)
+        if collapsed and any(name.startswith(prefix + ".") and model.get_parameter(name).dim() >= 2 for name in written for prefix in collapsed):
+            # which block's matrix the forward changes (the traced one, another by index, all) the
             # trace of one block per group cannot tell
             raise RuntimeError("a matrix of the blocks is written in place")
         reads = parameter_reads(graph, params)
-        sites, site_uses = sites_from_uses(model, find_uses(graph, params), params, reads)
+        sites, site_uses = sites_from_uses(model, find_uses(graph, params), params, reads, {graph: written})
         return infer_roles(graph, sites, site_uses, params, inputs), collapsed, tracer, set(reads)
 
 

@@ -348,10 +348,12 @@ def _call(node: torch.fx.Node) -> str:
     return list(stack)[-1] if stack else ""
 
 
-def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], reads: dict[str, list[torch.fx.Node]]) -> tuple[list[Site], dict[str, list[Use]]]:
+def sites_from_uses(
+    model: nn.Module, uses: list[Use], params: dict[str, str], reads: dict[str, list[torch.fx.Node]], written: dict[torch.fx.Graph, set[str]] | None = None
+) -> tuple[list[Site], dict[str, list[Use]]]:
     """Group uses by weight parameter into sites; decide module vs functional ownership.
     `params` maps the graph's parameter placeholders to parameter names; `reads` is
-    `parameter_reads` of the graph."""
+    `parameter_reads` of the graph; `written`, `written_in_place` of graphs already looked at."""
     names = parameter_names(model)
     canonical = {n: ns[0] for ns in names.values() for n in ns}
     alias_of = {n: ns for ns in names.values() for n in ns}
@@ -366,9 +368,12 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
     def traced_ops(graph):  # one pass over the graph, and only if a Linear subclass overrides forward
         return ops_by_owner(graph, params)
 
-    @functools.cache
-    def written(graph):
-        return written_in_place(graph, params)
+    known = dict(written or {})
+
+    def written_in(graph):
+        if graph not in known:
+            known[graph] = written_in_place(graph, params)
+        return known[graph]
 
     @functools.cache
     def owned(graph):  # the ops each call of a module's forward ran, its children's too, in one pass
@@ -395,7 +400,7 @@ def sites_from_uses(model: nn.Module, uses: list[Use], params: dict[str, str], r
             elif u.owner not in owners:
                 owners += [p for p in paths[id(mod)] if p not in owners]  # the tracer names a module by its first path
         module_site = len(owners) > 0 and every_use_own
-        if not module_site and not written(first.node.graph).isdisjoint(alias_of[weight]):
+        if not module_site and not written_in(first.node.graph).isdisjoint(alias_of[weight]):
             continue  # changed in place by the forward: parametrized, each read would compute W′ anew without the change
         # Other code reading a module site's weight (``F.embedding(ids, self.head.weight)``, a
         # penalty on it) sees the base weight while an adapter is on, as with PEFT's layers, and
