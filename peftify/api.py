@@ -198,6 +198,8 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
         if p.requires_grad:
             decay = weight_decay if decays.get(id(p), p.dim() >= 2) else 0.0
             groups.setdefault((float(mults.get(id(p), 1.0)), decay), []).append(p)
+    if not groups:  # an optimizer refuses an empty list, far from the cause
+        warn(f"{type(model).__name__} has no parameter that requires grad (adapters disabled or set to None, or an adapter loaded for inference): the groups are empty")
     return [{"params": ps, "lr": lr * m, "weight_decay": decay, "lr_mult": m} for (m, decay), ps in sorted(groups.items())]
 
 
@@ -210,18 +212,21 @@ class Report:
     trainable: int
     total: int
     note: str
+    train_line: str | None = None  # the existing parameters the spec's `train` globs train, beside the rows
 
     def __str__(self) -> str:
         header = ("site", "method", "params before", "trainable", "params after", "flops/tok before", "flops/tok after", "note")
         pct = 100 * self.trainable / max(self.total, 1)
-        return "\n".join([table(header, self.rows), f"trainable {human(self.trainable)} of {human(self.total)} parameters ({pct:.3f}%){self.note}"])
+        lines = [table(header, self.rows), *([self.train_line] if self.train_line else []), f"trainable {human(self.trainable)} of {human(self.total)} parameters ({pct:.3f}%){self.note}"]
+        return "\n".join(lines)
 
     __repr__ = __str__
 
 
 @accepts_compiled
 def report(model: nn.Module) -> Report:
-    """Table of the rewritten sites: method, parameters and FLOPs per token before and after."""
+    """Table of the rewritten sites: method, parameters and FLOPs per token before and after.
+    A model with no rewrite (never rewritten, or merged or unloaded since) raises `SpecError`."""
     state = rewrite_state(model, "report")
     rows = []
     for e in state.plan.entries:
@@ -253,7 +258,8 @@ def report(model: nn.Module) -> Report:
         if any(name != "bias" or id(m) in whole for m, name in record.slots):
             for p in (record.original, *record.copies.values()):
                 held.setdefault(id(p), p)
-    return Report(rows, sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in held.values()), note)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Report(rows, trainable, sum(p.numel() for p in held.values()), note, state.plan.train_line() if state.plan.train else None)
 
 
 __all__ = ["adapters", "capture", "delete_adapter", "disable_adapters", "merge", "param_groups", "peftify", "plan", "report", "set_adapter", "unload"]

@@ -102,7 +102,7 @@ class Plan:
             header, rows = (*header, "note"), [(*row, note) for row, note in zip(rows, notes)]
         out = [table(header, rows)]
         if self.train:
-            out.append(f"also trainable: {len(self.train)} existing parameters ({human(self._train_numel)}): " + ", ".join(self.train[:6]) + (" ..." if len(self.train) > 6 else ""))
+            out.append(self.train_line())
         # after the rewrite: the dense weights structures replace are gone and every method's
         # trained and frozen tensors are there (an existing bias it trains was there before)
         replaced = sum(e.site.in_features * e.site.out_features * e.site.stack for e in self.entries if e.method.replaces_base)
@@ -110,7 +110,7 @@ class Plan:
             (e.method.trainable_params(e.site) + e.method.frozen_params(e.site) - (e.site.out_features if e.site.bias and e.method.trains_base_bias() else 0)) * e.site.stack
             for e in self.entries
         )
-        after = self.total_params - replaced + added
+        after = self.total_params - replaced + added + getattr(self, "_train_copies", 0)  # (a plan pickled before it was counted: none)
         pct = 100 * self.trainable_params / max(after, 1)
         out.append(
             f"{len(self.entries)} of {len(self.capture.sites)} sites rewritten; trainable {human(self.trainable_params)} "
@@ -120,6 +120,10 @@ class Plan:
         return "\n".join(out)
 
     __repr__ = __str__
+
+    def train_line(self) -> str:
+        """The existing parameters the spec's `train` globs make trainable, as the tables list them."""
+        return f"also trainable: {len(self.train)} existing parameters ({human(self._train_numel)}): " + ", ".join(self.train[:6]) + (" ..." if len(self.train) > 6 else "")
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,10 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     # a bias a method trains and a glob names too trains once: the site's count holds it
     counted = {e.site.bias for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}
     plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
+    # a parameter trained whole gets a trained copy beside the kept original (PEFT's modules_to_save,
+    # which `report` counts too); a bias trained without its module's weight trains in place
+    whole = {n.rpartition(".")[0] for n in train if n.rpartition(".")[2] != "bias"}
+    plan._train_copies = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n.rpartition(".")[0] in whole)
     # at the weights' precision, for the methods whose count depends on it
     plan._flops = {e.site.fqn: e.method.flops_for(e.site, _weight_dtype(model, rewritten, e.site)) for e in entries if type(e.method).flops_for is not Method.flops_for}
     plan._model = weakref.ref(model)  # to preview projections when printed

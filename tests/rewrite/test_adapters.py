@@ -892,6 +892,8 @@ def test_what_a_peft_user_gets_wrong_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         peftify.param_groups(model.model)  # a part of a rewritten model: no warning
+    with peftify.disable_adapters(model), pytest.warns(UserWarning, match="LlamaForCausalLM has no parameter that requires grad .*: the groups are empty"):
+        assert peftify.param_groups(model) == []  # AdamW then said only "optimizer got an empty parameter list"
     (tmp_path / "file").write_text("")
     with pytest.raises(SpecError, match="is a file; an adapter is saved into a directory"):
         peftify.save_adapter(model, tmp_path / "file")

@@ -526,6 +526,25 @@ def test_the_plan_counts_its_percentage_against_the_parameters_after_the_rewrite
     assert planned.groups() == reported.groups()
 
 
+@pytest.mark.parametrize("train", [["model.norm.weight"], ["model.norm.weight", "lm_head.weight"], ["model.layers.0.mlp.down_proj.bias"]], ids=["whole", "two", "bias"])
+def test_the_report_lists_the_parameters_train_globs_train_and_the_plan_counts_their_copies(train):
+    """The report's rows summed to less than its trainable count with no line for the `train`
+    parameters, and the plan's total left out their trained copies, which the report counts
+    (PEFT's modules_to_save: 2K planned against 2.1K reported)."""
+    import re
+
+    model = tiny_llama(mlp_bias="bias" in train[0])
+    spec = {"rules": [{"match": "role:attn.q", "apply": {"method": "lora", "r": 2}}], "train": train}
+    plan = str(peftify.plan(model, spec))
+    report = peftify.report(peftify.peftify(model, spec))
+    line = f"also trainable: {len(train)} existing parameters"
+    assert line in plan and line in str(report)
+    assert report.trainable == sum(r[3] for r in report.rows) + sum(model.get_parameter(n).numel() for n in train)
+    planned = re.search(r"trainable (\S+) of ~(\S+) parameters after the rewrite \((\S+)%\)", plan)
+    reported = re.search(r"trainable (\S+) of (\S+) parameters \((\S+)%\)", str(report))
+    assert planned.groups() == reported.groups()
+
+
 def test_a_merge_stopped_just_after_a_layer_went_back_can_be_finished(monkeypatch):
     """Stopped between putting a layer's original module back and recording it, a merge left the
     layer plain but listed as adapted: a second merge, report and unload raised AttributeError,
