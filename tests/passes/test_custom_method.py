@@ -379,6 +379,60 @@ def test_the_forward_check_takes_a_float32_merged_weight_and_a_layer_without_bia
         torch.testing.assert_close(output(model, x), adapted, rtol=2e-2, atol=2e-2)
 
 
+class TokensOnly(OutputScaleModule):
+    """Written for a transformer's (batch, tokens, hidden) activations: unpacks three dimensions."""
+
+    def forward(self, x, weight, bias):
+        _batch, _tokens, _hidden = x.shape
+        return torch.einsum("btd,od->bto", x, weight) * self.scale
+
+
+class RecordsRange(OutputScaleModule):
+    """Calibrates as it runs (AWQ-like): the largest |x| seen, kept in a persistent buffer, and a
+    count put in anew each call."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.register_buffer("act_max", torch.zeros(()))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x, weight, bias):
+        self.act_max = torch.maximum(self.act_max, x.abs().max())  # a new tensor in the slot
+        self.calls += 1  # in place
+        return super().forward(x, weight, bias)
+
+
+class FourDimensional(OutputScaleModule):
+    """Written for (batch, height, width, channels) inputs only: no probe input runs it."""
+
+    def forward(self, x, weight, bias):
+        _b, _h, _w, _c = x.shape
+        return super().forward(x, weight, bias)
+
+
+def test_the_forward_check_runs_a_forward_written_for_tokens_and_leaves_its_buffers_as_they_were():
+    """The probe called a forward written for 3-D activations with 2-D rows: the rewrite raised
+    a bare ValueError (not enough values to unpack) for a correct method; and a forward that
+    records statistics in buffers kept the probe's random input in them (saved with the adapter)."""
+    x = {"input_ids": torch.randint(0, 101, (2, 5))}
+    with scale_computed_by(TokensOnly) as name:
+        model = tiny_llama(layers=1)
+        peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name, "init": 1.5}}]}, progress=False)
+        adapted = output(model, x)
+        peftify.merge(model)
+        torch.testing.assert_close(output(model, x), adapted)
+    with scale_computed_by(RecordsRange) as name:
+        model = tiny_llama(layers=1)
+        peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
+        mod = model.model.layers[0].self_attn.q_proj.adapters["default"]
+        assert float(mod.act_max) == 0 and int(mod.calls) == 0 and mod._buffers["act_max"].dim() == 0
+        assert set(mod.state_dict()) == {"scale", "act_max", "calls"}
+    with scale_computed_by(FourDimensional) as name:
+        model = tiny_llama(layers=1)
+        with pytest.warns(UserWarning, match=r"forward at model\.layers\.0\.self_attn\.q_proj raised on every probe input \(\(2, 64\): ValueError: .*\(1, 2, 64\): ValueError: .*is unchecked"):
+            peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
+
+
 class Holder(nn.Module):
     def __init__(self, a):
         super().__init__()
