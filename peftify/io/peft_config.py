@@ -78,7 +78,9 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
     index after the first of layers_pattern in a name (else the first number after two name
     parts) and, as in PEFT, applies to target_modules matched by suffix only (a module named in
     full is adapted in any layer, and target_parameters in every layer). exclude_modules,
-    rank_pattern/alpha_pattern, bias and the LoRA fields map one to one. A task_type whose PEFT
+    rank_pattern/alpha_pattern, bias and the LoRA fields map one to one; for target_parameters,
+    as in PEFT, a pattern key reads "<module>.<parameter>", exclude_modules does not apply, and
+    target_modules None still adds the default q and v projections. A task_type whose PEFT
     model trains a head (SEQ_CLS and TOKEN_CLS: "classifier" or "score"; QUESTION_ANS:
     "qa_outputs") adds that head to modules_to_save, as PEFT does. `in_file` (loading a file)
     is the names of the parameters the file holds.
@@ -139,6 +141,8 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
         else:
             target = _and(target, by_layer)
     parameters = d.get("target_parameters") or []
+    r, alpha = d.get("r", 8), d.get("lora_alpha", 8)
+    rules = [Rule(target, lora(r, alpha))]
     if parameters:
         # PEFT adapts these parameters (expert stacks) with plain LoRA only, in every layer
         for key, bad in (("lora_dropout", float(d.get("lora_dropout", 0.0)) != 0.0), ("use_dora", bool(d.get("use_dora")))):
@@ -149,27 +153,31 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
         owners = [p.removesuffix(".weight") for p in parameters if p.endswith(".weight")]
         if owners:
             by_parameter = f"(?:{by_parameter})|(?:{_names_regex(owners)})"
-        if not names:
-            target = f"re:{by_parameter}"
+        if names is None:  # PEFT still fills in its default target_modules (the model type's q and v)
+            rules = [Rule(target, lora(r, alpha), optional=True), Rule(f"re:{by_parameter}", lora(r, alpha))]
+        elif not names:
+            target, rules = None, [Rule(f"re:{by_parameter}", lora(r, alpha))]
         elif isinstance(target, dict):
-            raise SpecError(f"target_modules={names!r} with target_parameters: list the modules by name", field="target_parameters")
+            rules.append(Rule(f"re:{by_parameter}", lora(r, alpha)))
         else:
-            target = f"re:(?:{target[3:]})|(?:{by_parameter})"
-    r, alpha = d.get("r", 8), d.get("lora_alpha", 8)
-    rules = [Rule(target, lora(r, alpha))]
+            rules = [Rule(f"re:(?:{target[3:]})|(?:{by_parameter})", lora(r, alpha))]
     # rank and alpha patterns resolve independently (first matching key wins in PEFT): one rule per
-    # combination, the most specific last so it overrides.
+    # combination, the most specific last so it overrides. They read a module's name; a targeted
+    # parameter's pattern reads "<module>.<parameter>" (`_parameter_pattern_rules`).
     rank_keys = [None, *reversed(list(d.get("rank_pattern") or {}))]
     alpha_keys = [None, *reversed(list(d.get("alpha_pattern") or {}))]
     for rk in rank_keys:
         for ak in alpha_keys:
-            if rk is None and ak is None:
+            if rk is None and ak is None or target is None:
                 continue
             looks = "".join(f"(?={_pattern_regex(k)}$)" for k in (rk, ak) if k is not None)
             rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r", "alpha_pattern" if ak else "lora_alpha"), optional=True))
+    if parameters:
+        rules += _parameter_pattern_rules(d, parameters, model, lambda rk, ak: lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r", "alpha_pattern" if ak else "lora_alpha"))
     exclude = d.get("exclude_modules")
-    if exclude:
-        rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
+    if exclude and target is not None:  # PEFT excludes modules it targets, never a targeted parameter
+        excluded = f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}"
+        rules.append(Rule(_and(target, {"name": excluded}) if parameters else excluded, None, optional=True))
     heads, listed = TASK_HEADS.get(d.get("task_type") or "", []), list(d.get("modules_to_save") or [])
     if model is not None:  # as in PEFT, a head the model does not have is no error
         params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -197,6 +205,31 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
     if bias == "all" and (model is None or any(re.fullmatch(every_bias, n) for n, _ in model.named_parameters())):  # PEFT: no biases, nothing to train
         train.append(f"re:{every_bias}")
     return Spec(rules, train)
+
+
+def _parameter_pattern_rules(d: dict, parameters: list[str], model, lora) -> list[Rule]:
+    """One rule per targeted parameter a rank_pattern or alpha_pattern key takes, matched as PEFT
+    matches it: against "<module>.<parameter>" (``up_proj.weight``, not ``up_proj``), the first
+    key that matches winning. `lora(rank_key, alpha_key)` builds the method."""
+    patterns = [(field, list(d.get(field) or {})) for field in ("rank_pattern", "alpha_pattern")]
+    if not any(keys for _, keys in patterns):
+        return []
+    if model is None:
+        raise SpecError("rank_pattern and alpha_pattern keys name a targeted parameter by its module and parameter name: converting them needs the model", field=next(f for f, keys in patterns if keys))
+    from peftify.rewrite.plan import Rewritten
+
+    live, rules = Rewritten.of(model), []
+    first = lambda keys, name: next((k for k in keys if re.match(rf"{_pattern_regex(k)}$", name)), None)
+    for name in dict.fromkeys(o for n, _ in model.named_parameters(remove_duplicate=False) if (o := live.original(n)) is not None):
+        if name not in parameters and not any(name.endswith("." + p) for p in parameters):
+            continue
+        rk, ak = (first(keys, name) for _, keys in patterns)
+        if rk is None and ak is None:
+            continue
+        module, _, leaf = name.rpartition(".")
+        site = [name, module] if leaf == "weight" and module else [name]  # a linear layer's weight is its module's site
+        rules.append(Rule("re:" + "|".join(map(re.escape, site)), lora(rk, ak), optional=True))
+    return rules
 
 
 def _is_number(v) -> bool:

@@ -79,6 +79,13 @@ CASES = {
     # a linear layer's weight among target_parameters (was dropped silently; its file did not load)
     "parameter-of-a-linear": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj"], "target_parameters": ["mlp.up_proj.weight"]}),
     "parameter-of-a-linear-alone": (tiny_llama, LLAMA_IN, {"target_modules": [], "target_parameters": ["self_attn.q_proj.weight"]}),
+    # a targeted parameter's pattern key reads "<module>.<parameter>": "up_proj.weight" takes, "up_proj" does not
+    # (they were read the other way round: another rank, and another scale in silence)
+    "parameter-patterns": (tiny_llama, LLAMA_IN, {"target_modules": ["v_proj"], "target_parameters": ["mlp.up_proj.weight", "mlp.down_proj.weight"], "rank_pattern": {"up_proj": 6, "down_proj.weight": 2}, "alpha_pattern": {"0.mlp.up_proj.weight": 32, "v_proj": 3}}),
+    # exclude_modules leaves targeted parameters alone (it dropped layer 0's up_proj), and no
+    # target_modules still means the model type's q and v, beside the parameters (they were dropped)
+    "parameter-not-excluded": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj"], "target_parameters": ["mlp.up_proj.weight"], "exclude_modules": ["layers.0.mlp.up_proj", "layers.1.self_attn.q_proj"]}),
+    "parameter-and-default-targets": (tiny_llama, LLAMA_IN, {"target_parameters": ["mlp.up_proj.weight"]}),
     "patterns": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "rank_pattern": {"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "mlp.*": 5}}),
     "default-targets": (tiny_llama, LLAMA_IN, {}),
     "random-init": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "up_proj"], "init_lora_weights": False}),
@@ -282,6 +289,17 @@ def test_layers_patterns_take_the_first_pattern_that_occurs_as_peft_does():
         cfg = LoraConfig(r=2, target_modules=["q", "wi"], layers_to_transform=[1], layers_pattern=pattern)
         theirs = get_peft_model(copy.deepcopy(base), cfg)
         assert set(our_lora(peftify.peftify(copy.deepcopy(base), cfg, progress=False))) == set(peft_lora(theirs)), pattern
+
+
+def test_a_targeted_parameters_patterns_need_the_model_to_convert():
+    """A pattern key names a targeted parameter by "<module>.<parameter>": which sites that is
+    only the model says (a linear layer's weight is its module's site)."""
+    config = {"target_modules": [], "target_parameters": ["mlp.up_proj.weight"], "alpha_pattern": {"up_proj.weight": 32}}
+    with pytest.raises(SpecError, match=r"field 'alpha_pattern': .*converting them needs the model"):
+        peftify.Spec.from_peft(config)
+    assert len(peftify.Spec.from_peft({**config, "alpha_pattern": {}}).rules) == 1
+    spec = peftify.Spec.from_peft(config, tiny_llama())
+    assert [(r.match, r.apply.alpha) for r in spec.rules[1:]] == [(rf"re:model\.layers\.{i}\.mlp\.up_proj\.weight|model\.layers\.{i}\.mlp\.up_proj", 32) for i in (0, 1)]
 
 
 def test_a_lora_only_file_of_a_model_with_two_adapters_loads_as_in_peft(tmp_path):
