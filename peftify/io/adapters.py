@@ -438,10 +438,12 @@ def _resolved_spec(config: dict) -> Spec:
 
 def _from_native_keys(tensors: dict, plan, adapter: str) -> dict:
     """A native file's keys → live names: a site's own parameters go under its adapter."""
-    prefixes = sorted((module_prefix(e.site) + "." for e in plan.entries), key=len, reverse=True)
+    prefixes = {module_prefix(e.site) for e in plan.entries}
     out = {}
     for key, t in tensors.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        parts = key.split(".")
+        # the longest site prefix, looked up (not every site tried per key: loads were quadratic)
+        prefix = next((p + "." for i in range(len(parts) - 1, 0, -1) if (p := ".".join(parts[:i])) in prefixes), None)
         if prefix is not None and not key[len(prefix) :].startswith("base_layer."):
             key = f"{prefix}adapters.{adapter}.{key[len(prefix):]}"
         out[key] = t

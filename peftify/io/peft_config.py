@@ -495,7 +495,8 @@ def to_peft(plan, model) -> dict[str, Any]:
         n, o = next(iter(overlaps.items()))
         raise SpecError(f"PEFT's modules_to_save selects modules by name ending: {n!r} would also select {o!r}; save with format='native'", field="format")
     modules = [e.site.fqn for e in plan.entries if e.site.kind == "module"]
-    ambiguous = {n for n in modules + [e.site.fqn for e in plan.entries] if any(p != n and p.endswith("." + n) for p in paths)}
+    endings = {".".join(parts[i:]) for parts in (p.split(".") for p in paths) for i in range(1, len(parts))}  # what other names end with, after a dot
+    ambiguous = {n for n in modules + [e.site.fqn for e in plan.entries] if n in endings}
     # a pattern key anchored with ^ matches the full name only, inside PEFT's (.*\.)?(key)$
     key = lambda fqn: ("^" if fqn in ambiguous else "") + re.escape(fqn)
     init = {v: k for k, v in INITS.items()}.get(first.init, first.init)  # "pissa_niter_4" as it is

@@ -790,12 +790,16 @@ def _keep_off_fast_path(model: nn.Module, adapted: AdaptedSite) -> None:
     layer's weights alone, would still pack a padded batch into a nested tensor, which only the
     fast path takes: it is told not to (``use_nested_tensor``) until no adapted layer is left."""
     site = adapted.site
-    if site.kind == "module" and any(isinstance(model.get_submodule(_split(p)[0]), nn.TransformerEncoderLayer) for p in site.owners):
+    if _in_encoder_layer(model, site):
         adapted.register_forward_pre_hook(_keeps_encoder_layers_off_their_fast_path)
         for encoder in _encoders_of(model, site):
             if encoder.__dict__.get("use_nested_tensor"):
                 encoder.use_nested_tensor = False
                 encoder.__dict__["_peftify_nested_tensor_off"] = True
+
+
+def _in_encoder_layer(model: nn.Module, site: Site) -> bool:
+    return site.kind == "module" and any(isinstance(model.get_submodule(_split(p)[0]), nn.TransformerEncoderLayer) for p in site.owners)
 
 
 def _encoders_of(model: nn.Module, site: Site) -> list[nn.TransformerEncoder]:
@@ -808,7 +812,7 @@ def _encoders_of(model: nn.Module, site: Site) -> list[nn.TransformerEncoder]:
 def _let_encoders_nest_again(model: nn.Module, site: Site | None = None) -> None:
     """Give back ``use_nested_tensor`` to the encoders `_keep_off_fast_path` turned it off in
     (those of `site`, or all), once none of their layers is adapted."""
-    if site is not None and site.kind != "module":
+    if site is not None and not _in_encoder_layer(model, site):  # (not a walk of the model per site: merge was quadratic)
         return
     encoders = _encoders_of(model, site) if site is not None else [m for m in model.modules() if "_peftify_nested_tensor_off" in m.__dict__]
     for encoder in encoders:

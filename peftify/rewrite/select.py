@@ -194,15 +194,21 @@ def compile_where(text: Any) -> Predicate:
         raise SpecError(f"{text!r} cannot be used: {e}", field="where") from e
     if not is_predicate(tree):
         raise SpecError(f"{text!r} is not a true/false predicate", field="where")
-    used = {str(s) for s in expr.free_symbols}
+    used = sorted(str(s) for s in expr.free_symbols)
+    # one sympy substitution per distinct set of values (~0.3 ms each; sites share shapes): a
+    # plan evaluated every rule at every site, 4 s for 100 rules over a 32-layer Llama
+    found: dict[tuple, bool] = {}
 
     def predicate(site: Site, ctx: Context) -> bool:
         values = {"in_features": site.in_features, "out_features": site.out_features, "layer": site.layer, "depth": ctx.depth, "width": ctx.width}
-        if any(values[n] is None for n in used):
+        key = tuple(values[n] for n in used)
+        if None in key:
             return False
-        try:
-            return bool(expr.subs({symbols[n]: values[n] for n in used}))
-        except (TypeError, ValueError, ArithmeticError, RecursionError) as e:  # e.g. a division by a size that is 0 here
-            raise SpecError(f"{text!r} cannot be evaluated for {site.fqn} ({e})", field="where") from e
+        if key not in found:
+            try:
+                found[key] = bool(expr.subs({symbols[n]: values[n] for n in used}))
+            except (TypeError, ValueError, ArithmeticError, RecursionError) as e:  # e.g. a division by a size that is 0 here
+                raise SpecError(f"{text!r} cannot be evaluated for {site.fqn} ({e})", field="where") from e
+        return found[key]
 
     return predicate

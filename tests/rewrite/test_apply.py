@@ -545,6 +545,23 @@ def test_the_report_lists_the_parameters_train_globs_train_and_the_plan_counts_t
     assert planned.groups() == reported.groups()
 
 
+@pytest.mark.parametrize("restore", ["merge", "unload"])
+def test_merge_and_unload_walk_the_model_a_bounded_number_of_times(restore, monkeypatch):
+    """Each restored site walked every module of the model (looking for nn.TransformerEncoders
+    it might have turned off): merge took 7 s for 2000 linears, 13.5 s for a 256-layer Llama."""
+    visits, walk = [], nn.Module.named_modules
+    monkeypatch.setattr(nn.Module, "named_modules", lambda self, *a, **k: visits.append(1) or walk(self, *a, **k))
+
+    def walked(n):
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(n)])
+        peftify.peftify(model, {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, example_inputs=torch.randn(2, 8), progress=False)
+        visits.clear()
+        getattr(peftify, restore)(model)
+        return len(visits)
+
+    assert walked(40) <= 2.5 * walked(20)
+
+
 def test_a_merge_stopped_just_after_a_layer_went_back_can_be_finished(monkeypatch):
     """Stopped between putting a layer's original module back and recording it, a merge left the
     layer plain but listed as adapted: a second merge, report and unload raised AttributeError,

@@ -66,6 +66,30 @@ def test_selectors(match, expected):
     assert {e.site.fqn for e in plan.entries} == expected
 
 
+def test_a_where_predicate_is_evaluated_once_per_distinct_value_of_what_it_reads(monkeypatch):
+    """Each rule's predicate ran a sympy substitution at every site (~0.3 ms each): 100 `where`
+    rules took 4 s to plan over a 32-layer Llama."""
+    import sympy
+
+    calls, subs = [], sympy.Basic.subs
+
+    def counted(self, *args, **kwargs):  # the predicates' own calls, not sympy's nested ones
+        calls.append(1)
+        monkeypatch.setattr(sympy.Basic, "subs", subs)
+        try:
+            return subs(self, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(sympy.Basic, "subs", counted)
+
+    monkeypatch.setattr(sympy.Basic, "subs", counted)
+    model = tiny_llama(layers=4)
+    shapes = {(s.in_features, s.out_features) for s in peftify.capture(model).sites}
+    rules = [{"match": {"where": f"in_features >= {n} and out_features > 0"}, "apply": {"method": "lora", "r": 2}} for n in (64, 96)]
+    plan = peftify.plan(model, {"rules": [*rules, {"match": {"where": "layer == 1"}, "apply": None}]})
+    assert len(calls) == 2 * len(shapes) + 4  # the last rule reads the layer: one call per layer
+    assert {e.site.fqn for e in plan.entries if e.site.layer == 1} == set()
+
+
 def test_type_selector_on_gpt2():
     plan = peftify.plan(tiny_gpt2(), {"rules": [{"match": {"type": "Conv1D"}, "apply": {"method": "lora", "r": 2}}]})
     assert len(plan.entries) == 8 and all(e.site.module_type == "Conv1D" for e in plan.entries)
