@@ -339,13 +339,18 @@ def kept_tensors(model: nn.Module):
 def _trace(model, args, kwargs, collapse: bool):
     # symbolic_shapes prints the partial graph of a trace that fails on data-dependent control flow
     with kept_tensors(model), _collapsed_repeats(model, collapse) as collapsed, _traceable_experts(model), _quiet("torch.fx.experimental.symbolic_shapes"):
-        try:
-            with _quiet("torch._subclasses.fake_tensor"):
-                graph, params, inputs = _trace_make_fx(model, args, kwargs)
-            tracer = "make_fx"
-        except Exception:  # noqa: BLE001 - the slower, more forgiving tracer
-            graph, params, inputs = _trace_export(model, args, kwargs)
-            tracer = "export"
+        attempts = [("make_fx", lambda: _trace_make_fx(model, args, kwargs))]
+        if any(t.dtype == torch.float16 for t in (*model.parameters(), *model.buffers())):
+            attempts.append(("make_fx", lambda: _trace_make_fx(model, args, kwargs, float16_as_float32=True)))
+        attempts.append(("export", lambda: _trace_export(model, args, kwargs)))  # the slower, more forgiving tracer
+        for i, (tracer, attempt) in enumerate(attempts):
+            try:
+                with _quiet("torch._subclasses.fake_tensor"):
+                    graph, params, inputs = attempt()
+                break
+            except Exception:  # the next attempt; the last one's error is raised
+                if i == len(attempts) - 1:
+                    raise
         written = written_in_place(graph, params)
         if collapsed and any(name.startswith(prefix + ".") and model.get_parameter(name).dim() >= 2 for name in written for prefix in collapsed):
             # which block's matrix the forward changes (the traced one, another by index, all) the
@@ -385,15 +390,26 @@ class _Traced:
         return torch.func.functional_call(self._orig_mod, state, args, kwargs)
 
 
-def _trace_make_fx(model, args, kwargs):
+def _trace_make_fx(model, args, kwargs, float16_as_float32: bool = False):
     """Pre-dispatch make_fx on fake tensors: the tracer torch.export uses underneath, without
-    export's signature and verification passes, which cost 2-3x the trace itself."""
+    export's signature and verification passes, which cost 2-3x the trace itself.
+
+    `float16_as_float32` traces a float16 model as a float32 one on the meta device: encoders
+    of transformers (BART, Marian, LED, …) branch on float16 data (``if dtype == float16 and not
+    isfinite(h).all(): clamp``), which no trace on fake tensors can decide; their linear maps are
+    the same in float32."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     # a quantized weight (a torchao tensor subclass) may not become a fake tensor; the trace needs
     # only its shape, dtype and device: a plain tensor of those, taking no memory, stands in
     state = {n: torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape) if packed(t) else t for n, t in state.items()}
+    if float16_as_float32:
+        from torch.utils._pytree import tree_map
+
+        skeleton = lambda t: torch.empty(t.shape, dtype=torch.float32 if t.dtype == torch.float16 else t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
+        state = {n: skeleton(t) for n, t in state.items()}
+        args, kwargs = tree_map(skeleton, (args, kwargs))
     fn = _Traced(model, args, kwargs)
     with warnings.catch_warnings(), _without_stack_traces():
         warnings.simplefilter("ignore")
@@ -579,8 +595,8 @@ def build_example_inputs(model: nn.Module):
         if main == "input_ids" and hasattr(config, "vision_config") and "pixel_values" in inspect.signature(model.forward).parameters:
             names.append("pixel_values")  # text-image models (CLIP, SigLIP) need both
         kwargs = {name: _config_input(name, config, device, dtype) for name in names}
-        if getattr(config, "is_encoder_decoder", False):
-            kwargs["decoder_input_ids"] = torch.zeros((1, 4), dtype=torch.long, device=device)
+        if getattr(config, "is_encoder_decoder", False):  # as long as a text input (a BART classifier reads both at its eos tokens)
+            kwargs["decoder_input_ids"] = torch.zeros(kwargs["input_ids"].shape if main == "input_ids" else (1, 4), dtype=torch.long, device=device)
         return (), kwargs
     features = _own_tokenizer_features(model, device)
     if features is not None:

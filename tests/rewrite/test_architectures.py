@@ -66,6 +66,24 @@ def test_t5_encoder_decoder_with_cross_attention():
     assert len(cap.sites) == 33
 
 
+def test_a_float16_encoder_that_branches_on_float16_data_is_captured_as_in_float32():
+    """BART's encoder layers clamp float16 activations only when some are not finite, a branch
+    on data no trace on fake tensors can take: a float16 BART could not be rewritten at all
+    (could not trace …; pass example_inputs, which fell back to a walk with no roles). And a
+    BART classifier traced without example inputs got decoder tokens shorter than its input ids,
+    which it reads at the same eos positions: it could not be traced in any dtype."""
+    model = build("bart_cls")
+    x = {"input_ids": torch.cat([torch.randint(3, 101, (2, 6)), torch.full((2, 1), model.config.eos_token_id)], dim=1)}
+    want = peftify.capture(model)
+    half = copy.deepcopy(model).half()
+    got = peftify.capture(half)
+    assert got.method == "make_fx" and roles(got) == roles(want) and [s.fqn for s in got.sites] == [s.fqn for s in want.sites]
+    before = output(half, x)
+    peftify.peftify(half, {"rules": [{"match": "role:attn.*", "apply": {"method": "lora", "r": 2}}]}, progress=False)
+    assert {p.dtype for p in half.parameters() if not p.requires_grad} == {torch.float16} and all(p.device.type == "cpu" for p in half.parameters())  # traced on meta, built here
+    torch.testing.assert_close(output(half, x), before, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["t5", "whisper", "bart_cls"])
 def test_an_encoder_decoder_given_its_encoders_inputs_alone_gets_decoder_tokens(name):
     """What a tokenizer (or a feature extractor) returns has no decoder inputs; T5 and Whisper do
