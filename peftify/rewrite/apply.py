@@ -10,6 +10,7 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import sys
@@ -350,35 +351,35 @@ PROBE_SHAPES = ((2,), (1, 2))
 def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
     """A user's method (not peftify's own, which its tests check) must compute in `forward`
     what `merged_weight` says, bias included: merge writes the one, training ran the other, and
-    a difference changed the model in silence. One probe of two rows, in eval mode; the module's
-    parameters and buffers are as they were after it (a forward may record statistics)."""
+    a difference changed the model in silence. One probe of two rows, in eval mode, run on a
+    copy of the module (a forward may record statistics, or initialise itself from its input)."""
     if type(entry.method).__module__.startswith("peftify.") or weight.is_meta or entry.site.experts:
         return
     out_f, in_f = weight.shape
     g = torch.Generator(device=weight.device).manual_seed(0)  # not the global generator: a user's seeds stay as they were
     bias = torch.randn(out_f, generator=g, device=weight.device, dtype=weight.dtype) if entry.site.bias else None  # a method for bias-free layers may leave it out
-    training, kept = mod.training, _tensor_state(mod)
-    try:  # outside autocast (see apply_plan): a forward must give its input's dtype
-        with torch.no_grad():
-            mod.eval()
-            failures = []
-            for lead in PROBE_SHAPES:
-                x = torch.randn((*lead, in_f), generator=g, device=weight.device, dtype=weight.dtype)
-                try:
-                    y = mod(x, weight, bias)
-                    break
-                except Exception as e:  # noqa: BLE001  (the input's rank, perhaps: the next shape may run)
-                    failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {e}")
-            else:
-                warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
-                return
+    try:
+        probe = copy.deepcopy(mod)
+    except Exception as e:  # noqa: BLE001  (a module holding what cannot be copied: a lock, a file)
+        warn(f"{entry.method.name}'s module at {entry.site.fqn} cannot be copied to probe its forward ({type(e).__name__}: {e}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
+        return
+    with torch.no_grad():  # outside autocast (see apply_plan): a forward must give its input's dtype
+        probe.eval()
+        failures = []
+        for lead in PROBE_SHAPES:
+            x = torch.randn((*lead, in_f), generator=g, device=weight.device, dtype=weight.dtype)
             try:
-                want = F.linear(x, mod.merged_weight(weight).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
-            except NotImplementedError:
-                return  # merge says so, if it is asked for
-    finally:
-        mod.train(training)
-        _restore_tensor_state(kept)
+                y = probe(x, weight, bias)
+                break
+            except Exception as e:  # noqa: BLE001  (the input's rank, perhaps: the next shape may run)
+                failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {e}")
+        else:
+            warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
+            return
+        try:
+            want = F.linear(x, probe.merged_weight(weight).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
+        except NotImplementedError:
+            return  # merge says so, if it is asked for
     if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != x.dtype:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise SpecError(
@@ -394,25 +395,6 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
             f"({gap:.3g} apart on a probe input): merge would change the model. Make them agree (a forward that leaves out the bias?)",
             field="method",
         )
-
-
-def _tensor_state(mod: nn.Module) -> tuple[list, list]:
-    """Each submodule's parameter and buffer slots, and a copy of every tensor in them."""
-    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in mod.modules()]
-    tensors = {id(t): t for _, params, buffers in slots for t in (*params.values(), *buffers.values()) if t is not None}
-    return slots, [(t, t.detach().clone()) for t in tensors.values()]
-
-
-def _restore_tensor_state(kept: tuple[list, list]) -> None:
-    slots, values = kept
-    for m, params, buffers in slots:  # a forward may have put new tensors in the slots
-        m._parameters.clear()
-        m._parameters.update(params)
-        m._buffers.clear()
-        m._buffers.update(buffers)
-    with torch.no_grad():
-        for t, value in values:
-            t.copy_(value)
 
 
 def _refuse_half_overflow(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:

@@ -389,17 +389,31 @@ class TokensOnly(OutputScaleModule):
 
 class RecordsRange(OutputScaleModule):
     """Calibrates as it runs (AWQ-like): the largest |x| seen, kept in a persistent buffer, and a
-    count put in anew each call."""
+    count put in anew each call; its scale set from the first input it sees (ActNorm-like)."""
 
     def __init__(self, method, site, weight):
         super().__init__(method, site, weight)
         self.register_buffer("act_max", torch.zeros(()))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.initialized = False
 
     def forward(self, x, weight, bias):
         self.act_max = torch.maximum(self.act_max, x.abs().max())  # a new tensor in the slot
         self.calls += 1  # in place
+        if not self.initialized:
+            self.scale.data.fill_(1 / float(x.abs().max()))
+            self.initialized = True
         return super().forward(x, weight, bias)
+
+
+class HoldsALock(OutputScaleModule):
+    """Holds what deepcopy refuses: the probe cannot run on a copy."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        import threading
+
+        self.lock = threading.Lock()
 
 
 class FourDimensional(OutputScaleModule):
@@ -413,7 +427,8 @@ class FourDimensional(OutputScaleModule):
 def test_the_forward_check_runs_a_forward_written_for_tokens_and_leaves_its_buffers_as_they_were():
     """The probe called a forward written for 3-D activations with 2-D rows: the rewrite raised
     a bare ValueError (not enough values to unpack) for a correct method; and a forward that
-    records statistics in buffers kept the probe's random input in them (saved with the adapter)."""
+    records statistics in buffers kept the probe's random input in them (saved with the adapter);
+    the probe runs on a copy of the module."""
     x = {"input_ids": torch.randint(0, 101, (2, 5))}
     with scale_computed_by(TokensOnly) as name:
         model = tiny_llama(layers=1)
@@ -426,10 +441,15 @@ def test_the_forward_check_runs_a_forward_written_for_tokens_and_leaves_its_buff
         peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
         mod = model.model.layers[0].self_attn.q_proj.adapters["default"]
         assert float(mod.act_max) == 0 and int(mod.calls) == 0 and mod._buffers["act_max"].dim() == 0
+        assert not mod.initialized and bool((mod.scale == 1).all())  # restored tensors beside a set flag left it half-initialised
         assert set(mod.state_dict()) == {"scale", "act_max", "calls"}
     with scale_computed_by(FourDimensional) as name:
         model = tiny_llama(layers=1)
         with pytest.warns(UserWarning, match=r"forward at model\.layers\.0\.self_attn\.q_proj raised on every probe input \(\(2, 64\): ValueError: .*\(1, 2, 64\): ValueError: .*is unchecked"):
+            peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
+    with scale_computed_by(HoldsALock) as name:
+        model = tiny_llama(layers=1)
+        with pytest.warns(UserWarning, match=r"module at model\.layers\.0\.self_attn\.q_proj cannot be copied to probe its forward \(TypeError: .*is unchecked"):
             peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
 
 
