@@ -313,8 +313,10 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
     # a parameter trained whole gets a trained copy beside the kept original (PEFT's modules_to_save,
     # which `report` counts too); a bias trained without its module's weight trains in place
-    whole = {n.rpartition(".")[0] for n in train if n.rpartition(".")[2] != "bias"}
-    plan._train_copies = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n.rpartition(".")[0] in whole)
+    # (by every name of a tied parameter: a head tied to the embedding is trained whole with it)
+    named = {n: group for group in groups for n in group}
+    whole = {alias.rpartition(".")[0] for n in train if n.rpartition(".")[2] != "bias" for alias in named.get(n, [n])}
+    plan._train_copies = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if any(a.rpartition(".")[0] in whole for a in named.get(n, [n])))
     # at the weights' precision, for the methods whose count depends on it
     plan._flops = {e.site.fqn: e.method.flops_for(e.site, _weight_dtype(model, rewritten, e.site)) for e in entries if type(e.method).flops_for is not Method.flops_for}
     plan._model = weakref.ref(model)  # to preview projections when printed

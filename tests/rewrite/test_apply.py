@@ -526,13 +526,36 @@ def test_the_plan_counts_its_percentage_against_the_parameters_after_the_rewrite
     assert planned.groups() == reported.groups()
 
 
-@pytest.mark.parametrize("train", [["model.norm.weight"], ["model.norm.weight", "lm_head.weight"], ["model.layers.0.mlp.down_proj.bias"]], ids=["whole", "two", "bias"])
+class EmbeddingTiedHead(nn.Module):
+    """An embedding whose weight a biased head shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))
+
+
+@pytest.mark.parametrize(
+    "train", [["model.norm.weight"], ["model.norm.weight", "lm_head.weight"], ["model.layers.0.mlp.down_proj.bias"], ["embed.weight", "head.bias"], ["head.bias"]], ids=["whole", "two", "bias", "tied", "tied-bias"]
+)
 def test_the_report_lists_the_parameters_train_globs_train_and_the_plan_counts_their_copies(train):
     """The report's rows summed to less than its trainable count with no line for the `train`
     parameters, and the plan's total left out their trained copies, which the report counts
-    (PEFT's modules_to_save: 2K planned against 2.1K reported)."""
+    (PEFT's modules_to_save: 2K planned against 2.1K reported; a head trained whole through its
+    tie to the embedding: its bias's copy was left out)."""
     import re
 
+    if train[-1] == "head.bias":
+        model, spec = EmbeddingTiedHead(), {"rules": [{"match": "body", "apply": {"method": "lora", "r": 2}}], "train": ["head.*"] if len(train) == 2 else train}
+        plan = str(peftify.plan(model, spec, example_inputs=torch.randint(0, 50, (2, 3))))
+        report = peftify.report(peftify.peftify(model, spec, example_inputs=torch.randint(0, 50, (2, 3))))
+        planned = re.search(r"trainable (\S+) of ~(\S+) parameters after the rewrite \((\S+)%\)", plan)
+        reported = re.search(r"trainable (\S+) of (\S+) parameters \((\S+)%\)", str(report))
+        assert f"also trainable: {len(train)} existing parameters" in plan and planned.groups() == reported.groups()
+        return
     model = tiny_llama(mlp_bias="bias" in train[0])
     spec = {"rules": [{"match": "role:attn.q", "apply": {"method": "lora", "r": 2}}], "train": train}
     plan = str(peftify.plan(model, spec))
