@@ -142,28 +142,20 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
             target = _and(target, by_layer)
     parameters = d.get("target_parameters") or []
     r, alpha = d.get("r", 8), d.get("lora_alpha", 8)
-    rules = [Rule(target, lora(r, alpha))]
+
+    def method(rk=None, ak=None):  # the LoRA a rank_pattern key `rk` and an alpha_pattern key `ak` give
+        return lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r", "alpha_pattern" if ak else "lora_alpha")
+
     if parameters:
         # PEFT adapts these parameters (expert stacks) with plain LoRA only, in every layer
         for key, bad in (("lora_dropout", float(d.get("lora_dropout", 0.0)) != 0.0), ("use_dora", bool(d.get("use_dora")))):
             if bad:
                 raise SpecError(f"PEFT's target_parameters take plain LoRA without dropout; {key}={d[key]!r} is not allowed with them", field=key)
-        by_parameter = _names_regex(parameters)
-        # a linear layer's own weight (PEFT wraps the layer; the same LoRA as targeting its module)
-        owners = [p.removesuffix(".weight") for p in parameters if p.endswith(".weight")]
-        if owners:
-            by_parameter = f"(?:{by_parameter})|(?:{_names_regex(owners)})"
-        if names is None:  # PEFT still fills in its default target_modules (the model type's q and v)
-            rules = [Rule(target, lora(r, alpha), optional=True), Rule(f"re:{by_parameter}", lora(r, alpha))]
-        elif not names:
-            target, rules = None, [Rule(f"re:{by_parameter}", lora(r, alpha))]
-        elif isinstance(target, dict):
-            rules.append(Rule(f"re:{by_parameter}", lora(r, alpha)))
-        else:
-            rules = [Rule(f"re:(?:{target[3:]})|(?:{by_parameter})", lora(r, alpha))]
-    # rank and alpha patterns resolve independently (first matching key wins in PEFT): one rule per
-    # combination, the most specific last so it overrides. They read a module's name; a targeted
-    # parameter's pattern reads "<module>.<parameter>" (`_parameter_pattern_rules`).
+        if names is not None and not names:
+            target = None  # none but the parameters (names None: PEFT still adds its default q and v)
+    # the modules: rank and alpha patterns resolve independently (first matching key wins in PEFT):
+    # one rule per combination, the most specific last so it overrides; then the exclusions
+    rules = [] if target is None else [Rule(target, method(), optional=bool(parameters))]
     rank_keys = [None, *reversed(list(d.get("rank_pattern") or {}))]
     alpha_keys = [None, *reversed(list(d.get("alpha_pattern") or {}))]
     for rk in rank_keys:
@@ -171,13 +163,17 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
             if rk is None and ak is None or target is None:
                 continue
             looks = "".join(f"(?={_pattern_regex(k)}$)" for k in (rk, ak) if k is not None)
-            rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r", "alpha_pattern" if ak else "lora_alpha"), optional=True))
-    if parameters:
-        rules += _parameter_pattern_rules(d, parameters, model, lambda rk, ak: lora(d["rank_pattern"][rk] if rk else r, d["alpha_pattern"][ak] if ak else alpha, "rank_pattern" if rk else "r", "alpha_pattern" if ak else "lora_alpha"))
+            rules.append(Rule(_and(target, {"name": f"re:{looks}.*"}), method(rk, ak), optional=True))
     exclude = d.get("exclude_modules")
-    if exclude and target is not None:  # PEFT excludes modules it targets, never a targeted parameter
-        excluded = f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}"
-        rules.append(Rule(_and(target, {"name": excluded}) if parameters else excluded, None, optional=True))
+    if exclude and target is not None:
+        rules.append(Rule(f"re:{exclude}" if isinstance(exclude, str) else f"re:{_names_regex(exclude)}", None, optional=True))
+    if parameters:  # after the modules' rules: PEFT wraps a targeted parameter whatever excluded its module
+        by_parameter = _names_regex(parameters)
+        # a linear layer's own weight (PEFT wraps the layer; the same LoRA as targeting its module)
+        owners = [p.removesuffix(".weight") for p in parameters if p.endswith(".weight")]
+        if owners:
+            by_parameter = f"(?:{by_parameter})|(?:{_names_regex(owners)})"
+        rules += [Rule(f"re:{by_parameter}", method()), *_parameter_pattern_rules(d, parameters, model, method)]
     heads, listed = TASK_HEADS.get(d.get("task_type") or "", []), list(d.get("modules_to_save") or [])
     if model is not None:  # as in PEFT, a head the model does not have is no error
         params = [n for n, _ in model.named_parameters(remove_duplicate=False)]

@@ -86,6 +86,7 @@ CASES = {
     # target_modules still means the model type's q and v, beside the parameters (they were dropped)
     "parameter-not-excluded": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj"], "target_parameters": ["mlp.up_proj.weight"], "exclude_modules": ["layers.0.mlp.up_proj", "layers.1.self_attn.q_proj"]}),
     "parameter-and-default-targets": (tiny_llama, LLAMA_IN, {"target_parameters": ["mlp.up_proj.weight"]}),
+    "parameter-of-an-excluded-module": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "target_parameters": ["mlp.up_proj.weight"], "exclude_modules": ["up_proj"]}),
     "patterns": (tiny_llama, LLAMA_IN, {"target_modules": "all-linear", "rank_pattern": {"down_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "mlp.*": 5}}),
     "default-targets": (tiny_llama, LLAMA_IN, {}),
     "random-init": (tiny_llama, LLAMA_IN, {"target_modules": ["q_proj", "up_proj"], "init_lora_weights": False}),
