@@ -203,10 +203,10 @@ def from_peft(config, model=None, in_file: set[str] | None = None) -> Spec:
     return Spec(rules, train)
 
 
-def _parameter_pattern_rules(d: dict, parameters: list[str], model, lora) -> list[Rule]:
+def _parameter_pattern_rules(d: dict, parameters: list[str], model, method) -> list[Rule]:
     """One rule per targeted parameter a rank_pattern or alpha_pattern key takes, matched as PEFT
     matches it: against "<module>.<parameter>" (``up_proj.weight``, not ``up_proj``), the first
-    key that matches winning. `lora(rank_key, alpha_key)` builds the method."""
+    key that matches winning. `method(rank_key, alpha_key)` builds the LoRA."""
     patterns = [(field, list(d.get(field) or {})) for field in ("rank_pattern", "alpha_pattern")]
     if not any(keys for _, keys in patterns):
         return []
@@ -224,7 +224,7 @@ def _parameter_pattern_rules(d: dict, parameters: list[str], model, lora) -> lis
             continue
         module, _, leaf = name.rpartition(".")
         site = [name, module] if leaf == "weight" and module else [name]  # a linear layer's weight is its module's site
-        rules.append(Rule("re:" + "|".join(map(re.escape, site)), lora(rk, ak), optional=True))
+        rules.append(Rule("re:" + "|".join(map(re.escape, site)), method(rk, ak), optional=True))
     return rules
 
 
