@@ -351,35 +351,35 @@ PROBE_SHAPES = ((2,), (1, 2))
 def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
     """A user's method (not peftify's own, which its tests check) must compute in `forward`
     what `merged_weight` says, bias included: merge writes the one, training ran the other, and
-    a difference changed the model in silence. One probe of two rows, in eval mode, run on a
-    copy of the module (a forward may record statistics, or initialise itself from its input)."""
+    a difference changed the model in silence. One probe of two rows, in eval mode, on a copy of
+    W; the module is put back as it was after it (a forward may record statistics, or
+    initialise itself from its input)."""
     if type(entry.method).__module__.startswith("peftify.") or weight.is_meta or entry.site.experts:
         return
     out_f, in_f = weight.shape
     g = torch.Generator(device=weight.device).manual_seed(0)  # not the global generator: a user's seeds stay as they were
     bias = torch.randn(out_f, generator=g, device=weight.device, dtype=weight.dtype) if entry.site.bias else None  # a method for bias-free layers may leave it out
+    kept = _module_state(mod)
     try:
-        probe = copy.deepcopy(mod)
-    except Exception as e:  # noqa: BLE001  (a module holding what cannot be copied: a lock, a file)
-        warn(f"{entry.method.name}'s module at {entry.site.fqn} cannot be copied to probe its forward ({type(e).__name__}: {e}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
-        return
-    with torch.no_grad():  # outside autocast (see apply_plan): a forward must give its input's dtype
-        probe.eval()
-        failures = []
-        for lead in PROBE_SHAPES:
-            x = torch.randn((*lead, in_f), generator=g, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # outside autocast (see apply_plan): a forward must give its input's dtype
+            mod.eval()
+            failures = []
+            for lead in PROBE_SHAPES:
+                x = torch.randn((*lead, in_f), generator=g, device=weight.device, dtype=weight.dtype)
+                try:
+                    y = mod(x, weight.clone(), bias)  # a forward that writes W in place changes its copy
+                    break
+                except Exception as e:  # noqa: BLE001  (the input's rank, perhaps: the next shape may run)
+                    failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {e}")
+            else:
+                warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
+                return
             try:
-                y = probe(x, weight, bias)
-                break
-            except Exception as e:  # noqa: BLE001  (the input's rank, perhaps: the next shape may run)
-                failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {e}")
-        else:
-            warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
-            return
-        try:
-            want = F.linear(x, probe.merged_weight(weight).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
-        except NotImplementedError:
-            return  # merge says so, if it is asked for
+                want = F.linear(x, mod.merged_weight(weight).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
+            except NotImplementedError:
+                return  # merge says so, if it is asked for
+    finally:
+        _restore_module_state(kept)
     if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != x.dtype:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise SpecError(
@@ -395,6 +395,25 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
             f"({gap:.3g} apart on a probe input): merge would change the model. Make them agree (a forward that leaves out the bias?)",
             field="method",
         )
+
+
+def _module_state(mod: nn.Module) -> list:
+    """What a forward may change on a module and its children: their attributes (one level
+    into containers: the parameter, buffer and hook dicts) and their tensors' values."""
+    modules = list(mod.modules())
+    attributes = [(m, {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in m.__dict__.items()}) for m in modules]
+    tensors = {id(t): t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
+    return [attributes, [(t, t.detach().clone()) for t in tensors.values()]]
+
+
+def _restore_module_state(kept: list) -> None:
+    attributes, values = kept
+    for m, saved in attributes:
+        m.__dict__.clear()
+        m.__dict__.update(saved)
+    with torch.no_grad():
+        for t, value in values:
+            t.copy_(value)
 
 
 def _refuse_half_overflow(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:

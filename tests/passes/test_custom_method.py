@@ -406,14 +406,23 @@ class RecordsRange(OutputScaleModule):
         return super().forward(x, weight, bias)
 
 
-class HoldsALock(OutputScaleModule):
-    """Holds what deepcopy refuses: the probe cannot run on a copy."""
+class WrongBesideWhatCannotBeCopied(Drifting):
+    """Computes 1.5x its merged weight, and holds a lock and a tensor computed from its own
+    parameter (no graph leaf): neither deepcopies."""
 
     def __init__(self, method, site, weight):
         super().__init__(method, site, weight)
         import threading
 
-        self.lock = threading.Lock()
+        self.lock, self.basis = threading.Lock(), self.scale * 1.0
+
+
+class DoublesW(OutputScaleModule):
+    """Writes the weight it is given in place."""
+
+    def forward(self, x, weight, bias):
+        weight.mul_(2)
+        return super().forward(x, weight, bias)
 
 
 class FourDimensional(OutputScaleModule):
@@ -427,8 +436,9 @@ class FourDimensional(OutputScaleModule):
 def test_the_forward_check_runs_a_forward_written_for_tokens_and_leaves_its_buffers_as_they_were():
     """The probe called a forward written for 3-D activations with 2-D rows: the rewrite raised
     a bare ValueError (not enough values to unpack) for a correct method; and a forward that
-    records statistics in buffers kept the probe's random input in them (saved with the adapter);
-    the probe runs on a copy of the module."""
+    records statistics in buffers kept the probe's random input in them (saved with the adapter),
+    one that initialises itself from its first input was left half-initialised, and a forward
+    writing W in place doubled the model's weight and passed."""
     x = {"input_ids": torch.randint(0, 101, (2, 5))}
     with scale_computed_by(TokensOnly) as name:
         model = tiny_llama(layers=1)
@@ -447,10 +457,13 @@ def test_the_forward_check_runs_a_forward_written_for_tokens_and_leaves_its_buff
         model = tiny_llama(layers=1)
         with pytest.warns(UserWarning, match=r"forward at model\.layers\.0\.self_attn\.q_proj raised on every probe input \(\(2, 64\): ValueError: .*\(1, 2, 64\): ValueError: .*is unchecked"):
             peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
-    with scale_computed_by(HoldsALock) as name:
-        model = tiny_llama(layers=1)
-        with pytest.warns(UserWarning, match=r"module at model\.layers\.0\.self_attn\.q_proj cannot be copied to probe its forward \(TypeError: .*is unchecked"):
-            peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
+    for module in (WrongBesideWhatCannotBeCopied, DoublesW):  # a probe on a copy of the module left the one unchecked; W was the model's
+        with scale_computed_by(module) as name:
+            model = tiny_llama(layers=1)
+            before = model.model.layers[0].self_attn.q_proj.weight.clone()
+            with pytest.raises(peftify.SpecError, match=r"computes something other than x·merged_weight\(W\)ᵀ \+ bias"):
+                peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
+            assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
 
 
 class Holder(nn.Module):
