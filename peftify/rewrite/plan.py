@@ -309,7 +309,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]
     plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
     # a bias a method trains and a glob names too trains once: the site's count holds it
-    counted = {e.site.bias for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}
+    counted = {canonical.get(e.site.bias, e.site.bias) for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}  # (a bias shared with another module: one name)
     plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
     # a parameter trained whole gets a trained copy beside the kept original (PEFT's modules_to_save,
     # which `report` counts too); a bias trained without its module's weight trains in place

@@ -538,6 +538,17 @@ class EmbeddingTiedHead(nn.Module):
         return self.head(self.body(self.embed(ids)))
 
 
+def test_the_plan_counts_a_bias_shared_by_a_trained_module_and_a_method_once():
+    """A bias two linears share, trained by LoRA's bias=True at one and named by a train glob at
+    the other, was counted twice: 352 planned trainable against 336 that train."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16))
+    model[1].bias = model[0].bias
+    spec = {"rules": [{"match": "1", "apply": {"method": "lora", "r": 2, "bias": True}}], "train": ["0.*"]}
+    plan = peftify.plan(model, spec, example_inputs=torch.randn(2, 16))
+    peftify.peftify(model, spec, example_inputs=torch.randn(2, 16), progress=False)
+    assert plan.trainable_params == peftify.report(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) == 336
+
+
 @pytest.mark.parametrize(
     "train", [["model.norm.weight"], ["model.norm.weight", "lm_head.weight"], ["model.layers.0.mlp.down_proj.bias"], ["embed.weight", "head.bias"], ["head.bias"]], ids=["whole", "two", "bias", "tied", "tied-bias"]
 )
