@@ -359,9 +359,13 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     out_f, in_f = weight.shape
     g = torch.Generator(device=weight.device).manual_seed(0)  # not the global generator: a user's seeds stay as they were
     bias = torch.randn(out_f, generator=g, device=weight.device, dtype=weight.dtype) if entry.site.bias else None  # a method for bias-free layers may leave it out
-    kept = _module_state(mod)
+    kept = _module_state(mod, weight)
+    devices = [] if weight.device.type == "cpu" else [weight.device.index or 0]
     try:
-        with torch.no_grad():  # outside autocast (see apply_plan): a forward must give its input's dtype
+        # in eval mode, outside autocast (see apply_plan: a forward must give its input's dtype),
+        # and with the global generators put back after it (a forward that draws leaves the
+        # user's seeded draws as they were)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=weight.device.type if devices else "cuda"):
             mod.eval()
             failures = []
             for lead in PROBE_SHAPES:
@@ -375,11 +379,17 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
                 warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
                 return
             try:
-                want = F.linear(x, mod.merged_weight(weight).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
+                want = F.linear(x, mod.merged_weight(weight.clone()).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
             except NotImplementedError:
                 return  # merge says so, if it is asked for
     finally:
-        _restore_module_state(kept)
+        wrote_weight = _restore_module_state(kept)
+    if wrote_weight:
+        raise SpecError(
+            f"{entry.method.name} at {entry.site.fqn} wrote the layer's weight W in place on a probe input (through a reference its "
+            "module keeps): training would change the frozen base at every step. Compute from the `weight` argument without writing it",
+            field="method",
+        )
     if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != x.dtype:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise SpecError(
@@ -397,23 +407,52 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
         )
 
 
-def _module_state(mod: nn.Module) -> list:
-    """What a forward may change on a module and its children: their attributes (one level
-    into containers: the parameter, buffer and hook dicts) and their tensors' values."""
-    modules = list(mod.modules())
-    attributes = [(m, {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in m.__dict__.items()}) for m in modules]
-    tensors = {id(t): t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
-    return [attributes, [(t, t.detach().clone()) for t in tensors.values()]]
+def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
+    """What a forward may change on a module and its children, for `_restore_module_state`:
+    their attributes, one level into containers (the parameter, buffer and hook dicts, a dict
+    or list of statistics), as the same objects (a hook's handle removes from the dict it was
+    given); every tensor among them with its data, values and requires_grad flag; and the
+    layer's weight W, which the module may keep a reference to."""
+    attributes, tensors = [], {id(weight): weight}
+    for m in mod.modules():
+        saved = {}
+        for k, v in m.__dict__.items():
+            held = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple, set)) else [v]
+            tensors.update((id(t), t) for t in held if isinstance(t, torch.Tensor))
+            saved[k] = (v, copy.copy(v) if isinstance(v, (dict, list, set)) else None)
+        attributes.append((m, saved))
+    return [attributes, [(t, t.detach(), t.detach().clone(), t.requires_grad) for t in tensors.values()], weight]
 
 
-def _restore_module_state(kept: list) -> None:
-    attributes, values = kept
+def _restore_module_state(kept: list) -> bool:
+    """Put back what `_module_state` kept; whether the layer's weight had been written."""
+    attributes, tensors, weight = kept
     for m, saved in attributes:
         m.__dict__.clear()
-        m.__dict__.update(saved)
+        for k, (v, contents) in saved.items():
+            if isinstance(v, list):
+                v[:] = contents
+            elif contents is not None:
+                v.clear()
+                v.update(contents)
+            m.__dict__[k] = v
+    wrote_weight = False
     with torch.no_grad():
-        for t, value in values:
-            t.copy_(value)
+        for t, data, value, requires_grad in tensors:
+            if t is weight:
+                wrote_weight = not _same_values(t, value)
+            if t.layout == torch.strided and (t.shape != data.shape or t.data_ptr() != data.data_ptr()):
+                t.data = data  # `.data` was rebound (a module sizing itself from its first input)
+            if not _same_values(t, value):  # an unchanged tensor is not written (its version stays; it may be an inference tensor)
+                t.copy_(value)
+            if t.is_leaf and t.requires_grad != requires_grad:
+                t.requires_grad_(requires_grad)
+    return wrote_weight
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN where NaN."""
+    return a.shape == b.shape and bool(((a == b) | a.isnan() & b.isnan()).all())
 
 
 def _refuse_half_overflow(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:

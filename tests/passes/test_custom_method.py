@@ -466,6 +466,75 @@ def test_the_forward_check_runs_a_forward_written_for_tokens_and_leaves_its_buff
             assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
 
 
+class ChangesEverything(OutputScaleModule):
+    """A forward that changes what a module holds in every way the probe puts back: statistics in
+    plain tensor attributes and containers, a parameter's `requires_grad`, a parameter's `.data`
+    rebound to a new size, a draw from the global generator; a hook handle taken in __init__."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.ema, self.stats, self.history = torch.zeros(weight.shape[1]), {"max": torch.zeros(())}, [torch.zeros(())]
+        self.shift = nn.Parameter(torch.empty(0))
+        self.calls = []
+        self.hook = self.register_forward_pre_hook(lambda mod, args: self.calls.append(1))
+
+    def forward(self, x, weight, bias):
+        self.ema.add_(x.reshape(-1, x.shape[-1]).mean(0))
+        self.stats["max"].copy_(x.abs().max())
+        self.history[0] += 1
+        self.scale.requires_grad_(False)
+        if self.shift.numel() == 0:
+            self.shift.data = torch.zeros(x.shape[-1], dtype=x.dtype)
+        torch.randn(3)
+        return super().forward(x + self.shift, weight, bias)
+
+
+class MergesInPlace(OutputScaleModule):
+    def merged_weight(self, weight):
+        return weight.mul_(self.scale[:, None])
+
+
+class WritesKeptW(OutputScaleModule):
+    """Keeps the W it is built from and writes it."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.kept = weight
+
+    def forward(self, x, weight, bias):
+        self.kept.add_(1.0)
+        return super().forward(x, weight, bias)
+
+
+def test_the_forward_check_puts_back_containers_flags_data_hooks_and_the_global_generator():
+    """The probe left a plain tensor attribute's, a dict's and a list's statistics with its input,
+    a requires_grad flag the forward turned off (nothing trained), an earlier hook handle that no
+    longer removed its hook (the hook dicts were put back as copies), the global generator drawn
+    from; a `.data` rebound to a new size crashed the rewrite; a merged_weight writing its
+    argument, or a forward writing a W its module kept, changed the model's weight."""
+    with scale_computed_by(ChangesEverything) as name:
+        model = tiny_llama(layers=1)
+        torch.manual_seed(7)
+        peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name, "init": 2.0}}]}, progress=False)
+        after = torch.rand(3)
+        mod = model.model.layers[0].self_attn.q_proj.adapters["default"]
+        assert not mod.ema.any() and float(mod.stats["max"]) == 0 and float(mod.history[0]) == 0
+        assert mod.scale.requires_grad and mod.shift.numel() == 0 and mod.calls == []
+        torch.manual_seed(7)
+        assert torch.equal(after, torch.rand(3))
+        mod.hook.remove()
+        output(model, {"input_ids": torch.randint(0, 101, (1, 4))})
+        assert mod.calls == [] and mod.shift.shape == (64,)
+    for module, message in ((MergesInPlace, None), (WritesKeptW, r"wrote the layer's weight W in place on a probe input")):
+        with scale_computed_by(module) as name:
+            model = tiny_llama(layers=1)
+            before = model.model.layers[0].self_attn.q_proj.weight.clone()
+            spec = {"rules": [{"match": "role:attn.q", "apply": {"method": name, "init": 2.0}}]}
+            with pytest.raises(peftify.SpecError, match=message) if message else contextlib.nullcontext():
+                peftify.peftify(model, spec, progress=False)
+            assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.detach() if message else model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
+
+
 class Holder(nn.Module):
     def __init__(self, a):
         super().__init__()
