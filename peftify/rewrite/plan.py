@@ -54,7 +54,7 @@ class Plan:
     @property
     def trainable_params(self) -> int:
         per_site = sum(e.method.trainable_params(e.site) * e.site.stack for e in self.entries)
-        return per_site + self._train_numel
+        return per_site + self._train_numel - getattr(self, "_bias_repeats", 0)  # (a plan pickled before it was counted: none)
 
     def rows(self) -> Iterator[tuple]:
         """One row of the plan's table per site (what ``str(plan)`` prints)."""
@@ -105,7 +105,9 @@ class Plan:
             out.append(self.train_line())
         # after the rewrite: the dense weights structures replace are gone and every method's
         # trained and frozen tensors are there (an existing bias it trains was there before)
-        replaced = sum(e.site.in_features * e.site.out_features * e.site.stack for e in self.entries if e.method.replaces_base)
+        replaced = getattr(self, "_replaced_numel", None)
+        if replaced is None:  # (a plan pickled before it was counted)
+            replaced = sum(e.site.in_features * e.site.out_features * e.site.stack for e in self.entries if e.method.replaces_base)
         added = sum(
             (e.method.trainable_params(e.site) + e.method.frozen_params(e.site) - (e.site.out_features if e.site.bias and e.method.trains_base_bias() else 0)) * e.site.stack
             for e in self.entries
@@ -288,7 +290,11 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
     groups = [[o for n in names if (o := rewritten.original(n)) is not None] for names in parameter_names(model).values()]
     canonical = {n: group[0] for group in groups for n in group}
     names = [o for n, _ in model.named_parameters(remove_duplicate=False) if (o := rewritten.original(n)) is not None]
-    replaced = {canonical.get(n, n): e for e in entries if e.method.replaces_base for n in (e.site.weight, *e.site.aliases)}  # gone after the rewrite
+    # gone after the rewrite: a weight whose every name is held by a layer a structure replaces (a
+    # head tied to the embedding leaves the embedding its weight)
+    named = {n: group for group in groups for n in group}
+    held = {n for e in entries if e.method.replaces_base for n in (e.site.weight, *e.site.aliases) if n == e.site.weight or n.rpartition(".")[0] in e.site.owners}
+    replaced = {canonical.get(n, n): e for e in entries if e.method.replaces_base for n in (e.site.weight, *e.site.aliases) if set(named.get(n, [n])) <= held}
     train = []
     for pattern in spec.train:
         if pattern.startswith("re:"):
@@ -309,12 +315,15 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]
     plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
     # a bias a method trains and a glob names too trains once: the site's count holds it
-    counted = {canonical.get(e.site.bias, e.site.bias) for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))}  # (a bias shared with another module: one name)
+    # (and a bias two sites share, each trained by its method, once: the sites' counts hold it twice)
+    trained_bias = [(canonical.get(e.site.bias, e.site.bias), e.site) for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))]
+    counted = {n for n, _ in trained_bias}  # (a bias shared with another module: one name)
     plan._train_numel = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if n not in counted)
+    plan._bias_repeats = sum(site.out_features * site.stack for n, site in trained_bias) - sum({n: site.out_features * site.stack for n, site in trained_bias}.values())
+    plan._replaced_numel = sum(e.site.in_features * e.site.out_features * e.site.stack for e in entries if e.method.replaces_base and canonical.get(e.site.weight, e.site.weight) in replaced)
     # a parameter trained whole gets a trained copy beside the kept original (PEFT's modules_to_save,
     # which `report` counts too); a bias trained without its module's weight trains in place
     # (by every name of a tied parameter: a head tied to the embedding is trained whole with it)
-    named = {n: group for group in groups for n in group}
     whole = {alias.rpartition(".")[0] for n in train if n.rpartition(".")[2] != "bias" for alias in named.get(n, [n])}
     plan._train_copies = sum(model.get_parameter(rewritten.live(n)).numel() for n in train if any(a.rpartition(".")[0] in whole for a in named.get(n, [n])))
     # at the weights' precision, for the methods whose count depends on it

@@ -549,6 +549,27 @@ def test_the_plan_counts_a_bias_shared_by_a_trained_module_and_a_method_once():
     assert plan.trainable_params == peftify.report(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) == 336
 
 
+def test_the_plan_counts_a_bias_two_methods_train_once_and_keeps_a_structured_heads_tied_embedding():
+    """A bias two linears share, trained by the method at both, was counted twice (160 planned
+    against 144). A structure on a head tied to the embedding: the plan's total dropped the
+    weight the embedding keeps (~10.9K against 14.1K), and a train glob naming the embedding
+    was refused as naming a replaced weight."""
+    import re
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    model[1].bias = model[0].bias
+    spec = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "bias": True}}]}
+    plan = peftify.plan(model, spec, example_inputs=torch.randn(2, 16))
+    peftify.peftify(model, spec, example_inputs=torch.randn(2, 16), progress=False)
+    assert plan.trainable_params == peftify.report(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 2 * 32 + 16
+    for spec in ({"rules": [{"match": "head", "apply": {"method": "lowrank", "r": 4}}]}, {"rules": [{"match": "head", "apply": {"method": "lowrank", "r": 4}}], "train": ["embed.weight"]}):
+        model = EmbeddingTiedHead()
+        planned = re.search(r"trainable (\S+) of ~(\S+) parameters after the rewrite \((\S+)%\)", str(peftify.plan(model, spec, example_inputs=torch.randint(0, 50, (2, 3)))))
+        peftify.peftify(model, spec, example_inputs=torch.randint(0, 50, (2, 3)), progress=False)
+        assert planned.groups() == re.search(r"trainable (\S+) of (\S+) parameters \((\S+)%\)", str(peftify.report(model))).groups()
+        assert model.embed.weight.shape == (50, 16) and model.embed.weight.requires_grad == ("train" in spec)
+
+
 @pytest.mark.parametrize(
     "train", [["model.norm.weight"], ["model.norm.weight", "lm_head.weight"], ["model.layers.0.mlp.down_proj.bias"], ["embed.weight", "head.bias"], ["head.bias"]], ids=["whole", "two", "bias", "tied", "tied-bias"]
 )
