@@ -680,6 +680,11 @@ class AdaptedSite(nn.Module):
         computing = self.computing
         if computing is not None:
             adapter, weight = self.adapters[computing], self._adapted_weight()
+            if type(weight) in (torch.Tensor, nn.Parameter) and x.dtype != weight.dtype and not autocast_enabled(x.device.type):
+                # as nn.Linear refuses it: a method whose first step promotes (BoRA's x·c_in), or the
+                # autocast region of float32 adapters on a half model (to the input's half dtype),
+                # ran the layer in the input's dtype
+                raise RuntimeError(f"{self.site.fqn}: the input's dtype is {x.dtype} and the layer's weight's {weight.dtype}, which nn.Linear refuses too; cast one, or run under torch.autocast")
             if half_compute(adapter, x):  # float32 adapter weights, the model's half compute
                 with half_region(x):
                     return adapter(x, weight, self.bias).to(x.dtype)

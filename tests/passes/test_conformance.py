@@ -350,6 +350,23 @@ def test_autocast_output_dtype_is_the_linear_one(name):
     assert trained and all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in trained), [(n, p.grad is None or p.grad.dtype) for n, p in trained]
 
 
+@pytest.mark.parametrize("name", sorted(set(METHODS) - ATTENTION_ONLY))
+@pytest.mark.parametrize("model_dtype, input_dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.float32), (torch.bfloat16, torch.float16)])
+def test_an_input_of_another_dtype_than_the_weight_is_refused_as_by_nn_linear(name, model_dtype, input_dtype):
+    """Outside autocast `nn.Linear` refuses an input of another dtype than its weight. BoRA's
+    first step (x·c_in) promoted it, and a half model's float32 adapters computed under autocast
+    to the input's half dtype: both ran the layer in silence."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 24).to(model_dtype)
+    x = torch.randn(2, 16, dtype=input_dtype)
+    with pytest.raises(RuntimeError, match="dtype"):
+        layer(x)
+    model = peftify.peftify(torch.nn.Sequential(layer), spec(name, r=4), example_inputs=(torch.randn(2, 16, dtype=model_dtype),), progress=False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        model(x)
+    assert model(x.to(model_dtype)).dtype == model_dtype
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_half_precision_model_trains_float32_adapter_weights(name):
     """As PEFT's autocast_adapter_dtype: on a bfloat16 model an adapter's trainable parameters are
