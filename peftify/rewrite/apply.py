@@ -9,10 +9,12 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,10 +132,16 @@ def accepts_compiled(fn):
     except by the calls that add parameters (`ADDS_PARAMETERS`), which it would not synchronize.
     A model FSDP shards is refused by the calls that change or save parameters."""
 
+    flags = _flags(fn)
+
     @functools.wraps(fn)
     def entry(model, *args, **kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"peftify.{fn.__name__} takes a torch nn.Module (the model), not {type(model).__name__}")
+        for name, (position, optional) in flags.items():
+            value = kwargs[name] if name in kwargs else args[position - 1] if position <= len(args) else False
+            if not (isinstance(value, bool) or type(value).__name__ == "bool_" or (optional and value is None)):  # a NumPy bool too
+                raise TypeError(f"peftify.{fn.__name__}: {name} is True or False{' (or None)' if optional else ''}, not {value!r} (which would count as {bool(value)!r})")
         inner = model._orig_mod if type(model).__name__ == "OptimizedModule" else model
         if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             if fn.__name__ in ADDS_PARAMETERS:  # the wrapper synchronizes the parameters it saw when built
@@ -165,6 +173,13 @@ def accepts_compiled(fn):
         return model if result is inner else result
 
     return entry
+
+
+def _flags(fn) -> dict[str, tuple[int, bool]]:
+    """The parameters of `fn` annotated ``bool`` or ``bool | None``: their positions and whether
+    None is allowed. A string or a number there ("false", 0) would be taken for its truth."""
+    params = list(inspect.signature(fn).parameters.values())
+    return {p.name: (i, p.annotation == "bool | None") for i, p in enumerate(params) if p.annotation in ("bool", "bool | None")}
 
 
 def rewrite_state(model: nn.Module, doing: str) -> RewriteState:
@@ -346,6 +361,11 @@ def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> 
 # The probe inputs of `_check_own_method`, tried in turn: rows, and (batch, tokens, features) as a
 # transformer's layers get them (a forward may unpack either).
 PROBE_SHAPES = ((2,), (1, 2))
+# A tensor a method's module refers to outside its parameters and buffers (a plain attribute, a
+# dict or list of them) is copied for the probe up to this size; a larger one (a module may keep
+# a reference to a large tensor of the model, at every site) is watched instead, and a probe that
+# wrote it is refused, since it cannot be put back.
+PROBE_COPY_MAX_BYTES = 1 << 20
 
 
 def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
@@ -353,7 +373,8 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     what `merged_weight` says, bias included: merge writes the one, training ran the other, and
     a difference changed the model in silence. One probe of two rows, in eval mode, on a copy of
     W; the module is put back as it was after it (a forward may record statistics, or
-    initialise itself from its input)."""
+    initialise itself from its input), and one that wrote W or another tensor it cannot put back
+    is refused."""
     if type(entry.method).__module__.startswith("peftify.") or weight.is_meta or entry.site.experts:
         return
     out_f, in_f = weight.shape
@@ -361,35 +382,37 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     bias = torch.randn(out_f, generator=g, device=weight.device, dtype=weight.dtype) if entry.site.bias else None  # a method for bias-free layers may leave it out
     kept = _module_state(mod, weight)
     devices = [] if weight.device.type == "cpu" else [weight.device.index or 0]
+    failures, want = [], None
     try:
         # in eval mode, outside autocast (see apply_plan: a forward must give its input's dtype),
         # and with the global generators put back after it (a forward that draws leaves the
         # user's seeded draws as they were)
         with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=weight.device.type if devices else "cuda"):
             mod.eval()
-            failures = []
             for lead in PROBE_SHAPES:
                 x = torch.randn((*lead, in_f), generator=g, device=weight.device, dtype=weight.dtype)
                 try:
                     y = mod(x, weight.clone(), bias)  # a forward that writes W in place changes its copy
+                    failures = []
                     break
                 except Exception as e:  # noqa: BLE001  (the input's rank, perhaps: the next shape may run)
                     failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {e}")
-            else:
-                warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
-                return
-            try:
-                want = F.linear(x, mod.merged_weight(weight.clone()).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
-            except NotImplementedError:
-                return  # merge says so, if it is asked for
+            if not failures:
+                with contextlib.suppress(NotImplementedError):  # merge says so, if it is asked for
+                    want = F.linear(x, mod.merged_weight(weight.clone()).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
     finally:
-        wrote_weight = _restore_module_state(kept)
-    if wrote_weight:
+        written = _restore_module_state(kept)
+    if written:
         raise SpecError(
-            f"{entry.method.name} at {entry.site.fqn} wrote the layer's weight W in place on a probe input (through a reference its "
-            "module keeps): training would change the frozen base at every step. Compute from the `weight` argument without writing it",
+            f"{entry.method.name} at {entry.site.fqn} wrote {written} in place on a probe input, which the rewrite cannot put back"
+            + (": training would change the frozen base at every step. Compute from the `weight` argument without writing it" if written == "the layer's weight W" else ": register it as a buffer (register_buffer), or do not write it"),
             field="method",
         )
+    if failures:
+        warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
+        return
+    if want is None:
+        return
     if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != x.dtype:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise SpecError(
@@ -407,26 +430,49 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
         )
 
 
+# The containers `_restore_module_state` puts back in place (exactly these types: a subclass,
+# a transformers ModelOutput say, may refuse `update`)
+_CONTAINERS = (dict, collections.OrderedDict, collections.defaultdict, list, set)
+
+
 def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
     """What a forward may change on a module and its children, for `_restore_module_state`:
     their attributes, one level into containers (the parameter, buffer and hook dicts, a dict
     or list of statistics), as the same objects (a hook's handle removes from the dict it was
-    given); every tensor among them with its data, values and requires_grad flag; and the
-    layer's weight W, which the module may keep a reference to."""
-    attributes, tensors = [], {id(weight): weight}
+    given); the data, values and requires_grad flags of their parameters and buffers, of the
+    other tensors among their attributes (watched instead, past PROBE_COPY_MAX_BYTES) and of
+    the layer's weight W, which the module may keep a reference to."""
+    attributes, owned, referred = [], {id(weight): ("the layer's weight W", weight)}, {}
     for m in mod.modules():
         saved = {}
         for k, v in m.__dict__.items():
-            held = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple, set)) else [v]
-            tensors.update((id(t), t) for t in held if isinstance(t, torch.Tensor))
-            saved[k] = (v, copy.copy(v) if isinstance(v, (dict, list, set)) else None)
+            held = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, (list, tuple, set)) else [(None, v)]
+            for key, t in held:
+                if isinstance(t, torch.Tensor) and _restorable(t):
+                    where = f"{type(m).__name__}.{k}" + (f"[{key!r}]" if key is not None and k not in ("_parameters", "_buffers") else "")
+                    (owned if k in ("_parameters", "_buffers") else referred).setdefault(id(t), (where, t))
+            saved[k] = (v, copy.copy(v) if type(v) in _CONTAINERS else None)
         attributes.append((m, saved))
-    return [attributes, [(t, t.detach(), t.detach().clone(), t.requires_grad) for t in tensors.values()], weight]
+    copied, watched = list(owned.values()), []
+    for i, (where, t) in referred.items():
+        if i in owned:
+            continue
+        if t.numel() * t.element_size() <= PROBE_COPY_MAX_BYTES:
+            copied.append((where, t))
+        elif not t.is_inference():  # (an inference tensor has no version counter, and no write outside inference mode)
+            watched.append((where, t, t._version))
+    return [attributes, [(where, t, t.detach(), t.detach().clone(), t.requires_grad) for where, t in copied], watched]
 
 
-def _restore_module_state(kept: list) -> bool:
-    """Put back what `_module_state` kept; whether the layer's weight had been written."""
-    attributes, tensors, weight = kept
+def _restorable(t: torch.Tensor) -> bool:
+    """A dense tensor with values to compare and copy (not sparse, meta, quantized or nested)."""
+    return t.layout == torch.strided and not (t.is_meta or t.is_quantized or t.is_nested)
+
+
+def _restore_module_state(kept: list) -> str | None:
+    """Put back what `_module_state` kept. What was written that could not be put back, or the
+    layer's weight W (put back), if the forward wrote either."""
+    attributes, copied, watched = kept
     for m, saved in attributes:
         m.__dict__.clear()
         for k, (v, contents) in saved.items():
@@ -436,18 +482,17 @@ def _restore_module_state(kept: list) -> bool:
                 v.clear()
                 v.update(contents)
             m.__dict__[k] = v
-    wrote_weight = False
+    written = None
     with torch.no_grad():
-        for t, data, value, requires_grad in tensors:
-            if t is weight:
-                wrote_weight = not _same_values(t, value)
-            if t.layout == torch.strided and (t.shape != data.shape or t.data_ptr() != data.data_ptr()):
+        for where, t, data, value, requires_grad in copied:
+            if t.shape != data.shape or t.data_ptr() != data.data_ptr():
                 t.data = data  # `.data` was rebound (a module sizing itself from its first input)
             if not _same_values(t, value):  # an unchanged tensor is not written (its version stays; it may be an inference tensor)
                 t.copy_(value)
+                written = written or (where if where == "the layer's weight W" else None)
             if t.is_leaf and t.requires_grad != requires_grad:
                 t.requires_grad_(requires_grad)
-    return wrote_weight
+    return written or next((f"the tensor at {where}" for where, t, version in watched if t._version != version), None)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
