@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from torch import nn
@@ -77,7 +76,7 @@ def peftify(
     the model's dtype). Structures that replace a layer keep the model's dtype.
 
     - spec: a `peftify.Spec`, its dict form, a path to a YAML/JSON file of it, a
-      `peft.LoraConfig`, or a `peftify.plan` (applied as printed; it must have been made for
+      `peft.LoraConfig` (or its dict, with its ``peft_type``), or a `peftify.plan` (applied as printed; it must have been made for
       this model as it is).
     - example_inputs: what the model is traced with (see `peftify.capture`); built when omitted.
     - strict: a rule that matches nothing (or a spec that adapts nothing) raises `SpecError`;
@@ -114,19 +113,36 @@ def set_adapter(model: nn.Module, adapter: str | None) -> None:
     set_active(model, adapter)
 
 
-@contextmanager
 @accepts_compiled
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block; the active adapter comes back after it."""
-    rewrite = rewrite_state(model, "disable")
-    active = rewrite.active
-    set_active(model, None)
-    try:
-        yield model
-    finally:
+def disable_adapters(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Run the base model alone inside the block (``with peftify.disable_adapters(model):``);
+    the active adapter comes back after it. Called without ``with`` it does nothing, and warns
+    (transformers' ``model.disable_adapters()`` is a plain call: ``peftify.set_adapter(model,
+    None)`` is that one here)."""
+    rewrite_state(model, "disable")  # no rewrite: refused at the call, with or without `with`
+    return _AdaptersOff(model)
+
+
+class _AdaptersOff(AbstractContextManager):
+    def __init__(self, model: nn.Module):
+        self.model, self.entered = model, False
+
+    def __enter__(self) -> nn.Module:
+        self.entered = True
+        self.rewrite = rewrite_state(self.model, "disable")
+        self.active = self.rewrite.active
+        set_active(self.model, None)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
         # unless merged inside the block, or an adapter was switched on there (a new one, say)
-        if getattr(model, "_peftify", None) is rewrite and rewrite.active is None:
-            set_active(model, active if active in rewrite.adapters or active is None else next(iter(rewrite.adapters)))
+        rewrite, active = self.rewrite, self.active
+        if getattr(self.model, "_peftify", None) is rewrite and rewrite.active is None:
+            set_active(self.model, active if active in rewrite.adapters or active is None else next(iter(rewrite.adapters)))
+
+    def __del__(self) -> None:
+        if not self.entered:
+            warn("disable_adapters(model) was called without `with`, so the adapters stayed on: use `with peftify.disable_adapters(model): ...` for a block, or peftify.set_adapter(model, None) to switch them off until set_adapter names one again")
 
 
 @accepts_compiled

@@ -96,7 +96,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     if path.exists() and not path.is_dir():
         raise SpecError(f"{str(path)!r} is a file; an adapter is saved into a directory (its files inside it)", field="path")
     tensors, config, files = _contents(model, format, adapter)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent directory should be, no permission
+        raise SpecError(f"cannot create the adapter directory {str(path)!r}: {e.strerror}", field="path") from e
     writes = {
         files[0]: lambda f: save_file(_unshared(tensors), f, metadata={"format": "pt"}),
         files[1]: lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),

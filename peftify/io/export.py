@@ -80,6 +80,8 @@ def export(
 
     A transformers ``ModelOutput`` comes back as a dict of its tensors.
     """
+    for name, target in (("path", path), ("package", package)):  # before the export, which takes a while
+        _check_output_file(name, target)
     args, kwargs = example_arguments(model, example_inputs)
     constants = {k: v for k, v in kwargs.items() if not any(isinstance(t, torch.Tensor) for t in tree_leaves(v))}
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
@@ -112,4 +114,22 @@ def load_package(path: str | os.PathLike) -> Callable:
 
     import peftify.codegen.ops  # noqa: F401
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"peftify.load_package takes the path of a .pt2 package (str or os.PathLike), not {type(path).__name__}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no AOTInductor package at {os.fspath(path)!r}" + (" (a directory)" if Path(path).is_dir() else ""))
     return aoti_load_package(str(path))
+
+
+def _check_output_file(name: str, path) -> None:
+    """`export`'s `path`/`package`: a file to write, in a directory that exists (torch's own
+    errors name neither)."""
+    if path is None:
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"peftify.export's {name} is a file path (str or os.PathLike), not {type(path).__name__}")
+    target = Path(path)
+    if target.is_dir():
+        raise SpecError(f"export's {name} {os.fspath(path)!r} is a directory; it names the file to write", field=name)
+    if not target.parent.is_dir():
+        raise SpecError(f"export's {name} {os.fspath(path)!r}: the directory {str(target.parent)!r} does not exist", field=name)

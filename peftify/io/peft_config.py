@@ -248,6 +248,7 @@ FIELD_TYPES = {
     "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()), "an object of names to ranks"),
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()), "an object of names to alphas"),
     "modules_to_save": (_is_names, "a list of module names"),
+    "target_modules": (lambda v: isinstance(v, str) or _is_names(v), "a regex or a list of module names"),
     "exclude_modules": (lambda v: isinstance(v, str) or _is_names(v), "a regex or a list of module names"),
     "target_parameters": (_is_names, "a list of parameter names"),
     "layers_to_transform": (lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)), "a layer index or a list of them"),

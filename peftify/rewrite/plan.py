@@ -231,7 +231,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
                 chosen[site.fqn] = (i, rule.apply)
     for i, n in enumerate(hits):
         if n == 0 and not spec.rules[i].optional:
-            _unmatched(spec.rules[i].describe(i), spec.rules[i].match, cap.sites, strict)
+            _unmatched(spec.rules[i].describe(i), spec.rules[i].match, cap.sites, strict, untraced=cap.note if cap.method == "modules" else None)
     _warn_unrun_linears_named(model, cap, spec, ctx, chosen)
 
     live = Rewritten.of(model)
@@ -271,6 +271,7 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         except SpecError as e:
             raise SpecError(e.message + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
         entries.append(Entry(site, method, i))
+    _warn_rank_past_layers(entries, spec)
     by_method: dict[Method, list[Entry]] = {}
     for e in entries:  # as the rewrite builds them: one call per method, which may pair its sites
         by_method.setdefault(e.method, []).append(e)
@@ -365,12 +366,32 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
 BARE_LAYER = "the model is itself a single linear layer, which peftify cannot replace in place: wrap it (nn.Sequential(layer)) to rewrite it as a module"
 
 
-def _unmatched(where: str, match, candidates: list, strict: bool) -> None:
-    """Report a rule or glob that selects nothing, with the nearest names (or the roles present)."""
+def _warn_rank_past_layers(entries: list[Entry], spec: Spec) -> None:
+    """A rank above min(in, out), where a method takes it (plain LoRA, as PEFT does: a hidden→1
+    gate under "all-linear"), adds parameters that add no rank: said once per rule."""
+    past: dict[int, list[Entry]] = {}
+    for e in entries:
+        r = getattr(e.method, "r", None)
+        if isinstance(r, int) and not isinstance(r, bool) and r > min(e.site.in_features, e.site.out_features):
+            past.setdefault(e.rule, []).append(e)
+    for i, found in past.items():
+        s, r = found[0].site, found[0].method.r
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        warn(
+            f"{spec.rules[i].describe(i)}: r={r} exceeds min(in, out) at {s.fqn} ({s.in_features}→{s.out_features}){more}: the update there has rank "
+            f"{min(s.in_features, s.out_features)} at most, and its other parameters train nothing new"
+        )
+
+
+def _unmatched(where: str, match, candidates: list, strict: bool, untraced: str | None = None) -> None:
+    """Report a rule or glob that selects nothing, with the nearest names (or the roles present).
+    `untraced`: why the capture fell back to the module walk, which finds no roles."""
     probe = match.get("name", match.get("role", "")) if isinstance(match, dict) else match
     if isinstance(probe, str) and probe.startswith("role:") or isinstance(match, dict) and "role" in match and "name" not in match:
         roles = sorted({r for s in candidates for r in s.roles})
         msg = f"matches nothing; roles present: {', '.join(roles) or 'none'}"
+        if untraced:  # roles come from the trace: the example inputs given are the likely cause
+            msg += f" (roles come from tracing the model, which failed with {untraced.removeprefix('trace failed: ').split(';')[0]}, as warned above: check example_inputs)"
     else:
         names = [c.fqn if isinstance(c, Site) else c for c in candidates]
         msg = f"matches nothing; nearest: {', '.join(nearest(str(probe), names))}" if names else "matches nothing: the model has no sites (no linear layers were found)"

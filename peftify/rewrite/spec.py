@@ -134,13 +134,15 @@ class Spec:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Spec:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"peftify.Spec.load takes the path of a YAML or JSON spec file, not {type(path).__name__}")
         path = Path(path)
         try:
-            found = path.is_file()
+            found, directory = path.is_file(), path.is_dir()
         except OSError as e:  # a name longer than the system takes, say
             raise SpecError(f"spec file {str(path)[:200]!r} cannot be looked up ({e.strerror})") from e
         if not found:
-            raise SpecError(f"spec file {str(path)!r} does not exist")
+            raise SpecError(f"spec file {str(path)!r} " + ("is a directory: name the YAML or JSON file in it" if directory else "does not exist"))
         try:
             text = path.read_bytes().decode("utf-8-sig")
             if path.suffix.lower() in (".yaml", ".yml"):
@@ -199,15 +201,15 @@ def as_spec(spec, model=None) -> Spec:
         return spec
     if isinstance(getattr(spec, "spec", None), Spec):  # a Plan (from peftify.plan): what it resolved
         return spec.spec
-    if type(spec).__name__.endswith("Config") and hasattr(spec, "peft_type"):
-        return Spec.from_peft(spec, model)
+    if type(spec).__name__.endswith("Config") and hasattr(spec, "peft_type") or isinstance(spec, dict) and "peft_type" in spec:
+        return Spec.from_peft(spec, model)  # a LoraConfig, or its dict (to_dict(), adapter_config.json's contents)
     if isinstance(spec, dict):
         return Spec.from_dict(spec)
     if isinstance(spec, (str, os.PathLike)):
         return Spec.load(spec)
     if isinstance(spec, Rule):
         return Spec([spec])
-    raise SpecError(f"a spec is a peftify.Spec, a peftify.Plan, a peft.LoraConfig, a dict or a path to a YAML/JSON file, not {type(spec).__name__}")
+    raise SpecError(f"a spec is a peftify.Spec, a peftify.Plan, a peft.LoraConfig (or its dict), a dict or a path to a YAML/JSON file, not {type(spec).__name__}")
 
 
 def _check_keys(d: dict, what: str, rule: str | None = None) -> None:

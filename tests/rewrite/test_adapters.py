@@ -880,6 +880,51 @@ def test_an_adapter_on_a_functional_weight_another_adapter_trains_whole_is_refus
     assert set(peftify.adapters(other)) == {"a", "b"}
 
 
+def test_a_new_users_wrong_arguments_are_named_and_change_nothing(tmp_path):
+    """From a probe of API misuse: strict="false" ran strict and progress/safe/merged="no" as
+    True (a flag took any value by its truth); a LoraConfig's target_modules of ints failed
+    inside re; example inputs that broke the trace were blamed on a role rule alone; a
+    disable_adapters call without `with` did nothing in silence; path mistakes raised bare
+    torch/pathlib errors; a LoraConfig's dict was 45 unknown spec keys; r past the layer's
+    rank went unsaid."""
+    from peft import LoraConfig
+
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for call, text in (
+        (lambda: peftify.peftify(model, A, strict="false"), "strict is True or False, not 'false'"),
+        (lambda: peftify.plan(model, A, None, 0), "strict is True or False, not 0"),
+        (lambda: peftify.peftify(model, A, progress="no"), r"progress is True or False \(or None\), not 'no'"),
+        (lambda: peftify.merge(model, safe="no"), "safe is True or False"),
+        (lambda: peftify.export(model, merged="no"), "merged is True or False"),
+    ):
+        with pytest.raises(TypeError, match=text):
+            call()
+    with pytest.raises(SpecError, match="target_modules must be a regex or a list of module names, not 3"):
+        peftify.peftify(model, LoraConfig(r=2, target_modules=3))
+    with pytest.warns(UserWarning, match="tracing failed"), pytest.raises(SpecError, match=r"roles present: none \(roles come from tracing the model, which failed with ValueError, as warned above: check example_inputs\)"):
+        peftify.peftify(model, A, example_inputs={"inputs": torch.zeros(1, 3, dtype=torch.long)})
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and not hasattr(model, "_peftify")
+    peftify.peftify(model, LoraConfig(r=2, target_modules=["q_proj"]).to_dict())  # a PEFT config's dict
+    assert [row[0] for row in peftify.report(model).rows] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with pytest.warns(UserWarning, match="called without `with`, so the adapters stayed on"):
+        peftify.disable_adapters(model)
+    assert peftify.adapters(model) == {"default": True}
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SpecError, match="cannot create the adapter directory .*file/sub.*Not a directory"):
+        peftify.save_adapter(model, tmp_path / "file" / "sub")
+    with pytest.raises(SpecError, match="is a directory: name the YAML or JSON file in it"):
+        peftify.Spec.load(tmp_path)
+    with pytest.raises(TypeError, match="takes the path of a YAML or JSON spec file, not NoneType"):
+        peftify.Spec.load(None)
+    with pytest.raises(SpecError, match="export's path .* is a directory"):
+        peftify.export(model, path=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no AOTInductor package at .*missing.pt2"):
+        peftify.load_package(tmp_path / "missing.pt2")
+    with pytest.warns(UserWarning, match=r"r=40 exceeds min\(in, out\) at model.layers.0.self_attn.k_proj \(64→32\) and 1 more"):
+        peftify.plan(tiny_llama(), {"rules": [{"match": "*.k_proj", "apply": {"method": "lora", "r": 40}}]})
+
+
 def test_what_a_peft_user_gets_wrong_is_named(tmp_path):
     """From a PEFT user's first hour: param_groups on a model never rewritten took every
     parameter in silence; a save to a path that is a file failed inside pathlib; a Trainer
