@@ -18,6 +18,7 @@ from peftify.rewrite.apply import (
     apply_plan,
     capture_for,
     delete,
+    held_parameters,
     merge_model,
     rewrite_state,
     set_active,
@@ -265,17 +266,8 @@ def report(model: nn.Module) -> Report:
     note = f"; capture: {cap.method}" + (f" ({cap.note})" if cap.note else "") + f"; adapters: {', '.join(f'{n} (active)' if n == state.active else n for n in state.adapters)}"
     if state.active is None:
         note += f" (disabled; the rows are {state.current!r}'s)"
-    # the total counts what PEFT's modules_to_save wrappers hold as parameters too: the original of
-    # each parameter a spec trains whole, and every adapter's copy, where only one fills its slots.
-    # A bias trained without its module's weight is PEFT's bias="all", which trains it in place.
-    held = {id(p): p for p in model.parameters()}
-    whole = {id(m) for record in state.trained for m, name in record.slots if name != "bias"}
-    for record in state.trained:
-        if any(name != "bias" or id(m) in whole for m, name in record.slots):
-            for p in (record.original, *record.copies.values()):
-                held.setdefault(id(p), p)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Report(rows, trainable, sum(p.numel() for p in held.values()), note, state.plan.train_line() if state.plan.train else None)
+    return Report(rows, trainable, sum(p.numel() for p in held_parameters(model)), note, state.plan.train_line() if state.plan.train else None)
 
 
 __all__ = ["adapters", "capture", "delete_adapter", "disable_adapters", "merge", "param_groups", "peftify", "plan", "report", "set_adapter", "unload"]

@@ -347,6 +347,22 @@ def trained_record(rewrite: RewriteState | None, p: nn.Parameter) -> Trained | N
     return next((t for t in rewrite.trained if t.holds(p)), None) if rewrite is not None else None
 
 
+def held_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters, and what its rewrite holds beside them as PEFT's modules_to_save
+    wrappers hold them as parameters: the original of each parameter a spec trains whole, and
+    every adapter's copy, where only one fills its slots. (A bias trained without its module's
+    weight is PEFT's bias="all", which trains it in place: nothing beside it.)"""
+    held = {id(p): p for p in model.parameters()}
+    state = getattr(model, "_peftify", None)
+    trained = state.trained if state is not None else []
+    whole = {id(m) for record in trained for m, name in record.slots if name != "bias"}
+    for record in trained:
+        if any(name != "bias" or id(m) in whole for m, name in record.slots):
+            for p in (record.original, *record.copies.values()):
+                held.setdefault(id(p), p)
+    return list(held.values())
+
+
 def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> dict[str, nn.Parameter]:
     """A fresh trainable copy of the original of each parameter `plan` trains whole, by name."""
     out = {}

@@ -314,7 +314,9 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         if quantized:
             raise SpecError(f"train glob {pattern!r} names {quantized[0][0]}, which is quantized ({quantized[0][1]}): no optimizer can update it; dequantize it first", field="train")
         train += [c for c in dict.fromkeys(canonical[n] for n in found) if c not in train]
-    plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in model.parameters()))
+    from peftify.rewrite.apply import held_parameters  # (apply imports this module)
+
+    plan = Plan(entries, cap, spec, train, total_params=sum(p.numel() for p in held_parameters(model)))  # as the report counts: another adapter's trained copies too
     # a bias a method trains and a glob names too trains once: the site's count holds it
     # (and a bias two sites share, each trained by its method, once: the sites' counts hold it twice)
     trained_bias = [(canonical.get(e.site.bias, e.site.bias), e.site) for e in entries if e.site.bias and e.method.trainable_params(e.site) != e.method.trainable_params(replace(e.site, bias=None))]
