@@ -419,11 +419,12 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
     finally:
         written = _restore_module_state(kept)
     if written:
-        raise SpecError(
-            f"{entry.method.name} at {entry.site.fqn} wrote {written} in place on a probe input, which the rewrite cannot put back"
-            + (": training would change the frozen base at every step. Compute from the `weight` argument without writing it" if written == "the layer's weight W" else ": register it as a buffer (register_buffer), or do not write it"),
-            field="method",
+        why = (
+            " (put back): training would change the frozen base at every step. Compute from the `weight` argument without writing it"
+            if written == "the layer's weight W"
+            else ", which the rewrite cannot put back: register it as a buffer (register_buffer), or do not write it"
         )
+        raise SpecError(f"{entry.method.name} at {entry.site.fqn} wrote {written} in place on a probe input{why}", field="method")
     if failures:
         warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
         return
