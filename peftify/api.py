@@ -188,6 +188,9 @@ def param_groups(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) 
     learning-rate multiplier (e.g. LoRA+'s ``lr_ratio`` on B): a group's learning rate is `lr`
     times its multiplier. Pass to any torch optimizer. `lr` and `weight_decay` are finite numbers
     ≥ 0 (`ValueError` otherwise: torch checks only an optimizer's default lr, not its groups').
+    Every group carries them, and a group's settings win over the optimizer's own arguments
+    (torch's rule): ``AdamW(param_groups(model), lr=3e-5)`` trains at this function's default
+    lr of 1e-3, so give them here.
 
     `weight_decay` applies to the trained matrices: LoRA's A and B, and a structure's factors
     (SLTrain's sparse values and SVFT's sparse M count as matrix entries). Other vectors and
