@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ContextDecorator
 from dataclasses import dataclass
 
 from torch import nn
@@ -56,6 +56,8 @@ def _inference_mode(spec) -> bool:
     """A PEFT config with ``inference_mode=True`` (nothing trains), or a plan made from one."""
     if isinstance(spec, Plan):
         return getattr(spec, "inference_mode", False)
+    if isinstance(spec, dict) and "peft_type" in spec:  # its dict (adapter_config.json's contents: PEFT writes True there)
+        return bool(spec.get("inference_mode", False))
     return type(spec).__name__.endswith("Config") and getattr(spec, "peft_type", None) is not None and bool(getattr(spec, "inference_mode", False))
 
 
@@ -124,20 +126,24 @@ def disable_adapters(model: nn.Module) -> AbstractContextManager[nn.Module]:
     return _AdaptersOff(model)
 
 
-class _AdaptersOff(AbstractContextManager):
+class _AdaptersOff(AbstractContextManager, ContextDecorator):
     def __init__(self, model: nn.Module):
-        self.model, self.entered = model, False
+        self.model, self.entered, self.saved = model, False, []
+
+    def __call__(self, fn):  # used as a decorator: each call of `fn` runs inside the block
+        self.entered = True
+        return super().__call__(fn)
 
     def __enter__(self) -> nn.Module:
         self.entered = True
-        self.rewrite = rewrite_state(self.model, "disable")
-        self.active = self.rewrite.active
+        rewrite = rewrite_state(self.model, "disable")
+        self.saved.append((rewrite, rewrite.active))  # a stack: the same object may be entered inside itself
         set_active(self.model, None)
         return self.model
 
     def __exit__(self, *exc) -> None:
         # unless merged inside the block, or an adapter was switched on there (a new one, say)
-        rewrite, active = self.rewrite, self.active
+        rewrite, active = self.saved.pop()
         if getattr(self.model, "_peftify", None) is rewrite and rewrite.active is None:
             set_active(self.model, active if active in rewrite.adapters or active is None else next(iter(rewrite.adapters)))
 

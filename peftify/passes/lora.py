@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from peftify.codegen import lora_linear
+from peftify.errors import warn
 from peftify.passes.base import (
     Method,
     SiteModule,
@@ -114,6 +115,17 @@ class LoRA(Method):
             invalid("init", f"{self.init!r} rewrites the base weight, which needs a module site; {site.fqn} is functional")
         if self.dropout and site.kind != "module":  # W' = W + s·B·A is formed: no input to drop
             invalid("dropout", f"dropout acts on the layer's input, which a functional site's W' = W + s·B·A never sees; {site.fqn} is functional")
+
+    def check_together(self, sites: list[Site]) -> None:
+        """A rank past min(in, out), which B·A takes where the init does not factor W, adds
+        parameters that add no rank: said once for all the sites."""
+        past = [s for s in sites if self.r > min(s.in_features, s.out_features)]
+        if past:
+            s, more = past[0], f" and {len(past) - 1} more" if len(past) > 1 else ""
+            warn(
+                f"{self.name} r={self.r} exceeds min(in, out) at {s.fqn} ({s.in_features}→{s.out_features}){more}: the update there has "
+                f"rank {min(s.in_features, s.out_features)} at most, and its other parameters train nothing new"
+            )
 
     def trains_base_bias(self) -> bool:
         return self.bias

@@ -140,8 +140,8 @@ def accepts_compiled(fn):
             raise TypeError(f"peftify.{fn.__name__} takes a torch nn.Module (the model), not {type(model).__name__}")
         for name, (position, optional) in flags.items():
             value = kwargs[name] if name in kwargs else args[position - 1] if position <= len(args) else False
-            if not (isinstance(value, bool) or type(value).__name__ == "bool_" or (optional and value is None)):  # a NumPy bool too
-                raise TypeError(f"peftify.{fn.__name__}: {name} is True or False{' (or None)' if optional else ''}, not {value!r} (which would count as {bool(value)!r})")
+            if not (isinstance(value, bool) or _numpy_bool(value) or (optional and value is None)):
+                raise TypeError(f"peftify.{fn.__name__}: {name} is True or False{' (or None)' if optional else ''}, not {value!r}")
         inner = model._orig_mod if type(model).__name__ == "OptimizedModule" else model
         if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             if fn.__name__ in ADDS_PARAMETERS:  # the wrapper synchronizes the parameters it saw when built
@@ -173,6 +173,10 @@ def accepts_compiled(fn):
         return model if result is inner else result
 
     return entry
+
+
+def _numpy_bool(value) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # NumPy 2 names it bool
 
 
 def _flags(fn) -> dict[str, tuple[int, bool]]:
@@ -377,20 +381,12 @@ def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> 
 # The probe inputs of `_check_own_method`, tried in turn: rows, and (batch, tokens, features) as a
 # transformer's layers get them (a forward may unpack either).
 PROBE_SHAPES = ((2,), (1, 2))
-# A tensor a method's module refers to outside its parameters and buffers (a plain attribute, a
-# dict or list of them) is copied for the probe up to this size; a larger one (a module may keep
-# a reference to a large tensor of the model, at every site) is watched instead, and a probe that
-# wrote it is refused, since it cannot be put back.
-PROBE_COPY_MAX_BYTES = 1 << 20
-
-
 def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
     """A user's method (not peftify's own, which its tests check) must compute in `forward`
     what `merged_weight` says, bias included: merge writes the one, training ran the other, and
     a difference changed the model in silence. One probe of two rows, in eval mode, on a copy of
     W; the module is put back as it was after it (a forward may record statistics, or
-    initialise itself from its input), and one that wrote W or another tensor it cannot put back
-    is refused."""
+    initialise itself from its input), and one that wrote W is refused."""
     if type(entry.method).__module__.startswith("peftify.") or weight.is_meta or entry.site.experts:
         return
     out_f, in_f = weight.shape
@@ -417,14 +413,13 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
                 with contextlib.suppress(NotImplementedError):  # merge says so, if it is asked for
                     want = F.linear(x, mod.merged_weight(weight.clone()).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
     finally:
-        written = _restore_module_state(kept)
-    if written:
-        why = (
-            " (put back): training would change the frozen base at every step. Compute from the `weight` argument without writing it"
-            if written == "the layer's weight W"
-            else ", which the rewrite cannot put back: register it as a buffer (register_buffer), or do not write it"
+        wrote_weight = _restore_module_state(kept)
+    if wrote_weight:
+        raise SpecError(
+            f"{entry.method.name} at {entry.site.fqn} wrote the layer's weight W in place on a probe input (put back): training would change "
+            "the frozen base at every step. Compute from the `weight` argument without writing it",
+            field="method",
         )
-        raise SpecError(f"{entry.method.name} at {entry.site.fqn} wrote {written} in place on a probe input{why}", field="method")
     if failures:
         warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
         return
@@ -456,29 +451,18 @@ def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
     """What a forward may change on a module and its children, for `_restore_module_state`:
     their attributes, one level into containers (the parameter, buffer and hook dicts, a dict
     or list of statistics), as the same objects (a hook's handle removes from the dict it was
-    given); the data, values and requires_grad flags of their parameters and buffers, of the
-    other tensors among their attributes (watched instead, past PROBE_COPY_MAX_BYTES) and of
-    the layer's weight W, which the module may keep a reference to."""
-    attributes, owned, referred = [], {id(weight): ("the layer's weight W", weight)}, {}
+    given); the data, values and requires_grad flags of every dense tensor among them and of
+    the layer's weight W, which the module may keep a reference to (copied at each site's
+    probe: a module referring to a large tensor of the model makes every probe copy it)."""
+    attributes, tensors = [], {id(weight): weight}
     for m in mod.modules():
         saved = {}
         for k, v in m.__dict__.items():
-            held = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, (list, tuple, set)) else [(None, v)]
-            for key, t in held:
-                if isinstance(t, torch.Tensor) and _restorable(t):
-                    where = f"{type(m).__name__}.{k}" + (f"[{key!r}]" if key is not None and k not in ("_parameters", "_buffers") else "")
-                    (owned if k in ("_parameters", "_buffers") else referred).setdefault(id(t), (where, t))
+            held = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else [v]
+            tensors.update((id(t), t) for t in held if isinstance(t, torch.Tensor) and _restorable(t))
             saved[k] = (v, copy.copy(v) if type(v) in _CONTAINERS else None)
         attributes.append((m, saved))
-    copied, watched = list(owned.values()), []
-    for i, (where, t) in referred.items():
-        if i in owned:
-            continue
-        if t.numel() * t.element_size() <= PROBE_COPY_MAX_BYTES:
-            copied.append((where, t))
-        elif not t.is_inference():  # (an inference tensor has no version counter, and no write outside inference mode)
-            watched.append((where, t, t._version))
-    return [attributes, [(where, t, t.detach(), t.detach().clone(), t.requires_grad) for where, t in copied], watched]
+    return [attributes, [(t, t.detach(), t.detach().clone(), t.requires_grad) for t in tensors.values()], weight]
 
 
 def _restorable(t: torch.Tensor) -> bool:
@@ -486,35 +470,36 @@ def _restorable(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and not (t.is_meta or t.is_quantized or t.is_nested)
 
 
-def _restore_module_state(kept: list) -> str | None:
-    """Put back what `_module_state` kept. What was written that could not be put back, or the
-    layer's weight W (put back), if the forward wrote either."""
-    attributes, copied, watched = kept
+def _restore_module_state(kept: list) -> bool:
+    """Put back what `_module_state` kept; whether the forward had written the layer's weight W."""
+    attributes, tensors, weight = kept
     for m, saved in attributes:
         m.__dict__.clear()
         for k, (v, contents) in saved.items():
-            if isinstance(v, list):
+            if contents is None:  # not a container put back in place (an immutable one, or a subclass)
+                pass
+            elif isinstance(v, list):
                 v[:] = contents
-            elif contents is not None:
+            else:
                 v.clear()
                 v.update(contents)
             m.__dict__[k] = v
-    written = None
+    wrote_weight = False
     with torch.no_grad():
-        for where, t, data, value, requires_grad in copied:
+        for t, data, value, requires_grad in tensors:
             if t.shape != data.shape or t.data_ptr() != data.data_ptr():
                 t.data = data  # `.data` was rebound (a module sizing itself from its first input)
             if not _same_values(t, value):  # an unchanged tensor is not written (its version stays; it may be an inference tensor)
                 t.copy_(value)
-                written = written or (where if where == "the layer's weight W" else None)
+                wrote_weight = wrote_weight or t is weight
             if t.is_leaf and t.requires_grad != requires_grad:
                 t.requires_grad_(requires_grad)
-    return written or next((f"the tensor at {where}" for where, t, version in watched if t._version != version), None)
+    return wrote_weight
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal, NaN where NaN."""
-    return a.shape == b.shape and bool(((a == b) | a.isnan() & b.isnan()).all())
+    """Equal, NaN where NaN (one pass where equal)."""
+    return a.shape == b.shape and (torch.equal(a, b) or bool(((a == b) | a.isnan() & b.isnan()).all()))
 
 
 def _refuse_half_overflow(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:

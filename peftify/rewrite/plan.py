@@ -271,7 +271,6 @@ def make_plan(model: nn.Module, cap: Capture, spec: Spec, strict: bool = True) -
         except SpecError as e:
             raise SpecError(e.message + (f"; {bare}" if bare else ""), rule=spec.rules[i].describe(i), field=e.field) from e
         entries.append(Entry(site, method, i))
-    _warn_rank_past_layers(entries, spec)
     by_method: dict[Method, list[Entry]] = {}
     for e in entries:  # as the rewrite builds them: one call per method, which may pair its sites
         by_method.setdefault(e.method, []).append(e)
@@ -366,23 +365,6 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
 
 
 BARE_LAYER = "the model is itself a single linear layer, which peftify cannot replace in place: wrap it (nn.Sequential(layer)) to rewrite it as a module"
-
-
-def _warn_rank_past_layers(entries: list[Entry], spec: Spec) -> None:
-    """A rank above min(in, out), where a method takes it (plain LoRA, as PEFT does: a hidden→1
-    gate under "all-linear"), adds parameters that add no rank: said once per rule."""
-    past: dict[int, list[Entry]] = {}
-    for e in entries:
-        r = getattr(e.method, "r", None)
-        if isinstance(r, int) and not isinstance(r, bool) and r > min(e.site.in_features, e.site.out_features):
-            past.setdefault(e.rule, []).append(e)
-    for i, found in past.items():
-        s, r = found[0].site, found[0].method.r
-        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-        warn(
-            f"{spec.rules[i].describe(i)}: r={r} exceeds min(in, out) at {s.fqn} ({s.in_features}→{s.out_features}){more}: the update there has rank "
-            f"{min(s.in_features, s.out_features)} at most, and its other parameters train nothing new"
-        )
 
 
 def _unmatched(where: str, match, candidates: list, strict: bool, untraced: str | None = None) -> None:

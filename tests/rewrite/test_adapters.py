@@ -921,8 +921,39 @@ def test_a_new_users_wrong_arguments_are_named_and_change_nothing(tmp_path):
         peftify.export(model, path=tmp_path)
     with pytest.raises(FileNotFoundError, match="no AOTInductor package at .*missing.pt2"):
         peftify.load_package(tmp_path / "missing.pt2")
-    with pytest.warns(UserWarning, match=r"r=40 exceeds min\(in, out\) at model.layers.0.self_attn.k_proj \(64→32\) and 1 more"):
+    with pytest.warns(UserWarning, match=r"lora r=40 exceeds min\(in, out\) at model.layers.0.self_attn.k_proj \(64→32\) and 1 more") as caught:
         peftify.plan(tiny_llama(), {"rules": [{"match": "*.k_proj", "apply": {"method": "lora", "r": 40}}]})
+    assert len([w for w in caught if "exceeds" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # r unused where an energy threshold picks it
+        peftify.plan(tiny_llama(), {"rules": [{"match": "*.k_proj", "apply": {"method": "svfit", "energy": 0.9}}]})
+
+
+def test_flags_disable_adapters_and_peft_dicts_as_before_the_misuse_checks(tmp_path):
+    """From a regression probe of the misuse checks: NumPy 2's bools were refused (named bool,
+    not bool_); disable_adapters lost its use as a decorator, and one object entered inside
+    itself left the adapters off; a PEFT config's dict with inference_mode=True (as PEFT saves
+    it) left the adapter trainable."""
+    import json
+
+    import numpy as np
+    from peft import LoraConfig
+
+    model = peftify.peftify(tiny_llama(), A, strict=np.True_)
+    off = peftify.disable_adapters(model)
+
+    @off
+    def active():
+        return peftify.adapters(model)
+
+    assert active() == {"default": False} and peftify.adapters(model) == {"default": True}
+    with off, off:
+        assert peftify.adapters(model) == {"default": False}
+    assert peftify.adapters(model) == {"default": True}
+    LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    frozen = peftify.peftify(tiny_llama(), config)
+    assert not any(p.requires_grad for p in frozen.parameters())
 
 
 def test_what_a_peft_user_gets_wrong_is_named(tmp_path):
