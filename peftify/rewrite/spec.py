@@ -98,6 +98,8 @@ class Spec:
         if not isinstance(d, dict):
             raise SpecError(f"a spec must be a dict with 'rules', got {type(d).__name__}")
         _check_keys(d, "spec")
+        if "peft_type" in d:  # adapter_config.json's contents, or LoraConfig.to_dict()
+            raise SpecError("this dict is a PEFT config (it has peft_type): pass it to peftify.peftify or peftify.plan as the spec, or convert it with peftify.Spec.from_peft(config, model)")
         unknown = set(d) - set(SPEC_KEYS)
         if unknown:
             raise SpecError(f"unknown spec key(s) {sorted(unknown)}; use {list(SPEC_KEYS)}", field=min(unknown))
@@ -153,6 +155,11 @@ class Spec:
             raise SpecError(f"{str(path)!r}: {e.message}", field=e.field) from e
         except Exception as e:
             raise SpecError(f"cannot parse {str(path)!r}: {e}") from e
+        if isinstance(data, dict) and "peft_type" in data:
+            raise SpecError(
+                f"{str(path)!r} is a PEFT adapter config: peftify.from_pretrained(model, its directory) loads the adapter with its weights; "
+                "to start a new adapter from it, pass its contents (json.load) as the spec"
+            )
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

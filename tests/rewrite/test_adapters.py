@@ -954,6 +954,10 @@ def test_flags_disable_adapters_and_peft_dicts_as_before_the_misuse_checks(tmp_p
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     frozen = peftify.peftify(tiny_llama(), config)
     assert not any(p.requires_grad for p in frozen.parameters())
+    with pytest.raises(SpecError, match="is a PEFT adapter config: peftify.from_pretrained"):
+        peftify.Spec.load(tmp_path / "adapter_config.json")
+    with pytest.raises(SpecError, match="this dict is a PEFT config .*Spec.from_peft"):
+        peftify.Spec.from_dict(config)
 
 
 def test_what_a_peft_user_gets_wrong_is_named(tmp_path):
