@@ -9,9 +9,7 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import copy
 import dataclasses
 import functools
 import inspect
@@ -442,11 +440,6 @@ def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> No
         )
 
 
-# The containers `_restore_module_state` puts back in place (exactly these types: a subclass,
-# a transformers ModelOutput say, may refuse `update`)
-_CONTAINERS = (dict, collections.OrderedDict, collections.defaultdict, list, set)
-
-
 def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
     """What a forward may change on a module and its children, for `_restore_module_state`:
     their attributes, one level into containers (the parameter, buffer and hook dicts, a dict
@@ -460,9 +453,10 @@ def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
         for k, v in m.__dict__.items():
             held = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else [v]
             tensors.update((id(t), t) for t in held if isinstance(t, torch.Tensor) and _restorable(t))
-            saved[k] = (v, copy.copy(v) if type(v) in _CONTAINERS else None)
+            saved[k] = (v, dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else set(v) if isinstance(v, set) else None)
         attributes.append((m, saved))
-    return [attributes, [(t, t.detach(), t.detach().clone(), t.requires_grad) for t in tensors.values()], weight]
+    ordered = sorted(tensors.values(), key=lambda t: t._base is not None)  # bases first: a view (an expanded one too) is then put back with them
+    return [attributes, [(t, t.detach(), t.detach().clone(), t.requires_grad) for t in ordered], weight]
 
 
 def _restorable(t: torch.Tensor) -> bool:
@@ -476,21 +470,25 @@ def _restore_module_state(kept: list) -> bool:
     for m, saved in attributes:
         m.__dict__.clear()
         for k, (v, contents) in saved.items():
-            if contents is None:  # not a container put back in place (an immutable one, or a subclass)
-                pass
+            # through the base type's methods: a subclass may refuse or redefine them (a ModelOutput's
+            # update raises, a Counter's adds)
+            if isinstance(v, dict):
+                dict.clear(v)
+                dict.update(v, contents)
             elif isinstance(v, list):
-                v[:] = contents
-            else:
-                v.clear()
-                v.update(contents)
+                list.__setitem__(v, slice(None), contents)
+            elif isinstance(v, set):
+                set.clear(v)
+                set.update(v, contents)
             m.__dict__[k] = v
     wrote_weight = False
     with torch.no_grad():
         for t, data, value, requires_grad in tensors:
             if t.shape != data.shape or t.data_ptr() != data.data_ptr():
                 t.data = data  # `.data` was rebound (a module sizing itself from its first input)
-            if not _same_values(t, value):  # an unchanged tensor is not written (its version stays; it may be an inference tensor)
-                t.copy_(value)
+            if not _same_values(t, value):  # an unchanged tensor is not written (its version stays)
+                with torch.inference_mode() if t.is_inference() else contextlib.nullcontext():  # (inference_mode(False) would turn grad mode on)
+                    t.copy_(value)  # an inference tensor is written inside inference mode only
                 wrote_weight = wrote_weight or t is weight
             if t.is_leaf and t.requires_grad != requires_grad:
                 t.requires_grad_(requires_grad)

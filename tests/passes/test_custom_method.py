@@ -2,6 +2,7 @@
 `peftify.Method`, `peftify.SiteModule`), works everywhere a built-in one does; bad registrations
 are refused."""
 
+import collections
 import contextlib
 import copy
 import re
@@ -551,6 +552,27 @@ class HoldsOddTensors(OutputScaleModule):
         self.outputs = NoUpdate(w=weight)
 
 
+class ChangesSubclassesAndViews(OutputScaleModule):
+    """Statistics in a Counter and a list subclass, a running value read through an expanded view
+    kept before it, and an inference tensor written in inference mode."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        base = torch.zeros(1, 4)
+        self.wide, self.base = base.expand(3, 4), base
+        self.counts, self.seen = collections.Counter(), type("Seen", (list,), {})()
+        with torch.inference_mode():
+            self.inference = torch.zeros(3)
+
+    def forward(self, x, weight, bias):
+        self.base.add_(1.0)
+        self.counts["calls"] += 1
+        self.seen.append(1)
+        with torch.inference_mode():
+            self.inference.add_(1.0)
+        return super().forward(x, weight, bias)
+
+
 class WritesLargeReferenced(OutputScaleModule):
     """Refers to a large tensor (not a buffer) and writes it, in place and through `.data`."""
 
@@ -574,7 +596,7 @@ LARGE = torch.zeros(1 << 19)  # 2 MB
 
 
 def test_the_forward_check_takes_tensors_it_cannot_compare_and_puts_back_what_a_module_refers_to():
-    """Sparse, meta and quantized tensors in plain attributes, or a dict subclass refusing
+    """Container subclasses (a Counter), expanded views and inference tensors are put back too. Sparse, meta and quantized tensors in plain attributes, or a dict subclass refusing
     `update`, crashed the rewrite in the restore (the dict one halfway, leaving a written model
     tensor); a large tensor a module refers to, written in place or through `.data`, is put back
     (a version watch missed `.data` and could not put it back); a W written by a forward that
@@ -586,6 +608,11 @@ def test_the_forward_check_takes_tensors_it_cannot_compare_and_puts_back_what_a_
     with scale_computed_by(WritesLargeReferenced) as name:
         peftify.peftify(tiny_llama(layers=1), {"rules": [{"match": "role:attn.*", "apply": {"method": name}}]}, progress=False)
     assert not LARGE.any()
+    with scale_computed_by(ChangesSubclassesAndViews) as name:  # the restore wrote the view first (a raw torch error), kept the subclasses' contents
+        model = tiny_llama(layers=1)
+        peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
+        mod = model.model.layers[0].self_attn.q_proj.adapters["default"]
+        assert not mod.base.any() and not mod.counts and not mod.seen and not mod.inference.any()
     with scale_computed_by(WritesWThenRaises) as name:
         model = tiny_llama(layers=1)
         weight = model.model.layers[0].self_attn.q_proj.weight.clone()
