@@ -655,8 +655,8 @@ def _register_double_backward(op, composite) -> None:
 def _btt_forward(x: Tensor, core0: Tensor, core1: Tensor, keep_hidden: bool = True) -> tuple[Tensor, Tensor]:
     """The body of the btt/monarch ops. The hidden it returns for the backward is (T, b0·k0)
     from the Triton kernels, (b0, T, k0) from the blockwise reference, else (T, b1, k1).
-    ``keep_hidden=False`` says no backward will run: the CPU reference may then return an empty
-    hidden (and such a call cannot be differentiated)."""
+    ``keep_hidden=False`` says no backward is expected: the CPU reference may then return an
+    empty hidden, which a backward that comes anyway computes again."""
     if _use_triton(x):
         from peftify.codegen import triton_kernels
 
@@ -692,9 +692,13 @@ def _define_btt(name: str):
     def backward(ctx, grad_y, _grad_hs):
         if grad_y is None:  # grads are not materialized: nothing flowed into y
             return None, None, None, None
-        if not ctx.keep_hidden:
-            raise RuntimeError(f"peftify::{name} was called with keep_hidden=False, which keeps nothing for a backward; call it with keep_hidden=True to differentiate it")
-        return (*_btt_op_backward(grad_y, *ctx.saved_tensors, ctx.needs_input_grad[:3]), None)
+        x, core0, core1, hidden = ctx.saved_tensors
+        b0, _k0, b1, k1 = _btt_shapes(x, core0, core1)
+        if not ctx.keep_hidden and hidden.dim() == 1 and _blockwise(b0, b1, k1):
+            # called as if no backward would run (a program exported or traced without grad, then
+            # differentiated): the blockwise reference kept no hidden, so it is computed here
+            hidden = torch.bmm(x.reshape(-1, b0, core0.shape[2]).transpose(0, 1), core0.transpose(1, 2))  # (b0, T, k0)
+        return (*_btt_op_backward(grad_y, x, core0, core1, hidden, ctx.needs_input_grad[:3]), None)
 
     op.register_autograd(backward, setup_context=setup_context)
     return op

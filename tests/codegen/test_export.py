@@ -164,3 +164,22 @@ def test_a_half_precision_svft_package_runs(tmp_path):
     peftify.export(model, (x,), package=tmp_path / "svft.pt2")
     with torch.no_grad():
         torch.testing.assert_close(peftify.load_package(tmp_path / "svft.pt2")(x), model(x), atol=2e-2, rtol=2e-2)
+
+
+def test_a_program_exported_without_grad_differentiates_like_the_model(monkeypatch):
+    """Exported under no_grad, the program held btt/monarch nodes told that no backward would
+    run, and differentiating it raised (a program of nn.Linear or LoRA layers differentiates).
+    The blockwise path, which keeps no hidden then, computes it in the backward."""
+    from peftify.codegen import ops
+
+    monkeypatch.setattr(ops, "BLOCKWISE_MIN_RANK", 1)  # the tiny layers' blocks take the blockwise path
+    model = rewritten()
+    with torch.no_grad():
+        program = peftify.export(model, X)
+    program.module()(**X)["logits"].square().sum().backward()
+    exported = {n: p.grad for n, p in program.module().named_parameters() if p.grad is not None}
+    output(model, X).square().sum().backward()
+    own = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(exported) == len(own) > 0
+    for got, want in zip(exported.values(), own.values(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

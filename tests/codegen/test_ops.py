@@ -68,7 +68,7 @@ def test_btt_matches_its_definition_and_passes_opcheck_and_gradcheck(case, op, p
 def test_btt_without_a_backward_keeps_no_hidden_and_computes_the_same(case, op, monkeypatch):
     """Under no_grad (or with nothing requiring grad) the wrappers tell the op no backward will
     run; the blockwise path then goes over token chunks (10 tokens in 3, 3, 3 and 1) and keeps no
-    hidden. Eager and compiled outputs equal the dense formula; differentiating such a call raises."""
+    hidden. Eager and compiled outputs equal the dense formula; differentiating such a call computes the hidden again."""
     monkeypatch.setattr(ops, "BLOCKWISE_MIN_RANK", 1)
     monkeypatch.setattr(ops, "BLOCKWISE_CHUNK_TOKENS", 3)
     calls = []
@@ -90,9 +90,15 @@ def test_btt_without_a_backward_keeps_no_hidden_and_computes_the_same(case, op, 
     torch.library.opcheck(torch.ops.peftify.btt_reference.default, (*plain, False))
     torch.testing.assert_close(fn(x, c0, c1), want)  # recorded by autograd: keeps its hidden
     assert calls[-1:] == ([True] if blockwise_case else [])
-    if blockwise_case:
-        with pytest.raises(RuntimeError, match="keep_hidden=False"):
-            getattr(torch.ops.peftify, op)(x, c0, c1, False)[0].sum().backward()
+    # called without a hidden and differentiated anyway (a program exported under no_grad raised):
+    # the backward computes the hidden again
+    getattr(torch.ops.peftify, op)(x, c0, c1, False)[0].backward(dy := torch.randn_like(want))
+    got = [t.grad.clone() for t in (x, c0, c1)]
+    for t in (x, c0, c1):
+        t.grad = None
+    fn(x, c0, c1).backward(dy)
+    for g, t in zip(got, (x, c0, c1), strict=True):
+        torch.testing.assert_close(g, t.grad)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
