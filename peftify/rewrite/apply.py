@@ -9,6 +9,7 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -451,12 +452,50 @@ def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
     for m in mod.modules():
         saved = {}
         for k, v in m.__dict__.items():
-            held = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else [v]
+            contents = _contents(v)
+            held = [x for item in contents for x in (item if isinstance(v, dict) else (item,))] if contents is not None else list(v) if isinstance(v, tuple) else [v]
             tensors.update((id(t), t) for t in held if isinstance(t, torch.Tensor) and _restorable(t))
-            saved[k] = (v, dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else set(v) if isinstance(v, set) else None)
+            saved[k] = (v, contents)
         attributes.append((m, saved))
-    ordered = sorted(tensors.values(), key=lambda t: t._base is not None)  # bases first: a view (an expanded one too) is then put back with them
+    # bases before views, and an expanded view last: written after its base, it holds its values again
+    ordered = sorted(tensors.values(), key=lambda t: (t._base is not None, 0 in t.stride()))
     return [attributes, [(t, t.detach(), t.detach().clone(), t.requires_grad) for t in ordered], weight]
+
+
+def _contents(v) -> list | None:
+    """A dict's items, a list's or a set's elements, read through the base type (a subclass may
+    hide entries from its own methods); None for anything else."""
+    if isinstance(v, collections.OrderedDict):  # its own order, which plain dict methods do not keep
+        return list(collections.OrderedDict.items(v))
+    if isinstance(v, dict):
+        return list(dict.items(v))
+    if isinstance(v, list):
+        return list(list.__iter__(v))
+    if isinstance(v, set):
+        return list(set.__iter__(v))
+    return None
+
+
+def _put_back(v, contents: list) -> None:
+    """`_contents` back into the same container, through the base type's methods (a subclass may
+    refuse or redefine them: a ModelOutput's update raises, a Counter's adds). An unchanged one
+    is not touched."""
+    now = _contents(v)
+    same = (lambda a, b: a[0] is b[0] and a[1] is b[1]) if isinstance(v, dict) else (lambda a, b: a is b)
+    if len(now) == len(contents) and all(map(same, now, contents)):
+        return
+    if isinstance(v, collections.OrderedDict):
+        collections.OrderedDict.clear(v)
+        for key, value in contents:
+            collections.OrderedDict.__setitem__(v, key, value)
+    elif isinstance(v, dict):
+        dict.clear(v)
+        dict.update(v, contents)
+    elif isinstance(v, list):
+        list.__setitem__(v, slice(None), contents)
+    else:
+        set.clear(v)
+        set.update(v, contents)
 
 
 def _restorable(t: torch.Tensor) -> bool:
@@ -465,34 +504,43 @@ def _restorable(t: torch.Tensor) -> bool:
 
 
 def _restore_module_state(kept: list) -> bool:
-    """Put back what `_module_state` kept; whether the forward had written the layer's weight W."""
+    """Put back what `_module_state` kept; whether the forward had written the layer's weight W.
+    Every tensor is tried (one that cannot be written back does not stop the others); one that
+    could not be raises `SpecError` after them."""
     attributes, tensors, weight = kept
     for m, saved in attributes:
         m.__dict__.clear()
         for k, (v, contents) in saved.items():
-            # through the base type's methods: a subclass may refuse or redefine them (a ModelOutput's
-            # update raises, a Counter's adds)
-            if isinstance(v, dict):
-                dict.clear(v)
-                dict.update(v, contents)
-            elif isinstance(v, list):
-                list.__setitem__(v, slice(None), contents)
-            elif isinstance(v, set):
-                set.clear(v)
-                set.update(v, contents)
+            if contents is not None:
+                _put_back(v, contents)
             m.__dict__[k] = v
-    wrote_weight = False
+    wrote_weight, failed = False, []
     with torch.no_grad():
         for t, data, value, requires_grad in tensors:
-            if t.shape != data.shape or t.data_ptr() != data.data_ptr():
-                t.data = data  # `.data` was rebound (a module sizing itself from its first input)
-            if not _same_values(t, value):  # an unchanged tensor is not written (its version stays)
-                with torch.inference_mode() if t.is_inference() else contextlib.nullcontext():  # (inference_mode(False) would turn grad mode on)
-                    t.copy_(value)  # an inference tensor is written inside inference mode only
-                wrote_weight = wrote_weight or t is weight
-            if t.is_leaf and t.requires_grad != requires_grad:
-                t.requires_grad_(requires_grad)
+            try:
+                if t.shape != data.shape or t.data_ptr() != data.data_ptr():
+                    t.data = data  # `.data` was rebound (a module sizing itself from its first input)
+                if not _same_values(t, value):  # an unchanged tensor is not written (its version stays)
+                    with torch.inference_mode() if t.is_inference() else contextlib.nullcontext():  # (inference_mode(False) would turn grad mode on)
+                        _distinct(t).copy_(_distinct(value, like=t))  # an inference tensor is written inside inference mode only
+                    wrote_weight = wrote_weight or t is weight
+                if t.is_leaf and t.requires_grad != requires_grad:
+                    t.requires_grad_(requires_grad)
+            except RuntimeError as e:
+                failed.append(f"a {tuple(t.shape)} tensor ({type(e).__name__}: {str(e)[:120]})")
+    if failed:
+        raise SpecError(f"the forward probe wrote tensors its module holds that could not be put back: {'; '.join(failed)}", field="method")
     return wrote_weight
+
+
+def _distinct(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """`t` without the dimensions `like` (else `t`) expands with stride 0: the elements it
+    holds once, which a copy can write."""
+    strides = (like if like is not None else t).stride()
+    for d, stride in enumerate(strides):
+        if stride == 0 and t.shape[d] > 1:
+            t = t.narrow(d, 0, 1)
+    return t
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

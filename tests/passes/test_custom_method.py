@@ -573,6 +573,25 @@ class ChangesSubclassesAndViews(OutputScaleModule):
         return super().forward(x, weight, bias)
 
 
+class HooksItself(OutputScaleModule):
+    """A pre-hook that removes itself after its first call (the lazy-module pattern), and a
+    forward that registers a hook."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.first_calls = []
+
+        def once(mod, args):
+            self.first_calls.append(1)
+            self.once.remove()
+
+        self.once = self.register_forward_pre_hook(once)
+
+    def forward(self, x, weight, bias):
+        self.register_forward_hook(lambda *args: None)
+        return super().forward(x, weight, bias)
+
+
 class WritesLargeReferenced(OutputScaleModule):
     """Refers to a large tensor (not a buffer) and writes it, in place and through `.data`."""
 
@@ -608,11 +627,21 @@ def test_the_forward_check_takes_tensors_it_cannot_compare_and_puts_back_what_a_
     with scale_computed_by(WritesLargeReferenced) as name:
         peftify.peftify(tiny_llama(layers=1), {"rules": [{"match": "role:attn.*", "apply": {"method": name}}]}, progress=False)
     assert not LARGE.any()
-    with scale_computed_by(ChangesSubclassesAndViews) as name:  # the restore wrote the view first (a raw torch error), kept the subclasses' contents
+    for inference in (False, True):  # the restore wrote the view first (a raw torch error; in inference mode it has no _base), kept the subclasses' contents
+        with scale_computed_by(ChangesSubclassesAndViews) as name, torch.inference_mode(inference):
+            model = tiny_llama(layers=1)
+            peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
+            mod = model.model.layers[0].self_attn.q_proj.adapters["default"]
+            assert not mod.base.any() and not mod.counts and not mod.seen and not mod.inference.any()
+    with scale_computed_by(HooksItself) as name:  # plain dict methods on the hook OrderedDicts lost their order: a hook never ran, or a forward raised KeyError
         model = tiny_llama(layers=1)
         peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
         mod = model.model.layers[0].self_attn.q_proj.adapters["default"]
-        assert not mod.base.any() and not mod.counts and not mod.seen and not mod.inference.any()
+        ids = {"input_ids": torch.randint(0, 101, (1, 4))}
+        output(model, ids)
+        mod.register_forward_hook(lambda *args: None)
+        output(model, ids)
+        assert mod.first_calls == [1] and len(mod._forward_pre_hooks) == 0
     with scale_computed_by(WritesWThenRaises) as name:
         model = tiny_llama(layers=1)
         weight = model.model.layers[0].self_attn.q_proj.weight.clone()
