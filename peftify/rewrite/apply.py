@@ -453,7 +453,10 @@ def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
         saved = {}
         for k, v in m.__dict__.items():
             contents = _contents(v)
-            held = [x for item in contents for x in (item if isinstance(v, dict) else (item,))] if contents is not None else list(v) if isinstance(v, tuple) else [v]
+            if contents is None:
+                held = list(v) if isinstance(v, tuple) else [v]
+            else:
+                held = [x for pair in contents for x in pair] if isinstance(v, dict) else contents
             tensors.update((id(t), t) for t in held if isinstance(t, torch.Tensor) and _restorable(t))
             saved[k] = (v, contents)
         attributes.append((m, saved))
