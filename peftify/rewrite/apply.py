@@ -9,7 +9,6 @@ model is left with the same module objects, parameters and ``requires_grad`` fla
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -19,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -38,6 +36,7 @@ from peftify.passes.base import (
 )
 from peftify.rewrite.capture import ExampleInputs, capture, refuse_rewritten_parts
 from peftify.rewrite.plan import Entry, Plan, Rewritten
+from peftify.rewrite.probe import check_own_method
 from peftify.rewrite.select import Context, uses_roles
 from peftify.rewrite.sites import Capture, Site, parameter_names
 
@@ -377,180 +376,6 @@ def train_copies(model: nn.Module, plan: Plan, rewrite: RewriteState | None) -> 
     return out
 
 
-# The probe inputs of `_check_own_method`, tried in turn: rows, and (batch, tokens, features) as a
-# transformer's layers get them (a forward may unpack either).
-PROBE_SHAPES = ((2,), (1, 2))
-def _check_own_method(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
-    """A user's method (not peftify's own, which its tests check) must compute in `forward`
-    what `merged_weight` says, bias included: merge writes the one, training ran the other, and
-    a difference changed the model in silence. One probe of two rows, in eval mode, on a copy of
-    W; the module is put back as it was after it (a forward may record statistics, or
-    initialise itself from its input), and one that wrote W is refused."""
-    if type(entry.method).__module__.startswith("peftify.") or weight.is_meta or entry.site.experts:
-        return
-    out_f, in_f = weight.shape
-    g = torch.Generator(device=weight.device).manual_seed(0)  # not the global generator: a user's seeds stay as they were
-    bias = torch.randn(out_f, generator=g, device=weight.device, dtype=weight.dtype) if entry.site.bias else None  # a method for bias-free layers may leave it out
-    kept = _module_state(mod, weight)
-    devices = [] if weight.device.type == "cpu" else [weight.device.index or 0]
-    failures, want = [], None
-    try:
-        # in eval mode, outside autocast (see apply_plan: a forward must give its input's dtype),
-        # and with the global generators put back after it (a forward that draws leaves the
-        # user's seeded draws as they were)
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=weight.device.type if devices else "cuda"):
-            mod.eval()
-            for lead in PROBE_SHAPES:
-                x = torch.randn((*lead, in_f), generator=g, device=weight.device, dtype=weight.dtype)
-                try:
-                    y = mod(x, weight.clone(), bias)  # a forward that writes W in place changes its copy
-                    failures = []
-                    break
-                except Exception as e:  # noqa: BLE001  (the input's rank, perhaps: the next shape may run)
-                    failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {e}")
-            if not failures:
-                with contextlib.suppress(NotImplementedError):  # merge says so, if it is asked for
-                    want = F.linear(x, mod.merged_weight(weight.clone()).to(x.dtype), bias)  # as merge writes it: in the weight's dtype
-    finally:
-        wrote_weight = _restore_module_state(kept)
-    if wrote_weight:
-        raise SpecError(
-            f"{entry.method.name} at {entry.site.fqn} wrote the layer's weight W in place on a probe input (put back): training would change "
-            "the frozen base at every step. Compute from the `weight` argument without writing it",
-            field="method",
-        )
-    if failures:
-        warn(f"{entry.method.name}'s forward at {entry.site.fqn} raised on every probe input ({'; '.join(failures)}): whether it computes x·merged_weight(W)ᵀ + bias, as merge assumes, is unchecked")
-        return
-    if want is None:
-        return
-    if not isinstance(y, torch.Tensor) or y.shape != want.shape or y.dtype != x.dtype:
-        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise SpecError(
-            f"{entry.method.name}'s forward at {entry.site.fqn} gives {got} for an input of {tuple(x.shape)} {x.dtype}, not {tuple(want.shape)} {x.dtype}"
-            + (" (outside autocast the next layer would get it: give the input's dtype, as nn.Linear does)" if isinstance(y, torch.Tensor) and y.shape == want.shape else ""),
-            field="method",
-        )
-    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
-    gap = float((y.to(want.dtype) - want).abs().max())
-    if gap > tolerance * (float(want.abs().max()) + 1e-6):
-        raise SpecError(
-            f"{entry.method.name}'s forward at {entry.site.fqn} computes something other than x·merged_weight(W)ᵀ + bias "
-            f"({gap:.3g} apart on a probe input): merge would change the model. Make them agree (a forward that leaves out the bias?)",
-            field="method",
-        )
-
-
-def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
-    """What a forward may change on a module and its children, for `_restore_module_state`:
-    their attributes, one level into containers (the parameter, buffer and hook dicts, a dict
-    or list of statistics), as the same objects (a hook's handle removes from the dict it was
-    given); the data, values and requires_grad flags of every dense tensor among them and of
-    the layer's weight W, which the module may keep a reference to (copied at each site's
-    probe: a module referring to a large tensor of the model makes every probe copy it)."""
-    attributes, tensors = [], {id(weight): weight}
-    for m in mod.modules():
-        saved = {}
-        for k, v in m.__dict__.items():
-            contents = _contents(v)
-            if contents is None:
-                held = list(v) if isinstance(v, tuple) else [v]
-            else:
-                held = [x for pair in contents for x in pair] if isinstance(v, dict) else contents
-            tensors.update((id(t), t) for t in held if isinstance(t, torch.Tensor) and _restorable(t))
-            saved[k] = (v, contents)
-        attributes.append((m, saved))
-    # bases before views, and an expanded view last: written after its base, it holds its values again
-    ordered = sorted(tensors.values(), key=lambda t: (t._base is not None, 0 in t.stride()))
-    return [attributes, [(t, t.detach(), t.detach().clone(), t.requires_grad) for t in ordered], weight]
-
-
-def _contents(v) -> list | None:
-    """A dict's items, a list's or a set's elements, read through the base type (a subclass may
-    hide entries from its own methods); None for anything else."""
-    if isinstance(v, collections.OrderedDict):  # its own order, which plain dict methods do not keep
-        return list(collections.OrderedDict.items(v))
-    if isinstance(v, dict):
-        return list(dict.items(v))
-    if isinstance(v, list):
-        return list(list.__iter__(v))
-    if isinstance(v, set):
-        return list(set.__iter__(v))
-    return None
-
-
-def _put_back(v, contents: list) -> None:
-    """`_contents` back into the same container, through the base type's methods (a subclass may
-    refuse or redefine them: a ModelOutput's update raises, a Counter's adds). An unchanged one
-    is not touched."""
-    now = _contents(v)
-    same = (lambda a, b: a[0] is b[0] and a[1] is b[1]) if isinstance(v, dict) else (lambda a, b: a is b)
-    if len(now) == len(contents) and all(map(same, now, contents)):
-        return
-    if isinstance(v, collections.OrderedDict):
-        collections.OrderedDict.clear(v)
-        for key, value in contents:
-            collections.OrderedDict.__setitem__(v, key, value)
-    elif isinstance(v, dict):
-        dict.clear(v)
-        dict.update(v, contents)
-    elif isinstance(v, list):
-        list.__setitem__(v, slice(None), contents)
-    else:
-        set.clear(v)
-        set.update(v, contents)
-
-
-def _restorable(t: torch.Tensor) -> bool:
-    """A dense tensor with values to compare and copy (not sparse, meta, quantized or nested)."""
-    return t.layout == torch.strided and not (t.is_meta or t.is_quantized or t.is_nested)
-
-
-def _restore_module_state(kept: list) -> bool:
-    """Put back what `_module_state` kept; whether the forward had written the layer's weight W.
-    Every tensor is tried (one that cannot be written back does not stop the others); one that
-    could not be raises `SpecError` after them."""
-    attributes, tensors, weight = kept
-    for m, saved in attributes:
-        m.__dict__.clear()
-        for k, (v, contents) in saved.items():
-            if contents is not None:
-                _put_back(v, contents)
-            m.__dict__[k] = v
-    wrote_weight, failed = False, []
-    with torch.no_grad():
-        for t, data, value, requires_grad in tensors:
-            try:
-                if t.shape != data.shape or t.data_ptr() != data.data_ptr():
-                    t.data = data  # `.data` was rebound (a module sizing itself from its first input)
-                if not _same_values(t, value):  # an unchanged tensor is not written (its version stays)
-                    with torch.inference_mode() if t.is_inference() else contextlib.nullcontext():  # (inference_mode(False) would turn grad mode on)
-                        _distinct(t).copy_(_distinct(value, like=t))  # an inference tensor is written inside inference mode only
-                    wrote_weight = wrote_weight or t is weight
-                if t.is_leaf and t.requires_grad != requires_grad:
-                    t.requires_grad_(requires_grad)
-            except RuntimeError as e:
-                failed.append(f"a {tuple(t.shape)} tensor ({type(e).__name__}: {str(e)[:120]})")
-    if failed:
-        raise SpecError(f"the forward probe wrote tensors its module holds that could not be put back: {'; '.join(failed)}", field="method")
-    return wrote_weight
-
-
-def _distinct(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-    """`t` without the dimensions `like` (else `t`) expands with stride 0: the elements it
-    holds once, which a copy can write."""
-    strides = (like if like is not None else t).stride()
-    for d, stride in enumerate(strides):
-        if stride == 0 and t.shape[d] > 1:
-            t = t.narrow(d, 0, 1)
-    return t
-
-
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal, NaN where NaN (one pass where equal)."""
-    return a.shape == b.shape and (torch.equal(a, b) or bool(((a == b) | a.isnan() & b.isnan()).all()))
-
-
 def _refuse_half_overflow(entry: Entry, mod: SiteModule, weight: torch.Tensor) -> None:
     """float16 holds nothing past 65504: an init that computes a norm or singular values of a
     large float16 weight (DoRA's magnitude, SVFit's σ, OLoRA's factors) overflowed there, and
@@ -709,7 +534,7 @@ def apply_plan(
                 built[i] = mod
                 if mods is None:  # computed from W, not left for a file to fill
                     _refuse_half_overflow(plan.entries[i], mod, weights[i])
-                    _check_own_method(plan.entries[i], mod, weights[i])
+                    check_own_method(plan.entries[i], mod, weights[i])
     for entry, mod in zip(plan.entries, built):  # in the mode of the layer it joins (an eval model's dropout stays off)
         training = model.get_submodule(entry.site.owners[0] if entry.site.kind == "module" else _split(entry.site.weight)[0]).training
         if mod.training != training:

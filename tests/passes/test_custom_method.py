@@ -5,9 +5,11 @@ are refused."""
 import collections
 import contextlib
 import copy
+import random
 import re
 from dataclasses import dataclass, field
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -648,6 +650,78 @@ def test_the_forward_check_takes_tensors_it_cannot_compare_and_puts_back_what_a_
         with pytest.raises(peftify.SpecError, match=r"wrote the layer's weight W in place"):
             peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
         assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, weight)
+
+
+class InitialisesLazily(OutputScaleModule):
+    """On its first call: a gradient hook and a `.grad` (a backward of its own) on its scale, a
+    parametrization of another parameter, its buffer transposed in place (a view of it taken
+    before), a draw from Python's and NumPy's generators, an attribute on its parameter; it
+    returns a buffer it holds."""
+
+    def __init__(self, method, site, weight):
+        super().__init__(method, site, weight)
+        self.gain = nn.Parameter(torch.ones(()))
+        self.register_buffer("square", torch.arange(9.0).reshape(3, 3))
+        self.row = self.square[0]
+        self.register_buffer("out", torch.zeros(0))
+        self.initialised = False
+
+    def forward(self, x, weight, bias):
+        if not self.initialised:
+            self.initialised = True
+            self.scale.register_hook(lambda g: g * 0.5)
+            with torch.enable_grad():
+                (self.scale * 2).sum().backward()
+            torch.nn.utils.parametrize.register_parametrization(self, "gain", Identity())
+            self.square.t_()
+            self.scale.calls = 1
+            random.random()
+            numpy.random.rand()
+        y = super().forward(x, weight, bias) * self.gain
+        if self.out.shape != y.shape:
+            self.out = torch.empty_like(y)
+        return self.out.copy_(y)
+
+
+class Identity(nn.Module):
+    def forward(self, t):
+        return t
+
+
+class WritesItsBias(OutputScaleModule):
+    def forward(self, x, weight, bias):
+        return super().forward(x, weight, bias.mul_(2))
+
+
+class WritesItsInput(OutputScaleModule):
+    def forward(self, x, weight, bias):
+        return super().forward(x.mul_(2), weight, bias)
+
+
+def test_the_forward_check_puts_back_class_strides_gradients_tensor_hooks_and_every_generator_and_refuses_writing_bias_or_input():
+    """From a regression probe of the restore: the probe left a gradient hook (the first backward
+    then halved the gradient twice), a `.grad`, the class a parametrization swapped in (the first
+    forward then raised KeyError), a buffer transposed (values copied into the new layout), an
+    attribute on a parameter, and Python's and NumPy's generators drawn from; a forward returning
+    a buffer it holds was refused (compared after the restore had rewritten it); a forward writing
+    its bias or its input in place passed (the reference was computed from the written tensors)."""
+    random.seed(3)
+    numpy.random.seed(3)
+    with scale_computed_by(InitialisesLazily) as name:
+        model = tiny_llama(layers=1)
+        peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name, "init": 2.0}}]}, progress=False)
+        mod = model.model.layers[0].self_attn.q_proj.adapters["default"]
+        assert type(mod) is InitialisesLazily and not mod.initialised and set(mod.state_dict()) == {"scale", "gain", "square", "out"}
+        assert mod.scale.grad is None and not mod.scale._backward_hooks and not mod.scale.__dict__
+        assert torch.equal(mod.square, torch.arange(9.0).reshape(3, 3)) and mod.square.stride() == (3, 1)
+        assert (random.random(), numpy.random.rand()) == (random.Random(3).random(), numpy.random.RandomState(3).rand())
+        output(model, {"input_ids": torch.randint(0, 101, (1, 4))})  # its first call: raised KeyError ('gain') after a probe left the class
+        assert len(mod.scale._backward_hooks) == 1 and torch.equal(mod.scale.grad, torch.ones(64))  # (2·0.5: one hook, no probe's grad)
+    for module, what in ((WritesItsBias, "the bias"), (WritesItsInput, "its input")):
+        with scale_computed_by(module) as name:
+            model = tiny_llama(layers=1, attention_bias=True)
+            with pytest.raises(peftify.SpecError, match=f"wrote {what} in place on a probe input"):
+                peftify.peftify(model, {"rules": [{"match": "role:attn.q", "apply": {"method": name}}]}, progress=False)
 
 
 class Holder(nn.Module):
