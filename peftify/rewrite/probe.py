@@ -225,7 +225,7 @@ def _restore_module_state(kept: list) -> bool:
                 if t.is_leaf and t.grad is not s.grad:
                     t.grad = s.grad
                 _put_back_hooks(t, s)
-                if t.__dict__ != s.attributes:
+                if not _same_items(t.__dict__, s.attributes):
                     t.__dict__.clear()
                     t.__dict__.update(s.attributes)
             except RuntimeError as e:
@@ -246,6 +246,14 @@ def _put_back_hooks(t: torch.Tensor, s: _Kept) -> None:
     if hooks is not None:
         collections.OrderedDict.clear(hooks)  # a non-leaf's node keeps the dict it was given
     t._backward_hooks = s.hooks
+
+
+def _same_items(now: dict, kept: dict) -> bool:
+    """The same keys holding the same objects (`==` on a tensor or an array raises)."""
+    return len(now) == len(kept) and all(now.get(k, _MISSING) is v for k, v in kept.items())
+
+
+_MISSING = object()
 
 
 def _distinct(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:

@@ -656,7 +656,7 @@ class InitialisesLazily(OutputScaleModule):
     """On its first call: a gradient hook and a `.grad` (a backward of its own) on its scale, a
     parametrization of another parameter, its buffer transposed in place (a view of it taken
     before), a draw from Python's and NumPy's generators, an attribute on its parameter; it
-    returns a buffer it holds."""
+    refreshes a tensor and an array it keeps on its tensors, and returns a buffer it holds."""
 
     def __init__(self, method, site, weight):
         super().__init__(method, site, weight)
@@ -665,6 +665,7 @@ class InitialisesLazily(OutputScaleModule):
         self.row = self.square[0]
         self.register_buffer("out", torch.zeros(0))
         self.initialised = False
+        self.row.cached, self.square.cached = torch.zeros(2), numpy.zeros(2)
 
     def forward(self, x, weight, bias):
         if not self.initialised:
@@ -677,6 +678,7 @@ class InitialisesLazily(OutputScaleModule):
             self.scale.calls = 1
             random.random()
             numpy.random.rand()
+        self.row.cached, self.square.cached = torch.zeros(2), numpy.zeros(2)  # refreshed at every call (comparing them raised)
         y = super().forward(x, weight, bias) * self.gain
         if self.out.shape != y.shape:
             self.out = torch.empty_like(y)
