@@ -103,9 +103,10 @@ def _lora_backward(ctx, grad_y, _grad_xa):
     if grad_y is None:
         return (None,) * len(ctx.needs_input_grad)
     x, x_d, weight, lora_a, lora_b, xa = ctx.saved_tensors
-    # a backward that is differentiated again (create_graph): xa from x and A, not a constant (torch.func's
-    # transforms run every backward with grad on, and their saved xa carries the outer levels already)
-    if torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
+    # a backward that may be differentiated again: xa from x and A, not a constant. That is one
+    # run with create_graph, any inside a torch.func transform (`hessian`, `jvp` of `grad`: the kept
+    # xa is a constant to the outer levels), and any under forward-mode AD (forward-over-reverse)
+    if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad_active():
         xa = None
     need_x, need_w, need_b, need_a, need_bl, _scale, need_xd = (*ctx.needs_input_grad, False)[:7]
     grads = reference.lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, ctx.scale, (need_x, need_w, need_b, need_a, need_bl, need_xd), addmm=_addmm_lowrank)
@@ -634,19 +635,25 @@ def _register_double_backward(op, composite) -> None:
     """Give an opaque backward op (grad_y, x, p, q, …, need_x, need_p, need_q) → (∂x, ∂p, ∂q)
     an autograd formula, so that a double backward (a gradient penalty, a Hessian-vector product)
     runs: the first gradients are rebuilt from `composite` (the same map in differentiable torch
-    ops) and differentiated. Only a second-order use reaches it."""
+    ops) and differentiated as a function of (grad_y, x, p, q), with `torch.func.vjp`, which
+    differentiates through those arguments only (not through their own history, which autograd
+    follows from the gradients returned here) and keeps the result differentiable where the
+    backward itself is (create_graph: a third order, or `hvp`'s trick through the grad-grads)."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:4])
         ctx.need = inputs[-3:]
 
     def backward(ctx, *grad_grads):
-        saved = ctx.saved_tensors
-        with torch.enable_grad():
-            grad_y, x, p, q = leaves = [t.detach().requires_grad_() for t in saved]
-            first = torch.autograd.grad(composite(x, p, q), (x, p, q), grad_y, create_graph=True)
-            pairs = [(f, gg) for f, gg, n in zip(first, grad_grads, ctx.need) if n and gg is not None and gg.numel()]
-            grads = torch.autograd.grad([f for f, _ in pairs], leaves, [gg for _, gg in pairs], allow_unused=True) if pairs else (None,) * 4
+        asked = [i for i, (gg, n) in enumerate(zip(grad_grads, ctx.need)) if n and gg is not None and gg.numel()]
+        if not asked:
+            return (None,) * len(ctx.needs_input_grad)
+
+        def first(grad_y, x, p, q):
+            grads = torch.func.vjp(composite, x, p, q)[1](grad_y)
+            return tuple(grads[i] for i in asked)
+
+        grads = torch.func.vjp(first, *ctx.saved_tensors)[1](tuple(grad_grads[i] for i in asked))
         return (*grads, *(None,) * (len(ctx.needs_input_grad) - 4))
 
     op.register_autograd(backward, setup_context=setup_context)

@@ -492,34 +492,75 @@ def test_double_backward_through_the_lora_op_equals_plain_autograd(dropped):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-6)
 
 
-def test_first_order_gradients_reuse_the_forwards_x_a(monkeypatch):
-    """Only a backward that is itself differentiated recomputes x Aᵀ: torch.func's transforms run
-    every backward with grad mode on, and per-sample gradients paid one GEMM more per layer."""
+@pytest.mark.parametrize("mode", ["torch.func.hessian", "jvp of grad", "forward_ad over autograd.grad", "per-sample gradient penalty"])
+def test_second_order_uses_under_torch_func_and_forward_mode_equal_plain_autograd(mode):
+    """From a probe of higher-order autodiff: inside torch.func transforms and under forward-mode
+    AD the backward reused the forward's x Aᵀ, a constant to the outer level, so B's gradient
+    lost its dependence on A and x: a Hessian's (B, A) and (B, x) blocks were off by 5.7 (not
+    symmetric), jvp of grad by 4.2, forward-over-reverse by 22, and a penalty on per-sample
+    gradients raised a shape error. Reference: the same function in plain torch ops."""
+    import torch.autograd.forward_ad as fwad
+
+    torch.manual_seed(3)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    w = torch.randn(8, 16, dtype=torch.float64)
+    a, b = torch.randn(2, 16, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    ta, tb = torch.randn_like(a), torch.randn_like(b)
+
+    def ours(a, b, x=x):
+        return lora_linear(x, w, None, a, b, 1.5).sin().sum()
+
+    def plain(a, b, x=x):
+        return (x @ w.T + 1.5 * x @ a.T @ b.T).sin().sum()
+
+    def run(loss):
+        if mode == "torch.func.hessian":
+            return [h for row in torch.func.hessian(loss, argnums=(0, 1))(a, b) for h in row]
+        if mode == "jvp of grad":
+            return torch.func.jvp(torch.func.grad(loss, argnums=(0, 1)), (a, b), (ta, tb))[1]
+        if mode == "forward_ad over autograd.grad":
+            with fwad.dual_level():
+                da, db = fwad.make_dual(a.clone().requires_grad_(), ta), fwad.make_dual(b.clone().requires_grad_(), tb)
+                grads = torch.autograd.grad(loss(da, db), (da, db))
+                return [fwad.unpack_dual(g).tangent for g in grads]
+        pa, pb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(pa, pb, x[:, None])
+        return torch.autograd.grad(sum(g.square().sum() for g in per_sample), (pa, pb))
+
+    for got, want in zip(run(ours), run(plain), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_first_order_gradients_reuse_the_forwards_x_a():
+    """A plain first-order backward reuses x Aᵀ from the forward; one that may be differentiated
+    again (create_graph, or any inside a torch.func transform, which cannot tell a nested
+    transform from a single one) recomputes it: one GEMM more, and nothing else."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountMM(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountMM.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+            CountMM.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     x, w = torch.randn(4, 16), torch.randn(8, 16)
-    a, b = torch.randn(2, 16), torch.randn(8, 2)
+    a, b = torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True)
 
     def loss(a, b):
         return lora_linear(x, w, None, a, b, 2.0).square().sum()
 
-    with CountMM():
-        torch.func.grad(loss, argnums=(0, 1))(a, b)
-    with_func = CountMM.n
-    CountMM.n = 0
-    a.requires_grad_(True)
-    b.requires_grad_(True)
-    with CountMM():
-        loss(a, b).backward()
-    assert with_func == CountMM.n  # forward: x Aᵀ and the fused GEMM; backward: ∂y B, ∂A and ∂B
+    def count(run):
+        CountMM.n = 0
+        with CountMM():
+            run()
+        return CountMM.n
+
+    first = count(lambda: loss(a, b).backward())
+    assert first == 6  # forward: x Aᵀ, x Wᵀ, + s·xa Bᵀ; backward: ∂y B, ∂A, ∂B
+    assert count(lambda: torch.autograd.grad(loss(a, b), (a, b), create_graph=True)) == first + 1
+    assert count(lambda: torch.func.grad(loss, argnums=(0, 1))(a.detach(), b.detach())) == first + 1
 
 
 def test_a_gpt2_state_dict_is_compared_with_its_split_in_the_layers_own_orientation():
