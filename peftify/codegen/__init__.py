@@ -48,11 +48,20 @@ def packed(t: object) -> str | None:
     return cls.__name__ if hasattr(cls, "__tensor_flatten__") and cls.dequantize is not torch.Tensor.dequantize else None
 
 
+def autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, except while torch.compile traces: Dynamo before
+    torch 2.12 cannot trace it (a skipped builtin: a graph break, an error under fullgraph), and
+    every device type a compiled graph runs on has autocast (meta, which has none, is not one)."""
+    if torch.compiler.is_compiling():
+        return device_type != "meta"
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled`` for a device type, False for one without autocast (meta,
     where a forward only works out shapes), for which torch raises instead."""
     # the first test, whether autocast is on for any device, is the cheap one (a decoding step asks per layer)
-    return torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return torch._C._is_any_autocast_enabled() and autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def lora_linear(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftify.codegen import autocast_enabled, lora_linear
+from peftify.codegen import autocast_available, autocast_enabled, lora_linear
 from peftify.errors import SpecError, shown
 from peftify.rewrite.sites import Site
 
@@ -582,7 +582,7 @@ def half_region(like: torch.Tensor):
     """Autocast to `like`'s half dtype, where `half_compute` says an adapter computes under it;
     on a device without autocast (meta: a forward that only works out shapes) none."""
     device = like.device.type
-    return torch.autocast(device, dtype=like.dtype) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    return torch.autocast(device, dtype=like.dtype) if autocast_available(device) else contextlib.nullcontext()
 
 
 def half_compute(adapter: SiteModule, like: torch.Tensor) -> bool:

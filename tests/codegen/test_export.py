@@ -86,7 +86,8 @@ def test_dynamic_shapes_are_keyed_by_the_models_own_arguments():
     from torch.export import Dim
 
     model = rewritten()
-    program = peftify.export(model, X, dynamic_shapes={"input_ids": {1: Dim("seq", min=2, max=64)}})
+    # (a named Dim gives a false constraint violation on torch 2.11, in GQA's repeat_kv)
+    program = peftify.export(model, X, dynamic_shapes={"input_ids": {1: Dim.DYNAMIC(min=2, max=64)}})
     longer = torch.arange(26).view(2, 13) % 101
     with torch.no_grad():
         torch.testing.assert_close(program.module()(input_ids=longer)["logits"], model(input_ids=longer).logits, atol=1e-5, rtol=1e-5)
