@@ -96,7 +96,7 @@ def _random_state_kept(device: torch.device):
     """torch's generators (the CPU one, and the device's), Python's `random` and NumPy's global
     one, each put back as it was."""
     devices = [] if device.type == "cpu" else [device.index or 0]
-    numpy = sys.modules.get("numpy")  # not imported here: a forward that draws from it imported it
+    numpy = sys.modules.get("numpy")  # where not imported yet, no one has seeded it
     python_state, numpy_state = random.getstate(), numpy.random.get_state() if numpy else None
     try:
         with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
@@ -125,10 +125,10 @@ class _Kept:
 def _module_state(mod: nn.Module, weight: torch.Tensor) -> list:
     """What a forward may change on a module and its children, for `_restore_module_state`:
     their classes and attributes, one level into containers (the parameter, buffer and hook dicts,
-    a dict or list of statistics), as the same objects (a hook's handle removes from the dict it
-    was given); and of every dense tensor among them, their gradients, and the layer's weight W,
-    which the module may keep a reference to, what `_Kept` holds (copied at each site's probe: a
-    module referring to a large tensor of the model makes every probe copy it)."""
+    a dict or list of statistics) as the same objects (a hook's handle removes from the dict it
+    was given); and a `_Kept` of every dense tensor among them, of their gradients, and of the
+    layer's weight W, which the module may keep a reference to. The tensors are copied at each
+    site's probe: a module referring to a large tensor of the model makes every probe copy it."""
     modules, tensors = [], {id(weight): weight}
     for m in mod.modules():
         saved = {}
