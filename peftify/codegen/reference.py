@@ -35,6 +35,12 @@ def lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, scale, need
     g = grad_y.reshape(-1, grad_y.shape[-1])
     gb = g @ lora_b if (need_x and same) or need_xd or need_a else None  # (tokens, r)
     grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bl = None
+    # B's and A's gradients first, while ∂y is still in cache from ∂y B: the hidden-512 LoRA step
+    # took 0.01–0.05 of the frozen base's time less than with them after ∂x (BENCHMARKS.md)
+    if need_bl:
+        grad_bl = scaled_mm(lora_b, g.t(), xd2 @ lora_a.t() if xa is None else xa, scale)
+    if need_a:
+        grad_a = scaled_mm(lora_a, gb.t(), xd2, scale)
     if need_x and same:
         grad_x = addmm(g, weight.t(), gb, lora_a.t(), None, scale).view(shape)
     elif need_x:
@@ -45,8 +51,4 @@ def lora_linear_backward(grad_y, x, x_d, weight, lora_a, lora_b, xa, scale, need
         grad_w = g.t() @ x2
     if need_b:
         grad_b = g.sum(0)
-    if need_a:
-        grad_a = scaled_mm(lora_a, gb.t(), xd2, scale)
-    if need_bl:
-        grad_bl = scaled_mm(lora_b, g.t(), xd2 @ lora_a.t() if xa is None else xa, scale)
     return grad_x, grad_w, grad_b, grad_a, grad_bl, grad_xd
