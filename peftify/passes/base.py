@@ -394,17 +394,29 @@ class SingularVectors(LowRankDelta):
     loaded as float32 — until the next call outside torch.compile compares them with W."""
 
     exact: bool | None = None
+    checked: tuple | None = None  # the weight `exact` was found for: its storage and version
 
     def stands_in_for(self, weight: torch.Tensor) -> bool:
         """Whether the forward may use the factors alone: all singular vectors, at full
-        precision, reproducing W, and W frozen (a trained W would get no gradient)."""
+        precision, reproducing W, and W frozen (a trained W would get no gradient). Compared again
+        whenever W was written since (`reset_parameters`, a step of a base trained for a while)."""
         if self.u.shape[-1] != min(weight.shape) or self.u.dtype not in FULL_PRECISION or weight.requires_grad:
             return False
-        if self.exact is None and weight.device.type != "meta" and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None:
-            with torch.no_grad(), without_autocast(weight.device.type):  # in the factors' precision, also under autocast
-                w = weight.to(self.u.dtype)
-                self.exact = bool(torch.linalg.matrix_norm((self.u * self.sigma0) @ self.vh - w) <= 1e-4 * torch.linalg.matrix_norm(w))
+        if weight.device.type != "meta" and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None:
+            seen = (weight.data_ptr(), weight._version)
+            if self.exact is None or seen != self.checked:
+                self.exact, self.checked = self._reproduces(weight), seen
         return bool(self.exact)
+
+    def _reproduces(self, weight: torch.Tensor) -> bool:
+        """Whether U diag(σ₀) Vᵀ is W to 1e-4 of its norm, compared on four fixed random
+        directions (matrix-vector products, where the whole product would cost a GEMM of W's size)."""
+        with torch.no_grad(), without_autocast(weight.device.type):  # in the factors' precision, also under autocast
+            g = torch.Generator(device=weight.device).manual_seed(0)
+            r = torch.randn(weight.shape[1], 4, generator=g, device=weight.device, dtype=self.u.dtype)
+            wr = weight.to(self.u.dtype) @ r
+            gap = self.u @ (self.sigma0.to(self.u.dtype)[:, None] * (self.vh @ r)) - wr
+            return bool(torch.linalg.matrix_norm(gap) <= 1e-4 * torch.linalg.matrix_norm(wr))
 
     def flops(self) -> int:
         return super().flops() + self.kept_w_flops()

@@ -131,6 +131,28 @@ class SVFTModule(SingularVectors):
         self.m = nn.Parameter(torch.zeros(method.trainable_params(site), dtype=weight.dtype, device=weight.device))
         tag(self, "m", decay=True)  # the entries of the matrix M, an update that starts at zero
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._rebuild_support()
+
+    def loaded(self, weight: torch.Tensor | None = None) -> None:
+        self._rebuild_support()
+        super().loaded(weight)
+        if weight is not None and weight.dim() == 2 and not self.exact and self.u.shape[-1] == min(weight.shape) and self.u.dtype in FULL_PRECISION and not weight.requires_grad:
+            # all singular vectors that do not reproduce W with the values kept beside them (not
+            # saved: a model materialized with to_empty holds garbage there): W's own values on
+            # them, uᵢᵀ W vᵢ, once (only the all-vectors forward reads σ₀)
+            with torch.no_grad():
+                self.sigma0.copy_(((self.u.t() @ weight.to(self.u.dtype)) * self.vh).sum(1))
+            super().loaded(weight)
+
+    def _rebuild_support(self) -> None:
+        """M's support again where it is not saved (it follows from p, k and seed): a model
+        materialized with `to_empty` holds garbage in the buffers a load does not write."""
+        if self.method.pattern != "top_k" and not self.u.is_meta:
+            rows, cols = support(self.method, self.u, self.vh)
+            self.rows, self.cols = rows.to(self.rows.device), cols.to(self.cols.device)
+
     @property
     def saved_buffers(self) -> tuple[str, ...]:
         return ("rows", "cols") if self.method.pattern == "top_k" else ()

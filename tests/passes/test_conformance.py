@@ -28,14 +28,10 @@ def lora_xs_ref(w, mod):
     return w + mod.scaling * mod.us @ mod.core @ mod.vh
 
 
-def all_singular_vectors(w, mod):
-    """With all of W's singular vectors the methods drop W: W' = U (…) Vᵀ alone."""
-    return mod.u.shape[1] == min(w.shape)
-
-
+# With all of W's singular vectors the methods may run through U and V alone, W' = U (…) Vᵀ,
+# which is the same while U diag(σ₀) Vᵀ is W; `perturb` moves the frozen factors too, so the
+# references are the definitions, W + U (…) Vᵀ.
 def svfit_ref(w, mod):
-    if all_singular_vectors(w, mod):
-        return mod.u @ torch.diag(mod.sigma) @ mod.vh
     return w + mod.u @ torch.diag(mod.sigma - mod.sigma0) @ mod.vh
 
 
@@ -59,8 +55,6 @@ def svft_ref(w, mod):
     m = torch.zeros(p, p, dtype=w.dtype)
     for value, i, j in zip(mod.m, mod.rows.tolist(), mod.cols.tolist()):
         m[i, j] = value
-    if all_singular_vectors(w, mod):
-        return mod.u @ (torch.diag(mod.sigma0) + m) @ mod.vh
     return w + mod.u @ m @ mod.vh
 
 

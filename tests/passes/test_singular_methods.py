@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import output, tiny_bert, tiny_llama
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftify
 from peftify import SpecError
@@ -252,6 +253,18 @@ def test_svft_supports(pattern, count):
     torch.testing.assert_close(model(x), x @ (model[0].weight + mod.u @ m @ mod.vh).t(), atol=1e-5, rtol=1e-5)
 
 
+class ReadsOf(TorchDispatchMode):
+    """Counts the ops that read a tensor's storage."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.ptr, self.hits = t.data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.hits += any(isinstance(a, torch.Tensor) and a.data_ptr() == self.ptr for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("name", ["vectorfit", "svft"])
 def test_all_singular_vectors_stand_in_for_the_weight(name, tmp_path):
     """With all of W's singular vectors the forward runs through U and V alone (W unread), and
@@ -275,16 +288,25 @@ def test_all_singular_vectors_stand_in_for_the_weight(name, tmp_path):
     torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
     peftify.save_adapter(model, tmp_path / "a")
     torch.testing.assert_close(peftify.from_pretrained(fresh, tmp_path / "a", example_inputs=(x.detach(),))(x), want)
+    with ReadsOf(site.weight) as reads:
+        model(x)
+    assert reads.hits == 0  # W unread
     weight = site.weight.detach().clone()
     with torch.no_grad():
         site.weight.fill_(float("nan"))
-    assert torch.isfinite(model(x)).all()  # W unread
-    site.weight.requires_grad_(True)  # a trained W is read, and gets its gradient
+    # a W written since is compared again, and read (a base reset or trained for a while was not:
+    # the layer computed the weight it was built from, and merge wrote that)
     assert torch.isnan(model(x)).all()
     with torch.no_grad():
         site.weight.copy_(weight)
-    model(x).sum().backward()
-    assert site.weight.grad is not None
+    torch.testing.assert_close(model(x), want)  # (reads W once more, to compare it)
+    with ReadsOf(site.weight) as reads:
+        model(x)
+    assert reads.hits == 0  # W again: the factors stand in again
+    site.weight.requires_grad_(True)  # a trained W is read, and gets its gradient
+    with ReadsOf(site.weight) as reads:
+        model(x).sum().backward()
+    assert reads.hits and site.weight.grad is not None
     site.weight.requires_grad_(False)
     half = copy.deepcopy(model).to(torch.float16)
     with torch.no_grad():
@@ -742,3 +764,34 @@ def test_a_float16_weight_whose_norms_float16_cannot_hold_is_refused(spec, refus
     with pytest.raises(SpecError, match=rf"{spec['method']} at 0 computes from its float16 weight values float16 cannot hold \(past 65504: .*{refused}"):
         peftify.peftify(model, {"rules": [{"match": "0", "apply": spec}]}, example_inputs=(x,))
     assert not hasattr(model, "_peftify") and all(id(p) == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+
+
+def test_svft_materialized_with_to_empty_then_loaded_computes_its_adapter(tmp_path):
+    """From a probe of what users do after a rewrite: M's support and W's singular values are not
+    saved (they follow from the method and W), so a model moved to meta and materialized with
+    `to_empty` kept garbage there through a state-dict and adapter load: an IndexError, or, with
+    zeros, every nonzero of M on one entry (off by 0.22). A base written in place (a
+    `reset_parameters`) was not seen: the layer and merge kept the W it was built from."""
+    torch.manual_seed(0)
+    model = peftify.peftify(torch.nn.Sequential(torch.nn.Linear(12, 20)).double(), {"rules": [{"match": "0", "apply": {"method": "svft", "pattern": "banded"}}]}, progress=False)
+    mod = model[0].adapters["default"]
+    with torch.no_grad():
+        mod.m.add_(torch.randn_like(mod.m))
+    x = torch.randn(3, 12, dtype=torch.float64)
+    want = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    peftify.save_adapter(model, tmp_path)
+    model.to("meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for b in model.buffers():
+            b.zero_()  # what fresh memory may hold
+    model.load_state_dict(state)
+    peftify.load_adapter(model, tmp_path)
+    torch.testing.assert_close(model(x), want)
+    assert mod.exact  # and the factors stand in for W again (σ₀ recomputed from it)
+    with torch.no_grad():
+        model[0].base_layer.reset_parameters()
+    delta = torch.zeros(12, 12, dtype=torch.float64).index_put_((mod.rows, mod.cols), mod.m.detach())
+    new = model[0].weight + mod.u @ delta @ mod.vh
+    torch.testing.assert_close(model(x), x @ new.t() + model[0].bias)
+    torch.testing.assert_close(model[0].dense_weight(), new)
