@@ -149,6 +149,12 @@ def _flush(path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read where the system shows it: setting it to read it (the only
+    portable way) leaves it 0 for an instant, in which another thread creates world-writable files."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask

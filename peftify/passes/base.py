@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import re
 import sys
 import warnings
@@ -489,10 +490,14 @@ def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 def progress_bar(items: list | None, desc: str, progress: bool | None, **kwargs):
     """A tqdm over `items` (or of ``total=``): by default shown only once the work has taken a
-    second, so quick rewrites print nothing; always with `progress` True, never with False."""
+    second, so quick rewrites print nothing, and not where TQDM_DISABLE says so; always with
+    `progress` True, never with False; never where there is no stderr."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, disable=progress is False, delay=0 if progress else 1.0, leave=False, **kwargs)
+    # (tqdm reads TQDM_DISABLE only where no `disable` is given, and only when imported); no
+    # stderr (pythonw, some service hosts): nowhere to draw one, where tqdm would raise
+    disable = progress is False or (progress is None and os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false"))
+    return tqdm(items, desc=desc, disable=disable or sys.stderr is None, delay=0 if progress else 1.0, leave=False, **kwargs)
 
 
 SVD_BATCH_BYTES = 1 << 30  # how much stacked weight one batched SVD call may take

@@ -1080,8 +1080,6 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
             setattr(parent, name, adapted)
         raise
     _let_encoders_nest_again(model, site)
-    if untie:
-        warn(f"{site.fqn}'s weight was tied to {untie}; merging unties it")
 
 
 def _still_installed(model: nn.Module, record: Installed) -> bool:
@@ -1199,6 +1197,10 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
             f"{s.fqn}: the weight is also read outside the layer (by {readers}), which saw the base weight while the adapter was on; "
             f"the merge unties it: code reading {s.fqn}.weight reads the merged weight from now on, and code reading {', '.join(untied(s))} the base weight"
         )
+    for record in rewrite.installed.values():  # told first: a warning raised as an error (-W error) leaves all as it was
+        site = record.site
+        if fold and site.kind == "module" and adapted_site(model, site).computing is not None and (tied := untied(site)):
+            warn(f"{site.fqn}'s weight was tied to {tied}; merging unties it")
     try:
         with torch.no_grad():
             # reversed: each step then restores exactly the state its install started from
@@ -1215,10 +1217,11 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
             rewrite.installed.pop(fqn)
         for name, plan in rewrite.adapters.items():  # new plans: one the user holds stays whole
             rewrite.adapters[name] = dataclasses.replace(plan, entries=[e for e in plan.entries if e.site.fqn not in merged])
-        if fold:
-            warn(f"merge stopped after {len(merged)} of {total} sites; the model computes as before (those merged, the rest adapted), and peftify.merge(model) merges the rest")
-        else:
-            warn(f"unload stopped after {len(merged)} of {total} sites (those have their original layers back, the rest are still adapted); peftify.unload(model) unloads the rest")
+        with contextlib.suppress(Warning):  # under -W error the warning would stand in for the error (a KeyboardInterrupt, an OOM)
+            if fold:
+                warn(f"merge stopped after {len(merged)} of {total} sites; the model computes as before (those merged, the rest adapted), and peftify.merge(model) merges the rest")
+            else:
+                warn(f"unload stopped after {len(merged)} of {total} sites (those have their original layers back, the rest are still adapted); peftify.unload(model) unloads the rest")
         raise
     # every site is restored: if what is left stops midway, a second call finds no site and finishes
     rewrite.installed.clear()

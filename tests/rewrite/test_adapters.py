@@ -1,6 +1,7 @@
 """Named adapters: several on one model, switched, disabled, deleted, saved one by one."""
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -698,7 +699,7 @@ def test_an_overwrite_that_stops_midway_leaves_one_adapter_whole(stop, tmp_path,
     them left the new tensors beside the old settings, which loaded without error and computed
     neither adapter. Stopped before its commit, a save leaves the previous adapter; after it,
     the next load finishes it."""
-    import os
+
     from pathlib import Path
 
     torch.manual_seed(0)
@@ -727,7 +728,7 @@ def test_an_overwrite_that_stops_midway_leaves_one_adapter_whole(stop, tmp_path,
 def test_a_save_replaces_an_adapter_of_the_other_format_and_files_get_the_usual_mode(tmp_path):
     """A PEFT-format save into a folder holding a native adapter left both, and loading the folder
     read the old native one. Files were also private (0600) where a plain write gives 0644."""
-    import os
+
 
     torch.manual_seed(0)
     base = tiny_llama()
@@ -994,3 +995,19 @@ def test_deleting_the_active_adapter_under_warnings_as_errors_changes_nothing(tw
             peftify.delete_adapter(model, "b")
     assert peftify.adapters(model) == before[0] and {n: p.requires_grad for n, p in model.named_parameters()} == before[1]
     torch.testing.assert_close(output(model, X), before[2], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask where the system shows it")
+def test_a_save_reads_the_umask_without_setting_it(monkeypatch):
+    """From a probe of strict environments: a save read the process's umask by setting it to 0
+    for an instant, in which a file another thread created was world-writable (1 in 300 saves)."""
+    from peftify.io import files
+
+    previous = os.umask(0o027)
+    try:
+        set_to = []
+        monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or 0o027)
+        assert files._umask() == 0o027 and set_to == []
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)

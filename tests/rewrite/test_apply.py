@@ -2,6 +2,9 @@
 
 import copy
 import re
+import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -124,6 +127,26 @@ def test_a_merge_that_fails_midway_keeps_the_function_and_can_be_finished(make, 
     peftify.merge(model)
     assert getattr(model, "_peftify", None) is None and list(model.state_dict()) == keys
     torch.testing.assert_close(output(model, x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_under_warnings_as_errors_a_merge_changes_nothing_or_its_error_reaches_the_caller(monkeypatch):
+    """From a probe of strict environments (-W error, pytest's filterwarnings = error): the
+    untie warning of a tied head came after that site was merged (the merge stopped after 1 of 8
+    sites), and the "merge stopped" warning stood in for the error that stopped it (an OOM or a
+    KeyboardInterrupt became a UserWarning, `except MemoryError` missed it)."""
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(layers=1, tie=True), {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2}}]}, progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"lm_head's weight was tied to \['model.embed_tokens.weight'\]; merging unties it"):
+            peftify.merge(model)
+        assert isinstance(model.lm_head, AdaptedSite) and model.lm_head.weight is model.model.embed_tokens.weight
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and len(peftify.report(model).rows) == 8
+        model = peftify.peftify(tiny_llama(layers=1), ALL, progress=False)
+        fail_on_call(monkeypatch, lora_mod.LoRAModule, "merged_weight", 2, MemoryError("injected merge failure"))
+        with pytest.raises(MemoryError, match="injected"):
+            peftify.merge(model)
 
 
 @pytest.mark.parametrize("method", [{"method": "lora", "r": 2, "bias": True}, {"method": "vectorfit"}], ids=["lora-bias", "vectorfit"])
@@ -429,6 +452,25 @@ def test_progress_bars_show_for_long_work_or_when_asked(capfd):
     assert "peftify: building svfit" in err and "/15" in err  # one bar over the layers, their SVDs computed a wave at a time
     peftify.peftify(tiny_llama(), {"rules": [{"match": "role:attn.*", "apply": {"method": "clover"}}]}, progress=True)  # it had none
     assert "peftify: clover" in capfd.readouterr().err
+
+
+def test_progress_bars_follow_tqdm_disable_and_need_a_stderr(monkeypatch, capfd):
+    """From a probe of non-interactive runs: TQDM_DISABLE was overridden (every bar passed
+    disable=False), and with no stderr at all (pythonw, some service hosts) a rewrite that took
+    over a second raised AttributeError from tqdm."""
+    from peftify.passes.base import progress_bar
+
+    def drawn(progress):
+        for _ in progress_bar([1, 2], "peftify: test", progress, mininterval=0):
+            time.sleep(0.6)  # past the second a default bar waits
+        return "peftify: test" in capfd.readouterr().err
+
+    assert drawn(None)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert not drawn(None) and drawn(True)
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setattr(sys, "stderr", None)
+    assert not drawn(True)
 
 
 @pytest.mark.parametrize("finish", ["merge", "unload"])
