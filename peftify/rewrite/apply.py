@@ -1137,6 +1137,22 @@ def _merged_weight(model: nn.Module, site: Site) -> torch.Tensor:
     return adapted_site(model, site).dense_weight()
 
 
+def _computed_weight(layer: nn.Module) -> str | None:
+    """How a layer computes its weight from other tensors at each call, if it does: a
+    parametrization, or the forward pre-hooks of weight_norm, spectral_norm and pruning."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if parametrize.is_parametrized(layer, "weight"):
+        return "a parametrization"
+    for hook in layer._forward_pre_hooks.values():
+        for kind, how in ((WeightNorm, "weight_norm"), (SpectralNorm, "spectral_norm"), (prune.BasePruningMethod, "pruning")):
+            if isinstance(hook, kind) and getattr(hook, "_tensor_name", getattr(hook, "name", None)) == "weight":
+                return how
+    return None
+
+
 def _not_finite(model: nn.Module, rewrite: RewriteState) -> list[str]:
     """The sites whose merged weight would hold a NaN or an infinity."""
     with torch.no_grad():
@@ -1170,6 +1186,18 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         raise ValueError(
             f"{quantized[0][0]}'s weight is quantized ({quantized[0][1]}; {len(quantized)} such site{'s' if len(quantized) > 1 else ''}): merging would "
             "write a dense weight in its place and lose the quantization; peftify.unload(model) drops the adapters, or dequantize the model first"
+        )
+    computed = [
+        (record.site.fqn, how)
+        for record in rewrite.installed.values()
+        if fold and record.site.kind == "module" and (adapted := adapted_site(model, record.site)).computing is not None
+        and adapted.base_layer is not None and (how := _computed_weight(adapted.base_layer))
+    ]  # fmt: skip
+    if computed:
+        raise ValueError(
+            f"{computed[0][0]}'s base layer computes its weight ({computed[0][1]}, put on it after the rewrite; {len(computed)} such site{'s' if len(computed) > 1 else ''}): "
+            "a merge would write into what it computes, and the next call would compute it again without the update. Remove it first "
+            "(parametrize.remove_parametrizations(layer.base_layer, 'weight'), torch.nn.utils.remove_weight_norm, remove_spectral_norm, prune.remove); nothing was merged"
         )
     if fold and safe and (broken := _not_finite(model, rewrite)):
         raise ValueError(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")

@@ -149,6 +149,36 @@ def test_under_warnings_as_errors_a_merge_changes_nothing_or_its_error_reaches_t
             peftify.merge(model)
 
 
+@pytest.mark.parametrize("how", ["parametrization", "weight_norm", "spectral_norm", "pruning"])
+def test_a_merge_refuses_a_base_layer_that_computes_its_weight_and_changes_nothing(how):
+    """From a probe of what users do after a rewrite: a parametrization put on a base layer
+    made the merge fail halfway (the layer out of the model, the adapter still listed, the output
+    moved; a second merge "finished" it wrong), or, with a right_inverse, write into a computed
+    weight (off by 0.3); weight_norm's and pruning's hooks computed the weight again without the
+    update (PEFT drops it too, in silence)."""
+    from torch.nn.utils import parametrize, prune
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    model = peftify.peftify(tiny_llama(layers=1), ALL, progress=False)
+    base = model.model.layers[0].self_attn.q_proj.base_layer
+    {
+        "parametrization": lambda: parametrize.register_parametrization(base, "weight", Double()),
+        "weight_norm": lambda: torch.nn.utils.weight_norm(base),
+        "spectral_norm": lambda: torch.nn.utils.spectral_norm(base),
+        "pruning": lambda: prune.l1_unstructured(base, "weight", amount=0.3),
+    }[how]()
+    ids = {"input_ids": torch.randint(0, 101, (1, 5))}
+    before, sites = output(model.eval(), ids), len(peftify.report(model).rows)
+    with pytest.raises(ValueError, match=rf"model.layers.0.self_attn.q_proj's base layer computes its weight \({'a parametrization' if how == 'parametrization' else how}, .*nothing was merged"):
+        peftify.merge(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, AdaptedSite) and len(peftify.report(model).rows) == sites
+    torch.testing.assert_close(output(model, ids), before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", [{"method": "lora", "r": 2, "bias": True}, {"method": "vectorfit"}], ids=["lora-bias", "vectorfit"])
 def test_a_functional_sites_bias_trains_as_the_plan_counts_saves_and_merges(method, tmp_path):
     """F.linear(x, w_in, b_in): the plan counted b_in as trained, but only a module site's bias was."""
