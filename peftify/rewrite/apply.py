@@ -1199,6 +1199,17 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
             "a merge would write into what it computes, and the next call would compute it again without the update. Remove it first "
             "(parametrize.remove_parametrizations(layer.base_layer, 'weight'), torch.nn.utils.remove_weight_norm, remove_spectral_norm, prune.remove); nothing was merged"
         )
+    fixed = [
+        record.site.fqn
+        for record in rewrite.installed.values()
+        if record.site.kind == "module" and (base := adapted_site(model, record.site).base_layer) is not None
+        and parametrize.is_parametrized(base, "weight") and not all(hasattr(p, "right_inverse") for p in base.parametrizations.weight)
+    ]  # fmt: skip
+    if fixed:  # putting the layer back sets its weight, which such a parametrization refuses (halfway, where the undo sets it too)
+        raise ValueError(
+            f"{fixed[0]}'s base layer has a parametrization of its weight without right_inverse (put on it after the rewrite), so its weight cannot be set "
+            f"back: remove it first (parametrize.remove_parametrizations(layer.base_layer, 'weight')); nothing was {'merged' if fold else 'unloaded'}"
+        )
     if fold and safe and (broken := _not_finite(model, rewrite)):
         raise ValueError(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
     # a single adapter dropped this way too (PEFT's merge_and_unload inside disable_adapter merges it)
