@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -94,22 +95,33 @@ class SVFT(Method):
 
 
 def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of M's nonzeros, diagonal first."""
+    """(rows, cols) of M's nonzeros, diagonal first (new tensors: two buffers, not one tensor
+    twice, which torch.jit.trace refuses)."""
     p, k = vh.shape[0], method.k
+    if method.pattern == "top_k":  # the alignment of left and right singular vectors
+        return _off_diagonal((u.t().float() @ vh.t().float()).abs().cpu(), k)
+    rows, cols = _fixed_support(method.pattern, p, k, method.seed)
+    return rows.clone(), cols.clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_support(pattern: str, p: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supports that follow from p, k and seed alone, once per shape (every layer of a size,
+    and every load, asks again)."""
     diag = torch.arange(p)
-    if method.pattern == "plain":
-        return diag, diag.clone()  # two buffers, not one tensor twice (torch.jit.trace refuses shared ones)
-    if method.pattern == "banded":
+    if pattern == "plain":
+        return diag, diag
+    if pattern == "banded":
         rows = [diag] + [torch.arange(p - d) + (d if s > 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
         cols = [diag] + [torch.arange(p - d) + (d if s < 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
         return torch.cat(rows), torch.cat(cols)
-    if method.pattern == "random":
-        g = torch.Generator().manual_seed(method.seed)
-        scores = torch.rand(p, p, generator=g)
-    else:  # top_k: the alignment of left and right singular vectors
-        scores = (u.t().float() @ vh.t().float()).abs().cpu()
-    scores.fill_diagonal_(-1.0)
-    off = scores.topk(k, dim=1).indices
+    return _off_diagonal(torch.rand(p, p, generator=torch.Generator().manual_seed(seed)), k)
+
+
+def _off_diagonal(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diagonal, then per row the k off-diagonal entries of highest score."""
+    diag = torch.arange(scores.shape[0])
+    off = scores.fill_diagonal_(-1.0).topk(k, dim=1).indices
     return torch.cat([diag, diag.repeat_interleave(k)]), torch.cat([diag, off.reshape(-1)])
 
 
