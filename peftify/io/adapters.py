@@ -11,6 +11,7 @@ peft:   ``adapter_model.safetensors`` with PEFT's keys (``base_model.model.<fqn>
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -104,10 +105,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
         files[0]: lambda f: save_file(_unshared(tensors), f, metadata={"format": "pt"}),
         files[1]: lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     }
+    stale = PEFT if files == NATIVE else NATIVE
     with locked(path) as nested:
-        removed = replace_files(path, writes, stale=PEFT if files == NATIVE else NATIVE, nested=nested)
-    if removed:
-        warn(f"{str(path)!r} held an adapter in the other format ({', '.join(removed)}): it was removed, so that loading the directory reads this one")
+        if present := [name for name in stale if (path / name).exists()]:  # told first: under -W error nothing is written or removed
+            warn(f"{str(path)!r} holds an adapter in the other format ({', '.join(present)}): it is removed, so that loading the directory reads this one")
+        try:
+            replace_files(path, writes, stale=stale, nested=nested)
+        except OSError as e:  # a directory that exists but cannot be written (a save pending there says so itself)
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise SpecError(f"cannot write the adapter into {str(path)!r}: {e.strerror}", field="path") from e
     return path
 
 

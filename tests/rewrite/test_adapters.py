@@ -1,7 +1,10 @@
 """Named adapters: several on one model, switched, disabled, deleted, saved one by one."""
 
 import copy
+import errno
 import os
+import re
+import tempfile
 import warnings
 
 import pytest
@@ -735,7 +738,7 @@ def test_a_save_replaces_an_adapter_of_the_other_format_and_files_get_the_usual_
     model = peftify.peftify(copy.deepcopy(base), A)
     peftify.save_adapter(model, tmp_path)
     randomize(model, "default")
-    with pytest.warns(UserWarning, match=r"held an adapter in the other format \(adapter.safetensors, peftify.json\): it was removed"):
+    with pytest.warns(UserWarning, match=r"holds an adapter in the other format \(adapter.safetensors, peftify.json\): it is removed"):
         peftify.save_adapter(model, tmp_path, format="peft")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = peftify.from_pretrained(base, tmp_path)
@@ -1011,3 +1014,24 @@ def test_a_save_reads_the_umask_without_setting_it(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(previous)
+
+
+def test_a_save_warns_before_it_removes_the_other_format_and_names_a_directory_it_cannot_write(tmp_path, monkeypatch):
+    """From a probe of strict environments: the warning that the other format's adapter was
+    removed came after the save (under -W error it raised with the native files already gone),
+    and a directory that exists but cannot be written gave a raw OSError naming a temporary file."""
+    model = peftify.peftify(tiny_llama(), A)
+    peftify.save_adapter(model, tmp_path)
+    saved = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"holds an adapter in the other format \(adapter.safetensors, peftify.json\): it is removed"):
+            peftify.save_adapter(model, tmp_path, format="peft")
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == saved
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".adapter.safetensors.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(SpecError, match=rf"field 'path': cannot write the adapter into {re.escape(repr(str(tmp_path)))}: Read-only file system"):
+        peftify.save_adapter(model, tmp_path)
