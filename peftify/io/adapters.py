@@ -107,6 +107,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     }
     stale = PEFT if files == NATIVE else NATIVE
     with locked(path) as nested:
+        finish_save(path, (*NATIVE, *PEFT), nested)  # a save stopped after its commit puts its files in place first
         if present := [name for name in stale if (path / name).exists()]:  # told first: under -W error nothing is written or removed
             warn(f"{str(path)!r} holds an adapter in the other format ({', '.join(present)}): it is removed, so that loading the directory reads this one")
         try:

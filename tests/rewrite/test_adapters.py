@@ -1035,3 +1035,13 @@ def test_a_save_warns_before_it_removes_the_other_format_and_names_a_directory_i
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.raises(SpecError, match=rf"field 'path': cannot write the adapter into {re.escape(repr(str(tmp_path)))}: Read-only file system"):
         peftify.save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    # a native save stopped after its commit (its files not in place yet) is still told of (it was
+    # looked for before the pending save was finished: removed in silence)
+    pending = tmp_path / "pending"
+    fail_on_call(monkeypatch, os, "replace", 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        peftify.save_adapter(model, pending)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"holds an adapter in the other format \(adapter.safetensors, peftify.json\): it is removed"):
+        peftify.save_adapter(model, pending, format="peft")
