@@ -73,10 +73,10 @@ def locked(directory: Path) -> Iterator[bool]:
             os.close(fd)
 
 
-def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], stale: tuple[str, ...] = (), nested: bool = False) -> list[str]:
+def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], stale: tuple[str, ...] = (), nested: bool = False) -> None:
     """Write `writes` (file name → a function writing that file at the path it is given) into
-    `directory` as one change, and remove the `stale` names; returns the stale names that were
-    there. Call it with the directory locked (`nested`: inside another save of this thread)."""
+    `directory` as one change, and remove the `stale` names. Call it with the directory locked
+    (`nested`: inside another save of this thread)."""
     finish_save(directory, (*writes, *stale), nested)
     mode = 0o666 & ~_umask()  # as a plain open() would create them (mkstemp's are private)
     made: list[str] = []
@@ -100,7 +100,6 @@ def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], s
         raise
     _flush(directory)
     finish_save(directory, (*writes, *stale), nested)
-    return removed
 
 
 def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -> None:
