@@ -107,12 +107,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
     }
     stale = PEFT if files == NATIVE else NATIVE
     with locked(path) as nested:
-        finish_save(path, (*NATIVE, *PEFT), nested)  # a save stopped after its commit puts its files in place first
-        if present := [name for name in stale if (path / name).exists()]:  # told first: under -W error nothing is written or removed
-            warn(f"{str(path)!r} holds an adapter in the other format ({', '.join(present)}): it is removed, so that loading the directory reads this one")
         try:
+            finish_save(path, (*NATIVE, *PEFT), nested)  # a save stopped after its commit puts its files in place first
+            if present := [name for name in stale if (path / name).exists()]:  # told first: under -W error nothing is written or removed
+                warn(f"{str(path)!r} holds an adapter in the other format ({', '.join(present)}): it is removed, so that loading the directory reads this one")
             replace_files(path, writes, stale=stale, nested=nested)
-        except OSError as e:  # a directory that exists but cannot be written (a save pending there says so itself)
+        except OSError as e:  # a directory that exists but cannot be listed or written
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             raise SpecError(f"cannot write the adapter into {str(path)!r}: {e.strerror}", field="path") from e

@@ -91,6 +91,7 @@ def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], s
         removed = [name for name in stale if (directory / name).exists()]
         made.append(_temporary(directory, JOURNAL))
         Path(made[-1]).write_text(json.dumps({"place": place, "remove": removed}))
+        os.chmod(made[-1], mode)  # readable like the files it names: whoever loads next may have to finish it
         _flush(made[-1])
         os.replace(made[-1], directory / JOURNAL)  # the commit: from here on the save is finished, if not now then later
     except BaseException:

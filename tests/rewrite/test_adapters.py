@@ -1045,3 +1045,40 @@ def test_a_save_warns_before_it_removes_the_other_format_and_names_a_directory_i
     monkeypatch.undo()
     with pytest.warns(UserWarning, match=r"holds an adapter in the other format \(adapter.safetensors, peftify.json\): it is removed"):
         peftify.save_adapter(model, pending, format="peft")
+
+
+def test_a_save_that_must_first_finish_a_stopped_one_names_a_directory_it_cannot_use(tmp_path, monkeypatch):
+    """From a regression probe: finishing a stopped save, or listing a directory that cannot be
+    read, happened before the check that turns a permission error into a SpecError naming the
+    directory (a raw PermissionError named the journal); and the journal was private (0600), so
+    another user who can write the directory could not finish the save."""
+    from pathlib import Path
+
+    from peftify.io import files
+
+    base = tiny_llama()
+    model = peftify.peftify(copy.deepcopy(base), A)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    fail_on_call(monkeypatch, os, "replace", 2, KeyboardInterrupt())  # after the commit, before the files are in place
+    with pytest.raises(KeyboardInterrupt):
+        peftify.save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / files.JOURNAL).stat().st_mode & 0o777 == 0o666 & ~files._umask()
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / files.JOURNAL))
+
+    monkeypatch.setattr(os, "replace", denied)
+    with pytest.raises(SpecError, match=rf"cannot write the adapter into {re.escape(repr(str(tmp_path)))}: Permission denied"):
+        peftify.save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(SpecError, match=rf"cannot write the adapter into {re.escape(repr(str(tmp_path / 'other')))}: Permission denied"):
+        peftify.save_adapter(model, tmp_path / "other")
+    monkeypatch.undo()
+    peftify.save_adapter(model, tmp_path)  # the stopped save finished, then this one
+    fresh = peftify.load_adapter(peftify.peftify(base, A), tmp_path)
+    torch.testing.assert_close(output(fresh, X), output(model, X), rtol=0, atol=0)
