@@ -108,19 +108,21 @@ def support(method: SVFT, u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tens
 def _fixed_support(pattern: str, p: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The supports that follow from p, k and seed alone, once per shape (every layer of a size,
     and every load, asks again)."""
-    diag = torch.arange(p)
+    diag = torch.arange(p, device="cpu")
     if pattern == "plain":
         return diag, diag
     if pattern == "banded":
-        rows = [diag] + [torch.arange(p - d) + (d if s > 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
-        cols = [diag] + [torch.arange(p - d) + (d if s < 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
+        rows = [diag] + [torch.arange(p - d, device="cpu") + (d if s > 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
+        cols = [diag] + [torch.arange(p - d, device="cpu") + (d if s < 0 else 0) for d in range(1, k + 1) for s in (1, -1)]
         return torch.cat(rows), torch.cat(cols)
-    return _off_diagonal(torch.rand(p, p, generator=torch.Generator().manual_seed(seed)), k)
+    # float32 on the CPU whatever torch's defaults: the same seed draws other numbers in float64
+    scores = torch.rand(p, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float32, device="cpu")
+    return _off_diagonal(scores, k)
 
 
 def _off_diagonal(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The diagonal, then per row the k off-diagonal entries of highest score."""
-    diag = torch.arange(scores.shape[0])
+    diag = torch.arange(scores.shape[0], device=scores.device)
     off = scores.fill_diagonal_(-1.0).topk(k, dim=1).indices
     return torch.cat([diag, diag.repeat_interleave(k)]), torch.cat([diag, off.reshape(-1)])
 

@@ -253,6 +253,26 @@ def test_svft_supports(pattern, count):
     torch.testing.assert_close(model(x), x @ (model[0].weight + mod.u @ m @ mod.vh).t(), atol=1e-5, rtol=1e-5)
 
 
+def test_svft_random_support_is_the_same_under_any_default_dtype():
+    """From a regression probe: the random support drew its scores in torch's default dtype, so an
+    adapter saved under float32 and loaded where float64 is the default rebuilt another support
+    (outputs off by 6, no warning); and the first call's support was cached for both."""
+    from peftify.passes import svft
+
+    svft._fixed_support.cache_clear()
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        rows64, cols64 = svft._fixed_support("random", 16, 3, 7)
+    finally:
+        torch.set_default_dtype(previous)
+    svft._fixed_support.cache_clear()
+    rows32, cols32 = svft._fixed_support("random", 16, 3, 7)
+    assert torch.equal(rows64, rows32) and torch.equal(cols64, cols32)
+    scores = torch.rand(16, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float32).fill_diagonal_(-1)
+    assert torch.equal(cols32[16:], scores.topk(3, dim=1).indices.reshape(-1))
+
+
 class ReadsOf(TorchDispatchMode):
     """Counts the ops that read a tensor's storage."""
 
