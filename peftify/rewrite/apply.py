@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -915,7 +916,7 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
             for path, p in mod.named_parameters():
                 p.requires_grad_(param_meta(mod, path).get("trainable", True))
             if (bias := trained_bias(model, entry, adapted.base_layer)) is not None and mod.trains_bias:
-                bias[1].requires_grad_(True)
+                _bias_leaf(adapted.base_layer, bias[1]).requires_grad_(True)
         for record in rewrite.trained:
             if adapter in record.copies:
                 record.copies[adapter].requires_grad_(True)
@@ -930,13 +931,21 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
 
 
 def _trained_base_biases(model: nn.Module, rewrite: RewriteState) -> list[nn.Parameter]:
-    """The base biases some adapter's method trains (LoRA's bias=True)."""
+    """The base biases some adapter's method trains (LoRA's bias=True), as the parameters
+    whose flags say so (`_bias_leaf`)."""
     out = []
     for plan in rewrite.adapters.values():
         for entry in plan.entries:
-            if entry.site.fqn in rewrite.installed and (bias := trained_bias(model, entry, adapted_site(model, entry.site).base_layer)) is not None:
-                out.append(bias[1])
+            base = adapted_site(model, entry.site).base_layer
+            if entry.site.fqn in rewrite.installed and (bias := trained_bias(model, entry, base)) is not None:
+                out.append(_bias_leaf(base, bias[1]))
     return out
+
+
+def _bias_leaf(base: nn.Module | None, bias: torch.Tensor) -> torch.Tensor:
+    """The parameter behind a base layer's bias: its parametrization's `original` where one was
+    put on it after the rewrite (the bias is then computed anew at each read)."""
+    return base.parametrizations.bias.original if base is not None and parametrize.is_parametrized(base, "bias") else bias
 
 
 def set_active(model: nn.Module, adapter: str | None) -> None:
@@ -1267,7 +1276,8 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
     for name, plan in rewrite.adapters.items():
         rewrite.adapters[name] = dataclasses.replace(plan, entries=[])
     for name, p in model.named_parameters(remove_duplicate=False):
-        p.requires_grad_(rewrite.flags.get(name, p.requires_grad))
+        # a parametrization put on a tensor after the rewrite renamed it (…parametrizations.bias.original)
+        p.requires_grad_(rewrite.flags.get(name, rewrite.flags.get(re.sub(r"(^|\.)parametrizations\.(\w+)\.original$", r"\1\2", name), p.requires_grad)))
     _let_encoders_nest_again(model)  # those a stop after a site's last step left off
     del model._peftify
     return model

@@ -184,6 +184,39 @@ def test_a_merge_refuses_a_base_layer_that_computes_its_weight_and_changes_nothi
         torch.testing.assert_close(output(model, ids), before, rtol=0, atol=0)
 
 
+def test_a_parametrization_put_on_a_trained_bias_leaves_switching_and_unload_working():
+    """From a regression probe: LoRA(bias=True) trains the base layer's bias; with a
+    parametrization put on that bias after the rewrite, every switch (disable, set_adapter,
+    unload) raised torch's "you can only change requires_grad flags of leaf variables"."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    class Negated(nn.Module):
+        def forward(self, w):
+            return -w
+
+        def right_inverse(self, w):
+            return -w
+
+    torch.manual_seed(0)
+    model = peftify.peftify(nn.Sequential(nn.Linear(8, 8)), {"rules": [{"match": "0", "apply": {"method": "lora", "r": 2, "init": "gaussian", "bias": True}}]}, progress=False)
+    base = model[0].base_layer
+    parametrize.register_parametrization(base, "bias", Double())
+    parametrize.register_parametrization(base, "weight", Negated())  # and the frozen weight's flag comes back too
+    original = base.parametrizations.bias.original
+    assert original.requires_grad
+    with peftify.disable_adapters(model):
+        assert not original.requires_grad  # the adapter's trained bias is frozen while it is off
+    assert original.requires_grad
+    x = torch.randn(3, 8)
+    peftify.unload(model)
+    assert type(model[0]).__name__ == "ParametrizedLinear" and original.requires_grad and model[0].parametrizations.weight.original.requires_grad
+    torch.testing.assert_close(model(x), x @ model[0].weight.t() + 2 * original, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", [{"method": "lora", "r": 2, "bias": True}, {"method": "vectorfit"}], ids=["lora-bias", "vectorfit"])
 def test_a_functional_sites_bias_trains_as_the_plan_counts_saves_and_merges(method, tmp_path):
     """F.linear(x, w_in, b_in): the plan counted b_in as trained, but only a module site's bias was."""
