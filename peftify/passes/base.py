@@ -454,12 +454,20 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 @contextlib.contextmanager
+def kept_random_state(device: torch.device):
+    """A region whose random draws (on the CPU and on `device`) leave the caller's random state
+    as it was; yields `device`'s accelerator module (torch.cuda, …), None for the CPU or meta."""
+    accelerator = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    with torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"):
+        yield accelerator
+
+
+@contextlib.contextmanager
 def seeded(device: torch.device, seed: int = 0):
     """Draw random numbers on `device` from `seed`, and leave every generator as it was (the
     caller's CPU and CUDA random states alike): a randomized SVD that gives the same factors on
     every run, on the same device."""
-    accelerator = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
-    with torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"):
+    with kept_random_state(device) as accelerator:
         torch.random.default_generator.manual_seed(seed)
         if accelerator is not None:  # that device's generator alone (torch.manual_seed would seed every device)
             with accelerator.device(device) if hasattr(accelerator, "device") else contextlib.nullcontext():
@@ -836,7 +844,7 @@ def _same_base(loaded: torch.Tensor, own: torch.Tensor, original: torch.Tensor, 
     gen = torch.Generator(device="cpu").manual_seed(0)
     agree = []
     for a, b, w in (mats, [m.T for m in mats]):  # Mᵀ M, then M Mᵀ
-        z = torch.randn(w.shape[1], probes, generator=gen, dtype=dtype).to(w.device)
+        z = torch.randn(w.shape[1], probes, generator=gen, dtype=dtype, device="cpu").to(w.device)
         ga, gb, gw = (m.T @ (m @ z) for m in (a, b, w))
         nb, nw = torch.linalg.vector_norm(gb), torch.linalg.vector_norm(gw)
         agree.append(bool(torch.linalg.vector_norm(ga - gb) <= 0.025 * max(nb, (nb * nw).sqrt())))

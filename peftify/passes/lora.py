@@ -223,9 +223,10 @@ def _orthogonal(in_f: int, out_f: int, r: int, factory: dict) -> tuple[torch.Ten
     """A = (G_A Q_odd)ᵀ/10, B = G_B Q_even/10 with G Gaussian and Q a random r×r orthogonal matrix:
     A's columns lie in the span of Q's odd rows and B's rows in that of its even rows, so
     B·A = G_B Q_even Q_oddᵀ G_Aᵀ / 100 = 0 (PEFT's "orthogonal")."""
-    q, _ = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))
-    a = torch.randn(r // 2, in_f, dtype=torch.float64).mT @ q[0::2]  # (in, r)
-    b = torch.randn(out_f, r // 2, dtype=torch.float64) @ q[1::2]  # (out, r)
+    # drawn on the CPU whatever torch's default device (under `with torch.device("meta")` they were empty)
+    q, _ = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64, device="cpu"))
+    a = torch.randn(r // 2, in_f, dtype=torch.float64, device="cpu").mT @ q[0::2]  # (in, r)
+    b = torch.randn(out_f, r // 2, dtype=torch.float64, device="cpu") @ q[1::2]  # (out, r)
     return (a.mT / 10).to(**factory).contiguous(), (b / 10).to(**factory).contiguous()
 
 

@@ -30,6 +30,7 @@ from peftify.passes.base import (
     SiteModule,
     WeightParametrization,
     build_for_sites,
+    kept_random_state,
     param_meta,
     tag,
     upcast_trainable,
@@ -531,6 +532,9 @@ def apply_plan(
         for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
             items = [(plan.entries[i].site, weights[i]) for i in idx]
             mods = _skeletons(method, items, [plan.entries[i] for i in idx], adapter, state) if state is not None else None
+            if mods is None and state is not None:  # built for real, then loaded over: its init's draws leave the caller's random state alone
+                with kept_random_state(items[0][1].device):
+                    mods = build_for_sites(method, items, progress)
             for i, mod in zip(idx, mods or build_for_sites(method, items, progress)):
                 built[i] = mod
                 if mods is None:  # computed from W, not left for a file to fill
@@ -1053,7 +1057,11 @@ def _restore(model: nn.Module, record: Installed, adapted: AdaptedSite, fold: bo
         untie = sorted(set(site.aliases) - {o + ".weight" for o in site.owners})  # tied to something not rewritten
         if untie or base.weight is None:  # untied, or a structure replaced the layer: a new dense weight
             old = base.weight
-            new = nn.Parameter(stored.to(stored.dtype if old is None else old.dtype).contiguous(), requires_grad=old is not None and old.requires_grad)
+            new = stored.to(stored.dtype if old is None else old.dtype).contiguous()
+            if new.is_inference():  # merged under torch.inference_mode: a weight that can be trained later
+                with torch.inference_mode(False):
+                    new = new.clone()
+            new = nn.Parameter(new, requires_grad=old is not None and old.requires_grad)
             write = functools.partial(base.restore, new) if isinstance(base, ReplacedLayer) else functools.partial(setattr, base, "weight", new)
         else:  # in place (it stays tied to whatever shares it), as the very last step: once done, the site is merged
             in_place = base.weight
@@ -1250,7 +1258,9 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         if fold and site.kind == "module" and adapted_site(model, site).computing is not None and (tied := untied(site)):
             warn(f"{site.fqn}'s weight was tied to {tied}; merging unties it")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.ExitStack() as no_autocast:
+            for device in {p.device.type for p in model.parameters()}:  # merged weights in the model's precision, not a caller's autocast
+                no_autocast.enter_context(without_autocast(device))
             # reversed: each step then restores exactly the state its install started from
             for record in reversed(list(rewrite.installed.values())):
                 adapted = adapted_site(model, record.site)  # fold only where the active adapter computes

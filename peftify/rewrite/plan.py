@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from peftify.codegen import packed
 from peftify.errors import SpecError, warn
-from peftify.passes.base import Method, dense_flops, invalid, progress_bar
+from peftify.passes.base import Method, dense_flops, invalid, progress_bar, without_autocast
 from peftify.rewrite.select import Context
 from peftify.rewrite.sites import Capture, Site, is_conv1d, parameter_names
 from peftify.rewrite.spec import Spec
@@ -86,7 +86,8 @@ class Plan:
                 if model is not None and e.method.replaces_base and getattr(e.method, "init", None) == "project":
                     weight = _base_of(model, e.site, getattr(model, "_peftify", None))[1]
                     if weight is not None and weight.device.type != "meta":
-                        note = e.method.build_many([(e.site, weight.detach())], progress=False)[0].summary()
+                        with without_autocast(weight.device.type):  # as the rewrite projects: in the weight's precision
+                            note = e.method.build_many([(e.site, weight.detach())], progress=False)[0].summary()
                 notes.append(note)
             self._notes = notes
         return self._notes

@@ -1403,3 +1403,82 @@ def test_a_model_holding_layers_another_call_rewrote_is_refused(tmp_path):
     expected = output(whole, x)
     peftify.merge(whole)  # the outer rewrite is whole
     torch.testing.assert_close(output(whole, x), expected)
+
+
+STATE_METHODS = [{"method": "lora", "r": 4, "init": "gaussian"}, {"method": "svft"}, {"method": "lowrank", "r": 4}, {"method": "kron"}]
+
+
+def _moved(spec_apply, seed=0):
+    """A Linear-ReLU-Linear rewritten with `spec_apply`, its trainable tensors moved off their init."""
+    torch.manual_seed(seed)
+    model = peftify.peftify(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)), {"rules": [{"match": "*", "apply": spec_apply}]}, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("method", STATE_METHODS, ids=lambda m: m["method"])
+def test_a_merge_under_a_callers_autocast_or_inference_mode_gives_the_plain_merge(method):
+    """From a probe of global torch state: a merge inside `torch.autocast` computed the update in
+    bfloat16 (adapters 1e-4–2e-3 off) and gave structures a bfloat16 weight beside a float32 bias
+    (the next forward failed); inside `torch.inference_mode` a structure's new weight was an
+    inference tensor that no later training step could use."""
+    plain, under_autocast, inferred = (_moved(method) for _ in range(3))
+    peftify.merge(plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peftify.merge(under_autocast)
+    with torch.inference_mode():
+        peftify.merge(inferred)
+    for model in (under_autocast, inferred):
+        for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name
+    assert not inferred[0].weight.is_inference()
+    inferred(torch.randn(3, 16)).sum().backward()  # trains as the plain merge would
+    assert inferred[0].weight.grad is not None
+
+
+def test_a_plans_projection_note_ignores_a_callers_autocast():
+    """From a probe of global torch state: str(plan) under bfloat16 autocast projected in bfloat16
+    (kept 45.6% of ‖W‖_F where the rewrite keeps 45.7%)."""
+    torch.manual_seed(0)
+    model, spec = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), {"rules": [{"match": "*", "apply": {"method": "lowrank", "r": 4, "init": "project"}}]}
+    plain = peftify.plan(model, spec).notes()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert peftify.plan(model, spec).notes() == plain
+
+
+@pytest.mark.parametrize("method", [{"method": "sltrain"}, {"method": "lora", "r": 4, "init": "orthogonal"}, {"method": "lora", "r": 4, "init": "pissa"}], ids=["sltrain", "orthogonal", "pissa"])
+def test_random_draws_ignore_torchs_default_device(method, tmp_path):
+    """From a probe of global torch state: under `with torch.device("meta")` a CPU model's rewrite
+    with sltrain's random support or LoRA's orthogonal init, a load of such an adapter, and
+    load_state_dict on a PiSSA model (its base check's probes) failed: "Cannot copy out of meta
+    tensor". The draws are the same as outside the context."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    spec = {"rules": [{"match": "*", "apply": method}]}
+    torch.manual_seed(1)
+    expected = peftify.peftify(copy.deepcopy(base), spec, progress=False)
+    torch.manual_seed(1)
+    with torch.device("meta"):
+        model = peftify.peftify(copy.deepcopy(base), spec, progress=False)
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in expected.state_dict().items())
+    peftify.save_adapter(model, tmp_path)
+    with torch.device("meta"):
+        model.load_state_dict(state)
+        loaded = peftify.load_adapter(copy.deepcopy(base), tmp_path)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_loading_an_adapter_whose_init_draws_leaves_the_global_random_state_alone(tmp_path):
+    """From a probe of global torch state: load_adapter of sltrain with init="mup" (its support is
+    not saved, so the module is built for real before the load) advanced torch's global generator."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    peftify.save_adapter(peftify.peftify(copy.deepcopy(base), {"rules": [{"match": "*", "apply": {"method": "sltrain", "init": "mup"}}]}, progress=False), tmp_path)
+    state = torch.get_rng_state()
+    peftify.load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -73,7 +73,7 @@ class SLTrain(Structured):
 
     def random_support(self, site: Site, device: torch.device) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
-        index = torch.randperm(site.in_features * site.out_features, generator=g)[: self.nnz(site)].sort().values
+        index = torch.randperm(site.in_features * site.out_features, generator=g, device="cpu")[: self.nnz(site)].sort().values
         return index.to(device)
 
     def fixed_buffers(self, site: Site, weight: torch.Tensor) -> dict[str, torch.Tensor]:
