@@ -453,33 +453,30 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.contiguous(), requires_grad=False)
 
 
-@contextlib.contextmanager
-def kept_random_state(device: torch.device):
-    """A region whose random draws (on the CPU and on `device`) leave the caller's random state
-    as it was; yields `device`'s accelerator module (torch.cuda, …), None for the CPU or meta."""
-    accelerator = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
-    with torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type if accelerator else "cuda"):
-        yield accelerator
-
-
-@contextlib.contextmanager
-def seeded(device: torch.device, seed: int = 0):
-    """Draw random numbers on `device` from `seed`, and leave every generator as it was (the
-    caller's CPU and CUDA random states alike): a randomized SVD that gives the same factors on
-    every run, on the same device."""
-    with kept_random_state(device) as accelerator:
-        torch.random.default_generator.manual_seed(seed)
-        if accelerator is not None:  # that device's generator alone (torch.manual_seed would seed every device)
-            with accelerator.device(device) if hasattr(accelerator, "device") else contextlib.nullcontext():
-                accelerator.manual_seed(seed)
-        yield
+def randomized_svd(a: torch.Tensor, q: int, niter: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (… × m × q), σ (… × q), V (… × n × q) of A's top q singular triplets, approximately:
+    A ≈ U diag(σ) Vᴴ with Q = orth(A Ω) refined by `niter` subspace iterations, then the SVD of
+    Qᴴ A ("Finding Structure with Randomness", Halko et al., algorithms 4.4 and 5.1). It is
+    `torch.svd_lowrank`'s algorithm step for step (the same factors as it gives after
+    ``torch.manual_seed(seed)``), with Ω (n × q) drawn from a generator of its own: every run
+    finds the same factors (a saved adapter rebuilt on its base takes out the same part), and
+    the global random state, which other threads draw from too, is neither read nor reset."""
+    tall = a.shape[-2] >= a.shape[-1]
+    a = a if tall else a.mH
+    omega = torch.randn(a.shape[-1], q, dtype=a.dtype, device=a.device, generator=torch.Generator(device=a.device).manual_seed(seed))
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mH @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mH @ a, full_matrices=False)
+    u, v = basis @ u, vh.mH
+    return (u, s, v) if tall else (v, s, u)
 
 
 def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U (… × out × r), σ (… × r), Vᴴ (… × r × in) of the top r singular triplets (r = 0: all),
     in float32 (float64 for float64 weights); batched over leading dimensions. Randomized
-    (`torch.svd_lowrank`, "Finding Structure with Randomness", Halko et al.) when r is small
-    against the layer."""
+    (`randomized_svd`) when r is small against the layer."""
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     k = min(w.shape[-2:])
     r = r or k
@@ -487,10 +484,7 @@ def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, t
         e = partial(torch.empty, device="meta", dtype=weight.dtype)
         return e(*w.shape[:-1], r), e(*w.shape[:-2], r), e(*w.shape[:-2], r, w.shape[-1])
     if 4 * (r + 8) < k:
-        # a fixed seed, and the caller's random state left as it was: a projection is the same
-        # on every run (a saved adapter rebuilt on its base finds the same factors)
-        with seeded(w.device):
-            u, s, v = torch.svd_lowrank(w, q=r + 8, niter=4)
+        u, s, v = randomized_svd(w, q=r + 8, niter=4)  # seeded: a projection is the same on every run
         return u[..., :r], s[..., :r], v[..., :r].mT
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[..., :r], s[..., :r], vh[..., :r, :]

@@ -21,8 +21,8 @@ from peftify.passes.base import (
     dense_flops,
     invalid,
     plus_low_rank,
+    randomized_svd,
     register,
-    seeded,
     tag,
 )
 from peftify.rewrite.sites import Site
@@ -210,12 +210,11 @@ def _pissa(weight: torch.Tensor, svd: tuple, r: int, scale: float):
 
 
 def _fast_svd(weight: torch.Tensor, r: int, iterations: int) -> tuple:
-    """W's top r singular triplets from `torch.svd_lowrank` with q = r (PEFT's "pissa_niter_<n>"),
-    in float32 (or float64), seeded so that rebuilding the adapter on the same W (loading a saved
-    one) takes out the same part."""
+    """W's top r singular triplets from torch.svd_lowrank's algorithm with q = r (PEFT's
+    "pissa_niter_<n>"), in float32 (or float64), seeded so that rebuilding the adapter on the
+    same W (loading a saved one) takes out the same part."""
     w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
-    with seeded(w.device):
-        u, sigma, v = torch.svd_lowrank(w, q=r, niter=iterations)
+    u, sigma, v = randomized_svd(w, q=r, niter=iterations)
     return u, sigma, v.mT
 
 

@@ -30,7 +30,6 @@ from peftify.passes.base import (
     SiteModule,
     WeightParametrization,
     build_for_sites,
-    kept_random_state,
     param_meta,
     tag,
     upcast_trainable,
@@ -532,9 +531,6 @@ def apply_plan(
         for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
             items = [(plan.entries[i].site, weights[i]) for i in idx]
             mods = _skeletons(method, items, [plan.entries[i] for i in idx], adapter, state) if state is not None else None
-            if mods is None and state is not None:  # built for real, then loaded over: its init's draws leave the caller's random state alone
-                with kept_random_state(items[0][1].device):
-                    mods = build_for_sites(method, items, progress)
             for i, mod in zip(idx, mods or build_for_sites(method, items, progress)):
                 built[i] = mod
                 if mods is None:  # computed from W, not left for a file to fill

@@ -280,6 +280,29 @@ def test_a_methods_forward_that_is_not_its_merged_weight_is_refused(module, mess
         assert {n: id(p) for n, p in model.named_parameters()} == before and not hasattr(model, "_peftify")
 
 
+
+def test_a_load_that_builds_a_methods_module_for_real_checks_its_forward_too(tmp_path, monkeypatch):
+    """From a regression probe: a load that builds the module from W (a method with
+    init_needs_weights) stopped running the forward check, so a file written for a module whose
+    forward is not its merged weight loaded without a word (the rewrite refuses it)."""
+    from peftify.rewrite import apply as apply_mod
+
+    @dataclass(frozen=True)
+    class ReadsW(OutputScale):
+        init_needs_weights = True
+
+    ReadsW.module = Drifting
+    peftify.register("test_reads_w")(ReadsW)
+    try:
+        spec = {"rules": [{"match": "0", "apply": {"method": "test_reads_w"}}]}
+        with monkeypatch.context() as m:  # written as if the check had been left out
+            m.setattr(apply_mod, "check_own_method", lambda *args, **kwargs: None)
+            peftify.save_adapter(peftify.peftify(nn.Sequential(nn.Linear(8, 8)), spec, progress=False), tmp_path)
+        with pytest.raises(peftify.SpecError, match=r"test_reads_w's forward at 0 computes something other than x·merged_weight\(W\)ᵀ \+ bias"):
+            peftify.from_pretrained(nn.Sequential(nn.Linear(8, 8)), tmp_path)
+    finally:
+        METHODS.pop("test_reads_w", None)
+
 @dataclass(frozen=True)
 class SharedRandom(peftify.Method):
     """VeRA-like: frozen random A, B drawn unseeded, kept as buffers; trained d."""

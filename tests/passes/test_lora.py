@@ -264,6 +264,48 @@ def test_fast_pissa_takes_the_seeded_randomized_svd_out_of_w(tmp_path):
     assert peftify.LoRA(init="pissa_niter_0").rewrites_base and peftify.LoRA(init="pissa_niter_04").rewrites_base  # as PEFT takes them
 
 
+@pytest.mark.parametrize("shape,dtype", [((40, 24), torch.float32), ((24, 40), torch.float64), ((3, 30, 20), torch.float32)])
+def test_randomized_svd_is_torchs_svd_lowrank_from_its_own_generator(shape, dtype):
+    """The same factors as torch.svd_lowrank after torch.manual_seed(seed), bit for bit (tall,
+    wide and batched), so adapters saved before it rebuild the same split."""
+    from peftify.passes.base import randomized_svd
+
+    a = torch.randn(*shape, dtype=dtype)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        expected = torch.svd_lowrank(a, q=6, niter=2)
+    for mine, theirs in zip(randomized_svd(a, q=6, niter=2, seed=3), expected):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_seeded_randomized_svd_leaves_what_another_thread_does_to_the_global_generator():
+    """From a probe of threads: the seeded randomized SVD (pissa_niter_<n>, top_svd) seeded
+    torch's global generator and restored it on exit, so a thread drawing meanwhile took
+    numbers from peftify's seed and was rewound after (3 in 100 loads of a pissa_niter_4 adapter
+    beside it came out up to 3.3 off). Here "another thread" seeds the global generator while
+    the rewrite is inside its SVD: the rewrite is as without it, and that seed stands."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeedsOnce(TorchDispatchMode):
+        done = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.linalg_qr.default and not self.done:
+                self.done = True
+                torch.manual_seed(99)
+            return func(*args, **(kwargs or {}))
+
+    spec = {"rules": [{"match": "*", "apply": {"method": "lora", "r": 2, "init": "pissa_niter_2"}}]}
+    base = nn.Sequential(nn.Linear(24, 24))
+    expected = peftify.peftify(copy.deepcopy(base), spec, progress=False).state_dict()
+    with SeedsOnce() as mode:
+        model = peftify.peftify(copy.deepcopy(base), spec, progress=False)
+    drawn = torch.rand(3)
+    torch.manual_seed(99)
+    assert mode.done and torch.equal(drawn, torch.rand(3))
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
 def split_init(init: str, path: str, alpha: float):
     """A tiny Llama with every linear rewritten by a split init at r=4 (its output checked
     unchanged), the module at `path`, its LoRA and its original weight in float64."""
