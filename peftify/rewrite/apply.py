@@ -915,8 +915,8 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
             mod = adapted.adapters[adapter]
             for path, p in mod.named_parameters():
                 p.requires_grad_(param_meta(mod, path).get("trainable", True))
-            if (bias := trained_bias(model, entry, adapted.base_layer)) is not None and mod.trains_bias:
-                _bias_leaf(adapted.base_layer, bias[1]).requires_grad_(True)
+            for leaf in _bias_leaves(model, entry, adapted.base_layer) if mod.trains_bias else ():
+                leaf.requires_grad_(True)
         for record in rewrite.trained:
             if adapter in record.copies:
                 record.copies[adapter].requires_grad_(True)
@@ -932,20 +932,27 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
 
 def _trained_base_biases(model: nn.Module, rewrite: RewriteState) -> list[nn.Parameter]:
     """The base biases some adapter's method trains (LoRA's bias=True), as the parameters
-    whose flags say so (`_bias_leaf`)."""
-    out = []
-    for plan in rewrite.adapters.values():
-        for entry in plan.entries:
-            base = adapted_site(model, entry.site).base_layer
-            if entry.site.fqn in rewrite.installed and (bias := trained_bias(model, entry, base)) is not None:
-                out.append(_bias_leaf(base, bias[1]))
-    return out
+    whose flags say so (`_bias_leaves`)."""
+    return [
+        leaf
+        for plan in rewrite.adapters.values()
+        for entry in plan.entries
+        if entry.site.fqn in rewrite.installed
+        for leaf in _bias_leaves(model, entry, adapted_site(model, entry.site).base_layer)
+    ]
 
 
-def _bias_leaf(base: nn.Module | None, bias: torch.Tensor) -> torch.Tensor:
-    """The parameter behind a base layer's bias: its parametrization's `original` where one was
-    put on it after the rewrite (the bias is then computed anew at each read)."""
-    return base.parametrizations.bias.original if base is not None and parametrize.is_parametrized(base, "bias") else bias
+def _bias_leaves(model: nn.Module, entry: Entry, base: nn.Module | None) -> list[torch.Tensor]:
+    """The parameters behind the bias `entry`'s method trains (none if it trains none): the bias,
+    or, where a parametrization was put on it after the rewrite (the bias is then computed anew
+    at each read), that parametrization's originals."""
+    if not (entry.method.trains_base_bias() and entry.site.bias):
+        return []
+    owner, name = (base, "bias") if entry.site.kind == "module" else (model.get_submodule(_split(entry.site.bias)[0]), _split(entry.site.bias)[1])
+    if owner is not None and parametrize.is_parametrized(owner, name):
+        return list(getattr(owner.parametrizations, name).parameters(recurse=False))
+    bias = trained_bias(model, entry, base)
+    return [bias[1]] if bias is not None else []
 
 
 def set_active(model: nn.Module, adapter: str | None) -> None:
@@ -1184,6 +1191,14 @@ def _not_finite(model: nn.Module, rewrite: RewriteState) -> list[str]:
         return broken
 
 
+def _in_model_precision(model: nn.Module) -> contextlib.ExitStack:
+    """A region where autocast is off on every device the model's parameters are on."""
+    region = contextlib.ExitStack()
+    for device in {p.device.type for p in model.parameters()}:
+        region.enter_context(without_autocast(device))
+    return region
+
+
 def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.Module:
     """Fold the active adapter into dense weights (none while adapters are disabled, or without
     `fold`), drop the others, and restore module types, state-dict keys and ``requires_grad`` flags.
@@ -1223,7 +1238,9 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
             f"{fixed[0]}'s base layer has a parametrization of its weight without right_inverse (put on it after the rewrite), so its weight cannot be set "
             f"back: remove it first (parametrize.remove_parametrizations(layer.base_layer, 'weight')); nothing was {'merged' if fold else 'unloaded'}"
         )
-    if fold and safe and (broken := _not_finite(model, rewrite)):
+    with _in_model_precision(model):  # the weights a merge would write, not their product in float16
+        broken = fold and safe and _not_finite(model, rewrite)
+    if broken:
         raise ValueError(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
     # a single adapter dropped this way too (PEFT's merge_and_unload inside disable_adapter merges it)
     if fold and (len(rewrite.adapters) > 1 or rewrite.active is None):
@@ -1254,9 +1271,7 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         if fold and site.kind == "module" and adapted_site(model, site).computing is not None and (tied := untied(site)):
             warn(f"{site.fqn}'s weight was tied to {tied}; merging unties it")
     try:
-        with torch.no_grad(), contextlib.ExitStack() as no_autocast:
-            for device in {p.device.type for p in model.parameters()}:  # merged weights in the model's precision, not a caller's autocast
-                no_autocast.enter_context(without_autocast(device))
+        with torch.no_grad(), _in_model_precision(model):  # merged weights as the model holds them, not in a caller's autocast
             # reversed: each step then restores exactly the state its install started from
             for record in reversed(list(rewrite.installed.values())):
                 adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
@@ -1283,7 +1298,7 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         rewrite.adapters[name] = dataclasses.replace(plan, entries=[])
     for name, p in model.named_parameters(remove_duplicate=False):
         # a parametrization put on a tensor after the rewrite renamed it (…parametrizations.bias.original)
-        p.requires_grad_(rewrite.flags.get(name, rewrite.flags.get(re.sub(r"(^|\.)parametrizations\.(\w+)\.original$", r"\1\2", name), p.requires_grad)))
+        p.requires_grad_(rewrite.flags.get(name, rewrite.flags.get(re.sub(r"(^|\.)parametrizations\.(\w+)\.original\d*$", r"\1\2", name), p.requires_grad)))
     _let_encoders_nest_again(model)  # those a stop after a site's last step left off
     del model._peftify
     return model

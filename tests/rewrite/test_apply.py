@@ -217,6 +217,37 @@ def test_a_parametrization_put_on_a_trained_bias_leaves_switching_and_unload_wor
     torch.testing.assert_close(model(x), x @ model[0].weight.t() + 2 * original, rtol=0, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("where", ["module", "functional"])
+def test_a_parametrization_with_several_originals_on_a_trained_bias_leaves_switching_and_unload_working(where):
+    """From a regression probe of the fix above: a right_inverse returning a tuple (the bias then
+    computed from original0 and original1) raised AttributeError on every switch, unload left
+    those originals frozen, and a functional site's trained bias still broke every switch."""
+    from torch.nn.utils import parametrize
+
+    class Halves(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+        def right_inverse(self, b):
+            return b / 2, b / 2
+
+    torch.manual_seed(0)
+    if where == "module":
+        model = peftify.peftify(nn.Sequential(nn.Linear(8, 8)), {"rules": [{"match": "0", "apply": {"method": "lora", "r": 2, "init": "gaussian", "bias": True}}]}, progress=False)
+        owner, name = model[0].base_layer, "bias"
+    else:
+        model = peftify.peftify(FunctionalNet(), {"rules": [{"match": "w_in", "apply": {"method": "lora", "r": 2, "init": "gaussian", "bias": True}}]}, progress=False)
+        owner, name = model, "b_in"
+    parametrize.register_parametrization(owner, name, Halves())
+    originals = list(getattr(owner.parametrizations, name).parameters(recurse=False))
+    assert len(originals) == 2 and all(p.requires_grad for p in originals)
+    with peftify.disable_adapters(model):
+        assert not any(p.requires_grad for p in originals)
+    assert all(p.requires_grad for p in originals)
+    peftify.unload(model)
+    assert all(p.requires_grad for p in originals)
+
 @pytest.mark.parametrize("method", [{"method": "lora", "r": 2, "bias": True}, {"method": "vectorfit"}], ids=["lora-bias", "vectorfit"])
 def test_a_functional_sites_bias_trains_as_the_plan_counts_saves_and_merges(method, tmp_path):
     """F.linear(x, w_in, b_in): the plan counted b_in as trained, but only a module site's bias was."""
@@ -1437,6 +1468,21 @@ def test_a_merge_under_a_callers_autocast_or_inference_mode_gives_the_plain_merg
     assert not inferred[0].weight.is_inference()
     inferred(torch.randn(3, 16)).sum().backward()  # trains as the plain merge would
     assert inferred[0].weight.grad is not None
+
+
+
+def test_a_safe_merge_under_a_callers_float16_autocast_checks_the_weights_it_would_write():
+    """From a regression probe: merge(safe=True) checked finiteness before the merge's autocast-free
+    region, so under float16 autocast a finite float32 update was refused as infinite."""
+    model = _moved({"method": "lora", "r": 4, "init": "gaussian"})
+    with torch.no_grad():
+        for site in (model[0], model[2]):
+            site.adapters["default"].lora_A.fill_(200.0)  # B·A's entries 1.6e5 × s: past float16's 65504
+            site.adapters["default"].lora_B.fill_(200.0)
+    expected = peftify.merge(copy.deepcopy(model), safe=True).state_dict()
+    with torch.autocast("cpu", dtype=torch.float16):
+        peftify.merge(model, safe=True)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
 def test_a_plans_projection_note_ignores_a_callers_autocast():
