@@ -218,14 +218,17 @@ def test_a_methods_own_value_error_is_a_spec_error_and_lists_become_tuples():
 
 
 @contextlib.contextmanager
-def scale_computed_by(module: type, name: str = "test_scale_variant"):
-    """OutputScale computed by `module`, registered as `name` while the block runs."""
+def scale_computed_by(module: type, name: str = "test_scale_variant", **flags):
+    """OutputScale computed by `module`, with the method's class `flags` (init_needs_weights,
+    replaces_base, …) set, registered as `name` while the block runs."""
 
     @dataclass(frozen=True)
     class Variant(OutputScale):
         pass
 
     Variant.module = module
+    for key, value in flags.items():
+        setattr(Variant, key, value)
     peftify.register(name)(Variant)
     try:
         yield name
@@ -287,21 +290,13 @@ def test_a_load_that_builds_a_methods_module_for_real_checks_its_forward_too(tmp
     forward is not its merged weight loaded without a word (the rewrite refuses it)."""
     from peftify.rewrite import apply as apply_mod
 
-    @dataclass(frozen=True)
-    class ReadsW(OutputScale):
-        init_needs_weights = True
-
-    ReadsW.module = Drifting
-    peftify.register("test_reads_w")(ReadsW)
-    try:
-        spec = {"rules": [{"match": "0", "apply": {"method": "test_reads_w"}}]}
+    with scale_computed_by(Drifting, "test_reads_w", init_needs_weights=True) as name:
+        spec = {"rules": [{"match": "0", "apply": {"method": name}}]}
         with monkeypatch.context() as m:  # written as if the check had been left out
             m.setattr(apply_mod, "check_own_method", lambda *args, **kwargs: None)
             peftify.save_adapter(peftify.peftify(nn.Sequential(nn.Linear(8, 8)), spec, progress=False), tmp_path)
         with pytest.raises(peftify.SpecError, match=r"test_reads_w's forward at 0 computes something other than x·merged_weight\(W\)ᵀ \+ bias"):
             peftify.from_pretrained(nn.Sequential(nn.Linear(8, 8)), tmp_path)
-    finally:
-        METHODS.pop("test_reads_w", None)
 
 @dataclass(frozen=True)
 class SharedRandom(peftify.Method):
@@ -346,18 +341,10 @@ def test_a_users_structure_on_a_functional_site_is_a_spec_error():
     layer was planned on a functional site and failed inside the engine (AttributeError)."""
     from conftest import FunctionalNet
 
-    @dataclass(frozen=True)
-    class Replacing(OutputScale):
-        replaces_base = True
-
-    Replacing.module = OutputScaleModule
-    peftify.register("test_replacing")(Replacing)
-    try:
+    with scale_computed_by(OutputScaleModule, "test_replacing", replaces_base=True) as name:
         model = FunctionalNet()
         with pytest.raises(peftify.SpecError, match=r"test_replacing replaces the layer's weight, which needs a module site; w_in is a parameter used functionally"):
-            peftify.plan(model, {"rules": [{"match": "w_in", "apply": {"method": "test_replacing"}}]}, example_inputs=torch.randn(2, 16))
-    finally:
-        METHODS.pop("test_replacing", None)
+            peftify.plan(model, {"rules": [{"match": "w_in", "apply": {"method": name}}]}, example_inputs=torch.randn(2, 16))
 
 
 class Float32Scale(OutputScaleModule):
