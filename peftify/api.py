@@ -22,7 +22,7 @@ from peftify.rewrite.apply import (
     merge_model,
     rewrite_state,
     set_active,
-    trained_bias,
+    trained_bias_leaves,
     unload_model,
 )
 from peftify.rewrite.capture import ExampleInputs
@@ -260,12 +260,12 @@ def report(model: nn.Module) -> Report:
         mod = adapted.adapters[state.current]
         own = list(mod.parameters())
         dense = e.site.in_features * e.site.out_features * e.site.stack
-        bias = trained_bias(model, e, adapted.base_layer) if mod.trains_bias else None
+        bias = trained_bias_leaves(model, e, adapted.base_layer) if mod.trains_bias else []
         rows.append((
             e.site.fqn,
             method_label(e),
             dense,
-            sum(p.numel() for p in own if p.requires_grad) + (bias[1].numel() if bias is not None and bias[1].requires_grad else 0),
+            sum(p.numel() for p in own if p.requires_grad) + sum(p.numel() for p in bias if p.requires_grad),
             (0 if e.method.replaces_base else dense) + sum(p.numel() for p in own),
             dense_flops(e.site),
             flops_per_token(e.site, mod.flops()),  # as the module is now (the values an energy threshold kept; a self-guided layer without its guide: the structure)

@@ -287,6 +287,13 @@ def trained_bias(model: nn.Module, entry: Entry, base: nn.Module | None) -> tupl
     where the model keeps it."""
     if not (entry.method.trains_base_bias() and entry.site.bias):
         return None
+    owner, name = _bias_owner(model, entry, base)
+    if owner is not None and parametrize.is_parametrized(owner, name):  # its value is computed at each read: nothing to save into or load
+        raise SpecError(
+            f"{entry.site.fqn}'s bias, which {entry.method.name} trains, has a parametrization put on it after the rewrite: adapters switch, "
+            "merge and unload with it, but it cannot be saved, loaded or frozen as the adapter's; remove it first (parametrize.remove_parametrizations)",
+            field="bias",
+        )
     if entry.site.kind == "module":
         bias = getattr(base, "bias", None)
         return (f"{module_prefix(entry.site)}.base_layer.bias", bias) if bias is not None else None
@@ -915,7 +922,7 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
             mod = adapted.adapters[adapter]
             for path, p in mod.named_parameters():
                 p.requires_grad_(param_meta(mod, path).get("trainable", True))
-            for leaf in _bias_leaves(model, entry, adapted.base_layer) if mod.trains_bias else ():
+            for leaf in trained_bias_leaves(model, entry, adapted.base_layer) if mod.trains_bias else ():
                 leaf.requires_grad_(True)
         for record in rewrite.trained:
             if adapter in record.copies:
@@ -932,23 +939,31 @@ def _activate(model: nn.Module, rewrite: RewriteState, adapter: str | None, free
 
 def _trained_base_biases(model: nn.Module, rewrite: RewriteState) -> list[nn.Parameter]:
     """The base biases some adapter's method trains (LoRA's bias=True), as the parameters
-    whose flags say so (`_bias_leaves`)."""
+    whose flags say so (`trained_bias_leaves`)."""
     return [
         leaf
         for plan in rewrite.adapters.values()
         for entry in plan.entries
         if entry.site.fqn in rewrite.installed
-        for leaf in _bias_leaves(model, entry, adapted_site(model, entry.site).base_layer)
+        for leaf in trained_bias_leaves(model, entry, adapted_site(model, entry.site).base_layer)
     ]
 
 
-def _bias_leaves(model: nn.Module, entry: Entry, base: nn.Module | None) -> list[torch.Tensor]:
+def _bias_owner(model: nn.Module, entry: Entry, base: nn.Module | None) -> tuple[nn.Module | None, str]:
+    """The module holding a site's bias, and its name there."""
+    if entry.site.kind == "module":
+        return base, "bias"
+    owner, name = _split(entry.site.bias)
+    return model.get_submodule(owner), name
+
+
+def trained_bias_leaves(model: nn.Module, entry: Entry, base: nn.Module | None) -> list[torch.Tensor]:
     """The parameters behind the bias `entry`'s method trains (none if it trains none): the bias,
     or, where a parametrization was put on it after the rewrite (the bias is then computed anew
     at each read), that parametrization's originals."""
     if not (entry.method.trains_base_bias() and entry.site.bias):
         return []
-    owner, name = (base, "bias") if entry.site.kind == "module" else (model.get_submodule(_split(entry.site.bias)[0]), _split(entry.site.bias)[1])
+    owner, name = _bias_owner(model, entry, base)
     if owner is not None and parametrize.is_parametrized(owner, name):
         return list(getattr(owner.parametrizations, name).parameters(recurse=False))
     bias = trained_bias(model, entry, base)
@@ -1183,8 +1198,8 @@ def _not_finite(model: nn.Module, rewrite: RewriteState) -> list[str]:
         ]
         if rewrite.active is not None:  # and the biases the active adapter trains
             for entry in rewrite.plan.entries:
-                bias = trained_bias(model, entry, adapted_site(model, entry.site).base_layer)
-                if bias is not None and not torch.isfinite(bias[1]).all() and entry.site.fqn not in broken:
+                leaves = trained_bias_leaves(model, entry, adapted_site(model, entry.site).base_layer)
+                if not all(torch.isfinite(leaf).all() for leaf in leaves) and entry.site.fqn not in broken:
                     broken.append(entry.site.fqn)
             live = Rewritten.of(model)  # and its copies of `train` parameters, which stay in the model
             broken += [name for name in rewrite.plan.train if not torch.isfinite(model.get_parameter(live.live(name))).all()]

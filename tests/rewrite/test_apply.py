@@ -219,7 +219,7 @@ def test_a_parametrization_put_on_a_trained_bias_leaves_switching_and_unload_wor
 
 
 @pytest.mark.parametrize("where", ["module", "functional"])
-def test_a_parametrization_with_several_originals_on_a_trained_bias_leaves_switching_and_unload_working(where):
+def test_a_parametrization_with_several_originals_on_a_trained_bias_leaves_switching_and_unload_working(where, tmp_path):
     """From a regression probe of the fix above: a right_inverse returning a tuple (the bias then
     computed from original0 and original1) raised AttributeError on every switch, unload left
     those originals frozen, and a functional site's trained bias still broke every switch."""
@@ -245,6 +245,13 @@ def test_a_parametrization_with_several_originals_on_a_trained_bias_leaves_switc
     with peftify.disable_adapters(model):
         assert not any(p.requires_grad for p in originals)
     assert all(p.requires_grad for p in originals)
+    # counted, grouped and checked through its originals; what would save or load it into a value
+    # computed at each read is refused by name (a load wrote into that value and was lost)
+    assert peftify.report(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert {id(p) for p in originals} <= {id(p) for g in peftify.param_groups(model, lr=1e-3) for p in g["params"]}
+    peftify.merge(copy.deepcopy(model), safe=True)
+    with pytest.raises(SpecError, match=rf"field 'bias': {'0' if where == 'module' else 'w_in'}'s bias, which lora trains, has a parametrization put on it after the rewrite"):
+        peftify.save_adapter(model, tmp_path)
     peftify.unload(model)
     assert all(p.requires_grad for p in originals)
 
