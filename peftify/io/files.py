@@ -113,7 +113,12 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
         try:
             todo = json.loads(journal.read_text())
             place, remove = dict(todo["place"]), list(todo["remove"])
-        except (ValueError, KeyError, TypeError) as e:
+            # only this directory's adapter files and their temporaries: a record that came with a
+            # downloaded directory must not move or remove anything else
+            strange = [n for n in (*place, *remove) if n not in names] + [t for n, t in place.items() if not _made_for(n, t)]
+            if strange:
+                raise ValueError(f"it names {strange[0]!r}, not one of the adapter's files {list(names)} or their temporaries")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SpecError(f"{str(journal)!r}, the record of a save that was stopped, is damaged ({e}); remove it and save again") from e
         for name, temporary in place.items():
             if (directory / temporary).exists():
@@ -124,11 +129,15 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
         _flush(directory)
     if nested:
         return
-    leftover = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in (*names, JOURNAL)))  # mkstemp's 8 characters
     for path in directory.iterdir() if directory.is_dir() else ():
-        if leftover.fullmatch(path.name):
+        if any(_made_for(name, path.name) for name in (*names, JOURNAL)):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+
+
+def _made_for(name: str, temporary) -> bool:
+    """Whether `temporary` is a name `_temporary` gives a file written for `name` (mkstemp's 8 characters)."""
+    return isinstance(temporary, str) and re.fullmatch(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp", temporary) is not None
 
 
 def _temporary(directory: Path, name: str) -> str:

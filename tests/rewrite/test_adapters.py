@@ -2,6 +2,7 @@
 
 import copy
 import errno
+import json
 import os
 import re
 import tempfile
@@ -1082,3 +1083,26 @@ def test_a_save_that_must_first_finish_a_stopped_one_names_a_directory_it_cannot
     peftify.save_adapter(model, tmp_path)  # the stopped save finished, then this one
     fresh = peftify.load_adapter(peftify.peftify(base, A), tmp_path)
     torch.testing.assert_close(output(fresh, X), output(model, X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("record", ["remove-outside", "place-outside", "place-from-outside"])
+def test_the_record_of_a_stopped_save_moves_and_removes_only_the_directorys_adapter_files(tmp_path, record):
+    """From a probe of untrusted adapter directories: a `.peftify-save.json` shipped with a
+    downloaded directory was followed as it said, so loading it removed or overwrote files
+    anywhere the process could write ("remove": ["/home/…"], "place": {"../x": …})."""
+    from peftify.io import files
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / ".adapter.safetensors.abcdefgh.tmp").write_text("payload")
+    journal = {
+        "remove-outside": {"place": {}, "remove": [str(victim)]},
+        "place-outside": {"place": {"../victim.txt": ".adapter.safetensors.abcdefgh.tmp"}, "remove": []},
+        "place-from-outside": {"place": {"adapter.safetensors": "../victim.txt"}, "remove": []},
+    }[record]
+    (adapter / files.JOURNAL).write_text(json.dumps(journal))
+    with pytest.raises(SpecError, match=r"the record of a save that was stopped, is damaged \(it names .*, not one of the adapter's files"):
+        peftify.load_adapter(nn.Sequential(nn.Linear(4, 4)), adapter)
+    assert victim.read_text() == "precious" and (adapter / ".adapter.safetensors.abcdefgh.tmp").exists() and (adapter / files.JOURNAL).exists()
