@@ -665,9 +665,13 @@ def _skeletons(method, items: list[tuple[Site, torch.Tensor]], entries: list[Ent
         mods = build_for_sites(method, [(site, w.to("meta")) for site, w in items], progress=False)
     except Exception:  # noqa: BLE001 - a module that reads W's values in its constructor: build it for real
         return None
-    for entry, mod in zip(entries, mods):
-        prefix = f"{module_prefix(entry.site)}.adapters.{adapter}."
-        if any(prefix + name not in state for name, _ in [*mod.named_parameters(), *mod.named_buffers()]):
+    named = [(f"{module_prefix(entry.site)}.adapters.{adapter}.", [*mod.named_parameters(), *mod.named_buffers()]) for entry, mod in zip(entries, mods)]
+    if any(prefix + name in state and state[prefix + name].shape != t.shape for prefix, tensors in named for name, t in tensors):
+        # the file does not fit (a config edited to r = 10⁹): left on meta, the check that follows
+        # says what differs, and no memory is given to shapes the file does not hold
+        return mods
+    for (prefix, tensors), mod in zip(named, mods):
+        if any(prefix + name not in state for name, _ in tensors):
             return None
         if any(isinstance(v, torch.Tensor) for m in mod.modules() for v in vars(m).values()):  # a tensor kept as a plain attribute
             return None

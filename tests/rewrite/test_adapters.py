@@ -1106,3 +1106,21 @@ def test_the_record_of_a_stopped_save_moves_and_removes_only_the_directorys_adap
     with pytest.raises(SpecError, match=r"the record of a save that was stopped, is damaged \(it names .*, not one of the adapter's files"):
         peftify.load_adapter(nn.Sequential(nn.Linear(4, 4)), adapter)
     assert victim.read_text() == "precious" and (adapter / ".adapter.safetensors.abcdefgh.tmp").exists() and (adapter / files.JOURNAL).exists()
+
+
+@pytest.mark.parametrize("fmt", ["native", "peft"])
+def test_a_config_whose_rank_the_files_tensors_do_not_have_is_refused_before_memory_is_given(tmp_path, fmt):
+    """From a probe of untrusted adapter directories: a config edited to r = 2³¹ − 1 over a file
+    of rank 4 made the load give the modules 137 GB before it compared shapes (torch's allocator
+    error, or swap); the shapes are compared on the meta device first."""
+    model = peftify.peftify(nn.Sequential(nn.Linear(16, 16)), {"rules": [{"match": "*", "apply": {"method": "lora", "r": 4}}]}, progress=False)
+    peftify.save_adapter(model, tmp_path, format=fmt)
+    config = tmp_path / ("peftify.json" if fmt == "native" else "adapter_config.json")
+    edited = json.loads(config.read_text())
+    if fmt == "native":
+        edited["sites"][0]["method"]["r"] = 2**31 - 1
+    else:
+        edited["r"] = 2**31 - 1
+    config.write_text(json.dumps(edited))
+    with pytest.raises(SpecError, match=r"does not fit this model; wrong shape \(2\): 0\.adapters\.default\.lora_A: file \(4, 16\), model \(2147483647, 16\)"):
+        peftify.from_pretrained(nn.Sequential(nn.Linear(16, 16)), tmp_path)
