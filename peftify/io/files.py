@@ -88,9 +88,10 @@ def replace_files(directory: Path, writes: dict[str, Callable[[str], object]], s
             os.chmod(made[-1], mode)
             _flush(made[-1])
             place[name] = Path(made[-1]).name
-        removed = [name for name in stale if (directory / name).exists()]
         made.append(_temporary(directory, JOURNAL))
-        Path(made[-1]).write_text(json.dumps({"place": place, "remove": removed}))
+        # every stale name, present or not: one a save nested in this one (a signal handler's) writes
+        # before this commit goes too, so that the directory holds the adapter committed last
+        Path(made[-1]).write_text(json.dumps({"place": place, "remove": list(stale)}))
         os.chmod(made[-1], mode)  # readable like the files it names: whoever loads next may have to finish it
         _flush(made[-1])
         os.replace(made[-1], directory / JOURNAL)  # the commit: from here on the save is finished, if not now then later
@@ -110,6 +111,7 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
     the directory is read-only (a load still reads the adapter in place)."""
     journal = directory / JOURNAL
     if journal.is_file():
+        stamp = _stamp(journal)
         try:
             todo = json.loads(journal.read_text())
             place, remove = dict(todo["place"]), list(todo["remove"])
@@ -120,12 +122,19 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
                 raise ValueError(f"it names {strange[0]!r}, not one of the adapter's files {list(names)} or their temporaries")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SpecError(f"{str(journal)!r}, the record of a save that was stopped, is damaged ({e}); remove it and save again") from e
+        # a save nested in this one (a signal handler's) may finish this journal and commit its own
+        # meanwhile: from then on this one's lists are stale, and its steps stop
         for name, temporary in place.items():
-            if (directory / temporary).exists():
+            if _stamp(journal) != stamp:
+                return
+            with contextlib.suppress(FileNotFoundError):  # put in place already
                 os.replace(directory / temporary, directory / name)
         for name in remove:
+            if _stamp(journal) != stamp:
+                return
             (directory / name).unlink(missing_ok=True)
-        journal.unlink(missing_ok=True)  # a save nested in this one (a signal handler's) may have finished it
+        if _stamp(journal) == stamp:
+            journal.unlink(missing_ok=True)
         _flush(directory)
     if nested:
         return
@@ -133,6 +142,16 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
         if any(_made_for(name, path.name) for name in (*names, JOURNAL)):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (inode and change time), None for none: a journal replaced by
+    another save's is another file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _made_for(name: str, temporary) -> bool:

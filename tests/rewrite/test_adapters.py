@@ -1124,3 +1124,38 @@ def test_a_config_whose_rank_the_files_tensors_do_not_have_is_refused_before_mem
     config.write_text(json.dumps(edited))
     with pytest.raises(SpecError, match=r"does not fit this model; wrong shape \(2\): 0\.adapters\.default\.lora_A: file \(4, 16\), model \(2147483647, 16\)"):
         peftify.from_pretrained(nn.Sequential(nn.Linear(16, 16)), tmp_path)
+
+
+@pytest.mark.parametrize("when", ["placing", "committing"])
+def test_a_save_nested_in_a_save_of_the_same_directory_leaves_one_whole_adapter(tmp_path, monkeypatch, when):
+    """From a regression probe: a save run inside another save of the directory (a signal
+    handler's, here at the outer save's os.replace) made the outer one raise FileNotFoundError
+    when it found its temporary put in place already, or left both formats behind when it came
+    before the outer commit (the journal listed only the stale files present before)."""
+    from pathlib import Path
+
+    def lora(value):
+        model = peftify.peftify(nn.Sequential(nn.Linear(4, 4)), {"rules": [{"match": "*", "apply": {"method": "lora", "r": 1}}]}, progress=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.fill_(value)
+        return model
+
+    peftify.save_adapter(lora(1.0), tmp_path, format="native" if when == "placing" else "peft")
+    replace, fired = os.replace, []
+
+    def handler_saves_first(src, dst, *args, **kwargs):
+        target = "adapter.safetensors" if when == "placing" else ".peftify-save.json"
+        if not fired and Path(dst).name == target:
+            fired.append(True)
+            peftify.save_adapter(lora(3.0), tmp_path, format="native")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", handler_saves_first)
+    peftify.save_adapter(lora(2.0), tmp_path, format="native" if when == "placing" else "peft")
+    monkeypatch.undo()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert fired and names == (["adapter.safetensors", "peftify.json"] if when == "placing" else ["adapter_config.json", "adapter_model.safetensors"])
+    loaded = peftify.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+    assert loaded[0].adapters["default"].lora_A.flatten()[0].item() == (3.0 if when == "placing" else 2.0)  # the adapter committed last
