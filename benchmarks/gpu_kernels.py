@@ -32,6 +32,11 @@ Ceilings (measured first, once): an 8192×8192×8192 bf16 matrix product (random
    deep-copied, the same non-zero LoRA factors on both), random token ids, eager and
    `torch.compile`d. Target: peftify compiled ≥ 1.15× faster than PEFT compiled.
 
+Besides these, `lora` and the layers are also timed with the Triton kernels turned off
+("peftify eager, torch ops", "monarch-torch-ops", "btt-torch-ops": the ops' plain-torch bodies),
+and `lora` times the frozen base twice ("frozen base (again)"): the summary's "same base timed
+twice differs N%" is the run's own noise.
+
 Timing: CUDA events around each call, a write of twice the L2 size before each call (as
 `triton.testing.do_bench` does) and input sets rotated where one set fits in L2; warm-up calls
 (compilation included, reported apart) excluded; all variants of a benchmark interleaved

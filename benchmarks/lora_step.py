@@ -1,5 +1,5 @@
 """Forward+backward of a small Llama with LoRA (or any registered method) r=16 on all linears: peftify vs the
-frozen base vs PEFT.
+frozen base, and vs PEFT for the methods PEFT has here (lora, dora).
 
 Llama hidden 512, intermediate 1376, 4 layers, vocab 1000; batch 4 x 128 tokens; fp32; CPU.
 Every variant gets the same `inputs_embeds` with requires_grad=True, so the frozen base also

@@ -102,7 +102,7 @@ def main():
         batched, single = [], []
         for _ in range(3):
             t = time.perf_counter()
-            batched_svd(weights, [r] * len(weights), progress=False)
+            batched_svd(weights, [r] * len(weights))
             batched.append(time.perf_counter() - t)
             t = time.perf_counter()
             for w in weights:

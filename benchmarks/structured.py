@@ -15,8 +15,8 @@ the forward FLOPs per token, `method.flops(site)` as `peftify.report` shows it).
 
 Part 2: projection (init="project") of ONE `nn.Linear(4096, 11008)` with a random weight
 (i.i.d. N(0, 0.02²), seeded: a flat spectrum, so the errors are far worse than a pretrained
-weight's), each structure once: the wall time of `peftify.peftify` (capture included) and the
-relative Frobenius error ‖W − S‖/‖W‖ it reports.
+weight's), each structure once: the wall time of `peftify.peftify` (capture included), the
+relative Frobenius error ‖W − S‖/‖W‖ it reports and the fraction of ‖W‖_F it keeps.
 
     .venv/bin/python benchmarks/structured.py [--shapes 2048x2048,2048x8192] [--tokens 4096] [--repeats 9]
         [--only lowrank,btt,...] [--hp btt.r=1 ...] [--threads N] [--compile] [--skip-projection | --only-projection]
