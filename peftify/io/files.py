@@ -111,9 +111,9 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
     the directory is read-only (a load still reads the adapter in place)."""
     journal = directory / JOURNAL
     if journal.is_file():
-        stamp = _stamp(journal)
+        record = _read(journal)
         try:
-            todo = json.loads(journal.read_text())
+            todo = json.loads(record)
             place, remove = dict(todo["place"]), list(todo["remove"])
             # only this directory's adapter files and their temporaries: a record that came with a
             # downloaded directory must not move or remove anything else
@@ -123,35 +123,51 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SpecError(f"{str(journal)!r}, the record of a save that was stopped, is damaged ({e}); remove it and save again") from e
         # a save nested in this one (a signal handler's) may finish this journal and commit its own
-        # meanwhile: from then on this one's lists are stale, and its steps stop
+        # meanwhile (its record names other temporaries): from then on this one's lists are
+        # stale, and its steps stop
         for name, temporary in place.items():
-            if _stamp(journal) != stamp:
+            if _read(journal) != record:
                 return
-            with contextlib.suppress(FileNotFoundError):  # put in place already
+            try:
                 os.replace(directory / temporary, directory / name)
+            except FileNotFoundError:  # put in place already; if it is not there either, the save is lost
+                if not (directory / name).exists():
+                    raise SpecError(
+                        f"{str(journal)!r}, the record of a save that was stopped, names {temporary!r}, which is gone, and {name!r} is not in place: "
+                        "that save cannot be finished (nothing was removed); remove the record and save again"
+                    ) from None
         for name in remove:
-            if _stamp(journal) != stamp:
+            if _read(journal) != record:
                 return
             (directory / name).unlink(missing_ok=True)
-        if _stamp(journal) == stamp:
+        if _read(journal) == record:
             journal.unlink(missing_ok=True)
         _flush(directory)
     if nested:
         return
+    pending = _pending(journal)  # a save committed since (a signal handler's) still needs its temporaries
     for path in directory.iterdir() if directory.is_dir() else ():
-        if any(_made_for(name, path.name) for name in (*names, JOURNAL)):
+        if path.name not in pending and any(_made_for(name, path.name) for name in (*names, JOURNAL)):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """Which file is at `path` (inode and change time), None for none: a journal replaced by
-    another save's is another file."""
+def _read(journal: Path) -> str | None:
+    """A journal's record, None where there is none. Records differ between saves (each names its
+    own temporaries), where a file's inode and time may not (an inode reused at once, a file
+    system's whole-second times)."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
+        return journal.read_text()
+    except (FileNotFoundError, IsADirectoryError):
         return None
-    return st.st_ino, st.st_mtime_ns
+
+
+def _pending(journal: Path) -> set[str]:
+    """The temporaries a journal present now names, which its save still has to put in place."""
+    try:
+        return {t for t in json.loads(_read(journal) or "{}").get("place", {}).values() if isinstance(t, str)}
+    except (ValueError, AttributeError):
+        return set()
 
 
 def _made_for(name: str, temporary) -> bool:

@@ -1159,3 +1159,51 @@ def test_a_save_nested_in_a_save_of_the_same_directory_leaves_one_whole_adapter(
     assert fired and names == (["adapter.safetensors", "peftify.json"] if when == "placing" else ["adapter_config.json", "adapter_model.safetensors"])
     loaded = peftify.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path)
     assert loaded[0].adapters["default"].lora_A.flatten()[0].item() == (3.0 if when == "placing" else 2.0)  # the adapter committed last
+
+
+def test_a_save_committed_by_a_handler_after_the_outer_journal_is_gone_survives_the_outer_cleanup(tmp_path, monkeypatch):
+    """From a regression probe: a handler's save committed just after the outer save removed its
+    journal, and stopped there, lost its temporaries to the outer save's closing cleanup; the
+    next load then took them as put in place and removed the other format: the directory ended
+    empty. The cleanup spares what a present journal names, and a journal whose temporary and
+    target are both gone is refused before anything is removed."""
+    from pathlib import Path
+
+    from peftify.io import files
+
+    def lora(value):
+        model = peftify.peftify(nn.Sequential(nn.Linear(4, 4)), {"rules": [{"match": "*", "apply": {"method": "lora", "r": 1}}]}, progress=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.fill_(value)
+        return model
+
+    peftify.save_adapter(lora(1.0), tmp_path, format="native")
+    unlink, replace, fired = os.unlink, os.replace, []
+
+    def stopped_after_commit(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        if Path(dst).name == files.JOURNAL:
+            raise KeyboardInterrupt
+
+    def then_a_handler_saves(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if Path(path).name == files.JOURNAL and not fired:
+            fired.append(True)
+            with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+                m.setattr(os, "replace", stopped_after_commit)
+                peftify.save_adapter(lora(3.0), tmp_path, format="native")
+
+    monkeypatch.setattr(os, "unlink", then_a_handler_saves)
+    peftify.save_adapter(lora(2.0), tmp_path, format="peft")
+    monkeypatch.undo()
+    loaded = peftify.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+    assert fired and loaded[0].adapters["default"].lora_A.flatten()[0].item() == 3.0  # the adapter committed last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "peftify.json"]
+    # a record whose temporaries are gone and whose files are not in place: refused, nothing removed
+    (tmp_path / files.JOURNAL).write_text(json.dumps({"place": {"adapter.safetensors": ".adapter.safetensors.abcdefgh.tmp"}, "remove": ["peftify.json"]}))
+    (tmp_path / "adapter.safetensors").unlink()
+    with pytest.raises(SpecError, match=r"names '\.adapter\.safetensors\.abcdefgh\.tmp', which is gone, and 'adapter\.safetensors' is not in place"):
+        peftify.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+    assert (tmp_path / "peftify.json").exists()
