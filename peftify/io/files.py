@@ -130,8 +130,10 @@ def finish_save(directory: Path, names: tuple[str, ...], nested: bool = False) -
                 return
             try:
                 os.replace(directory / temporary, directory / name)
-            except FileNotFoundError:  # put in place already; if it is not there either, the save is lost
-                if not (directory / name).exists():
+            except FileNotFoundError:  # put in place already (by a save that may have replaced it since, then stop)
+                if _read(journal) != record:
+                    return
+                if not (directory / name).exists():  # nor in place: that save is lost
                     raise SpecError(
                         f"{str(journal)!r}, the record of a save that was stopped, names {temporary!r}, which is gone, and {name!r} is not in place: "
                         "that save cannot be finished (nothing was removed); remove the record and save again"
