@@ -1126,7 +1126,7 @@ def test_a_config_whose_rank_the_files_tensors_do_not_have_is_refused_before_mem
         peftify.from_pretrained(nn.Sequential(nn.Linear(16, 16)), tmp_path)
 
 
-@pytest.mark.parametrize("when", ["placing", "committing"])
+@pytest.mark.parametrize("when", ["placing", "placing, nested in the other format", "committing"])
 def test_a_save_nested_in_a_save_of_the_same_directory_leaves_one_whole_adapter(tmp_path, monkeypatch, when):
     """From a regression probe: a save run inside another save of the directory (a signal
     handler's, here at the outer save's os.replace) made the outer one raise FileNotFoundError
@@ -1142,23 +1142,25 @@ def test_a_save_nested_in_a_save_of_the_same_directory_leaves_one_whole_adapter(
                     p.fill_(value)
         return model
 
-    peftify.save_adapter(lora(1.0), tmp_path, format="native" if when == "placing" else "peft")
+    placing = when.startswith("placing")
+    peftify.save_adapter(lora(1.0), tmp_path, format="native" if placing else "peft")
     replace, fired = os.replace, []
 
     def handler_saves_first(src, dst, *args, **kwargs):
-        target = "adapter.safetensors" if when == "placing" else ".peftify-save.json"
+        target = "adapter.safetensors" if placing else ".peftify-save.json"
         if not fired and Path(dst).name == target:
             fired.append(True)
-            peftify.save_adapter(lora(3.0), tmp_path, format="native")
+            peftify.save_adapter(lora(3.0), tmp_path, format="peft" if when.endswith("other format") else "native")
         return replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", handler_saves_first)
-    peftify.save_adapter(lora(2.0), tmp_path, format="native" if when == "placing" else "peft")
+    peftify.save_adapter(lora(2.0), tmp_path, format="native" if placing else "peft")
     monkeypatch.undo()
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert fired and names == (["adapter.safetensors", "peftify.json"] if when == "placing" else ["adapter_config.json", "adapter_model.safetensors"])
+    native, peft = ["adapter.safetensors", "peftify.json"], ["adapter_config.json", "adapter_model.safetensors"]
+    assert fired and names == {"placing": native, "committing": peft}.get(when, peft)
     loaded = peftify.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path)
-    assert loaded[0].adapters["default"].lora_A.flatten()[0].item() == (3.0 if when == "placing" else 2.0)  # the adapter committed last
+    assert loaded[0].adapters["default"].lora_A.flatten()[0].item() == (3.0 if placing else 2.0)  # the adapter committed last
 
 
 def test_a_save_committed_by_a_handler_after_the_outer_journal_is_gone_survives_the_outer_cleanup(tmp_path, monkeypatch):
