@@ -1126,6 +1126,16 @@ def test_a_config_whose_rank_the_files_tensors_do_not_have_is_refused_before_mem
         peftify.from_pretrained(nn.Sequential(nn.Linear(16, 16)), tmp_path)
 
 
+def _filled_lora(value):
+    """A one-linear model with LoRA r=1 whose factors all hold `value` (which save a load read)."""
+    model = peftify.peftify(nn.Sequential(nn.Linear(4, 4)), {"rules": [{"match": "*", "apply": {"method": "lora", "r": 1}}]}, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(value)
+    return model
+
+
 @pytest.mark.parametrize("when", ["placing", "placing, nested in the other format", "committing"])
 def test_a_save_nested_in_a_save_of_the_same_directory_leaves_one_whole_adapter(tmp_path, monkeypatch, when):
     """From a regression probe: a save run inside another save of the directory (a signal
@@ -1134,27 +1144,19 @@ def test_a_save_nested_in_a_save_of_the_same_directory_leaves_one_whole_adapter(
     before the outer commit (the journal listed only the stale files present before)."""
     from pathlib import Path
 
-    def lora(value):
-        model = peftify.peftify(nn.Sequential(nn.Linear(4, 4)), {"rules": [{"match": "*", "apply": {"method": "lora", "r": 1}}]}, progress=False)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.fill_(value)
-        return model
-
     placing = when.startswith("placing")
-    peftify.save_adapter(lora(1.0), tmp_path, format="native" if placing else "peft")
+    peftify.save_adapter(_filled_lora(1.0), tmp_path, format="native" if placing else "peft")
     replace, fired = os.replace, []
 
     def handler_saves_first(src, dst, *args, **kwargs):
         target = "adapter.safetensors" if placing else ".peftify-save.json"
         if not fired and Path(dst).name == target:
             fired.append(True)
-            peftify.save_adapter(lora(3.0), tmp_path, format="peft" if when.endswith("other format") else "native")
+            peftify.save_adapter(_filled_lora(3.0), tmp_path, format="peft" if when.endswith("other format") else "native")
         return replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", handler_saves_first)
-    peftify.save_adapter(lora(2.0), tmp_path, format="native" if placing else "peft")
+    peftify.save_adapter(_filled_lora(2.0), tmp_path, format="native" if placing else "peft")
     monkeypatch.undo()
     names = sorted(p.name for p in tmp_path.iterdir())
     native, peft = ["adapter.safetensors", "peftify.json"], ["adapter_config.json", "adapter_model.safetensors"]
@@ -1173,15 +1175,7 @@ def test_a_save_committed_by_a_handler_after_the_outer_journal_is_gone_survives_
 
     from peftify.io import files
 
-    def lora(value):
-        model = peftify.peftify(nn.Sequential(nn.Linear(4, 4)), {"rules": [{"match": "*", "apply": {"method": "lora", "r": 1}}]}, progress=False)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.fill_(value)
-        return model
-
-    peftify.save_adapter(lora(1.0), tmp_path, format="native")
+    peftify.save_adapter(_filled_lora(1.0), tmp_path, format="native")
     unlink, replace, fired = os.unlink, os.replace, []
 
     def stopped_after_commit(src, dst, *args, **kwargs):
@@ -1195,10 +1189,10 @@ def test_a_save_committed_by_a_handler_after_the_outer_journal_is_gone_survives_
             fired.append(True)
             with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
                 m.setattr(os, "replace", stopped_after_commit)
-                peftify.save_adapter(lora(3.0), tmp_path, format="native")
+                peftify.save_adapter(_filled_lora(3.0), tmp_path, format="native")
 
     monkeypatch.setattr(os, "unlink", then_a_handler_saves)
-    peftify.save_adapter(lora(2.0), tmp_path, format="peft")
+    peftify.save_adapter(_filled_lora(2.0), tmp_path, format="peft")
     monkeypatch.undo()
     loaded = peftify.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path)
     assert fired and loaded[0].adapters["default"].lora_A.flatten()[0].item() == 3.0  # the adapter committed last
