@@ -532,9 +532,7 @@ def apply_plan(
     # inits compute in their own precision, not in a caller's autocast (PiSSA's residual in
     # bfloat16 moved a float32 model's output by 1e-3), and a user's forward is probed as it runs
     # outside one: it must give its input's dtype
-    with contextlib.ExitStack() as no_autocast:
-        for device in {w.device.type for w in weights}:
-            no_autocast.enter_context(without_autocast(device))
+    with _autocast_off(weights):
         for method, idx in by_method.items():  # one call per method: it may batch or pair its sites
             items = [(plan.entries[i].site, weights[i]) for i in idx]
             mods = _skeletons(method, items, [plan.entries[i] for i in idx], adapter, state) if state is not None else None
@@ -1210,10 +1208,10 @@ def _not_finite(model: nn.Module, rewrite: RewriteState) -> list[str]:
         return broken
 
 
-def _in_model_precision(model: nn.Module) -> contextlib.ExitStack:
-    """A region where autocast is off on every device the model's parameters are on."""
+def _autocast_off(tensors) -> contextlib.ExitStack:
+    """A region where autocast is off on every device `tensors` are on."""
     region = contextlib.ExitStack()
-    for device in {p.device.type for p in model.parameters()}:
+    for device in {t.device.type for t in tensors}:
         region.enter_context(without_autocast(device))
     return region
 
@@ -1257,7 +1255,7 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
             f"{fixed[0]}'s base layer has a parametrization of its weight without right_inverse (put on it after the rewrite), so its weight cannot be set "
             f"back: remove it first (parametrize.remove_parametrizations(layer.base_layer, 'weight')); nothing was {'merged' if fold else 'unloaded'}"
         )
-    with _in_model_precision(model):  # the weights a merge would write, not their product in float16
+    with _autocast_off(model.parameters()):  # the weights a merge would write, not their product in float16
         broken = fold and safe and _not_finite(model, rewrite)
     if broken:
         raise ValueError(f"merge(safe=True): the merged weight (or trained bias) of {', '.join(broken)} would hold NaN or infinite values (adapter {rewrite.active!r} looks broken); nothing was merged")
@@ -1290,7 +1288,7 @@ def merge_model(model: nn.Module, fold: bool = True, safe: bool = False) -> nn.M
         if fold and site.kind == "module" and adapted_site(model, site).computing is not None and (tied := untied(site)):
             warn(f"{site.fqn}'s weight was tied to {tied}; merging unties it")
     try:
-        with torch.no_grad(), _in_model_precision(model):  # merged weights as the model holds them, not in a caller's autocast
+        with torch.no_grad(), _autocast_off(model.parameters()):  # merged weights as the model holds them, not in a caller's autocast
             # reversed: each step then restores exactly the state its install started from
             for record in reversed(list(rewrite.installed.values())):
                 adapted = adapted_site(model, record.site)  # fold only where the active adapter computes
